@@ -1,0 +1,264 @@
+"""Find, load and place a diffusers pipeline: Hub id, local folder or single file.
+
+The pipeline class is whatever the model says it is (`model_index.json`, or
+the keys of a single-file checkpoint); we only recognise the family to
+describe it and to pick sensible defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdcli import defaults
+from sdcli.errors import ModelError, UsageError
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and chatter; sdcli reports progress itself."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def resolve_model(model: str | None) -> str:
+    model = model or defaults.default_model()
+    if not model:
+        raise UsageError("no model given: pass --model (Hub id, folder or .safetensors file) or set SDCLI_MODEL")
+    return model
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    device = getattr(device, "value", device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: Apple MPS is not available here")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    dtype = getattr(dtype, "value", dtype)
+    if dtype == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    if dtype == "float16" and device == "cpu":
+        raise UsageError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def local_kind(model: str) -> str:
+    """'folder', 'file' or 'hub' for a --model value; raises for paths that do not exist."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    # Hub ids are "name" or "owner/name"; anything else the user meant as a path.
+    looks_like_path = (
+        model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or path.suffix.lower() in SINGLE_FILE_SUFFIXES
+    )
+    if looks_like_path or not _HUB_ID.match(model):
+        raise ModelError(f"no such model file or folder: {model}")
+    return "hub"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"unreadable config {path}: {exc}") from None
+
+
+def check_folder(path: Path) -> dict[str, Any]:
+    """Read model_index.json of a pipeline folder, or explain what the folder is instead."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        hint = ""
+        if any(path.glob("*lora*.safetensors")):
+            hint = " (it looks like LoRA weights: use --lora)"
+        elif (path / "config.json").is_file():
+            hint = " (it looks like a single model component, not a whole pipeline)"
+        raise ModelError(f"{path} is not a diffusers pipeline folder: no model_index.json{hint}")
+    return _read_json(index)
+
+
+def vae_scale_factor(model: str, revision: str | None = None) -> int:
+    """The VAE's downsampling factor, read from config only (no weights), 8 when unknown."""
+    config: dict[str, Any] | None = None
+    kind = local_kind(model)
+    if kind == "folder":
+        check_folder(Path(model))
+        vae_cfg = Path(model) / "vae" / "config.json"
+        config = _read_json(vae_cfg) if vae_cfg.is_file() else None
+    elif kind == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = _read_json(Path(hf_hub_download(model, "vae/config.json", revision=revision)))
+        except Exception:  # noqa: BLE001 - the real load reports the real error
+            config = None
+    if not config:
+        return 8
+    return 2 ** (len(config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+@dataclass
+class Loaded:
+    pipe: Any
+    model: str  # what the user named
+    family: str  # sd1, sd2, sdxl or the pipeline class name
+    device: str
+    dtype: Any
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def model_name(self) -> str:
+        """A short name for metadata: the Hub id, or the folder/file name."""
+        kind = "hub" if not Path(self.model).expanduser().exists() else "path"
+        return self.model if kind == "hub" else Path(self.model).expanduser().resolve().name
+
+
+def family_of(pipe: Any) -> str:
+    name = type(pipe).__name__
+    if "XL" in name:
+        return "sdxl"
+    if "StableDiffusion" in name:
+        unet = pipe.unet.config
+        if unet.get("cross_attention_dim") == 1024 or pipe.scheduler.config.get("prediction_type") == "v_prediction":
+            return "sd2"
+        return "sd1"
+    return name
+
+
+def _single_file_class(path: Path):
+    import diffusers
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        if any(k.startswith("conditioner.embedders.1") for k in keys):
+            return diffusers.StableDiffusionXLPipeline
+    return diffusers.StableDiffusionPipeline
+
+
+def load_pipeline(
+    model: str | None,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Loaded:
+    """Load ``model`` as a diffusers pipeline, on ``device`` in ``dtype``; raises ModelError."""
+    model = resolve_model(model)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kind = local_kind(model)
+    quiet_libraries()
+    import diffusers
+
+    # Safetensors only, unless the user accepts pickle's risk; never remote code.
+    common: dict[str, Any] = {"torch_dtype": torch_dtype}
+    try:
+        if kind == "file":
+            path = Path(model).expanduser()
+            if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+                raise ModelError(f"{path.name} holds pickled weights, which can run code when loaded; "
+                                 "convert it to .safetensors or pass --allow-pickle if you trust it")
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise ModelError(f"{path} is not a checkpoint file (.safetensors, or .ckpt with --allow-pickle)")
+            pipe = _single_file_class(path).from_single_file(str(path), **common)
+        else:
+            if kind == "folder":
+                check_folder(Path(model).expanduser())
+            pipe = diffusers.DiffusionPipeline.from_pretrained(
+                str(Path(model).expanduser()) if kind == "folder" else model,
+                revision=revision,
+                variant=variant,
+                use_safetensors=None if allow_pickle else True,
+                trust_remote_code=False,
+                **common,
+            )
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every load failure is a bad model for the user
+        raise ModelError(_load_message(model, exc)) from exc
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return Loaded(pipe=pipe, model=model, family=family_of(pipe), device=device, dtype=torch_dtype)
+
+
+def _load_message(model: str, exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    name = type(exc).__name__
+    if "safetensors" in text.lower() and ("could not find" in text.lower() or "no such" in text.lower()):
+        return f"{model} has no safetensors weights; pass --allow-pickle to load pickled ones if you trust them"
+    if name in ("RepositoryNotFoundError", "HFValidationError"):
+        return f"model {model!r} not found locally or on the Hugging Face Hub"
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "offline" in text.lower():
+        return f"model {model!r} is not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE?)"
+    if name in ("SafetensorError",) or "header" in text.lower() or "deserializ" in text.lower():
+        return f"corrupt weights in {model}: {text[:200]}"
+    return f"cannot load {model}: {text[:300]}"
+
+
+def apply_runtime_options(
+    pipe: Any,
+    *,
+    device: str,
+    cpu_offload: bool = False,
+    vae_tiling: bool = False,
+    attention_slicing: bool = False,
+    compile: bool = False,
+    channels_last: bool | None = None,
+) -> None:
+    """Memory and speed switches, each a diffusers/torch feature behind one option."""
+    import torch
+
+    if channels_last is None:
+        channels_last = device == "cuda"
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    if cpu_offload:
+        if device != "cuda":
+            raise UsageError("--cpu-offload needs a CUDA device")
+        pipe.enable_model_cpu_offload()
+    if compile:
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if device == "cuda" else "default")

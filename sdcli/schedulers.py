@@ -1,0 +1,103 @@
+"""Friendly sampler names mapped to diffusers scheduler classes and settings.
+
+We never re-implement a sampler: each name is a diffusers class plus the
+config overrides that make it the sampler people know by that name (the
+AUTOMATIC1111 name is kept for image metadata other tools read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdcli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str
+    class_name: str
+    a1111: str  # "Sampler:" as AUTOMATIC1111 writes it
+    schedule_type: str = "Automatic"  # "Schedule type:" as AUTOMATIC1111 writes it
+    overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+SCHEDULERS: dict[str, SchedulerSpec] = {
+    s.name: s
+    for s in [
+        SchedulerSpec("ddim", "DDIMScheduler", "DDIM", description="Song et al. 2020, deterministic"),
+        SchedulerSpec("ddpm", "DDPMScheduler", "DDPM", description="Ho et al. 2020, ancestral; needs many steps"),
+        SchedulerSpec("pndm", "PNDMScheduler", "PLMS", overrides={"skip_prk_steps": True}, description="Liu et al. 2022 (PLMS)"),
+        SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", description="Karras et al. 2022, Euler method"),
+        SchedulerSpec("euler-ancestral", "EulerAncestralDiscreteScheduler", "Euler a", description="Euler with fresh noise each step"),
+        SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", description="Karras et al. 2022, 2nd order (2 UNet calls/step)"),
+        SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", description="linear multistep"),
+        SchedulerSpec("dpm++2m", "DPMSolverMultistepScheduler", "DPM++ 2M",
+                      overrides={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+                      description="Lu et al. 2022, fast at 20-25 steps"),
+        SchedulerSpec("dpm++2m-karras", "DPMSolverMultistepScheduler", "DPM++ 2M", "Karras",
+                      overrides={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+                      description="DPM++ 2M with Karras sigmas"),
+        SchedulerSpec("dpm++2m-sde-karras", "DPMSolverMultistepScheduler", "DPM++ 2M SDE", "Karras",
+                      overrides={"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+                      description="stochastic DPM++ 2M with Karras sigmas"),
+        SchedulerSpec("dpm2", "KDPM2DiscreteScheduler", "DPM2", description="Karras et al. 2022, DPM-Solver-2"),
+        SchedulerSpec("dpm2-ancestral", "KDPM2AncestralDiscreteScheduler", "DPM2 a", description="ancestral DPM2"),
+        SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", description="Zhao et al. 2023, predictor-corrector"),
+    ]
+}
+
+# Class names mapped back to a friendly name, for describing a model's own scheduler.
+_BY_CLASS = {}
+for _spec in SCHEDULERS.values():
+    _BY_CLASS.setdefault(_spec.class_name, _spec)
+
+
+def get_spec(name: str) -> SchedulerSpec:
+    key = name.strip().lower()
+    if key not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[key]
+
+
+def spec_for(scheduler: Any) -> SchedulerSpec:
+    """The spec describing a scheduler instance (for metadata), falling back to its class name."""
+    cls = type(scheduler).__name__
+    config = dict(scheduler.config)
+    for spec in SCHEDULERS.values():
+        if spec.class_name == cls and all(config.get(k) == v for k, v in spec.overrides.items()):
+            return spec
+    if cls in _BY_CLASS:
+        return _BY_CLASS[cls]
+    return SchedulerSpec(name=cls, class_name=cls, a1111=cls)
+
+
+def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spacing: str | None = None):
+    """Build the named scheduler from a model's scheduler config (its betas, prediction type, ...).
+
+    ``name=None`` keeps the model's own class. Only the settings that define the
+    sampler change; the training schedule stays the model's.
+    """
+    import diffusers
+
+    config = dict(base_config)
+    if name is None:
+        cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"))
+        overrides: dict[str, Any] = {}
+    else:
+        spec = get_spec(name)
+        cls = getattr(diffusers, spec.class_name)
+        overrides = dict(spec.overrides)
+    if timestep_spacing is not None:
+        overrides["timestep_spacing"] = timestep_spacing
+    return cls.from_config(config, **overrides)
+
+
+def describe() -> list[dict[str, str]]:
+    """Rows for `sdcli schedulers`."""
+    return [
+        {"name": s.name, "class": s.class_name, "a1111": s.a1111 + ("" if s.schedule_type == "Automatic" else f" {s.schedule_type}"),
+         "description": s.description}
+        for s in SCHEDULERS.values()
+    ]

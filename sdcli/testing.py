@@ -1,0 +1,214 @@
+"""Tiny random-weight pipelines for tests, examples and benchmarks.
+
+Nothing here touches the network: the tokenizer is written from scratch (a
+word-level CLIP BPE vocabulary plus every byte, so any text tokenizes), and
+every model is built from a config under a fixed seed, the way diffusers' own
+tests build theirs. Each family is what `sdcli.pipeline` must recognise:
+SD 1.x (epsilon), SD 2.x (v-prediction, 1024-d style config) and SDXL
+(two text encoders, micro-conditioning).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+# Words the tiny tokenizer knows whole; everything else falls back to bytes.
+_WORDS = (
+    "a an the of in on at with and large small red green blue yellow orange purple "
+    "white black gray circle square triangle star cat dog photo painting top bottom "
+    "left right center corner background"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte-to-printable mapping GPT-2 and CLIP use for byte-level BPE.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] = _WORDS, max_length: int = 77) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json for a CLIPTokenizer.
+
+    Each word in ``words`` becomes a single token through a chain of merges;
+    other text still tokenizes, byte by byte.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for ch in byte_chars:
+        vocab.setdefault(ch, len(vocab))
+    for ch in byte_chars:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in words:
+        # Merge left to right: "r e d</w>" -> "re d</w>" -> "red</w>".
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            rule = f"{pieces[0]} {pieces[1]}"
+            if rule not in merges:
+                merges.append(rule)
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged] + pieces[2:]
+    vocab.setdefault("<|startoftext|>", len(vocab))
+    vocab.setdefault("<|endoftext|>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _tokenizer(tmp: Path, max_length: int):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, max_length=max_length)))
+
+
+def _text_encoder(vocab_size: int, hidden: int = 32, projection: bool = False, max_length: int = 77):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=hidden,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_length,
+        projection_dim=hidden,
+        hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77):
+    """Return a tiny random-weight diffusers pipeline of ``family`` (sd1, sd2, sdxl).
+
+    The VAE halves the resolution once (factor 2), so 16x16 images cost a
+    4-channel 8x8 latent: fast enough to run dozens of times in a test suite.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _tokenizer(Path(tmp) / "tok", max_length)
+        vocab_size = len(tokenizer)
+        if family == "sdxl":
+            tokenizer_2 = _tokenizer(Path(tmp) / "tok2", max_length)
+    if family in ("sd1", "sd2"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4) if family == "sd2" else 8,
+            use_linear_projection=family == "sd2",
+            norm_num_groups=8,
+        )
+        vae = _vae()
+        text_encoder = _text_encoder(vocab_size, max_length=max_length)
+        if family == "sd1":
+            scheduler = PNDMScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                steps_offset=1, set_alpha_to_one=False,
+            )
+        else:
+            scheduler = DDIMScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+            )
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text (32) + six micro-conditioning ids
+        cross_attention_dim=64,  # both text encoders' hidden states side by side
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(vocab_size, max_length=max_length),
+        text_encoder_2=_text_encoder(vocab_size, projection=True, max_length=max_length),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
+    """Build a tiny pipeline and save it as a diffusers folder (safetensors)."""
+    path = Path(path)
+    build_tiny_pipeline(family, seed=seed).save_pretrained(str(path), safe_serialization=True)
+    return path
