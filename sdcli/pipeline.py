@@ -27,6 +27,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # diffusers >= 0.36 renamed torch_dtype to dtype; we keep the name every supported version takes.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 

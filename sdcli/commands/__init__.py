@@ -8,7 +8,7 @@ import typer
 
 # (module, attribute holding the command function, command name)
 COMMANDS = [
-    # ("sdcli.commands.generate", "generate_cmd", "generate"),
+    ("sdcli.commands.generate", "generate_cmd", "generate"),
     ("sdcli.commands.schedulers", "schedulers_cmd", "schedulers"),
 ]
 

@@ -1,0 +1,106 @@
+"""How each image records how it was made.
+
+Two PNG text chunks: ``parameters`` in the format AUTOMATIC1111's web UI
+writes (which ComfyUI, InvokeAI, civitai and exif readers understand), and
+``sdcli`` holding the full settings as JSON, which `--from-metadata` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sdcli.errors import DataError
+
+SETTINGS_KEY = "sdcli"
+A1111_KEY = "parameters"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def a1111_parameters(record: dict[str, Any]) -> str:
+    """The three-line ``parameters`` text: prompt, negative prompt, comma list of settings."""
+    lines = [record["prompt"]]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    fields = [
+        ("Steps", record["steps"]),
+        ("Sampler", record["sampler"]),
+        ("Schedule type", record.get("schedule_type", "Automatic")),
+        ("CFG scale", _fmt(record["guidance"])),
+        ("Seed", record["seed"]),
+        ("Size", f"{record['width']}x{record['height']}"),
+        ("Model", record["model_name"]),
+    ]
+    if record.get("init_image"):
+        fields.append(("Denoising strength", _fmt(record["strength"])))
+    if record.get("guidance_rescale"):
+        fields.append(("CFG Rescale phi", _fmt(record["guidance_rescale"])))
+    if record.get("timestep_spacing"):
+        fields.append(("Timestep spacing", record["timestep_spacing"]))
+    for lora in record.get("loras") or []:
+        fields.append((f"Lora {Path(lora['path']).name}", _fmt(lora["scale"])))
+    fields.append(("Version", f"sdcli {record['sdcli_version']}"))
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def pnginfo(record: dict[str, Any]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(A1111_KEY, a1111_parameters(record))
+    info.add_text(SETTINGS_KEY, json.dumps(record, sort_keys=True))
+    return info
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The JSON settings sdcli stored in an image (or its .json sidecar)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read settings from {path}: {exc}") from None
+    try:
+        with Image.open(path) as img:
+            text = img.info.get(SETTINGS_KEY)
+    except FileNotFoundError:
+        raise DataError(f"no such image: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"not a readable image: {path} ({exc})") from None
+    if text is None:
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            return read_settings(sidecar)
+        raise DataError(f"{path} carries no sdcli settings (was it made by sdcli generate?)")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise DataError(f"{path}: the sdcli settings chunk is not valid JSON") from None
+
+
+def parse_a1111(text: str) -> dict[str, str]:
+    """Parse a ``parameters`` text back into prompt, negative prompt and fields (strings)."""
+    lines = text.strip().split("\n")
+    out: dict[str, str] = {}
+    settings_line = lines[-1] if len(lines) > 1 and "Steps:" in lines[-1] else ""
+    body = lines[:-1] if settings_line else lines
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out["prompt"] = "\n".join(prompt)
+    out["negative_prompt"] = "\n".join(negative)
+    for part in settings_line.split(", "):
+        if ": " in part:
+            key, value = part.split(": ", 1)
+            out[key] = value
+    return out

@@ -1,0 +1,25 @@
+"""One progress bar shape for every command: rich on stderr, or nothing with --quiet."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``; the bar lives on stderr so stdout stays for results."""
+    if disable:
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task, n)
+        bar.update(task, completed=total)
