@@ -1,0 +1,193 @@
+"""`sdcli inspect-schedule`: the noise schedule as numbers, a plot, and pictures of the forward process.
+
+A thin wrapper: `sdcli.schedule` computes, `sdcli.schedule_report` lays out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sdcli import defaults
+from sdcli.errors import UsageError
+from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class BetaSchedule(str, Enum):
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+    sigmoid = "sigmoid"
+    laplace = "laplace"
+
+
+class PredictionType(str, Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+    sample = "sample"
+
+
+def note(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def _value(option):
+    return None if option is None else getattr(option, "value", option)
+
+
+def _sources(ctx: typer.Context, model: str | None, preset: str | None, compare: str | None,
+             latent: bool) -> tuple[list[tuple[str, str]], str | None]:
+    """The schedules to inspect as (kind, name) pairs, and the model whose VAE --latent uses."""
+    from click.core import ParameterSource
+
+    # --model from SDCLI_MODEL is a default; typed on the command line it names the schedule.
+    explicit_model = model is not None and ctx.get_parameter_source("model") == ParameterSource.COMMANDLINE
+    vae_model = model or defaults.default_model()
+    sources: list[tuple[str, str]] = []
+    if preset:
+        sources.append(("preset", preset))
+    if explicit_model and not (preset and latent):
+        if preset:
+            raise UsageError("--model and --preset both name a schedule; pick one, or list both in --compare")
+        sources.append(("model", model))
+    if compare:
+        from sdcli.schedule import PRESETS
+
+        for item in (part.strip() for part in compare.split(",")):
+            if item:
+                sources.append(("preset" if item.lower() in PRESETS else "model", item))
+    if not sources:
+        if not vae_model:
+            raise UsageError("no schedule given: pass --preset (see --preset list), --model or --compare")
+        sources.append(("model", vae_model))
+    if latent and not vae_model:
+        raise UsageError("--latent needs --model: its VAE makes the latent the noise is added to")
+    return sources, vae_model
+
+
+def inspect_schedule_cmd(
+    ctx: typer.Context,
+    model: Model = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", "-p", help="A built-in schedule: ddpm-linear, cosine, stable-diffusion, sd2-v, sdxl, zero-snr; "
+        "'list' lists them.")] = None,
+    compare: Annotated[Optional[str], typer.Option(
+        help="Comma list of presets or models shown together in one table and one plot.")] = None,
+    revision: Revision = None,
+    scheduler: Scheduler = None,
+    timestep_spacing: Spacing = None,
+    beta_schedule: Annotated[Optional[BetaSchedule], typer.Option(help="β schedule instead of the source's.")] = None,
+    beta_start: Annotated[Optional[float], typer.Option(help="First β of a linear/scaled_linear/sigmoid schedule.")] = None,
+    beta_end: Annotated[Optional[float], typer.Option(help="Last β of a linear/scaled_linear/sigmoid schedule.")] = None,
+    num_train_timesteps: Annotated[Optional[int], typer.Option(help="Training timesteps T.")] = None,
+    prediction_type: Annotated[Optional[PredictionType], typer.Option(help="What the model predicts.")] = None,
+    rescale_zero_snr: Annotated[Optional[bool], typer.Option(
+        "--rescale-zero-snr/--no-rescale-zero-snr",
+        help="Rescale betas to zero terminal SNR (Lin et al. 2023). Default: as the source has it.")] = None,
+    at: Annotated[Optional[str], typer.Option(
+        help="Training timesteps to show, e.g. 0,250,500,750,999. Default: 0, T/10, T/4, T/2, 3T/4, T−1.")] = None,
+    every: Annotated[Optional[int], typer.Option(help="Show every Nth training timestep (and T−1).")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps whose timesteps are listed.")] = defaults.STEPS,
+    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="How stdout shows the schedule.")] = OutputFormat.table,
+    plot: Annotated[Optional[Path], typer.Option(help="Write ᾱ_t and log-SNR against t to this .png (.svg, .pdf).")] = None,
+    image: Annotated[Optional[Path], typer.Option(
+        help="Noise this picture to each --at timestep and write the labelled strip to --out.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where --image's strip goes (.png, .jpg, .webp).")] = None,
+    latent: Annotated[bool, typer.Option(
+        "--latent", help="With --image: noise in --model's VAE latent space and decode each x_t (what the UNet sees).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the noise ε added to --image.")] = 0,
+    size: Annotated[int, typer.Option(help="Longest side --image is resized to, in pixels.")] = 256,
+    device: DeviceOpt = Device.auto,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Show a noise schedule: β, ᾱ, SNR per timestep, terminal SNR, sampling timesteps, plots and noised pictures."""
+    from sdcli import schedule as sched
+    from sdcli import schedule_report as report
+
+    fmt = format.value
+    # 1. Lists instead of a schedule
+    if preset is not None and preset.strip().lower() == "list":
+        rows = sched.presets_table()
+        print(json.dumps(rows, indent=2, ensure_ascii=False) if fmt == "json" else
+              "\n".join(f"{r['name']:<17} {r['class']:<23} {r['description']}" for r in rows))
+        return
+    if scheduler is not None and scheduler.strip().lower() == "list":
+        from sdcli.commands.schedulers import schedulers_cmd
+
+        schedulers_cmd(json=fmt == "json")
+        return
+
+    # 2. Check inputs before any work
+    sources, vae_model = _sources(ctx, model, preset, compare, latent)
+    if latent and image is None:
+        raise UsageError("--latent needs --image: it is the picture that gets noised in latent space")
+    if image is not None and out is None:
+        raise UsageError("--image needs --out FILE.png for the strip")
+    if out is not None and image is None:
+        raise UsageError("--out is where --image's strip goes; give --image too")
+    if size < 8:
+        raise UsageError(f"--size {size}: must be at least 8 pixels")
+    if plot is not None:
+        plot = report.check_output(plot, report.PLOT_SUFFIXES, "--plot", overwrite)
+    if out is not None:
+        out = report.check_output(out, report.STRIP_SUFFIXES, "--out", overwrite)
+        if plot is not None and plot.resolve() == out.resolve():
+            raise UsageError("--plot and --out name the same file")
+
+    # 3. Build each schedule from its config plus the overrides
+    overrides = dict(beta_schedule=_value(beta_schedule), beta_start=beta_start, beta_end=beta_end,
+                     num_train_timesteps=num_train_timesteps, prediction_type=_value(prediction_type),
+                     rescale_zero_snr=rescale_zero_snr)
+    spacing = _value(timestep_spacing)
+    schedules = []
+    for kind, name in sources:
+        config = sched.preset_config(name) if kind == "preset" else sched.model_config(name, revision)
+        # Folders by their name, so a table of long paths stays readable; Hub ids as given.
+        label = name.lower() if kind == "preset" else (Path(name).expanduser().resolve().name
+                                                        if Path(name).expanduser().is_dir() else name)
+        schedules.append(sched.build(label, sched.with_overrides(config, **overrides), scheduler, spacing))
+    timesteps = sched.parse_timesteps(at, every, schedules[0].num_train_timesteps)
+    infos = [sched.describe(s, timesteps, steps) for s in schedules]
+
+    # 4. Files
+    outputs: dict[str, str] = {}
+    if plot is not None:
+        outputs["plot"] = str(report.plot(schedules, infos, plot, overwrite))
+    if image is not None:
+        vae = None
+        if latent:
+            from sdcli.pipeline import resolve_device
+
+            note(quiet, f"loading the VAE of {vae_model}")
+            vae = report.load_vae(vae_model, revision, resolve_device(device))
+        outputs["strip"] = str(report.forward_strip(schedules, image, timesteps, out, seed=seed, size=size, vae=vae,
+                                                    model=vae_model if latent else None, overwrite=overwrite))
+
+    # 5. Results on stdout, warnings on stderr
+    for info in infos:
+        for warning in info["warnings"]:
+            note(quiet, f"warning: {warning}")
+    if fmt == "json":
+        print(report.to_json(infos, outputs))
+        return
+    if fmt == "csv":
+        report.write_csv(infos)
+        for kind, path in outputs.items():
+            note(quiet, f"{kind}: {path}")
+        return
+    report.write_table(infos)
+    for kind, path in outputs.items():
+        print(f"{kind}: {path}")

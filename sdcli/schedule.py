@@ -1,0 +1,412 @@
+"""The noise schedule of a diffusion model as plain numbers: what `sdcli inspect-schedule` shows.
+
+Two diffusers schedulers are built from one config. The *forward process*
+q(x_t | x_0) the model was trained on is `DDPMScheduler` (the class diffusers'
+training scripts add noise with; it implements every beta schedule and the
+zero-terminal-SNR rescale). The *sampler* is the model's own scheduler class, or
+the one named with `--scheduler`, and says which timesteps inference visits.
+Every β, ᾱ and timestep here is read off those instances; the only arithmetic
+of our own is SNR = ᾱ/(1−ᾱ) and the closed-form jump, both checked against
+diffusers in tests.
+
+Notation (Ho et al. 2020): β_t the per-step noise variance, α_t = 1 − β_t,
+ᾱ_t = ∏_{s≤t} α_s, so x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdcli.errors import ModelError, UsageError
+
+# Above this terminal SNR the signal left at t = T−1 is visible (√ᾱ ≈ 0.03 or more):
+# SD's 0.0047 is the case Lin et al. 2023 fix; DDPM's linear 4e-5 is close enough to noise.
+TERMINAL_SNR_WARN = 1e-3
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "linspace", "trailing")
+
+_SD_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: dict[str, Any]  # a scheduler_config.json as the model ships it
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("ddpm-linear",
+               {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "timestep_spacing": "leading"},
+               "Ho et al. 2020: linear β from 1e-4 to 0.02, T = 1000"),
+        Preset("cosine",
+               {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                "prediction_type": "epsilon", "timestep_spacing": "leading"},
+               "Nichol & Dhariwal 2021: ᾱ_t = cos²((t/T + s)/(1 + s)·π/2), β capped at 0.999"),
+        Preset("stable-diffusion",
+               {"_class_name": "PNDMScheduler", **_SD_BETAS, "prediction_type": "epsilon", "skip_prk_steps": True,
+                "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading"},
+               "Rombach et al. 2022 (SD 1.x): scaled linear β from 0.00085 to 0.012, PNDM sampler"),
+        Preset("sd2-v",
+               {"_class_name": "DDIMScheduler", **_SD_BETAS, "prediction_type": "v_prediction", "clip_sample": False,
+                "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading"},
+               "SD 2.x 768-v: the same betas, v-prediction (Salimans & Ho 2022), DDIM sampler"),
+        Preset("sdxl",
+               {"_class_name": "EulerDiscreteScheduler", **_SD_BETAS, "prediction_type": "epsilon",
+                "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+                "use_karras_sigmas": False},
+               "Podell et al. 2023 (SDXL): the same betas, Euler sampler"),
+        Preset("zero-snr",
+               {"_class_name": "DDIMScheduler", **_SD_BETAS, "prediction_type": "v_prediction",
+                "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": False,
+                "set_alpha_to_one": False},
+               "Lin et al. 2023: SD betas rescaled to zero terminal SNR, v-prediction, trailing spacing"),
+    ]
+}
+
+
+@dataclass
+class Schedule:
+    """One schedule under inspection: its label, the config it came from, and the two diffusers instances."""
+
+    label: str
+    config: dict[str, Any]
+    forward: Any  # DDPMScheduler: the training forward process
+    sampler: Any  # the scheduler inference steps with
+    scheduler_name: str | None = None  # the --scheduler friendly name, if one was given
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.forward.betas)
+
+
+# ---------------------------------------------------------------- the maths
+
+
+def snr(alpha_bar: float) -> float:
+    """Signal-to-noise ratio ᾱ/(1−ᾱ) of x_t (Kingma et al. 2021, Variational Diffusion Models)."""
+    return alpha_bar / (1.0 - alpha_bar) if alpha_bar < 1.0 else math.inf
+
+
+def log_snr(alpha_bar: float) -> float:
+    """Natural log of the SNR, λ_t in Kingma et al. 2021; −inf at zero terminal SNR (Lin et al. 2023)."""
+    value = snr(alpha_bar)
+    return math.log(value) if value > 0 else -math.inf
+
+
+def q_sample(x0: Any, alpha_bar: Any, noise: Any) -> Any:
+    """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε: jump from x_0 to step t in one go (Ho et al. 2020, eq. 4)."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+
+
+def q_step(x_prev: Any, beta: Any, noise: Any) -> Any:
+    """x_t = √(1−β_t)·x_{t−1} + √β_t·ε: one step of the forward chain q(x_t | x_{t−1}) (Ho et al. 2020, eq. 2)."""
+    return (1 - beta) ** 0.5 * x_prev + beta**0.5 * noise
+
+
+# ---------------------------------------------------------------- where a schedule comes from
+
+
+def _quiet_diffusers() -> None:
+    # from_config warns about keys a class does not know (e.g. skip_prk_steps on DDPM); we report what matters.
+    import diffusers.utils.logging as dlog
+
+    dlog.set_verbosity_error()
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    key = name.strip().lower()
+    if key not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)} (or --preset list)")
+    return dict(PRESETS[key].config)
+
+
+def model_config(model: str, revision: str | None = None) -> dict[str, Any]:
+    """A model's scheduler config, read without loading any weights.
+
+    A local folder is a pipeline folder (``scheduler/scheduler_config.json``)
+    or a scheduler folder itself; anything else is a Hub id.
+    """
+    from sdcli.pipeline import local_kind
+
+    kind = local_kind(model)
+    if kind == "file":
+        raise ModelError(f"{model} is a single-file checkpoint, which holds no scheduler config; "
+                         "use the preset it was trained with, e.g. --preset stable-diffusion")
+    if kind == "folder":
+        root = Path(model).expanduser()
+        for path in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
+            if path.is_file():
+                try:
+                    return json.loads(path.read_text())
+                except (OSError, ValueError) as exc:
+                    raise ModelError(f"unreadable scheduler config {path}: {exc}") from None
+        raise ModelError(f"{model} has no scheduler/scheduler_config.json")
+    return hub_config(model, revision)
+
+
+def hub_config(model: str, revision: str | None = None) -> dict[str, Any]:
+    """``scheduler/scheduler_config.json`` of a Hub model (or any folder diffusers can read), and nothing else."""
+    # Any scheduler class reads the raw file: load_config returns the dict, _class_name and all.
+    from diffusers import DDPMScheduler
+
+    _quiet_diffusers()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # huggingface_hub deprecation chatter about arguments diffusers passes
+            return dict(DDPMScheduler.load_config(model, subfolder="scheduler", revision=revision))
+    except Exception as exc:  # noqa: BLE001 - every failure here means "cannot read this model"
+        raise ModelError(_hub_message(model, exc)) from None
+
+
+def _hub_message(model: str, exc: BaseException) -> str:
+    # diffusers rewraps "offline" and "unreachable" as "does not appear to have a file"; the cause says which.
+    from huggingface_hub import constants
+
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 10:
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    if constants.HF_HUB_OFFLINE or any("Offline" in n or "LocalEntryNotFound" in n for n in chain):
+        return f"no scheduler config for {model!r} in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+    if any("Connection" in n or "Timeout" in n for n in chain):
+        return f"cannot reach the Hugging Face Hub to read {model!r}'s scheduler config"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"cannot read the scheduler config of {model!r}: {first}"
+
+
+def with_overrides(
+    config: dict[str, Any],
+    *,
+    beta_schedule: str | None = None,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    num_train_timesteps: int | None = None,
+    prediction_type: str | None = None,
+    rescale_zero_snr: bool | None = None,
+    timestep_spacing: str | None = None,
+) -> dict[str, Any]:
+    """``config`` with the given settings replaced; raises UsageError naming a bad value."""
+    # 1. Check inputs
+    if beta_schedule is not None and beta_schedule not in BETA_SCHEDULES:
+        raise UsageError(f"--beta-schedule {beta_schedule!r}: choose from {', '.join(BETA_SCHEDULES)}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise UsageError(f"--prediction-type {prediction_type!r}: choose from {', '.join(PREDICTION_TYPES)}")
+    if timestep_spacing is not None and timestep_spacing not in SPACINGS:
+        raise UsageError(f"--timestep-spacing {timestep_spacing!r}: choose from {', '.join(SPACINGS)}")
+    for flag, value in (("--beta-start", beta_start), ("--beta-end", beta_end)):
+        if value is not None and not 0 < value < 1:
+            raise UsageError(f"{flag} {value}: must be between 0 and 1")
+    if num_train_timesteps is not None and num_train_timesteps < 2:
+        raise UsageError(f"--num-train-timesteps {num_train_timesteps}: must be at least 2")
+    # 2. Replace
+    new = dict(config)
+    updates = {"beta_schedule": beta_schedule, "beta_start": beta_start, "beta_end": beta_end,
+               "num_train_timesteps": num_train_timesteps, "prediction_type": prediction_type,
+               "rescale_betas_zero_snr": rescale_zero_snr, "timestep_spacing": timestep_spacing}
+    new.update({k: v for k, v in updates.items() if v is not None})
+    if any(v is not None for v in (beta_schedule, beta_start, beta_end, num_train_timesteps)):
+        new["trained_betas"] = None  # explicit betas would silently win over the asked-for schedule
+    start, end = new.get("beta_start", 0.0001), new.get("beta_end", 0.02)
+    if new.get("beta_schedule", "linear") in ("linear", "scaled_linear", "sigmoid") and start >= end:
+        raise UsageError(f"--beta-start {start} must be below --beta-end {end}")
+    return new
+
+
+def build(
+    label: str,
+    config: dict[str, Any],
+    scheduler: str | None = None,
+    timestep_spacing: str | None = None,
+) -> Schedule:
+    """Build the forward process and the sampler from ``config`` (the sampler named, or the config's own)."""
+    from diffusers import DDPMScheduler
+
+    from sdcli.schedulers import make_scheduler
+
+    _quiet_diffusers()
+    if "beta_schedule" not in config and not config.get("trained_betas"):
+        cls = config.get("_class_name", "this scheduler")
+        raise ModelError(f"{label} uses {cls}, which has no β schedule (flow matching?); "
+                         "inspect-schedule covers DDPM-family (β) schedules")
+    try:
+        forward = DDPMScheduler.from_config(config)
+    except NotImplementedError:
+        raise UsageError(f"beta_schedule {config.get('beta_schedule')!r} is not one diffusers implements") from None
+    try:
+        sampler = make_scheduler(scheduler, config, timestep_spacing)
+    except AttributeError:
+        raise ModelError(f"{label}: diffusers has no scheduler class {config.get('_class_name')!r}") from None
+    except NotImplementedError:
+        raise UsageError(f"{config.get('_class_name') if scheduler is None else scheduler} does not implement "
+                         f"beta_schedule {config.get('beta_schedule')!r}") from None
+    except ImportError as exc:
+        raise UsageError(f"scheduler {scheduler or config.get('_class_name')} needs a missing package: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+    return Schedule(label=label, config=dict(config), forward=forward, sampler=sampler, scheduler_name=scheduler)
+
+
+# ---------------------------------------------------------------- what is shown
+
+
+def default_timesteps(num_train_timesteps: int) -> list[int]:
+    """0, T/10, T/4, T/2, 3T/4 and T−1: 0,100,250,500,750,999 for T = 1000."""
+    T = num_train_timesteps
+    return sorted({0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1})
+
+
+def parse_timesteps(at: str | None, every: int | None, num_train_timesteps: int) -> list[int]:
+    """The training timesteps a table or strip shows: ``--at`` list, ``--every`` N (plus T−1), or the default."""
+    T = num_train_timesteps
+    if at is not None and every is not None:
+        raise UsageError("give --at or --every, not both")
+    if every is not None:
+        if every < 1:
+            raise UsageError(f"--every {every}: must be a positive number of timesteps")
+        return sorted(set(range(0, T, every)) | {T - 1})
+    if at is None:
+        return default_timesteps(T)
+    ts = []
+    for part in at.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            t = int(part)
+        except ValueError:
+            raise UsageError(f"--at {part!r}: not an integer timestep") from None
+        if not 0 <= t < T:
+            raise UsageError(f"--at {t}: outside the training timesteps [0, {T})")
+        ts.append(t)
+    if not ts:
+        raise UsageError("--at: no timesteps given")
+    return ts
+
+
+def row(schedule: Schedule, t: int) -> dict[str, float | int]:
+    """Every quantity of the forward process at timestep ``t``, read from the diffusers instance."""
+    fw = schedule.forward
+    alpha_bar = float(fw.alphas_cumprod[t])
+    return {
+        "t": t,
+        "beta": float(fw.betas[t]),
+        "alpha": float(fw.alphas[t]),
+        "alpha_bar": alpha_bar,
+        "sqrt_alpha_bar": math.sqrt(alpha_bar),
+        "sqrt_one_minus_alpha_bar": math.sqrt(1.0 - alpha_bar),
+        "snr": snr(alpha_bar),
+        "log_snr": log_snr(alpha_bar),
+    }
+
+
+def sampling(schedule: Schedule, steps: int) -> dict[str, Any]:
+    """The timesteps (and σ's, for σ-parameterised samplers) the sampler visits in ``steps`` steps."""
+    T = schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise UsageError(f"--steps {steps}: must be between 1 and the {T} training timesteps")
+    sampler = schedule.sampler
+    sampler.set_timesteps(steps)
+    raw = [float(t) for t in sampler.timesteps]
+    sigmas = getattr(sampler, "sigmas", None)
+    return {
+        "steps": steps,
+        # Interpolating samplers (DPM2, Karras sigmas) visit fractional t; we round for the list of ints.
+        "sampling_timesteps": [int(round(t)) for t in raw],
+        "fractional_timesteps": any(t != int(t) for t in raw),
+        "sampling_sigmas": None if sigmas is None else [float(s) for s in sigmas],
+    }
+
+
+def describe(schedule: Schedule, timesteps: list[int], steps: int) -> dict[str, Any]:
+    """One schedule as plain data: the object `--format json` prints (non-finite floats kept as floats)."""
+    T = schedule.num_train_timesteps
+    bad = [t for t in timesteps if not 0 <= t < T]
+    if bad:
+        raise UsageError(f"--at {bad[0]}: outside {schedule.label}'s training timesteps [0, {T})")
+    last = row(schedule, T - 1)
+    samp = sampling(schedule, steps)
+    sampler = schedule.sampler
+    config = {k: v for k, v in {**schedule.config, **dict(sampler.config)}.items() if not k.startswith("_")}
+    config = {"_class_name": type(sampler).__name__, **config}
+    out: dict[str, Any] = {
+        "name": schedule.label,
+        "scheduler": type(sampler).__name__,
+        "scheduler_name": schedule.scheduler_name,
+        "config": config,
+        "num_train_timesteps": T,
+        "prediction_type": config.get("prediction_type", "epsilon"),
+        "timestep_spacing": config.get("timestep_spacing", "leading"),
+        "terminal_t": T - 1,
+        "terminal_alpha_bar": last["alpha_bar"],
+        "terminal_signal_scale": last["sqrt_alpha_bar"],
+        "terminal_snr": last["snr"],
+        "terminal_log_snr": last["log_snr"],
+        **samp,
+        "first_timestep_is_terminal": bool(samp["sampling_timesteps"]) and samp["sampling_timesteps"][0] == T - 1,
+        "rows": [row(schedule, t) for t in timesteps],
+    }
+    out["warnings"] = diagnose(schedule, out)
+    return out
+
+
+def diagnose(schedule: Schedule, info: dict[str, Any]) -> list[str]:
+    """What a user should know about this schedule: terminal SNR, where sampling starts, sampler quirks."""
+    notes = []
+    T = info["num_train_timesteps"]
+    name = schedule.label
+    if info["terminal_snr"] > TERMINAL_SNR_WARN:
+        notes.append(
+            f"{name}: terminal SNR at t={T - 1} is {info['terminal_snr']:.3g} (√ᾱ = {info['terminal_signal_scale']:.3g} "
+            "of the image survives): training never sees pure noise, yet sampling starts from it. "
+            "Fix (Lin et al. 2023): --rescale-zero-snr with --prediction-type v_prediction and --timestep-spacing trailing"
+        )
+    if info["terminal_snr"] == 0 and info["prediction_type"] == "epsilon":
+        notes.append(f"{name}: zero terminal SNR with epsilon prediction: at t={T - 1} x_t is pure noise, so predicting ε "
+                     "says nothing about x_0; use --prediction-type v_prediction")
+    ts = info["sampling_timesteps"]
+    if ts and ts[0] != T - 1:
+        notes.append(f"{name}: sampling starts at t={ts[0]}, not T−1={T - 1}, so the first step sees a cleaner level "
+                     f"than the pure noise it is given ({info['timestep_spacing']} spacing); --timestep-spacing trailing "
+                     "starts at T−1")
+    # A sampler may see a different ᾱ than training did: no rescale support, or a clamp to keep σ finite.
+    own = getattr(schedule.sampler, "alphas_cumprod", None)
+    if own is not None and len(own) == T:
+        fw = schedule.forward.alphas_cumprod
+        differs = ((own.to(fw.dtype) - fw).abs() > 1e-6 * fw.abs() + 1e-12).nonzero().flatten().tolist()
+        if differs:
+            t = differs[-1]
+            cls = type(schedule.sampler).__name__
+            why = ""
+            if schedule.config.get("rescale_betas_zero_snr") and not schedule.sampler.config.get("rescale_betas_zero_snr"):
+                why = f"; {cls} has no rescale_betas_zero_snr, so it samples with the original betas"
+            notes.append(f"{name}: {cls} uses ᾱ_{t} = {float(own[t]):.3g} where the training schedule has "
+                         f"{float(fw[t]):.3g}{why}")
+    return notes
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with ±inf and NaN as None, so strict JSON parsers (jq, JavaScript) accept it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy or torch
+        return jsonable(value.tolist())
+    return value
+
+
+def presets_table() -> list[dict[str, str]]:
+    """Rows for `--preset list`."""
+    return [{"name": p.name, "class": p.config["_class_name"], "description": p.description} for p in PRESETS.values()]

@@ -1,0 +1,342 @@
+"""How `sdcli inspect-schedule` shows a schedule: table, CSV, JSON, a plot, and pictures of x_t.
+
+The numbers come from `sdcli.schedule`; this module only lays them out.
+rich, matplotlib, PIL and torch are imported inside the functions that draw.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from sdcli import __version__
+from sdcli.errors import DataError, ModelError, OutputError, UsageError
+from sdcli.schedule import Schedule, jsonable, q_sample, snr
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+STRIP_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+COLUMNS = ("t", "beta", "alpha", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "snr", "log_snr")
+HEADERS = ("t", "β_t", "α_t", "ᾱ_t", "√ᾱ_t", "√(1−ᾱ_t)", "SNR", "log-SNR")
+
+
+# ---------------------------------------------------------------- text: table, CSV, JSON
+
+
+def _num(value: float, fmt: str) -> str:
+    if math.isinf(value):
+        return "−inf" if value < 0 else "inf"
+    return format(value, fmt).replace("-", "−")
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    return [str(r["t"]), _num(r["beta"], ".6f"), _num(r["alpha"], ".6f"), _num(r["alpha_bar"], ".6f"),
+            _num(r["sqrt_alpha_bar"], ".4f"), _num(r["sqrt_one_minus_alpha_bar"], ".4f"), _num(r["snr"], ".4g"),
+            _num(r["log_snr"], ".3f")]
+
+
+def headline(info: dict[str, Any]) -> str:
+    """One line naming the schedule: class, betas, T, prediction type, spacing."""
+    c = info["config"]
+    betas = c.get("beta_schedule", "trained betas")
+    if c.get("trained_betas"):
+        betas = "trained betas"
+    elif betas in ("linear", "scaled_linear", "sigmoid"):
+        betas += f" β {c.get('beta_start')}→{c.get('beta_end')}"
+    if c.get("rescale_betas_zero_snr"):
+        betas += ", rescaled to zero terminal SNR"
+    return (f"{info['name']}: {info['scheduler']}, {betas}, T={info['num_train_timesteps']}, "
+            f"{info['prediction_type']}, {info['timestep_spacing']} spacing")
+
+
+def summary_lines(info: dict[str, Any]) -> list[str]:
+    ts = info["sampling_timesteps"]
+    shown = " ".join(map(str, ts)) if len(ts) <= 12 else " ".join(map(str, ts[:6])) + " … " + " ".join(map(str, ts[-3:]))
+    flag = "" if info["first_timestep_is_terminal"] else f"   ← starts at {ts[0]}, not T−1={info['terminal_t']}"
+    sampler = info["scheduler_name"] or info["scheduler"]
+    return [
+        f"terminal SNR (t={info['terminal_t']}): {_num(info['terminal_snr'], '.4g')}   "
+        f"log-SNR {_num(info['terminal_log_snr'], '.3f')}   √ᾱ {_num(info['terminal_signal_scale'], '.4f')}",
+        f"sampling ({sampler}, {info['steps']} steps, {len(ts)} timesteps): {shown}{flag}",
+    ]
+
+
+def write_table(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
+    """One rich table for all schedules (a section each), then each schedule's summary."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    out = out or sys.stdout
+    # Piped output gets a fixed width wide enough for every column instead of rich's 80.
+    console = Console(file=out, width=None if out.isatty() else 110, highlight=False, soft_wrap=True)
+    many = len(infos) > 1
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=None if many else headline(infos[0]), title_justify="left")
+    if many:
+        table.add_column("schedule")
+    for h in HEADERS:
+        table.add_column(h, justify="right")
+    for i, info in enumerate(infos):
+        if i:
+            table.add_section()
+        for r in info["rows"]:
+            table.add_row(*([info["name"]] if many else []), *_cells(r))
+    console.print(table)
+    for info in infos:
+        console.print(("\n" + headline(info)) if many else "", *summary_lines(info), sep="\n")
+
+
+def write_csv(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
+    """Rows only, full precision; log_snr of a zero SNR is the text -inf, which float() reads."""
+    out = out or sys.stdout
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("schedule",) + COLUMNS)
+    for info in infos:
+        for r in info["rows"]:
+            writer.writerow([info["name"]] + [repr(r[c]) if isinstance(r[c], float) else r[c] for c in COLUMNS])
+
+
+def to_json(infos: Sequence[dict[str, Any]], outputs: dict[str, str] | None = None) -> str:
+    """One schedule: its object. Several (--compare): {"schedules": [...]}. Non-finite numbers are null."""
+    doc: dict[str, Any] = dict(infos[0]) if len(infos) == 1 else {"schedules": list(infos)}
+    if outputs:
+        doc["outputs"] = outputs
+    return json.dumps(jsonable(doc), indent=2, allow_nan=False, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- files
+
+
+def check_output(path: Path, suffixes: Sequence[str], flag: str, overwrite: bool) -> Path:
+    """Refuse a bad output path before any work is done."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{flag} {path}: the file name must end in {', '.join(suffixes)}")
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+    return path
+
+
+def _save(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """Write through a temporary name and rename into place (``sdcli.images.atomic_write``), making the folder."""
+    from sdcli.images import atomic_write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(Path(path), write, overwrite)
+
+
+def _provenance(schedules: Sequence[Schedule], **extra: Any) -> str:
+    """What made a figure, stored in its metadata (sdcli's rule: every output says how it was made)."""
+    return json.dumps(jsonable({"sdcli": __version__, **extra,
+                                "schedules": [{"name": s.label, "config": s.config, "scheduler": s.scheduler_name}
+                                              for s in schedules]}))
+
+
+# ---------------------------------------------------------------- plot
+
+
+def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: Path, overwrite: bool = False) -> Path:
+    """ᾱ_t and log-SNR against t, one line per schedule; dots mark the timesteps the sampler visits."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window; safe on headless machines
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_ab, ax_snr) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    lowest = 0.0
+    for schedule, info in zip(schedules, infos):
+        ab = schedule.forward.alphas_cumprod.double().numpy()
+        t = np.arange(len(ab))
+        with np.errstate(divide="ignore"):
+            lsnr = np.log(ab) - np.log1p(-ab)
+        lsnr[~np.isfinite(lsnr)] = np.nan  # log-SNR −∞ (zero terminal SNR) has no point to draw
+        lowest = min(lowest, float(np.nanmin(lsnr)))
+        (line,) = ax_ab.plot(t, ab, label=schedule.label, lw=1.6)
+        ax_snr.plot(t, lsnr, lw=1.6, color=line.get_color(), label=schedule.label)
+        visits = [v for v in info["sampling_timesteps"] if 0 <= v < len(ab)]
+        ax_snr.plot(visits, lsnr[visits], "o", ms=2.5, color=line.get_color())
+        if info["terminal_snr"] == 0:
+            ax_snr.annotate("→ −∞", (t[-1], lsnr[-2]), textcoords="offset points", xytext=(-28, -4),
+                            color=line.get_color(), fontsize=8)
+    ax_ab.set(xlabel="training timestep t", ylabel="ᾱ_t (signal variance kept)", title="ᾱ_t = ∏ (1 − β_s)", ylim=(0, 1.02))
+    ax_snr.set(xlabel="training timestep t", ylabel="log SNR = log ᾱ_t / (1 − ᾱ_t)",
+               title=f"log-SNR (dots: {infos[0]['steps']} sampling steps)", ylim=(lowest - 1, None))
+    for ax in (ax_ab, ax_snr):
+        ax.grid(alpha=0.3)
+    ax_ab.legend(fontsize=8)
+    meta = {"Software": f"sdcli {__version__}", "Description": _provenance(schedules)}
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix != "png":
+        meta = {"Creator": meta["Software"]} if suffix == "pdf" else {}
+    try:
+        return _save(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=110, metadata=meta), overwrite)
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------- forward process on a picture
+
+
+def load_image(path: Path, size: int):
+    """``path`` as a (1, 3, H, W) float tensor in [−1, 1], fitted inside size×size, sides a multiple of 8."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"--image {path}: not a readable image ({type(exc).__name__})") from None
+    scale = size / max(img.size)
+    # Multiples of 8 fit every VAE's downsampling factor.
+    w, h = (max(8, int(round(s * scale)) // 8 * 8) for s in img.size)
+    img = img.resize((w, h), Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return x.unsqueeze(0).contiguous()
+
+
+def load_vae(model: str, revision: str | None = None, device: str = "cpu"):
+    """Only the VAE of ``model`` (no UNet, no text encoders), in float32 on ``device``."""
+    from diffusers import AutoencoderKL
+
+    from sdcli.pipeline import local_kind
+    from sdcli.schedule import _quiet_diffusers
+
+    kind = local_kind(model)
+    if kind == "file":
+        raise ModelError(f"--latent needs a diffusers folder or Hub id with a vae/ subfolder, not the file {model}")
+    _quiet_diffusers()
+    source = str(Path(model).expanduser()) if kind == "folder" else model
+    try:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision)
+    except Exception as exc:  # noqa: BLE001 - any failure here is "this model has no usable VAE"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"cannot load the VAE of {model}: {first[:300]}") from None
+    return vae.to(device).eval()
+
+
+def _latent_scale(vae) -> tuple[float, float]:
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def encode(vae, x):
+    """Image in [−1, 1] → the latent the UNet is trained on (posterior mean, scaled like diffusers pipelines)."""
+    import torch
+
+    scale, shift = _latent_scale(vae)
+    with torch.no_grad():
+        return (vae.encode(x.to(vae.device)).latent_dist.mean - shift) * scale
+
+
+def decode(vae, z):
+    import torch
+
+    scale, shift = _latent_scale(vae)
+    with torch.no_grad():
+        return vae.decode(z.to(vae.device) / scale + shift).sample.clamp(-1, 1).cpu()
+
+
+def noised(schedule: Schedule, x0, timesteps: Sequence[int], noise):
+    """x_t for each t in one closed-form jump from x0 (same ε for every t, so only the schedule differs)."""
+    alpha_bar = schedule.forward.alphas_cumprod[list(timesteps)].to(x0.dtype).reshape(-1, 1, 1, 1)
+    return q_sample(x0, alpha_bar, noise)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:  # matplotlib's DejaVu Sans draws ᾱ and √; PIL's built-in font does not
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), size)
+    except Exception:  # noqa: BLE001 - any font beats no picture
+        return ImageFont.load_default()
+
+
+def to_pil(x):
+    """(3, H, W) tensor in [−1, 1] → PIL image; x_t outside [−1, 1] (it is, early on) is clipped for display."""
+    from PIL import Image
+
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def strip(rows: Sequence[tuple[str, Sequence[Any], Sequence[str]]], title: str):
+    """A labelled grid: one row per schedule (label, tiles, captions), one column per timestep."""
+    from PIL import Image, ImageDraw
+
+    w, h = rows[0][1][0].size
+    fs = max(11, min(15, w // 14))
+    font, small = _font(fs + 1), _font(fs)
+    pad, cap = 6, 2 * fs + 10
+    left = pad + (max(int(font.getlength(r[0])) for r in rows) + 2 * pad if len(rows) > 1 else 0)
+    top = fs + 3 * pad
+    ncol = max(len(r[1]) for r in rows)
+    # Columns as wide as the widest caption line, so small tiles do not make captions collide.
+    col = max([w] + [int(small.getlength(line)) for r in rows for text in r[2] for line in text.splitlines()])
+    width = max(left + ncol * (col + pad) + pad, int(font.getlength(title)) + 2 * pad)
+    sheet = Image.new("RGB", (width, top + len(rows) * (h + cap + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, pad), title, fill="black", font=font)
+    for r, (label, tiles, captions) in enumerate(rows):
+        y = top + r * (h + cap + pad)
+        if len(rows) > 1:
+            draw.text((pad, y + h // 2 - fs // 2), label, fill="black", font=font)
+        for c, (tile, text) in enumerate(zip(tiles, captions)):
+            x = left + c * (col + pad)
+            sheet.paste(tile, (x, y))
+            draw.multiline_text((x, y + h + 3), text, fill="black", font=small, spacing=2)
+    return sheet
+
+
+def forward_strip(
+    schedules: Sequence[Schedule],
+    image: Path,
+    timesteps: Sequence[int],
+    out: Path,
+    *,
+    seed: int = 0,
+    size: int = 256,
+    vae: Any = None,
+    model: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the strip of x_t for ``image`` at ``timesteps``, one row per schedule (in latent space if ``vae``)."""
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
+    # 1. The clean sample x_0: pixels, or the VAE latent of them
+    x0 = load_image(image, size)
+    if vae is not None:
+        x0 = encode(vae, x0).cpu()
+    # 2. One seeded ε shared by every schedule and timestep
+    noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=x0.dtype)
+    # 3. Jump to each x_t, decode if latent, caption
+    rows = []
+    for schedule in schedules:
+        xt = noised(schedule, x0, timesteps, noise)
+        pixels = decode(vae, xt) if vae is not None else xt
+        ab = schedule.forward.alphas_cumprod
+        captions = [f"t = {t}\nᾱ={float(ab[t]):.3f}  SNR={_num(snr(float(ab[t])), '.3g')}"
+                    for t in timesteps]
+        rows.append((schedule.label, [to_pil(p) for p in pixels], captions))
+    space = f"latent space of {model}" if vae is not None else "pixel space"
+    title = f"x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε   ({space}, seed {seed})"
+    sheet = strip(rows, title)
+    info = PngInfo()
+    info.add_text("Software", f"sdcli {__version__}")
+    info.add_text("Description", _provenance(schedules, image=str(image), timesteps=list(timesteps), seed=seed,
+                                              latent=vae is not None, model=model))
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(Path(out).suffix.lower(), "PNG")
+    return _save(out, lambda tmp: sheet.save(tmp, format=fmt, **({"pnginfo": info} if fmt == "PNG" else {})),
+                        overwrite)
