@@ -165,7 +165,8 @@ def check_size(s: Settings, factor: int) -> None:
         if size is not None and size % factor:
             lower, upper = size - size % factor, size - size % factor + factor
             raise UsageError(
-                f"{name} {size} is not a multiple of {factor} (this model's VAE factor); try {lower or upper} or {upper}"
+                f"{name} {size} is not a multiple of {factor} (what this model's VAE and pipeline need); "
+                f"try {lower or upper} or {upper}"
             )
 
 
@@ -381,7 +382,7 @@ def iter_images(
     width, height = s.width, s.height
     init = None
     if s.init_image:
-        init = load_init_image(s.init_image, width, height, pipe.vae_scale_factor)
+        init = load_init_image(s.init_image, width, height, max(8, pipe.vae_scale_factor))
         width, height = init.size
         from diffusers import AutoPipelineForImage2Image
 

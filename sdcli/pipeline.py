@@ -111,6 +111,12 @@ def check_folder(path: Path) -> dict[str, Any]:
     return _read_json(index)
 
 
+def size_multiple(model: str, revision: str | None = None) -> int:
+    """What width and height must be multiples of: the VAE factor, and never less than the 8
+    that diffusers' Stable Diffusion pipelines insist on."""
+    return max(8, vae_scale_factor(model, revision))
+
+
 def vae_scale_factor(model: str, revision: str | None = None) -> int:
     """The VAE's downsampling factor, read from config only (no weights), 8 when unknown."""
     config: dict[str, Any] | None = None

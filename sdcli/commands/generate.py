@@ -130,12 +130,12 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
     """Validate, load, generate and write; returns the image paths. Plain function behind the command."""
     from sdcli.generation import check_settings, check_size, plan_jobs, resolve_seeds
     from sdcli.images import check_writable
-    from sdcli.pipeline import resolve_model, vae_scale_factor
+    from sdcli.pipeline import resolve_model, size_multiple
 
     # 1. Check everything that needs no weights.
     check_settings(settings)
     settings.model = resolve_model(settings.model)
-    check_size(settings, vae_scale_factor(settings.model, settings.revision))
+    check_size(settings, size_multiple(settings.model, settings.revision))
     seeds = resolve_seeds(settings)
     if not settings.seeds:
         note(quiet, f"seed: {seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "") + " (random)")

@@ -1,0 +1,204 @@
+"""`sdcli generate` driven through the real CLI on tiny random-weight pipelines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdcli.metadata import parse_a1111
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def paths_of(result) -> list[Path]:
+    assert result.exit_code == 0, result.stderr
+    return [Path(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("family,size,prediction", [("sd1", 16, "epsilon"), ("sd2", 16, "v_prediction"),
+                                                     ("sdxl", 16, "epsilon")])
+def test_each_family_generates_a_png_with_metadata(cli, tiny_models, family, size, prediction):
+    result = cli("generate", "a red circle", "--model", tiny_models[family], "--seed", "3", "--steps", "2")
+    (path,) = paths_of(result)
+    img = Image.open(path)
+    assert img.size == (size, size)
+    record = json.loads(img.info["sdcli"])
+    assert record["model_family"] == family
+    assert record["prediction_type"] == prediction
+    params = parse_a1111(img.info["parameters"])
+    assert params["prompt"] == "a red circle"
+    assert params["Seed"] == "3" and params["Steps"] == "2" and params["CFG scale"] == "7.5"
+    assert params["Size"] == f"{size}x{size}"
+
+
+def test_same_seed_gives_byte_identical_png_and_other_seed_differs(cli, tiny_sd, tmp_path):
+    args = ("generate", "a blue square", "--model", tiny_sd, "--steps", "3")
+    (a,) = paths_of(cli(*args, "--seed", "7", "--out", tmp_path / "a"))
+    (b,) = paths_of(cli(*args, "--seed", "7", "--out", tmp_path / "b"))
+    (c,) = paths_of(cli(*args, "--seed", "8", "--out", tmp_path / "c"))
+    assert a.read_bytes() == b.read_bytes()
+    assert np.abs(pixels(a) - pixels(c)).max() > 0
+
+
+def test_random_seed_is_printed_and_recorded(cli, tiny_sd):
+    result = cli("generate", "a cat", "--model", tiny_sd, "--steps", "1")
+    (path,) = paths_of(result)
+    seed = json.loads(Image.open(path).info["sdcli"])["seed"]
+    assert f"seed: {seed} (random)" in result.stderr
+
+
+def test_guidance_sweep_makes_one_image_per_value_and_a_contact_sheet(cli, tiny_sd):
+    result = cli("generate", "a red circle", "--model", tiny_sd, "--steps", "2", "--seed", "1,2,3",
+                 "--guidance", "1,3,7.5,12", "--out", "sweep")
+    paths = paths_of(result)
+    images = [p for p in paths if "sheet" not in p.name]
+    sheets = [p for p in paths if "sheet" in p.name]
+    assert len(images) == 12 and len(sheets) == 1
+    guidances = sorted({json.loads(Image.open(p).info["sdcli"])["guidance"] for p in images})
+    assert guidances == [1.0, 3.0, 7.5, 12.0]
+    sheet = Image.open(sheets[0])
+    # Four columns and three rows of (enlarged) cells: wider than tall.
+    assert sheet.width > sheet.height > 3 * 16
+    # Different guidance values really change the picture for the same seed.
+    by_g = {json.loads(Image.open(p).info["sdcli"])["guidance"]: p for p in images
+            if json.loads(Image.open(p).info["sdcli"])["seed"] == 1}
+    assert np.abs(pixels(by_g[1.0]) - pixels(by_g[12.0])).max() > 0
+
+
+def test_json_output_is_one_record_per_image(cli, tiny_sd):
+    result = cli("generate", "a", "b", "--model", tiny_sd, "--steps", "1", "--seed", "4", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["a", "b"]
+    assert all(Path(r["path"]).is_file() and r["seed"] == 4 for r in records)
+    assert result.stderr.strip() == ""  # --quiet
+
+
+def test_from_metadata_regenerates_the_same_image_and_options_override(cli, tiny_sd, tmp_path):
+    (orig,) = paths_of(cli("generate", "a green star", "--model", tiny_sd, "--seed", "11", "--steps", "3",
+                           "-g", "5", "-s", "euler", "-n", "blurry", "--out", tmp_path / "o"))
+    (again,) = paths_of(cli("generate", "--from-metadata", orig, "--out", tmp_path / "r"))
+    assert again.read_bytes() == orig.read_bytes()
+    (changed,) = paths_of(cli("generate", "--from-metadata", orig, "-g", "9", "--out", tmp_path / "c"))
+    record = json.loads(Image.open(changed).info["sdcli"])
+    assert record["guidance"] == 9 and record["seed"] == 11 and record["scheduler"] == "euler"
+    assert record["negative_prompt"] == "blurry"
+
+
+def test_prompt_file_and_numbered_outputs_never_overwrite(cli, tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n# a comment\n\na blue square\n")
+    first = paths_of(cli("generate", "--prompt-file", prompts, "--model", tiny_sd, "--steps", "1", "--seed", "1"))
+    second = paths_of(cli("generate", "--prompt-file", prompts, "--model", tiny_sd, "--steps", "1", "--seed", "1"))
+    assert len(first) == 2 and len(set(first) | set(second)) == 4
+    assert all(p.is_file() for p in first + second)
+
+
+def test_single_png_out_refuses_to_overwrite(cli, tiny_sd):
+    (path,) = paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "1", "-o", "one.png"))
+    before = path.read_bytes()
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "2", "-o", "one.png")
+    assert result.exit_code != 0 and "--overwrite" in result.stderr
+    assert path.read_bytes() == before
+    assert paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "2", "-o", "one.png",
+                        "--overwrite")) == [path]
+    assert path.read_bytes() != before
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_save_trajectory_writes_one_frame_per_step(cli, tiny_sd):
+    paths = paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "4", "--seed", "1", "-s", "ddim",
+                         "--save-trajectory"))
+    gif = next(p for p in paths if p.suffix == ".gif")
+    strip = next(p for p in paths if p.name.endswith("-trajectory.png"))
+    assert Image.open(gif).n_frames == 5  # x̂_0 after each of 4 steps, then the final image
+    assert Image.open(strip).width > 4 * 16
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_closed_form_x0_matches_ddims_own_estimate(prediction_type):
+    # Schedulers without pred_original_sample get x̂_0 from x_t = √ᾱ·x_0 + √(1−ᾱ)·ε; DDIM reports its
+    # own, so the two must agree on the same step.
+    import torch
+    from diffusers import DDIMScheduler
+
+    from sdcli.generation import StepRecorder
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type, clip_sample=False)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    recorder = StepRecorder(sched)
+    for t in sched.timesteps[:3]:
+        ours = recorder._closed_form_x0(output, t, sample)
+        theirs = sched.step(output, t, sample).pred_original_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_trajectory_is_recorded_for_a_scheduler_without_its_own_estimate(tiny_sd):
+    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+
+    s = Settings(prompts=["x"], model=tiny_sd, steps=3, scheduler="dpm++2m", seeds=[1], save_trajectory=True)
+    loaded = prepare_pipeline(s)
+    (item,) = list(iter_images(s, loaded, plan_jobs(s, [1])))
+    assert len(item.trajectory) == 3
+    assert item.trajectory[0].size == item.image.size
+    # The estimate moves as denoising proceeds.
+    assert np.abs(np.asarray(item.trajectory[0], np.int16) - np.asarray(item.trajectory[-1], np.int16)).max() > 0
+
+
+def test_img2img_records_strength_and_starts_from_the_image(cli, tiny_sd, tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (37, 29), (200, 30, 30)).save(init)
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "4", "--seed", "1", "--init-image", init,
+                 "--strength", "0.5")
+    (path,) = paths_of(result)
+    img = Image.open(path)
+    assert img.size == (32, 24)  # init size rounded down to a multiple of 8
+    params = parse_a1111(img.info["parameters"])
+    assert params["Denoising strength"] == "0.5"
+    (txt2img,) = paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "4", "--seed", "1", "-W", "32", "-H", "24"))
+    assert np.abs(pixels(path) - pixels(txt2img)).max() > 0
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "heun", "lms", "dpm++2m",
+                                  "dpm++2m-karras", "unipc"])
+def test_every_named_scheduler_runs(cli, tiny_sd, name):
+    from sdcli.schedulers import SCHEDULERS
+
+    (path,) = paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "3", "--seed", "1", "-s", name,
+                           "--timestep-spacing", "trailing"))
+    params = parse_a1111(Image.open(path).info["parameters"])
+    assert params["Sampler"] == SCHEDULERS[name].a1111
+    assert params["Timestep spacing"] == "trailing"
+
+
+def test_scheduler_list(cli):
+    result = cli("generate", "--scheduler", "list")
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert {"ddim", "euler-ancestral", "dpm++2m-karras", "unipc"} <= set(names)
+
+
+def test_subprocess_prints_paths_on_stdout_and_notes_on_stderr(tiny_sd, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "sdcli", "generate", "a dog", "--model", tiny_sd, "--steps", "1",
+                          "--seed", "2", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert [Path(line).is_file() for line in res.stdout.splitlines()] == [True]
+    assert "loaded" in res.stderr
+
+
+def test_long_prompt_warns_naming_the_dropped_words(cli, tiny_sd):
+    long = " ".join(["red"] * 80) + " purple elephant"
+    result = cli("generate", long, "--model", tiny_sd, "--steps", "1", "--seed", "1")
+    assert result.exit_code == 0
+    assert "ignored" in result.stderr and "purple elephant" in result.stderr

@@ -1,0 +1,56 @@
+"""The CLI's promises that hold for every command: instant --help, one-line errors, version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["schedulers", "--help"],
+                                  ["inspect-schedule", "--help"], ["finetune", "--help"]])
+def test_help_imports_no_heavy_library(argv):
+    from sdcli.cli import app
+
+    names = [c.name for c in app.registered_commands]
+    if len(argv) > 1 and argv[0] not in names:
+        pytest.skip(f"{argv[0]} not registered")
+    code = (
+        "import sys\n"
+        "from sdcli.cli import app\n"
+        f"try:\n    app({argv!r}, prog_name='sdcli')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Usage" in out
+    assert "HEAVY []" in out
+
+
+def test_version_and_module_entry_point():
+    from sdcli import __version__
+
+    out = subprocess.run([sys.executable, "-m", "sdcli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"sdcli {__version__}"
+
+
+def test_user_error_is_one_line_with_exit_code(cli):
+    result = cli("generate", "x", "--model", "./no/such/model")
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: no such model file or folder: ./no/such/model"]
+    assert result.stdout == ""
+
+
+def test_debug_env_shows_traceback(tmp_path):
+    env = {"SDCLI_DEBUG": "1", "PATH": "", "HF_HUB_OFFLINE": "1"}
+    import os
+
+    env = {**os.environ, **env}
+    res = subprocess.run([sys.executable, "-m", "sdcli", "generate", "x", "--model", "./missing"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr
