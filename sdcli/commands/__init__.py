@@ -9,6 +9,7 @@ import typer
 # (module, attribute holding the command function, command name)
 COMMANDS = [
     ("sdcli.commands.generate", "generate_cmd", "generate"),
+    ("sdcli.commands.finetune", "finetune_cmd", "finetune"),
     ("sdcli.commands.inspect_schedule", "inspect_schedule_cmd", "inspect-schedule"),
     ("sdcli.commands.schedulers", "schedulers_cmd", "schedulers"),
 ]

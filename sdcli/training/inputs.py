@@ -1,0 +1,200 @@
+"""Latents and text conditioning for a batch, computed live or looked up in a cache.
+
+The VAE is never trained and the text encoder only with --train-text-encoder,
+so their outputs for a given image (and its mirror image) or caption never
+change: `TrainingInputs.build_cache` computes them once and a step then costs
+one UNet forward and backward. The cache keeps the VAE's latent distribution
+(mean and std), not one sample of it, so each step still draws a fresh latent
+exactly as the live path does; with the same generator both paths give the
+same batch (a test holds them to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sdcli import defaults
+from sdcli.training.data import Example, Item, load_rgb, to_pixels
+
+
+@dataclass
+class Batch:
+    latents: Any  # (B, C, h, w), already scaled by the VAE's scaling factor
+    cond: dict[str, Any]  # keyword arguments for the UNet besides sample and timestep
+
+
+class TextEncoding:
+    """Prompts to the UNet's text conditioning, the way the pipeline itself encodes them."""
+
+    def __init__(self, pipe: Any, device: Any):
+        self.device = device
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+        if self.sdxl:
+            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        self.pairs = pairs
+
+    @property
+    def encoders(self) -> list[Any]:
+        return [enc for _, enc in self.pairs]
+
+    def encode(self, prompts: list[str]):
+        """(hidden states (B, L, D), pooled (B, D') for SDXL else None)."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in self.pairs:
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            if not self.sdxl:
+                return encoder(ids, return_dict=False)[0], None
+            # SDXL: the penultimate layer of each encoder side by side; the pooled
+            # projection of the second one (as StableDiffusionXLPipeline.encode_prompt).
+            out = encoder(ids, output_hidden_states=True)
+            if out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        import torch
+
+        return torch.cat(hidden, dim=-1), pooled
+
+
+class TrainingInputs:
+    """Turns a list of `Item`s into a `Batch`, from the cache where there is one."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        examples: list[Example],
+        *,
+        resolution: int,
+        center_crop: bool,
+        device: Any,
+        cache_latents: bool,
+        cache_text: bool,
+    ):
+        self.vae = pipe.vae
+        self.text = TextEncoding(pipe, device)
+        self.examples = examples
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.device = device
+        self.cache_latents = cache_latents
+        self.cache_text = cache_text
+        self.scaling = float(pipe.vae.config.scaling_factor)
+        self.shift = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
+        # Filled by build_cache: moments[i, flipped] and prompt ids, on the CPU.
+        self.mean = self.std = self.time_ids = None
+        self.prompts: list[str] = []
+        self.prompt_index: list[int] = []
+        self.hidden = self.pooled = None
+
+    # 1. The cache -----------------------------------------------------------
+
+    def build_cache(self, flip: bool, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode every image (and its mirror image if ``flip``) and every caption once."""
+        import torch
+
+        n = len(self.examples)
+        variants = (False, True) if flip else (False,)
+        if self.cache_text:
+            # The null prompt first, so a dropped caption is index 0 whatever the captions are.
+            self.prompts, self.prompt_index, seen = [defaults.NULL_PROMPT], [], {defaults.NULL_PROMPT: 0}
+            for ex in self.examples:
+                caption = ex.caption if ex.caption is not None else defaults.NULL_PROMPT
+                if caption not in seen:
+                    seen[caption] = len(self.prompts)
+                    self.prompts.append(caption)
+                self.prompt_index.append(seen[caption])
+        total = (n * len(variants) if self.cache_latents else 0) + (len(self.prompts) if self.cache_text else 0)
+        done = 0
+        with torch.no_grad():
+            if self.cache_latents:
+                means, stds, times = [], [], []
+                for start in range(0, n, batch_size):
+                    count = min(batch_size, n - start)
+                    moments = []
+                    for mirrored in variants:
+                        pixels, time_ids = self._pixels([Item(start + j, flip=mirrored) for j in range(count)])
+                        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+                        moments.append((dist.mean.float().cpu(), dist.std.float().cpu(), time_ids))
+                        done += count
+                        if progress:
+                            progress(done, total)
+                    means.append(torch.stack([m[0] for m in moments], dim=1))
+                    stds.append(torch.stack([m[1] for m in moments], dim=1))
+                    times.append(torch.stack([m[2] for m in moments], dim=1))
+                self.mean, self.std, self.time_ids = torch.cat(means), torch.cat(stds), torch.cat(times)
+            if self.cache_text:
+                hidden, pooled = [], []
+                for start in range(0, len(self.prompts), batch_size):
+                    chunk = self.prompts[start:start + batch_size]
+                    h, p = self.text.encode(chunk)
+                    hidden.append(h.float().cpu())
+                    if p is not None:
+                        pooled.append(p.float().cpu())
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+                self.hidden = torch.cat(hidden)
+                self.pooled = torch.cat(pooled) if pooled else None
+
+    # 2. A batch -------------------------------------------------------------
+
+    def batch(self, items: list[Item], generator) -> Batch:
+        """Latents sampled with ``generator`` and the conditioning for ``items``."""
+        import torch
+
+        idx = torch.tensor([it.index for it in items])
+        if self.cache_latents:
+            flipped = torch.tensor([int(it.flip) for it in items])
+            mean = self.mean[idx, flipped].to(self.device)
+            std = self.std[idx, flipped].to(self.device)
+            time_ids = self.time_ids[idx, flipped]
+        else:
+            pixels, time_ids = self._pixels(items)
+            with torch.no_grad():
+                dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+        # A fresh draw from the latent distribution, as latent_dist.sample() would.
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + std * eps - self.shift) * self.scaling
+        cond = self._text(items)
+        if self.text.sdxl:
+            cond["added_cond_kwargs"]["time_ids"] = time_ids.to(self.device, cond["encoder_hidden_states"].dtype)
+        return Batch(latents=latents, cond=cond)
+
+    def _text(self, items: list[Item]) -> dict[str, Any]:
+        import torch
+
+        if self.cache_text:
+            ids = torch.tensor([0 if it.drop else self.prompt_index[it.index] for it in items])
+            hidden = self.hidden[ids].to(self.device)
+            pooled = self.pooled[ids].to(self.device) if self.pooled is not None else None
+        else:
+            prompts = [self.prompt_of(it) for it in items]
+            trained = any(p.requires_grad for enc in self.text.encoders for p in enc.parameters())
+            with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+                hidden, pooled = self.text.encode(prompts)
+        cond: dict[str, Any] = {"encoder_hidden_states": hidden}
+        if pooled is not None:
+            cond["added_cond_kwargs"] = {"text_embeds": pooled}
+        return cond
+
+    def prompt_of(self, item: Item) -> str:
+        """The caption this item trains on: its own, or the null prompt when dropped or missing."""
+        caption = self.examples[item.index].caption
+        return defaults.NULL_PROMPT if item.drop or caption is None else caption
+
+    def _pixels(self, items: list[Item]):
+        """Pixels (B, 3, res, res) and SDXL micro-conditioning (B, 6) for ``items``."""
+        import torch
+
+        pixels, time_ids = [], []
+        for it in items:
+            image = load_rgb(self.examples[it.index].path)
+            px, (top, left) = to_pixels(image, self.resolution, self.center_crop, it.flip, it.crop)
+            pixels.append(px)
+            # (original h, w, crop top, crop left, target h, w), as SDXL was trained.
+            time_ids.append(torch.tensor([image.height, image.width, top, left, self.resolution, self.resolution],
+                                         dtype=torch.float32))
+        return torch.stack(pixels), torch.stack(time_ids)

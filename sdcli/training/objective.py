@@ -1,0 +1,102 @@
+"""The maths of one training step, as small functions named after their papers.
+
+The forward process is the scheduler's own (`add_noise`, `get_velocity`); we
+never re-derive it here, only choose what to regress and how to weight it.
+Every random draw takes an explicit generator so a step can be replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def training_scheduler(config: dict[str, Any]):
+    """A DDPM scheduler with the model's betas and prediction type.
+
+    Samplers like Euler or PNDM keep the same training schedule but their
+    `add_noise` works in sigma space; DDPM's is the closed form
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4).
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(dict(config))
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator, device):
+    """Uniform t in [0, T), one per sample (Ho et al. 2020, Algorithm 1)."""
+    import torch
+
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device).long()
+
+
+def sample_noise(latents, generator, noise_offset: float = 0.0):
+    """Gaussian noise like ``latents``, plus a per-channel constant shift when ``noise_offset`` > 0.
+
+    Offset noise (Guttenberg 2023, "Diffusion with Offset Noise") lets the
+    model change an image's mean brightness, which plain noise almost never asks it to.
+    """
+    import torch
+
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset > 0:
+        b, c = latents.shape[:2]
+        shift = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * shift
+    return noise
+
+
+def regression_target(scheduler, latents, noise, timesteps):
+    """What the UNet should output: the noise (epsilon models) or v (v-prediction models).
+
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, "Progressive Distillation").
+    """
+    from sdcli.errors import ModelError
+
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ModelError(f"cannot fine-tune a model with prediction_type {kind!r}; only epsilon and v_prediction")
+
+
+def min_snr_weights(snr, gamma: float, prediction_type: str):
+    """Per-sample loss weights min(SNR, gamma) / SNR (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR").
+
+    For v-prediction the MSE on v already carries a factor SNR + 1, so the
+    weight is min(SNR, gamma) / (SNR + 1) to land on the same objective.
+    """
+    import torch
+
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_loss(prediction, target, weights=None):
+    """Plain MSE, computed in float32; ``weights`` (one per sample) rescale each sample's mean error."""
+    import torch.nn.functional as F
+
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights.float()).mean()
+
+
+def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float = 0.0, snr_gamma: float | None = None):
+    """One training step's loss: noise x_0 to a random t in one jump, predict, regress.
+
+    ``cond`` holds ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``.
+    """
+    from diffusers.training_utils import compute_snr
+
+    noise = sample_noise(latents, generator, noise_offset)
+    timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = regression_target(scheduler, latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, **cond, return_dict=False)[0]
+    weights = None
+    if snr_gamma is not None:
+        weights = min_snr_weights(compute_snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
+    return diffusion_loss(prediction, target, weights)

@@ -1,0 +1,218 @@
+"""What a run leaves in OUT: weights diffusers loads, the settings, a model card, the loss log and curve.
+
+LoRA runs write `pytorch_lora_weights.safetensors` through the pipeline class's
+own `save_lora_weights`, so `pipe.load_lora_weights(OUT)` reads it with no
+sdcli code; full runs write a complete pipeline folder with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sdcli import __version__, defaults
+from sdcli.errors import OutputError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SETTINGS_FILE = "training_settings.json"
+LOSS_FILE = "loss.csv"
+LOSS_PLOT = "loss.png"
+CARD_FILE = "README.md"
+VALIDATION_DIR = "validation"
+LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
+# Everything a run may write; --overwrite removes these and nothing else.
+PIPELINE_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                  "scheduler", "safety_checker", "feature_extractor", "image_encoder")
+OUR_NAMES = (LORA_FILE, SETTINGS_FILE, LOSS_FILE, LOSS_PLOT, CARD_FILE, VALIDATION_DIR, "checkpoints") + PIPELINE_PARTS
+
+
+def check_out(out: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to write into a non-empty OUT unless told to (or continuing a run there)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resuming):
+        raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it or --resume latest to continue")
+
+
+def clear_previous(out: Path) -> None:
+    """For --overwrite: remove what an earlier run wrote, leaving anything else in the folder alone."""
+    for name in OUR_NAMES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def save_lora(pipe: Any, unet: Any, text_encoders: list[Any], out: Path) -> Path:
+    """LoRA weights in the diffusers format, with rank and alpha stored so they load at the trained scale."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers(model):
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+    def metadata(model):
+        return model.peft_config["default"].to_dict()
+
+    kwargs: dict[str, Any] = {"unet_lora_layers": layers(unet), "unet_lora_adapter_metadata": metadata(unet)}
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
+        kwargs[f"{name}_lora_layers"] = layers(encoder)
+        kwargs[f"{name}_lora_adapter_metadata"] = metadata(encoder)
+    type(pipe).save_lora_weights(str(out), safe_serialization=True, **kwargs)
+    return out / LORA_FILE
+
+
+def save_full(pipe: Any, out: Path) -> Path:
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out / "model_index.json"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "peft"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def write_settings(out: Path, record: dict[str, Any]) -> Path:
+    path = out / SETTINGS_FILE
+    full = {"sdcli_version": __version__, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "libraries": library_versions(), **record}
+    path.write_text(json.dumps(full, indent=2, default=str) + "\n")
+    return path
+
+
+def write_model_card(out: Path, record: dict[str, Any]) -> Path:
+    """A short README.md with the front matter the Hugging Face Hub reads."""
+    cfg = record["config"]
+    lora = cfg["lora"]
+    base = record["base_model"]
+    what = f"LoRA (rank {cfg['rank']}, alpha {cfg['lora_alpha']:g})" if lora else "full UNet fine-tune"
+    if cfg["train_text_encoder"]:
+        what += " with the text encoder"
+    use = (
+        f"sdcli generate --model {base} --lora {out} \"your prompt\"\n\n"
+        f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"{out}\")"
+        if lora else
+        f"sdcli generate --model {out} \"your prompt\"\n\n"
+        f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{out}\")"
+    )
+    tags = ["text-to-image", "diffusers", "sdcli"] + (["lora"] if lora else [])
+    card = f"""---
+base_model: {base}
+library_name: diffusers
+tags: [{", ".join(tags)}]
+---
+
+# {out.name}
+
+A {what} of `{base}` ({record['family']}, {record['prediction_type']}), made with sdcli {__version__}:
+{record['steps']} steps of batch {cfg['batch_size']} x {cfg['gradient_accumulation']} accumulation x {record['world_size']} process(es)
+on {record['data']['images']} images at {cfg['resolution']} px, learning rate {cfg['learning_rate']:g}, captions dropped
+to the null prompt with probability {cfg['uncond_prob']:g} so classifier-free guidance keeps working.
+Final loss {record['final_loss']:.4f}; the full settings are in `{SETTINGS_FILE}`, the loss per step in `{LOSS_FILE}`.
+
+## Use
+
+```
+{use}
+```
+"""
+    path = out / CARD_FILE
+    path.write_text(card)
+    return path
+
+
+class LossLog:
+    """loss.csv, one row per optimizer step; a resumed run first drops the rows after its checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.file = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOSS_COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def append(self, **row: Any) -> None:
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.file.flush()  # a killed run still leaves its curve
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_losses(path: Path) -> tuple[list[int], list[float]]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
+    """The loss per step and its running mean, as a PNG (matplotlib, no display needed)."""
+    steps, losses = read_losses(csv_path)
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
+    ax.plot(steps, smooth, color="#c33", linewidth=1.6, label=f"mean of last {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def render_validation(pipe: Any, prompts: list[str], out: Path, step: int, *, guidance: float, steps: int,
+                      resolution: int, seed: int) -> list[Path]:
+    """One image per prompt under OUT/validation/step-N/, from the same seed every time so steps compare."""
+    import torch
+
+    folder = out / VALIDATION_DIR / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        image = pipe(prompt, negative_prompt=defaults.NEGATIVE_PROMPT, num_inference_steps=steps,
+                     guidance_scale=guidance, height=resolution, width=resolution, generator=generator).images[0]
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+        path = folder / f"{i:02d}-{slug}.png"
+        image.save(path, pnginfo=_pnginfo({"prompt": prompt, "step": step, "guidance": guidance, "steps": steps,
+                                           "seed": seed}))
+        paths.append(path)
+    return paths
+
+
+def _pnginfo(record: dict[str, Any]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("sdcli", json.dumps(record))
+    return info
