@@ -211,7 +211,13 @@ def load_pipeline(
             pipe = _single_file_class(path).from_single_file(str(path), **common)
         else:
             if kind == "folder":
-                check_folder(Path(model).expanduser())
+                folder = Path(model).expanduser()
+                check_folder(folder)
+                if not allow_pickle and not any(folder.rglob("*.safetensors")) and any(
+                    p.suffix in PICKLE_SUFFIXES for p in folder.rglob("*")
+                ):
+                    raise ModelError(f"{model} holds only pickled weights, which can run code when loaded; "
+                                     "pass --allow-pickle if you trust it")
             pipe = diffusers.DiffusionPipeline.from_pretrained(
                 str(Path(model).expanduser()) if kind == "folder" else model,
                 revision=revision,
@@ -233,12 +239,14 @@ def load_pipeline(
 def _load_message(model: str, exc: Exception) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     name = type(exc).__name__
-    if "safetensors" in text.lower() and ("could not find" in text.lower() or "no such" in text.lower()):
+    if "safetensors" in text.lower() and any(w in text.lower() for w in ("could not find", "no such", "no file")):
         return f"{model} has no safetensors weights; pass --allow-pickle to load pickled ones if you trust them"
     if name in ("RepositoryNotFoundError", "HFValidationError"):
         return f"model {model!r} not found locally or on the Hugging Face Hub"
-    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "offline" in text.lower():
-        return f"model {model!r} is not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE?)"
+    offline = any(w in text.lower() for w in ("offline", "outgoing traffic", "not fully cached", "local_files_only"))
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or offline:
+        return (f"model {model!r} not found in the local Hugging Face cache, and the Hub cannot be reached "
+                "(offline, or HF_HUB_OFFLINE=1)")
     if name in ("SafetensorError",) or "header" in text.lower() or "deserializ" in text.lower():
         return f"corrupt weights in {model}: {text[:200]}"
     return f"cannot load {model}: {text[:300]}"

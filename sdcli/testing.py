@@ -212,3 +212,24 @@ def save_tiny_pipeline(path: str | Path, family: str = "sd1", seed: int = 0) -> 
     path = Path(path)
     build_tiny_pipeline(family, seed=seed).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def save_random_lora(model_path: str | Path, out: str | Path, rank: int = 4, seed: int = 0) -> Path:
+    """Write a LoRA with random (non-zero) weights for the UNet of the pipeline at ``model_path``,
+    in the diffusers format `load_lora_weights` reads."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(str(model_path))
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op LoRA); make it do something
+                param.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+    return Path(out)

@@ -137,8 +137,6 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
     settings.model = resolve_model(settings.model)
     check_size(settings, size_multiple(settings.model, settings.revision))
     seeds = resolve_seeds(settings)
-    if not settings.seeds:
-        note(quiet, f"seed: {seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "") + " (random)")
     jobs = plan_jobs(settings, seeds)
     namer = OutputNamer(out, len(jobs), overwrite, settings)
 
@@ -150,6 +148,8 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
     note(quiet, f"loaded {loaded.model} ({loaded.family}, {loaded.prediction_type}) on {loaded.device} "
                 f"in {time.perf_counter() - t0:.1f}s")
     warn_prompts(loaded.pipe, settings.prompts, quiet)
+    if not settings.seeds:
+        note(quiet, f"seed: {seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "") + " (random)")
 
     # 3. Denoise and write each image as soon as it exists.
     return write_images(settings, loaded, jobs, namer, quiet=quiet, json=json)

@@ -1,0 +1,140 @@
+"""Bad input to `sdcli generate`: one clear line, a non-zero exit, nothing written. And LoRAs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--guidance", "-2"], "--guidance must be >= 0"),
+    (["--guidance", "7,high"], "'high' is not a number"),
+    (["--width", "20"], "--width 20 is not a multiple of 8"),
+    (["--scheduler", "eulerr"], "unknown scheduler 'eulerr'"),
+    (["--seed", "x"], "'x' is not a whole number"),
+    (["--lora", "missing-lora"], "no such file or folder: missing-lora"),
+    (["--init-image", "nope.png"], "no such file: nope.png"),
+])
+def test_bad_options_are_refused_before_work(cli, tiny_sd, args, expected):
+    result = cli("generate", "x", "--model", tiny_sd, "--out", "o", *args)
+    assert expected in one_error_line(result)
+    assert not Path("o").exists() or not any(Path("o").iterdir())
+
+
+def test_unknown_model_and_wrong_folders(cli, tmp_path, tiny_sd):
+    assert "no such model file or folder" in one_error_line(cli("generate", "x", "--model", "./typo/model"))
+    assert "not found" in one_error_line(cli("generate", "x", "--model", "nobody/no-such-model"))
+    (tmp_path / "empty").mkdir()
+    assert "not a diffusers pipeline folder" in one_error_line(cli("generate", "x", "--model", tmp_path / "empty"))
+    assert "single model component" in one_error_line(cli("generate", "x", "--model", Path(tiny_sd) / "unet"))
+
+
+def test_corrupt_weights_file(cli, tiny_sd, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = one_error_line(cli("generate", "x", "--model", broken, "--steps", "1"))
+    assert "broken" in line
+
+
+def test_no_model_at_all(cli):
+    from sdcli import defaults
+
+    if defaults.default_model():
+        pytest.skip("a bundled model is installed")
+    assert "no model given" in one_error_line(cli("generate", "x"))
+
+
+def test_pickled_weights_are_refused_without_allow_pickle(cli, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really a pickle")
+    assert "--allow-pickle" in one_error_line(cli("generate", "x", "--model", ckpt))
+
+
+def test_pickle_only_folder_is_refused(cli, tiny_sd, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_sd, folder)
+    for st in folder.rglob("*.safetensors"):
+        name = "pytorch_model.bin" if st.name == "model.safetensors" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(st), st.with_name(name))
+        st.unlink()
+    assert "--allow-pickle" in one_error_line(cli("generate", "x", "--model", folder, "--steps", "1"))
+    ok = cli("generate", "x", "--model", folder, "--steps", "1", "--seed", "1", "--allow-pickle")
+    assert ok.exit_code == 0, ok.stderr
+
+
+def test_unwritable_output_folder(cli, tiny_sd, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/sdcli-out"  # root can write anywhere a chmod would forbid
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "out")
+    assert "cannot write to" in one_error_line(cli("generate", "x", "--model", tiny_sd, "--out", target))
+
+
+def test_out_png_with_many_images_is_refused(cli, tiny_sd):
+    line = one_error_line(cli("generate", "a", "b", "--model", tiny_sd, "--out", "one.png"))
+    assert "names one file but 2 images" in line
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_models, tmp_path_factory):
+    from sdcli.testing import save_random_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {fam: str(save_random_lora(tiny_models[fam], root / fam)) for fam in ("sd1", "sdxl")}
+
+
+def test_lora_scale_zero_is_the_base_model_and_one_changes_it(cli, tiny_sd, loras, tmp_path):
+    def image(*extra):
+        result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "--seed", "1", "--out", tmp_path, *extra)
+        assert result.exit_code == 0, result.stderr
+        return np.asarray(Image.open(result.stdout.split()[-1]), np.int16), result.stdout.split()[-1]
+
+    base, _ = image()
+    off, _ = image("--lora", f"{loras['sd1']}:0")
+    on, path = image("--lora", loras["sd1"])
+    assert np.abs(base - off).max() <= 1
+    assert np.abs(base - on).max() > 2
+    record = json.loads(Image.open(path).info["sdcli"])
+    assert record["loras"] == [{"path": str(Path(loras["sd1"]).resolve()), "scale": 1.0}]
+
+
+def test_lora_matches_plain_diffusers(cli, tiny_sd, loras, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "--seed", "3", "-g", "5", "--lora",
+                 f"{loras['sd1']}:0.7", "--out", tmp_path)
+    ours = np.asarray(Image.open(result.stdout.split()[-1]), np.int16)
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(loras["sd1"], adapter_name="a")
+    pipe.set_adapters(["a"], adapter_weights=[0.7])
+    theirs = pipe("x", num_inference_steps=2, guidance_scale=5, height=16, width=16,
+                  generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.abs(ours - np.asarray(theirs, np.int16)).max() <= 1
+
+
+def test_lora_for_another_architecture_does_not_fit(cli, tiny_sd, loras):
+    line = one_error_line(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--lora", loras["sdxl"]))
+    assert "does not fit this model" in line
