@@ -15,6 +15,7 @@ Notation (Ho et al. 2020): β_t the per-step noise variance, α_t = 1 − β_t,
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -387,7 +388,9 @@ def diagnose(schedule: Schedule, info: dict[str, Any]) -> list[str]:
             t = differs[-1]
             cls = type(schedule.sampler).__name__
             why = ""
-            if schedule.config.get("rescale_betas_zero_snr") and not schedule.sampler.config.get("rescale_betas_zero_snr"):
+            # from_config keeps keys a class ignores, so ask the constructor, not the config.
+            takes = inspect.signature(type(schedule.sampler).__init__).parameters
+            if schedule.config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in takes:
                 why = f"; {cls} has no rescale_betas_zero_snr, so it samples with the original betas"
             notes.append(f"{name}: {cls} uses ᾱ_{t} = {float(own[t]):.3g} where the training schedule has "
                          f"{float(fw[t]):.3g}{why}")

@@ -131,7 +131,7 @@ def _save(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
 
 
 def _provenance(schedules: Sequence[Schedule], **extra: Any) -> str:
-    """What made a figure, stored in its metadata (sdcli's rule: every output says how it was made)."""
+    """What made a figure, as the JSON its PNG "sdcli" text chunk holds (every output says how it was made)."""
     return json.dumps(jsonable({"sdcli": __version__, **extra,
                                 "schedules": [{"name": s.label, "config": s.config, "scheduler": s.scheduler_name}
                                               for s in schedules]}))
@@ -170,7 +170,7 @@ def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: P
     for ax in (ax_ab, ax_snr):
         ax.grid(alpha=0.3)
     ax_ab.legend(fontsize=8)
-    meta = {"Software": f"sdcli {__version__}", "Description": _provenance(schedules)}
+    meta = {"Software": f"sdcli {__version__}", "sdcli": _provenance(schedules)}
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix != "png":
         meta = {"Creator": meta["Software"]} if suffix == "pdf" else {}
@@ -335,7 +335,7 @@ def forward_strip(
     sheet = strip(rows, title)
     info = PngInfo()
     info.add_text("Software", f"sdcli {__version__}")
-    info.add_text("Description", _provenance(schedules, image=str(image), timesteps=list(timesteps), seed=seed,
+    info.add_text("sdcli", _provenance(schedules, image=str(image), timesteps=list(timesteps), seed=seed,
                                               latent=vae is not None, model=model))
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(Path(out).suffix.lower(), "PNG")
     return _save(out, lambda tmp: sheet.save(tmp, format=fmt, **({"pnginfo": info} if fmt == "PNG" else {})),

@@ -50,10 +50,10 @@ def _value(option):
 def _sources(ctx: typer.Context, model: str | None, preset: str | None, compare: str | None,
              latent: bool) -> tuple[list[tuple[str, str]], str | None]:
     """The schedules to inspect as (kind, name) pairs, and the model whose VAE --latent uses."""
-    from click.core import ParameterSource
-
     # --model from SDCLI_MODEL is a default; typed on the command line it names the schedule.
-    explicit_model = model is not None and ctx.get_parameter_source("model") == ParameterSource.COMMANDLINE
+    # (By name: Typer may carry its own copy of click's ParameterSource enum.)
+    source = ctx.get_parameter_source("model")
+    explicit_model = model is not None and getattr(source, "name", None) == "COMMANDLINE"
     vae_model = model or defaults.default_model()
     sources: list[tuple[str, str]] = []
     if preset:

@@ -1,0 +1,231 @@
+"""`sdcli inspect-schedule` through the real CLI: formats, files, pictures, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    """A small real picture: a flat sky, an orange disc and a green square."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (96, 64), (135, 206, 235))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((8, 8, 48, 48), fill=(255, 165, 0))
+    draw.rectangle((56, 24, 90, 60), fill=(0, 100, 0))
+    path = tmp_path / "photo.jpg"
+    img.save(path, quality=95)
+    return path
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_error_line(result, code: int | None = None) -> str:
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_table_for_stable_diffusion(cli):
+    result = ok(cli("inspect-schedule", "--preset", "stable-diffusion", "--at", "0,500,999"))
+    out = result.stdout
+    assert "scaled_linear β 0.00085→0.012" in out
+    for header in ("β_t", "ᾱ_t", "√(1−ᾱ_t)", "SNR", "log-SNR"):
+        assert header in out
+    assert "0.004660" in out  # ᾱ_999
+    assert "terminal SNR (t=999): 0.004682" in out
+    assert "starts at 961, not T−1=999" in out
+    assert "warning:" in result.stderr and "--rescale-zero-snr" in result.stderr
+    assert "warning" not in out  # chatter stays off stdout
+
+
+def test_quiet_keeps_stderr_empty(cli):
+    result = ok(cli("inspect-schedule", "--preset", "stable-diffusion", "--quiet"))
+    assert result.stderr == ""
+
+
+def test_json_is_strict_and_has_the_documented_keys(cli):
+    result = ok(cli("inspect-schedule", "--preset", "stable-diffusion", "--rescale-zero-snr",
+                    "--prediction-type", "v_prediction", "--timestep-spacing", "trailing", "--scheduler", "ddim",
+                    "--format", "json", "--every", "250", "--steps", "4"))
+    doc = strict_json(result.stdout)
+    assert {"config", "terminal_snr", "sampling_timesteps", "rows"} <= set(doc)
+    assert doc["config"]["_class_name"] == "DDIMScheduler"
+    assert doc["config"]["rescale_betas_zero_snr"] is True and doc["config"]["timestep_spacing"] == "trailing"
+    assert doc["terminal_snr"] == 0.0 and doc["terminal_log_snr"] is None
+    assert doc["sampling_timesteps"] == [999, 749, 499, 249] and doc["first_timestep_is_terminal"]
+    assert [r["t"] for r in doc["rows"]] == [0, 250, 500, 750, 999]
+    last = doc["rows"][-1]
+    assert last["snr"] == 0.0 and last["log_snr"] is None and last["beta"] == 1.0
+    for r in doc["rows"][:-1]:
+        assert {"t", "beta", "alpha_bar", "snr", "log_snr"} <= set(r)
+        assert r["log_snr"] == pytest.approx(math.log(r["alpha_bar"] / (1 - r["alpha_bar"])))
+    assert doc["warnings"] == []
+
+
+def test_csv_round_trips_minus_infinity(cli):
+    result = ok(cli("inspect-schedule", "--preset", "zero-snr", "--format", "csv", "--at", "0,999"))
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["t"] for r in rows] == ["0", "999"]
+    assert float(rows[1]["log_snr"]) == -math.inf and float(rows[1]["snr"]) == 0.0
+    assert float(rows[0]["beta"]) == pytest.approx(0.00085, rel=1e-3)  # rescaling moves it a hair
+
+
+def test_compare_makes_one_table_one_json_and_one_plot(cli):
+    names = "stable-diffusion,cosine,ddpm-linear,zero-snr"
+    table = ok(cli("inspect-schedule", "--compare", names, "--at", "0,999", "-q")).stdout
+    assert all(f"{n}: " in table for n in names.split(","))
+    doc = strict_json(ok(cli("inspect-schedule", "--compare", names, "--format", "json", "--plot", "cmp.png",
+                             "-q")).stdout)
+    assert [s["name"] for s in doc["schedules"]] == names.split(",")
+    snrs = {s["name"]: s["terminal_snr"] for s in doc["schedules"]}
+    assert snrs["zero-snr"] == 0.0 < snrs["cosine"] < snrs["ddpm-linear"] < snrs["stable-diffusion"]
+    assert doc["outputs"] == {"plot": "cmp.png"}
+    assert Path("cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_is_a_real_png_with_provenance_and_is_never_overwritten_silently(cli):
+    result = ok(cli("inspect-schedule", "--preset", "cosine", "--plot", "s.png", "-q"))
+    assert result.stdout.strip().endswith("plot: s.png")
+    img = Image.open("s.png")
+    img.load()
+    assert img.format == "PNG" and img.size[0] > 600 and img.size[1] > 300
+    assert len(set(img.convert("L").getdata())) > 20  # lines and text, not a blank canvas
+    assert json.loads(img.info["sdcli"])["schedules"][0]["config"]["beta_schedule"] == "squaredcos_cap_v2"
+    before = Path("s.png").read_bytes()
+    line = one_error_line(cli("inspect-schedule", "--preset", "ddpm-linear", "--plot", "s.png"), 1)
+    assert "exists; pass --overwrite" in line
+    assert Path("s.png").read_bytes() == before
+    ok(cli("inspect-schedule", "--preset", "ddpm-linear", "--plot", "s.png", "--overwrite", "-q"))
+    assert Path("s.png").read_bytes() != before
+    assert sorted(p.name for p in Path(".").iterdir()) == ["s.png"]  # no temporary files left behind
+
+
+def test_forward_strip_of_a_picture(cli, photo):
+    ok(cli("inspect-schedule", "--compare", "stable-diffusion,cosine", "--image", photo, "--at", "0,250,999",
+           "--out", "strip.png", "--size", "64", "--seed", "3", "-q"))
+    img = Image.open("strip.png")
+    record = json.loads(img.info["sdcli"])
+    assert record["timesteps"] == [0, 250, 999] and record["seed"] == 3 and record["latent"] is False
+    # the t=0 tile is the picture itself (ᾱ_0 ≈ 0.999): find its orange disc
+    rgb = img.convert("RGB")
+    orange = sum(1 for r, g, b in rgb.getdata() if r > 200 and 120 < g < 200 and b < 60)
+    assert orange > 300
+    wide = img.size[0]
+    ok(cli("inspect-schedule", "--preset", "cosine", "--image", photo, "--at", "0,100,250,500,750,999",
+           "--out", "strip6.png", "--size", "64", "-q"))
+    assert Image.open("strip6.png").size[0] > wide  # one column per timestep
+
+
+def test_latent_strip_uses_only_the_vae_of_a_tiny_model(cli, photo, tiny_models, monkeypatch):
+    import diffusers
+
+    loaded = []
+    original = diffusers.DiffusionPipeline.from_pretrained
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        lambda *a, **k: loaded.append(a) or original(*a, **k))
+    result = ok(cli("inspect-schedule", "--model", tiny_models["sd1"], "--latent", "--image", photo,
+                    "--at", "0,500,999", "--out", "latent.png", "--size", "32", "--device", "cpu",
+                    "--format", "json"))
+    doc = strict_json(result.stdout)
+    assert doc["outputs"] == {"strip": "latent.png"} and doc["scheduler"] == "PNDMScheduler"
+    assert json.loads(Image.open("latent.png").info["sdcli"])["latent"] is True
+    assert loaded == []  # no full pipeline load
+
+
+def test_latent_encode_decode_shapes(tiny_models, photo):
+    import torch
+
+    from sdcli import schedule as sched
+    from sdcli.schedule_report import decode, encode, load_image, load_vae, noised
+
+    vae = load_vae(tiny_models["sd1"])
+    x = load_image(photo, 32)
+    assert x.shape == (1, 3, 16, 32) and -1 <= float(x.min()) and float(x.max()) <= 1
+    z = encode(vae, x)
+    assert z.shape == (1, 4, 8, 16)  # the tiny VAE halves the resolution once
+    s = sched.build("sd", sched.preset_config("stable-diffusion"))
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    zt = noised(s, z, [0, 999], eps)
+    torch.testing.assert_close(zt, s.forward.add_noise(z.expand(2, -1, -1, -1), eps.expand(2, -1, -1, -1),
+                                                       torch.tensor([0, 999])))
+    assert decode(vae, zt).shape == (2, 3, 16, 32)
+
+
+def test_model_schedule_matches_its_scheduler_class(cli, tiny_models):
+    from diffusers import DDIMScheduler
+
+    doc = strict_json(ok(cli("inspect-schedule", "--model", tiny_models["sd2"], "--format", "json",
+                             "--at", "0,999", "--steps", "5")).stdout)
+    reference = DDIMScheduler.from_pretrained(tiny_models["sd2"], subfolder="scheduler")
+    assert doc["name"] == "sd2" and doc["prediction_type"] == "v_prediction"
+    assert doc["rows"][1]["alpha_bar"] == float(reference.alphas_cumprod[999])
+    reference.set_timesteps(5)
+    assert doc["sampling_timesteps"] == [int(t) for t in reference.timesteps]
+
+
+def test_env_model_does_not_fight_an_explicit_preset(cli, tiny_models, monkeypatch):
+    monkeypatch.setenv("SDCLI_MODEL", tiny_models["sd2"])
+    doc = strict_json(ok(cli("inspect-schedule", "--preset", "cosine", "--format", "json")).stdout)
+    assert doc["name"] == "cosine"
+    doc = strict_json(ok(cli("inspect-schedule", "--format", "json")).stdout)
+    assert doc["name"] == "sd2"
+
+
+def test_lists(cli):
+    presets = ok(cli("inspect-schedule", "--preset", "list")).stdout
+    assert all(name in presets for name in ("ddpm-linear", "cosine", "stable-diffusion", "zero-snr"))
+    assert "dpm++2m-karras" in ok(cli("inspect-schedule", "--scheduler", "list")).stdout
+    assert [r["name"] for r in strict_json(ok(cli("inspect-schedule", "--preset", "list", "--format", "json")).stdout)]
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["--preset", "nope"], 2, "unknown preset 'nope'"),
+    (["--preset", "cosine", "--at", "1000"], 2, "--at 1000: outside the training timesteps [0, 1000)"),
+    (["--preset", "cosine", "--at", "-5"], 2, "outside"),
+    (["--preset", "cosine", "--num-train-timesteps", "100", "--at", "100"], 2, "[0, 100)"),
+    (["--preset", "cosine", "--every", "0"], 2, "--every 0"),
+    (["--preset", "cosine", "--steps", "0"], 2, "--steps 0"),
+    (["--preset", "cosine", "--scheduler", "nope"], 2, "unknown scheduler 'nope'"),
+    (["--preset", "cosine", "--latent", "--image", "{photo}", "--out", "x.png"], 2, "--latent needs --model"),
+    (["--preset", "cosine", "--image", "{photo}"], 2, "--image needs --out"),
+    (["--preset", "cosine", "--out", "x.png"], 2, "give --image too"),
+    (["--preset", "cosine", "--image", "{bad}", "--out", "x.png"], 1, "not a readable image"),
+    (["--preset", "cosine", "--image", "missing.jpg", "--out", "x.png"], 1, "no such file"),
+    (["--preset", "cosine", "--plot", "x.gif"], 2, "must end in .png"),
+    (["--preset", "cosine", "--beta-start", "2"], 2, "--beta-start 2.0"),
+    (["--preset", "cosine", "--model", "{sd1}"], 2, "pick one"),
+    (["--model", "./no/such/model"], 1, "no such model file or folder"),
+    (["--model", "{empty}"], 1, "has no scheduler/scheduler_config.json"),
+    ([], 2, "no schedule given"),
+])
+def test_bad_input_is_one_line_and_non_zero(cli, tiny_models, photo, tmp_path, monkeypatch, args, code, text):
+    monkeypatch.setattr("sdcli.defaults.default_model", lambda: None)  # as if no bundled model or SDCLI_MODEL
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("this is not a JPEG")
+    (tmp_path / "empty").mkdir()
+    values = {"photo": photo, "bad": bad, "sd1": tiny_models["sd1"], "empty": tmp_path / "empty"}
+    line = one_error_line(cli("inspect-schedule", *[str(a).format(**values) for a in args]), code)
+    assert text in line
+    assert not Path("x.png").exists()
