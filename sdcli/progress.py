@@ -9,7 +9,10 @@ from typing import Callable, Iterator
 @contextlib.contextmanager
 def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; the bar lives on stderr so stdout stays for results."""
-    if disable:
+    import sys
+
+    # A bar redrawn in place only makes sense on a terminal; in a log it is noise.
+    if disable or not sys.stderr.isatty():
         yield lambda n=1: None
         return
     from rich.console import Console
@@ -18,7 +21,7 @@ def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Call
     console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, transient=not console.is_terminal,
+        TimeRemainingColumn(), console=console, transient=True,
     ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n=1: bar.advance(task, n)

@@ -127,6 +127,9 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
     """
     import tempfile
 
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()  # before diffusers/transformers import, so their warnings stay quiet
     import torch
     from diffusers import (
         DDIMScheduler,
