@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
@@ -126,8 +127,15 @@ def _save(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """Write through a temporary name and rename into place (``sdcli.images.atomic_write``), making the folder."""
     from sdcli.images import atomic_write
 
+    def write_readable(tmp: Path) -> None:
+        write(tmp)
+        # mkstemp makes the file 0600; an output should get the usual permissions (0644 under umask 022).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(Path(path), write, overwrite)
+    return atomic_write(Path(path), write_readable, overwrite)
 
 
 def _provenance(schedules: Sequence[Schedule], **extra: Any) -> str:
@@ -165,8 +173,8 @@ def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: P
             ax_snr.annotate("→ −∞", (t[-1], lsnr[-2]), textcoords="offset points", xytext=(-28, -4),
                             color=line.get_color(), fontsize=8)
     ax_ab.set(xlabel="training timestep t", ylabel="ᾱ_t (signal variance kept)", title="ᾱ_t = ∏ (1 − β_s)", ylim=(0, 1.02))
-    ax_snr.set(xlabel="training timestep t", ylabel="log SNR = log ᾱ_t / (1 − ᾱ_t)",
-               title=f"log-SNR (dots: {infos[0]['steps']} sampling steps)", ylim=(lowest - 1, None))
+    ax_snr.set(xlabel="training timestep t", ylabel="log SNR = log(ᾱ_t / (1 − ᾱ_t))",
+               title=f"log-SNR (dots: where each sampler steps, {infos[0]['steps']} steps)", ylim=(lowest - 1, None))
     for ax in (ax_ab, ax_snr):
         ax.grid(alpha=0.3)
     ax_ab.legend(fontsize=8)

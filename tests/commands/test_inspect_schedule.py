@@ -106,7 +106,14 @@ def test_compare_makes_one_table_one_json_and_one_plot(cli):
 
 
 def test_plot_is_a_real_png_with_provenance_and_is_never_overwritten_silently(cli):
-    result = ok(cli("inspect-schedule", "--preset", "cosine", "--plot", "s.png", "-q"))
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        result = ok(cli("inspect-schedule", "--preset", "cosine", "--plot", "s.png", "-q"))
+    finally:
+        os.umask(umask)
+    assert Path("s.png").stat().st_mode & 0o777 == 0o644  # not the 0600 of the temporary file
     assert result.stdout.strip().endswith("plot: s.png")
     img = Image.open("s.png")
     img.load()
