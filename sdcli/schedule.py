@@ -219,8 +219,13 @@ def with_overrides(
     if any(v is not None for v in (beta_schedule, beta_start, beta_end, num_train_timesteps)):
         new["trained_betas"] = None  # explicit betas would silently win over the asked-for schedule
     start, end = new.get("beta_start", 0.0001), new.get("beta_end", 0.02)
-    if new.get("beta_schedule", "linear") in ("linear", "scaled_linear", "sigmoid") and start >= end:
+    kind = new.get("beta_schedule", "linear")
+    if kind in ("linear", "scaled_linear", "sigmoid") and start >= end:
         raise UsageError(f"--beta-start {start} must be below --beta-end {end}")
+    if kind not in ("linear", "scaled_linear", "sigmoid") and (beta_start is not None or beta_end is not None):
+        flag = "--beta-start" if beta_start is not None else "--beta-end"
+        raise UsageError(f"{flag} has no effect on the {kind} schedule, which has no β range; "
+                         "add --beta-schedule linear or scaled_linear")
     return new
 
 
@@ -316,7 +321,10 @@ def sampling(schedule: Schedule, steps: int) -> dict[str, Any]:
     if not 1 <= steps <= T:
         raise UsageError(f"--steps {steps}: must be between 1 and the {T} training timesteps")
     sampler = schedule.sampler
-    sampler.set_timesteps(steps)
+    try:
+        sampler.set_timesteps(steps)
+    except ValueError as exc:  # e.g. a spacing a sampler cannot do at this many steps
+        raise UsageError(f"--steps {steps}: {type(sampler).__name__} refuses it: {' '.join(str(exc).split())[:200]}") from None
     raw = [float(t) for t in sampler.timesteps]
     sigmas = getattr(sampler, "sigmas", None)
     return {

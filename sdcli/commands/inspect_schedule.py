@@ -159,7 +159,8 @@ def inspect_schedule_cmd(
         label = name.lower() if kind == "preset" else (Path(name).expanduser().resolve().name
                                                         if Path(name).expanduser().is_dir() else name)
         schedules.append(sched.build(label, sched.with_overrides(config, **overrides), scheduler, spacing))
-    timesteps = sched.parse_timesteps(at, every, schedules[0].num_train_timesteps)
+    # The shortest schedule bounds the timesteps every compared schedule can show.
+    timesteps = sched.parse_timesteps(at, every, min(s.num_train_timesteps for s in schedules))
     infos = [sched.describe(s, timesteps, steps) for s in schedules]
 
     # 4. Files

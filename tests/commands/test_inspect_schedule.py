@@ -222,6 +222,7 @@ def test_lists(cli):
     (["--preset", "cosine", "--image", "missing.jpg", "--out", "x.png"], 1, "no such file"),
     (["--preset", "cosine", "--plot", "x.gif"], 2, "must end in .png"),
     (["--preset", "cosine", "--beta-start", "2"], 2, "--beta-start 2.0"),
+    (["--preset", "cosine", "--beta-end", "0.03"], 2, "--beta-end has no effect on the squaredcos_cap_v2 schedule"),
     (["--preset", "cosine", "--model", "{sd1}"], 2, "pick one"),
     (["--model", "./no/such/model"], 1, "no such model file or folder"),
     (["--model", "{empty}"], 1, "has no scheduler/scheduler_config.json"),
