@@ -34,6 +34,10 @@ class TextEncoding:
         if self.sdxl:
             pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
         self.pairs = pairs
+        # SDXL pipelines with force_zeros_for_empty_prompt use all-zero embeddings as the
+        # unconditional branch when no negative prompt is given (as `sdcli generate` does):
+        # the null prompt must train that same conditioning.
+        self.zero_null = self.sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
 
     @property
     def encoders(self) -> list[Any]:
@@ -41,6 +45,17 @@ class TextEncoding:
 
     def encode(self, prompts: list[str]):
         """(hidden states (B, L, D), pooled (B, D') for SDXL else None)."""
+        hidden, pooled = self._encode(prompts)
+        if self.zero_null:
+            keep = [p != defaults.NULL_PROMPT for p in prompts]
+            import torch
+
+            mask = torch.tensor(keep, device=hidden.device, dtype=hidden.dtype)
+            hidden = hidden * mask[:, None, None]
+            pooled = pooled * mask[:, None]
+        return hidden, pooled
+
+    def _encode(self, prompts: list[str]):
         hidden, pooled = [], None
         for tokenizer, encoder in self.pairs:
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,

@@ -388,7 +388,13 @@ def _add_lora(model, cfg: FinetuneConfig, targets, what: str) -> None:
     try:
         model.add_adapter(config)
     except ValueError as exc:
-        if "target" in str(exc).lower():
+        text = " ".join(str(exc).split())
+        if "version of peft" in text.lower():
+            # transformers' own PEFT integration (which diffusers' load_lora_weights also uses for text
+            # encoders) refuses this peft: a text-encoder LoRA could be neither trained nor loaded.
+            raise UsageError(f"--train-text-encoder with --lora: the installed transformers and peft do not work "
+                             f"together ({text}); upgrade peft, or use --full, or drop --train-text-encoder") from None
+        if "target" in text.lower():
             raise UsageError(f"{what} {','.join(targets)}: no such modules in {type(model).__name__}") from None
         raise
 

@@ -192,7 +192,11 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
 
 def render_validation(pipe: Any, prompts: list[str], out: Path, step: int, *, guidance: float, steps: int,
                       resolution: int, seed: int) -> list[Path]:
-    """One image per prompt under OUT/validation/step-N/, from the same seed every time so steps compare."""
+    """One image per prompt under OUT/validation/step-N/, from the same seed every time so steps compare.
+
+    Called like `sdcli generate` calls the pipeline (an empty negative prompt is passed as None), so
+    a validation image is what generate would make from the same weights and settings.
+    """
     import torch
 
     folder = out / VALIDATION_DIR / f"step-{step:06d}"
@@ -200,7 +204,7 @@ def render_validation(pipe: Any, prompts: list[str], out: Path, step: int, *, gu
     paths = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(seed)
-        image = pipe(prompt, negative_prompt=defaults.NEGATIVE_PROMPT, num_inference_steps=steps,
+        image = pipe(prompt, negative_prompt=defaults.NEGATIVE_PROMPT or None, num_inference_steps=steps,
                      guidance_scale=guidance, height=resolution, width=resolution, generator=generator).images[0]
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
         path = folder / f"{i:02d}-{slug}.png"

@@ -1,0 +1,193 @@
+"""Finding captioned images, refusing what cannot train, and turning an image into pixels."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from sdcli.errors import DataError
+from sdcli.training.data import batches_per_epoch, discover, epoch_items, load_rgb, rank_batch, to_pixels
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares width x height but holds no pixels: what a decompression bomb looks like to open()."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+def test_sidecar_captions_any_mode_and_subfolders(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=2)
+    sub = root / "more" / "deeper"
+    sub.mkdir(parents=True)
+    Image.new("RGBA", (20, 16), (255, 0, 0, 0)).save(sub / "clear.png")  # fully transparent
+    Image.new("L", (16, 24), 128).save(sub / "grey.jpg")
+    Image.new("P", (16, 16), 3).save(sub / "palette.webp")
+    for name in ("clear", "grey", "palette"):
+        (sub / f"{name}.txt").write_text(f"  caption of {name}\n")
+    (root / "notes.md").write_text("not an image")
+    report = discover(root)
+    names = [e.path.name for e in report.examples]
+    assert names == ["img00.png", "img01.png", "clear.png", "grey.jpg", "palette.webp"]
+    assert report.examples[2].caption == "caption of clear"
+    assert report.caption_sources[".txt"] == 5
+    assert report.ignored == {".md": 1}
+    for example in report.examples:
+        assert load_rgb(example.path).mode == "RGB"
+    # Transparency is flattened onto white, not left as whatever colour hides under alpha 0.
+    assert load_rgb(sub / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_metadata_jsonl_csv_and_caption_column(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=2, captions="jsonl")
+    (root / "img00.txt").write_text("the sidecar loses to metadata")
+    sub = root / "part2"
+    make_images(sub, n=2, captions="none")
+    (sub / "metadata.csv").write_text('file_name,text,caption\nimg00.png,unused,"a cat, in a box"\nimg01.png,x,a dog\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl has no caption column 'caption' \(columns: file_name, text\)"):
+        discover(root, caption_column="caption")
+    report = discover(root)
+    captions = {str(e.path.relative_to(root)): e.caption for e in report.examples}
+    assert captions == {"img00.png": "a red circle", "img01.png": "a blue square",
+                        "part2/img00.png": "unused", "part2/img01.png": "x"}
+    assert report.caption_sources == {"metadata.jsonl": 2, "metadata.csv": 2}
+    (root / "metadata.jsonl").unlink()
+    (root / "img01.txt").write_text("a blue square")
+    (root / "img00.txt").write_text("a red circle")
+    report = discover(root, caption_column="caption")
+    assert [e.caption for e in report.examples] == ["a red circle", "a blue square", "a cat, in a box", "a dog"]
+
+
+def test_truncated_image_is_skipped_with_a_warning_or_stops_with_strict(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=2, size=(64, 64))
+    broken = root / "img01.png"
+    broken.write_bytes(broken.read_bytes()[:-120])  # cut into the pixel data
+    warnings = []
+    report = discover(root, warn=warnings.append)
+    assert [e.path.name for e in report.examples] == ["img00.png"]
+    assert len(warnings) == 1 and "img01.png" in warnings[0] and "truncated" in warnings[0]
+    assert any("skipped img01.png" in line for line in report.lines())
+    with pytest.raises(DataError, match="img01.png"):
+        discover(root, strict=True)
+
+
+def test_garbage_with_an_image_suffix_is_skipped(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=1)
+    (root / "fake.jpg").write_bytes(b"not a jpeg at all")
+    (root / "fake.txt").write_text("a caption")
+    report = discover(root)
+    assert [e.path.name for e in report.examples] == ["img00.png"]
+    assert report.skipped[0][0] == "fake.jpg" and "unreadable" in report.skipped[0][1]
+
+
+def test_missing_caption_is_an_error_naming_the_image_unless_allowed(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=3)
+    (root / "img01.txt").unlink()
+    (root / "img02.txt").write_text("   \n")  # empty counts as missing
+    with pytest.raises(DataError, match=r"img01.png has no caption.*--allow-empty-captions"):
+        discover(root)
+    report = discover(root, allow_empty_captions=True)
+    assert [e.caption for e in report.examples] == ["a red circle", None, None]
+    assert "2 without, trained as the null prompt" in "\n".join(report.lines())
+
+
+def test_empty_folder_and_missing_folder_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no usable images .* in .*empty"):
+        discover(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        discover(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "sub/../../outside.png"])
+def test_file_name_pointing_outside_data_is_refused(tmp_path, make_images, name):
+    root = tmp_path / "data"
+    make_images(root, n=1)
+    Image.new("RGB", (16, 16)).save(tmp_path / "outside.png")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "x"}) + "\n")
+    with pytest.raises(DataError, match=f"line 1: file_name '{name}' points outside --data"):
+        discover(root)
+
+
+def test_metadata_naming_a_missing_file_is_an_error(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=1)
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
+    with pytest.raises(DataError, match="gone.png, which does not exist"):
+        discover(root)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=1)
+    _png_header_only(root / "bomb.png", 50_000, 50_000)  # 2.5 gigapixels declared in 60 bytes
+    (root / "bomb.txt").write_text("boom")
+    report = discover(root)
+    assert [e.path.name for e in report.examples] == ["img00.png"]
+    assert report.skipped[0][0] == "bomb.png" and "decompression bomb" in report.skipped[0][1]
+    with pytest.raises(DataError, match="bomb.png.*decompression bomb"):
+        discover(root, strict=True)
+
+
+def test_report_lists_sizes_and_upscaling(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=2, size=(32, 24))
+    make_images(root / "small", n=1, size=(8, 8))
+    text = "\n".join(discover(root).lines(resolution=16))
+    assert "3 images" in text and "32x24 ×2" in text and "8x8 ×1" in text
+    assert "1 smaller than --resolution 16 will be upscaled" in text
+
+
+def test_pixels_center_crop_random_crop_and_flip():
+    image = Image.new("RGB", (48, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (24, 0, 48, 16))  # right half white
+    px, (top, left) = to_pixels(image, 16, center=True)
+    assert px.shape == (3, 16, 16) and px.min() >= -1 and px.max() <= 1
+    assert (top, left) == (0, 16)
+    assert px[:, :, :6].max() < -0.9 and px[:, :, -6:].min() > 0.9  # the centre straddles the edge
+    px, (_, left) = to_pixels(image, 16, center=False, frac=(0.0, 0.0))
+    assert left == 0 and px.max() < -0.9  # leftmost square: all black
+    px, (_, left) = to_pixels(image, 16, center=False, frac=(0.0, 0.999))
+    assert left == 32 and px.min() > 0.9  # rightmost square: all white
+    flipped, (_, left) = to_pixels(image, 16, center=True, flip=True)
+    assert (flipped == to_pixels(image, 16)[0].flip(-1)).all()
+    assert left == 48 - 16 - 16  # crop measured from the mirrored side
+
+
+def test_epoch_order_is_a_seeded_permutation_shared_by_all_ranks():
+    a = epoch_items(10, epoch=0, seed=1, flip=True, uncond_prob=0.1)
+    assert sorted(it.index for it in a) == list(range(10))
+    assert a == epoch_items(10, epoch=0, seed=1, flip=True, uncond_prob=0.1)
+    assert a != epoch_items(10, epoch=1, seed=1, flip=True, uncond_prob=0.1)
+    per = batches_per_epoch(10, batch_size=2, world_size=2)
+    assert per == 3
+    seen = [it.index for k in range(per) for rank in (0, 1) for it in rank_batch(a, k, 2, rank, 2)]
+    assert set(seen) == set(range(10))  # two ranks together cover the epoch (the last batch wraps)
+    r0 = {it.index for k in range(2) for it in rank_batch(a, k, 2, 0, 2)}
+    r1 = {it.index for k in range(2) for it in rank_batch(a, k, 2, 1, 2)}
+    assert not r0 & r1
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3])
+def test_caption_dropout_rate_matches_uncond_prob(p):
+    n, epochs = 500, 40  # 20,000 draws: the binomial standard error at p=0.1 is 0.002
+    drops = [it.drop for e in range(epochs) for it in epoch_items(n, e, seed=0, flip=True, uncond_prob=p)]
+    rate = sum(drops) / len(drops)
+    assert abs(rate - p) < 0.01
+    flips = [it.flip for e in range(4) for it in epoch_items(n, e, seed=0, flip=True, uncond_prob=p)]
+    assert abs(sum(flips) / len(flips) - 0.5) < 0.05
+    assert not any(it.flip for it in epoch_items(n, 0, seed=0, flip=False, uncond_prob=p))

@@ -1,0 +1,236 @@
+"""finetune() end to end on tiny pipelines: outputs plain diffusers loads, exact resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdcli.errors import OutputError, UsageError
+from sdcli.training import finetune
+from sdcli.training.checkpoints import checkpoint_dirs
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, 500, text).sample
+
+
+def test_lora_output_loads_in_plain_diffusers_at_the_trained_scale(tiny_sd, dataset, tmp_path, make_config):
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+
+    out = tmp_path / "lora"
+    result = finetune(make_config(dataset, out, tiny_sd, rank=4, lora_alpha=8, checkpoint_every=100, max_steps=3))
+    assert result.weights == out / "pytorch_lora_weights.safetensors" and result.weights.is_file()
+    assert not (out / "model_index.json").exists()
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    base = _unet_out(pipe.unet)
+    pipe.load_lora_weights(str(out))  # plain diffusers, no sdcli code
+    assert pipe.unet.peft_config[pipe.get_active_adapters()[0]].lora_alpha == 8
+    loaded = _unet_out(pipe.unet)
+    assert not torch.allclose(loaded, base, atol=1e-6)
+
+    # The same adapters put back the way training held them (from the final checkpoint) give the same output,
+    # so nothing was lost or rescaled on the way through the diffusers format.
+    fresh = DiffusionPipeline.from_pretrained(tiny_sd).unet
+    fresh.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    state = load_file(str(checkpoint_dirs(out)[-1] / "model.safetensors"))
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and all("lora" not in k for k in missing)
+    torch.testing.assert_close(_unet_out(fresh), loaded, rtol=1e-5, atol=1e-6)
+
+    settings = json.loads((out / "training_settings.json").read_text())
+    assert settings["method"] == "lora" and settings["steps"] == 3 and settings["config"]["lora_alpha"] == 8
+    assert settings["sdcli_version"] and settings["world_size"] == 1
+    assert "load_lora_weights" in (out / "README.md").read_text()
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "loss.csv").read_text().count("\n") == 1 + 3
+
+
+def test_full_output_is_a_pipeline_folder_diffusers_loads(tiny_models, dataset, tmp_path, make_config):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "full"
+    finetune(make_config(dataset, out, tiny_models["sd2"], lora=False, max_steps=2, snr_gamma=5.0))
+    original = DiffusionPipeline.from_pretrained(tiny_models["sd2"])
+    trained = DiffusionPipeline.from_pretrained(str(out))
+    assert trained.scheduler.config.prediction_type == "v_prediction"
+    assert not torch.allclose(_unet_out(trained.unet), _unet_out(original.unet), atol=1e-6)
+    for a, b in zip(trained.vae.parameters(), original.vae.parameters()):
+        assert torch.equal(a, b)  # the VAE is never trained
+    assert list(out.glob("unet/*.safetensors"))
+    assert json.loads((out / "training_settings.json").read_text())["method"] == "full"
+
+
+def _weights(out, lora):
+    path = out / "pytorch_lora_weights.safetensors" if lora else next((out / "unet").glob("*.safetensors"))
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tiny_sd, dataset, tmp_path, make_config, lora):
+    settings = dict(lora=lora, max_steps=6, batch_size=2, gradient_accumulation=2, flip=True, uncond_prob=0.3,
+                    lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.05, ema=lora, ema_decay=0.9,
+                    snr_gamma=None if lora else 5.0, checkpoint_every=0, seed=11)
+    whole = finetune(make_config(dataset, tmp_path / "whole", tiny_sd, **settings))
+
+    def press_ctrl_c(info):
+        if info.step == 2:
+            signal.raise_signal(signal.SIGINT)  # the handler asks for a stop; the loop stops after this step
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(make_config(dataset, tmp_path / "split", tiny_sd, **settings), callback=press_ctrl_c)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["checkpoint-000003"]
+    assert not (tmp_path / "split" / "pytorch_lora_weights.safetensors").exists()
+    resumed = finetune(make_config(dataset, tmp_path / "split", tiny_sd, resume="latest", **settings))
+
+    assert resumed.steps == whole.steps == 6 and len(resumed.losses) == 3
+    assert resumed.losses == whole.losses[3:]
+    a, b = _weights(tmp_path / "whole", lora), _weights(tmp_path / "split", lora)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (tmp_path / "split" / "loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_checkpoints_are_pruned_to_the_newest_k_and_written_atomically(tiny_sd, dataset, tmp_path, make_config):
+    out = tmp_path / "out"
+    result = finetune(make_config(dataset, out, tiny_sd, max_steps=7, checkpoint_every=2, keep_checkpoints=2))
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-000006", "checkpoint-000007"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] != [] and not list((out / "checkpoints").glob(".tmp*"))
+    state = json.loads((out / "checkpoints" / "checkpoint-000007" / "sdcli_state.json").read_text())
+    assert state["step"] == 7 and state["config"]["seed"] == 0
+    assert len(result.checkpoints) == 4
+    # The LoRA checkpoint holds the adapters only, not a copy of the whole UNet.
+    assert all("lora" in k for k in load_file(str(out / "checkpoints" / "checkpoint-000007" / "model.safetensors")))
+
+
+def test_out_is_never_silently_overwritten_and_resume_checks_settings(tiny_sd, dataset, tmp_path, make_config):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="is not empty; pass --overwrite"):
+        finetune(make_config(dataset, out, tiny_sd))
+    finetune(make_config(dataset, out, tiny_sd, overwrite=True, max_steps=2, checkpoint_every=1))
+    assert (out / "keep.txt").read_text() == "mine"  # --overwrite replaces our files only
+    with pytest.raises(UsageError, match=r"settings differ.*rank \(4 -> 8\)"):
+        finetune(make_config(dataset, out, tiny_sd, resume="latest", rank=8, max_steps=3))
+    with pytest.raises(UsageError, match="no checkpoint in"):
+        finetune(make_config(dataset, tmp_path / "fresh", tiny_sd, resume="latest"))
+    # A longer --max-steps extends a finished run from its last checkpoint.
+    more = finetune(make_config(dataset, out, tiny_sd, resume="latest", max_steps=3, checkpoint_every=1))
+    assert more.steps == 3 and len(more.losses) == 1
+
+
+def test_validation_images_and_the_no_dropout_warning(tiny_sd, dataset, tmp_path, make_config, capsys):
+    out = tmp_path / "out"
+    result = finetune(make_config(dataset, out, tiny_sd, max_steps=4, uncond_prob=0.0, quiet=False,
+                                  validation_prompts=["a red circle", "a blue square"], validation_every=2,
+                                  validation_steps=2))
+    names = sorted(str(p.relative_to(out)) for p in result.validation_images)
+    assert names == ["validation/step-000002/00-a-red-circle.png", "validation/step-000002/01-a-blue-square.png",
+                     "validation/step-000004/00-a-red-circle.png", "validation/step-000004/01-a-blue-square.png"]
+    err = capsys.readouterr().err
+    assert "--uncond-prob 0" in err and "guidance will have nothing to extrapolate from" in err
+    assert "data: 4 images" in err and "captions: 4 from .txt" in err and "world size 1" in err
+
+
+def _text_encoder_lora_supported() -> bool:
+    """Whether transformers' PEFT integration accepts the installed peft (transformers 5 wants peft >= 0.22)."""
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+    from transformers.utils.peft_utils import check_peft_version
+
+    try:
+        check_peft_version(MIN_PEFT_VERSION)
+        return True
+    except ValueError:
+        return False
+
+
+def _encode(pipe, prompt="a red circle"):
+    ids = pipe.tokenizer([prompt], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_text_encoder_lora_is_saved_where_diffusers_finds_it(tiny_sd, dataset, tmp_path, make_config):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "te"
+    config = make_config(dataset, out, tiny_sd, train_text_encoder=True, max_steps=3, learning_rate=1e-2)
+    if not _text_encoder_lora_supported():
+        with pytest.raises(UsageError, match="--train-text-encoder with --lora: .*upgrade peft, or use --full"):
+            finetune(config)
+        return
+    finetune(config)
+    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    before = _encode(pipe)
+    pipe.load_lora_weights(str(out))
+    assert not torch.allclose(before, _encode(pipe), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_full_with_text_encoders_saves_them_trained(tiny_models, dataset, tmp_path, make_config, family):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "full-te"
+    finetune(make_config(dataset, out, tiny_models[family], lora=False, train_text_encoder=True, max_steps=2,
+                         cache=family == "sd1"))
+    original, trained = DiffusionPipeline.from_pretrained(tiny_models[family]), DiffusionPipeline.from_pretrained(str(out))
+    assert not torch.allclose(_encode(original), _encode(trained), atol=1e-6)
+    if family == "sdxl":
+        assert not torch.equal(original.text_encoder_2.text_model.final_layer_norm.weight,
+                               trained.text_encoder_2.text_model.final_layer_norm.weight)
+
+
+def test_sdxl_lora_trains_and_renders_in_plain_diffusers(tiny_models, dataset, tmp_path, make_config):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "xl"
+    finetune(make_config(dataset, out, tiny_models["sdxl"], max_steps=2, flip=True, uncond_prob=0.5))
+    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet"}
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sdxl"])
+    pipe.load_lora_weights(str(out))
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
+
+
+def test_gradient_checkpointing_and_no_cache_train_the_same_weights(tiny_sd, dataset, tmp_path, make_config):
+    plain = finetune(make_config(dataset, tmp_path / "a", tiny_sd, max_steps=3, flip=True))
+    other = finetune(make_config(dataset, tmp_path / "b", tiny_sd, max_steps=3, flip=True,
+                                 gradient_checkpointing=True, cache=False))
+    assert other.losses == pytest.approx(plain.losses, rel=1e-4)
+    a, b = _weights(tmp_path / "a", True), _weights(tmp_path / "b", True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)  # Adam moves each weight ~1e-3 a step
+
+
+def test_loss_falls_and_bf16_runs(tiny_sd, dataset, tmp_path, make_config):
+    result = finetune(make_config(dataset, tmp_path / "a", tiny_sd, lora=False, max_steps=30, batch_size=4,
+                                  learning_rate=2e-3, uncond_prob=0.0))
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.8 * first, result.losses
+    bf16 = finetune(make_config(dataset, tmp_path / "b", tiny_sd, max_steps=2, mixed_precision="bf16"))
+    assert all(loss == loss for loss in bf16.losses)  # no NaN
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_sd, dataset, tmp_path, make_config, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as when it is not installed
+    with pytest.raises(UsageError, match="--use-8bit-adam needs bitsandbytes"):
+        finetune(make_config(dataset, tmp_path / "x", tiny_sd, use_8bit_adam=True))

@@ -1,0 +1,91 @@
+"""The training objective against a hand computation of the forward process and its targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdcli.errors import ModelError
+from sdcli.training.objective import min_snr_weights, sample_noise, step_loss, training_scheduler
+
+BETA_START, BETA_END, T = 0.00085, 0.012, 1000
+
+
+def _config(prediction_type):
+    return {"_class_name": "PNDMScheduler", "beta_start": BETA_START, "beta_end": BETA_END,
+            "beta_schedule": "scaled_linear", "num_train_timesteps": T, "prediction_type": prediction_type}
+
+
+def _alphas_cumprod():
+    # Stable Diffusion's "scaled_linear" betas, written out by hand rather than read from diffusers.
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, T, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class RecordingUNet:
+    """Stands in for the UNet: remembers its input and returns a fixed prediction."""
+
+    def __init__(self, prediction):
+        self.prediction = prediction
+        self.seen = None
+
+    def __call__(self, sample, timestep, return_dict=False, **cond):
+        self.seen = (sample.clone(), timestep.clone(), cond)
+        return (self.prediction,)
+
+
+def _hand(prediction_type, seed, latents, prediction, gamma=None):
+    """Replay the step's draws from the same seed and compute x_t, the target and the loss by hand."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, T, (latents.shape[0],), generator=g)
+    abar = _alphas_cumprod()[t].float().view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    if gamma is not None:
+        snr = (abar / (1 - abar)).view(-1)
+        weight = torch.clamp(snr, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * weight
+    return x_t, t, per_sample.mean()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_loss_is_mse_to_noise_or_v_as_the_scheduler_says(prediction_type, gamma):
+    scheduler = training_scheduler(_config(prediction_type))
+    torch.manual_seed(0)
+    latents = torch.randn(3, 4, 8, 8)
+    prediction = torch.randn(3, 4, 8, 8)
+    unet = RecordingUNet(prediction)
+    loss = step_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(7),
+                     snr_gamma=gamma)
+    x_t, t, expected = _hand(prediction_type, 7, latents, prediction, gamma)
+    assert torch.equal(unet.seen[1], t)
+    torch.testing.assert_close(unet.seen[0], x_t, rtol=1e-5, atol=1e-5)  # one closed-form jump from x_0
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    other = "v_prediction" if prediction_type == "epsilon" else "epsilon"
+    assert not torch.allclose(loss, _hand(other, 7, latents, prediction, gamma)[2], rtol=1e-3)
+
+
+def test_min_snr_weights_clip_high_snr_only():
+    snr = torch.tensor([0.5, 5.0, 50.0])
+    torch.testing.assert_close(min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
+    torch.testing.assert_close(min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+
+
+def test_noise_offset_shifts_each_channel_and_zero_is_plain_noise():
+    latents = torch.zeros(64, 4, 16, 16)
+    plain = sample_noise(latents, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(plain, torch.randn(64, 4, 16, 16, generator=torch.Generator().manual_seed(1)))
+    shifted = sample_noise(latents, torch.Generator().manual_seed(1), noise_offset=0.5)
+    channel_means = (shifted - plain).mean(dim=(2, 3))
+    assert channel_means.std() == pytest.approx(0.5, rel=0.2)  # one N(0, 0.5^2) shift per (sample, channel)
+    assert torch.allclose((shifted - plain), channel_means[:, :, None, None].expand_as(plain), atol=1e-6)
+
+
+def test_sample_prediction_is_refused():
+    scheduler = training_scheduler(_config("sample"))
+    with pytest.raises(ModelError, match="prediction_type 'sample'"):
+        step_loss(RecordingUNet(torch.zeros(1, 4, 8, 8)), scheduler, torch.zeros(1, 4, 8, 8),
+                  {"encoder_hidden_states": None}, torch.Generator().manual_seed(0))
