@@ -22,6 +22,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
         raise OutputError(f"{path} exists; pass --overwrite to replace it")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(Path(tmp))
         if overwrite:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
@@ -127,15 +126,8 @@ def _save(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """Write through a temporary name and rename into place (``sdcli.images.atomic_write``), making the folder."""
     from sdcli.images import atomic_write
 
-    def write_readable(tmp: Path) -> None:
-        write(tmp)
-        # mkstemp makes the file 0600; an output should get the usual permissions (0644 under umask 022).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(Path(path), write_readable, overwrite)
+    return atomic_write(Path(path), write, overwrite)
 
 
 def _provenance(schedules: Sequence[Schedule], **extra: Any) -> str:

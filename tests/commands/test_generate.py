@@ -202,3 +202,13 @@ def test_long_prompt_warns_naming_the_dropped_words(cli, tiny_sd):
     result = cli("generate", long, "--model", tiny_sd, "--steps", "1", "--seed", "1")
     assert result.exit_code == 0
     assert "ignored" in result.stderr and "purple elephant" in result.stderr
+
+
+def test_outputs_get_ordinary_permissions(cli, tiny_sd):
+    import os
+    import stat
+
+    (path,) = paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "1"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -1,0 +1,108 @@
+"""How much does sdcli add on top of diffusers? Run by hand:
+
+    python benchmarks/generate_bench.py                 # a small random pipeline built on the spot
+    python benchmarks/generate_bench.py --model PATH    # any model sdcli can load
+    python benchmarks/generate_bench.py --json out.json
+
+Prints (a) `sdcli --help` wall time and (b) the denoising time of sdcli's generation path against a
+direct call of the same diffusers pipeline (same model, steps, seed, guidance), interleaved, as
+medians of several runs and their ratio. Target: overhead <= 3 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def help_time(runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sdcli", "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def small_pipeline(folder: Path) -> str:
+    """A random pipeline big enough that the UNet, not Python, dominates: 64x64 images, 32x32 latents."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from sdcli.testing import _text_encoder, _tokenizer
+
+    torch.manual_seed(0)
+    tok = _tokenizer(folder / "tok", 77)
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128, 128), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(len(tok)), tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipe")
+    return str(folder / "pipe")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import torch
+
+    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+
+    help_s = help_time(args.runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or small_pipeline(Path(tmp))
+        s = Settings(prompts=["a red circle"], model=model, steps=args.steps, guidance=[7.5], seeds=[0])
+        loaded = prepare_pipeline(s)
+        pipe = loaded.pipe
+        jobs = plan_jobs(s, [0])
+
+        def direct() -> None:
+            pipe("a red circle", num_inference_steps=args.steps, guidance_scale=7.5,
+                 generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+
+        def ours() -> None:
+            list(iter_images(s, loaded, jobs, on_step=lambda n: None))
+
+        direct(), ours()  # warm-up
+        t_direct, t_ours = [], []
+        for _ in range(args.runs):  # interleaved so drift hits both alike
+            t0 = time.perf_counter(); direct(); t_direct.append(time.perf_counter() - t0)  # noqa: E702
+            t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
+    result = {
+        "help_seconds": round(help_s, 3),
+        "model": args.model or "small random SD-like pipeline (64x64)",
+        "device": loaded.device,
+        "steps": args.steps,
+        "diffusers_seconds": round(statistics.median(t_direct), 4),
+        "sdcli_seconds": round(statistics.median(t_ours), 4),
+    }
+    result["ratio"] = round(result["sdcli_seconds"] / result["diffusers_seconds"], 4)
+    for k, v in result.items():
+        print(f"{k:18} {v}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
