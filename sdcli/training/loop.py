@@ -301,11 +301,15 @@ def _normalise_model(model: str) -> str:
 def _accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
 
+    from sdcli.pipeline import resolve_device
+
+    # accelerate only forms a CPU process group (gloo, under torchrun) when told it is on the CPU.
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and resolve_device("auto") == "cpu")
     try:
         return Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation,
-            cpu=cfg.device == "cpu",
+            cpu=cpu,
         )
     except ValueError as exc:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None

@@ -1,0 +1,112 @@
+"""`sdcli finetune` from the command line: results on stdout, one-line errors, and what generate loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+QUICK = ("--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e-2")
+
+
+def _error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_cli_trains_and_prints_the_output_folder(cli, tiny_sd, dataset, tmp_path):
+    out = tmp_path / "out"
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK, "--flip")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "data: 4 images" in result.stderr and "world size 1" in result.stderr
+    assert "step 2/2" in result.stderr  # plain progress lines when stderr is not a terminal
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    again = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK, "--json", "--quiet")
+    assert again.exit_code == 1 and _error_lines(again) == [
+        f"error: --out {out} is not empty; pass --overwrite to replace it or --resume latest to continue"]
+    record = json.loads(cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK, "--json",
+                            "--quiet", "--overwrite").stdout)
+    assert record["steps"] == 2 and record["weights"].endswith("pytorch_lora_weights.safetensors")
+
+
+def _corrupt(root):
+    path = root / "img01.png"
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def _uncaptioned(root):
+    (root / "img02.txt").unlink()
+
+
+def _escaping(root):
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "../../etc/x.png", "text": "x"}) + "\n")
+
+
+def _empty(root):
+    for p in root.iterdir():
+        p.unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "extra", "message"),
+    [
+        (_corrupt, ["--strict"], "img01.png: unreadable"),
+        (_uncaptioned, [], "img02.png has no caption"),
+        (_escaping, [], "metadata.jsonl line 1: file_name '../../etc/x.png' points outside --data"),
+        (_empty, [], "no usable images (png, jpg, webp) in"),
+    ],
+    ids=["corrupt-strict", "no-caption", "escaping-path", "empty"],
+)
+def test_bad_data_is_one_line_naming_it_and_exit_1(cli, tiny_sd, dataset, tmp_path, damage, extra, message):
+    damage(dataset)
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "out", *QUICK, *extra)
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("finetune:", "warning"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_corrupt_image_without_strict_is_skipped_with_a_warning(cli, tiny_sd, dataset, tmp_path):
+    _corrupt(dataset)
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "out", *QUICK)
+    assert result.exit_code == 0, result.stderr
+    assert "warning: skipping img01.png: unreadable" in result.stderr and "data: 3 images" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--uncond-prob", "1.5"], "--uncond-prob must be between 0 and 1, got 1.5"),
+        (["--epochs", "2"], "give --max-steps or --epochs, not both"),
+        (["--resolution", "18"], "--resolution 18 must be a multiple of 4"),
+        (["--lora-targets", "to_nothing"], "--lora-targets to_nothing: no such modules"),
+        (["--resume", "latest"], "--resume latest: no checkpoint in"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(cli, tiny_sd, dataset, tmp_path, args, message):
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "o", *QUICK, *args)
+    assert result.exit_code == 2, result.stderr
+    assert len(_error_lines(result)) == 1 and message in _error_lines(result)[0]
+
+
+def test_generate_with_the_lora_matches_plain_diffusers(cli, tiny_sd, dataset, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "lora"
+    assert cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK).exit_code == 0
+    png = tmp_path / "gen.png"
+    result = cli("generate", "a red circle", "--model", tiny_sd, "--lora", out, "--seed", "3", "--steps", "3",
+                 "--guidance", "7.5", "--out", png, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    reference = np.asarray(pipe("a red circle", num_inference_steps=3, guidance_scale=7.5,
+                                generator=torch.Generator("cpu").manual_seed(3)).images[0])
+    pipe.load_lora_weights(str(out))
+    expected = pipe("a red circle", num_inference_steps=3, guidance_scale=7.5,
+                    generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    produced = np.asarray(Image.open(png).convert("RGB"))
+    assert np.array_equal(produced, np.asarray(expected))
+    assert not np.array_equal(produced, reference)  # and the LoRA did change the picture

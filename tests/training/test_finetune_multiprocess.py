@@ -1,0 +1,42 @@
+"""The same command under torchrun: two CPU processes (gloo) train one model together."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_two_processes_both_train_and_the_output_loads(tiny_sd, tmp_path, make_images):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    data = tmp_path / "data"
+    make_images(data, n=8)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sdcli", "finetune", "--data", str(data), "--model", tiny_sd, "--out", str(out), "--full",
+           "--max-steps", "30", "--batch-size", "2", "--lr", "2e-3", "--uncond-prob", "0", "--checkpoint-every", "15"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "world size 2" in run.stderr
+    assert run.stdout.strip() == str(out)  # one answer, from the main process only
+
+    settings = json.loads((out / "training_settings.json").read_text())
+    assert settings["world_size"] == 2
+    assert settings["samples_per_rank"] == [60, 60]  # 30 steps x batch 2, on each rank
+    ckpt = out / "checkpoints" / "checkpoint-000030"
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+
+    losses = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
