@@ -1,0 +1,71 @@
+"""Model loading: Hub ids from the local cache, families, devices and dtypes, the NaN guard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sdcli.errors import ModelError, SdcliError, UsageError
+from sdcli.pipeline import local_kind, resolve_dtype
+
+
+def test_hub_id_loads_from_the_local_cache_offline(tiny_sd, tmp_path):
+    # The layout huggingface_hub keeps: models--owner--name/{refs/main, snapshots/<commit>/...}.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_sd, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "sdcli", "generate", "x", "--model", "someone/tiny-sd", "--steps", "1",
+                          "--seed", "1", "--json", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         env=env)
+    assert res.returncode == 0, res.stderr
+    assert '"model_name": "someone/tiny-sd"' in res.stdout
+    missing = subprocess.run([sys.executable, "-m", "sdcli", "generate", "x", "--model", "someone/other"],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and "not found in the local Hugging Face cache" in missing.stderr
+
+
+def test_local_kind_tells_paths_from_hub_ids(tmp_path):
+    assert local_kind(str(tmp_path)) == "folder"
+    assert local_kind("someone/model") == "hub"
+    for typo in ("./models/sd", "models/sd/v1", "model.safetensors", "~/nothing-here"):
+        with pytest.raises(ModelError, match="no such model file or folder"):
+            local_kind(typo)
+
+
+def test_dtype_defaults_and_refusals():
+    import torch
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    with pytest.raises(UsageError, match="float16 is not supported on CPU"):
+        resolve_dtype("float16", "cpu")
+
+
+def test_bfloat16_on_cpu_is_recorded(cli, tiny_sd):
+    import json
+
+    from PIL import Image
+
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "1", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(Image.open(result.stdout.strip()).info["sdcli"])["dtype"] == "bfloat16"
+
+
+def test_nan_output_is_reported_not_saved_as_black(tiny_sd):
+    import torch
+
+    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+
+    s = Settings(prompts=["x"], model=tiny_sd, steps=1, seeds=[1])
+    loaded = prepare_pipeline(s)
+    with torch.no_grad():
+        loaded.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(SdcliError, match="NaN"):
+        list(iter_images(s, loaded, plan_jobs(s, [1])))
