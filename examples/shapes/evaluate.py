@@ -71,30 +71,27 @@ def parse_prompt(text: str) -> dict[str, str | None]:
     return found
 
 
-_PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # AUTOMATIC1111's own pattern
-
-
 def read_parameters(path: str | Path) -> dict | None:
-    """Prompt, seed and settings from a PNG's AUTOMATIC1111 'parameters' text chunk, or None.
+    """Prompt, seed and guidance from a PNG's AUTOMATIC1111 'parameters' text chunk, or None.
 
-    The first line is the prompt; the last line is "Steps: 25, Sampler: ..., CFG scale: 7.5, Seed: 3, ...".
+    sdcli writes the prompt first and "Steps: 25, Sampler: ..., CFG scale: 7.5, Seed: 3, ..." last.
     """
     from PIL import Image
 
+    from sdcli.metadata import A1111_KEY, parse_a1111
+
     with Image.open(path) as image:
-        text = image.info.get("parameters") or getattr(image, "text", {}).get("parameters")
+        text = image.info.get(A1111_KEY)
     if not text:
         return None
-    lines = text.strip().splitlines()
-    settings = {k.strip(): v.strip().strip('"') for k, v in _PARAM.findall(lines[-1])} if len(lines) > 1 else {}
-    out = {"prompt": lines[0].strip(), "settings": settings, "seed": None, "guidance": None}
-    if "Seed" in settings and re.fullmatch(r"-?\d+", settings["Seed"]):
-        out["seed"] = int(settings["Seed"])
-    if "CFG scale" in settings:
-        try:
-            out["guidance"] = float(settings["CFG scale"])
-        except ValueError:
-            pass
+    fields = parse_a1111(text)
+    out = {"prompt": fields["prompt"], "seed": None, "guidance": None, "fields": fields}
+    if re.fullmatch(r"-?\d+", fields.get("Seed", "")):
+        out["seed"] = int(fields["Seed"])
+    try:
+        out["guidance"] = float(fields["CFG scale"])
+    except (KeyError, ValueError):
+        pass
     return out
 
 
@@ -216,29 +213,32 @@ def diversity(images) -> float | None:
 
 
 def score(samples) -> dict:
-    """Accuracy per attribute and diversity for (image, prompt) pairs.
+    """Accuracy per attribute and diversity for (image, prompt) or (image, prompt, group) samples.
 
-    An attribute is scored only on prompts that name it; diversity averages the
-    per-prompt figure over prompts with at least two images.
+    An attribute is scored only on prompts that name it. Diversity is measured
+    within each group (default: the prompt; give (prompt, guidance) to keep
+    guidance scales apart) and averaged over groups of at least two images.
     """
     right: dict[str, int] = defaultdict(int)
     asked: dict[str, int] = defaultdict(int)
-    by_prompt = defaultdict(list)
+    by_group = defaultdict(list)
+    prompts = set()
     n = 0
-    for image, prompt in samples:
+    for image, prompt, *group in samples:
         n += 1
+        prompts.add(prompt)
         want, got = parse_prompt(prompt), analyse(image)
         for attr in SCORED:
             if want[attr] is not None:
                 asked[attr] += 1
                 right[attr] += got[attr] == want[attr]
-        by_prompt[prompt].append(image)
-    spreads = [d for d in (diversity(ims) for ims in by_prompt.values()) if d is not None]
+        by_group[group[0] if group else prompt].append(image)
+    spreads = [d for d in (diversity(ims) for ims in by_group.values()) if d is not None]
     return {
         "n": n,
         "accuracy": {a: right[a] / asked[a] for a in SCORED if asked[a]},
         "diversity": float(np.mean(spreads)) if spreads else None,
-        "prompts": len(by_prompt),
+        "prompts": len(prompts),
     }
 
 
@@ -271,7 +271,7 @@ def evaluate_folder(folder: str | Path) -> dict:
         raise ValueError(f"no PNG with a prompt in {folder}: expected sdcli's 'parameters' chunk or a metadata.jsonl")
 
     def run(rows):
-        return score((Image.open(r["path"]), r["prompt"]) for r in rows)
+        return score((Image.open(r["path"]), r["prompt"], (r["prompt"], r["guidance"])) for r in rows)
 
     groups = defaultdict(list)
     for row in samples:

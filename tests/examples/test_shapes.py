@@ -1,0 +1,192 @@
+"""The shapes world behind the bundled model: dataset, evaluator, tokenizer, VAE script, pipeline builder."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.shapes import build_pipeline, dataset, evaluate, tokenizer, train_vae  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def samples():
+    # Seed 1 calibrated the evaluator's shape prototypes; score it on other images.
+    return dataset.make_dataset(400, seed=7)
+
+
+def _pixels(image):
+    return image.tobytes()
+
+
+# -- dataset -------------------------------------------------------------------------------------------------
+
+def test_dataset_is_deterministic_by_seed():
+    a, b, c = dataset.make_dataset(12, seed=3), dataset.make_dataset(12, seed=3), dataset.make_dataset(12, seed=4)
+    assert [(_pixels(i), t) for i, t, _ in a] == [(_pixels(i), t) for i, t, _ in b]
+    assert [_pixels(i) for i, _, _ in a] != [_pixels(i) for i, _, _ in c]
+
+
+def test_dataset_covers_every_attribute_and_captions_say_what_is_drawn(samples):
+    assert len(dataset.COLORS) >= 6 and len(dataset.SHAPES) == 4 and len(dataset.SIZES) == 2
+    seen = {attr: {a[attr] for _, _, a in samples} for attr in dataset.ATTRIBUTES}
+    assert seen == {
+        "color": set(dataset.COLORS), "shape": set(dataset.SHAPES), "size": set(dataset.SIZES),
+        "position": set(dataset.POSITIONS), "background": set(dataset.BACKGROUNDS),
+    }
+    for image, text, attrs in samples:
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert attrs["color"] != attrs["background"]
+        assert text == dataset.caption(attrs)
+    assert dataset.caption(samples[0][2]).startswith(f"a {samples[0][2]['size']} {samples[0][2]['color']} ")
+
+
+def test_dataset_cli_writes_an_imagefolder(tmp_path):
+    assert dataset.main(["--out", str(tmp_path), "--n", "3", "--seed", "5"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == ["00000.png", "00001.png", "00002.png"]
+    assert [r["text"] for r in rows] == [t for _, t, _ in dataset.make_dataset(3, seed=5)]
+    assert all((tmp_path / r["file_name"]).is_file() for r in rows)
+
+
+# -- evaluator -----------------------------------------------------------------------------------------------
+
+def test_parse_prompt():
+    assert evaluate.parse_prompt("a large red circle in the top left corner on a black background") == {
+        "color": "red", "shape": "circle", "size": "large", "position": "top left", "background": "black"}
+    # The background's colour is not the shape's, even when it comes first; unnamed attributes are None.
+    assert evaluate.parse_prompt("On a WHITE background, a yellow star, centre") == {
+        "color": "yellow", "shape": "star", "size": None, "position": "center", "background": "white"}
+    assert evaluate.parse_prompt("a cat") == dict.fromkeys(evaluate.SCORED)
+
+
+def test_evaluator_reads_the_datasets_own_images(samples):
+    report = evaluate.score((image, text) for image, text, _ in samples)
+    assert report["n"] == len(samples)
+    assert set(report["accuracy"]) == set(evaluate.SCORED)
+    for attr, accuracy in report["accuracy"].items():
+        assert accuracy >= 0.98, (attr, accuracy)
+
+
+def test_evaluator_finds_no_shape_in_a_blank_image():
+    from PIL import Image
+
+    got = evaluate.analyse(Image.new("RGB", (64, 64), (128, 128, 128)))
+    assert got["background"] == "gray" and got["color"] is None and got["shape"] is None
+
+
+def test_diversity_is_zero_for_identical_images_and_positive_otherwise(samples):
+    image = samples[0][0]
+    assert evaluate.diversity([image, image.copy(), image.copy()]) == 0.0
+    assert evaluate.diversity([image, samples[1][0]]) > 0.0
+    assert evaluate.diversity([image]) is None
+    # One prompt drawn with jitter varies a little; a different prompt varies more.
+    attrs = samples[0][2]
+    rng = random.Random(0)
+    same = [dataset.render(attrs, rng) for _ in range(4)]
+    assert 0 < evaluate.diversity(same) < evaluate.diversity([same[0], *(i for i, _, _ in samples[1:4])])
+
+
+def _write_like_sdcli(path: Path, image, prompt: str, seed: int, guidance: float) -> None:
+    from sdcli.metadata import pnginfo
+
+    record = {"prompt": prompt, "negative_prompt": "", "steps": 25, "sampler": "DDIM", "guidance": guidance,
+              "seed": seed, "width": 64, "height": 64, "model_name": "shapes", "sdcli_version": "0"}
+    image.save(path, pnginfo=pnginfo(record))
+
+
+def test_prompt_and_seed_come_from_the_png_parameters_chunk(tmp_path, samples):
+    image, text, _ = samples[0]
+    _write_like_sdcli(tmp_path / "a.png", image, text, seed=42, guidance=7.5)
+    got = evaluate.read_parameters(tmp_path / "a.png")
+    assert (got["prompt"], got["seed"], got["guidance"]) == (text, 42, 7.5)
+    image.save(tmp_path / "plain.png")
+    assert evaluate.read_parameters(tmp_path / "plain.png") is None
+
+
+def test_evaluate_folder_groups_by_guidance(tmp_path, samples):
+    for i, (image, text, _) in enumerate(samples[:6]):
+        _write_like_sdcli(tmp_path / f"{i}.png", image, text, seed=i, guidance=(1.0, 7.5)[i % 2])
+    report = evaluate.evaluate_folder(tmp_path)
+    assert report["n"] == 6 and set(report["by_guidance"]) == {"1", "7.5"}
+    assert all(a == 1.0 for a in report["accuracy"].values())
+    table = evaluate.markdown_table(report)
+    assert table.count("\n") == 3 and "| 7.5 | 3 |" in table
+
+
+# -- tokenizer -----------------------------------------------------------------------------------------------
+
+def test_tokenizer_keeps_caption_words_whole(tmp_path, samples):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer.build_tokenizer(tmp_path / "tok")))
+    assert tok.model_max_length == tokenizer.MAX_LENGTH
+    for word in dataset.caption_words():
+        assert tok.tokenize(word) == [word + "</w>"]
+    for _, text, _ in samples[:20]:
+        ids = tok(text, truncation=True).input_ids
+        assert len(ids) == len(text.split()) + 2 <= tok.model_max_length  # nothing truncated
+        assert tok.decode(ids, skip_special_tokens=True).strip() == text
+    assert len(tok.tokenize("a magenta hexagon")) > 3  # unknown words still tokenize, byte by byte
+
+
+# -- VAE script and pipeline ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory):
+    """Two optimiser steps: enough to check the script's outputs, not the training."""
+    import torch
+
+    images = train_vae.generate_images(12, seed=0)
+    out = tmp_path_factory.mktemp("vae")
+    threads = torch.get_num_threads()  # one thread: two fight over a shared machine's cores
+    try:
+        _, record = train_vae.train(out, images, steps=2, batch_size=2, log_every=1, held_out=4, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    return out, record
+
+
+def test_train_vae_saves_a_scaled_autoencoder(trained_vae):
+    from diffusers import AutoencoderKL
+
+    out, record = trained_vae
+    vae = AutoencoderKL.from_pretrained(str(out))
+    assert vae.config.scaling_factor == pytest.approx(1 / record["latents"]["std"])
+    assert vae.config.scaling_factor != AutoencoderKL().config.scaling_factor
+    assert (out / "reconstructions.png").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    saved = json.loads((out / "training.json").read_text())
+    assert saved["settings"]["steps"] == 2 and saved["held_out_mse_before"] > 0
+
+
+def test_build_pipeline_is_loadable_and_small(tmp_path, trained_vae):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = build_pipeline.build_pipeline(trained_vae[0], tokenizer.build_tokenizer(tmp_path / "tok"))
+    pipe.save_pretrained(str(tmp_path / "pipe"), safe_serialization=True)
+    assert build_pipeline.safetensors_mb(tmp_path / "pipe") <= build_pipeline.SIZE_LIMIT_MB
+    loaded = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    config = loaded.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing")
+    loaded.set_progress_bar_config(disable=True)
+    latents = loaded("a small green square in the center on a gray background", num_inference_steps=2,
+                     height=64, width=64, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+
+
+def test_build_pipeline_rejects_a_vae_with_other_latents(tmp_path):
+    from diffusers import AutoencoderKL
+
+    # One downsampling: 64 px images would make 32x32 latents.
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=64).save_pretrained(str(tmp_path / "vae"))
+    with pytest.raises(ValueError, match="UNet expects 4x16x16"):
+        build_pipeline.build_pipeline(tmp_path / "vae", tokenizer.build_tokenizer(tmp_path / "tok"))
