@@ -57,8 +57,8 @@ def resolve_device(device: str = "auto") -> str:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError("--device mps: Apple MPS is not available here")
     return device
@@ -69,7 +69,7 @@ def resolve_dtype(dtype: str, device: str):
 
     dtype = getattr(dtype, "value", dtype)
     if dtype == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
+        return torch.float16 if device.startswith("cuda") else torch.float32
     if dtype == "float16" and device == "cpu":
         raise UsageError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -266,7 +266,7 @@ def apply_runtime_options(
     import torch
 
     if channels_last is None:
-        channels_last = device == "cuda"
+        channels_last = device.startswith("cuda")
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     if attention_slicing:
@@ -275,8 +275,8 @@ def apply_runtime_options(
         pipe.vae.enable_tiling()
         pipe.vae.enable_slicing()
     if cpu_offload:
-        if device != "cuda":
+        if not device.startswith("cuda"):
             raise UsageError("--cpu-offload needs a CUDA device")
         pipe.enable_model_cpu_offload()
     if compile:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if device == "cuda" else "default")
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if device.startswith("cuda") else "default")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json as jsonlib
-import re
 import sys
 import time
 from pathlib import Path
@@ -12,7 +10,6 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sdcli import defaults, options
-from sdcli.errors import UsageError
 
 # Options that change how a run executes, not which image it makes: always the command line's.
 RUNTIME_FIELDS = ("device", "allow_pickle", "batch_size", "cpu_offload", "vae_tiling", "attention_slicing",
@@ -127,32 +124,64 @@ def generate_cmd(
 
 
 def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: bool, json: bool) -> list[Path]:
-    """Validate, load, generate and write; returns the image paths. Plain function behind the command."""
-    from sdcli.generation import check_settings, check_size, plan_jobs, resolve_seeds
-    from sdcli.images import check_writable
+    """Validate, load, generate and write; returns the image paths. Plain function behind the command.
+
+    Under `accelerate launch`/`torchrun` each process takes its share of the
+    jobs (accelerate's split), writes its own numbered files, and the main
+    process prints one summary and the contact sheets.
+    """
+    from sdcli import distributed
+    from sdcli.generation import check_settings, check_size, plan_jobs, prepare_pipeline, resolve_seeds
+    from sdcli.outputs import OutputNamer, write_contact_sheets, write_images
     from sdcli.pipeline import resolve_model, size_multiple
+    from sdcli.progress import progress_bar
 
     # 1. Check everything that needs no weights.
     check_settings(settings)
     settings.model = resolve_model(settings.model)
     check_size(settings, size_multiple(settings.model, settings.revision))
-    seeds = resolve_seeds(settings)
+    st = distributed.state()
+    seeds = distributed.broadcast(resolve_seeds(settings), st)  # a random seed is the main process's
     jobs = plan_jobs(settings, seeds)
     namer = OutputNamer(out, len(jobs), overwrite, settings)
+    main = st is None or st.is_main_process
+    if st is not None:
+        if settings.device == "auto":
+            settings.device = str(st.device)
+        st.wait_for_everyone()  # every process has numbered the folder before any writes to it
 
     # 2. Load the model (the slow part) and warn about prompts it cannot fully read.
     t0 = time.perf_counter()
-    from sdcli.generation import prepare_pipeline
-
     loaded = prepare_pipeline(settings)
-    note(quiet, f"loaded {loaded.model} ({loaded.family}, {loaded.prediction_type}) on {loaded.device} "
-                f"in {time.perf_counter() - t0:.1f}s")
-    warn_prompts(loaded.pipe, settings.prompts, quiet)
+    note(quiet or not main, f"loaded {loaded.model} ({loaded.family}, {loaded.prediction_type}) on "
+                            f"{loaded.device} in {time.perf_counter() - t0:.1f}s")
+    warn_prompts(loaded.pipe, settings.prompts, quiet or not main)
     if not settings.seeds:
-        note(quiet, f"seed: {seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "") + " (random)")
+        note(quiet or not main, f"seed: {seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "") + " (random)")
 
     # 3. Denoise and write each image as soon as it exists.
-    return write_images(settings, loaded, jobs, namer, quiet=quiet, json=json)
+    if st is not None:
+        with st.split_between_processes(jobs) as share:
+            my_jobs = list(share)
+    else:
+        my_jobs = jobs
+    steps = settings.steps if not settings.init_image else max(1, int(settings.steps * settings.strength))
+    t0 = time.perf_counter()
+    with progress_bar("denoising", total=len(my_jobs) * steps, disable=quiet or not main) as advance:
+        mine = write_images(settings, loaded, my_jobs, namer, json=json, advance=advance)
+    seconds = time.perf_counter() - t0
+
+    # 4. One summary, and the contact sheets, from the main process.
+    written = distributed.gather(mine, st)
+    if st is not None:
+        counts = distributed.gather([len(mine)], st)
+        note(quiet or not main, f"{len(written)} images from {st.num_processes} processes "
+                                f"(per process: {', '.join(map(str, counts))})")
+    elif len(written) > 1:
+        note(quiet, f"{len(written)} images in {seconds:.1f}s ({seconds / len(written):.2f}s each)")
+    if main and len(settings.guidance) * len(settings.guidance_rescale) > 1 and namer.file is None:
+        write_contact_sheets(written, namer, settings, json)
+    return [Path(w["path"]) for w in mine]
 
 
 def warn_prompts(pipe: Any, prompts: list[str], quiet: bool) -> None:
@@ -164,98 +193,3 @@ def warn_prompts(pipe: Any, prompts: list[str], quiet: bool) -> None:
             if lost:
                 note(quiet, f"warning: prompt longer than the text encoder's {tokenizer.model_max_length} tokens; "
                             f"ignored: {lost!r}")
-
-
-class OutputNamer:
-    """Where each output goes: numbered files in a folder, or the one .png path the user named."""
-
-    def __init__(self, out: Path | None, count: int, overwrite: bool, settings: Any):
-        from sdcli.images import check_writable
-
-        self.overwrite = overwrite
-        self.settings = settings
-        out = Path(out) if out is not None else defaults.OUT_DIR
-        if out.suffix.lower() == ".png":
-            if count > 1:
-                raise UsageError(f"--out {out} names one file but {count} images would be made; give a folder")
-            if out.exists() and not overwrite:
-                raise UsageError(f"{out} exists; pass --overwrite to replace it")
-            check_writable(out.parent if str(out.parent) else Path("."))
-            self.file, self.folder = out, out.parent
-        else:
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"--out {out} exists and is not a folder")
-            check_writable(out)
-            self.file, self.folder = None, out
-        taken = [int(m.group(1)) for p in self.folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
-        self.next = max(taken, default=-1) + 1
-
-    def image(self, job: Any) -> Path:
-        if self.file is not None:
-            return self.file
-        parts = [f"{self.next + job.index:05d}", str(job.seed)]
-        if len(self.settings.guidance) > 1:
-            parts.append(f"g{job.guidance:g}")
-        if len(self.settings.guidance_rescale) > 1:
-            parts.append(f"r{job.guidance_rescale:g}")
-        return self.folder / ("-".join(parts) + ".png")
-
-    def sheet(self, prompt_index: int) -> Path:
-        return self.folder / f"{self.next:05d}-sheet{prompt_index}.png"
-
-
-def write_images(settings: Any, loaded: Any, jobs: list[Any], namer: OutputNamer, *, quiet: bool, json: bool):
-    from sdcli.generation import iter_images
-    from sdcli.images import save_gif, save_png
-    from sdcli.metadata import pnginfo
-    from sdcli.progress import progress_bar
-
-    paths: list[Path] = []
-    by_prompt: dict[str, dict[tuple[float, float], dict[int, Any]]] = {}
-    steps = settings.steps if not settings.init_image else max(1, int(settings.steps * settings.strength))
-    with progress_bar("denoising", total=len(jobs) * steps, disable=quiet) as advance:
-        for item in iter_images(settings, loaded, jobs, on_step=advance):
-            path = save_png(item.image, namer.image(item.job), pnginfo(item.record), namer.overwrite)
-            paths.append(path)
-            emit(path, item.record, json)
-            if item.trajectory:
-                emit_trajectory(item, path, namer.overwrite, json)
-            key = (item.job.guidance, item.job.guidance_rescale)
-            by_prompt.setdefault(item.job.prompt, {}).setdefault(key, {})[item.job.seed] = item.image
-    if len(settings.guidance) * len(settings.guidance_rescale) > 1 and namer.file is None:
-        for i, (prompt, grid) in enumerate(by_prompt.items()):
-            emit(save_contact_sheet(prompt, grid, namer.sheet(i), namer.overwrite, settings), {"kind": "contact_sheet",
-                                                                                          "prompt": prompt}, json)
-    return paths
-
-
-def emit(path: Path, record: dict[str, Any], json: bool) -> None:
-    if json:
-        print(jsonlib.dumps({"path": str(path), **record}), flush=True)
-    else:
-        print(path, flush=True)
-
-
-def emit_trajectory(item: Any, path: Path, overwrite: bool, json: bool) -> None:
-    from sdcli.images import labelled_grid, save_gif, save_png
-
-    frames = item.trajectory
-    labels = [f"{i + 1}" for i in range(len(frames))]
-    strip = labelled_grid([frames], labels, [""], title=f"predicted x0 per step: {item.job.prompt[:60]}")
-    strip_path = save_png(strip, path.with_name(path.stem + "-trajectory.png"), overwrite=overwrite)
-    gif_path = save_gif(frames + [item.image], path.with_name(path.stem + "-trajectory.gif"), overwrite=overwrite)
-    for p in (strip_path, gif_path):
-        emit(p, {"kind": "trajectory", "image": str(path)}, json)
-
-
-def save_contact_sheet(prompt: str, grid: dict, path: Path, overwrite: bool, settings: Any) -> Path:
-    """Guidance settings across, seeds down: the adherence/variety trade-off in one picture."""
-    from sdcli.images import labelled_grid, save_png
-
-    keys = list(grid)
-    seeds = list(next(iter(grid.values())))
-    rescale = len(settings.guidance_rescale) > 1
-    cols = [f"g={g:g}" + (f" φ={r:g}" if rescale else "") for g, r in keys]
-    rows = [[grid[k][seed] for k in keys] for seed in seeds]
-    sheet = labelled_grid(rows, cols, [f"seed {s}" for s in seeds], title=prompt[:80])
-    return save_png(sheet, path, overwrite=overwrite)

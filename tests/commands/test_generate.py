@@ -130,7 +130,7 @@ def test_closed_form_x0_matches_ddims_own_estimate(prediction_type):
     import torch
     from diffusers import DDIMScheduler
 
-    from sdcli.generation import StepRecorder
+    from sdcli.trajectory import StepRecorder
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           prediction_type=prediction_type, clip_sample=False)

@@ -1,0 +1,56 @@
+"""The reverse process made visible: the model's estimate of the clean image at every step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StepRecorder:
+    """Wraps ``scheduler.step`` to keep the model's estimate of the clean latent x̂_0 at each step.
+
+    Most schedulers return it as ``pred_original_sample``; for the rest
+    (DPM-Solver, UniPC, PNDM, which work on x_t directly) it follows in closed
+    form from x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε.
+    """
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+        self.x0: list[Any] = []
+        self._step = scheduler.step
+
+    def __enter__(self) -> "StepRecorder":
+        self.scheduler.step = self._record
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.scheduler.step = self._step
+
+    def _record(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+        out = self._step(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+        x0 = getattr(out, "pred_original_sample", None)
+        if x0 is None:
+            x0 = self._closed_form_x0(model_output, timestep, sample)
+        self.x0.append(x0.detach().float().cpu())
+        return out if return_dict else (out.prev_sample,)
+
+    def _closed_form_x0(self, model_output, timestep, sample):
+        a = self.scheduler.alphas_cumprod.to(sample.device)[int(timestep)].to(sample.dtype)
+        kind = self.scheduler.config.get("prediction_type", "epsilon")
+        if kind == "v_prediction":
+            return a.sqrt() * sample - (1 - a).sqrt() * model_output
+        if kind == "sample":
+            return model_output
+        return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+
+
+def decode_latents(pipe: Any, latents: Any) -> list[Any]:
+    """Latents -> PIL images through the pipeline's VAE (used for trajectory frames)."""
+    import torch
+
+    vae = pipe.vae
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        z = latents.to(vae.device, vae.dtype) / scale + shift
+        decoded = vae.decode(z, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
