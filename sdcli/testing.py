@@ -148,19 +148,23 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
         vocab_size = len(tokenizer)
         if family == "sdxl":
             tokenizer_2 = _tokenizer(Path(tmp) / "tok2", max_length)
+    # Two UNet levels, 8x8 latents: the smallest UNet that still has cross-attention.
+    unet_common = dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
     if family in ("sd1", "sd2"):
         unet = UNet2DConditionModel(
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            **unet_common,
             cross_attention_dim=32,
             attention_head_dim=(2, 4) if family == "sd2" else 8,
             use_linear_projection=family == "sd2",
-            norm_num_groups=8,
         )
         vae = _vae()
         text_encoder = _text_encoder(vocab_size, max_length=max_length)
@@ -179,13 +183,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **unet_common,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -193,7 +191,6 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text (32) + six micro-conditioning ids
         cross_attention_dim=64,  # both text encoders' hidden states side by side
-        norm_num_groups=8,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
