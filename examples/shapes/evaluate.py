@@ -3,9 +3,9 @@
 For each image: the background is the median of its border, the shape is the
 largest blob that differs from it, and from that blob we read the colour
 (nearest named colour of its most saturated half), the position (nearest
-anchor to its box centre), the size (nearest box side) and the shape (nearest
-prototype in extent x solidity: a square fills its box, a circle pi/4 of it, a
-triangle half, and only the star is far from convex). The attributes expected
+anchor to its box centre), the size (nearest box side) and the shape (a tiny
+linear classifier on the blob's 16x16 coverage map, trained on the generator's
+own images, crisp and blurred: see shape_classifier.py). The attributes expected
 come from the prompt's words, so prompts that leave one out are not scored on it.
 Diversity is the mean pairwise pixel distance between images of one prompt.
 
@@ -28,22 +28,17 @@ from pathlib import Path
 import numpy as np
 
 try:  # imported as examples.shapes.evaluate or run as a script
-    from . import dataset
+    from . import dataset, shape_classifier
 except ImportError:
     import dataset  # type: ignore[no-redef]
+    import shape_classifier  # type: ignore[no-redef]
 
 SCORED = ("color", "shape", "position", "size", "background")
+# Area of each shape as a fraction of the square box dataset.py draws it in (see dataset._outline): a
+# disc pi/4, a square 0.9^2, a triangle half, a star with inner radius 0.45 about a third.
+BOX_FILL = {"circle": np.pi / 4, "square": 0.81, "triangle": 0.5, "star": 0.33}
 # Below this RGB distance from the background nothing counts as shape: a blank image has no shape.
 MIN_CONTRAST = 40.0
-# (extent = area / box area, solidity = area / convex hull area) of each shape: the means measured on
-# make_dataset(1000, seed=1), both sizes pooled. The ideal polygons give circle (pi/4, 1), square (1, 1),
-# triangle (0.5, 1), star (0.384, 0.556); pixel staircases lower the solidity of the small ones.
-SHAPE_PROTOTYPES = {
-    "circle": (0.79, 0.945),
-    "square": (1.0, 1.0),
-    "triangle": (0.54, 0.915),
-    "star": (0.445, 0.61),
-}
 
 
 # -- prompts -------------------------------------------------------------------------------------------------
@@ -136,42 +131,17 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
-def _hull_area(blob: np.ndarray) -> float:
-    """Area of the convex hull of the blob's pixel squares (Andrew's monotone chain)."""
-    rows = np.flatnonzero(blob.any(axis=1))
-    points = set()
-    for y in rows:
-        xs = np.flatnonzero(blob[y])
-        for x in (xs[0], xs[-1] + 1):  # the outer corners of each row's end pixels suffice
-            points.update({(int(x), int(y)), (int(x), int(y) + 1)})
-    pts = sorted(points)
-
-    def half(seq):
-        chain: list[tuple[int, int]] = []
-        for p in seq:
-            while len(chain) >= 2 and (
-                (chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1]) - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])
-            ) <= 0:
-                chain.pop()
-            chain.append(p)
-        return chain
-
-    hull = half(pts)[:-1] + half(pts[::-1])[:-1]
-    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1])))
-
-
 def _nearest(value, table: dict) -> str:
     value = np.asarray(value, dtype=np.float64)
     return min(table, key=lambda name: float(np.sum((value - np.asarray(table[name], dtype=np.float64)) ** 2)))
 
 
-def analyse(image) -> dict:
-    """What an image shows: the five attributes (None where no shape is found) and the features behind them."""
+def segment(image) -> dict:
+    """The background colour and, when a shape stands out, its colour, blob (mask) and coverage (0..1 per pixel)."""
     px = _pixels(image)
     border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3), px[:, :2].reshape(-1, 3), px[:, -2:].reshape(-1, 3)])
     background = np.median(border, axis=0)
-    out: dict = dict.fromkeys(SCORED)
-    out["background"] = _nearest(background, dataset.BACKGROUNDS)
+    out = {"background": background}
 
     # 1. Foreground: pixels at least half as far from the background as the shape's core is.
     distance = np.linalg.norm(px - background, axis=2)
@@ -179,26 +149,39 @@ def analyse(image) -> dict:
     if peak < MIN_CONTRAST:
         return out
     blob = _largest_component(distance > max(MIN_CONTRAST, peak / 2))
-    ys, xs = np.nonzero(blob)
-    if len(ys) < 4:
+    if blob.sum() < 4:
         return out
 
     # 2. Colour from the most saturated half of the blob: antialiased edges are half background.
     inside = distance[blob]
-    core = px[blob][inside >= np.median(inside)]
-    out["color"] = _nearest(np.median(core, axis=0), dataset.COLORS)
+    color = np.median(px[blob][inside >= np.median(inside)], axis=0)
 
-    # 3. Position and size from the blob's box.
+    # 3. Coverage: an edge pixel is a mix of shape and background, so its distance from the background over
+    # the shape's is the fraction it covers; blur spreads coverage but keeps its sum.
+    contrast = max(float(np.linalg.norm(color - background)), MIN_CONTRAST)
+    near = np.max([blob, *_shifts(blob, False)], axis=0)  # the blob and the pixels touching it
+    coverage = np.clip(distance / contrast, 0.0, 1.0) * near
+    return {**out, "color": color, "blob": blob, "coverage": coverage}
+
+
+def analyse(image) -> dict:
+    """What an image shows: the five attributes (None where no shape is found) and the evidence behind them."""
+    seg = segment(image)
+    out: dict = dict.fromkeys(SCORED)
+    out["background"] = _nearest(seg["background"], dataset.BACKGROUNDS)
+    if "blob" not in seg:
+        return out
+    out["color"] = _nearest(seg["color"], dataset.COLORS)
+    out["shape"], confidence = shape_classifier.predict(shape_classifier.template(seg["coverage"], seg["blob"]))
+    # Position from the centre of the half-contrast blob's box, which blur barely moves.
+    ys, xs = np.nonzero(seg["blob"])
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     out["position"] = _nearest(((x0 + x1) / 2, (y0 + y1) / 2), dataset.POSITIONS)
-    out["size"] = _nearest(max(x1 - x0, y1 - y0), dataset.SIZES)
-
-    # 4. Shape from how the blob fills its box and its convex hull.
-    area = float(blob.sum())
-    extent = area / ((x1 - x0) * (y1 - y0))
-    solidity = area / max(_hull_area(blob), area)
-    out["shape"] = _nearest((extent, solidity), SHAPE_PROTOTYPES)
-    out["features"] = {"area": area, "extent": round(extent, 3), "solidity": round(solidity, 3)}
+    # Size from the covered area, which blur keeps while it eats a star's points and shrinks its box.
+    side = float(np.sqrt(seg["coverage"].sum() / BOX_FILL[out["shape"]]))
+    out["size"] = _nearest(side, dataset.SIZES)
+    out["evidence"] = {"rgb": [round(float(c)) for c in seg["color"]], "box": [int(x0), int(y0), int(x1), int(y1)],
+                       "side": round(side, 1), "shape_probability": round(confidence, 3)}
     return out
 
 
