@@ -1,0 +1,233 @@
+"""Stable Diffusion 1.5's architecture with random weights, no download: how fast is sdcli? Run by hand:
+
+    python benchmarks/gpu_bench.py                     # full size (512 px, 25 steps) on CUDA; reduced on CPU
+    python benchmarks/gpu_bench.py --size reduced      # force the small version (what CPU runs)
+    python benchmarks/gpu_bench.py --json bench.json
+
+For plain diffusers defaults, sdcli's defaults, and sdcli with --compile (first-call compile time
+reported apart), prints seconds per image and UNet iterations per second (medians, runs
+interleaved), the UNet's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the
+card's peak, and LoRA fine-tuning steps per second with peak memory.
+Targets on a GPU: sdcli defaults never slower than plain diffusers; --compile >= 1.5x plain diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+# Dense fp16/bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+               "4090": 165.0, "3090": 71.0, "T4": 65.0, "V100": 125.0}
+
+SD15 = {
+    "unet": dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                 attention_head_dim=8),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                sample_size=512, scaling_factor=0.18215),
+    "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                 projection_dim=768, hidden_act="quick_gelu"),
+    "resolution": 512,
+}
+# The same topology, narrower and smaller, so a CPU run takes minutes, not hours.
+REDUCED = {
+    "unet": {**SD15["unet"], "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 256, "sample_size": 16,
+             "layers_per_block": 1},
+    "vae": {**SD15["vae"], "block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "sample_size": 128},
+    "text": {**SD15["text"], "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
+             "num_hidden_layers": 4, "projection_dim": 256},
+    "resolution": 128,
+}
+
+
+def build(spec: dict, folder: Path) -> str:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdcli.testing import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder / "tok")))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=len(tok) - 2,
+                                        eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1, **spec["text"]))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"]), text_encoder=text, tokenizer=tok,
+        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"]),
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "sd15")
+    return str(folder / "sd15")
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Seconds per image and UNet it/s from the step callback's timestamps."""
+
+    def __init__(self, device: str):
+        self.device, self.marks = device, []
+
+    def __call__(self, *_args):
+        sync(self.device)
+        self.marks.append(time.perf_counter())
+        return {}
+
+    def its(self) -> float:
+        return (len(self.marks) - 1) / (self.marks[-1] - self.marks[0])
+
+
+def run_diffusers(pipe, steps: int, res: int, device: str) -> tuple[float, float]:
+    import torch
+
+    timer = Timer(device)
+    sync(device)
+    t0 = time.perf_counter()
+    pipe("a red circle", num_inference_steps=steps, height=res, width=res, guidance_scale=7.5,
+         generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=timer, output_type="np")
+    sync(device)
+    return time.perf_counter() - t0, timer.its()
+
+
+def run_sdcli(loaded, settings, device: str) -> tuple[float, float]:
+    from sdcli.generation import iter_images, plan_jobs
+
+    marks = []
+
+    def on_step(_n):
+        sync(device)
+        marks.append(time.perf_counter())
+
+    sync(device)
+    t0 = time.perf_counter()
+    list(iter_images(settings, loaded, plan_jobs(settings, [0]), on_step=on_step))
+    sync(device)
+    return time.perf_counter() - t0, (len(marks) - 1) / (marks[-1] - marks[0])
+
+
+def unet_flops(unet, res: int, device: str, dtype) -> float:
+    """FLOPs of one guided step: the UNet on a batch of 2 (conditional and unconditional)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lat = torch.randn(2, 4, res // 8, res // 8, device=device, dtype=dtype)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(lat, torch.tensor([500, 500], device=device), encoder_hidden_states=ctx)
+    return float(counter.get_total_flops())
+
+
+def peak_for(device: str) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def lora_bench(model: str, res: int, device: str, steps: int) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sdcli.training import FinetuneConfig, finetune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(data / f"{i}.png")
+            (data / f"{i}.txt").write_text(f"a picture number {i}")
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        cfg = FinetuneConfig(data=data, model=model, out=Path(tmp) / "out", max_steps=steps, batch_size=2,
+                             resolution=res, mixed_precision="fp16" if device.startswith("cuda") else "no",
+                             quiet=True)
+        finetune(cfg)
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return {"lora_steps": steps, "lora_seconds_total": round(seconds, 2), "lora_steps_per_s": round(steps / seconds, 3),
+            "lora_peak_gpu_gib": round(peak, 2) if peak else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", choices=["auto", "full", "reduced"], default="auto")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--lora-steps", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.pipeline import resolve_device, resolve_dtype
+
+    device = resolve_device("auto")
+    full = args.size == "full" or (args.size == "auto" and device == "cuda")
+    spec = SD15 if full else REDUCED
+    res = spec["resolution"]
+    dtype = resolve_dtype("auto", device)
+    result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "size": "sd1.5 full" if full else "reduced", "resolution": res, "steps": args.steps,
+                    "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(spec, Path(tmp))
+        plain = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)  # diffusers defaults
+        plain.set_progress_bar_config(disable=True)
+        settings = Settings(prompts=["a red circle"], model=model, steps=args.steps, seeds=[0], width=res, height=res)
+        ours = prepare_pipeline(settings)
+        variants = {"diffusers": lambda: run_diffusers(plain, args.steps, res, device),
+                    "sdcli": lambda: run_sdcli(ours, settings, device)}
+        if not args.no_compile:
+            compiled_settings = Settings(**{**settings.__dict__, "compile": True})
+            t0 = time.perf_counter()
+            compiled = prepare_pipeline(compiled_settings)
+            run_sdcli(compiled, compiled_settings, device)  # the first call compiles
+            result["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
+            variants["sdcli --compile"] = lambda: run_sdcli(compiled, compiled_settings, device)
+        for fn in variants.values():
+            fn()  # warm-up
+        times = {k: [] for k in variants}
+        for _ in range(args.runs):
+            for k, fn in variants.items():
+                times[k].append(fn())
+        flops = unet_flops(ours.pipe.unet, res, device, dtype)
+        peak = peak_for(device)
+        for k, runs in times.items():
+            s_img = statistics.median(r[0] for r in runs)
+            its = statistics.median(r[1] for r in runs)
+            tflops = flops * its / 1e12
+            result[k] = {"s_per_image": round(s_img, 3), "unet_it_per_s": round(its, 2),
+                         "tflops": float(f"{tflops:.3g}"), "of_peak": round(tflops / peak, 3) if peak else None}
+        base = result["diffusers"]["unet_it_per_s"]
+        for k in variants:
+            result[k]["speedup_vs_diffusers"] = round(result[k]["unet_it_per_s"] / base, 3)
+        del plain, ours
+        result.update(lora_bench(model, res, device, args.lora_steps))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
