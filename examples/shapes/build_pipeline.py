@@ -6,7 +6,7 @@ for this machine (2 shared CPU cores): about 4.4 M parameters in all (17.5 MB of
 safetensors, under the 20 MB budget), and 25 steps with guidance (the UNet sees
 a batch of 2) denoise one 64x64 image in well under a second.
 
-    python examples/shapes/build_pipeline.py --vae build/vae --tokenizer build/tokenizer --out build/shapes-init
+    python examples/shapes/build_pipeline.py --vae build/shapes/vae --tokenizer build/shapes/tokenizer --out build/shapes/init
 
 The scheduler is v-prediction on a zero-terminal-SNR schedule (see README.md, "Why this schedule").
 """

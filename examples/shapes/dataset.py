@@ -4,7 +4,7 @@ Every image holds one shape, described completely by its caption, e.g.
 "a large red circle in the top left corner on a black background". The same
 seed always gives the same images, so the dataset never needs to be shipped.
 
-    python examples/shapes/dataset.py --out data/shapes --n 5000 --seed 0
+    python examples/shapes/dataset.py --out build/shapes/data --n 5000 --seed 0
 
 writes 00000.png ... and a metadata.jsonl (file_name, text) that Hugging Face
 `imagefolder` and `sdcli finetune` read as image/caption pairs.

@@ -10,7 +10,7 @@ come from the prompt's words, so prompts that leave one out are not scored on it
 Diversity is the mean pairwise pixel distance between images of one prompt.
 
     python examples/shapes/evaluate.py outputs/            # sdcli PNGs: prompt from the 'parameters' chunk
-    python examples/shapes/evaluate.py data/shapes --json  # a dataset folder: prompt from metadata.jsonl
+    python examples/shapes/evaluate.py build/shapes/data --json # a dataset folder: prompt from metadata.jsonl
 
 prints one row per guidance scale found (a markdown table), or JSON.
 """

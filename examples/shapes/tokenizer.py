@@ -5,8 +5,8 @@ byte (so a prompt with unknown words runs, and `sdcli generate` can tell which
 words the model never saw). Captions are at most 13 words, so 20 positions
 (start and end tokens included) leave room without paying for 77.
 
-    python examples/shapes/tokenizer.py --out build/tokenizer                     # words of the caption grammar
-    python examples/shapes/tokenizer.py --out build/tokenizer --data data/shapes  # words of a dataset's captions
+    python examples/shapes/tokenizer.py --out build/shapes/tokenizer                          # words of the caption grammar
+    python examples/shapes/tokenizer.py --out build/shapes/tokenizer --data build/shapes/data  # words of a dataset's captions
 """
 
 from __future__ import annotations

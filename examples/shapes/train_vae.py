@@ -7,7 +7,7 @@ a small KL term that keeps the latents smooth. At the end it measures the
 latents' spread and stores ``scaling_factor = 1 / std`` in the config, the way
 Stable Diffusion's 0.18215 was found, so the UNet sees unit-variance latents.
 
-    python examples/shapes/train_vae.py --data data/shapes --out build/vae --steps 4000
+    python examples/shapes/train_vae.py --data build/shapes/data --out build/shapes/vae --steps 2000
 
 writes the diffusers folder (config.json + diffusion_pytorch_model.safetensors),
 training.json (settings, losses, latent statistics) and reconstructions.png
@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 try:  # imported as examples.shapes.train_vae or run as a script
-    from . import dataset
+    from . import dataset, evaluate
 except ImportError:
     import dataset  # type: ignore[no-redef]
+    import evaluate  # type: ignore[no-redef]
 
 VAE_CONFIG = {
     "in_channels": 3,
@@ -51,7 +52,7 @@ def build_vae(seed: int = 0):
 
 
 def load_images(folder: str | Path):
-    """A dataset folder's images as one uint8 tensor (N, 3, 64, 64), in metadata.jsonl order."""
+    """A dataset folder's images as one uint8 tensor (N, 3, 64, 64) and their captions, in metadata.jsonl order."""
     import numpy as np
     import torch
     from PIL import Image
@@ -59,7 +60,7 @@ def load_images(folder: str | Path):
     folder = Path(folder)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
     arrays = [np.asarray(Image.open(folder / row["file_name"]).convert("RGB")) for row in rows]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [row["text"] for row in rows]
 
 
 def generate_images(n: int, seed: int):
@@ -67,23 +68,34 @@ def generate_images(n: int, seed: int):
     import numpy as np
     import torch
 
-    arrays = [np.asarray(image) for image, _, _ in dataset.make_dataset(n, seed)]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    samples = dataset.make_dataset(n, seed)
+    arrays = [np.asarray(image) for image, _, _ in samples]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [text for _, text, _ in samples]
 
 
 def to_model(batch):
     return batch.float() / 127.5 - 1.0
 
 
-def edge_weights(x, weight: float):
-    """1 everywhere, 1 + ``weight`` within a pixel of a colour edge of ``x`` (N, 3, H, W in -1..1)."""
+def pixel_weights(x, edge_weight: float, shape_weight: float):
+    """Per-pixel loss weights for ``x`` (N, 3, H, W in -1..1): 1, plus ``edge_weight`` within a pixel of a
+    colour edge, plus ``shape_weight`` on the shape (pixels unlike the border's median colour)."""
     import torch.nn.functional as F
 
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(dim=1, keepdim=True)
     dy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(dim=1, keepdim=True)
     edges = (F.pad(dx, (0, 1)) + F.pad(dy, (0, 0, 0, 1))) > 0.1
     edges = F.max_pool2d(edges.float(), 3, stride=1, padding=1)  # both sides of the edge
-    return 1.0 + weight * edges
+    border = _border(x).median(dim=2).values[..., None, None]  # (N, 3, 1, 1)
+    shape = ((x - border).abs().amax(dim=1, keepdim=True) > 0.2).float()
+    return 1.0 + edge_weight * edges + shape_weight * shape
+
+
+def _border(x):
+    """The 1-pixel frame of each image, as (N, 3, 4 * (side - 1))."""
+    import torch
+
+    return torch.cat([x[..., 0, :-1], x[..., :-1, -1], x[..., -1, 1:], x[..., 1:, 0]], dim=2)
 
 
 def reconstruct(vae, images, batch_size: int = 64):
@@ -96,6 +108,19 @@ def reconstruct(vae, images, batch_size: int = 64):
             x = to_model(images[i : i + batch_size])
             outs.append(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1))
     return torch.cat(outs)
+
+
+def to_pil(x) -> list:
+    """-1..1 image tensors (N, 3, H, W) as PIL images."""
+    from PIL import Image
+
+    arrays = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
+
+
+def reconstruction_accuracy(vae, images, captions) -> dict[str, float]:
+    """The evaluator's accuracy on reconstructions: what the VAE lets a perfect UNet score at best."""
+    return evaluate.score(zip(to_pil(reconstruct(vae, images)), captions))["accuracy"]
 
 
 def mse(vae, images) -> float:
@@ -129,17 +154,21 @@ def save_strip(rows, path: Path, scale: int = 2) -> None:
 def train(
     out: str | Path,
     images,
-    steps: int = 4000,
+    captions: list[str] | None = None,
+    steps: int = 2000,
     batch_size: int = 16,
     lr: float = 1e-3,
     kl_weight: float = 1e-4,
     edge_weight: float = 3.0,
+    shape_weight: float = 3.0,
     seed: int = 0,
     log_every: int = 50,
     threads: int | None = None,
     held_out: int = HELD_OUT,
 ):
     """Train on uint8 ``images`` (N, 3, 64, 64), hold the last ``held_out`` out, save everything to ``out``.
+
+    With ``captions``, the held-out reconstructions are also scored by the evaluator.
 
     ``threads`` sets torch's (process-wide) thread count; None leaves it alone.
     """
@@ -179,7 +208,7 @@ def train(
         recon = vae.decode(posterior.sample(generator)).sample
         err = (recon - x) ** 2
         kl = posterior.kl().mean() / latent_size
-        loss = (edge_weights(x, edge_weight) * err).mean() + kl_weight * kl
+        loss = (pixel_weights(x, edge_weight, shape_weight) * err).mean() + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -204,7 +233,7 @@ def train(
     record = {
         "script": "examples/shapes/train_vae.py",
         "settings": {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight,
-                     "edge_weight": edge_weight, "seed": seed, "threads": torch.get_num_threads(), "train_images": len(train_images),
+                     "edge_weight": edge_weight, "shape_weight": shape_weight, "seed": seed, "threads": torch.get_num_threads(), "train_images": len(train_images),
                      "held_out_images": held_out},
         "vae_config": VAE_CONFIG,
         "parameters": sum(p.numel() for p in vae.parameters()),
@@ -212,6 +241,9 @@ def train(
         "scaling_factor": 1.0 / stats["std"],
         "held_out_mse_before": log[0]["held_out_mse"],
         "held_out_mse_after": log[-1]["held_out_mse"],
+        "held_out_reconstruction_accuracy": (
+            reconstruction_accuracy(vae, held_out_images, captions[-held_out:]) if captions else None
+        ),
         "seconds": round(time.time() - start, 1),
         "log": log,
     }
@@ -224,19 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the trained AutoencoderKL (diffusers layout)")
     parser.add_argument("--data", help="dataset folder from dataset.py (default: generate --n images in memory)")
     parser.add_argument("--n", type=int, default=5000, help="images to generate when --data is not given")
-    parser.add_argument("--steps", type=int, default=4000, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=2000, help="optimiser steps (~0.5 s each on one core)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the KL term per latent element")
     parser.add_argument("--edge-weight", type=float, default=3.0, help="extra loss weight on pixels next to an edge")
+    parser.add_argument("--shape-weight", type=float, default=3.0, help="extra loss weight on the shape's pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed for initial weights, batches and data")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine; 0: torch's default)")
     args = parser.parse_args(argv)
-    images = load_images(args.data) if args.data else generate_images(args.n, args.seed)
-    _, record = train(args.out, images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      kl_weight=args.kl_weight, edge_weight=args.edge_weight, seed=args.seed, threads=args.threads)
+    images, captions = load_images(args.data) if args.data else generate_images(args.n, args.seed)
+    _, record = train(args.out, images, captions, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      kl_weight=args.kl_weight, edge_weight=args.edge_weight, shape_weight=args.shape_weight,
+                      seed=args.seed, threads=args.threads)
+    accuracy = ", ".join(f"{k} {v:.0%}" for k, v in record["held_out_reconstruction_accuracy"].items())
     print(f"held-out mse {record['held_out_mse_before']:.4f} -> {record['held_out_mse_after']:.4f}, "
-          f"scaling_factor {record['scaling_factor']:.4f}, {record['seconds']} s", file=sys.stderr)
+          f"scaling_factor {record['scaling_factor']:.4f}, {record['seconds']} s; evaluator on reconstructions: {accuracy}",
+          file=sys.stderr)
     print(args.out)
     return 0
 

@@ -161,11 +161,11 @@ def trained_vae(tmp_path_factory):
     """Two optimiser steps: enough to check the script's outputs, not the training."""
     import torch
 
-    images = train_vae.generate_images(12, seed=0)
+    images, captions = train_vae.generate_images(12, seed=0)
     out = tmp_path_factory.mktemp("vae")
     threads = torch.get_num_threads()  # one thread: two fight over a shared machine's cores
     try:
-        _, record = train_vae.train(out, images, steps=2, batch_size=2, log_every=1, held_out=4, threads=1)
+        _, record = train_vae.train(out, images, captions, steps=2, batch_size=2, log_every=1, held_out=4, threads=1)
     finally:
         torch.set_num_threads(threads)
     return out, record
@@ -181,6 +181,7 @@ def test_train_vae_saves_a_scaled_autoencoder(trained_vae):
     assert (out / "reconstructions.png").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
     saved = json.loads((out / "training.json").read_text())
     assert saved["settings"]["steps"] == 2 and saved["held_out_mse_before"] > 0
+    assert set(saved["held_out_reconstruction_accuracy"]) == set(evaluate.SCORED)
 
 
 def test_build_pipeline_is_loadable_and_small(tmp_path, trained_vae):
