@@ -2,9 +2,9 @@
 
 The result is an ordinary diffusers StableDiffusionPipeline folder that
 `sdcli finetune --full` trains and `sdcli generate` runs. Its sizes were chosen
-for this machine (2 shared CPU cores): about 4.4 M parameters in all (17.5 MB of
+for this machine (2 shared CPU cores): 3.83 M parameters in all (15.4 MB of
 safetensors, under the 20 MB budget), and 25 steps with guidance (the UNet sees
-a batch of 2) denoise one 64x64 image in well under a second.
+a batch of 2) denoise one 64x64 image in about 0.33 s on one thread.
 
     python examples/shapes/build_pipeline.py --vae build/shapes/vae --tokenizer build/shapes/tokenizer --out build/shapes/init
 
