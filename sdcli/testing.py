@@ -36,11 +36,33 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: merge the lowest-ranked adjacent pair, every occurrence, until none applies."""
+    while len(pieces) > 1:
+        pairs = [(ranks[p], p) for p in zip(pieces, pieces[1:]) if p in ranks]
+        if not pairs:
+            break
+        first, second = min(pairs)[1]
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == (first, second):
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
 def write_clip_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] = _WORDS, max_length: int = 77) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json for a CLIPTokenizer.
 
-    Each word in ``words`` becomes a single token through a chain of merges;
-    other text still tokenizes, byte by byte.
+    Each word in ``words`` becomes a single token; other text still tokenizes,
+    byte by byte. BPE applies merges by rank across a word, so each word is
+    first split with the merges so far and new merges (ranked last) join what
+    remains: earlier words keep their single token, since every merge they use
+    still outranks the new ones.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,21 +72,15 @@ def write_clip_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] 
         vocab.setdefault(ch, len(vocab))
     for ch in byte_chars:
         vocab.setdefault(ch + "</w>", len(vocab))
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        # Merge left to right: "r e d</w>" -> "re d</w>" -> "red</w>".
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            rule = f"{pieces[0]} {pieces[1]}"
-            if rule not in merges:
-                merges.append(rule)
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged] + pieces[2:]
+        while len(pieces := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
     vocab.setdefault("<|startoftext|>", len(vocab))
     vocab.setdefault("<|endoftext|>", len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": max_length,

@@ -42,48 +42,11 @@ def dataset_captions(folder: str | Path) -> list[str]:
     return [json.loads(line)["text"] for line in meta.read_text().splitlines() if line.strip()]
 
 
-def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's BPE on one word: merge the lowest-ranked adjacent pair, every occurrence, until none applies."""
-    while len(pieces) > 1:
-        pairs = [(ranks[p], p) for p in zip(pieces, pieces[1:]) if p in ranks]
-        if not pairs:
-            break
-        first, second = min(pairs)[1]
-        merged, i = [], 0
-        while i < len(pieces):
-            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == (first, second):
-                merged.append(first + second)
-                i += 2
-            else:
-                merged.append(pieces[i])
-                i += 1
-        pieces = merged
-    return pieces
-
-
 def build_tokenizer(out: str | Path, words: list[str] | None = None, max_length: int = MAX_LENGTH) -> Path:
-    """Write a CLIPTokenizer folder knowing ``words`` (default: every word the caption grammar uses).
-
-    sdcli.testing.write_clip_tokenizer writes the byte vocabulary, special tokens
-    and config; the merges are ours. Its own merges chain each word left to
-    right, but BPE applies merges by rank across the word, so an earlier word
-    can break a later one ("r e" from "red" leaves "green" as g|re|e|n). Here
-    each word is first split with the merges so far, and new merges (ranked
-    last) join whatever pieces remain: earlier words keep their single token
-    because every merge they use still outranks the new ones.
-    """
+    """Write a CLIPTokenizer folder knowing ``words`` (default: every word the caption grammar uses), each one token."""
     from sdcli.testing import write_clip_tokenizer
 
-    folder = write_clip_tokenizer(out, [], max_length=max_length)
-    vocab = json.loads((folder / "vocab.json").read_text())
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words or dataset.caption_words():
-        while len(pieces := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
-            ranks[(pieces[0], pieces[1])] = len(ranks)
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))
-    return folder
+    return write_clip_tokenizer(out, words or dataset.caption_words(), max_length=max_length)
 
 
 def main(argv: list[str] | None = None) -> int:
