@@ -261,6 +261,19 @@ def dropped_words(tokenizer: Any, prompt: str) -> str | None:
     return tokenizer.decode(ids[limit - 1 : -1]).strip()
 
 
+def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
+    """Words of ``prompt`` that are not whole tokens of ``tokenizer``'s vocabulary.
+
+    Meaningful for a model whose vocabulary is its training captions' words
+    (the bundled one); a real CLIP splits rare words into known pieces.
+    """
+    import re
+
+    vocab = tokenizer.get_vocab()
+    words = re.findall(r"[a-z0-9']+", prompt.lower())
+    return list(dict.fromkeys(w for w in words if f"{w}</w>" not in vocab))
+
+
 # 3. Running ------------------------------------------------------------------------------------
 
 

@@ -155,7 +155,7 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
     loaded = prepare_pipeline(settings)
     note(quiet or not main, f"loaded {loaded.model} ({loaded.family}, {loaded.prediction_type}) on "
                             f"{loaded.device} in {time.perf_counter() - t0:.1f}s")
-    warn_prompts(loaded.pipe, settings.prompts, quiet or not main)
+    warn_prompts(loaded, settings.prompts, quiet or not main)
     if not settings.seeds:
         note(quiet or not main, f"seed: {seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "") + " (random)")
 
@@ -184,12 +184,20 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
     return [Path(w["path"]) for w in mine]
 
 
-def warn_prompts(pipe: Any, prompts: list[str], quiet: bool) -> None:
-    from sdcli.generation import dropped_words
+def warn_prompts(loaded: Any, prompts: list[str], quiet: bool) -> None:
+    """Words the text encoder will drop, and words the bundled toy model has never seen."""
+    from sdcli.generation import dropped_words, unknown_words
 
-    for tokenizer in filter(None, [getattr(pipe, "tokenizer", None)]):
-        for p in dict.fromkeys(prompts):
-            lost = dropped_words(tokenizer, p)
-            if lost:
-                note(quiet, f"warning: prompt longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                            f"ignored: {lost!r}")
+    tokenizer = getattr(loaded.pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    bundled = Path(loaded.model).expanduser().resolve() == defaults.BUNDLED_MODEL.resolve()
+    for p in dict.fromkeys(prompts):
+        lost = dropped_words(tokenizer, p)
+        if lost:
+            note(quiet, f"warning: prompt longer than the text encoder's {tokenizer.model_max_length} tokens; "
+                        f"ignored: {lost!r}")
+        unknown = unknown_words(tokenizer, p) if bundled else []
+        if unknown:
+            note(quiet, f"warning: the bundled shapes model has never seen {', '.join(map(repr, unknown))}; it knows "
+                        "only colours, shapes, sizes, positions and backgrounds (use --model for a real model)")

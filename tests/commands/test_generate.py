@@ -212,3 +212,20 @@ def test_outputs_get_ordinary_permissions(cli, tiny_sd):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_bundled_model_names_the_words_it_never_saw(cli, tiny_models, monkeypatch):
+    from sdcli import defaults
+    from sdcli.generation import unknown_words
+    from sdcli.pipeline import load_pipeline
+
+    tiny_sd = tiny_models["sd1"]
+    tokenizer = load_pipeline(tiny_sd).pipe.tokenizer
+    assert unknown_words(tokenizer, "A red elephant, on a zebra") == ["elephant", "zebra"]
+    assert unknown_words(tokenizer, "a large red circle") == []
+    monkeypatch.setattr(defaults, "BUNDLED_MODEL", Path(tiny_sd))
+    result = cli("generate", "a red elephant", "--steps", "1", "--seed", "1")  # no --model: the "bundled" one
+    assert result.exit_code == 0, result.stderr
+    assert "has never seen 'elephant'" in result.stderr
+    other = cli("generate", "a red elephant", "--model", tiny_models["sd2"], "--steps", "1", "--seed", "1")
+    assert other.exit_code == 0 and "never seen" not in other.stderr  # only the bundled toy warns
