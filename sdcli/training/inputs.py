@@ -43,6 +43,10 @@ class TextEncoding:
     def encoders(self) -> list[Any]:
         return [enc for _, enc in self.pairs]
 
+    def use(self, encoders: list[Any]) -> None:
+        """Encode through these (accelerate-prepared) modules: DDP only syncs gradients through its wrapper."""
+        self.pairs = [(tok, enc) for (tok, _), enc in zip(self.pairs, encoders)]
+
     def encode(self, prompts: list[str]):
         """(hidden states (B, L, D), pooled (B, D') for SDXL else None)."""
         hidden, pooled = self._encode(prompts)

@@ -121,7 +121,7 @@ A {what} of `{base}` ({record['family']}, {record['prediction_type']}), made wit
 {record['steps']} steps of batch {cfg['batch_size']} x {cfg['gradient_accumulation']} accumulation x {record['world_size']} process(es)
 on {record['data']['images']} images at {cfg['resolution']} px, learning rate {cfg['learning_rate']:g}, captions dropped
 to the null prompt with probability {cfg['uncond_prob']:g} so classifier-free guidance keeps working.
-Final loss {record['final_loss']:.4f}; the full settings are in `{SETTINGS_FILE}`, the loss per step in `{LOSS_FILE}`.
+Final loss {_loss(record['final_loss'])}; the full settings are in `{SETTINGS_FILE}`, the loss per step in `{LOSS_FILE}`.
 
 ## Use
 
@@ -132,6 +132,10 @@ Final loss {record['final_loss']:.4f}; the full settings are in `{SETTINGS_FILE}
     path = out / CARD_FILE
     path.write_text(card)
     return path
+
+
+def _loss(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.4f}"
 
 
 class LossLog:

@@ -110,3 +110,15 @@ def test_generate_with_the_lora_matches_plain_diffusers(cli, tiny_sd, dataset, t
     produced = np.asarray(Image.open(png).convert("RGB"))
     assert np.array_equal(produced, np.asarray(expected))
     assert not np.array_equal(produced, reference)  # and the LoRA did change the picture
+
+
+def test_full_output_is_a_model_for_generate_and_epochs_set_the_length(cli, tiny_sd, dataset, tmp_path):
+    out = tmp_path / "full"
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, "--full", "--epochs", "2",
+                 "--batch-size", "2", "--checkpoint-every", "0", "--random-crop", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 4  # 4 images / batch 2 = 2 steps an epoch
+    png = tmp_path / "from-full.png"
+    made = cli("generate", "a red circle", "--model", out, "--seed", "1", "--steps", "2", "--out", png, "--quiet")
+    assert made.exit_code == 0, made.stderr
+    assert Image.open(png).size == (16, 16)

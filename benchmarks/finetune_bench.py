@@ -1,0 +1,259 @@
+"""Does caching latents and text embeddings pay? Run by hand (not a test):
+
+    python benchmarks/finetune_bench.py                       # a small SD-shaped random pipeline, 128 px
+    python benchmarks/finetune_bench.py --model PATH --resolution 512 --data DIR
+    python benchmarks/finetune_bench.py --json out.json
+
+Trains the same model on the same images with the same batch size two ways, each in a fresh process
+(so peak memory is its own), interleaved, several runs each:
+
+- sdcli: `sdcli.training.finetune` (LoRA by default), which encodes every image and caption once and
+  then runs one UNet forward and backward per step;
+- reference: the loop common training scripts run, which sends every batch through the VAE encoder
+  and the text encoder before the UNet. To favour the reference, its images are decoded and cropped
+  once up front, so the only difference left is the encoders.
+
+Prints training images/s (steps after the first two, median of the runs), peak memory (max RSS on
+CPU; max allocated on CUDA), the time sdcli spent building its cache, and the ratio. Target: >= 1.5x
+and no more memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CAPTIONS = ["a red circle", "a blue square on a white background", "a green triangle in the corner",
+            "a small yellow star", "a large purple circle at the top left", "an orange square and a gray star"]
+
+
+def small_pipeline(folder: Path) -> str:
+    """A random SD-1-shaped pipeline: an 8x VAE with 2 layers per level, a 3-level cross-attention UNet, a 4-layer CLIP."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdcli.testing import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder / "tok")))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1,
+        pad_token_id=len(tokenizer) - 1))
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+        attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 128, 128), layers_per_block=2, in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        sample_size=128)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder / "pipe"), safe_serialization=True)
+    return str(folder / "pipe")
+
+
+def make_data(folder: Path, n: int, resolution: int) -> str:
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = int(resolution * 1.25), resolution
+        img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x, y, r = rng.randrange(w), rng.randrange(h), rng.randrange(8, resolution // 3)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
+        img.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
+    return str(folder)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def stamp() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def rates(stamps: list[tuple[float, float]], batch: int, skip: int = 2) -> dict:
+    """Images per second from the median step after the first ``skip`` (warm-up), by wall clock and by CPU time.
+
+    The median step shrugs off a step slowed by another process on a shared machine; CPU seconds
+    per image (summed over threads) hardly depends on how busy the machine is.
+    """
+    wall = [b[0] - a[0] for a, b in zip(stamps[skip:], stamps[skip + 1:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps[skip:], stamps[skip + 1:])]
+    return {"images_per_s": batch / statistics.median(wall), "cpu_s_per_image": statistics.median(cpu) / batch}
+
+
+def run_sdcli(args) -> dict:
+    from sdcli.training import FinetuneConfig, finetune
+
+    stamps: list[tuple[float, float]] = []
+    t0 = time.perf_counter()
+    result = finetune(
+        FinetuneConfig(data=args.data, out=Path(args.work) / f"sdcli-{os.getpid()}", model=args.model,
+                       resolution=args.resolution, batch_size=args.batch_size, max_steps=args.steps,
+                       lora=args.method == "lora", checkpoint_every=0, quiet=True, seed=0, device=args.device),
+        callback=lambda info: stamps.append(stamp()),
+    )
+    return {**rates(stamps, args.batch_size), "peak_mb": peak_memory_mb(),
+            "cache_s": result.cache_seconds, "total_s": time.perf_counter() - t0, "final_loss": result.losses[-1]}
+
+
+def run_reference(args) -> dict:
+    """The usual loop: VAE encode and text encode inside every step."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+
+    from sdcli.training.data import discover, load_rgb, to_pixels
+
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None)
+    vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if args.method == "lora":
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    for model in (vae, text_encoder, unet):
+        model.to(device)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    examples = discover(Path(args.data)).examples
+    resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    # Decoded once, so this loop pays for the encoders and nothing else.
+    pixels = torch.stack([to_pixels(load_rgb(e.path), resolution)[0] for e in examples])
+    captions = [e.caption for e in examples]
+    stamps: list[tuple[float, float]] = []
+    g = torch.Generator().manual_seed(0)
+    unet.train()
+    for step in range(args.steps):
+        idx = torch.randint(0, len(examples), (args.batch_size,), generator=g)
+        prompts = ["" if torch.rand(1, generator=g).item() < 0.1 else captions[i] for i in idx.tolist()]
+        with torch.no_grad():
+            latents = vae.encode(pixels[idx].to(device)).latent_dist.sample() * vae.config.scaling_factor
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            hidden = text_encoder(ids, return_dict=False)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), device=device)
+        pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the same per-step sync sdcli makes to log the loss
+        stamps.append(stamp())
+    return {**rates(stamps, args.batch_size), "peak_mb": peak_memory_mb(), "cache_s": 0.0,
+            "total_s": time.perf_counter() - t0, "final_loss": loss.item()}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    record = run_sdcli(args) if args.child == "sdcli" else run_reference(args)
+    print("RESULT " + json.dumps(record))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="Pipeline folder (default: a small random SD-1-shaped one).")
+    parser.add_argument("--data", help="Captioned image folder (default: generated).")
+    parser.add_argument("--images", type=int, default=24, help="Images to generate when --data is not given.")
+    parser.add_argument("--resolution", type=int, default=None, help="Training size (default: the model's).")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (CPU).")
+    parser.add_argument("--json", help="Also write the results here.")
+    parser.add_argument("--child", choices=["sdcli", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = args.model or small_pipeline(work)
+        data = args.data or make_data(work / "data", args.images, args.resolution or 128)
+        results: dict[str, list[dict]] = {"sdcli": [], "reference": []}
+        for run in range(args.runs):
+            for which in ("reference", "sdcli") if run % 2 else ("sdcli", "reference"):  # interleaved
+                cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", data, "--work", tmp,
+                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--method", args.method,
+                       "--device", args.device, "--threads", str(args.threads)]
+                if args.resolution:
+                    cmd += ["--resolution", str(args.resolution)]
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
+                results[which].append(json.loads(line[0][7:]))
+                last = results[which][-1]
+                print(f"run {run + 1} {which:9s} {last['images_per_s']:7.2f} img/s  "
+                      f"{last['cpu_s_per_image'] * 1000:6.1f} cpu-ms/img  peak {last['peak_mb']:6.0f} MB", file=sys.stderr)
+
+    def med(which, key):
+        return statistics.median(r[key] for r in results[which])
+
+    summary = {
+        "method": args.method, "batch_size": args.batch_size, "steps": args.steps, "runs": args.runs,
+        "resolution": args.resolution or "native", "images": args.images if not args.data else "given",
+        "sdcli_images_per_s": med("sdcli", "images_per_s"), "reference_images_per_s": med("reference", "images_per_s"),
+        "sdcli_peak_mb": med("sdcli", "peak_mb"), "reference_peak_mb": med("reference", "peak_mb"),
+        "sdcli_cpu_s_per_image": med("sdcli", "cpu_s_per_image"),
+        "reference_cpu_s_per_image": med("reference", "cpu_s_per_image"),
+        "sdcli_cache_s": med("sdcli", "cache_s"), "runs_detail": results,
+    }
+    summary["speedup"] = summary["sdcli_images_per_s"] / summary["reference_images_per_s"]
+    summary["cpu_speedup"] = summary["reference_cpu_s_per_image"] / summary["sdcli_cpu_s_per_image"]
+    summary["memory_ratio"] = summary["sdcli_peak_mb"] / summary["reference_peak_mb"]
+    print(f"{'':10s} {'images/s':>9s} {'cpu-ms/img':>10s} {'peak MB':>8s}")
+    for which in ("sdcli", "reference"):
+        print(f"{which:10s} {summary[which + '_images_per_s']:9.2f} {summary[which + '_cpu_s_per_image'] * 1000:10.1f} "
+              f"{summary[which + '_peak_mb']:8.0f}")
+    print(f"sdcli built its cache once in {summary['sdcli_cache_s']:.1f} s")
+    print(f"speed-up {summary['speedup']:.2f}x by wall clock, {summary['cpu_speedup']:.2f}x by CPU time (target >= 1.5x); "
+          f"memory {summary['memory_ratio']:.2f}x (target <= 1)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

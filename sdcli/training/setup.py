@@ -1,0 +1,136 @@
+"""Building what trains: the accelerator, the pipeline, LoRA adapters, precision and placement.
+
+Each function is one step of `sdcli.training.loop.finetune`'s set-up; none of
+them runs a training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdcli.errors import ModelError, UsageError
+from sdcli.training.config import TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
+
+
+def make_accelerator(cfg: FinetuneConfig):
+    from accelerate import Accelerator
+
+    from sdcli.pipeline import resolve_device
+
+    # accelerate only forms a CPU process group (gloo, under torchrun) when told it is on the CPU.
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and resolve_device("auto") == "cpu")
+    try:
+        return Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation,
+            cpu=cpu,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None
+
+
+def release(accelerator) -> None:
+    """Let a later finetune() in this process choose its own precision (accelerate keeps a singleton)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def load(cfg: FinetuneConfig):
+    from sdcli.pipeline import load_pipeline
+
+    # On the CPU in float32: accelerate places what trains, park_frozen the rest.
+    loaded = load_pipeline(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
+                           device="cpu", dtype="float32")
+    if loaded.family not in ("sd1", "sd2", "sdxl"):
+        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x and SDXL pipelines; {cfg.model} is a {loaded.family}")
+    return loaded.pipe, loaded.family
+
+
+def resolution_for(resolution: int | None, pipe) -> int:
+    """The model's native size by default; otherwise a size its VAE and UNet can halve cleanly."""
+    vae_factor = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * vae_factor
+    if resolution is None:
+        return native
+    multiple = vae_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise UsageError(f"--resolution {resolution} must be a multiple of {multiple} for this model (native {native})")
+    return resolution
+
+
+def make_trainable(pipe, cfg: FinetuneConfig, device) -> list[Any]:
+    """Freeze what is not trained, add LoRA adapters, and place each model; returns the trained ones."""
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+
+    set_seed(cfg.seed)  # LoRA's initial weights, identical on every process
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    pipe.vae.requires_grad_(False)
+    for encoder in encoders:
+        encoder.requires_grad_(False)
+    pipe.unet.requires_grad_(not cfg.lora)
+    if cfg.lora:
+        add_lora(pipe.unet, cfg, cfg.lora_targets, "--lora-targets")
+    trained = [pipe.unet]
+    if cfg.train_text_encoder:
+        for encoder in encoders:
+            if cfg.lora:
+                add_lora(encoder, cfg, TEXT_ENCODER_LORA_TARGETS, "text encoder")
+            else:
+                encoder.requires_grad_(True)
+        trained += encoders
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for encoder in encoders:
+                encoder.gradient_checkpointing_enable()
+    # Frozen UNet weights may live in the training precision (half the memory); what trains stays float32.
+    # The VAE and text encoder stay float32: they run once into the cache, and the SDXL VAE overflows in fp16.
+    frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    pipe.unet.to(device, dtype=frozen_dtype if cfg.lora else torch.float32)
+    cast_training_params(trained, dtype=torch.float32)
+    pipe.vae.to(device)
+    for encoder in encoders:
+        encoder.to(device)
+    return trained
+
+
+def add_lora(model, cfg: FinetuneConfig, targets, what: str) -> None:
+    from peft import LoraConfig
+
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    try:
+        model.add_adapter(config)
+    except ValueError as exc:
+        text = " ".join(str(exc).split())
+        if "version of peft" in text.lower():
+            # transformers' own PEFT integration (which diffusers' load_lora_weights also uses for text
+            # encoders) refuses this peft: a text-encoder LoRA could be neither trained nor loaded.
+            raise UsageError(f"--train-text-encoder with --lora: the installed transformers and peft do not work "
+                             f"together ({text}); upgrade peft, or use --full, or drop --train-text-encoder") from None
+        if "target" in text.lower():
+            raise UsageError(f"{what} {','.join(targets)}: no such modules in {type(model).__name__}") from None
+        raise
+
+
+def park_frozen(pipe, inputs, device) -> None:
+    """Move what the cache replaced off the accelerator, so training holds the UNet only."""
+    if inputs.cache_latents:
+        pipe.vae.to("cpu")
+    if inputs.cache_text:
+        for encoder in inputs.text.encoders:
+            encoder.to("cpu")
+
+
+def make_optimizer(cfg: FinetuneConfig, params):
+    import torch
+
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
