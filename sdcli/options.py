@@ -40,7 +40,7 @@ Model = Annotated[
         "--model",
         "-m",
         envvar=defaults.MODEL_ENV,
-        help="Hub id, local diffusers folder, or single-file .safetensors checkpoint [env: SDCLI_MODEL].",
+        help="Hub id, local diffusers folder, or single-file .safetensors checkpoint (default: $SDCLI_MODEL, else the bundled model).",
         show_default=False,
         show_envvar=False,
     ),

@@ -138,3 +138,21 @@ def test_lora_matches_plain_diffusers(cli, tiny_sd, loras, tmp_path):
 def test_lora_for_another_architecture_does_not_fit(cli, tiny_sd, loras):
     line = one_error_line(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--lora", loras["sdxl"]))
     assert "does not fit this model" in line
+
+
+def test_memory_options_keep_the_image(cli, tiny_sd, tmp_path):
+    def image(*extra):
+        result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "--seed", "5", "--out", tmp_path, *extra)
+        assert result.exit_code == 0, result.stderr
+        return np.asarray(Image.open(result.stdout.split()[-1]), np.int16)
+
+    assert np.abs(image() - image("--attention-slicing", "--vae-tiling")).max() <= 1
+
+
+def test_cpu_offload_without_cuda_is_refused(cli, tiny_sd):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert "--cpu-offload needs a CUDA device" in one_error_line(
+        cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--cpu-offload"))
