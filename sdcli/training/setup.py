@@ -19,6 +19,9 @@ def make_accelerator(cfg: FinetuneConfig):
 
     # accelerate only forms a CPU process group (gloo, under torchrun) when told it is on the CPU.
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and resolve_device("auto") == "cpu")
+    if cpu and cfg.mixed_precision == "fp16":
+        # torch has no float16 autocast on the CPU: half-precision weights would meet float32 inputs.
+        raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     try:
         return Accelerator(
             mixed_precision=cfg.mixed_precision,

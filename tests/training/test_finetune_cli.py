@@ -83,6 +83,7 @@ def test_corrupt_image_without_strict_is_skipped_with_a_warning(cli, tiny_sd, da
         (["--resolution", "18"], "--resolution 18 must be a multiple of 4"),
         (["--lora-targets", "to_nothing"], "--lora-targets to_nothing: no such modules"),
         (["--resume", "latest"], "--resume latest: no checkpoint in"),
+        (["--mixed-precision", "fp16", "--device", "cpu"], "--mixed-precision fp16 needs a GPU"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(cli, tiny_sd, dataset, tmp_path, args, message):
