@@ -229,7 +229,12 @@ def load_pipeline(
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - every load failure is a bad model for the user
-        raise ModelError(_load_message(model, exc)) from exc
+        message = _load_message(model, exc)
+        if kind == "file" and "Hugging Face cache" in message:
+            # diffusers reads a single file's architecture from the matching Hub config.
+            message = (f"{model}: a single-file checkpoint needs its model family's config from the Hugging Face "
+                       "Hub once, and it is not cached here (offline?); load a diffusers folder instead, or go online")
+        raise ModelError(message) from exc
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -156,3 +156,15 @@ def test_cpu_offload_without_cuda_is_refused(cli, tiny_sd):
         pytest.skip("has CUDA")
     assert "--cpu-offload needs a CUDA device" in one_error_line(
         cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--cpu-offload"))
+
+
+def test_single_file_checkpoints_fail_clearly_when_corrupt_or_offline(cli, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    assert "corrupt weights" in one_error_line(cli("generate", "x", "--model", garbage))
+    single = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, single)
+    assert "needs its model family's config" in one_error_line(cli("generate", "x", "--model", single))
