@@ -1,4 +1,4 @@
-"""The same command under torchrun: two CPU processes (gloo) train one model together."""
+"""The same command under torchrun: two CPU processes (gloo) train one model together, and resume exactly."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 
 @pytest.mark.slow
@@ -40,3 +41,14 @@ def test_two_processes_both_train_and_the_output_loads(tiny_sd, tmp_path, make_i
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  output_type="np").images
     assert image.shape == (1, 16, 16, 3)
+
+    # Resumed from the half-way checkpoint into a new folder, two processes end where the first run did.
+    again = tmp_path / "again"
+    resume = [*cmd[: cmd.index("--out") + 1], str(again), *cmd[cmd.index("--out") + 2:],
+              "--resume", str(out / "checkpoints" / "checkpoint-000015")]
+    run = subprocess.run(resume, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from" in run.stderr and "at step 15" in run.stderr
+    a = load_file(str(next((out / "unet").glob("*.safetensors"))))
+    b = load_file(str(next((again / "unet").glob("*.safetensors"))))
+    assert all(torch.equal(a[k], b[k]) for k in a)
