@@ -4,8 +4,10 @@
 - `data`: finding images and captions, and turning an image into pixels.
 - `objective`: the maths of one training step (noise, target, weighting).
 - `inputs`: latents and text embeddings for a batch, computed live or from a cache.
+- `setup`: the accelerator, the pipeline, LoRA adapters, precision and placement.
 - `checkpoints`: atomic save, resume and pruning of training state.
-- `outputs`: what a finished run leaves in OUT (weights, settings, card, loss log).
+- `outputs`: what a finished run leaves in OUT (weights, settings, card, loss log, validation images).
+- `progress`: the progress bar and notes on stderr.
 - `loop`: `finetune(config)`, the training loop that ties them together.
 
 Nothing here imports torch at module level; `sdcli --help` stays instant.
