@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,7 +86,8 @@ def write_images(
         if item.trajectory:
             write_trajectory(item, path, namer.overwrite, json)
         written.append({"path": str(path), "prompt": item.job.prompt, "seed": item.job.seed,
-                        "guidance": item.job.guidance, "guidance_rescale": item.job.guidance_rescale})
+                        "guidance": item.job.guidance, "guidance_rescale": item.job.guidance_rescale,
+                        "done_at": time.perf_counter()})
     return written
 
 

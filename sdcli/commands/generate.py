@@ -177,6 +177,10 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
         counts = distributed.gather([len(mine)], st)
         note(quiet or not main, f"{len(written)} images from {st.num_processes} processes "
                                 f"(per process: {', '.join(map(str, counts))})")
+    elif settings.compile and len(mine) > 1:
+        first = mine[0]["done_at"] - t0
+        rest = (mine[-1]["done_at"] - mine[0]["done_at"]) / (len(mine) - 1)
+        note(quiet, f"first image {first:.1f}s (includes torch.compile), then {rest:.2f}s each")
     elif len(written) > 1:
         note(quiet, f"{len(written)} images in {seconds:.1f}s ({seconds / len(written):.2f}s each)")
     if main and len(settings.guidance) * len(settings.guidance_rescale) > 1 and namer.file is None:
