@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -193,7 +193,7 @@ def plan_jobs(s: Settings, seeds: list[int]) -> list[Job]:
 
 
 def prepare_pipeline(s: Settings):
-    """Load the model, set the sampler, fuse in LoRAs and apply memory/speed options."""
+    """Load the model, set the sampler, load LoRAs and apply memory/speed options."""
     from sdcli.pipeline import apply_runtime_options, load_pipeline
     from sdcli.schedulers import make_scheduler
 
@@ -429,7 +429,3 @@ def settings_from_record(record: dict[str, Any]) -> Settings:
     if record.get("dtype") in ("float32", "float16", "bfloat16"):
         s.dtype = record["dtype"]
     return s
-
-
-def settings_dict(s: Settings) -> dict[str, Any]:
-    return asdict(s)
