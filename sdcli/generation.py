@@ -426,6 +426,6 @@ def settings_from_record(record: dict[str, Any]) -> Settings:
     s.init_image = record.get("init_image")
     if s.init_image:
         s.strength = float(record["strength"])
-    if record.get("dtype") in ("float32", "float16", "bfloat16"):
-        s.dtype = record["dtype"]
+    # dtype and device stay the command line's: "auto" picks the same on the same machine, and an
+    # image made in float16 on a GPU can still be remade on a CPU.
     return s
