@@ -53,11 +53,10 @@ def test_corrupt_weights_file(cli, tiny_sd, tmp_path):
     assert "broken" in line
 
 
-def test_no_model_at_all(cli):
+def test_no_model_at_all(cli, monkeypatch, tmp_path):
     from sdcli import defaults
 
-    if defaults.default_model():
-        pytest.skip("a bundled model is installed")
+    monkeypatch.setattr(defaults, "BUNDLED_MODEL", tmp_path / "not-installed")  # as if the package shipped none
     assert "no model given" in one_error_line(cli("generate", "x"))
 
 
