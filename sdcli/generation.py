@@ -293,13 +293,8 @@ def load_init_image(path: str, width: int | None, height: int | None, factor: in
     return image.resize((w, h), Image.LANCZOS) if (w, h) != image.size else image
 
 
-def _absolute(path: str) -> str:
-    """Local paths made absolute so a record still works from another folder; Hub ids as they are."""
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path
-
-
 def base_record(s: Settings, loaded: Any, width: int, height: int) -> dict[str, Any]:
+    from sdcli.pipeline import absolute_if_local
     from sdcli.schedulers import spec_for
 
     spec = spec_for(loaded.pipe.scheduler)
@@ -314,13 +309,13 @@ def base_record(s: Settings, loaded: Any, width: int, height: int) -> dict[str, 
         "prediction_type": loaded.prediction_type,
         "width": width,
         "height": height,
-        "model": _absolute(loaded.model),
+        "model": absolute_if_local(loaded.model),
         "model_name": loaded.model_name,
         "model_family": loaded.family,
         "revision": s.revision,
         "variant": s.variant,
-        "loras": [{"path": _absolute(p), "scale": sc} for p, sc in s.loras],
-        "init_image": _absolute(s.init_image) if s.init_image else None,
+        "loras": [{"path": absolute_if_local(p), "scale": sc} for p, sc in s.loras],
+        "init_image": absolute_if_local(s.init_image) if s.init_image else None,
         "strength": s.strength if s.init_image else None,
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "sdcli_version": __version__,

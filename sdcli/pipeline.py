@@ -91,6 +91,12 @@ def local_kind(model: str) -> str:
     return "hub"
 
 
+def absolute_if_local(path: str) -> str:
+    """Local paths made absolute, so a record or a resume still works from another folder; Hub ids as they are."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())

@@ -6,6 +6,14 @@ import contextlib
 from typing import Callable, Iterator
 
 
+def note(quiet: bool, message: str) -> None:
+    """A note for the user on stderr (stdout stays for results), unless quiet."""
+    import sys
+
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
 @contextlib.contextmanager
 def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; the bar lives on stderr so stdout stays for results."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -10,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sdcli import defaults, options
+from sdcli.progress import note
 
 # Options that change how a run executes, not which image it makes: always the command line's.
 RUNTIME_FIELDS = ("device", "allow_pickle", "batch_size", "cpu_offload", "vae_tiling", "attention_slicing",
@@ -17,10 +17,6 @@ RUNTIME_FIELDS = ("device", "allow_pickle", "batch_size", "cpu_offload", "vae_ti
 # Command-line parameter -> Settings field, where the names differ.
 PARAM_FIELDS = {"prompt": "prompts", "prompt_file": "prompts", "seed": "seeds", "lora": "loras"}
 
-
-def note(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, file=sys.stderr)
 
 
 def generate_cmd(

@@ -6,7 +6,6 @@ A thin wrapper: `sdcli.schedule` computes, `sdcli.schedule_report` lays out.
 from __future__ import annotations
 
 import json
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +14,7 @@ import typer
 
 from sdcli import defaults
 from sdcli.errors import UsageError
+from sdcli.progress import note
 from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing
 
 
@@ -37,10 +37,6 @@ class PredictionType(str, Enum):
     v_prediction = "v_prediction"
     sample = "sample"
 
-
-def note(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, file=sys.stderr)
 
 
 def _value(option):

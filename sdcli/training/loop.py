@@ -125,11 +125,11 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     ``callback(StepInfo)`` runs after every optimizer step. Ctrl-C (SIGINT) stops after the
     current step, saves a checkpoint and raises KeyboardInterrupt.
     """
-    from sdcli.pipeline import resolve_device, resolve_model
+    from sdcli.pipeline import absolute_if_local, resolve_device, resolve_model
 
     # 1. Check inputs before anything heavy is loaded.
     cfg.check()
-    cfg.model = _normalise_model(resolve_model(cfg.model))
+    cfg.model = absolute_if_local(resolve_model(cfg.model))
     resume_dir = checkpoints.find_resume(cfg.resume, cfg.out) if cfg.resume else None
     outputs.check_out(cfg.out, cfg.overwrite, resuming=resume_dir is not None)
     if cfg.device != "auto":
@@ -342,12 +342,6 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
         images_per_s=ran * images_per_step / done.seconds if done.seconds > 0 and ran else 0.0,
         checkpoints=done.saved, validation_images=done.rendered,
     )
-
-
-def _normalise_model(model: str) -> str:
-    """Local paths become absolute, so the settings JSON and a resume name the same model."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
 
 
 def _resume(cfg: FinetuneConfig, accelerator, path: Path, say) -> int:
