@@ -21,6 +21,7 @@ class SchedulerSpec:
     schedule_type: str = "Automatic"  # "Schedule type:" as AUTOMATIC1111 writes it
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    requires: tuple[str, ...] = ()  # optional packages the diffusers class needs
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
@@ -32,7 +33,8 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
         SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", description="Karras et al. 2022, Euler method"),
         SchedulerSpec("euler-ancestral", "EulerAncestralDiscreteScheduler", "Euler a", description="Euler with fresh noise each step"),
         SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", description="Karras et al. 2022, 2nd order (2 UNet calls/step)"),
-        SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", description="linear multistep"),
+        SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", description="linear multistep (needs scipy)",
+                      requires=("scipy",)),
         SchedulerSpec("dpm++2m", "DPMSolverMultistepScheduler", "DPM++ 2M",
                       overrides={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
                       description="Lu et al. 2022, fast at 20-25 steps"),
@@ -55,10 +57,19 @@ for _spec in SCHEDULERS.values():
 
 
 def get_spec(name: str) -> SchedulerSpec:
+    """The spec of a sampler name; UsageError if unknown or if a package it needs is not installed."""
+    import importlib.util
+
     key = name.strip().lower()
     if key not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[key]
+    spec = SCHEDULERS[key]
+    # scipy is optional: importing it costs every run half a second, and only LMS uses it.
+    missing = [pkg for pkg in spec.requires if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise UsageError(f"the {spec.name} sampler needs {', '.join(missing)}, which is not installed: "
+                         f"pip install {' '.join(missing)}")
+    return spec
 
 
 def spec_for(scheduler: Any) -> SchedulerSpec:

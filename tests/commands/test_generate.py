@@ -197,6 +197,27 @@ def test_subprocess_prints_paths_on_stdout_and_notes_on_stderr(tiny_sd, tmp_path
     assert "loaded" in res.stderr
 
 
+def test_without_scipy_generate_works_and_lms_says_what_to_install(tiny_sd, tmp_path):
+    # scipy is optional (only LMS needs it); hide it the way importlib sees a missing package.
+    script = (
+        "import sys; sys.modules['scipy'] = None\n"
+        "from sdcli.cli import main\n"
+        "sys.argv = ['sdcli', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    common = ["generate", "x", "--model", tiny_sd, "--steps", "2", "--seed", "1"]
+    lms = subprocess.run([sys.executable, "-c", script, *common, "-s", "lms", "--out", str(tmp_path / "lms")],
+                         capture_output=True, text=True)
+    assert lms.returncode != 0
+    assert lms.stderr.strip().splitlines() == [
+        "error: the lms sampler needs scipy, which is not installed: pip install scipy"]
+    assert not (tmp_path / "lms").exists()
+    ddim = subprocess.run([sys.executable, "-c", script, *common, "--out", str(tmp_path / "ddim")],
+                          capture_output=True, text=True)
+    assert ddim.returncode == 0, ddim.stderr
+    assert [Path(line).parent.name for line in ddim.stdout.splitlines()] == ["ddim"]
+
+
 def test_long_prompt_warns_naming_the_dropped_words(cli, tiny_sd):
     long = " ".join(["red"] * 80) + " purple elephant"
     result = cli("generate", long, "--model", tiny_sd, "--steps", "1", "--seed", "1")
