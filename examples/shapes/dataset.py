@@ -22,13 +22,16 @@ from pathlib import Path
 SIZE = 64
 _SUPERSAMPLE = 4  # draw at 4x and downsample: antialiased edges without extra code
 
-# Well separated in RGB so a blurry generation still lands on the right name.
+# Separable in RGB, but not all far apart: orange sits between red and yellow, pink between red, purple
+# and white, so a model that only half-learned a colour word can land on a neighbour.
 COLORS = {
     "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
     "green": (30, 170, 40),
     "blue": (30, 70, 230),
-    "yellow": (240, 220, 30),
     "purple": (140, 40, 190),
+    "pink": (250, 130, 200),
     "white": (245, 245, 245),
 }
 BACKGROUNDS = {
@@ -39,13 +42,19 @@ BACKGROUNDS = {
 SHAPES = ("circle", "square", "triangle", "star")
 # Side of the box each shape fills, in pixels; a gap of 2x between sizes keeps them unmistakable.
 SIZES = {"small": 14, "large": 26}
-# Anchor (x, y) of each position; the shape's box is centred there (plus jitter).
+# Anchor (x, y) of each position, a 3x3 grid 15 px apart; the shape's box is centred there (plus jitter).
+# A large shape at an edge anchor just fits inside the image.
+_GRID = {"top": 17, "left": 17, "bottom": 47, "right": 47}
 POSITIONS = {
-    "top left": (18, 18),
-    "top right": (46, 18),
-    "bottom left": (18, 46),
-    "bottom right": (46, 46),
+    "top left": (_GRID["left"], _GRID["top"]),
+    "top": (32, _GRID["top"]),
+    "top right": (_GRID["right"], _GRID["top"]),
+    "left": (_GRID["left"], 32),
     "center": (32, 32),
+    "right": (_GRID["right"], 32),
+    "bottom left": (_GRID["left"], _GRID["bottom"]),
+    "bottom": (32, _GRID["bottom"]),
+    "bottom right": (_GRID["right"], _GRID["bottom"]),
 }
 ATTRIBUTES = ("color", "shape", "size", "position", "background")
 
@@ -55,16 +64,24 @@ SIZE_JITTER = 0.08  # fraction of the box side
 COLOR_JITTER = 12  # per channel, shape and background alike
 
 
+def where(position: str) -> str:
+    """A position's words: "in the top left corner", "at the top", "on the left", "in the center"."""
+    if position == "center":
+        return "in the center"
+    if " " in position:
+        return f"in the {position} corner"
+    return f"at the {position}" if position in ("top", "bottom") else f"on the {position}"
+
+
 def caption(attrs: dict[str, str]) -> str:
     """The plain-English caption of an attribute dict."""
-    where = "in the center" if attrs["position"] == "center" else f"in the {attrs['position']} corner"
-    return f"a {attrs['size']} {attrs['color']} {attrs['shape']} {where} on a {attrs['background']} background"
+    return f"a {attrs['size']} {attrs['color']} {attrs['shape']} {where(attrs['position'])} on a {attrs['background']} background"
 
 
 def caption_words() -> list[str]:
     """Every word any caption can contain, in a stable order."""
     words: list[str] = []
-    for text in ("a in the corner on background", *SIZES, *COLORS, *SHAPES, *POSITIONS, *BACKGROUNDS):
+    for text in ("a in the corner at on background", *SIZES, *COLORS, *SHAPES, *POSITIONS, *BACKGROUNDS):
         for word in text.split():
             if word not in words:
                 words.append(word)

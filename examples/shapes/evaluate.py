@@ -58,9 +58,12 @@ def parse_prompt(text: str) -> dict[str, str | None]:
     for attr, names in (("color", dataset.COLORS), ("shape", dataset.SHAPES), ("size", dataset.SIZES)):
         m = re.search(rf"\b({'|'.join(names)})\b", text)
         found[attr] = m.group(1) if m else None
-    m = re.search(r"\b(top|bottom)\s+(left|right)\b", text)
-    if m:
-        found["position"] = f"{m.group(1)} {m.group(2)}"
+    corner = re.search(r"\b(top|bottom)\s+(left|right)\b", text)
+    edge = re.search(r"\b(top|bottom|left|right)\b", text)
+    if corner:
+        found["position"] = f"{corner.group(1)} {corner.group(2)}"
+    elif edge:
+        found["position"] = edge.group(1)
     elif re.search(r"\b(center|centre|middle)\b", text):
         found["position"] = "center"
     return found

@@ -67,6 +67,15 @@ def test_parse_prompt():
     assert evaluate.parse_prompt("a cat") == dict.fromkeys(evaluate.SCORED)
 
 
+def test_every_position_and_colour_reads_back_from_its_caption():
+    # Edge positions ("at the top", "on the left") must not be read as a corner or lost to the background's "on".
+    for i, position in enumerate(dataset.POSITIONS):
+        for color in dataset.COLORS:
+            attrs = {"size": "small", "color": color, "shape": dataset.SHAPES[i % 4], "position": position,
+                     "background": "white" if color != "white" else "black"}
+            assert evaluate.parse_prompt(dataset.caption(attrs)) == attrs
+
+
 def test_evaluator_reads_the_datasets_own_images(samples):
     report = evaluate.score((image, text) for image, text, _ in samples)
     assert report["n"] == len(samples)
