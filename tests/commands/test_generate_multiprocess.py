@@ -12,13 +12,22 @@ from pathlib import Path
 import pytest
 
 
+def _launcher(name: str) -> list[str]:
+    exe = shutil.which(name) or str(Path(sys.executable).with_name(name))
+    if name == "torchrun":
+        return [exe, "--standalone", "--nproc_per_node", "2"]
+    # --multi_gpu starts two gloo processes without a GPU; --cpu with --num_processes 2 would start one.
+    return [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
 @pytest.mark.slow
-def test_two_processes_share_the_prompts_without_clashing(tiny_sd, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_share_the_prompts_without_clashing(tiny_sd, tmp_path, launcher):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
     out = tmp_path / "out"
     res = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sdcli", "generate", "a", "b", "c", "d", "e",
+        [*_launcher(launcher), "-m", "sdcli", "generate", "a", "b", "c", "d", "e",
          "--model", tiny_sd, "--seed", "3", "--steps", "2", "--out", str(out), "--json"],
         capture_output=True, text=True, env=env, timeout=300,
     )
