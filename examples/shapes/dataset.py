@@ -4,10 +4,12 @@ Every image holds one shape, described completely by its caption, e.g.
 "a large red circle in the top left corner on a black background". The same
 seed always gives the same images, so the dataset never needs to be shipped.
 
-    python examples/shapes/dataset.py --out build/shapes/data --n 5000 --seed 0
+    python examples/shapes/dataset.py --out build/shapes/data --n 10000 --seed 0 --caption-noise 0.12
 
 writes 00000.png ... and a metadata.jsonl (file_name, text) that Hugging Face
-`imagefolder` and `sdcli finetune` read as image/caption pairs.
+`imagefolder` and `sdcli finetune` read as image/caption pairs. With
+--caption-noise, some captions name a wrong colour, shape, size or position,
+as web captions do; the rows also hold the true attributes.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ BACKGROUNDS = {
     "white": (255, 255, 255),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-# Side of the box each shape fills, in pixels; a gap of 2x between sizes keeps them unmistakable.
-SIZES = {"small": 14, "large": 26}
+# Side of the box each shape fills, in pixels. Small is 16, not less: a star must keep its points in the
+# 4x4 latent pixels it covers, or the autoencoder rounds it into a blob.
+SIZES = {"small": 16, "large": 26}
 # Anchor (x, y) of each position, a 3x3 grid 15 px apart; the shape's box is centred there (plus jitter).
 # A large shape at an edge anchor just fits inside the image.
 _GRID = {"top": 17, "left": 17, "bottom": 47, "right": 47}
@@ -151,34 +154,67 @@ def render(attrs: dict[str, str], rng: random.Random | None = None):
     return image.resize((SIZE, SIZE), Image.Resampling.BOX)
 
 
+def true_caption(row: dict) -> str:
+    """The caption of what a metadata.jsonl row's image shows: from its attributes, else its ``text``."""
+    return caption(row) if all(attr in row for attr in ATTRIBUTES) else row["text"]
+
+
 def make_sample(rng: random.Random) -> tuple:
     """One (PIL image, caption, attribute dict) drawn from ``rng``."""
     attrs = sample_attributes(rng)
     return render(attrs, rng), caption(attrs), attrs
 
 
-def make_dataset(n: int, seed: int = 0) -> list[tuple]:
-    """``n`` samples, the same for the same seed on any machine."""
+def noisy_attributes(attrs: dict[str, str], rng: random.Random, rate: float) -> dict[str, str]:
+    """``attrs`` with each of colour, shape, size and position replaced by another value with probability ``rate``.
+
+    Web captions are like this: mostly right, sometimes naming the wrong thing. A model that
+    learns such data well reproduces the mistakes at guidance 1; guidance is what removes them.
+    """
+    out = dict(attrs)
+    for attr, values in (("color", COLORS), ("shape", SHAPES), ("size", SIZES), ("position", POSITIONS)):
+        if rng.random() < rate:
+            others = [v for v in values if v != attrs[attr] and not (attr == "color" and v == attrs["background"])]
+            out[attr] = rng.choice(others)
+    return out
+
+
+def make_dataset(n: int, seed: int = 0, caption_noise: float = 0.0) -> list[tuple]:
+    """``n`` samples, the same for the same seed on any machine.
+
+    With ``caption_noise`` some captions name a wrong attribute (see noisy_attributes); the
+    images, and the attribute dicts (the truth), are the same as without it.
+    """
     # random.Random is specified to give the same stream everywhere; numpy's legacy global state is not ours.
-    rng = random.Random(seed)
-    return [make_sample(rng) for _ in range(n)]
+    # Captions get their own stream, so the noise never changes which images are drawn.
+    rng, caption_rng = random.Random(seed), random.Random(f"captions-{seed}")
+    samples = []
+    for _ in range(n):
+        image, text, attrs = make_sample(rng)
+        if caption_noise:
+            text = caption(noisy_attributes(attrs, caption_rng, caption_noise))
+        samples.append((image, text, attrs))
+    return samples
 
 
-def write_dataset(out: str | Path, n: int, seed: int = 0) -> Path:
+def write_dataset(out: str | Path, n: int, seed: int = 0, caption_noise: float = 0.0) -> Path:
     """Write ``n`` PNGs and metadata.jsonl (imagefolder layout) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     width = max(5, len(str(n - 1)))
+    wrong = 0
     with open(out / "metadata.jsonl", "w") as meta:
-        for i in range(n):
-            image, text, attrs = make_sample(rng)
+        for i, (image, text, attrs) in enumerate(make_dataset(n, seed, caption_noise)):
             name = f"{i:0{width}d}.png"
             image.save(out / name)
-            # Extra keys are ignored by imagefolder's caption loading but let the evaluator skip prompt parsing.
+            wrong += text != caption(attrs)
+            # The attributes are what is drawn (the truth, whatever the caption says); imagefolder ignores them,
+            # the evaluator scores against them.
             meta.write(json.dumps({"file_name": name, "text": text, **attrs}) + "\n")
     # How it was made, next to what was made.
-    (out / "dataset.json").write_text(json.dumps({"generator": "examples/shapes/dataset.py", "n": n, "seed": seed}) + "\n")
+    record = {"generator": "examples/shapes/dataset.py", "n": n, "seed": seed, "caption_noise": caption_noise,
+              "captions_with_a_wrong_word": wrong}
+    (out / "dataset.json").write_text(json.dumps(record) + "\n")
     return out
 
 
@@ -187,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write the PNGs and metadata.jsonl into")
     parser.add_argument("--n", type=int, default=5000, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same dataset")
+    parser.add_argument("--caption-noise", type=float, default=0.0,
+                        help="chance that each of colour, shape, size and position is named wrong in a caption")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
-    out = write_dataset(args.out, args.n, args.seed)
+    if not 0 <= args.caption_noise < 1:
+        parser.error(f"--caption-noise must be in [0, 1), got {args.caption_noise}")
+    out = write_dataset(args.out, args.n, args.seed, args.caption_noise)
     print(f"wrote {args.n} images to {out}", file=sys.stderr)
     print(out / "metadata.jsonl")
     return 0

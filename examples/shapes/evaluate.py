@@ -237,7 +237,8 @@ def folder_samples(folder: str | Path) -> list[dict]:
         for line in meta.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                captions[row["file_name"]] = row["text"]
+                # Score against what is drawn: a training caption may be deliberately wrong (--caption-noise).
+                captions[row["file_name"]] = dataset.true_caption(row)
     samples = []
     for path in sorted(folder.rglob("*.png")):
         params = read_parameters(path)

@@ -52,7 +52,7 @@ def build_vae(seed: int = 0):
 
 
 def load_images(folder: str | Path):
-    """A dataset folder's images as one uint8 tensor (N, 3, 64, 64) and their captions, in metadata.jsonl order."""
+    """A dataset folder's images as one uint8 tensor (N, 3, 64, 64) and their true captions, in metadata.jsonl order."""
     import numpy as np
     import torch
     from PIL import Image
@@ -60,7 +60,8 @@ def load_images(folder: str | Path):
     folder = Path(folder)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
     arrays = [np.asarray(Image.open(folder / row["file_name"]).convert("RGB")) for row in rows]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [row["text"] for row in rows]
+    # True captions, not training ones: they score reconstructions against what is drawn.
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [dataset.true_caption(row) for row in rows]
 
 
 def generate_images(n: int, seed: int):

@@ -48,6 +48,31 @@ def test_dataset_covers_every_attribute_and_captions_say_what_is_drawn(samples):
     assert dataset.caption(samples[0][2]).startswith(f"a {samples[0][2]['size']} {samples[0][2]['color']} ")
 
 
+def test_caption_noise_changes_only_captions_at_the_asked_rate():
+    rate, n = 0.1, 3000
+    clean, noisy = dataset.make_dataset(n, seed=2), dataset.make_dataset(n, seed=2, caption_noise=rate)
+    assert [(_pixels(i), a) for i, _, a in clean] == [(_pixels(i), a) for i, _, a in noisy]
+    wrong = {attr: 0 for attr in ("color", "shape", "size", "position", "background")}
+    for _, text, attrs in noisy:
+        said = evaluate.parse_prompt(text)
+        assert said["color"] != said["background"]  # never "a white square on a white background"
+        for attr in wrong:
+            wrong[attr] += said[attr] != attrs[attr]
+    assert wrong["background"] == 0
+    for attr in ("color", "shape", "size", "position"):
+        assert abs(wrong[attr] / n - rate) < 0.02, (attr, wrong[attr] / n)  # ~5 standard errors
+
+
+def test_evaluator_scores_a_noisy_dataset_folder_against_what_is_drawn(tmp_path):
+    dataset.write_dataset(tmp_path, 60, seed=4, caption_noise=0.5)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["caption_noise"] == 0.5 and meta["captions_with_a_wrong_word"] > 30
+    accuracy = evaluate.evaluate_folder(tmp_path)["accuracy"]
+    assert all(a >= 0.98 for a in accuracy.values()), accuracy
+    _, captions = train_vae.load_images(tmp_path)  # the autoencoder's held-out score uses the truth too
+    assert captions == [t for _, t, _ in dataset.make_dataset(60, seed=4)]
+
+
 def test_dataset_cli_writes_an_imagefolder(tmp_path):
     assert dataset.main(["--out", str(tmp_path), "--n", "3", "--seed", "5"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
