@@ -242,3 +242,27 @@ def test_build_pipeline_rejects_a_vae_with_other_latents(tmp_path):
                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=64).save_pretrained(str(tmp_path / "vae"))
     with pytest.raises(ValueError, match="UNet expects 4x16x16"):
         build_pipeline.build_pipeline(tmp_path / "vae", tokenizer.build_tokenizer(tmp_path / "tok"))
+
+
+@pytest.mark.slow
+def test_recipe_rebuilds_a_loadable_pipeline_end_to_end(tmp_path):
+    # The bundled model's whole recipe at toy sizes: every step runs, in order, and hands the next what it needs.
+    import os
+    import subprocess
+
+    env = {**os.environ, "N": "80", "VAE_STEPS": "2", "UNET_STEPS": "2", "TABLE": "0", "THREADS": "1",
+           "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python and sdcli
+    res = subprocess.run(["bash", str(ROOT / "examples/shapes/recipe.sh"), str(tmp_path / "shapes")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = Path(res.stdout.strip().splitlines()[-1])
+    assert model == tmp_path / "shapes" / "model"
+    settings = json.loads((model / "training_settings.json").read_text())
+    assert (settings["method"], settings["steps"]) == ("full", 2)
+    rows = (tmp_path / "shapes" / "data" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 80
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+    assert all(tok.tokenize(w) == [w + "</w>"] for w in ("orange", "pink", "bottom", "corner"))
