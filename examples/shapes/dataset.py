@@ -1,10 +1,10 @@
 """A procedural world of coloured shapes: 64x64 images with plain-English captions.
 
-Every image holds one shape, described completely by its caption, e.g.
+Every image holds one shape, described by its caption, e.g.
 "a large red circle in the top left corner on a black background". The same
 seed always gives the same images, so the dataset never needs to be shipped.
 
-    python examples/shapes/dataset.py --out build/shapes/data --n 10000 --seed 0 --caption-noise 0.12
+    python examples/shapes/dataset.py --out build/shapes/data --n 10000 --seed 0 --caption-noise 0.1
 
 writes 00000.png ... and a metadata.jsonl (file_name, text) that Hugging Face
 `imagefolder` and `sdcli finetune` read as image/caption pairs. With
