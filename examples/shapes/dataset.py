@@ -117,7 +117,7 @@ def _outline(shape: str, cx: float, cy: float, side: float) -> list[tuple[float,
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "star":
-        # Five points up; the inner radius of 0.45 keeps the points thick enough at 14 px.
+        # Five points up; the inner radius of 0.45 keeps the points thick enough at 16 px.
         outer, inner = r, 0.45 * r
         cy += r * (1 - math.cos(math.pi / 5)) / 2  # centre the star's box, not its circle
         return [
