@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild sdcli's bundled model from nothing, as it was built (examples/shapes/README.md has what each step printed):
-#   examples/shapes/recipe.sh [OUT]          # OUT defaults to build/shapes; about 50 min on 2 CPU cores
+#   examples/shapes/recipe.sh [OUT]          # OUT defaults to build/shapes; about 40 min on 2 CPU cores
 # The sizes can be shrunk for a quick end-to-end check (the test suite does this):
-#   N=40 VAE_STEPS=2 UNET_STEPS=2 TABLE=0 examples/shapes/recipe.sh /tmp/shapes
+#   N=80 VAE_STEPS=2 UNET_STEPS=2 TABLE=0 examples/shapes/recipe.sh /tmp/shapes   (N > 64: 64 are held out)
 # The result is OUT/model, a diffusers pipeline folder; step 7 of the README copies it into sdcli/models/shapes.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
