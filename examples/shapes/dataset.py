@@ -84,7 +84,8 @@ def caption(attrs: dict[str, str]) -> str:
 def caption_words() -> list[str]:
     """Every word any caption can contain, in a stable order."""
     words: list[str] = []
-    for text in ("a in the corner at on background", *SIZES, *COLORS, *SHAPES, *POSITIONS, *BACKGROUNDS):
+    # Position words come from where(), so a new phrasing cannot be missing here.
+    for text in ("a", *SIZES, *COLORS, *SHAPES, *map(where, POSITIONS), "on background", *BACKGROUNDS):
         for word in text.split():
             if word not in words:
                 words.append(word)
@@ -185,16 +186,19 @@ def make_dataset(n: int, seed: int = 0, caption_noise: float = 0.0) -> list[tupl
     With ``caption_noise`` some captions name a wrong attribute (see noisy_attributes); the
     images, and the attribute dicts (the truth), are the same as without it.
     """
+    return list(iter_dataset(n, seed, caption_noise))
+
+
+def iter_dataset(n: int, seed: int = 0, caption_noise: float = 0.0):
+    """make_dataset's samples one at a time, so writing a large dataset never holds it all."""
     # random.Random is specified to give the same stream everywhere; numpy's legacy global state is not ours.
     # Captions get their own stream, so the noise never changes which images are drawn.
     rng, caption_rng = random.Random(seed), random.Random(f"captions-{seed}")
-    samples = []
     for _ in range(n):
         image, text, attrs = make_sample(rng)
         if caption_noise:
             text = caption(noisy_attributes(attrs, caption_rng, caption_noise))
-        samples.append((image, text, attrs))
-    return samples
+        yield image, text, attrs
 
 
 def write_dataset(out: str | Path, n: int, seed: int = 0, caption_noise: float = 0.0) -> Path:
@@ -204,7 +208,7 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, caption_noise: float =
     width = max(5, len(str(n - 1)))
     wrong = 0
     with open(out / "metadata.jsonl", "w") as meta:
-        for i, (image, text, attrs) in enumerate(make_dataset(n, seed, caption_noise)):
+        for i, (image, text, attrs) in enumerate(iter_dataset(n, seed, caption_noise)):
             name = f"{i:0{width}d}.png"
             image.save(out / name)
             wrong += text != caption(attrs)
