@@ -47,6 +47,7 @@ class Settings:
     vae_tiling: bool = False
     attention_slicing: bool = False
     compile: bool = False
+    channels_last: bool | None = None  # None: on CUDA
     save_trajectory: bool = False
 
 
@@ -198,7 +199,8 @@ def prepare_pipeline(s: Settings):
     from sdcli.schedulers import make_scheduler
 
     loaded = load_pipeline(
-        s.model, revision=s.revision, variant=s.variant, allow_pickle=s.allow_pickle, device=s.device, dtype=s.dtype
+        s.model, revision=s.revision, variant=s.variant, allow_pickle=s.allow_pickle, device=s.device, dtype=s.dtype,
+        cpu_offload=s.cpu_offload,
     )
     pipe = loaded.pipe
     if s.scheduler is not None or s.timestep_spacing is not None:
@@ -206,8 +208,8 @@ def prepare_pipeline(s: Settings):
     if s.loras:
         load_loras(pipe, s.loras)
     apply_runtime_options(
-        pipe, device=loaded.device, cpu_offload=s.cpu_offload, vae_tiling=s.vae_tiling,
-        attention_slicing=s.attention_slicing, compile=s.compile,
+        pipe, device=loaded.device, vae_tiling=s.vae_tiling, attention_slicing=s.attention_slicing,
+        compile=s.compile, channels_last=s.channels_last,
     )
     use_formula_guidance(pipe)
     return loaded

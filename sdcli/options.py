@@ -55,6 +55,11 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: auto 
 DtypeOpt = Annotated[
     Dtype, typer.Option("--dtype", help="Weights precision: auto is float16 on cuda, float32 elsewhere.")
 ]
+ChannelsLast = Annotated[
+    Optional[bool],
+    typer.Option("--channels-last/--no-channels-last", help="UNet in channels-last memory format. Default: on CUDA.",
+                 show_default=False),
+]
 Scheduler = Annotated[
     Optional[str],
     typer.Option(

@@ -72,6 +72,9 @@ def resolve_dtype(dtype: str, device: str):
         return torch.float16 if device.startswith("cuda") else torch.float32
     if dtype == "float16" and device == "cpu":
         raise UsageError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        # Pre-Ampere cards (T4, V100) emulate bfloat16 slowly or not at all.
+        raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name()} does not support it; use float16 or float32")
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
@@ -195,11 +198,18 @@ def load_pipeline(
     allow_pickle: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    cpu_offload: bool = False,
 ) -> Loaded:
-    """Load ``model`` as a diffusers pipeline, on ``device`` in ``dtype``; raises ModelError."""
+    """Load ``model`` as a diffusers pipeline, on ``device`` in ``dtype``; raises ModelError.
+
+    With ``cpu_offload`` the weights stay in CPU memory and each model moves to the GPU only
+    while it runs (diffusers' model offload), so the whole pipeline never has to fit at once.
+    """
     model = resolve_model(model)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if cpu_offload and not device.startswith("cuda"):
+        raise UsageError("--cpu-offload needs a CUDA device")
     kind = local_kind(model)
     quiet_libraries()
     import diffusers
@@ -243,7 +253,10 @@ def load_pipeline(
         raise ModelError(message) from exc
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     return Loaded(pipe=pipe, model=model, family=family_of(pipe), device=device, dtype=torch_dtype)
 
 
@@ -267,13 +280,15 @@ def apply_runtime_options(
     pipe: Any,
     *,
     device: str,
-    cpu_offload: bool = False,
     vae_tiling: bool = False,
     attention_slicing: bool = False,
     compile: bool = False,
     channels_last: bool | None = None,
 ) -> None:
-    """Memory and speed switches, each a diffusers/torch feature behind one option."""
+    """Memory and speed switches, each a diffusers/torch feature behind one option.
+
+    ``channels_last`` None means: on CUDA, where cuDNN's convolutions are faster in that layout.
+    """
     import torch
 
     if channels_last is None:
@@ -285,9 +300,5 @@ def apply_runtime_options(
     if vae_tiling:
         pipe.vae.enable_tiling()
         pipe.vae.enable_slicing()
-    if cpu_offload:
-        if not device.startswith("cuda"):
-            raise UsageError("--cpu-offload needs a CUDA device")
-        pipe.enable_model_cpu_offload()
     if compile:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if device.startswith("cuda") else "default")

@@ -69,3 +69,27 @@ def test_nan_output_is_reported_not_saved_as_black(tiny_sd):
         loaded.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
     with pytest.raises(SdcliError, match="NaN"):
         list(iter_images(s, loaded, plan_jobs(s, [1])))
+
+
+def test_bfloat16_on_a_card_without_it_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(UsageError, match="Tesla T4 does not support it"):
+        resolve_dtype("bfloat16", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16
+
+
+def test_cpu_offload_is_refused_before_any_weights_load(tiny_sd, monkeypatch):
+    import diffusers
+
+    from sdcli.pipeline import load_pipeline
+
+    def loads(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", loads)
+    with pytest.raises(UsageError, match="--cpu-offload needs a CUDA device"):
+        load_pipeline(tiny_sd, device="cpu", cpu_offload=True)

@@ -13,7 +13,7 @@ from sdcli.progress import note
 
 # Options that change how a run executes, not which image it makes: always the command line's.
 RUNTIME_FIELDS = ("device", "allow_pickle", "batch_size", "cpu_offload", "vae_tiling", "attention_slicing",
-                  "compile", "save_trajectory")
+                  "compile", "channels_last", "save_trajectory")
 # Command-line parameter -> Settings field, where the names differ.
 PARAM_FIELDS = {"prompt": "prompts", "prompt_file": "prompts", "seed": "seeds", "lora": "loras"}
 
@@ -48,6 +48,7 @@ def generate_cmd(
     vae_tiling: Annotated[bool, typer.Option(help="Decode in tiles, for large images on small GPUs.")] = False,
     attention_slicing: Annotated[bool, typer.Option(help="Compute attention in slices to save memory.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (slow first image).")] = False,
+    channels_last: options.ChannelsLast = None,
     lora: Annotated[
         Optional[list[str]], typer.Option(help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.")
     ] = None,
@@ -103,6 +104,7 @@ def generate_cmd(
         vae_tiling=vae_tiling,
         attention_slicing=attention_slicing,
         compile=compile,
+        channels_last=channels_last,
         save_trajectory=save_trajectory,
     )
     if from_metadata is not None:
@@ -173,10 +175,12 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
         counts = distributed.gather([len(mine)], st)
         note(quiet or not main, f"{len(written)} images from {st.num_processes} processes "
                                 f"(per process: {', '.join(map(str, counts))})")
-    elif settings.compile and len(mine) > 1:
+    elif settings.compile and mine:
+        # The first call compiles; report it apart so the steady speed is visible.
         first = mine[0]["done_at"] - t0
-        rest = (mine[-1]["done_at"] - mine[0]["done_at"]) / (len(mine) - 1)
-        note(quiet, f"first image {first:.1f}s (includes torch.compile), then {rest:.2f}s each")
+        rest = (mine[-1]["done_at"] - mine[0]["done_at"]) / (len(mine) - 1) if len(mine) > 1 else None
+        note(quiet, f"first image {first:.1f}s (includes torch.compile)" +
+                    (f", then {rest:.2f}s each" if rest is not None else ""))
     elif len(written) > 1:
         note(quiet, f"{len(written)} images in {seconds:.1f}s ({seconds / len(written):.2f}s each)")
     if main and len(settings.guidance) * len(settings.guidance_rescale) > 1 and namer.file is None:

@@ -145,7 +145,31 @@ def test_memory_options_keep_the_image(cli, tiny_sd, tmp_path):
         assert result.exit_code == 0, result.stderr
         return np.asarray(Image.open(result.stdout.split()[-1]), np.int16)
 
-    assert np.abs(image() - image("--attention-slicing", "--vae-tiling")).max() <= 1
+    assert np.abs(image() - image("--attention-slicing", "--vae-tiling", "--channels-last")).max() <= 1
+
+
+def test_channels_last_is_applied_on_request_and_by_default_only_on_cuda(tiny_sd):
+    import torch
+
+    from sdcli.generation import Settings, prepare_pipeline
+
+    def layout(**kw):
+        unet = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe.unet
+        return unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    assert layout(channels_last=True) and not layout(channels_last=False)
+    assert layout() == torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_compile_makes_the_same_images_and_reports_the_compile_apart(cli, tiny_sd, tmp_path):
+    args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "2", "--seed", "3,4")
+    plain = cli(*args, "--out", tmp_path / "plain")
+    compiled = cli(*args, "--out", tmp_path / "compiled", "--compile")
+    assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.stderr
+    assert "(includes torch.compile), then" in compiled.stderr
+    for a, b in zip(plain.stdout.split(), compiled.stdout.split()):
+        assert np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16)).max() <= 1
 
 
 def test_cpu_offload_without_cuda_is_refused(cli, tiny_sd):

@@ -1,0 +1,61 @@
+"""`generate`'s CUDA path, run only where a GPU is: half precision, channels-last, offload, compile, NaNs.
+
+Skipped without CUDA (CI has none). On a GPU machine: `python -m pytest -m gpu -q`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _image(result):
+    assert result.exit_code == 0, result.stderr
+    path = result.stdout.split()[-1]
+    return np.asarray(Image.open(path), np.int16), json.loads(Image.open(path).info["sdcli"])
+
+
+def test_defaults_on_cuda_are_float16_channels_last(tiny_sd):
+    from sdcli.generation import Settings, prepare_pipeline
+
+    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd))
+    unet = loaded.pipe.unet
+    assert loaded.device == "cuda" and unet.dtype == torch.float16
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_offload_and_compile_keep_the_image(cli, tiny_sd, tmp_path):
+    args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "4", "--seed", "7", "--dtype", "float32")
+    plain, record = _image(cli(*args, "--out", tmp_path / "a"))
+    assert record["dtype"] == "float32"
+    offloaded, _ = _image(cli(*args, "--out", tmp_path / "b", "--cpu-offload"))
+    compiled, _ = _image(cli(*args, "--out", tmp_path / "c", "--compile"))
+    assert np.abs(plain - offloaded).max() <= 2
+    assert np.abs(plain - compiled).max() <= 2
+
+
+def test_cpu_offload_never_puts_the_whole_pipeline_on_the_gpu(tiny_sd):
+    from sdcli.pipeline import load_pipeline
+
+    loaded = load_pipeline(tiny_sd, cpu_offload=True)
+    # Offloaded models wait in CPU memory and move to the GPU one at a time, when they run.
+    assert loaded.pipe.unet.device.type == "cpu" and loaded.pipe.vae.device.type == "cpu"
+
+
+def test_nan_in_float16_names_the_fix(tiny_sd):
+    from sdcli.errors import SdcliError
+    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+
+    s = Settings(prompts=["x"], model=tiny_sd, steps=1, seeds=[1])
+    loaded = prepare_pipeline(s)
+    with torch.no_grad():
+        loaded.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))  # what a float16 overflow leaves behind
+    assert loaded.dtype == torch.float16
+    with pytest.raises(SdcliError, match="--dtype bfloat16 or float32"):
+        list(iter_images(s, loaded, plan_jobs(s, [1])))
