@@ -16,7 +16,7 @@ import typer
 
 from sdcli import defaults
 from sdcli.errors import UsageError
-from sdcli.options import AllowPickle, Device, DeviceOpt, Json, Model, OutPath, Overwrite, Quiet, Revision, Variant
+from sdcli.options import AllowPickle, ChannelsLast, Device, DeviceOpt, Json, Model, OutPath, Overwrite, Quiet, Revision, Variant
 
 TRAIN = "Training"
 DATA = "Data"
@@ -33,6 +33,7 @@ class LrScheduler(str, Enum):
 
 
 class MixedPrecision(str, Enum):
+    auto = "auto"
     no = "no"
     fp16 = "fp16"
     bf16 = "bf16"
@@ -46,6 +47,7 @@ def finetune_cmd(
     variant: Variant = None,
     allow_pickle: AllowPickle = False,
     device: DeviceOpt = Device.auto,
+    channels_last: ChannelsLast = None,
     caption_column: Annotated[str, typer.Option(help="Caption column in metadata.jsonl/csv.", rich_help_panel=DATA)] = "text",
     strict: Annotated[bool, typer.Option("--strict", help="Stop at an unreadable image instead of skipping it.", rich_help_panel=DATA)] = False,
     allow_empty_captions: Annotated[bool, typer.Option("--allow-empty-captions", help="Train images without a caption as the null prompt instead of stopping.", rich_help_panel=DATA)] = False,
@@ -67,8 +69,9 @@ def finetune_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per step on each process.", rich_help_panel=TRAIN)] = 1,
     gradient_accumulation: Annotated[int, typer.Option(help="Micro-batches summed into one optimizer step.", rich_help_panel=TRAIN)] = 1,
     max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: no clipping).", rich_help_panel=TRAIN)] = 1.0,
-    mixed_precision: Annotated[MixedPrecision, typer.Option(help="Autocast precision for the UNet (frozen weights are stored in it too).", rich_help_panel=TRAIN)] = MixedPrecision.no,
+    mixed_precision: Annotated[MixedPrecision, typer.Option(help="Autocast precision for the UNet (frozen weights are stored in it too); auto: fp16 on CUDA, no elsewhere.", rich_help_panel=TRAIN)] = MixedPrecision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward: less memory, ~30% slower.", rich_help_panel=TRAIN)] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile what trains (slow first steps, faster after).", rich_help_panel=TRAIN)] = False,
     ema: Annotated[bool, typer.Option("--ema", help="Keep an exponential moving average of the trained weights and save that.", rich_help_panel=TRAIN)] = False,
     ema_decay: Annotated[float, typer.Option(help="EMA decay per step.", rich_help_panel=TRAIN)] = 0.9999,
     use_8bit_adam: Annotated[bool, typer.Option("--use-8bit-adam", help="8-bit AdamW from bitsandbytes (must be installed).", rich_help_panel=TRAIN)] = False,
@@ -101,7 +104,7 @@ def finetune_cmd(
         learning_rate=learning_rate, lr_scheduler=lr_scheduler.value, lr_warmup_steps=lr_warmup_steps,
         weight_decay=weight_decay, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
         max_grad_norm=max_grad_norm, mixed_precision=mixed_precision.value,
-        gradient_checkpointing=gradient_checkpointing, ema=ema, ema_decay=ema_decay, use_8bit_adam=use_8bit_adam,
+        gradient_checkpointing=gradient_checkpointing, channels_last=channels_last, compile=compile, ema=ema, ema_decay=ema_decay, use_8bit_adam=use_8bit_adam,
         max_steps=max_steps, epochs=epochs, seed=seed, cache=cache, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, resume=resume, validation_prompts=list(validation_prompt or []),
         validation_every=validation_every, validation_guidance=validation_guidance,

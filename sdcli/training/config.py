@@ -18,15 +18,16 @@ from sdcli.errors import UsageError
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEFAULT_MAX_STEPS = 1000
 
 # Settings a resumed run may change without breaking "continues exactly":
-# they decide when to stop, what to report and where, never what a step does.
+# they decide when to stop, what to report and where, or how fast a step runs (memory layout,
+# compilation; the same parameter names either way), never what a step computes.
 RESUMABLE_CHANGES = {
     "max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "resume", "out", "overwrite", "quiet",
     "validation_prompts", "validation_every", "validation_guidance", "validation_steps", "data", "model",
-    "strict", "device",
+    "strict", "device", "channels_last", "compile",
 }
 
 
@@ -70,8 +71,10 @@ class FinetuneConfig:
     batch_size: int = 1
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # fp16 on CUDA, no elsewhere; resolved before training starts
     gradient_checkpointing: bool = False
+    channels_last: bool | None = None  # None: on CUDA
+    compile: bool = False
     ema: bool = False
     ema_decay: float = 0.9999
     use_8bit_adam: bool = False
@@ -137,7 +140,7 @@ class FinetuneConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UsageError(f"unknown --lr-scheduler {self.lr_scheduler!r}; choose from: {', '.join(LR_SCHEDULERS)}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise UsageError(f"unknown --mixed-precision {self.mixed_precision!r}; choose from: no, fp16, bf16")
+            raise UsageError(f"unknown --mixed-precision {self.mixed_precision!r}; choose from: {', '.join(MIXED_PRECISION)}")
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")
         if self.max_steps is not None and self.max_steps < 1:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sdcli.errors import UsageError
+from sdcli.errors import SdcliError, UsageError
 from sdcli.training import checkpoints, data, outputs, setup
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.training.progress import Notes, TrainingProgress
@@ -285,6 +285,8 @@ def _train(run: Run, callback) -> Trained:
                 if loss_log:
                     loss_log.append(step=step, epoch=epoch, loss=losses[-1], lr=lr, images_per_s=rate,
                                     elapsed_s=time.perf_counter() - t0)
+                if not math.isfinite(losses[-1]):
+                    raise _diverged(cfg, step, losses[-1])
                 progress.update(step, losses[-1])
                 if callback:
                     callback(StepInfo(step, run.max_steps, epoch, losses[-1], lr, rate))
@@ -303,6 +305,15 @@ def _train(run: Run, callback) -> Trained:
     return Trained(step, losses, samples_seen, time.perf_counter() - t0, saved, rendered)
 
 
+def _diverged(cfg: FinetuneConfig, step: int, loss: float) -> SdcliError:
+    """The loss is NaN or infinite: every later step would train on garbage, so stop and say why."""
+    hint = ("float16 overflow: try --mixed-precision bf16 or no" if cfg.mixed_precision == "fp16"
+            else "try a lower --learning-rate")
+    value = "NaN" if loss != loss else str(loss)
+    return SdcliError(f"the loss became {value} at step {step}, so training stopped and no weights were written "
+                      f"({hint}); earlier checkpoints, if any, are in {cfg.out / checkpoints.DIRNAME}")
+
+
 def _finish(run: Run, done: Trained) -> FinetuneResult:
     """9. A last checkpoint to extend the run from, validation images, the weights, settings, card, curve."""
     import torch
@@ -318,7 +329,8 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
     if accelerator.is_main_process:
         if run.ema is not None:
             run.ema.copy_to(run.params)
-        raw = [accelerator.unwrap_model(m) for m in run.models]
+        # Past DDP and torch.compile's wrapper, so saved names are the model's own.
+        raw = [getattr(m, "_orig_mod", m) for m in map(accelerator.unwrap_model, run.models)]
         weights = outputs.save_lora(run.pipe, raw[0], raw[1:], cfg.out) if cfg.lora else outputs.save_full(run.pipe, cfg.out)
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {

@@ -18,7 +18,14 @@ def make_accelerator(cfg: FinetuneConfig):
     from sdcli.pipeline import resolve_device
 
     # accelerate only forms a CPU process group (gloo, under torchrun) when told it is on the CPU.
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and resolve_device("auto") == "cpu")
+    device = cfg.device if cfg.device != "auto" else resolve_device("auto")
+    cpu = device == "cpu"
+    # "auto" settings are resolved here, so the settings record and a resume's comparison see what ran.
+    if cfg.mixed_precision == "auto":
+        # Half precision where it pays (CUDA, with a gradient scaler); mps and CPU train in float32.
+        cfg.mixed_precision = "fp16" if device.startswith("cuda") else "no"
+    if cfg.channels_last is None:
+        cfg.channels_last = device.startswith("cuda")  # cuDNN's convolutions are faster in that layout
     if cpu and cfg.mixed_precision == "fp16":
         # torch has no float16 autocast on the CPU: half-precision weights would meet float32 inputs.
         raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
@@ -27,6 +34,8 @@ def make_accelerator(cfg: FinetuneConfig):
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation,
             cpu=cpu,
+            # accelerate compiles what it prepares (the trained models); None keeps `accelerate config`'s choice.
+            dynamo_backend="inductor" if cfg.compile else None,
         )
     except ValueError as exc:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None
@@ -71,6 +80,9 @@ def make_trainable(pipe, cfg: FinetuneConfig, device) -> list[Any]:
     from diffusers.training_utils import cast_training_params
 
     set_seed(cfg.seed)  # LoRA's initial weights, identical on every process
+    if cfg.channels_last:
+        # Before LoRA is added, so its (linear) weights keep the plain layout safetensors saves directly.
+        pipe.unet.to(memory_format=torch.channels_last)
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     pipe.vae.requires_grad_(False)
     for encoder in encoders:

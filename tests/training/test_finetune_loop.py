@@ -234,3 +234,56 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_sd, dataset, tmp_p
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as when it is not installed
     with pytest.raises(UsageError, match="--use-8bit-adam needs bitsandbytes"):
         finetune(make_config(dataset, tmp_path / "x", tiny_sd, use_8bit_adam=True))
+
+
+def test_channels_last_trains_the_same_and_saves_what_diffusers_loads(tiny_sd, dataset, tmp_path, make_config):
+    from diffusers import DiffusionPipeline
+
+    plain = finetune(make_config(dataset, tmp_path / "a", tiny_sd, lora=False, max_steps=3, channels_last=False))
+    # Channels-last weights are not contiguous, which safetensors refuses; checkpoints and the model must still save.
+    cl = finetune(make_config(dataset, tmp_path / "b", tiny_sd, lora=False, max_steps=3, channels_last=True,
+                              checkpoint_every=2))
+    assert cl.losses == pytest.approx(plain.losses, rel=1e-4)
+    assert [p.name for p in cl.checkpoints] == ["checkpoint-000002", "checkpoint-000003"]
+    trained = DiffusionPipeline.from_pretrained(str(tmp_path / "b"))
+    torch.testing.assert_close(_unet_out(trained.unet), _unet_out(DiffusionPipeline.from_pretrained(
+        str(tmp_path / "a")).unet), rtol=1e-3, atol=1e-4)
+    lora = finetune(make_config(dataset, tmp_path / "c", tiny_sd, max_steps=2, channels_last=True))
+    assert lora.weights.is_file()
+
+
+def test_auto_precision_and_layout_are_resolved_and_recorded(tiny_sd, dataset, tmp_path, make_config):
+    finetune(make_config(dataset, tmp_path / "a", tiny_sd, max_steps=1))
+    recorded = json.loads((tmp_path / "a" / "training_settings.json").read_text())["config"]
+    cuda = torch.cuda.is_available()
+    assert recorded["mixed_precision"] == ("fp16" if cuda else "no") and recorded["channels_last"] is cuda
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_weights(cli, tiny_sd, dataset, tmp_path):
+    out = tmp_path / "out"
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, "--max-steps", "20",
+                 "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e30", "--max-grad-norm", "0")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the loss became NaN at step" in errors[0], result.stderr
+    assert "try a lower --learning-rate" in errors[0] and "Traceback" not in result.stderr
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    steps = (out / "loss.csv").read_text().splitlines()[1:]
+    assert 1 <= len(steps) < 20  # it stopped at the first bad step, not after all 20
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_steps_and_saves_the_same_names(tiny_sd, dataset, tmp_path, make_config):
+    plain = finetune(make_config(dataset, tmp_path / "a", tiny_sd, max_steps=3))
+    compiled = finetune(make_config(dataset, tmp_path / "b", tiny_sd, max_steps=3, compile=True, checkpoint_every=2))
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-4)
+    a, b = _weights(tmp_path / "a", True), _weights(tmp_path / "b", True)
+    assert a.keys() == b.keys()  # no torch.compile prefix: diffusers' load_lora_weights finds every weight
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
+    # The checkpoint resumes without compiling: same parameter names, and the same weights at the end.
+    resumed = finetune(make_config(dataset, tmp_path / "b", tiny_sd, max_steps=3, compile=False,
+                                   resume=str(compiled.checkpoints[0])))
+    assert resumed.steps == 3
+    for key, value in _weights(tmp_path / "b", True).items():
+        torch.testing.assert_close(value, a[key], rtol=1e-3, atol=2e-5)
