@@ -156,9 +156,9 @@ def lora_bench(model: str, res: int, device: str, steps: int) -> dict:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        # sdcli's defaults: fp16 mixed precision and channels-last on CUDA, float32 elsewhere.
         cfg = FinetuneConfig(data=data, model=model, out=Path(tmp) / "out", max_steps=steps, batch_size=2,
-                             resolution=res, mixed_precision="fp16" if device.startswith("cuda") else "no",
-                             quiet=True)
+                             resolution=res, quiet=True)
         finetune(cfg)
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
