@@ -209,7 +209,7 @@ def prepare_pipeline(s: Settings):
         load_loras(pipe, s.loras)
     apply_runtime_options(
         pipe, device=loaded.device, vae_tiling=s.vae_tiling, attention_slicing=s.attention_slicing,
-        compile=s.compile, channels_last=s.channels_last,
+        compile=s.compile, channels_last=s.channels_last, has_lora=bool(s.loras),
     )
     use_formula_guidance(pipe)
     return loaded

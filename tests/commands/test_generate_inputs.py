@@ -161,6 +161,17 @@ def test_channels_last_is_applied_on_request_and_by_default_only_on_cuda(tiny_sd
     assert layout() == torch.cuda.is_available()
 
 
+def test_compile_fuses_attention_projections_but_not_under_a_lora(tiny_sd, loras):
+    from sdcli.generation import Settings, prepare_pipeline
+
+    def fused(**kw):
+        unet = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, compile=True, **kw)).pipe.unet
+        return {type(p).__name__ for p in unet._orig_mod.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+
+    assert fused()
+    assert not fused(loras=[(loras["sd1"], 1.0)])  # a fused to_qkv would silently drop the adapters
+
+
 @pytest.mark.slow
 def test_compile_makes_the_same_images_and_reports_the_compile_apart(cli, tiny_sd, tmp_path):
     args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "2", "--seed", "3,4")
