@@ -49,6 +49,9 @@ def test_bundled_model_is_safetensors_only_and_within_the_size_budget():
     assert not [p for p in files if "checkpoint" in p.as_posix() or "optimizer" in p.name]
     total_mb = sum(p.stat().st_size for p in weights) / 1e6
     assert total_mb <= SIZE_LIMIT_MB, f"{total_mb:.2f} MB of safetensors"
+    # diffusers records where a model was loaded from; the shipped configs must not carry a build machine's paths.
+    for config in [p for p in files if p.suffix == ".json"]:
+        assert "_name_or_path" not in config.read_text(), config
 
 
 def test_generate_without_model_uses_the_bundled_model_and_follows_the_colour(tmp_path):
