@@ -16,7 +16,9 @@ import typer
 
 from sdcli import defaults
 from sdcli.errors import UsageError
-from sdcli.options import AllowPickle, ChannelsLast, Device, DeviceOpt, Json, Model, OutPath, Overwrite, Quiet, Revision, Variant
+from sdcli.options import (
+    AllowPickle, ChannelsLast, Device, DeviceOpt, Json, Model, OutPath, Overwrite, Quiet, Revision, Variant,
+)
 
 TRAIN = "Training"
 DATA = "Data"
@@ -104,7 +106,8 @@ def finetune_cmd(
         learning_rate=learning_rate, lr_scheduler=lr_scheduler.value, lr_warmup_steps=lr_warmup_steps,
         weight_decay=weight_decay, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
         max_grad_norm=max_grad_norm, mixed_precision=mixed_precision.value,
-        gradient_checkpointing=gradient_checkpointing, channels_last=channels_last, compile=compile, ema=ema, ema_decay=ema_decay, use_8bit_adam=use_8bit_adam,
+        gradient_checkpointing=gradient_checkpointing, channels_last=channels_last, compile=compile, ema=ema,
+        ema_decay=ema_decay, use_8bit_adam=use_8bit_adam,
         max_steps=max_steps, epochs=epochs, seed=seed, cache=cache, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, resume=resume, validation_prompts=list(validation_prompt or []),
         validation_every=validation_every, validation_guidance=validation_guidance,
