@@ -36,8 +36,9 @@ def test_offload_and_compile_keep_the_image(cli, tiny_sd, tmp_path):
     assert record["dtype"] == "float32"
     offloaded, _ = _image(cli(*args, "--out", tmp_path / "b", "--cpu-offload"))
     compiled, _ = _image(cli(*args, "--out", tmp_path / "c", "--compile"))
-    assert np.abs(plain - offloaded).max() <= 2
-    assert np.abs(plain - compiled).max() <= 2
+    assert np.abs(plain - offloaded).max() <= 2  # the same kernels, moved at other times
+    # Inductor may pick other (TF32) kernels than cuDNN's: close, not identical; a broken compile is off by 100s.
+    assert np.abs(plain - compiled).max() <= 8 and np.abs(plain - compiled).mean() < 1
 
 
 def test_cpu_offload_never_puts_the_whole_pipeline_on_the_gpu(tiny_sd):
