@@ -7,7 +7,8 @@
 For plain diffusers defaults, sdcli's defaults, and sdcli with --compile (first-call compile time
 reported apart), prints seconds per image and UNet iterations per second (medians, runs
 interleaved), the UNet's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the
-card's peak, and LoRA fine-tuning steps per second with peak memory.
+card's peak, peak GPU memory for one image with sdcli's defaults and with --cpu-offload, and LoRA
+fine-tuning steps per second with peak memory.
 Targets on a GPU: sdcli defaults never slower than plain diffusers; --compile >= 1.5x plain diffusers.
 """
 
@@ -174,6 +175,29 @@ def lora_bench(model: str, res: int, device: str, steps: int) -> dict:
             "lora_peak_gpu_gib": round(peak, 2) if peak else None}
 
 
+def memory_bench(model: str, res: int, steps: int, device: str) -> dict:
+    """Peak GPU memory for one image with sdcli's defaults and with --cpu-offload, each pipeline loaded alone."""
+    import gc
+
+    import torch
+
+    from sdcli.generation import Settings, prepare_pipeline
+
+    out = {}
+    for name, offload in (("sdcli", False), ("sdcli --cpu-offload", True)):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        settings = Settings(prompts=["a red circle"], model=model, steps=steps, seeds=[0], width=res, height=res,
+                            cpu_offload=offload)
+        loaded = prepare_pipeline(settings)
+        seconds, _its = run_sdcli(loaded, settings, device)
+        out[name] = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                     "first_image_s": round(seconds, 3)}
+        loaded = None  # noqa: F841 - freed before the next variant loads
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["auto", "full", "reduced"], default="auto")
@@ -231,10 +255,14 @@ def main() -> None:
         base = result["diffusers"]["unet_it_per_s"]
         for k in variants:
             result[k]["speedup_vs_diffusers"] = round(result[k]["unet_it_per_s"] / base, 3)
-        # Free the pipelines (the variants' closures hold them) before the LoRA run needs the memory.
+        # Free the pipelines (the variants' closures hold them) before the memory and LoRA runs.
         variants = plain = ours = compiled = None  # noqa: F841
         if device.startswith("cuda"):
+            import gc
+
+            gc.collect()
             torch.cuda.empty_cache()
+            result["memory"] = memory_bench(model, res, args.steps, device)
         result.update(lora_bench(model, res, device, args.lora_steps))
     print(json.dumps(result, indent=2))
     if args.json:
