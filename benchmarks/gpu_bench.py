@@ -69,6 +69,16 @@ def build(spec: dict, folder: Path) -> str:
     return str(folder / "sd15")
 
 
+def free_gpu() -> None:
+    """Return what dropped pipelines held to the card, so the next measurement starts clean."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def sync(device: str) -> None:
     import torch
 
@@ -77,7 +87,7 @@ def sync(device: str) -> None:
 
 
 class Timer:
-    """Seconds per image and UNet it/s from the step callback's timestamps."""
+    """Steps per second from a step callback's timestamps (UNet it/s while denoising, steps/s while training)."""
 
     def __init__(self, device: str):
         self.device, self.marks = device, []
@@ -106,17 +116,12 @@ def run_diffusers(pipe, steps: int, res: int, device: str) -> tuple[float, float
 def run_sdcli(loaded, settings, device: str) -> tuple[float, float]:
     from sdcli.generation import iter_images, plan_jobs
 
-    marks = []
-
-    def on_step(_n):
-        sync(device)
-        marks.append(time.perf_counter())
-
+    timer = Timer(device)
     sync(device)
     t0 = time.perf_counter()
-    list(iter_images(settings, loaded, plan_jobs(settings, [0]), on_step=on_step))
+    list(iter_images(settings, loaded, plan_jobs(settings, [0]), on_step=timer))
     sync(device)
-    return time.perf_counter() - t0, (len(marks) - 1) / (marks[-1] - marks[0])
+    return time.perf_counter() - t0, timer.its()
 
 
 def unet_flops(unet, res: int, device: str, dtype) -> float:
@@ -156,37 +161,28 @@ def lora_bench(model: str, res: int, device: str, steps: int) -> dict:
             (data / f"{i}.txt").write_text(f"a picture number {i}")
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        marks: list[float] = []
-
-        def on_step(_info):
-            sync(device)
-            marks.append(time.perf_counter())
-
+        timer = Timer(device)
         t0 = time.perf_counter()
         # sdcli's defaults: fp16 mixed precision and channels-last on CUDA, float32 elsewhere.
         cfg = FinetuneConfig(data=data, model=model, out=Path(tmp) / "out", max_steps=steps, batch_size=2,
                              resolution=res, checkpoint_every=0, quiet=True)
-        finetune(cfg, callback=on_step)
+        finetune(cfg, callback=timer)
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     # Steps/s between the first and the last step: the load, the cache and the first step's warm-up are apart.
-    rate = (len(marks) - 1) / (marks[-1] - marks[0]) if len(marks) > 1 else steps / seconds
+    rate = timer.its() if len(timer.marks) > 1 else steps / seconds
     return {"lora_steps": steps, "lora_seconds_total": round(seconds, 2), "lora_steps_per_s": round(rate, 3),
             "lora_peak_gpu_gib": round(peak, 2) if peak else None}
 
 
 def memory_bench(model: str, res: int, steps: int, device: str) -> dict:
     """Peak GPU memory for one image with sdcli's defaults and with --cpu-offload, each pipeline loaded alone."""
-    import gc
-
     import torch
 
     from sdcli.generation import Settings, prepare_pipeline
 
     out = {}
     for name, offload in (("sdcli", False), ("sdcli --cpu-offload", True)):
-        gc.collect()
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         settings = Settings(prompts=["a red circle"], model=model, steps=steps, seeds=[0], width=res, height=res,
                             cpu_offload=offload)
@@ -194,7 +190,8 @@ def memory_bench(model: str, res: int, steps: int, device: str) -> dict:
         seconds, _its = run_sdcli(loaded, settings, device)
         out[name] = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                      "first_image_s": round(seconds, 3)}
-        loaded = None  # noqa: F841 - freed before the next variant loads
+        loaded = None  # noqa: F841
+        free_gpu()  # before the next variant (or the LoRA run) loads
     return out
 
 
@@ -258,10 +255,7 @@ def main() -> None:
         # Free the pipelines (the variants' closures hold them) before the memory and LoRA runs.
         variants = plain = ours = compiled = None  # noqa: F841
         if device.startswith("cuda"):
-            import gc
-
-            gc.collect()
-            torch.cuda.empty_cache()
+            free_gpu()
             result["memory"] = memory_bench(model, res, args.steps, device)
         result.update(lora_bench(model, res, device, args.lora_steps))
     print(json.dumps(result, indent=2))

@@ -159,10 +159,10 @@ def run_generate(settings: Any, *, out: Path | None, overwrite: bool, quiet: boo
                                 f"(per process: {', '.join(map(str, counts))})")
     elif settings.compile and mine:
         # The first call compiles; report it apart so the steady speed is visible.
-        first = mine[0]["done_at"] - t0
-        rest = (mine[-1]["done_at"] - mine[0]["done_at"]) / (len(mine) - 1) if len(mine) > 1 else None
-        note(quiet, f"first image {first:.1f}s (includes torch.compile)" +
-                    (f", then {rest:.2f}s each" if rest is not None else ""))
+        text = f"first image {mine[0]['done_at'] - t0:.1f}s (includes torch.compile)"
+        if len(mine) > 1:
+            text += f", then {(mine[-1]['done_at'] - mine[0]['done_at']) / (len(mine) - 1):.2f}s each"
+        note(quiet, text)
     elif len(written) > 1:
         note(quiet, f"{len(written)} images in {seconds:.1f}s ({seconds / len(written):.2f}s each)")
     if main and len(settings.guidance) * len(settings.guidance_rescale) > 1 and namer.file is None:
