@@ -17,34 +17,17 @@ SETTINGS_KEY = "sdcli"
 A1111_KEY = "parameters"
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
-
-
 def a1111_parameters(record: dict[str, Any]) -> str:
-    """The three-line ``parameters`` text: prompt, negative prompt, comma list of settings."""
+    """The three-line ``parameters`` text: prompt, negative prompt, comma list of settings.
+
+    Which settings appear, under which keys, comes from their declarations (`a1111_fields`).
+    """
+    from sdcli.generation.settings import a1111_fields
+
     lines = [record["prompt"]]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
-    fields = [
-        ("Steps", record["steps"]),
-        ("Sampler", record["sampler"]),
-        ("Schedule type", record.get("schedule_type", "Automatic")),
-        ("CFG scale", _fmt(record["guidance"])),
-        ("Seed", record["seed"]),
-        ("Size", f"{record['width']}x{record['height']}"),
-        ("Model", record["model_name"]),
-    ]
-    if record.get("init_image"):
-        fields.append(("Denoising strength", _fmt(record["strength"])))
-    if record.get("guidance_rescale"):
-        fields.append(("CFG Rescale phi", _fmt(record["guidance_rescale"])))
-    if record.get("timestep_spacing"):
-        fields.append(("Timestep spacing", record["timestep_spacing"]))
-    for lora in record.get("loras") or []:
-        fields.append((f"Lora {Path(lora['path']).name}", _fmt(lora["scale"])))
-    fields.append(("Version", f"sdcli {record['sdcli_version']}"))
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    lines.append(", ".join(f"{k}: {v}" for k, v in a1111_fields(record)))
     return "\n".join(lines)
 
 

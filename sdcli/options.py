@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from sdcli import defaults
+from sdcli.declare import Opt, Role
+from sdcli.schedule import TimestepSpacing  # declared once, beside the schedule code that checks it
 
 
 class Device(str, Enum):
@@ -28,50 +30,44 @@ class Dtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
-class TimestepSpacing(str, Enum):
-    leading = "leading"
-    linspace = "linspace"
-    trailing = "trailing"
+def alias(opt: Opt, type_: Any, default_flag: str) -> Any:
+    """The `Annotated` alias of a shared option, for commands that take it as a plain parameter."""
+    kwargs: dict[str, Any] = {"help": opt.help}
+    if opt.envvar:
+        kwargs.update(envvar=opt.envvar, show_envvar=False)
+    if opt.show_default is not True:
+        kwargs["show_default"] = opt.show_default
+    return Annotated[type_, typer.Option(*(opt.flags or (default_flag,)), **kwargs)]
 
 
-Model = Annotated[
-    Optional[str],
-    typer.Option(
-        "--model",
-        "-m",
-        envvar=defaults.MODEL_ENV,
-        help="Hub id, local diffusers folder, or single-file .safetensors checkpoint (default: $SDCLI_MODEL, else the bundled model).",
-        show_default=False,
-        show_envvar=False,
-    ),
-]
-Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of --model.")]
-Variant = Annotated[Optional[str], typer.Option(help="Weights variant of --model, e.g. fp16.")]
-AllowPickle = Annotated[
-    bool,
-    typer.Option("--allow-pickle", help="Allow pickled weights (.ckpt/.bin/.pt), which can run arbitrary code."),
-]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: auto picks cuda, then mps, then cpu.")]
-DtypeOpt = Annotated[
-    Dtype, typer.Option("--dtype", help="Weights precision: auto is float16 on cuda, float32 elsewhere.")
-]
-ChannelsLast = Annotated[
-    Optional[bool],
-    typer.Option("--channels-last/--no-channels-last", help="UNet in channels-last memory format. Default: on CUDA.",
-                 show_default=False),
-]
-Scheduler = Annotated[
-    Optional[str],
-    typer.Option(
-        "--scheduler",
-        "-s",
-        help="Sampler by friendly name (ddim, euler, dpm++2m-karras, ...); 'list' lists them. Default: the model's own.",
-    ),
-]
-Spacing = Annotated[
-    Optional[TimestepSpacing],
-    typer.Option("--timestep-spacing", help="How sampling timesteps are spread over training ones."),
-]
+# Each shared option once; settings dataclasses declare their fields with these (sdcli.declare.option).
+MODEL = Opt(
+    "Hub id, local diffusers folder, or single-file .safetensors checkpoint (default: $SDCLI_MODEL, else the bundled model).",
+    flags=("--model", "-m"), envvar=defaults.MODEL_ENV, show_default=False,
+)
+REVISION = Opt("Hub revision (branch, tag or commit) of --model.")
+VARIANT = Opt("Weights variant of --model, e.g. fp16.")
+ALLOW_PICKLE = Opt("Allow pickled weights (.ckpt/.bin/.pt), which can run arbitrary code.", flags=("--allow-pickle",),
+                   role=Role.RUNTIME)
+DEVICE = Opt("Where to run: auto picks cuda, then mps, then cpu.", flags=("--device",), cli_type=Device, role=Role.RUNTIME)
+DTYPE = Opt("Weights precision: auto is float16 on cuda, float32 elsewhere.", flags=("--dtype",), cli_type=Dtype,
+            role=Role.RUNTIME)
+CHANNELS_LAST = Opt("UNet in channels-last memory format. Default: on CUDA.", flags=("--channels-last/--no-channels-last",),
+                    role=Role.RUNTIME, show_default=False)
+SCHEDULER = Opt("Sampler by friendly name (ddim, euler, dpm++2m-karras, ...); 'list' lists them. Default: the model's own.",
+                flags=("--scheduler", "-s"))
+SPACING = Opt("How sampling timesteps are spread over training ones.", flags=("--timestep-spacing",),
+              cli_type=TimestepSpacing)
+
+Model = alias(MODEL, Optional[str], "--model")
+Revision = alias(REVISION, Optional[str], "--revision")
+Variant = alias(VARIANT, Optional[str], "--variant")
+AllowPickle = alias(ALLOW_PICKLE, bool, "--allow-pickle")
+DeviceOpt = alias(DEVICE, Device, "--device")
+DtypeOpt = alias(DTYPE, Dtype, "--dtype")
+ChannelsLast = alias(CHANNELS_LAST, Optional[bool], "--channels-last")
+Scheduler = alias(SCHEDULER, Optional[str], "--scheduler")
+Spacing = alias(SPACING, Optional[TimestepSpacing], "--timestep-spacing")
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr; results only.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON records on stdout instead of plain lines.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,24 +16,26 @@ from sdcli import defaults
 from sdcli.errors import UsageError
 
 
-class OutputNamer:
-    """Numbered files in a folder, or the one .png path the user named.
+class ImageWriter:
+    """Writes what `sdcli.generation.generate` yields: numbered PNGs in a folder, or the one .png path named.
 
     Numbers continue after the highest already in the folder and follow each
     job's place in the whole run, so processes sharing a folder never clash.
+    Everything is checked here, before the model loads.
     """
 
-    def __init__(self, out: Path | None, count: int, overwrite: bool, settings: Any):
-        from sdcli.images import check_writable
+    def __init__(self, out: Path | None, plan: Any, *, overwrite: bool = False, json: bool = False,
+                 name: Callable[[Any], str] | None = None):
+        from sdcli.images import check_new_file, check_writable
 
-        self.overwrite = overwrite
-        self.settings = settings
+        self.plan, self.overwrite, self.json, self.name = plan, overwrite, json, name
+        self.written: list[dict[str, Any]] = []
+        count = len(plan.jobs)
         out = Path(out) if out is not None else defaults.OUT_DIR
         if out.suffix.lower() == ".png":
             if count > 1:
                 raise UsageError(f"--out {out} names one file but {count} images would be made; give a folder")
-            if out.exists() and not overwrite:
-                raise UsageError(f"{out} exists; pass --overwrite to replace it")
+            check_new_file(out, overwrite, "--out")
             check_writable(out.parent if str(out.parent) else Path("."))
             self.file, self.folder = out, out.parent
         else:
@@ -44,16 +45,44 @@ class OutputNamer:
             self.file, self.folder = None, out
         taken = [int(m.group(1)) for p in self.folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
         self.next = max(taken, default=-1) + 1
+        if plan.state is not None:
+            plan.state.wait_for_everyone()  # every process has numbered the folder before any writes to it
 
-    def image(self, job: Any) -> Path:
+    def path(self, job: Any) -> Path:
         if self.file is not None:
             return self.file
+        if self.name is not None:
+            return self.folder / self.name(job)
         parts = [f"{self.next + job.index:05d}", str(job.seed)]
-        if len(self.settings.guidance) > 1:
-            parts.append(f"g{job.guidance:g}")
-        if len(self.settings.guidance_rescale) > 1:
-            parts.append(f"r{job.guidance_rescale:g}")
+        parts += [f"{d.opt.label}{job.values[d.record_key]:g}" for d in self.plan.swept()]
         return self.folder / ("-".join(parts) + ".png")
+
+    def write(self, item: Any) -> Path:
+        """Save one image (and its trajectory) atomically, with its record, and print its path."""
+        from sdcli.images import save_png
+        from sdcli.metadata import pnginfo
+
+        path = save_png(item.image, self.path(item.job), pnginfo(item.record), self.overwrite)
+        emit(path, item.record, self.json)
+        if item.trajectory:
+            write_trajectory(item, path, self.overwrite, self.json)
+        self.written.append({"path": str(path), **item.job.values})
+        return path
+
+    def finish(self, quiet: bool = False) -> list[Path]:
+        """After the last image: one summary and the contact sheets, from the main process."""
+        from sdcli import distributed
+        from sdcli.progress import note
+
+        plan = self.plan
+        everyone = distributed.gather(self.written, plan.state)
+        if plan.state is not None:
+            counts = distributed.gather([len(self.written)], plan.state)
+            note(quiet or not plan.is_main, f"{len(everyone)} images from {plan.state.num_processes} processes "
+                                            f"(per process: {', '.join(map(str, counts))})")
+        if plan.is_main and plan.swept() and self.file is None:
+            write_contact_sheets(everyone, self, plan.swept(), self.json)
+        return [Path(w["path"]) for w in self.written]
 
     def sheet(self, prompt_index: int) -> Path:
         return self.folder / f"{self.next:05d}-sheet{prompt_index}.png"
@@ -65,30 +94,6 @@ def emit(path: Path, record: dict[str, Any], json: bool) -> None:
         print(jsonlib.dumps({"path": str(path), **record}), flush=True)
     else:
         print(path, flush=True)
-
-
-def write_images(
-    settings: Any, loaded: Any, jobs: list[Any], namer: OutputNamer, *, json: bool,
-    advance: Callable[[int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Generate ``jobs`` and write each image (and its trajectory) as soon as it exists.
-
-    Returns one entry per image (path, prompt, seed, guidance) for the contact sheets.
-    """
-    from sdcli.generation import iter_images
-    from sdcli.images import save_png
-    from sdcli.metadata import pnginfo
-
-    written = []
-    for item in iter_images(settings, loaded, jobs, on_step=advance):
-        path = save_png(item.image, namer.image(item.job), pnginfo(item.record), namer.overwrite)
-        emit(path, item.record, json)
-        if item.trajectory:
-            write_trajectory(item, path, namer.overwrite, json)
-        written.append({"path": str(path), "prompt": item.job.prompt, "seed": item.job.seed,
-                        "guidance": item.job.guidance, "guidance_rescale": item.job.guidance_rescale,
-                        "done_at": time.perf_counter()})
-    return written
 
 
 def write_trajectory(item: Any, path: Path, overwrite: bool, json: bool) -> None:
@@ -104,21 +109,22 @@ def write_trajectory(item: Any, path: Path, overwrite: bool, json: bool) -> None
         emit(p, {"kind": "trajectory", "image": str(path)}, json)
 
 
-def write_contact_sheets(written: list[dict[str, Any]], namer: OutputNamer, settings: Any, json: bool) -> None:
-    """Per prompt: guidance settings across, seeds down, the adherence/variety trade-off in one picture."""
+def write_contact_sheets(written: list[dict[str, Any]], writer: ImageWriter, swept: list[Any], json: bool) -> None:
+    """Per prompt: sweep values across, seeds down, the adherence/variety trade-off in one picture."""
     from PIL import Image
 
     from sdcli.images import labelled_grid, save_png
 
-    rescale = len(settings.guidance_rescale) > 1
+    keys = [d.record_key for d in swept]
     prompts = list(dict.fromkeys(w["prompt"] for w in written))
     for i, prompt in enumerate(prompts):
         mine = [w for w in written if w["prompt"] == prompt]
-        keys = list(dict.fromkeys((w["guidance"], w["guidance_rescale"]) for w in mine))
+        columns = list(dict.fromkeys(tuple(w[k] for k in keys) for w in mine))
         seeds = list(dict.fromkeys(w["seed"] for w in mine))
-        cell = {(w["guidance"], w["guidance_rescale"], w["seed"]): w["path"] for w in mine}
-        rows = [[Image.open(cell[(g, r, s)]) for g, r in keys] for s in seeds]
-        cols = [f"g={g:g}" + (f" φ={r:g}" if rescale else "") for g, r in keys]
+        cell = {(tuple(w[k] for k in keys), w["seed"]): w["path"] for w in mine}
+        rows = [[Image.open(cell[(c, s)]) for c in columns] for s in seeds]
+        names = {"guidance": "g", "guidance_rescale": "φ"}
+        cols = [" ".join(f"{names.get(k, k)}={v:g}" for k, v in zip(keys, c)) for c in columns]
         sheet = labelled_grid(rows, cols, [f"seed {s}" for s in seeds], title=prompt[:80])
-        path = save_png(sheet, namer.sheet(i), overwrite=namer.overwrite)
+        path = save_png(sheet, writer.sheet(i), overwrite=writer.overwrite)
         emit(path, {"kind": "contact_sheet", "prompt": prompt}, json)

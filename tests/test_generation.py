@@ -83,7 +83,7 @@ def test_parse_and_plan():
     jobs = plan_jobs(s, seeds)
     assert len(jobs) == 12
     # Prompt, then guidance, then seed: jobs with one guidance value are neighbours (they batch together).
-    assert [(j.prompt, j.guidance, j.seed) for j in jobs[:4]] == [("a", 1, 10), ("a", 1, 11), ("a", 1, 12), ("a", 7.5, 10)]
+    assert [(j.prompt, j.values["guidance"], j.seed) for j in jobs[:4]] == [("a", 1, 10), ("a", 1, 11), ("a", 1, 12), ("a", 7.5, 10)]
 
 
 @pytest.mark.parametrize("change,message", [

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdcli import __version__, defaults
+from sdcli import __version__
 from sdcli.errors import OutputError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -194,33 +194,31 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     return png_path
 
 
-def render_validation(pipe: Any, prompts: list[str], out: Path, step: int, *, guidance: float, steps: int,
-                      resolution: int, seed: int) -> list[Path]:
-    """One image per prompt under OUT/validation/step-N/, from the same seed every time so steps compare.
+def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int) -> list[Path]:
+    """One image per validation prompt under OUT/validation/step-N/, from the same seed every time so steps compare.
 
-    Called like `sdcli generate` calls the pipeline (an empty negative prompt is passed as None), so
-    a validation image is what generate would make from the same weights and settings.
+    Made by `sdcli generate`'s own code (guidance, NaN guard, writer, metadata) on the pipeline being
+    trained. The record names the weights this run writes to OUT (the LoRA on the base model, or the
+    full pipeline), so `sdcli generate --from-metadata` remakes the last step's image.
     """
     import torch
 
-    folder = out / VALIDATION_DIR / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, prompt in enumerate(prompts):
-        generator = torch.Generator("cpu").manual_seed(seed)
-        image = pipe(prompt, negative_prompt=defaults.NEGATIVE_PROMPT or None, num_inference_steps=steps,
-                     guidance_scale=guidance, height=resolution, width=resolution, generator=generator).images[0]
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-        path = folder / f"{i:02d}-{slug}.png"
-        image.save(path, pnginfo=_pnginfo({"prompt": prompt, "step": step, "guidance": guidance, "steps": steps,
-                                           "seed": seed}))
-        paths.append(path)
-    return paths
+    from sdcli.generation import Settings, generate, plan
+    from sdcli.outputs import ImageWriter
+    from sdcli.pipeline import Loaded
 
-
-def _pnginfo(record: dict[str, Any]):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("sdcli", json.dumps(record))
-    return info
+    out = Path(cfg.out).resolve()
+    settings = Settings(
+        prompts=list(cfg.validation_prompts), model=cfg.model if cfg.lora else str(out),
+        revision=cfg.revision if cfg.lora else None, variant=cfg.variant if cfg.lora else None,
+        loras=[(str(out), 1.0)] if cfg.lora else [], steps=cfg.validation_steps, guidance=[cfg.validation_guidance],
+        seeds=[cfg.seed], width=cfg.resolution, height=cfg.resolution, device=str(device))
+    p = plan(settings, distributed=False, model_on_disk=False)
+    loaded = Loaded(pipe=pipe, model=settings.model, family=family, device=str(device), dtype=torch.float32)
+    slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt" for prompt in settings.prompts]
+    writer = ImageWriter(out / VALIDATION_DIR / f"step-{step:06d}", p,
+                         name=lambda job: f"{job.index:02d}-{slugs[job.index]}.png")
+    for item in generate(p, quiet=True, loaded=loaded,
+                         extra_record={"finetune_validation": {"out": str(out), "step": step}}):
+        writer.write(item)
+    return writer.finish(quiet=True)

@@ -1,0 +1,190 @@
+"""Declare a setting once; its command-line option, record and replay are derived from that.
+
+diffusers' `register_to_config` makes every config argument round-trip to JSON by
+construction. This is the same idea for our settings objects: each field of a
+settings dataclass carries an `Opt` (help, flags, role) in its metadata, so its
+name, type and default are written once, in the dataclass, and
+
+- `command(cls, body)` builds the Typer command whose options are those fields;
+- `Role` says what a field is: recorded with an image and replayed, runtime only,
+  or a sweep axis (a comma list on the command line, one value per image);
+- `record_fields(cls)` / `replay(cls, record)` are what a record holds and reads back.
+
+Only Typer and the standard library are imported here, so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from enum import Enum
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+
+class Role(str, Enum):
+    RECORDED = "recorded"  # decides what is made: stored with the output, replayed by --from-metadata
+    RUNTIME = "runtime"  # how a run executes (device, batch size, memory): always the command line's
+    SWEEP = "sweep"  # a comma list on the command line; each output records its one value
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    """How one setting appears to users. The name, type and default come from the dataclass field."""
+
+    help: str
+    flags: tuple[str, ...] = ()  # default: --name-with-dashes
+    role: Role = Role.RECORDED
+    cli_type: Any = None  # what Typer parses when it differs from the field (comma lists: str; choices: an Enum)
+    parse: Callable[[Any], Any] | None = None  # command-line value -> setting value
+    record: str | None = None  # key in an output's record (default: the field name)
+    task: str | None = None  # the generation task that uses it; recorded only when that task runs
+    to_record: Callable[[Any], Any] | None = None  # setting value -> JSON, where they differ
+    from_record: Callable[[Any], Any] | None = None  # JSON -> setting value
+    a1111: str | None = None  # key in AUTOMATIC1111's `parameters` line, where it has one
+    label: str = ""  # short tag in file names and contact sheets for a sweep axis (g7.5)
+    argument: bool = False  # a positional argument instead of an --option
+    panel: str | None = None  # --help section
+    envvar: str | None = None
+    show_default: bool | str = True
+
+    def replace(self, **changes: Any) -> "Opt":
+        return dataclasses.replace(self, **changes)
+
+
+def option(default: Any = dataclasses.MISSING, opt: Opt | None = None, /, **kw: Any) -> Any:
+    """A dataclass field declared with its option: ``steps: int = option(25, help="Denoising steps.")``.
+
+    ``opt`` is a shared declaration (sdcli.options.MODEL, ...) that ``kw`` may adjust.
+    """
+    spec = opt.replace(**kw) if opt is not None else Opt(**kw)
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"opt": spec})
+    return dataclasses.field(default=default, metadata={"opt": spec})
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """One declared field: the dataclass field and its Opt, with what follows from them."""
+
+    field: dataclasses.Field
+    opt: Opt
+    type: Any  # the field's annotation, resolved
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def default(self) -> Any:
+        f = self.field
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            return f.default_factory()  # type: ignore[misc]
+        return dataclasses.MISSING
+
+    @property
+    def record_key(self) -> str:
+        return self.opt.record or self.name
+
+    @property
+    def flag(self) -> str:
+        return self.opt.flags[0] if self.opt.flags else "--" + self.name.replace("_", "-")
+
+
+def declared(cls: type) -> list[Declared]:
+    """The declared fields of a settings dataclass, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return [Declared(f, f.metadata["opt"], hints[f.name]) for f in dataclasses.fields(cls) if "opt" in f.metadata]
+
+
+def by_role(cls: type, *roles: Role) -> list[Declared]:
+    return [d for d in declared(cls) if d.opt.role in roles]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _cli_type(d: Declared) -> Any:
+    return d.opt.cli_type if d.opt.cli_type is not None else d.type
+
+
+def parameter(d: Declared) -> inspect.Parameter:
+    """The Typer parameter of a declared field, its default the declared one as the command line spells it."""
+    o = d.opt
+    cli_type = _cli_type(d)
+    kwargs: dict[str, Any] = {"help": o.help, "show_default": o.show_default}
+    if o.panel:
+        kwargs["rich_help_panel"] = o.panel
+    if o.argument:
+        info = typer.Argument(**kwargs)
+    else:
+        if o.envvar:
+            kwargs.update(envvar=o.envvar, show_envvar=False)
+        info = typer.Option(*(o.flags or (d.flag,)), **kwargs)
+    if d.default is dataclasses.MISSING:  # required: Typer says so before anything runs
+        default: Any = inspect.Parameter.empty
+    else:
+        default = _spelled(d.default, cli_type)
+    if default is None:
+        cli_type = Optional[cli_type]
+    return inspect.Parameter(d.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[cli_type, info])
+
+
+def _spelled(default: Any, cli_type: Any) -> Any:
+    """A declared default as the command line gives it: choices as the Enum, a list of numbers as "1,2"."""
+    if isinstance(cli_type, type) and issubclass(cli_type, Enum) and default is not None:
+        return cli_type(default)
+    if isinstance(default, (list, tuple)):
+        if not default or cli_type is not str:
+            return None
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+    return default
+
+
+def from_cli(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Setting values from what Typer parsed: parsed, enums as their values, unset options left out."""
+    out = {}
+    for d in declared(cls):
+        if d.name not in values or values[d.name] is None:
+            continue
+        value = values[d.name]
+        if d.opt.parse is not None:
+            value = d.opt.parse(value)
+        elif isinstance(value, Enum):
+            value = value.value
+        out[d.name] = value
+    return out
+
+
+def command(cls: type, body: Callable[..., Any], *, exclude: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """A Typer command taking ``body``'s own parameters plus every option declared on ``cls``.
+
+    ``body`` receives its own parameters by name and the declared ones, parsed, as ``values``
+    (only those given); ``body`` must take ``values`` as a keyword.
+    """
+    own = [p for name, p in inspect.signature(body, eval_str=True).parameters.items() if name != "values"]
+    first = [p for p in own if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name == "ctx"]
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in first]
+    decl = [d for d in declared(cls) if d.name not in exclude]
+    arguments = [parameter(d) for d in decl if d.opt.argument]
+    options = [parameter(d) for d in decl if not d.opt.argument]
+    names = {d.name for d in decl}
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        return body(*args, **kwargs, values=from_cli(cls, given))
+
+    run.__signature__ = inspect.Signature(first + arguments + options + rest)  # type: ignore[attr-defined]
+    run.__doc__ = body.__doc__
+    run.__name__ = body.__name__
+    return run
+
+
+def given_on_command_line(ctx: Any, names: list[str]) -> set[str]:
+    """Which of ``names`` the user typed (not defaults, not environment variables)."""
+    return {n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}

@@ -1,0 +1,270 @@
+"""Every `generate` setting, declared once: name, type, default, help and role.
+
+The Typer options (`sdcli.commands.generate`), the record each image carries
+(A1111 `parameters` and the JSON) and `--from-metadata` replay are derived from
+these declarations (`sdcli.declare`). Adding a plain option means adding a field
+here, the code that uses it, and its test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from sdcli import defaults, options
+from sdcli.declare import Role, by_role, declared, option
+from sdcli.errors import DataError, UsageError
+
+RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
+# AUTOMATIC1111 writes these first, in this order; the rest follow in declaration order.
+A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model")
+
+
+# 1. Parsing command-line text --------------------------------------------------------------------
+
+
+def parse_floats(text: str, option_name: str) -> list[float]:
+    """'1,3,7.5' -> [1.0, 3.0, 7.5]; a non-number names itself."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise UsageError(f"{option_name}: {part!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"{option_name}: {part!r} is not a finite number")
+        values.append(value)
+    return values
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if text is None or str(text).strip() == "":
+        return None
+    seeds = []
+    for part in str(text).split(","):
+        try:
+            seed = int(part.strip())
+        except ValueError:
+            raise UsageError(f"--seed: {part.strip()!r} is not a whole number") from None
+        if not 0 <= seed < 2**63:
+            raise UsageError(f"--seed: {seed} is outside 0..2^63-1")
+        seeds.append(seed)
+    return seeds
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'path/to/lora:0.8' -> ('path/to/lora', 0.8); without a scale, 1.0."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not tail.startswith(("/", "\\")):
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"--lora: no such file or folder: {path}")
+    return str(Path(path).expanduser()), scale
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"--prompt-file: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--prompt-file: cannot read {path}: {exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DataError(f"--prompt-file: {path} holds no prompts")
+    return prompts
+
+
+def _loras_to_record(loras: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    from sdcli.pipeline import absolute_if_local
+
+    return [{"path": absolute_if_local(path), "scale": scale} for path, scale in loras]
+
+
+def _loras_from_record(value: list[dict[str, Any]] | None) -> list[tuple[str, float]]:
+    return [(lo["path"], float(lo["scale"])) for lo in value or []]
+
+
+# 2. The declarations -----------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Everything that decides what `generate` makes and how it runs."""
+
+    prompts: list[str] = option([], help="One or more prompts.", argument=True, role=SWEEP, record="prompt",
+                                show_default=False)
+    negative_prompt: str = option(defaults.NEGATIVE_PROMPT, help="What to steer away from.",
+                                  flags=("--negative-prompt", "-n"), show_default=False)
+    model: Optional[str] = option(None, options.MODEL)
+    revision: Optional[str] = option(None, options.REVISION)
+    variant: Optional[str] = option(None, options.VARIANT)
+    allow_pickle: bool = option(False, options.ALLOW_PICKLE)
+    steps: int = option(defaults.STEPS, help="Denoising steps.", a1111="Steps")
+    guidance: list[float] = option(
+        [defaults.GUIDANCE], help="Classifier-free guidance scale, or a comma list to sweep (1,3,7.5,12).",
+        flags=("--guidance", "-g"), role=SWEEP, cli_type=str, parse=lambda t: parse_floats(t, "--guidance"),
+        a1111="CFG scale", label="g")
+    guidance_rescale: list[float] = option(
+        [0.0], help="Guidance rescale φ in [0, 1] (Lin et al. 2023), or a comma list.", role=SWEEP, cli_type=str,
+        parse=lambda t: parse_floats(t, "--guidance-rescale"), a1111="CFG Rescale phi", label="r")
+    scheduler: Optional[str] = option(None, options.SCHEDULER)
+    timestep_spacing: Optional[str] = option(None, options.SPACING, a1111="Timestep spacing")
+    seeds: Optional[list[int]] = option(
+        None, help="Seed, or a comma list of seeds. Default: random, printed.", flags=("--seed",), role=SWEEP,
+        cli_type=str, parse=parse_seeds, record="seed", a1111="Seed")
+    num_images: int = option(1, help="Images per prompt and guidance value (consecutive seeds).", role=RUNTIME)
+    width: Optional[int] = option(None, help="Width in pixels. Default: the model's.", flags=("--width", "-W"))
+    height: Optional[int] = option(None, help="Height in pixels. Default: the model's.", flags=("--height", "-H"))
+    batch_size: int = option(1, help="Images denoised together.", role=RUNTIME)
+    device: str = option("auto", options.DEVICE)
+    dtype: str = option("auto", options.DTYPE)
+    cpu_offload: bool = option(False, help="Keep idle models in CPU memory (CUDA only).", role=RUNTIME)
+    vae_tiling: bool = option(False, help="Decode in tiles, for large images on small GPUs.", role=RUNTIME)
+    attention_slicing: bool = option(False, help="Compute attention in slices to save memory.", role=RUNTIME)
+    compile: bool = option(False, help="torch.compile the UNet (slow first image).", flags=("--compile",), role=RUNTIME)
+    channels_last: Optional[bool] = option(None, options.CHANNELS_LAST)
+    loras: list[tuple[str, float]] = option(
+        [], help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.", flags=("--lora",),
+        cli_type=list[str], parse=lambda specs: [parse_lora(s) for s in specs], to_record=_loras_to_record,
+        from_record=_loras_from_record, show_default=False)
+    init_image: Optional[str] = option(None, help="Start from this image (img2img).", cli_type=Path, parse=str,
+                                       task="img2img")
+    strength: float = option(0.75, help="img2img: how far to noise the init image, 0..1.", task="img2img",
+                             a1111="Denoising strength")
+    save_trajectory: bool = option(
+        False, help="Also save the predicted clean image at every step (strip PNG + GIF).", role=RUNTIME)
+
+
+RUNTIME_FIELDS = tuple(d.name for d in by_role(Settings, RUNTIME))
+
+
+# 3. Checks that need no weights ------------------------------------------------------------------
+
+
+def check_settings(s: Settings) -> None:
+    """Raise UsageError naming the first bad value; cheap, needs no model weights."""
+    if not s.prompts:
+        raise UsageError("no prompt given: pass one or more prompts, --prompt-file or --from-metadata")
+    if s.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {s.steps}")
+    for g in s.guidance:
+        if g < 0:
+            raise UsageError(f"--guidance must be >= 0, got {g:g}")
+    for r in s.guidance_rescale:
+        if not 0 <= r <= 1:
+            raise UsageError(f"--guidance-rescale must be between 0 and 1, got {r:g}")
+    if s.num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {s.num_images}")
+    if s.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {s.batch_size}")
+    if s.seeds and len(s.seeds) > 1 and s.num_images > 1:
+        raise UsageError("give either a list of seeds or --num-images, not both")
+    if s.scheduler is not None:
+        from sdcli.schedulers import get_spec
+
+        get_spec(s.scheduler)
+    for size, name in ((s.width, "--width"), (s.height, "--height")):
+        if size is not None and size <= 0:
+            raise UsageError(f"{name} must be positive, got {size}")
+    from sdcli.generation.tasks import task_for
+
+    task_for(s).check(s)
+
+
+def check_size(s: Settings, factor: int) -> None:
+    for size, name in ((s.width, "--width"), (s.height, "--height")):
+        if size is not None and size % factor:
+            lower, upper = size - size % factor, size - size % factor + factor
+            raise UsageError(
+                f"{name} {size} is not a multiple of {factor} (what this model's VAE and pipeline need); "
+                f"try {lower or upper} or {upper}"
+            )
+
+
+# 4. Records and replay ---------------------------------------------------------------------------
+
+
+def recorded(task: str) -> list[Any]:
+    """The declared settings an image made by ``task`` records (sweep axes are per image)."""
+    return [d for d in by_role(Settings, RECORDED) if d.opt.task in (None, task)]
+
+
+def settings_record(s: Settings, task: str) -> dict[str, Any]:
+    """The recorded settings of a run as JSON-ready values, keyed as the record names them."""
+    out = {}
+    for d in recorded(task):
+        value = getattr(s, d.name)
+        out[d.record_key] = d.opt.to_record(value) if d.opt.to_record else value
+    return out
+
+
+def sweep_axes() -> list[Any]:
+    return by_role(Settings, SWEEP)
+
+
+def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(key, value) pairs of AUTOMATIC1111's settings line, from the declarations and the record."""
+    found: dict[str, Any] = {
+        "Sampler": record.get("sampler"),
+        "Schedule type": record.get("schedule_type", "Automatic"),
+        "Size": f"{record['width']}x{record['height']}",
+        "Model": record.get("model_name"),
+    }
+    for d in declared(Settings):
+        key, value = d.opt.a1111, record.get(d.record_key)
+        if key and value is not None and (key in A1111_ORDER or (value != 0 and value != "")):
+            found[key] = f"{value:g}" if isinstance(value, float) else value
+    for lora in record.get("loras") or []:
+        found[f"Lora {Path(lora['path']).name}"] = f"{lora['scale']:g}"
+    found["Version"] = f"sdcli {record['sdcli_version']}"
+    head = [(k, found[k]) for k in A1111_ORDER if found.get(k) is not None]
+    return head + [(k, v) for k, v in found.items() if k not in A1111_ORDER]
+
+
+def settings_from_record(record: dict[str, Any]) -> Settings:
+    """The Settings that regenerate the image a record describes (for --from-metadata).
+
+    Runtime settings (device, dtype, batch size, ...) stay the command line's: "auto" picks the
+    same on the same machine, and an image made in float16 on a GPU can still be remade on a CPU.
+    """
+    if "prompt" not in record:
+        raise DataError("the sdcli record holds no prompt; it was not written by sdcli generate")
+    check_weights_exist(record)
+    s = Settings()
+    for d in declared(Settings):
+        if d.opt.role is RUNTIME or d.record_key not in record:
+            continue
+        value = record[d.record_key]
+        if d.opt.from_record is not None:
+            value = d.opt.from_record(value)
+        setattr(s, d.name, [value] if d.opt.role is SWEEP else value)
+    return s
+
+
+def check_weights_exist(record: dict[str, Any]) -> None:
+    """A finetune validation image can be remade only from the weights its run kept: the last step's."""
+    import json
+
+    made = record.get("finetune_validation")
+    if not made:
+        return
+    out, step = Path(made["out"]), int(made["step"])
+    try:
+        final = json.loads((out / "training_settings.json").read_text()).get("steps")
+    except (OSError, ValueError):
+        final = None
+    if final is None:
+        raise DataError(f"this is a validation image of the fine-tuning run in {out}, which has not finished "
+                        "(no training_settings.json there), so its weights cannot be loaded")
+    if final != step:
+        raise DataError(f"this validation image was made at step {step} of the run in {out}, which kept only its "
+                        f"final weights (step {final}); only the step-{final} images can be remade")

@@ -1,0 +1,106 @@
+"""Each generate setting is declared once; the CLI, the record and the replay all come from that declaration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdcli.declare import Role, declared
+from sdcli.generation.settings import Settings, recorded, settings_from_record, sweep_axes
+from sdcli.metadata import parse_a1111
+
+
+def test_every_declared_setting_is_an_option_of_generate_with_its_help():
+    import typer.main
+
+    from sdcli.cli import app
+
+    command = typer.main.get_command(app).commands["generate"]
+    params = {p.name: p for p in command.params}
+    for d in declared(Settings):
+        assert d.name in params, d.name
+        assert params[d.name].help == d.opt.help
+    # The command adds only options about files, never a second spelling of a setting.
+    extra = set(params) - {d.name for d in declared(Settings)}
+    assert extra == {"prompt_file", "out", "overwrite", "from_metadata", "quiet", "json"}
+
+
+def record_of(path: Path) -> dict:
+    return json.loads(Image.open(path).info["sdcli"])
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def made(result) -> list[Path]:
+    assert result.exit_code == 0, result.stderr
+    return [Path(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def assert_round_trip(cli, image: Path, tmp_path: Path) -> None:
+    """Every recorded field survives the PNG and --from-metadata, and the replay has the same pixels."""
+    record = record_of(image)
+    task = record["task"]
+    keys = [d.record_key for d in recorded(task)] + [d.record_key for d in sweep_axes()]
+    assert set(keys) <= set(record), set(keys) - set(record)
+    replay = settings_from_record(record)
+    for d in declared(Settings):
+        if d.opt.role is Role.RUNTIME or d.record_key not in record:
+            continue
+        value = getattr(replay, d.name)
+        stored = d.opt.to_record(value) if d.opt.to_record else value
+        assert stored == ([record[d.record_key]] if d.opt.role is Role.SWEEP else record[d.record_key]), d.name
+    a1111 = parse_a1111(Image.open(image).info["parameters"])
+    for d in declared(Settings):
+        if d.opt.a1111 and d.opt.a1111 in ("Steps", "CFG scale", "Seed"):
+            assert float(a1111[d.opt.a1111]) == float(record[d.record_key])
+    (again,) = made(cli("generate", "--from-metadata", image, "--out", tmp_path / "replay" / image.name))
+    assert np.array_equal(pixels(again), pixels(image))
+    assert {k: v for k, v in record_of(again).items() if k != "finetune_validation"} == \
+        {k: v for k, v in record.items() if k != "finetune_validation"}
+
+
+def test_txt2img_round_trips(cli, tiny_sd, tmp_path):
+    (image,) = made(cli("generate", "a red circle", "--model", tiny_sd, "--steps", "2", "--seed", "3", "-n", "blue",
+                        "-g", "5", "--guidance-rescale", "0.5", "-s", "euler", "--timestep-spacing", "trailing",
+                        "-W", "24", "-H", "16", "--out", tmp_path / "a"))
+    assert "CFG Rescale phi: 0.5" in Image.open(image).info["parameters"]
+    assert_round_trip(cli, image, tmp_path)
+
+
+def test_img2img_round_trips(cli, tiny_sd, tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(init)
+    (image,) = made(cli("generate", "x", "--model", tiny_sd, "--steps", "4", "--seed", "1", "--init-image", init,
+                        "--strength", "0.5", "--out", tmp_path / "a"))
+    assert record_of(image)["task"] == "img2img" and record_of(image)["strength"] == 0.5
+    assert_round_trip(cli, image, tmp_path)
+
+
+def test_one_image_of_a_sweep_round_trips(cli, tiny_sd, tmp_path):
+    images = [p for p in made(cli("generate", "a red circle", "--model", tiny_sd, "--steps", "2", "--seed", "1,2",
+                                  "-g", "1,3", "--out", tmp_path / "a")) if "sheet" not in p.name]
+    picked = next(p for p in images if record_of(p)["guidance"] == 3 and record_of(p)["seed"] == 2)
+    assert_round_trip(cli, picked, tmp_path)
+
+
+def test_finetune_validation_image_round_trips_and_an_earlier_one_says_why_not(cli, tiny_sd, dataset, tmp_path):
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "lora", "--max-steps", "2",
+                 "--batch-size", "2", "--lr", "1e-2", "--checkpoint-every", "0", "--validation-prompt", "a red circle",
+                 "--validation-every", "1", "--validation-steps", "2", "-q")
+    assert result.exit_code == 0, result.stderr
+    last = next((tmp_path / "lora" / "validation" / "step-000002").glob("*.png"))
+    record = record_of(last)
+    assert record["loras"] == [{"path": str((tmp_path / "lora").resolve()), "scale": 1.0}]
+    assert_round_trip(cli, last, tmp_path)
+    earlier = next((tmp_path / "lora" / "validation" / "step-000001").glob("*.png"))
+    result = cli("generate", "--from-metadata", earlier, "--out", tmp_path / "old")
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "step 1" in lines[0] and "final weights (step 2)" in lines[0]
+    assert not (tmp_path / "old").exists() or not any((tmp_path / "old").iterdir())
