@@ -20,6 +20,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,31 @@ from sdcli.errors import ModelError, UsageError
 # SD's 0.0047 is the case Lin et al. 2023 fix; DDPM's linear 4e-5 is close enough to noise.
 TERMINAL_SNR_WARN = 1e-3
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SPACINGS = ("leading", "linspace", "trailing")
+
+# The choices, declared once: the CLI's options use these enums, the checks below their values.
+class BetaSchedule(str, Enum):
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+    sigmoid = "sigmoid"
+    laplace = "laplace"
+
+
+class PredictionType(str, Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+    sample = "sample"
+
+
+class TimestepSpacing(str, Enum):
+    leading = "leading"
+    linspace = "linspace"
+    trailing = "trailing"
+
+
+BETA_SCHEDULES = tuple(m.value for m in BetaSchedule)
+PREDICTION_TYPES = tuple(m.value for m in PredictionType)
+SPACINGS = tuple(m.value for m in TimestepSpacing)
 
 _SD_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 

@@ -63,6 +63,17 @@ def test_rows_are_the_diffusers_scheduler_values(name, kwargs):
     assert float(s.forward.alphas_cumprod[10]) == pytest.approx(float(torch.prod(reference.alphas[:11])), rel=1e-6)
 
 
+def test_choices_are_declared_once():
+    from sdcli import options
+    from sdcli.commands import inspect_schedule
+
+    assert inspect_schedule.BetaSchedule is sched.BetaSchedule
+    assert inspect_schedule.PredictionType is sched.PredictionType
+    assert options.TimestepSpacing is sched.TimestepSpacing
+    assert sched.SPACINGS == ("leading", "linspace", "trailing")
+    assert "laplace" in sched.BETA_SCHEDULES and "v_prediction" in sched.PREDICTION_TYPES
+
+
 @pytest.mark.parametrize("scheduler,spacing,steps", [
     (None, None, 25), ("ddim", "trailing", 10), ("euler", "leading", 7), ("dpm++2m-karras", None, 8), ("heun", None, 5),
 ])

@@ -16,27 +16,14 @@ from sdcli import defaults
 from sdcli.errors import UsageError
 from sdcli.progress import note
 from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing
+# The choices live with the schedule code that checks them (plain stdlib there, so --help stays instant).
+from sdcli.schedule import BetaSchedule, PredictionType
 
 
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
-
-
-class BetaSchedule(str, Enum):
-    linear = "linear"
-    scaled_linear = "scaled_linear"
-    squaredcos_cap_v2 = "squaredcos_cap_v2"
-    sigmoid = "sigmoid"
-    laplace = "laplace"
-
-
-class PredictionType(str, Enum):
-    epsilon = "epsilon"
-    v_prediction = "v_prediction"
-    sample = "sample"
-
 
 
 def _value(option):
