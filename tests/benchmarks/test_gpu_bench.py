@@ -30,7 +30,6 @@ def test_gpu_bench_reports_every_figure_at_reduced_size(tmp_path):
     for variant in ("diffusers", "sdcli"):
         figures = result[variant]
         assert figures["s_per_image"] > 0 and figures["unet_it_per_s"] > 0 and figures["tflops"] > 0
-    assert result["diffusers"]["speedup_vs_diffusers"] == 1.0
     ratio = result["sdcli"]["unet_it_per_s"] / result["diffusers"]["unet_it_per_s"]
     assert result["sdcli"]["speedup_vs_diffusers"] == pytest.approx(ratio, abs=0.002)
     assert result["lora_steps"] == 2 and result["lora_steps_per_s"] > 0

@@ -148,6 +148,40 @@ def test_memory_options_keep_the_image(cli, tiny_sd, tmp_path):
     assert np.abs(image() - image("--attention-slicing", "--vae-tiling", "--channels-last")).max() <= 1
 
 
+def test_memory_options_take_effect(tiny_sd):
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    from sdcli.generation import Settings, prepare_pipeline
+
+    def pipe(**kw):
+        return prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe
+
+    plain, small = pipe(), pipe(vae_tiling=True, attention_slicing=True)
+    assert small.vae.use_tiling and small.vae.use_slicing
+    assert not plain.vae.use_tiling and not plain.vae.use_slicing
+    assert all(isinstance(p, SlicedAttnProcessor) for p in small.unet.attn_processors.values())
+    assert not any(isinstance(p, SlicedAttnProcessor) for p in plain.unet.attn_processors.values())
+
+
+def test_guidance_rescale_changes_the_image_and_matches_diffusers(cli, tiny_sd, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    def ours(phi):
+        result = cli("generate", "a red circle", "--model", tiny_sd, "--steps", "3", "--seed", "4",
+                     "--guidance-rescale", phi, "--out", tmp_path / f"r{phi}.png")
+        assert result.exit_code == 0, result.stderr
+        return np.asarray(Image.open(tmp_path / f"r{phi}.png"), np.int16)
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red circle", num_inference_steps=3, guidance_scale=7.5, guidance_rescale=0.7,
+                  generator=torch.Generator("cpu").manual_seed(4), output_type="np").images[0]
+    rescaled = ours("0.7")
+    assert np.abs(rescaled - np.round(theirs * 255)).max() <= 1
+    assert np.abs(rescaled - ours("0")).max() > 2
+
+
 def test_channels_last_is_applied_on_request_and_by_default_only_on_cuda(tiny_sd):
     import torch
 
