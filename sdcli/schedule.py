@@ -1,16 +1,23 @@
 """The noise schedule of a diffusion model as plain numbers: what `sdcli inspect-schedule` shows.
 
-Two diffusers schedulers are built from one config. The *forward process*
-q(x_t | x_0) the model was trained on is `DDPMScheduler` (the class diffusers'
-training scripts add noise with; it implements every beta schedule and the
-zero-terminal-SNR rescale). The *sampler* is the model's own scheduler class, or
-the one named with `--scheduler`, and says which timesteps inference visits.
-Every β, ᾱ and timestep here is read off those instances; the only arithmetic
-of our own is SNR = ᾱ/(1−ᾱ) and the closed-form jump, both checked against
-diffusers in tests.
+Every schedule is held as its forward process x_t = α_t·x_0 + σ_t·ε: a signal
+scale α_t and a noise scale σ_t over the training timesteps (Kingma et al. 2021,
+Variational Diffusion Models), with SNR = α²/σ² and log-SNR from them. That is
+the one shape both families fit: DDPM's β_t and ᾱ_t give α_t = √ᾱ_t and
+σ_t = √(1−ᾱ_t), and flow matching (SD3, Flux) gives σ_t with α_t = 1 − σ_t. The
+quantities only one family has (β, ᾱ) ride along as that family's extras.
 
-Notation (Ho et al. 2020): β_t the per-step noise variance, α_t = 1 − β_t,
-ᾱ_t = ∏_{s≤t} α_s, so x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε.
+Two diffusers schedulers are built from one config. The *forward process* is
+read off `DDPMScheduler` (the class diffusers' training scripts add noise with;
+it implements every beta schedule and the zero-terminal-SNR rescale). The
+*sampler* is the model's own scheduler class, or the one named with
+`--scheduler`, and says which timesteps inference visits. Every β, ᾱ and
+timestep is read off those instances; the only arithmetic of our own is
+(α, σ) from ᾱ, the SNR, and the closed-form jump, all checked against diffusers
+in tests.
+
+Notation clash, kept on purpose: Ho et al. 2020 write α_t = 1 − β_t, and that
+number is the `alpha` key of a DDPM row; everywhere else α_t is the signal scale.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import inspect
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from sdcli.errors import ModelError, UsageError
 # Above this terminal SNR the signal left at t = T−1 is visible (√ᾱ ≈ 0.03 or more):
 # SD's 0.0047 is the case Lin et al. 2023 fix; DDPM's linear 4e-5 is close enough to noise.
 TERMINAL_SNR_WARN = 1e-3
+
 
 
 # The choices, declared once: the CLI's options use these enums, the checks below their values.
@@ -99,42 +107,73 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@dataclass(frozen=True)
+class ForwardProcess:
+    """q(x_t | x_0) = N(α_t·x_0, σ_t²·I) over the training timesteps t = 0 … T−1, as two arrays.
+
+    ``signal_scale`` (α_t) and ``noise_scale`` (σ_t) are float64 tensors of
+    length T; every schedule has them. ``extras`` holds what only its family
+    has, under the row keys it is shown with (DDPM: beta, alpha, alpha_bar and
+    the √ forms), so a new family is new data here, not new code downstream.
+    """
+
+    family: str  # "ddpm"; flow matching will be another
+    signal_scale: Any
+    noise_scale: Any
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.signal_scale)
+
+    def snr(self) -> Any:
+        """α_t²/σ_t² (Kingma et al. 2021, eq. 1): inf where σ = 0, 0 where α = 0 (zero terminal SNR)."""
+        return self.signal_scale**2 / self.noise_scale**2
+
+    def log_snr(self) -> Any:
+        """λ_t = log(α_t²/σ_t²), natural log; −inf at zero terminal SNR (Lin et al. 2023)."""
+        return self.snr().log()
+
+
 @dataclass
 class Schedule:
-    """One schedule under inspection: its label, the config it came from, and the two diffusers instances."""
+    """One schedule under inspection: its label, the config it came from, its (α, σ), and the diffusers instances."""
 
     label: str
     config: dict[str, Any]
-    forward: Any  # DDPMScheduler: the training forward process
+    process: ForwardProcess  # what every table, plot and picture reads
+    forward: Any  # the diffusers scheduler ``process`` was read from (DDPMScheduler)
     sampler: Any  # the scheduler inference steps with
     scheduler_name: str | None = None  # the --scheduler friendly name, if one was given
 
     @property
     def num_train_timesteps(self) -> int:
-        return len(self.forward.betas)
+        return len(self.process)
 
 
 # ---------------------------------------------------------------- the maths
 
 
-def snr(alpha_bar: float) -> float:
-    """Signal-to-noise ratio ᾱ/(1−ᾱ) of x_t (Kingma et al. 2021, Variational Diffusion Models)."""
-    return alpha_bar / (1.0 - alpha_bar) if alpha_bar < 1.0 else math.inf
+def ddpm_process(scheduler: Any) -> ForwardProcess:
+    """α_t = √ᾱ_t and σ_t = √(1−ᾱ_t) of a DDPMScheduler (Ho et al. 2020, eq. 4), β and ᾱ kept as extras.
+
+    These are the scales diffusers' ``add_noise`` multiplies by; taken in float64
+    from the float32 ᾱ, so each equals ``math.sqrt`` of the number diffusers holds.
+    """
+    betas = scheduler.betas.double()
+    alpha_bar = scheduler.alphas_cumprod.double()
+    signal, noise = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    extras = {"beta": betas, "alpha": scheduler.alphas.double(), "alpha_bar": alpha_bar,
+              "sqrt_alpha_bar": signal, "sqrt_one_minus_alpha_bar": noise}
+    return ForwardProcess(family="ddpm", signal_scale=signal, noise_scale=noise, extras=extras)
 
 
-def log_snr(alpha_bar: float) -> float:
-    """Natural log of the SNR, λ_t in Kingma et al. 2021; −inf at zero terminal SNR (Lin et al. 2023)."""
-    value = snr(alpha_bar)
-    return math.log(value) if value > 0 else -math.inf
-
-
-def q_sample(x0: Any, alpha_bar: Any, noise: Any) -> Any:
-    """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε: jump from x_0 to step t in one go (Ho et al. 2020, eq. 4)."""
-    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+def q_sample(x0: Any, signal_scale: Any, noise_scale: Any, noise: Any) -> Any:
+    """x_t = α_t·x_0 + σ_t·ε: jump from x_0 to step t in one go (Kingma et al. 2021, eq. 1; Ho et al. 2020, eq. 4)."""
+    return signal_scale * x0 + noise_scale * noise
 
 
 def q_step(x_prev: Any, beta: Any, noise: Any) -> Any:
-    """x_t = √(1−β_t)·x_{t−1} + √β_t·ε: one step of the forward chain q(x_t | x_{t−1}) (Ho et al. 2020, eq. 2)."""
+    """x_t = √(1−β_t)·x_{t−1} + √β_t·ε: one step of DDPM's forward chain q(x_t | x_{t−1}) (Ho et al. 2020, eq. 2)."""
     return (1 - beta) ** 0.5 * x_prev + beta**0.5 * noise
 
 
@@ -264,6 +303,7 @@ def build(
     from sdcli.schedulers import make_scheduler
 
     _quiet_diffusers()
+    # 1. The forward process: only DDPM-family (β) schedules so far; a flow-matching one would be read here too
     if "beta_schedule" not in config and not config.get("trained_betas"):
         cls = config.get("_class_name", "this scheduler")
         raise ModelError(f"{label} uses {cls}, which has no β schedule (flow matching?); "
@@ -272,6 +312,8 @@ def build(
         forward = DDPMScheduler.from_config(config)
     except NotImplementedError:
         raise UsageError(f"beta_schedule {config.get('beta_schedule')!r} is not one diffusers implements") from None
+    process = ddpm_process(forward)
+    # 2. The sampler, which only decides the timesteps inference visits
     try:
         sampler = make_scheduler(scheduler, config, timestep_spacing)
     except AttributeError:
@@ -282,7 +324,8 @@ def build(
     except ImportError as exc:
         raise UsageError(f"scheduler {scheduler or config.get('_class_name')} needs a missing package: "
                          f"{' '.join(str(exc).split())[:200]}") from None
-    return Schedule(label=label, config=dict(config), forward=forward, sampler=sampler, scheduler_name=scheduler)
+    return Schedule(label=label, config=dict(config), process=process, forward=forward, sampler=sampler,
+                    scheduler_name=scheduler)
 
 
 # ---------------------------------------------------------------- what is shown
@@ -323,18 +366,16 @@ def parse_timesteps(at: str | None, every: int | None, num_train_timesteps: int)
 
 
 def row(schedule: Schedule, t: int) -> dict[str, float | int]:
-    """Every quantity of the forward process at timestep ``t``, read from the diffusers instance."""
-    fw = schedule.forward
-    alpha_bar = float(fw.alphas_cumprod[t])
+    """Every quantity of the forward process at timestep ``t``: the family's extras, then α, σ and the SNR."""
+    p = schedule.process
     return {
         "t": t,
-        "beta": float(fw.betas[t]),
-        "alpha": float(fw.alphas[t]),
-        "alpha_bar": alpha_bar,
-        "sqrt_alpha_bar": math.sqrt(alpha_bar),
-        "sqrt_one_minus_alpha_bar": math.sqrt(1.0 - alpha_bar),
-        "snr": snr(alpha_bar),
-        "log_snr": log_snr(alpha_bar),
+        **{key: float(values[t]) for key, values in p.extras.items()},
+        "snr": float(p.snr()[t]),
+        "log_snr": float(p.log_snr()[t]),
+        # Last, so the columns a CSV reader found by position before (issue 11) stay where they were.
+        "signal_scale": float(p.signal_scale[t]),
+        "noise_scale": float(p.noise_scale[t]),
     }
 
 
@@ -374,13 +415,15 @@ def describe(schedule: Schedule, timesteps: list[int], steps: int) -> dict[str, 
         "name": schedule.label,
         "scheduler": type(sampler).__name__,
         "scheduler_name": schedule.scheduler_name,
+        "family": schedule.process.family,
         "config": config,
         "num_train_timesteps": T,
         "prediction_type": config.get("prediction_type", "epsilon"),
         "timestep_spacing": config.get("timestep_spacing", "leading"),
         "terminal_t": T - 1,
-        "terminal_alpha_bar": last["alpha_bar"],
-        "terminal_signal_scale": last["sqrt_alpha_bar"],
+        "terminal_alpha_bar": last.get("alpha_bar"),  # DDPM family only, like every ᾱ
+        "terminal_signal_scale": last["signal_scale"],
+        "terminal_noise_scale": last["noise_scale"],
         "terminal_snr": last["snr"],
         "terminal_log_snr": last["log_snr"],
         **samp,
@@ -398,7 +441,7 @@ def diagnose(schedule: Schedule, info: dict[str, Any]) -> list[str]:
     name = schedule.label
     if info["terminal_snr"] > TERMINAL_SNR_WARN:
         notes.append(
-            f"{name}: terminal SNR at t={T - 1} is {info['terminal_snr']:.3g} (√ᾱ = {info['terminal_signal_scale']:.3g} "
+            f"{name}: terminal SNR at t={T - 1} is {info['terminal_snr']:.3g} (α = {info['terminal_signal_scale']:.3g} "
             "of the image survives): training never sees pure noise, yet sampling starts from it. "
             "Fix (Lin et al. 2023): --rescale-zero-snr with --prediction-type v_prediction and --timestep-spacing trailing"
         )
@@ -412,8 +455,8 @@ def diagnose(schedule: Schedule, info: dict[str, Any]) -> list[str]:
                      "starts at T−1")
     # A sampler may see a different ᾱ than training did: no rescale support, or a clamp to keep σ finite.
     own = getattr(schedule.sampler, "alphas_cumprod", None)
-    if own is not None and len(own) == T:
-        fw = schedule.forward.alphas_cumprod
+    fw = schedule.process.extras.get("alpha_bar")
+    if own is not None and fw is not None and len(own) == T:
         differs = ((own.to(fw.dtype) - fw).abs() > 1e-6 * fw.abs() + 1e-12).nonzero().flatten().tolist()
         if differs:
             t = differs[-1]

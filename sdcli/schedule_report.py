@@ -1,6 +1,8 @@
 """How `sdcli inspect-schedule` shows a schedule: table, CSV, JSON, a plot, and pictures of x_t.
 
-The numbers come from `sdcli.schedule`; this module only lays them out.
+The numbers come from `sdcli.schedule`, whose core is each schedule's signal
+scale α_t and noise scale σ_t; this module only lays them out. Columns a family
+lacks (β and ᾱ outside DDPM) are left out rather than faked.
 rich, matplotlib, PIL and torch are imported inside the functions that draw.
 """
 
@@ -15,12 +17,20 @@ from typing import Any, Callable, Sequence, TextIO
 
 from sdcli import __version__
 from sdcli.errors import DataError, ModelError, OutputError, UsageError
-from sdcli.schedule import Schedule, jsonable, q_sample, snr
+from sdcli.schedule import Schedule, jsonable, q_sample
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 STRIP_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-COLUMNS = ("t", "beta", "alpha", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "snr", "log_snr")
-HEADERS = ("t", "β_t", "α_t", "ᾱ_t", "√ᾱ_t", "√(1−ᾱ_t)", "SNR", "log-SNR")
+# Every row key in CSV order (new keys go last so CSV columns keep their positions); `row()` makes them.
+COLUMNS = ("t", "beta", "alpha", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "snr", "log_snr",
+           "signal_scale", "noise_scale")
+# The table: (row key, header, format). DDPM's √ᾱ and √(1−ᾱ) are its α and σ, so they are not shown twice;
+# "1−β_t" is Ho et al.'s α_t, renamed because α_t is the signal scale here.
+TABLE = (("t", "t", "d"), ("beta", "β_t", ".6f"), ("alpha", "1−β_t", ".6f"), ("alpha_bar", "ᾱ_t", ".6f"),
+         ("signal_scale", "α_t", ".4f"), ("noise_scale", "σ_t", ".4f"), ("snr", "SNR", ".4g"),
+         ("log_snr", "log-SNR", ".3f"))
+# How each family writes α_t and σ_t, shown in the table's headers when every schedule in it is of that family.
+SCALE_HEADERS = {"ddpm": {"signal_scale": "α_t=√ᾱ_t", "noise_scale": "σ_t=√(1−ᾱ_t)"}}
 
 
 # ---------------------------------------------------------------- text: table, CSV, JSON
@@ -32,10 +42,16 @@ def _num(value: float, fmt: str) -> str:
     return format(value, fmt).replace("-", "−")
 
 
-def _cells(r: dict[str, Any]) -> list[str]:
-    return [str(r["t"]), _num(r["beta"], ".6f"), _num(r["alpha"], ".6f"), _num(r["alpha_bar"], ".6f"),
-            _num(r["sqrt_alpha_bar"], ".4f"), _num(r["sqrt_one_minus_alpha_bar"], ".4f"), _num(r["snr"], ".4g"),
-            _num(r["log_snr"], ".3f")]
+def _present(infos: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The ``keys`` some shown row has, in the given order: a family's extras only when that family is shown."""
+    have = {k for info in infos for r in info["rows"] for k in r}
+    return [k for k in keys if k in have]
+
+
+def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
+    if key not in r:
+        return ""
+    return str(r[key]) if fmt == "d" else _num(r[key], fmt)
 
 
 def headline(info: dict[str, Any]) -> str:
@@ -59,7 +75,8 @@ def summary_lines(info: dict[str, Any]) -> list[str]:
     sampler = info["scheduler_name"] or info["scheduler"]
     return [
         f"terminal SNR (t={info['terminal_t']}): {_num(info['terminal_snr'], '.4g')}   "
-        f"log-SNR {_num(info['terminal_log_snr'], '.3f')}   √ᾱ {_num(info['terminal_signal_scale'], '.4f')}",
+        f"log-SNR {_num(info['terminal_log_snr'], '.3f')}   α {_num(info['terminal_signal_scale'], '.4f')}   "
+        f"σ {_num(info['terminal_noise_scale'], '.4f')}",
         f"sampling ({sampler}, {info['steps']} steps, {len(ts)} timesteps): {shown}{flag}",
     ]
 
@@ -77,26 +94,34 @@ def write_table(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> N
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=None if many else headline(infos[0]), title_justify="left")
     if many:
         table.add_column("schedule")
-    for h in HEADERS:
-        table.add_column(h, justify="right")
+    columns = [c for c in TABLE if c[0] in _present(infos, [key for key, _, _ in TABLE])]
+    families = {info["family"] for info in infos}
+    names = SCALE_HEADERS.get(families.pop(), {}) if len(families) == 1 else {}
+    for key, header, _ in columns:
+        table.add_column(names.get(key, header), justify="right")
     for i, info in enumerate(infos):
         if i:
             table.add_section()
         for r in info["rows"]:
-            table.add_row(*([info["name"]] if many else []), *_cells(r))
+            table.add_row(*([info["name"]] if many else []), *(_cell(r, key, fmt) for key, _, fmt in columns))
     console.print(table)
     for info in infos:
         console.print(("\n" + headline(info)) if many else "", *summary_lines(info), sep="\n")
 
 
 def write_csv(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
-    """Rows only, full precision; log_snr of a zero SNR is the text -inf, which float() reads."""
+    """Rows only, full precision; log_snr of a zero SNR is the text -inf, which float() reads.
+
+    A column a shown family lacks stays empty for that family's rows.
+    """
     out = out or sys.stdout
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(("schedule",) + COLUMNS)
+    columns = _present(infos, COLUMNS)
+    writer.writerow(["schedule"] + columns)
     for info in infos:
         for r in info["rows"]:
-            writer.writerow([info["name"]] + [repr(r[c]) if isinstance(r[c], float) else r[c] for c in COLUMNS])
+            values = (r.get(c, "") for c in columns)
+            writer.writerow([info["name"]] + [repr(v) if isinstance(v, float) else v for v in values])
 
 
 def to_json(infos: Sequence[dict[str, Any]], outputs: dict[str, str] | None = None) -> str:
@@ -141,35 +166,37 @@ def _provenance(schedules: Sequence[Schedule], **extra: Any) -> str:
 
 
 def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: Path, overwrite: bool = False) -> Path:
-    """ᾱ_t and log-SNR against t, one line per schedule; dots mark the timesteps the sampler visits."""
+    """α_t, σ_t and log-SNR against t, one colour per schedule; dots mark the timesteps the sampler visits."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window; safe on headless machines
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (ax_ab, ax_snr) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, (ax_scale, ax_snr) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     lowest = 0.0
     for schedule, info in zip(schedules, infos):
-        ab = schedule.forward.alphas_cumprod.double().numpy()
-        t = np.arange(len(ab))
-        with np.errstate(divide="ignore"):
-            lsnr = np.log(ab) - np.log1p(-ab)
+        p = schedule.process
+        alpha, sigma = p.signal_scale.numpy(), p.noise_scale.numpy()
+        lsnr = p.log_snr().numpy().copy()
+        t = np.arange(len(alpha))
         lsnr[~np.isfinite(lsnr)] = np.nan  # log-SNR −∞ (zero terminal SNR) has no point to draw
         lowest = min(lowest, float(np.nanmin(lsnr)))
-        (line,) = ax_ab.plot(t, ab, label=schedule.label, lw=1.6)
+        (line,) = ax_scale.plot(t, alpha, label=schedule.label, lw=1.6)
+        ax_scale.plot(t, sigma, lw=1.2, ls="--", color=line.get_color())
         ax_snr.plot(t, lsnr, lw=1.6, color=line.get_color(), label=schedule.label)
-        visits = [v for v in info["sampling_timesteps"] if 0 <= v < len(ab)]
+        visits = [v for v in info["sampling_timesteps"] if 0 <= v < len(alpha)]
         ax_snr.plot(visits, lsnr[visits], "o", ms=2.5, color=line.get_color())
         if info["terminal_snr"] == 0:
             ax_snr.annotate("→ −∞", (t[-1], lsnr[-2]), textcoords="offset points", xytext=(-28, -4),
                             color=line.get_color(), fontsize=8)
-    ax_ab.set(xlabel="training timestep t", ylabel="ᾱ_t (signal variance kept)", title="ᾱ_t = ∏ (1 − β_s)", ylim=(0, 1.02))
-    ax_snr.set(xlabel="training timestep t", ylabel="log SNR = log(ᾱ_t / (1 − ᾱ_t))",
+    ax_scale.set(xlabel="training timestep t", ylabel="scale", ylim=(0, 1.02),
+                 title="signal scale α_t (solid) and noise scale σ_t (dashed)")
+    ax_snr.set(xlabel="training timestep t", ylabel="log SNR = log(α_t² / σ_t²)",
                title=f"log-SNR (dots: where each sampler steps, {infos[0]['steps']} steps)", ylim=(lowest - 1, None))
-    for ax in (ax_ab, ax_snr):
+    for ax in (ax_scale, ax_snr):
         ax.grid(alpha=0.3)
-    ax_ab.legend(fontsize=8)
+    ax_scale.legend(fontsize=8)
     meta = {"Software": f"sdcli {__version__}", "sdcli": _provenance(schedules)}
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix != "png":
@@ -248,8 +275,11 @@ def decode(vae, z):
 
 def noised(schedule: Schedule, x0, timesteps: Sequence[int], noise):
     """x_t for each t in one closed-form jump from x0 (same ε for every t, so only the schedule differs)."""
-    alpha_bar = schedule.forward.alphas_cumprod[list(timesteps)].to(x0.dtype).reshape(-1, 1, 1, 1)
-    return q_sample(x0, alpha_bar, noise)
+    ts = list(timesteps)
+    # One (α, σ) pair per frame, broadcast over channels and pixels, in x0's dtype as add_noise does.
+    alpha, sigma = (scale[ts].to(x0.dtype).reshape(-1, 1, 1, 1)
+                    for scale in (schedule.process.signal_scale, schedule.process.noise_scale))
+    return q_sample(x0, alpha, sigma, noise)
 
 
 def _font(size: int):
@@ -326,12 +356,13 @@ def forward_strip(
     for schedule in schedules:
         xt = noised(schedule, x0, timesteps, noise)
         pixels = decode(vae, xt) if vae is not None else xt
-        ab = schedule.forward.alphas_cumprod
-        captions = [f"t = {t}\nᾱ={float(ab[t]):.3f}  SNR={_num(snr(float(ab[t])), '.3g')}"
-                    for t in timesteps]
+        process = schedule.process
+        snrs = process.snr()
+        captions = [f"t = {t}  SNR={_num(float(snrs[t]), '.3g')}\n"
+                    f"α={float(process.signal_scale[t]):.3f}  σ={float(process.noise_scale[t]):.3f}" for t in timesteps]
         rows.append((schedule.label, [to_pil(p) for p in pixels], captions))
     space = f"latent space of {model}" if vae is not None else "pixel space"
-    title = f"x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε   ({space}, seed {seed})"
+    title = f"x_t = α_t·x_0 + σ_t·ε   ({space}, seed {seed})"
     sheet = strip(rows, title)
     info = PngInfo()
     info.add_text("Software", f"sdcli {__version__}")

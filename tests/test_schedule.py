@@ -1,4 +1,5 @@
-"""sdcli.schedule and sdcli.schedule_report: the numbers are diffusers', the maths matches the forward process."""
+"""sdcli.schedule and sdcli.schedule_report: the numbers are diffusers', the maths matches the forward process,
+and every schedule is held as its (α_t, σ_t)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,51 @@ def test_rows_are_the_diffusers_scheduler_values(name, kwargs):
             assert r["log_snr"] == pytest.approx(math.log(ab / (1 - ab)), rel=1e-12)
     # ᾱ is the running product of α: the schedule really is the class's, not a look-alike
     assert float(s.forward.alphas_cumprod[10]) == pytest.approx(float(torch.prod(reference.alphas[:11])), rel=1e-6)
+    assert float(s.process.extras["alpha_bar"][10]) == float(reference.alphas_cumprod[10])
+
+
+@pytest.mark.parametrize("name", ["ddpm-linear", "cosine", "stable-diffusion", "zero-snr"])
+def test_ddpm_rows_are_alpha_sigma_and_variance_preserving(name):
+    """A DDPM row's signal/noise scales are its √ᾱ and √(1−ᾱ), so α² + σ² = 1 (the process preserves variance)."""
+    s = preset(name)
+    assert s.process.family == "ddpm"
+    for t in range(0, 1000, 37):
+        r = sched.row(s, t)
+        assert r["signal_scale"] == r["sqrt_alpha_bar"] and r["noise_scale"] == r["sqrt_one_minus_alpha_bar"]
+        assert r["signal_scale"] ** 2 + r["noise_scale"] ** 2 == pytest.approx(1.0, abs=1e-12)
+        assert r["signal_scale"] ** 2 == pytest.approx(r["alpha_bar"], rel=1e-12, abs=1e-300)
+        if r["noise_scale"] > 0:
+            assert r["snr"] == pytest.approx(r["signal_scale"] ** 2 / r["noise_scale"] ** 2, rel=1e-12)
+    # the whole arrays too, not only the sampled rows
+    a, sigma = s.process.signal_scale, s.process.noise_scale
+    torch.testing.assert_close(a**2 + sigma**2, torch.ones_like(a), rtol=0, atol=1e-12)
+
+
+def test_core_holds_a_schedule_without_betas():
+    """A family with only (α, σ), e.g. flow matching's α = 1 − σ, fits the core and shows no β columns."""
+    import io
+
+    from sdcli.schedule_report import write_csv
+
+    sigma = torch.linspace(0.001, 1.0, 100, dtype=torch.float64)
+    process = sched.ForwardProcess(family="flow", signal_scale=1 - sigma, noise_scale=sigma)
+    s = sched.Schedule(label="flow", config={}, process=process, forward=None, sampler=None)
+    assert s.num_train_timesteps == 100
+    r = sched.row(s, 10)
+    assert set(r) == {"t", "signal_scale", "noise_scale", "snr", "log_snr"}
+    assert r["snr"] == pytest.approx(((1 - float(sigma[10])) / float(sigma[10])) ** 2, rel=1e-12)
+    assert r["log_snr"] == pytest.approx(math.log(r["snr"]), rel=1e-12)
+    last = sched.row(s, 99)
+    assert last["snr"] == 0.0 and last["log_snr"] == -math.inf
+    # beside a DDPM schedule in one CSV, its β cells stay empty rather than invented
+    ddpm = preset("ddpm-linear")
+    infos = [{"name": "ddpm-linear", "rows": [sched.row(ddpm, 10)]}, {"name": "flow", "rows": [r]}]
+    out = io.StringIO()
+    write_csv(infos, out)
+    rows = out.getvalue().splitlines()
+    assert rows[0].split(",")[1:] == list(sched.row(ddpm, 10))
+    flow = dict(zip(rows[0].split(","), rows[2].split(",")))
+    assert flow["beta"] == flow["alpha_bar"] == "" and float(flow["noise_scale"]) == pytest.approx(float(sigma[10]))
 
 
 def test_choices_are_declared_once():
@@ -105,7 +151,8 @@ def test_closed_form_jump_matches_add_noise():
     x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
     eps = torch.randn(x0.shape, generator=g)
     ts = [0, 100, 500, 999]
-    ours = sched.q_sample(x0, s.forward.alphas_cumprod[ts].reshape(-1, 1, 1, 1), eps)
+    alpha, sigma = (scale[ts].float().reshape(-1, 1, 1, 1) for scale in (s.process.signal_scale, s.process.noise_scale))
+    ours = sched.q_sample(x0, alpha, sigma, eps)
     theirs = s.forward.add_noise(x0, eps, torch.tensor(ts))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     # and the strip helper uses exactly that jump, one shared ε for every t
@@ -121,6 +168,7 @@ def test_jump_and_single_steps_agree_in_distribution():
     s = preset("stable-diffusion")
     betas = s.forward.betas.double()
     alpha_bar = s.forward.alphas_cumprod.double()
+    alpha, sigma = s.process.signal_scale, s.process.noise_scale  # what the jump uses; mean and var below do not
     n = 10_000
     g = torch.Generator().manual_seed(1)
     x0 = torch.tensor([-1.0, -0.3, 0.4, 1.0], dtype=torch.float64)
@@ -131,7 +179,7 @@ def test_jump_and_single_steps_agree_in_distribution():
         x = sched.q_step(x, betas[t], torch.randn(x.shape, generator=g, dtype=torch.float64))
         if t not in checkpoints:
             continue
-        jump = sched.q_sample(x0, alpha_bar[t], torch.randn((n, 4), generator=g, dtype=torch.float64))
+        jump = sched.q_sample(x0, alpha[t], sigma[t], torch.randn((n, 4), generator=g, dtype=torch.float64))
         mean, var = alpha_bar[t].sqrt() * x0, 1 - alpha_bar[t]
         se_mean = (var / n).sqrt()
         se_var = var * math.sqrt(2 / (n - 1))

@@ -84,7 +84,8 @@ def inspect_schedule_cmd(
     every: Annotated[Optional[int], typer.Option(help="Show every Nth training timestep (and T−1).")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps whose timesteps are listed.")] = defaults.STEPS,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="How stdout shows the schedule.")] = OutputFormat.table,
-    plot: Annotated[Optional[Path], typer.Option(help="Write ᾱ_t and log-SNR against t to this .png (.svg, .pdf).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Write α_t, σ_t and log-SNR against t to this .png (.svg, .pdf).")] = None,
     image: Annotated[Optional[Path], typer.Option(
         help="Noise this picture to each --at timestep and write the labelled strip to --out.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where --image's strip goes (.png, .jpg, .webp).")] = None,

@@ -51,10 +51,11 @@ def test_table_for_stable_diffusion(cli):
     result = ok(cli("inspect-schedule", "--preset", "stable-diffusion", "--at", "0,500,999"))
     out = result.stdout
     assert "scaled_linear β 0.00085→0.012" in out
-    for header in ("β_t", "ᾱ_t", "√(1−ᾱ_t)", "SNR", "log-SNR"):
+    for header in ("β_t", "1−β_t", "ᾱ_t", "α_t=√ᾱ_t", "σ_t=√(1−ᾱ_t)", "SNR", "log-SNR"):
         assert header in out
     assert "0.004660" in out  # ᾱ_999
     assert "terminal SNR (t=999): 0.004682" in out
+    assert "α 0.0683   σ 0.9977" in out  # the terminal signal and noise scales
     assert "starts at 961, not T−1=999" in out
     assert "warning:" in result.stderr and "--rescale-zero-snr" in result.stderr
     assert "warning" not in out  # chatter stays off stdout
@@ -70,7 +71,9 @@ def test_json_is_strict_and_has_the_documented_keys(cli):
                     "--prediction-type", "v_prediction", "--timestep-spacing", "trailing", "--scheduler", "ddim",
                     "--format", "json", "--every", "250", "--steps", "4"))
     doc = strict_json(result.stdout)
-    assert {"config", "terminal_snr", "sampling_timesteps", "rows"} <= set(doc)
+    assert {"config", "family", "terminal_snr", "terminal_signal_scale", "terminal_noise_scale", "sampling_timesteps",
+            "rows"} <= set(doc)
+    assert doc["family"] == "ddpm" and doc["terminal_signal_scale"] == 0.0 and doc["terminal_noise_scale"] == 1.0
     assert doc["config"]["_class_name"] == "DDIMScheduler"
     assert doc["config"]["rescale_betas_zero_snr"] is True and doc["config"]["timestep_spacing"] == "trailing"
     assert doc["terminal_snr"] == 0.0 and doc["terminal_log_snr"] is None
@@ -81,6 +84,10 @@ def test_json_is_strict_and_has_the_documented_keys(cli):
     for r in doc["rows"][:-1]:
         assert {"t", "beta", "alpha_bar", "snr", "log_snr"} <= set(r)
         assert r["log_snr"] == pytest.approx(math.log(r["alpha_bar"] / (1 - r["alpha_bar"])))
+    for r in doc["rows"]:  # DDPM: the (α, σ) core is √ᾱ and √(1−ᾱ), and α² + σ² = 1
+        assert r["signal_scale"] == r["sqrt_alpha_bar"] and r["noise_scale"] == r["sqrt_one_minus_alpha_bar"]
+        assert r["signal_scale"] ** 2 + r["noise_scale"] ** 2 == pytest.approx(1.0, abs=1e-12)
+    assert last["signal_scale"] == 0.0 and last["noise_scale"] == 1.0
     assert doc["warnings"] == []
 
 
@@ -90,6 +97,13 @@ def test_csv_round_trips_minus_infinity(cli):
     assert [r["t"] for r in rows] == ["0", "999"]
     assert float(rows[1]["log_snr"]) == -math.inf and float(rows[1]["snr"]) == 0.0
     assert float(rows[0]["beta"]) == pytest.approx(0.00085, rel=1e-3)  # rescaling moves it a hair
+    # the columns scripts read before stay in place; the (α, σ) core comes after them
+    assert list(rows[0])[:9] == ["schedule", "t", "beta", "alpha", "alpha_bar", "sqrt_alpha_bar",
+                                 "sqrt_one_minus_alpha_bar", "snr", "log_snr"]
+    for r in rows:
+        assert r["signal_scale"] == r["sqrt_alpha_bar"] and r["noise_scale"] == r["sqrt_one_minus_alpha_bar"]
+        assert float(r["signal_scale"]) ** 2 + float(r["noise_scale"]) ** 2 == pytest.approx(1.0, abs=1e-12)
+    assert float(rows[1]["signal_scale"]) == 0.0 and float(rows[1]["noise_scale"]) == 1.0
 
 
 def test_compare_makes_one_table_one_json_and_one_plot(cli):
@@ -143,6 +157,29 @@ def test_forward_strip_of_a_picture(cli, photo):
     ok(cli("inspect-schedule", "--preset", "cosine", "--image", photo, "--at", "0,100,250,500,750,999",
            "--out", "strip6.png", "--size", "64", "-q"))
     assert Image.open("strip6.png").size[0] > wide  # one column per timestep
+
+
+def test_plot_and_strip_read_only_the_alpha_sigma_core(tmp_path, photo):
+    """A schedule with (α, σ) and nothing else (no DDPMScheduler, no β) still plots and noises a picture."""
+    import torch
+
+    from sdcli import schedule as sched
+    from sdcli.schedule_report import forward_strip, noised, plot
+
+    sigma = torch.linspace(0.0, 1.0, 50, dtype=torch.float64)
+    process = sched.ForwardProcess(family="flow", signal_scale=1 - sigma, noise_scale=sigma)
+    s = sched.Schedule(label="flow", config={}, process=process, forward=None, sampler=None)
+    info = {"sampling_timesteps": [49, 25, 0], "terminal_snr": 0.0, "steps": 3}
+    png = plot([s], [info], tmp_path / "flow.png")
+    assert Image.open(png).size[0] > 600
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    xt = noised(s, x0, [0, 10, 49], eps)
+    expected = torch.cat([(1 - float(sigma[t])) * x0 + float(sigma[t]) * eps for t in (0, 10, 49)])
+    torch.testing.assert_close(xt, expected)
+    forward_strip([s], photo, [0, 49], tmp_path / "flow_strip.png", size=32)
+    tiles = Image.open(tmp_path / "flow_strip.png").convert("RGB")
+    assert sum(1 for r, g, b in tiles.getdata() if r > 200 and 120 < g < 200 and b < 60) > 50  # t=0 is the picture
 
 
 def test_latent_strip_uses_only_the_vae_of_a_tiny_model(cli, photo, tiny_models, monkeypatch):
