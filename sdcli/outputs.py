@@ -15,6 +15,9 @@ from typing import Any, Callable
 from sdcli import defaults
 from sdcli.errors import UsageError
 
+# An --out with one of these would otherwise become a folder of that name.
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic")
+
 
 class ImageWriter:
     """Writes what `sdcli.generation.generate` yields: numbered PNGs in a folder, or the one .png path named.
@@ -32,6 +35,9 @@ class ImageWriter:
         self.written: list[dict[str, Any]] = []
         count = len(plan.jobs)
         out = Path(out) if out is not None else defaults.OUT_DIR
+        if out.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+            raise UsageError(f"--out {out}: sdcli writes PNG files (they carry the settings that made them); "
+                             "name a .png file or a folder")
         if out.suffix.lower() == ".png":
             if count > 1:
                 raise UsageError(f"--out {out} names one file but {count} images would be made; give a folder")
@@ -43,10 +49,20 @@ class ImageWriter:
                 raise UsageError(f"--out {out} exists and is not a folder")
             check_writable(out)
             self.file, self.folder = None, out
-        taken = [int(m.group(1)) for p in self.folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
-        self.next = max(taken, default=-1) + 1
-        if plan.state is not None:
-            plan.state.wait_for_everyone()  # every process has numbered the folder before any writes to it
+        self.count, self._next = count, None
+        if plan.state is not None and self.file is None:
+            from sdcli import distributed
+
+            # The main process reserves the run's numbers now; every process names its files from them.
+            self._next = distributed.broadcast(reserve_numbers(self.folder, count) if plan.is_main else 0, plan.state)
+
+    @property
+    def next(self) -> int:
+        """The run's first file number, reserved when the first image is written (so a run that
+        fails before it leaves nothing behind)."""
+        if self._next is None:
+            self._next = reserve_numbers(self.folder, self.count)
+        return self._next
 
     def path(self, job: Any) -> Path:
         if self.file is not None:
@@ -86,6 +102,26 @@ class ImageWriter:
 
     def sheet(self, prompt_index: int) -> Path:
         return self.folder / f"{self.next:05d}-sheet{prompt_index}.png"
+
+
+def reserve_numbers(folder: Path, count: int) -> int:
+    """The first of ``count`` file numbers in ``folder`` that no other run has used or reserved.
+
+    Two runs into one folder used to number from the files each saw at its start, so the
+    second one's images collided and were lost. A counter file, read and advanced under an
+    exclusive lock (`sdcli.locks`), gives each run its own block of numbers.
+    """
+    from sdcli.locks import locked
+
+    with locked(folder / ".sdcli-next") as f:
+        assert f is not None  # a waiting lock always comes
+        text = f.read().strip()
+        taken = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
+        first = max(max(taken, default=-1) + 1, int(text) if text.isdigit() else 0)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{first + count}\n")
+    return first
 
 
 def emit(path: Path, record: dict[str, Any], json: bool) -> None:

@@ -102,6 +102,11 @@ def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spaci
         overrides = dict(spec.overrides)
     if timestep_spacing is not None:
         overrides["timestep_spacing"] = timestep_spacing
+    if overrides.get("use_karras_sigmas") and config.get("rescale_betas_zero_snr"):
+        # Karras et al. space σ between σ_min and a finite σ_max; at zero terminal SNR σ_max is
+        # infinite (diffusers clamps it to ~4096), so the steps pile up at t = 999 and repeat.
+        raise UsageError(f"{name}: Karras σ spacing needs a finite σ_max, but this model is trained to zero terminal "
+                         "SNR (σ_max = ∞); use dpm++2m, euler or ddim instead")
     return cls.from_config(config, **overrides)
 
 

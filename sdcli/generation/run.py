@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sdcli import __version__, defaults
-from sdcli.errors import ModelError, SdcliError
+from sdcli.errors import ModelError, SdcliError, UsageError
 from sdcli.generation.settings import Settings, check_settings, check_size, settings_record, sweep_axes
 from sdcli.generation.tasks import Task, task_for
 from sdcli.progress import note
@@ -126,6 +126,10 @@ def prepare_pipeline(s: Settings):
     pipe = loaded.pipe
     if s.scheduler is not None or s.timestep_spacing is not None:
         pipe.scheduler = make_scheduler(s.scheduler, pipe.scheduler.config, s.timestep_spacing)
+    trained = pipe.scheduler.config.get("num_train_timesteps", 1000)
+    if s.steps > trained:
+        raise UsageError(f"--steps {s.steps}: this model was trained on {trained} timesteps, so a sampler can take "
+                         f"at most {trained} steps")
     if s.loras:
         load_loras(pipe, s.loras)
     apply_runtime_options(

@@ -168,6 +168,8 @@ def check_settings(s: Settings) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {s.batch_size}")
     if s.seeds and len(s.seeds) > 1 and s.num_images > 1:
         raise UsageError("give either a list of seeds or --num-images, not both")
+    if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
+        raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1")
     if s.scheduler is not None:
         from sdcli.schedulers import get_spec
 

@@ -73,6 +73,11 @@ class ImageToImage(Task):
     def check(self, s: Any) -> None:
         if not 0 < s.strength <= 1:
             raise UsageError(f"--strength must be in (0, 1], got {s.strength:g}")
+        if int(s.steps * s.strength) < 1:
+            # diffusers runs int(steps × strength) steps; zero would denoise nothing at all.
+            raise UsageError(f"--strength {s.strength:g} with --steps {s.steps} leaves no denoising step "
+                             f"(int({s.steps} × {s.strength:g}) = 0); use --strength {1 / s.steps:.3g} or more, "
+                             "or more --steps")
         if not Path(s.init_image).is_file():
             raise DataError(f"--init-image: no such file: {s.init_image}")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from sdcli import __version__
 from sdcli.errors import OutputError
+from sdcli.locks import FolderLock
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SETTINGS_FILE = "training_settings.json"
@@ -35,8 +36,18 @@ def check_out(out: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to write into a non-empty OUT unless told to (or continuing a run there)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resuming):
+    if out.is_dir() and any(p.name != FolderLock.NAME for p in out.iterdir()) and not (overwrite or resuming):
         raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it or --resume latest to continue")
+
+
+def lock_out(out: Path) -> FolderLock:
+    """Reserve OUT for this run: a second run into it would silently replace this one's weights."""
+    lock = FolderLock(out)
+    holder = lock.acquire()
+    if holder is not None:
+        who = f" (process {holder})" if holder else ""
+        raise OutputError(f"--out {out} is in use by another sdcli finetune{who}; wait for it or pick another folder")
+    return lock
 
 
 def clear_previous(out: Path) -> None:

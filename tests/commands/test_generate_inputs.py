@@ -29,11 +29,38 @@ def one_error_line(result) -> str:
     (["--seed", "x"], "'x' is not a whole number"),
     (["--lora", "missing-lora"], "no such file or folder: missing-lora"),
     (["--init-image", "nope.png"], "no such file: nope.png"),
+    (["--steps", "1001"], "trained on 1000 timesteps"),
+    (["--seed", str(2**63 - 1), "--num-images", "2"], "runs past the largest seed"),
+    (["--init-image", "init.png", "--strength", "0.001"], "leaves no denoising step"),
 ])
 def test_bad_options_are_refused_before_work(cli, tiny_sd, args, expected):
+    Image.new("RGB", (16, 16)).save("init.png")
     result = cli("generate", "x", "--model", tiny_sd, "--out", "o", *args)
     assert expected in one_error_line(result)
     assert not Path("o").exists() or not any(Path("o").iterdir())
+
+
+def test_out_with_another_image_suffix_is_refused_not_made_a_folder(cli, tiny_sd):
+    assert "sdcli writes PNG files" in one_error_line(cli("generate", "x", "--model", tiny_sd, "--out", "pic.jpg"))
+    assert not Path("pic.jpg").exists()
+
+
+def test_karras_sigmas_on_a_zero_terminal_snr_model_are_refused_in_one_line(cli, monkeypatch):
+    # The bundled model is trained to zero terminal SNR; diffusers' Karras σ's repeated t = 999 and crashed.
+    monkeypatch.delenv("SDCLI_MODEL", raising=False)
+    for args in (["generate", "x", "--steps", "2"], ["inspect-schedule"]):
+        line = one_error_line(cli(*args, "--scheduler", "dpm++2m-karras"))
+        assert "needs a finite σ_max" in line and "zero terminal SNR" in line
+
+
+def test_two_runs_into_one_folder_get_their_own_numbers(tmp_path):
+    from sdcli.outputs import reserve_numbers
+
+    (tmp_path / "00004-1.png").write_bytes(b"")
+    # Run A reserves three numbers and has written nothing yet; run B must not reuse them.
+    assert reserve_numbers(tmp_path, 3) == 5
+    assert reserve_numbers(tmp_path, 2) == 8
+    assert reserve_numbers(tmp_path, 1) == 10
 
 
 def test_unknown_model_and_wrong_folders(cli, tmp_path, tiny_sd):
