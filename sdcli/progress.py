@@ -1,24 +1,41 @@
-"""One progress bar shape for every command: rich on stderr, or nothing with --quiet."""
+"""Progress and notes, always on stderr: stdout stays for results.
+
+- `note` / `Notes`: one line for the user, unless quiet (or not the main process).
+- `progress_bar`: a rich bar for `generate`, on a terminal only.
+- `TrainingProgress`: `finetune`'s bar with loss, steps per second and time left;
+  where stderr is not a terminal (CI, `nohup`, a log file) a plain line every
+  twentieth of the run instead, since a redrawn bar leaves nothing readable in a log.
+
+rich is imported only when a bar is drawn.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from typing import Callable, Iterator
 
 
 def note(quiet: bool, message: str) -> None:
     """A note for the user on stderr (stdout stays for results), unless quiet."""
-    import sys
-
     if not quiet:
-        print(message, file=sys.stderr)
+        print(message, file=sys.stderr, flush=True)
+
+
+class Notes:
+    """`note` with the decision made once (quiet, or not the main process), for code that passes it around."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        note(not self.enabled, message)
 
 
 @contextlib.contextmanager
 def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; the bar lives on stderr so stdout stays for results."""
-    import sys
-
     # A bar redrawn in place only makes sense on a terminal; in a log it is noise.
     if disable or not sys.stderr.isatty():
         yield lambda n=1: None
@@ -34,3 +51,54 @@ def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Call
         task = bar.add_task(label, total=total)
         yield lambda n=1: bar.advance(task, n)
         bar.update(task, completed=total)
+
+
+class TrainingProgress:
+    """`finetune`'s progress: ``update(step, loss)`` after each optimizer step, ``close()`` at the end."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        self.total = total
+        self.start = start
+        self.t0 = time.perf_counter()
+        self.every = max(1, total // 20)
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.2f} steps/s"),
+                TextColumn("eta"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
+            self.bar.start()
+
+    def rate(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.t0
+        return (step - self.start) / elapsed if elapsed > 0 else 0.0
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        rate = self.rate(step)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, rate=rate)
+        elif step % self.every == 0 or step == self.total:
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  eta {_clock(eta)}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

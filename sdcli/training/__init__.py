@@ -7,8 +7,8 @@
 - `setup`: the accelerator, the pipeline, LoRA adapters, precision and placement.
 - `checkpoints`: atomic save, resume and pruning of training state.
 - `outputs`: what a finished run leaves in OUT (weights, settings, card, loss log, validation images).
-- `progress`: the progress bar and notes on stderr.
-- `loop`: `finetune(config)`, the training loop that ties them together.
+- `loop`: `finetune(config)`, the training loop that ties them together (its progress
+  bar and notes come from `sdcli.progress`, shared with `generate`).
 
 Nothing here imports torch at module level; `sdcli --help` stays instant.
 """

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from sdcli.errors import SdcliError, UsageError
 from sdcli.training import checkpoints, data, outputs, setup
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
-from sdcli.training.progress import Notes, TrainingProgress
+from sdcli.progress import Notes, TrainingProgress
 
 
 @dataclass
