@@ -1,14 +1,126 @@
-"""Writing images safely, and the pictures that make diffusion visible:
-contact sheets (guidance across, seeds down) and trajectory strips/GIFs."""
+"""Images in and out: the one loader every command reads pictures with, writing them
+safely, and the labelled grids that make diffusion visible (contact sheets,
+trajectory strips, the forward process of `inspect-schedule`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sdcli.errors import OutputError
+from sdcli.errors import DataError, OutputError
+
+# Pillow's own decompression-bomb threshold (~89 megapixels, a 9459x9459 image); anything larger
+# is refused from its header, before a pixel is decoded. (Pillow only warns up to twice this.)
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _Unusable(Exception):
+    def __init__(self, detail: str, size: tuple[int, int] = (0, 0), refused: bool = False):
+        super().__init__(detail)
+        self.detail, self.size, self.refused = detail, size, refused
+
+
+def _decoded(path: Path):
+    """``path`` opened and every pixel decoded, as stored (not rotated); raises `_Unusable`.
+
+    The size is checked from the header first, so a small file declaring a huge image
+    costs nothing; decoding everything finds a truncated file now rather than mid-run.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, not warned about
+            img = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses in open()
+        raise _Unusable(f"refused as a decompression bomb: {' '.join(str(exc).split())}", refused=True) from None
+    except UnidentifiedImageError:
+        raise _Unusable("not a format Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _Unusable(" ".join(str(exc).split()) or type(exc).__name__) from None
+    w, h = img.size
+    try:
+        if w * h > MAX_IMAGE_PIXELS:
+            raise _Unusable(f"refused: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                            "(a decompression bomb?)", (w, h), refused=True)
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        img.close()
+        raise _Unusable(" ".join(str(exc).split()) or type(exc).__name__, (w, h)) from None
+    except _Unusable:
+        img.close()
+        raise
+    return img
+
+
+def _rgb(img):
+    """Upright per the EXIF orientation tag, transparency flattened onto white, any mode to 8-bit RGB."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit greyscale: convert() would clip every value over 255 to white.
+        img = Image.fromarray((np.asarray(img, dtype=np.uint32) // 257).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
+
+
+def open_image(path: Path | str, *, what: str = "--init-image"):
+    """The image at ``path`` as an upright RGB PIL image; a DataError naming ``what`` and the file otherwise.
+
+    Every command reads pictures through here: EXIF rotation applied, transparency
+    flattened onto white, palette/greyscale/CMYK/16-bit made RGB, and anything over
+    `MAX_IMAGE_PIXELS` refused from its header before a pixel is decoded.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{what} {path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not an image")
+    try:
+        img = _decoded(path)
+    except _Unusable as exc:
+        raise DataError(f"{what} {path}: {exc.detail if exc.refused else f'not a readable image ({exc.detail})'}") \
+            from None
+    with img:
+        return _rgb(img)
+
+
+def check_image(path: Path) -> tuple[tuple[int, int], str | None]:
+    """For scanning a folder: (size as stored, None) if ``path`` decodes completely, else (size or (0, 0), why not)."""
+    try:
+        with _decoded(Path(path)) as img:
+            return img.size, None
+    except _Unusable as exc:
+        return exc.size, exc.detail if exc.refused else f"unreadable ({exc.detail})"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def check_new_file(path: Path | str, overwrite: bool, flag: str | None = None) -> Path:
+    """Refuse, before any work, a folder where a file should go, or an existing file without --overwrite."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag + ' ' if flag else ''}{path} is a folder; give a file name")
+    if not overwrite and path.exists():
+        raise OutputError(_exists(path))
+    return path
+
+
+def _exists(path: Path) -> str:
+    return f"{path} exists; pass --overwrite to replace it"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
@@ -17,9 +129,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
     An interrupted run therefore never leaves a half-written file, and an
     existing file is only replaced when asked.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+    path = check_new_file(path, overwrite)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); give it the permissions a plain open() would.
@@ -35,10 +145,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
+                raise OutputError(_exists(path)) from None
             except OSError:  # file systems without hard links
                 if path.exists():
-                    raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
+                    raise OutputError(_exists(path)) from None
                 os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -50,53 +160,75 @@ def save_png(image: Any, path: Path, pnginfo: Any = None, overwrite: bool = Fals
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo), overwrite)
 
 
-def _font(size: int):
+# ---------------------------------------------------------------- drawing
+
+
+@functools.lru_cache(maxsize=8)
+def font(size: int):
+    """DejaVu Sans at ``size`` (it draws ᾱ, √, φ and −), else Pillow's default font."""
     from PIL import ImageFont
 
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
-        return ImageFont.load_default()
+        # matplotlib (a dependency) ships the file; imported here, not at module level, so --help stays instant.
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except Exception:  # noqa: BLE001 - any font beats no picture
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
+            return ImageFont.load_default()
 
 
 def labelled_grid(
     images: Sequence[Sequence[Any]],
-    col_labels: Sequence[str],
-    row_labels: Sequence[str],
+    col_labels: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
     title: str = "",
+    captions: Sequence[Sequence[str]] | None = None,
     min_cell: int = 96,
 ):
-    """A grid of PIL images (rows of columns) with labels above the columns and left of the rows.
+    """A grid of PIL images (rows of columns): a title, labels above the columns and left of the rows,
+    and an optional caption (one or more lines) under each cell.
 
     Small images are enlarged (nearest neighbour, so pixels stay honest) to at
-    least ``min_cell`` so the labels fit.
+    least ``min_cell`` so the labels fit; a column is as wide as its widest text.
     """
     from PIL import Image, ImageDraw
 
+    # 1. Sizes: cells, text, margins
     w, h = images[0][0].size
     zoom = max(1, -(-min_cell // max(w, h)))
     w, h = w * zoom, h * zoom
-    font_size = max(10, min(16, max(w, h) // 6))
-    font = _font(font_size)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    col_w = max([w] + [int(measure.textlength(c, font=font)) + 6 for c in col_labels])
-    left = max([0] + [int(measure.textlength(r, font=font)) + 10 for r in row_labels])
-    top = (font_size + 8) * (2 if title else 1)
-    pad = 4
-    width = max(left + len(col_labels) * (col_w + pad), int(measure.textlength(title, font=font)) + 8)
-    sheet = Image.new("RGB", (width, top + len(row_labels) * (h + pad)), "white")
+    fs = max(11, min(16, max(w, h) // 8))
+    f = font(fs)
+    pad, line = 6, fs + 4
+    texts = list(col_labels) + [t for row in captions or [] for c in row for t in c.splitlines()]
+    col_w = max([w] + [int(f.getlength(t)) for t in texts])
+    row_labels = [r for r in row_labels] if any(row_labels) else []
+    left = pad + (max(int(f.getlength(r)) for r in row_labels) + pad if row_labels else 0)
+    top = pad + (line if title else 0) + (line if col_labels else 0)
+    cap_h = max([c.count("\n") + 1 for row in captions or [] for c in row], default=0) * line
+    row_h = h + cap_h + pad
+    ncol = max(len(row) for row in images)
+    width = max(left + ncol * (col_w + pad), int(f.getlength(title)) + 2 * pad)
+    # 2. Draw
+    sheet = Image.new("RGB", (width, top + len(images) * row_h), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((4, 2), title, fill="black", font=font)
+        draw.text((pad, pad), title, fill="black", font=f)
     for c, label in enumerate(col_labels):
-        draw.text((left + c * (col_w + pad), top - font_size - 6), label, fill="black", font=font)
-    for r, label in enumerate(row_labels):
-        draw.text((4, top + r * (h + pad) + h // 2 - font_size // 2), label, fill="black", font=font)
-        for c, img in enumerate(images[r]):
+        draw.text((left + c * (col_w + pad), top - line), label, fill="black", font=f)
+    for r, row in enumerate(images):
+        y = top + r * row_h
+        if row_labels:
+            draw.text((pad, y + h // 2 - fs // 2), row_labels[r], fill="black", font=f)
+        for c, img in enumerate(row):
+            x = left + c * (col_w + pad)
             cell = img.convert("RGB")
-            if zoom > 1:
-                cell = cell.resize((w, h), Image.NEAREST)
-            sheet.paste(cell, (left + c * (col_w + pad), top + r * (h + pad)))
+            sheet.paste(cell.resize((w, h), Image.NEAREST) if zoom > 1 else cell, (x, y))
+            if captions:
+                draw.multiline_text((x, y + h + 2), captions[r][c], fill="black", font=f, spacing=4)
     return sheet
 
 

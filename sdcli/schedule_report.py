@@ -137,14 +137,12 @@ def to_json(infos: Sequence[dict[str, Any]], outputs: dict[str, str] | None = No
 
 def check_output(path: Path, suffixes: Sequence[str], flag: str, overwrite: bool) -> Path:
     """Refuse a bad output path before any work is done."""
+    from sdcli.images import check_new_file
+
     path = Path(path).expanduser()
     if path.suffix.lower() not in suffixes:
         raise UsageError(f"{flag} {path}: the file name must end in {', '.join(suffixes)}")
-    if path.is_dir():
-        raise OutputError(f"{flag} {path} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
-    return path
+    return check_new_file(path, overwrite, flag)
 
 
 def _save(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
@@ -214,16 +212,11 @@ def load_image(path: Path, size: int):
     """``path`` as a (1, 3, H, W) float tensor in [−1, 1], fitted inside size×size, sides a multiple of 8."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"--image {path}: no such file")
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"--image {path}: not a readable image ({type(exc).__name__})") from None
+    from sdcli.images import open_image
+
+    img = open_image(path, what="--image")
     scale = size / max(img.size)
     # Multiples of 8 fit every VAE's downsampling factor.
     w, h = (max(8, int(round(s * scale)) // 8 * 8) for s in img.size)
@@ -282,51 +275,22 @@ def noised(schedule: Schedule, x0, timesteps: Sequence[int], noise):
     return q_sample(x0, alpha, sigma, noise)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:  # matplotlib's DejaVu Sans draws ᾱ and √; PIL's built-in font does not
-        from matplotlib import font_manager
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), size)
-    except Exception:  # noqa: BLE001 - any font beats no picture
-        return ImageFont.load_default()
-
-
 def to_pil(x):
     """(3, H, W) tensor in [−1, 1] → PIL image; x_t outside [−1, 1] (it is, early on) is clipped for display."""
     from PIL import Image
 
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(arr)
 
 
 def strip(rows: Sequence[tuple[str, Sequence[Any], Sequence[str]]], title: str):
-    """A labelled grid: one row per schedule (label, tiles, captions), one column per timestep."""
-    from PIL import Image, ImageDraw
+    """A labelled grid (`sdcli.images.labelled_grid`): one row per schedule (label, tiles, captions),
+    one column per timestep; the row labels only when there is more than one row."""
+    from sdcli.images import labelled_grid
 
-    w, h = rows[0][1][0].size
-    fs = max(11, min(15, w // 14))
-    font, small = _font(fs + 1), _font(fs)
-    pad, cap = 6, 2 * fs + 10
-    left = pad + (max(int(font.getlength(r[0])) for r in rows) + 2 * pad if len(rows) > 1 else 0)
-    top = fs + 3 * pad
-    ncol = max(len(r[1]) for r in rows)
-    # Columns as wide as the widest caption line, so small tiles do not make captions collide.
-    col = max([w] + [int(small.getlength(line)) for r in rows for text in r[2] for line in text.splitlines()])
-    width = max(left + ncol * (col + pad) + pad, int(font.getlength(title)) + 2 * pad)
-    sheet = Image.new("RGB", (width, top + len(rows) * (h + cap + pad)), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((pad, pad), title, fill="black", font=font)
-    for r, (label, tiles, captions) in enumerate(rows):
-        y = top + r * (h + cap + pad)
-        if len(rows) > 1:
-            draw.text((pad, y + h // 2 - fs // 2), label, fill="black", font=font)
-        for c, (tile, text) in enumerate(zip(tiles, captions)):
-            x = left + c * (col + pad)
-            sheet.paste(tile, (x, y))
-            draw.multiline_text((x, y + h + 3), text, fill="black", font=small, spacing=2)
-    return sheet
+    labels = [label for label, _, _ in rows] if len(rows) > 1 else []
+    return labelled_grid([tiles for _, tiles, _ in rows], row_labels=labels, title=title,
+                         captions=[captions for _, _, captions in rows])
 
 
 def forward_strip(

@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sdcli.errors import DataError
+from sdcli.images import check_image, open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
-# Pillow's own decompression-bomb threshold (~89 megapixels, a 9459x9459 image);
-# anything larger is refused before its pixels are decoded.
-MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass
@@ -102,7 +100,7 @@ def discover(
     for image in listed:
         if not image.is_file():
             raise DataError(f"metadata names {_rel(image, root)}, which does not exist")
-    # 3. Open each image; skip (or, with --strict, stop at) the ones that cannot be read.
+    # 3. Open each image (`sdcli.images.check_image`); skip (or, with --strict, stop at) the ones that cannot be read.
     for path in images:
         size, problem = check_image(path)
         if problem:
@@ -126,23 +124,6 @@ def discover(
         why = f" ({len(report.skipped)} unreadable)" if report.skipped else ""
         raise DataError(f"no usable images (png, jpg, webp) in {root}{why}")
     return report
-
-
-def check_image(path: Path) -> tuple[tuple[int, int], str | None]:
-    """(size, None) for an image that decodes completely, else (size or (0, 0), why not)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            size = img.size
-            if size[0] * size[1] > MAX_IMAGE_PIXELS:
-                return size, f"refused: {size[0]}x{size[1]} pixels is over the {MAX_IMAGE_PIXELS:,} limit (decompression bomb?)"
-            img.load()  # decodes every pixel: truncated files fail here, not at open()
-        return size, None
-    except Image.DecompressionBombError as exc:
-        return (0, 0), f"refused as a decompression bomb: {exc}"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return (0, 0), f"unreadable ({' '.join(str(exc).split()) or type(exc).__name__})"
 
 
 def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]]) -> tuple[str | None, str]:
@@ -220,17 +201,8 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def load_rgb(path: Path):
-    """The image as RGB, upright per its EXIF tag, transparency flattened onto white."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA"):
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img.convert("RGBA"))
-        return img.convert("RGB")
+    """The image as training sees it: `sdcli.images.open_image` (upright, RGB, transparency on white)."""
+    return open_image(path, what="--data image")
 
 
 def crop_box(size: tuple[int, int], resolution: int, center: bool, frac: tuple[float, float] = (0.5, 0.5)):

@@ -1,0 +1,196 @@
+"""The one image loader, the overwrite check, the font and the labelled grid in `sdcli.images`."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdcli import images
+from sdcli.errors import DataError, OutputError
+from sdcli.images import check_image, check_new_file, labelled_grid, open_image
+
+
+def png_header_only(path, width, height):
+    """A valid PNG header declaring width x height, with almost no pixel data: a decompression bomb to open()."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def close(pixel, expected, tolerance=0):
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected))
+
+
+# ---------------------------------------------------------------- open_image
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 40 wide, 20 high: left half red, right half blue; orientation 6 says "rotate 90° clockwise to view".
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    upright = open_image(tmp_path / "phone.jpg")
+    assert upright.size == (20, 40) and upright.mode == "RGB"
+    # After the rotation the stored left (red) half is on top.
+    assert close(upright.getpixel((10, 5)), (255, 0, 0), 40)
+    assert close(upright.getpixel((10, 35)), (0, 0, 255), 40)
+    assert check_image(tmp_path / "phone.jpg") == ((40, 20), None)  # the scan reports the size as stored
+
+
+def test_transparency_is_flattened_onto_white(tmp_path):
+    rgba = Image.new("RGBA", (30, 10), (255, 0, 0, 0))  # red, fully transparent: must not show
+    rgba.paste((0, 255, 0, 255), (10, 0, 20, 10))  # opaque green
+    rgba.paste((0, 0, 0, 128), (20, 0, 30, 10))  # half-transparent black
+    rgba.save(tmp_path / "alpha.png")
+    img = open_image(tmp_path / "alpha.png")
+    assert img.mode == "RGB"
+    assert img.getpixel((5, 5)) == (255, 255, 255)
+    assert img.getpixel((15, 5)) == (0, 255, 0)
+    assert close(img.getpixel((25, 5)), (127, 127, 127), 1)
+
+
+def _palette_with_transparency(path):
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette([0, 0, 0, 10, 20, 200] + [0] * 762)
+    p.paste(0, (0, 0, 4, 8))
+    p.save(path, transparency=0)
+
+
+@pytest.mark.parametrize("name,make,pixel", [
+    ("grey.png", lambda p: Image.new("L", (8, 8), 128).save(p), (128, 128, 128)),
+    ("grey-alpha.png", lambda p: Image.new("LA", (8, 8), (0, 0)).save(p), (255, 255, 255)),
+    ("palette.png", lambda p: Image.new("P", (8, 8), 0).save(p), (0, 0, 0)),
+    ("palette-clear.png", _palette_with_transparency, (255, 255, 255)),
+    ("cmyk.tif", lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p), (255, 0, 0)),
+    # 16-bit greyscale: a plain convert("RGB") would clip 40000 to white.
+    ("sixteen.png", lambda p: Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(p), (155, 155, 155)),
+])
+def test_any_mode_becomes_rgb(tmp_path, name, make, pixel):
+    make(tmp_path / name)
+    img = open_image(tmp_path / name)
+    assert img.mode == "RGB" and img.size == (8, 8)
+    assert img.getpixel((0, 0)) == pixel
+
+
+def test_palette_transparency_only_where_the_palette_says(tmp_path):
+    _palette_with_transparency(tmp_path / "p.png")
+    img = open_image(tmp_path / "p.png")
+    assert img.getpixel((1, 1)) == (255, 255, 255) and img.getpixel((6, 1)) == (10, 20, 200)
+
+
+def test_oversized_image_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    # 100 megapixels: over our limit, under twice it (where Pillow itself only warns).
+    bomb = png_header_only(tmp_path / "bomb.png", 10_000, 10_000)
+    with pytest.raises(DataError) as err:
+        open_image(bomb, what="--image")
+    line = str(err.value)
+    assert line.startswith(f"--image {bomb}: refused: 10000x10000 pixels is over the 89,478,485-pixel limit")
+    assert "\n" not in line
+    size, why = check_image(bomb)
+    assert size == (10_000, 10_000) and why.startswith("refused: 10000x10000")
+    # 400 megapixels: Pillow refuses in open(); still one line naming the file and the size.
+    huge = png_header_only(tmp_path / "huge.png", 20_000, 20_000)
+    with pytest.raises(DataError, match=r"huge\.png: refused as a decompression bomb.*400000000 pixels"):
+        open_image(huge)
+
+
+def test_limit_is_pixels_not_sides(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (10, 10)).save(tmp_path / "at.png")
+    Image.new("RGB", (11, 10)).save(tmp_path / "over.png")
+    assert open_image(tmp_path / "at.png").size == (10, 10)
+    with pytest.raises(DataError, match="11x10 pixels is over the 100-pixel limit"):
+        open_image(tmp_path / "over.png")
+
+
+def test_unreadable_missing_truncated(tmp_path):
+    (tmp_path / "fake.jpg").write_text("not a JPEG")
+    with pytest.raises(DataError, match=r"^--init-image .*fake\.jpg: not a readable image"):
+        open_image(tmp_path / "fake.jpg")
+    with pytest.raises(DataError, match=r"gone\.png: no such file"):
+        open_image(tmp_path / "gone.png")
+    with pytest.raises(DataError, match="is a folder"):
+        open_image(tmp_path)
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    # The header opens fine; only decoding every pixel finds the cut.
+    with pytest.raises(DataError, match=r"cut\.png: not a readable image"):
+        open_image(tmp_path / "cut.png")
+    size, why = check_image(tmp_path / "cut.png")
+    assert size == (64, 64) and why.startswith("unreadable (")
+    assert check_image(tmp_path / "fake.jpg") == ((0, 0), "unreadable (not a format Pillow can read)")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def test_one_overwrite_check(tmp_path):
+    target = tmp_path / "a.png"
+    assert check_new_file(target, overwrite=False) == target  # nothing there yet
+    target.write_bytes(b"old")
+    with pytest.raises(OutputError, match="a.png exists; pass --overwrite to replace it"):
+        check_new_file(target, overwrite=False)
+    assert check_new_file(target, overwrite=True) == target
+    with pytest.raises(OutputError, match=r"^--out .* is a folder; give a file name"):
+        check_new_file(tmp_path, overwrite=True, flag="--out")
+    # atomic_write goes through the same check and leaves the old file alone.
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        images.atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def test_font_draws_the_schedule_symbols():
+    font = images.font(14)
+    # A font without ᾱ draws the same placeholder box for it as for α; DejaVu adds the macron above.
+    assert font.getbbox("ᾱ") != font.getbbox("α")
+    assert font.getbbox("√") != font.getbbox("\uffff")
+
+
+def test_labelled_grid_places_zoomed_cells_and_captions():
+    colours = [[(200, 0, 0), (0, 200, 0), (0, 0, 200)], [(200, 200, 0), (0, 200, 200), (200, 0, 200)]]
+    tiles = [[Image.new("RGB", (16, 16), c) for c in row] for row in colours]
+    plain = labelled_grid(tiles, ["a", "b", "c"], ["one", "two"], title="t")
+    captioned = labelled_grid(tiles, row_labels=["one", "two"], captions=[["x\ny"] * 3, ["z\nw"] * 3])
+    for sheet in (plain, captioned):
+        arr = np.asarray(sheet)
+        for r in range(2):
+            for c in range(3):
+                # Each tile enlarged to 96x96 by nearest neighbour: a solid block of its own colour.
+                hits = np.all(arr == colours[r][c], axis=-1)
+                assert hits.sum() == 96 * 96
+    # Two caption lines under each row outweigh the title and column-label lines the captioned sheet lacks.
+    assert captioned.height > plain.height
+    below = np.asarray(captioned.convert("L"))
+    first = np.argwhere(np.all(np.asarray(captioned) == colours[0][0], axis=-1))
+    y0, x0 = first.min(axis=0)
+    assert (below[y0 + 96: y0 + 96 + 30, x0: x0 + 40] < 100).any()  # caption text under the first tile
+
+
+def test_schedule_strip_is_the_same_grid():
+    from sdcli.schedule_report import strip
+
+    tile = Image.new("RGB", (16, 16), (250, 150, 0))
+    one = strip([("only", [tile, tile], ["t = 0", "t = 1"])], "title")
+    two = strip([("a", [tile, tile], ["t = 0", "t = 1"]), ("b", [tile, tile], ["t = 0", "t = 1"])], "title")
+    assert np.all(np.asarray(one) == (250, 150, 0), axis=-1).sum() == 2 * 96 * 96
+    assert two.width > one.width  # row labels only when there is more than one row
