@@ -245,25 +245,18 @@ def load_vae(model: str, revision: str | None = None, device: str = "cpu"):
     return vae.to(device).eval()
 
 
-def _latent_scale(vae) -> tuple[float, float]:
-    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
 def encode(vae, x):
-    """Image in [−1, 1] → the latent the UNet is trained on (posterior mean, scaled like diffusers pipelines)."""
-    import torch
+    """Image in [−1, 1] → the latent the UNet is trained on: the posterior mean (`sdcli.latents`)."""
+    from sdcli import latents
 
-    scale, shift = _latent_scale(vae)
-    with torch.no_grad():
-        return (vae.encode(x.to(vae.device)).latent_dist.mean - shift) * scale
+    return latents.encode(vae, x)
 
 
 def decode(vae, z):
-    import torch
+    """Latents → pixels on the CPU, clipped to [−1, 1] for display (`sdcli.latents`)."""
+    from sdcli import latents
 
-    scale, shift = _latent_scale(vae)
-    with torch.no_grad():
-        return vae.decode(z.to(vae.device) / scale + shift).sample.clamp(-1, 1).cpu()
+    return latents.decode(vae, z).float().clamp(-1, 1).cpu()
 
 
 def noised(schedule: Schedule, x0, timesteps: Sequence[int], noise):

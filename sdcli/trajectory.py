@@ -45,12 +45,6 @@ class StepRecorder:
 
 def decode_latents(pipe: Any, latents: Any) -> list[Any]:
     """Latents -> PIL images through the pipeline's VAE (used for trajectory frames)."""
-    import torch
+    from sdcli.latents import decode
 
-    vae = pipe.vae
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        z = latents.to(vae.device, vae.dtype) / scale + shift
-        decoded = vae.decode(z, return_dict=False)[0]
-    return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+    return pipe.image_processor.postprocess(decode(pipe.vae, latents).float(), output_type="pil")

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from sdcli import defaults
+from sdcli.latents import scale
 from sdcli.training.data import Example, Item, load_rgb, to_pixels
 
 
 @dataclass
 class Batch:
-    latents: Any  # (B, C, h, w), already scaled by the VAE's scaling factor
+    latents: Any  # (B, C, h, w), already scaled for the UNet (`sdcli.latents.scale`)
     cond: dict[str, Any]  # keyword arguments for the UNet besides sample and timestep
 
 
@@ -99,8 +100,6 @@ class TrainingInputs:
         self.device = device
         self.cache_latents = cache_latents
         self.cache_text = cache_text
-        self.scaling = float(pipe.vae.config.scaling_factor)
-        self.shift = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
         # Filled by build_cache: moments[i, flipped] and prompt ids, on the CPU.
         self.mean = self.std = self.time_ids = None
         self.prompts: list[str] = []
@@ -174,9 +173,9 @@ class TrainingInputs:
             with torch.no_grad():
                 dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
-        # A fresh draw from the latent distribution, as latent_dist.sample() would.
+        # A fresh draw from the latent distribution, as latent_dist.sample() would, scaled for the UNet.
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        latents = (mean + std * eps - self.shift) * self.scaling
+        latents = scale(self.vae, mean + std * eps)
         cond = self._text(items)
         if self.text.sdxl:
             cond["added_cond_kwargs"]["time_ids"] = time_ids.to(self.device, cond["encoder_hidden_states"].dtype)
