@@ -4,12 +4,17 @@ Commands and library functions raise `SdcliError` (or a subclass) with a
 message that names the bad value. `sdcli.cli` prints it as one red line on
 stderr and exits 1 (2 for `UsageError`); `SDCLI_DEBUG=1` shows the traceback.
 Errors from the libraries underneath that are really the user's doing (a
-missing file, a corrupt checkpoint) are translated by `friendly()`.
+missing file, a corrupt checkpoint) are recognised by type in one table (`_table`,
+as huggingface_hub's CLI does) and translated by `friendly()`; code that words
+them for its own context (`sdcli.pipeline`, `sdcli.schedule`) asks `classify_chain`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
+from dataclasses import dataclass
 
 
 class SdcliError(Exception):
@@ -40,24 +45,102 @@ def debug_enabled() -> bool:
     return os.environ.get("SDCLI_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
+@dataclass(frozen=True)
+class Known:
+    """A foreign exception the table recognises: what kind of failure, and how to say it in one line."""
+
+    kind: str  # "corrupt-weights", "not-found", "offline", "unreachable", "bad-image", ...: for callers' own wording
+    error: type[SdcliError]
+    message: str
+    exc: BaseException  # the exception that matched (a cause, when found through classify_chain)
+
+
+_OFFLINE = "not available offline (HF_HUB_OFFLINE is set or the Hub is unreachable): {text}"
+_NETWORK = "cannot reach the network: {text}"
+
+
+def _table() -> dict[type, tuple[str, type[SdcliError], str]]:
+    """Exception type -> (kind, error class, message template); the one place a foreign error gets a meaning.
+
+    Imported here, not at module level, so `sdcli --help` stays instant. A subclass needs its own
+    entry only to mean something else than its base: `classify` takes the nearest entry in the MRO.
+    """
+    from huggingface_hub import errors as hub
+    from PIL import Image, UnidentifiedImageError
+    from safetensors import SafetensorError
+
+    table: dict[type, tuple[str, type[SdcliError], str]] = {
+        SafetensorError: ("corrupt-weights", ModelError, "corrupt or unreadable weights file: {text}"),
+        hub.RepositoryNotFoundError: ("not-found", ModelError, "{text}"),
+        hub.HFValidationError: ("not-found", ModelError, "{text}"),  # not a Hub id, so no such model there
+        hub.GatedRepoError: ("gated", ModelError, "{text}"),
+        hub.RevisionNotFoundError: ("no-revision", ModelError, "{text}"),
+        hub.EntryNotFoundError: ("no-file", ModelError, "{text}"),
+        hub.LocalEntryNotFoundError: ("not-cached", ModelError, _OFFLINE),
+        hub.OfflineModeIsEnabled: ("offline", ModelError, _OFFLINE),
+        UnidentifiedImageError: ("bad-image", DataError, "not a readable image: {text}"),
+        Image.DecompressionBombError: ("image-bomb", DataError, "refused as a decompression bomb: {text}"),
+        PermissionError: ("permission", OutputError, "permission denied: {file}"),
+        FileNotFoundError: ("missing", SdcliError, "{strerror}: {file}"),
+        IsADirectoryError: ("missing", SdcliError, "{strerror}: {file}"),
+        NotADirectoryError: ("missing", SdcliError, "{strerror}: {file}"),
+        # Not ConnectionError itself: BrokenPipeError (stdout piped to `head`) is one too.
+        ConnectionRefusedError: ("unreachable", SdcliError, _NETWORK),
+        ConnectionResetError: ("unreachable", SdcliError, _NETWORK),
+        TimeoutError: ("unreachable", SdcliError, _NETWORK),
+        OSError: ("disk-full", OutputError, "no space left on device"),  # ENOSPC only: see _match
+    }
+    # HTTP clients differ by huggingface_hub version and may be absent; one not yet imported raised nothing.
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+        for name in names:
+            cls = getattr(sys.modules.get(module), name, None)
+            if isinstance(cls, type):
+                table[cls] = ("unreachable", SdcliError, _NETWORK)
+    return table
+
+
+def _match(exc: BaseException, table: dict) -> Known | None:
+    for cls in type(exc).__mro__:
+        entry = table.get(cls)
+        if entry is None or (cls is OSError and getattr(exc, "errno", None) != errno.ENOSPC):
+            continue
+        kind, error, template = entry
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+        message = template.format(text=text, file=getattr(exc, "filename", None) or text,
+                                  strerror=getattr(exc, "strerror", None) or "not found")
+        return Known(kind, error, message, exc)
+    return None
+
+
+def classify(exc: BaseException) -> Known | None:
+    """What the table says about ``exc`` itself (by type, the nearest entry in its MRO), else None."""
+    return _match(exc, _table())
+
+
+def classify_chain(exc: BaseException) -> list[Known]:
+    """``classify`` for ``exc`` and each exception it was raised from or while handling, outermost first.
+
+    diffusers rewraps Hub failures as a plain OSError ("does not appear to have a file named ..."):
+    only the chain says whether the Hub was offline, unreachable, or had no such model.
+    """
+    table, found, seen = _table(), [], set()
+    while exc is not None and id(exc) not in seen and len(seen) < 20:
+        seen.add(id(exc))
+        known = _match(exc, table)
+        if known is not None:
+            found.append(known)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
 def friendly(exc: BaseException) -> SdcliError | None:
-    """Translate a foreign exception that means "bad input" into an SdcliError, else None."""
-    name = type(exc).__name__
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    """Translate a foreign exception that means "bad input" into an SdcliError, else None.
+
+    Only ``exc`` itself is classified, not its causes: a bug raised while handling a missing
+    file is still a bug, and keeps its traceback.
+    """
     if isinstance(exc, SdcliError):
         return exc
-    if name in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization"):
-        return ModelError(f"corrupt or unreadable weights file: {text}")
-    if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError"):
-        return ModelError(text)
-    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-        return ModelError(f"not available offline (HF_HUB_OFFLINE is set or the Hub is unreachable): {text}")
-    if name == "UnidentifiedImageError":
-        return DataError(f"not a readable image: {text}")
-    if isinstance(exc, PermissionError):
-        return OutputError(f"permission denied: {exc.filename or text}")
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return SdcliError(f"{exc.strerror or 'not found'}: {exc.filename or text}")
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return OutputError("no space left on device")
-    return None
+    known = classify(exc)
+    return known.error(known.message) if known else None

@@ -261,17 +261,26 @@ def load_pipeline(
 
 
 def _load_message(model: str, exc: Exception) -> str:
+    """One line for a failed load, worded by what the exception chain holds (`sdcli.errors` classifies it)."""
+    from sdcli.errors import classify_chain
+
     text = " ".join(str(exc).split()) or type(exc).__name__
-    name = type(exc).__name__
-    if "safetensors" in text.lower() and any(w in text.lower() for w in ("could not find", "no such", "no file")):
+    low = text.lower()
+    kinds = {known.kind for known in classify_chain(exc)}
+    # diffusers says this only in words (a plain OSError): the weights exist, but not as safetensors.
+    if "safetensors" in low and any(w in low for w in ("could not find", "no such", "no file")):
         return f"{model} has no safetensors weights; pass --allow-pickle to load pickled ones if you trust them"
-    if name in ("RepositoryNotFoundError", "HFValidationError"):
+    if "not-found" in kinds:
         return f"model {model!r} not found locally or on the Hugging Face Hub"
-    offline = any(w in text.lower() for w in ("offline", "outgoing traffic", "not fully cached", "local_files_only"))
-    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or offline:
+    if "gated" in kinds:
+        return (f"model {model!r} is gated on the Hugging Face Hub: accept its terms on the model page "
+                "and log in (hf auth login)")
+    # Older diffusers raise these without a chain; their words are all there is.
+    offline = any(w in low for w in ("offline", "outgoing traffic", "not fully cached", "local_files_only"))
+    if kinds & {"offline", "not-cached", "unreachable"} or offline:
         return (f"model {model!r} not found in the local Hugging Face cache, and the Hub cannot be reached "
                 "(offline, or HF_HUB_OFFLINE=1)")
-    if name in ("SafetensorError",) or "header" in text.lower() or "deserializ" in text.lower():
+    if "corrupt-weights" in kinds or "header" in low or "deserializ" in low:
         return f"corrupt weights in {model}: {text[:200]}"
     return f"cannot load {model}: {text[:300]}"
 

@@ -233,17 +233,19 @@ def hub_config(model: str, revision: str | None = None) -> dict[str, Any]:
 
 
 def _hub_message(model: str, exc: BaseException) -> str:
-    # diffusers rewraps "offline" and "unreachable" as "does not appear to have a file"; the cause says which.
+    # diffusers rewraps "offline" and "unreachable" as "does not appear to have a file"; the chain says which.
     from huggingface_hub import constants
 
-    chain, cause = [], exc
-    while cause is not None and len(chain) < 10:
-        chain.append(type(cause).__name__)
-        cause = cause.__cause__ or cause.__context__
-    if constants.HF_HUB_OFFLINE or any("Offline" in n or "LocalEntryNotFound" in n for n in chain):
+    from sdcli.errors import classify_chain
+
+    kinds = {known.kind for known in classify_chain(exc)}
+    if constants.HF_HUB_OFFLINE or "offline" in kinds:
         return f"no scheduler config for {model!r} in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
-    if any("Connection" in n or "Timeout" in n for n in chain):
+    # Not cached and no answer from the Hub: huggingface_hub's LocalEntryNotFoundError, raised from the network error.
+    if kinds & {"unreachable", "not-cached"}:
         return f"cannot reach the Hugging Face Hub to read {model!r}'s scheduler config"
+    if "not-found" in kinds:
+        return f"model {model!r} not found locally or on the Hugging Face Hub"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return f"cannot read the scheduler config of {model!r}: {first}"
 
