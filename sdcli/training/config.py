@@ -1,99 +1,166 @@
-"""Every fine-tuning setting in one dataclass, checked before any work starts.
+"""Every fine-tuning setting in one dataclass, declared once and checked before any work starts.
 
-The same object is written to OUT/training_settings.json and into every
-checkpoint, so a run records what made it and a resume can refuse settings
-that would not continue the same run.
+Each field carries its option (`sdcli.declare.option`): `sdcli finetune`'s Typer
+options are derived from these declarations, so a setting's name, type, default
+and help are written here only. The same object is written to
+OUT/training_settings.json and into every checkpoint, so a run records what made
+it and a resume can refuse settings that would not continue the same run.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from sdcli import defaults
+from sdcli import defaults, options
+from sdcli.declare import Role, by_role, option
 from sdcli.errors import UsageError
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEFAULT_MAX_STEPS = 1000
 
-# Settings a resumed run may change without breaking "continues exactly":
-# they decide when to stop, what to report and where, or how fast a step runs (memory layout,
-# compilation; the same parameter names either way), never what a step computes.
-RESUMABLE_CHANGES = {
-    "max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "resume", "out", "overwrite", "quiet",
-    "validation_prompts", "validation_every", "validation_guidance", "validation_steps", "data", "model",
-    "strict", "device", "channels_last", "compile",
-}
+# --help sections
+DATA = "Data"
+TRAIN = "Training"
+LONG = "Checkpoints and validation"
+
+# RECORDED: changes what a step computes, so a resume must keep it.
+# RUNTIME: when to stop, what to report and where, or how fast a step runs (memory layout,
+# compilation; the same parameter names either way); a resumed run may change it.
+RECORDED, RUNTIME = Role.RECORDED, Role.RUNTIME
+
+
+class LrScheduler(str, Enum):
+    """Learning-rate schedules by their diffusers.optimization names."""
+
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class MixedPrecision(str, Enum):
+    auto = "auto"
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _comma_tuple(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
 
 
 @dataclass
 class FinetuneConfig:
-    """What `sdcli finetune` does; field names match the command's options."""
+    """What `sdcli finetune` does; each field is one of the command's options."""
 
-    data: Path
-    out: Path
-    model: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    allow_pickle: bool = False
-    device: str = "auto"
+    data: Path = option(help="Folder of images with captions (name.txt, metadata.jsonl or metadata.csv).",
+                        panel=DATA, role=RUNTIME, show_default=False)
+    out: Path = option(help="Output folder or file.", flags=("--out", "-o"), role=RUNTIME)
+    model: Optional[str] = option(None, options.MODEL, role=RUNTIME)
+    revision: Optional[str] = option(None, options.REVISION)
+    variant: Optional[str] = option(None, options.VARIANT)
+    allow_pickle: bool = option(False, options.ALLOW_PICKLE, role=RECORDED)  # a resume may not widen what loads
+    device: str = option("auto", options.DEVICE)
 
     # Data
-    caption_column: str = "text"
-    strict: bool = False
-    allow_empty_captions: bool = False
-    resolution: int | None = None  # None: the model's native size
-    center_crop: bool = True
-    flip: bool = False
+    caption_column: str = option("text", help="Caption column in metadata.jsonl/csv.", panel=DATA)
+    strict: bool = option(False, help="Stop at an unreadable image instead of skipping it.", flags=("--strict",),
+                          panel=DATA, role=RUNTIME)
+    allow_empty_captions: bool = option(
+        False, help="Train images without a caption as the null prompt instead of stopping.",
+        flags=("--allow-empty-captions",), panel=DATA)
+    resolution: Optional[int] = option(
+        None, help="Square training size in pixels. Default: the model's native size.", panel=DATA,
+        show_default=False)
+    center_crop: bool = option(
+        True, help="Crop the centre, or a random square each step (random crop cannot cache latents).",
+        flags=("--center-crop/--random-crop",), panel=DATA)
+    flip: bool = option(False, help="Mirror half the images at random.", flags=("--flip/--no-flip",), panel=DATA)
 
     # Objective
-    uncond_prob: float = defaults.UNCOND_PROB
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
+    uncond_prob: float = option(
+        defaults.UNCOND_PROB,
+        help="Chance a caption is replaced by the null prompt, so guidance has an unconditional branch to use.",
+        panel=TRAIN)
+    snr_gamma: Optional[float] = option(
+        None, help="Min-SNR loss weighting with this gamma (5 is common). Default: plain MSE.", panel=TRAIN,
+        show_default=False)
+    noise_offset: float = option(0.0, help="Offset noise strength (0.05-0.1 helps very dark/bright images).",
+                                 panel=TRAIN)
 
     # What is trained
-    lora: bool = True
-    rank: int = 4
-    lora_alpha: float | None = None  # None: equal to rank (scale 1)
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    train_text_encoder: bool = False
+    lora: bool = option(
+        True, help="Train LoRA adapters (small file) or the whole UNet (a full pipeline folder).",
+        flags=("--lora/--full",), panel=TRAIN)
+    rank: int = option(4, help="LoRA rank.", panel=TRAIN)
+    lora_alpha: Optional[float] = option(
+        None, help="LoRA alpha (scale = alpha / rank). Default: the rank.", panel=TRAIN, show_default=False)
+    lora_targets: tuple[str, ...] = option(
+        LORA_TARGETS, help="Comma list of UNet modules that get LoRA adapters.", panel=TRAIN, cli_type=str,
+        parse=_comma_tuple)
+    train_text_encoder: bool = option(
+        False, help="Train the text encoder(s) too (LoRA or full, like the UNet).", flags=("--train-text-encoder",),
+        panel=TRAIN)
 
     # Optimisation
-    learning_rate: float | None = None  # None: 1e-4 for LoRA, 1e-5 for full
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    weight_decay: float = 1e-2
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # fp16 on CUDA, no elsewhere; resolved before training starts
-    gradient_checkpointing: bool = False
-    channels_last: bool | None = None  # None: on CUDA
-    compile: bool = False
-    ema: bool = False
-    ema_decay: float = 0.9999
-    use_8bit_adam: bool = False
-    max_steps: int | None = None
-    epochs: int | None = None
-    seed: int = 0
-    cache: bool = True
+    learning_rate: Optional[float] = option(
+        None, help="AdamW learning rate. Default: 1e-4 for LoRA, 1e-5 for --full.", flags=("--learning-rate", "--lr"),
+        panel=TRAIN, show_default=False)
+    lr_scheduler: str = option("constant", help="Learning-rate schedule after warm-up (diffusers.optimization).",
+                               panel=TRAIN, cli_type=LrScheduler)
+    lr_warmup_steps: int = option(0, help="Steps of linear learning-rate warm-up.", panel=TRAIN)
+    weight_decay: float = option(1e-2, help="AdamW weight decay.", panel=TRAIN)
+    batch_size: int = option(1, help="Images per step on each process.", panel=TRAIN)
+    gradient_accumulation: int = option(1, help="Micro-batches summed into one optimizer step.", panel=TRAIN)
+    max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0: no clipping).", panel=TRAIN)
+    mixed_precision: str = option(  # resolved before training starts
+        "auto", help="Autocast precision for the UNet (frozen weights are stored in it too); auto: fp16 on CUDA, "
+        "no elsewhere.", panel=TRAIN, cli_type=MixedPrecision)
+    gradient_checkpointing: bool = option(
+        False, help="Recompute activations in backward: less memory, ~30% slower.",
+        flags=("--gradient-checkpointing",), panel=TRAIN)
+    channels_last: Optional[bool] = option(None, options.CHANNELS_LAST)
+    compile: bool = option(False, help="torch.compile what trains (slow first steps, faster after).",
+                           flags=("--compile",), panel=TRAIN, role=RUNTIME)
+    ema: bool = option(False, help="Keep an exponential moving average of the trained weights and save that.",
+                       flags=("--ema",), panel=TRAIN)
+    ema_decay: float = option(0.9999, help="EMA decay per step.", panel=TRAIN)
+    use_8bit_adam: bool = option(False, help="8-bit AdamW from bitsandbytes (must be installed).",
+                                 flags=("--use-8bit-adam",), panel=TRAIN)
+    max_steps: Optional[int] = option(None, help="Optimizer steps to train. Default: 1000, unless --epochs.",
+                                      panel=TRAIN, role=RUNTIME, show_default=False)
+    epochs: Optional[int] = option(None, help="Passes over the data (instead of --max-steps).", panel=TRAIN,
+                                   role=RUNTIME, show_default=False)
+    seed: int = option(0, help="Seed for LoRA init, data order, noise and validation images.", panel=TRAIN)
+    cache: bool = option(True, help="Encode images and captions once instead of every step.",
+                         flags=("--cache/--no-cache",), panel=TRAIN)
 
     # Long runs
-    checkpoint_every: int = 500  # 0: only at the end and on Ctrl-C
-    keep_checkpoints: int = 3
-    resume: str | None = None  # "latest" or a checkpoint folder
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_every: int = 100
-    validation_guidance: float = defaults.GUIDANCE
-    validation_steps: int = defaults.STEPS
+    checkpoint_every: int = option(
+        500, help="Save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C).", panel=LONG,
+        role=RUNTIME)
+    keep_checkpoints: int = option(3, help="Keep only the newest K checkpoints.", panel=LONG, role=RUNTIME)
+    resume: Optional[str] = option(None, help="Continue from 'latest' (in --out) or a checkpoint folder.", panel=LONG,
+                                   role=RUNTIME, show_default=False)
+    validation_prompts: list[str] = option(
+        [], help="Prompt rendered every --validation-every steps (repeatable).", flags=("--validation-prompt",),
+        panel=LONG, role=RUNTIME, cli_type=list[str], show_default=False)
+    validation_every: int = option(100, help="Steps between validation images.", panel=LONG, role=RUNTIME)
+    validation_guidance: float = option(defaults.GUIDANCE, help="Guidance scale for validation images.", panel=LONG,
+                                        role=RUNTIME)
+    validation_steps: int = option(defaults.STEPS, help="Sampling steps for validation images.", panel=LONG,
+                                   role=RUNTIME)
 
-    overwrite: bool = False
-    quiet: bool = False
+    overwrite: bool = option(False, help="Replace existing output files.", flags=("--overwrite",), role=RUNTIME)
+    quiet: bool = option(False, help="No progress or notes on stderr; results only.", flags=("--quiet", "-q"),
+                         role=RUNTIME)
 
     @property
     def lr(self) -> float:
@@ -137,10 +204,9 @@ class FinetuneConfig:
             raise UsageError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
         if self.lora and not self.lora_targets:
             raise UsageError("--lora-targets is empty; name at least one module, e.g. to_q,to_k,to_v,to_out.0")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise UsageError(f"unknown --lr-scheduler {self.lr_scheduler!r}; choose from: {', '.join(LR_SCHEDULERS)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise UsageError(f"unknown --mixed-precision {self.mixed_precision!r}; choose from: {', '.join(MIXED_PRECISION)}")
+        # Plain strings from here on (an Enum member given from Python too), so the settings JSON stays as it was.
+        self.lr_scheduler = _choice(LrScheduler, self.lr_scheduler, "--lr-scheduler")
+        self.mixed_precision = _choice(MixedPrecision, self.mixed_precision, "--mixed-precision")
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")
         if self.max_steps is not None and self.max_steps < 1:
@@ -167,6 +233,18 @@ class FinetuneConfig:
         mine = self.to_json()
         names = [f.name for f in fields(self) if f.name not in RESUMABLE_CHANGES]
         return [n for n in names if n in saved and _norm(saved[n]) != _norm(mine[n])]
+
+
+# Settings a resumed run may change without breaking "continues exactly": the runtime ones.
+RESUMABLE_CHANGES = frozenset(d.name for d in by_role(FinetuneConfig, RUNTIME))
+
+
+def _choice(choices: type[Enum], value: Any, flag: str) -> str:
+    try:
+        return choices(value).value
+    except ValueError:
+        names = ", ".join(c.value for c in choices)
+        raise UsageError(f"unknown {flag} {value!r}; choose from: {names}") from None
 
 
 def _norm(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,6 +14,28 @@ QUICK = ("--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--
 
 def _error_lines(result):
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_every_declared_setting_is_an_option_of_finetune_with_its_help():
+    import typer.main
+
+    from sdcli.cli import app
+    from sdcli.declare import declared
+    from sdcli.training.config import FinetuneConfig
+
+    command = typer.main.get_command(app).commands["finetune"]
+    params = {p.name: p for p in command.params}
+    for d in declared(FinetuneConfig):
+        assert d.name in params, d.name
+        assert params[d.name].help == d.opt.help
+    # Every field is declared, and the command adds only how it prints its result, never a second spelling.
+    assert [d.name for d in declared(FinetuneConfig)] == [f.name for f in dataclasses.fields(FinetuneConfig)]
+    assert set(params) - {d.name for d in declared(FinetuneConfig)} == {"json"}
+
+
+def test_missing_out_is_a_usage_error_naming_it(cli, tmp_path):
+    result = cli("finetune", "--data", tmp_path)
+    assert result.exit_code == 2 and "Missing option '--out'" in result.stderr
 
 
 def test_cli_trains_and_prints_the_output_folder(cli, tiny_sd, dataset, tmp_path):
