@@ -15,6 +15,7 @@ resumed replays steps k+1... exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -134,15 +135,21 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     outputs.check_out(cfg.out, cfg.overwrite, resuming=resume_dir is not None)
     if cfg.device != "auto":
         resolve_device(cfg.device)
+    # One lock for the whole run, taken by the main process (RANK 0 under torchrun/accelerate).
+    lock = outputs.lock_out(cfg.out) if os.environ.get("RANK", "0") == "0" else None
 
     # 2. Processes, device and precision.
-    accelerator = setup.make_accelerator(cfg)
     try:
-        run = _setup(cfg, accelerator, resume_dir)
-        trained = _train(run, callback)
-        return _finish(run, trained)
+        accelerator = setup.make_accelerator(cfg)
+        try:
+            run = _setup(cfg, accelerator, resume_dir)
+            trained = _train(run, callback)
+            return _finish(run, trained)
+        finally:
+            setup.release(accelerator)
     finally:
-        setup.release(accelerator)
+        if lock is not None:
+            lock.release()
 
 
 def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
@@ -387,12 +394,16 @@ def _validate(run: Run, step: int) -> list[Path]:
         if run.ema is not None:
             run.ema.store(run.params)
             run.ema.copy_to(run.params)
+        # Eval mode for inference (no dropout), as generate runs the model; training mode is restored after.
+        models = [m for m in run.models if m.training]
+        for m in models:
+            m.eval()
         try:
             with accelerator.autocast():
-                paths = outputs.render_validation(
-                    pipe, cfg.validation_prompts, cfg.out, step, guidance=cfg.validation_guidance,
-                    steps=cfg.validation_steps, resolution=cfg.resolution, seed=cfg.seed)
+                paths = outputs.render_validation(pipe, run.family, accelerator.device, cfg, step)
         finally:
+            for m in models:
+                m.train()
             if run.ema is not None:
                 run.ema.restore(run.params)
             setup.park_frozen(pipe, run.inputs, accelerator.device)
