@@ -9,6 +9,7 @@ MODEL_ENV = "SDCLI_MODEL"
 # The bundled model lives inside the package once it exists; until then the
 # user must name one with --model or SDCLI_MODEL.
 BUNDLED_MODEL = Path(__file__).parent / "models" / "shapes"
+BUNDLED_NAME = "bundled:shapes"  # what records and --model call it, wherever sdcli is installed
 
 STEPS = 25
 GUIDANCE = 7.5

@@ -44,7 +44,17 @@ def resolve_model(model: str | None) -> str:
     model = model or defaults.default_model()
     if not model:
         raise UsageError("no model given: pass --model (Hub id, folder or .safetensors file) or set SDCLI_MODEL")
+    if model == defaults.BUNDLED_NAME:
+        return str(defaults.BUNDLED_MODEL)
     return model
+
+
+def model_reference(model: str) -> str:
+    """How a record names a model: the bundled one by name (its install path changes with every
+    install), a local one by absolute path, a Hub id as given."""
+    if Path(model).expanduser().resolve() == defaults.BUNDLED_MODEL.resolve():
+        return defaults.BUNDLED_NAME
+    return absolute_if_local(model)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -83,6 +83,12 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
+def _model_reference(model: str) -> str:
+    from sdcli.pipeline import model_reference
+
+    return model_reference(model)
+
+
 def _loras_to_record(loras: list[tuple[str, float]]) -> list[dict[str, Any]]:
     from sdcli.pipeline import absolute_if_local
 
@@ -104,7 +110,7 @@ class Settings:
                                 show_default=False)
     negative_prompt: str = option(defaults.NEGATIVE_PROMPT, help="What to steer away from.",
                                   flags=("--negative-prompt", "-n"), show_default=False)
-    model: Optional[str] = option(None, options.MODEL)
+    model: Optional[str] = option(None, options.MODEL, to_record=lambda m: m and _model_reference(m))
     revision: Optional[str] = option(None, options.REVISION)
     variant: Optional[str] = option(None, options.VARIANT)
     allow_pickle: bool = option(False, options.ALLOW_PICKLE)

@@ -104,3 +104,12 @@ def test_finetune_validation_image_round_trips_and_an_earlier_one_says_why_not(c
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "step 1" in lines[0] and "final weights (step 2)" in lines[0]
     assert not (tmp_path / "old").exists() or not any((tmp_path / "old").iterdir())
+
+
+def test_the_bundled_model_is_recorded_by_name_not_install_path(cli, monkeypatch, tmp_path):
+    from sdcli import defaults
+
+    monkeypatch.delenv("SDCLI_MODEL", raising=False)
+    (image,) = made(cli("generate", "a red circle", "--steps", "2", "--seed", "1", "--out", tmp_path / "a"))
+    assert record_of(image)["model"] == defaults.BUNDLED_NAME
+    assert_round_trip(cli, image, tmp_path)
