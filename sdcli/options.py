@@ -68,7 +68,9 @@ DtypeOpt = alias(DTYPE, Dtype, "--dtype")
 ChannelsLast = alias(CHANNELS_LAST, Optional[bool], "--channels-last")
 Scheduler = alias(SCHEDULER, Optional[str], "--scheduler")
 Spacing = alias(SPACING, Optional[TimestepSpacing], "--timestep-spacing")
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr; results only.")]
+QUIET = Opt("No progress or notes on stderr; results only.", flags=("--quiet", "-q"), role=Role.RUNTIME)
+OVERWRITE = Opt("Replace existing output files.", flags=("--overwrite",), role=Role.RUNTIME)
+Quiet = alias(QUIET, bool, "--quiet")
 Json = Annotated[bool, typer.Option("--json", help="Print JSON records on stdout instead of plain lines.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+Overwrite = alias(OVERWRITE, bool, "--overwrite")
 OutPath = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder or file.")]

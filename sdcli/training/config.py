@@ -62,7 +62,8 @@ class FinetuneConfig:
 
     data: Path = option(help="Folder of images with captions (name.txt, metadata.jsonl or metadata.csv).",
                         panel=DATA, role=RUNTIME, show_default=False)
-    out: Path = option(help="Output folder or file.", flags=("--out", "-o"), role=RUNTIME)
+    out: Path = option(help="Folder the trained weights, settings and checkpoints go to.", flags=("--out", "-o"),
+                       role=RUNTIME)
     model: Optional[str] = option(None, options.MODEL, role=RUNTIME)
     revision: Optional[str] = option(None, options.REVISION)
     variant: Optional[str] = option(None, options.VARIANT)
@@ -158,9 +159,8 @@ class FinetuneConfig:
     validation_steps: int = option(defaults.STEPS, help="Sampling steps for validation images.", panel=LONG,
                                    role=RUNTIME)
 
-    overwrite: bool = option(False, help="Replace existing output files.", flags=("--overwrite",), role=RUNTIME)
-    quiet: bool = option(False, help="No progress or notes on stderr; results only.", flags=("--quiet", "-q"),
-                         role=RUNTIME)
+    overwrite: bool = option(False, options.OVERWRITE)
+    quiet: bool = option(False, options.QUIET)
 
     @property
     def lr(self) -> float:
