@@ -47,6 +47,42 @@ def cli(monkeypatch, tmp_path):
     return run
 
 
+# Shared assertions and readers, imported by the tests as `from conftest import ...`.
+
+
+def one_error_line(result, code: int | None = None) -> str:
+    """The one line a failed command printed: non-zero exit (``code`` if given), no traceback, one stderr line."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity, as jq and JavaScript do."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def pixels(path) -> "np.ndarray":
+    """An image file's RGB pixels as int16, so differences of two images do not wrap around."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def paths_of(result) -> list[Path]:
+    """The paths a successful command printed on stdout, one a line."""
+    assert result.exit_code == 0, result.stderr
+    return [Path(line) for line in result.stdout.splitlines() if line.strip()]
+
+
 # Captioned image folders for finetune (and anything that needs a few small pictures), made with PIL.
 
 CAPTIONS = ("a red circle", "a blue square", "a green triangle", "a yellow star")

@@ -12,6 +12,7 @@ import torch
 
 from sdcli import schedule as sched
 from sdcli.errors import ModelError, UsageError
+from conftest import strict_json
 
 
 @pytest.fixture(autouse=True)
@@ -25,14 +26,6 @@ def _one_thread():
 
 def preset(name: str, **overrides) -> sched.Schedule:
     return sched.build(name, sched.with_overrides(sched.preset_config(name), **overrides))
-
-
-def strict_json(text: str):
-    """json.loads that refuses NaN/Infinity, as jq and JavaScript do."""
-    def refuse(token):
-        raise ValueError(f"non-standard JSON constant {token}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 # ---------------------------------------------------------------- numbers are the diffusers class's

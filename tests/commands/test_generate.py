@@ -12,15 +12,7 @@ import pytest
 from PIL import Image
 
 from sdcli.metadata import parse_a1111
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-
-
-def paths_of(result) -> list[Path]:
-    assert result.exit_code == 0, result.stderr
-    return [Path(line) for line in result.stdout.splitlines() if line.strip()]
+from conftest import paths_of, pixels
 
 
 @pytest.mark.parametrize("family,size,prediction", [("sd1", 16, "epsilon"), ("sd2", 16, "v_prediction"),

@@ -10,14 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
+from conftest import one_error_line
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from conftest import one_error_line, strict_json
 
 
 @pytest.fixture
@@ -29,22 +30,6 @@ def photo(tmp_path) -> Path:
 def ok(result):
     assert result.exit_code == 0, result.output
     return result
-
-
-def one_error_line(result, code: int | None = None) -> str:
-    assert result.exit_code != 0, result.output
-    if code is not None:
-        assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def strict_json(text: str):
-    def refuse(token):
-        raise ValueError(f"non-standard JSON constant {token}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def test_table_for_stable_diffusion(cli):

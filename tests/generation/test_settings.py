@@ -12,6 +12,7 @@ from PIL import Image
 from sdcli.declare import Role, declared
 from sdcli.generation.settings import Settings, recorded, settings_from_record, sweep_axes
 from sdcli.metadata import parse_a1111
+from conftest import pixels
 
 
 def test_every_declared_setting_is_an_option_of_generate_with_its_help():
@@ -31,10 +32,6 @@ def test_every_declared_setting_is_an_option_of_generate_with_its_help():
 
 def record_of(path: Path) -> dict:
     return json.loads(Image.open(path).info["sdcli"])
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def made(result) -> list[Path]:
