@@ -6,6 +6,7 @@ imported here so `sdcli --help` stays instant (a test keeps it so).
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any
 
@@ -23,23 +24,51 @@ def report_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def unexpected(exc: BaseException, where: str) -> str:
+    """The one line for an error nobody anticipated: its type, where, and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > 200:
+        text = text[:199] + "…"
+    return (f"unexpected {type(exc).__name__} in {where}" + (f": {text}" if text else "")
+            + " (set SDCLI_DEBUG=1 for the traceback)")
+
+
+def _passed_through() -> tuple[type, ...]:
+    """What Typer handles itself: exits, and a bad command line (usage on stderr, exit 2).
+
+    Typer >= 0.2x vendors click (its errors derive from TyperException); older versions raise click's own.
+    """
+    click = sys.modules.get("click")  # imported already when Typer uses it
+    found: list[type] = [typer.Exit, typer.Abort]
+    for cls in (getattr(typer, "TyperException", None), getattr(click, "ClickException", None)):
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _exit_code(exc: BaseException, where: str) -> int:
+    """Report ``exc`` in one line and say which exit code it means (1 for what nobody anticipated)."""
+    err = friendly(exc)
+    report_error(str(err) if err is not None else unexpected(exc, where))
+    return err.exit_code if err is not None else 1
+
+
 class _Group(TyperGroup):
-    """A Typer group whose commands' user errors print one line and exit non-zero."""
+    """A Typer group whose commands' errors, anticipated or not, print one line and exit non-zero."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort) as exc:
-            raise exc
+        except _passed_through():
+            raise
         except KeyboardInterrupt:
             report_error("interrupted")
             raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - translated or re-raised below
-            err = friendly(exc)
-            if err is None or debug_enabled():
-                raise
-            report_error(str(err) + ("" if debug_enabled() else ""))
-            raise typer.Exit(err.exit_code) from None
+        except Exception as exc:  # noqa: BLE001 - every error becomes one line
+            if debug_enabled() or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
+                raise  # the traceback; or stdout piped into `head`, which Typer ends quietly
+            raise typer.Exit(_exit_code(exc, ctx.invoked_subcommand or "sdcli")) from None
 
 
 app = typer.Typer(
@@ -77,7 +106,16 @@ _register()
 
 
 def main() -> None:
-    app(prog_name="sdcli")
+    """The `sdcli` entry point (and `python -m sdcli`): what escapes the commands' own handling is one line too."""
+    try:
+        app(prog_name="sdcli")
+    except KeyboardInterrupt:
+        report_error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - e.g. raised while Typer builds or parses, outside any command
+        if debug_enabled():
+            raise
+        sys.exit(_exit_code(exc, "sdcli"))
 
 
 __all__ = ["SdcliError", "app", "main"]
