@@ -9,6 +9,7 @@ through the scheduler so it can be shown. All of it applies to every task
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import time
@@ -284,15 +285,12 @@ def iter_images(
             **prepared.call,
         )
         recorder = StepRecorder(run_pipe.scheduler)
-        if s.save_trajectory:
-            with recorder:
-                arrays = run_pipe(**kwargs).images
-        else:
-            arrays = run_pipe(**kwargs).images
+        with recorder if s.save_trajectory else contextlib.nullcontext():
+            arrays = task.denoise(prepared, kwargs)
         if np.isnan(arrays).any():
             hint = " (float16 overflow: try --dtype bfloat16 or float32)" if loaded.dtype == torch.float16 else ""
             raise SdcliError(f"the model produced NaN values instead of an image{hint}")
-        images = run_pipe.numpy_to_pil(arrays)
+        images = task.finish(prepared, run_pipe.numpy_to_pil(arrays))
         frames_per_image: list[list[Any]] = [[] for _ in batch]
         if s.save_trajectory:
             for x0 in recorder.x0:

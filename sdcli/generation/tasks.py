@@ -49,6 +49,15 @@ class Task:
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         raise NotImplementedError
 
+    def denoise(self, prepared: Prepared, kwargs: dict[str, Any]) -> Any:
+        """One batch through the task's pipeline: float images (B, H, W, 3) in [0, 1]. A task with
+        two passes (hires fix) overrides this."""
+        return prepared.pipe(**kwargs).images
+
+    def finish(self, prepared: Prepared, images: list[Any]) -> list[Any]:
+        """The batch's PIL images after denoising; a task that composites (inpainting) overrides this."""
+        return images
+
 
 class TextToImage(Task):
     name = "txt2img"
