@@ -9,8 +9,9 @@ The writer (`sdcli.outputs`) turns what `generate` yields into files.
 
 from sdcli.generation.run import (
     Generated, Job, Plan, dropped_words, generate, iter_images, plan, plan_jobs, prepare_pipeline, resolve_seeds,
-    unknown_words, use_formula_guidance,
+    unknown_words,
 )
+from sdcli.generation.guidance import use_formula_guidance
 from sdcli.generation.settings import (
     Settings, check_settings, parse_floats, parse_lora, parse_seeds, read_prompt_file, settings_from_record,
 )

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 from sdcli import __version__, defaults
 from sdcli.errors import ModelError, SdcliError, UsageError
 from sdcli.generation.settings import Settings, check_settings, check_size, settings_record, sweep_axes
+from sdcli.generation.guidance import use_formula_guidance
 from sdcli.generation.tasks import Task, task_for
 from sdcli.progress import note
 
@@ -100,6 +101,8 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True) -
     from sdcli.pipeline import absolute_if_local, resolve_model, size_multiple
 
     check_settings(s)
+    task = task_for(s)
+    task.check(s)
     if model_on_disk:
         s.model = absolute_if_local(resolve_model(s.model))
         check_size(s, size_multiple(s.model, s.revision))
@@ -109,7 +112,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True) -
     seeds = dist.broadcast(resolve_seeds(s), st)  # a random seed is the main process's
     if st is not None and s.device == "auto":
         s.device = str(st.device)
-    return Plan(settings=s, task=task_for(s), seeds=seeds, jobs=plan_jobs(s, seeds), state=st)
+    return Plan(settings=s, task=task, seeds=seeds, jobs=plan_jobs(s, seeds), state=st)
 
 
 # 2. Loading and preparing the pipeline ---------------------------------------------------------
@@ -152,24 +155,6 @@ def load_loras(pipe: Any, loras: list[tuple[str, float]]) -> None:
             raise ModelError(f"LoRA {path} does not fit this model: {msg}") from exc
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[scale for _path, scale in loras])
-
-
-def use_formula_guidance(pipe: Any) -> None:
-    """Make guidance follow ε = ε_uncond + g·(ε_cond − ε_uncond) for every g ≥ 0.
-
-    diffusers skips the unconditional branch for g ≤ 1 (using ε_cond alone),
-    which is right at g = 1 but not below it: g = 0 should give the model's
-    unconditional prediction. We keep diffusers' shortcut only at exactly 1.
-    """
-    cls = type(pipe)
-    if getattr(cls, "_sdcli_formula_guidance", False) or not hasattr(cls, "do_classifier_free_guidance"):
-        return
-
-    def do_cfg(self) -> bool:
-        return self._guidance_scale != 1 and self.unet.config.time_cond_proj_dim is None
-
-    pipe.__class__ = type(cls.__name__, (cls,), {"_sdcli_formula_guidance": True,
-                                                 "do_classifier_free_guidance": property(do_cfg)})
 
 
 def dropped_words(tokenizer: Any, prompt: str) -> str | None:

@@ -183,9 +183,6 @@ def check_settings(s: Settings) -> None:
     for size, name in ((s.width, "--width"), (s.height, "--height")):
         if size is not None and size <= 0:
             raise UsageError(f"{name} must be positive, got {size}")
-    from sdcli.generation.tasks import task_for
-
-    task_for(s).check(s)
 
 
 def check_size(s: Settings, factor: int) -> None:

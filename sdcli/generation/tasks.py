@@ -96,7 +96,7 @@ class ImageToImage(Task):
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
 
-        from sdcli.generation.run import use_formula_guidance
+        from sdcli.generation.guidance import use_formula_guidance
 
         image = load_init_image(s.init_image, s.width, s.height, max(8, pipe.vae_scale_factor))
         task_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
