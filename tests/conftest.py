@@ -27,6 +27,15 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flow_models(tmp_path_factory):
+    """Paths of tiny saved flow-matching pipelines: sd3, flux (guidance-distilled) and flux-schnell."""
+    from sdcli.testing import FLOW_FAMILIES, save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("flow-models")
+    return {family: str(save_tiny_pipeline(root / family, family)) for family in FLOW_FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_models):
     return tiny_models["sd1"]
 
