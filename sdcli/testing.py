@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+# SD 1.x with a 9-channel UNet (noisy latents + mask + masked image's latents), as inpainting models have.
+# Not in FAMILIES: only the inpainting tests need it.
+INPAINT = "sd1-inpaint"
 
 # Words the tiny tokenizer knows whole; everything else falls back to bytes.
 _WORDS = (
@@ -136,7 +139,7 @@ def _vae():
 
 
 def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77):
-    """Return a tiny random-weight diffusers pipeline of ``family`` (sd1, sd2, sdxl).
+    """Return a tiny random-weight diffusers pipeline of ``family`` (sd1, sd2, sdxl, or sd1-inpaint).
 
     The VAE halves the resolution once (factor 2), so 16x16 images cost a
     4-channel 8x8 latent: fast enough to run dozens of times in a test suite.
@@ -151,13 +154,14 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
         DDIMScheduler,
         EulerDiscreteScheduler,
         PNDMScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family not in FAMILIES + (INPAINT,):
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES + (INPAINT,))}")
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp) / "tok", max_length)
@@ -169,13 +173,13 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
         block_out_channels=(16, 32),
         layers_per_block=1,
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if family == INPAINT else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     )
-    if family in ("sd1", "sd2"):
+    if family in ("sd1", "sd2", INPAINT):
         unet = UNet2DConditionModel(
             **unet_common,
             cross_attention_dim=32,
@@ -184,7 +188,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
         )
         vae = _vae()
         text_encoder = _text_encoder(vocab_size, max_length=max_length)
-        if family == "sd1":
+        if family in ("sd1", INPAINT):
             scheduler = PNDMScheduler(
                 beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                 steps_offset=1, set_alpha_to_one=False,
@@ -194,7 +198,8 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
                 beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1,
             )
-        return StableDiffusionPipeline(
+        cls = StableDiffusionInpaintPipeline if family == INPAINT else StableDiffusionPipeline
+        return cls(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
@@ -226,7 +231,8 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
 def save_tiny_pipeline(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
     """Build a tiny pipeline and save it as a diffusers folder (safetensors)."""
     path = Path(path)
-    build_tiny_pipeline(family, seed=seed).save_pretrained(str(path), safe_serialization=True)
+    build = build_tiny_flow_pipeline if family in FLOW_FAMILIES else build_tiny_pipeline
+    build(family, seed=seed).save_pretrained(str(path), safe_serialization=True)
     return path
 
 
@@ -249,3 +255,99 @@ def save_random_lora(model_path: str | Path, out: str | Path, rank: int = 4, see
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flow-matching transformers: Stable Diffusion 3 and Flux, as small as their pipelines allow.
+
+FLOW_FAMILIES = ("sd3", "flux", "flux-schnell")  # flux: guidance-distilled (dev-like); schnell: no guidance input
+
+
+def write_t5_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] = _WORDS, max_length: int = 77):
+    """A T5-style tokenizer (SentencePiece Unigram, "▁" word marks, </s> at the end) built with the
+    `tokenizers` library: each word of ``words`` is one piece, anything else falls back to letters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'()[]-_/"]
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=max_length)
+    fast.save_pretrained(str(folder))
+    return T5TokenizerFast.from_pretrained(str(folder))
+
+
+def _t5_encoder(vocab_size: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1))
+
+
+def _flow_vae(shift: float, scale: float):
+    from diffusers import AutoencoderKL
+
+    # As SD3's and Flux's VAEs: no quant convs, a shift as well as a scale on the latents.
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=4, norm_num_groups=8, sample_size=16, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale)
+
+
+def build_tiny_flow_pipeline(family: str = "sd3", seed: int = 0):
+    """A tiny random-weight Stable Diffusion 3 or Flux pipeline (two CLIPs and a T5 for SD3; a CLIP and a T5 for Flux).
+
+    16x16 images: the VAE halves them to an 8x8 latent, which SD3 patches 1x1 and Flux packs 2x2.
+    """
+    import tempfile
+
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    if family not in FLOW_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FLOW_FAMILIES)}")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _tokenizer(Path(tmp) / "tok", 77)
+        tokenizer_2 = _tokenizer(Path(tmp) / "tok2", 77)
+        t5_tokenizer = write_t5_tokenizer(Path(tmp) / "t5")
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+            pos_embed_max_size=16,
+        )
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(0.0609, 1.5035),
+            text_encoder=_text_encoder(len(tokenizer), projection=True), tokenizer=tokenizer,
+            text_encoder_2=_text_encoder(len(tokenizer_2), projection=True), tokenizer_2=tokenizer_2,
+            text_encoder_3=_t5_encoder(len(t5_tokenizer)), tokenizer_3=t5_tokenizer,
+        )
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=family == "flux",
+    )
+    # Flux's resolution-dependent shift: mu from the image's token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(0.1159, 0.3611),
+        text_encoder=_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(len(t5_tokenizer)), tokenizer_2=t5_tokenizer,
+    )
