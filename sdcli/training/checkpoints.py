@@ -11,12 +11,15 @@ never leaves a checkpoint that looks complete.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from sdcli.errors import UsageError
+from sdcli.errors import DataError, UsageError
 
 DIRNAME = "checkpoints"
 STATE_FILE = "sdcli_state.json"
@@ -49,7 +52,7 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(path) / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--resume {path}: unreadable {STATE_FILE}: {exc}") from None
+        raise damaged(path, f"unreadable {STATE_FILE}: {exc}") from None
 
 
 def keep_trainable_only(accelerator) -> None:
@@ -90,8 +93,57 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
 
 
 def load_checkpoint(accelerator, path: Path, trainable_only: bool) -> None:
-    """Restore everything `save_checkpoint` wrote into the prepared models and optimizer."""
-    if trainable_only:
-        accelerator.load_state(str(path), strict=False)
+    """Restore everything `save_checkpoint` wrote into the prepared models and optimizer.
+
+    A damaged file (a disk filled up, a copy cut short) is named before loading: accelerate
+    would stop at the optimizer with a zip-reader error, or quietly skip the RNG states.
+    """
+    broken = damaged_files(path)
+    if broken:
+        raise damaged(path, ", ".join(broken) + (" is" if len(broken) == 1 else " are") + " truncated or unreadable")
+    try:
+        if trainable_only:
+            accelerator.load_state(str(path), strict=False)
+        else:
+            accelerator.load_state(str(path))
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise damaged(path, (str(exc).strip().splitlines() or [type(exc).__name__])[0]) from exc
+
+
+def damaged_files(path: Path) -> list[str]:
+    """Files of a checkpoint whose ends are missing: torch.save archives without their zip directory,
+    safetensors files shorter than their header says. Only the ends are read, so this is quick."""
+    broken = []
+    for file in sorted(Path(path).iterdir()):
+        if file.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(file):
+            broken.append(file.name)
+        elif file.suffix == ".safetensors" and not _safetensors_whole(file):
+            broken.append(file.name)
+    return broken
+
+
+def _safetensors_whole(file: Path) -> bool:
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return file.stat().st_size >= 8 + length + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return False
+
+
+def damaged(path: Path, why: str) -> DataError:
+    """The one line for a checkpoint that cannot be resumed: what is wrong, and the earlier ones to use instead."""
+    path = Path(path)
+    step = _NAME.match(path.name)
+    folder = path.parent
+    listed = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else ())
+                    if p.is_dir() and (m := _NAME.match(p.name)))
+    earlier = [p for n, p in listed if step and n < int(step.group(1)) and (p / STATE_FILE).is_file()]
+    if earlier:
+        hint = (f"resume from an earlier one, e.g. --resume {earlier[-1]} "
+                f"({folder} holds {', '.join(p.name for _n, p in listed)})")
     else:
-        accelerator.load_state(str(path))
+        hint = f"{folder} holds no earlier one; start again without --resume"
+    return DataError(f"checkpoint {path} is damaged: {why}; {hint}")
