@@ -22,6 +22,15 @@ SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def pickled_only(path: str | Path) -> bool:
+    """A pickled weights file, or a folder whose only weights are pickled: loading either can run code."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path.suffix.lower() in PICKLE_SUFFIXES
+    return path.is_dir() and not any(path.rglob("*.safetensors")) and any(
+        p.suffix.lower() in PICKLE_SUFFIXES for p in path.rglob("*"))
+
+
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and chatter; sdcli reports progress itself."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -135,7 +135,7 @@ def prepare_pipeline(s: Settings):
         raise UsageError(f"--steps {s.steps}: this model was trained on {trained} timesteps, so a sampler can take "
                          f"at most {trained} steps")
     if s.loras:
-        load_loras(pipe, s.loras)
+        load_loras(pipe, s.loras, allow_pickle=s.allow_pickle)
     apply_runtime_options(
         pipe, device=loaded.device, vae_tiling=s.vae_tiling, attention_slicing=s.attention_slicing,
         compile=s.compile, channels_last=s.channels_last, has_lora=bool(s.loras),
@@ -144,12 +144,16 @@ def prepare_pipeline(s: Settings):
     return loaded
 
 
-def load_loras(pipe: Any, loras: list[tuple[str, float]]) -> None:
+def load_loras(pipe: Any, loras: list[tuple[str, float]], allow_pickle: bool = False) -> None:
+    """Load each LoRA as its own adapter: safetensors only, unless ``allow_pickle`` (.bin files, checked earlier)."""
     names = []
     for i, (path, _scale) in enumerate(loras):
         name = f"lora{i}"
+        # A file by its folder and name, so diffusers reads it in the format its suffix says.
+        where, weight_name = (str(Path(path).parent), Path(path).name) if Path(path).is_file() else (path, None)
         try:
-            pipe.load_lora_weights(path, adapter_name=name)
+            pipe.load_lora_weights(where, weight_name=weight_name, adapter_name=name,
+                                   use_safetensors=None if allow_pickle else True)
         except Exception as exc:  # noqa: BLE001 - any failure here means the LoRA does not fit
             msg = " ".join(str(exc).split())[:300]
             raise ModelError(f"LoRA {path} does not fit this model: {msg}") from exc

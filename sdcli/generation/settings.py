@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from sdcli import defaults, options
 from sdcli.declare import Role, by_role, declared, option
-from sdcli.errors import DataError, UsageError
+from sdcli.errors import DataError, ModelError, UsageError
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
 # AUTOMATIC1111 writes these first, in this order; the rest follow in declaration order.
@@ -180,6 +180,13 @@ def check_settings(s: Settings) -> None:
         from sdcli.schedulers import get_spec
 
         get_spec(s.scheduler)
+    if not s.allow_pickle:
+        from sdcli.pipeline import pickled_only
+
+        for path, _scale in s.loras:
+            if pickled_only(path):
+                raise ModelError(f"--lora {path} holds pickled weights, which can run code when loaded; "
+                                 "convert it to .safetensors or pass --allow-pickle if you trust it")
     for size, name in ((s.width, "--width"), (s.height, "--height")):
         if size is not None and size <= 0:
             raise UsageError(f"{name} must be positive, got {size}")
