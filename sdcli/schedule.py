@@ -103,8 +103,19 @@ PRESETS: dict[str, Preset] = {
                 "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": False,
                 "set_alpha_to_one": False},
                "Lin et al. 2023: SD betas rescaled to zero terminal SNR, v-prediction, trailing spacing"),
+        Preset("sd3",
+               {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+               "Esser et al. 2024 (SD3): flow matching, x_t = (1−σ)·x_0 + σ·ε, static shift 3"),
+        Preset("flux",
+               {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                "max_image_seq_len": 4096},
+               "Black Forest Labs 2024 (Flux): flow matching, shift from the image's token count (--resolution)"),
     ]
 }
+# Flow-matching presets describe a model whose VAE downsamples 8x and whose transformer sees 2x2 patches.
+FLOW_PRESET_FACTOR = 16
+DEFAULT_FLOW_RESOLUTION = (1024, 1024)
 
 
 @dataclass(frozen=True)
@@ -117,7 +128,7 @@ class ForwardProcess:
     the √ forms), so a new family is new data here, not new code downstream.
     """
 
-    family: str  # "ddpm"; flow matching will be another
+    family: str  # "ddpm" or "flow"
     signal_scale: Any
     noise_scale: Any
     extras: dict[str, Any] = field(default_factory=dict)
@@ -144,6 +155,7 @@ class Schedule:
     forward: Any  # the diffusers scheduler ``process`` was read from (DDPMScheduler)
     sampler: Any  # the scheduler inference steps with
     scheduler_name: str | None = None  # the --scheduler friendly name, if one was given
+    shift: dict[str, Any] | None = None  # flow matching: {"shift": s} or {"mu": μ, "resolution": [W, H], "shift": e^μ}
 
     @property
     def num_train_timesteps(self) -> int:
@@ -165,6 +177,40 @@ def ddpm_process(scheduler: Any) -> ForwardProcess:
     extras = {"beta": betas, "alpha": scheduler.alphas.double(), "alpha_bar": alpha_bar,
               "sqrt_alpha_bar": signal, "sqrt_one_minus_alpha_bar": noise}
     return ForwardProcess(family="ddpm", signal_scale=signal, noise_scale=noise, extras=extras)
+
+
+def is_flow(config: dict[str, Any]) -> bool:
+    """Whether a scheduler config describes a flow-matching schedule (SD3, Flux) rather than a β schedule."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def flow_process(scheduler: Any, mu: float | None = None) -> ForwardProcess:
+    """σ_t of a FlowMatchEulerDiscreteScheduler over the training timesteps, and α_t = 1 − σ_t
+    (Lipman et al. 2023; Esser et al. 2024, eq. 1: x_t = (1 − σ)·x_0 + σ·ε, the network predicting ε − x_0).
+
+    diffusers holds the training σ's from 1 down to 1/T, already shifted when the shift is static; with
+    Flux's resolution-dependent shift the scheduler's own ``time_shift`` applies μ, as sampling does.
+    t runs from the least noise (t = 0) to pure noise (σ = 1 at t = T−1), like DDPM's t.
+    """
+    sigmas = scheduler.sigmas.double().flip(0)
+    if mu is not None:
+        sigmas = scheduler.time_shift(mu, 1.0, sigmas).double()
+    T = scheduler.config.num_train_timesteps
+    return ForwardProcess(family="flow", signal_scale=1.0 - sigmas, noise_scale=sigmas,
+                          extras={"model_t": sigmas * T})  # the timestep value the transformer is given
+
+
+def flow_mu(config: dict[str, Any], resolution: tuple[int, int], factor: int) -> float:
+    """μ of Flux's resolution-dependent shift: linear in the image's token count, as diffusers' Flux pipeline computes it."""
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()  # importing the Flux pipeline module wakes transformers' image processors, which chatter
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    width, height = resolution
+    tokens = (height // factor) * (width // factor)
+    return float(calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15)))
 
 
 def q_sample(x0: Any, signal_scale: Any, noise_scale: Any, noise: Any) -> Any:
@@ -263,6 +309,14 @@ def with_overrides(
 ) -> dict[str, Any]:
     """``config`` with the given settings replaced; raises UsageError naming a bad value."""
     # 1. Check inputs
+    if is_flow(config):
+        ddpm_only = {"--beta-schedule": beta_schedule, "--beta-start": beta_start, "--beta-end": beta_end,
+                     "--prediction-type": prediction_type, "--rescale-zero-snr": rescale_zero_snr,
+                     "--timestep-spacing": timestep_spacing}
+        given = [flag for flag, value in ddpm_only.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} is an option of DDPM (β) schedules; this is a flow-matching schedule "
+                             "(σ from 0 to 1, no β): use --shift or --resolution")
     if beta_schedule is not None and beta_schedule not in BETA_SCHEDULES:
         raise UsageError(f"--beta-schedule {beta_schedule!r}: choose from {', '.join(BETA_SCHEDULES)}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -298,18 +352,31 @@ def build(
     config: dict[str, Any],
     scheduler: str | None = None,
     timestep_spacing: str | None = None,
+    *,
+    shift: float | None = None,
+    resolution: tuple[int, int] | None = None,
+    factor: int = FLOW_PRESET_FACTOR,
 ) -> Schedule:
-    """Build the forward process and the sampler from ``config`` (the sampler named, or the config's own)."""
+    """Build the forward process and the sampler from ``config`` (the sampler named, or the config's own).
+
+    ``shift`` (a static shift) and ``resolution`` (for a resolution-dependent one, its tokens being
+    (W/factor)·(H/factor)) apply to flow-matching schedules only.
+    """
     from diffusers import DDPMScheduler
 
     from sdcli.schedulers import make_scheduler
 
     _quiet_diffusers()
+    if is_flow(config):
+        return _build_flow(label, config, scheduler, timestep_spacing, shift, resolution, factor)
+    if shift is not None or resolution is not None:
+        flag = "--shift" if shift is not None else "--resolution"
+        raise UsageError(f"{flag} is an option of flow-matching schedules (sd3, flux); {label} is a DDPM (β) schedule")
     # 1. The forward process: only DDPM-family (β) schedules so far; a flow-matching one would be read here too
     if "beta_schedule" not in config and not config.get("trained_betas"):
         cls = config.get("_class_name", "this scheduler")
-        raise ModelError(f"{label} uses {cls}, which has no β schedule (flow matching?); "
-                         "inspect-schedule covers DDPM-family (β) schedules")
+        raise ModelError(f"{label} uses {cls}, which has no β schedule and is not flow matching; "
+                         "inspect-schedule covers DDPM-family (β) and flow-matching schedules")
     try:
         forward = DDPMScheduler.from_config(config)
     except NotImplementedError:
@@ -328,6 +395,42 @@ def build(
                          f"{' '.join(str(exc).split())[:200]}") from None
     return Schedule(label=label, config=dict(config), process=process, forward=forward, sampler=sampler,
                     scheduler_name=scheduler)
+
+
+def _build_flow(label: str, config: dict[str, Any], scheduler: str | None, timestep_spacing: str | None,
+                shift: float | None, resolution: tuple[int, int] | None, factor: int) -> Schedule:
+    """A flow-matching schedule: one diffusers scheduler is both the forward process and the sampler."""
+    import diffusers
+
+    # 1. Check inputs
+    if scheduler is not None or timestep_spacing is not None:
+        flag = f"--scheduler {scheduler}" if scheduler is not None else "--timestep-spacing"
+        raise UsageError(f"{flag}: {label} is a flow-matching schedule, sampled by its own "
+                         f"{config.get('_class_name')}; the named samplers are for DDPM (β) schedules")
+    if shift is not None and not shift > 0:
+        raise UsageError(f"--shift {shift:g}: must be greater than 0 (1 is no shift)")
+    cfg = dict(config)
+    if shift is not None:
+        cfg.update(shift=shift, use_dynamic_shifting=False)  # a static shift replaces a resolution-dependent one
+    # 2. The shift: static, or μ from the image's token count
+    mu, info = None, {"shift": float(cfg.get("shift", 1.0)), "mu": None, "resolution": None}
+    if cfg.get("use_dynamic_shifting"):
+        width, height = resolution or DEFAULT_FLOW_RESOLUTION
+        if width % factor or height % factor or width <= 0 or height <= 0:
+            raise UsageError(f"--resolution {width}x{height}: both sides must be positive multiples of {factor} "
+                             "(the VAE's factor times the transformer's patch size)")
+        mu = flow_mu(cfg, (width, height), factor)
+        info = {"shift": math.exp(mu), "mu": mu, "resolution": [width, height]}
+    elif resolution is not None:
+        raise UsageError(f"--resolution sets a resolution-dependent shift (Flux); {label} has a static shift of "
+                         f"{cfg.get('shift', 1.0):g} (change it with --shift)")
+    # 3. The scheduler, and the (α, σ) read off it
+    try:
+        sampler = getattr(diffusers, cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler")).from_config(cfg)
+    except AttributeError:
+        raise ModelError(f"{label}: diffusers has no scheduler class {cfg.get('_class_name')!r}") from None
+    return Schedule(label=label, config=cfg, process=flow_process(sampler, mu), forward=sampler, sampler=sampler,
+                    shift=info)
 
 
 # ---------------------------------------------------------------- what is shown
@@ -387,8 +490,9 @@ def sampling(schedule: Schedule, steps: int) -> dict[str, Any]:
     if not 1 <= steps <= T:
         raise UsageError(f"--steps {steps}: must be between 1 and the {T} training timesteps")
     sampler = schedule.sampler
+    mu = (schedule.shift or {}).get("mu")
     try:
-        sampler.set_timesteps(steps)
+        sampler.set_timesteps(steps, **({"mu": mu} if mu is not None else {}))
     except ValueError as exc:  # e.g. a spacing a sampler cannot do at this many steps
         raise UsageError(f"--steps {steps}: {type(sampler).__name__} refuses it: {' '.join(str(exc).split())[:200]}") from None
     raw = [float(t) for t in sampler.timesteps]
@@ -413,6 +517,12 @@ def describe(schedule: Schedule, timesteps: list[int], steps: int) -> dict[str, 
     sampler = schedule.sampler
     config = {k: v for k, v in {**schedule.config, **dict(sampler.config)}.items() if not k.startswith("_")}
     config = {"_class_name": type(sampler).__name__, **config}
+    flow = schedule.process.family == "flow"
+    sigmas = samp["sampling_sigmas"]
+    # Sampling starts where training's noisiest level is: t = T−1 for DDPM, σ = 1 for flow matching.
+    starts_terminal = (bool(sigmas) and sigmas[0] >= 1 - 1e-6) if flow else (
+        bool(samp["sampling_timesteps"]) and samp["sampling_timesteps"][0] == T - 1)
+    shift = schedule.shift or {}
     out: dict[str, Any] = {
         "name": schedule.label,
         "scheduler": type(sampler).__name__,
@@ -420,8 +530,12 @@ def describe(schedule: Schedule, timesteps: list[int], steps: int) -> dict[str, 
         "family": schedule.process.family,
         "config": config,
         "num_train_timesteps": T,
-        "prediction_type": config.get("prediction_type", "epsilon"),
-        "timestep_spacing": config.get("timestep_spacing", "leading"),
+        # Flow matching regresses the velocity ε − x_0.
+        "prediction_type": "flow" if flow else config.get("prediction_type", "epsilon"),
+        "timestep_spacing": None if flow else config.get("timestep_spacing", "leading"),
+        "shift": shift.get("shift"),
+        "shift_mu": shift.get("mu"),
+        "resolution": shift.get("resolution"),
         "terminal_t": T - 1,
         "terminal_alpha_bar": last.get("alpha_bar"),  # DDPM family only, like every ᾱ
         "terminal_signal_scale": last["signal_scale"],
@@ -429,7 +543,7 @@ def describe(schedule: Schedule, timesteps: list[int], steps: int) -> dict[str, 
         "terminal_snr": last["snr"],
         "terminal_log_snr": last["log_snr"],
         **samp,
-        "first_timestep_is_terminal": bool(samp["sampling_timesteps"]) and samp["sampling_timesteps"][0] == T - 1,
+        "first_timestep_is_terminal": starts_terminal,
         "rows": [row(schedule, t) for t in timesteps],
     }
     out["warnings"] = diagnose(schedule, out)
@@ -450,6 +564,8 @@ def diagnose(schedule: Schedule, info: dict[str, Any]) -> list[str]:
     if info["terminal_snr"] == 0 and info["prediction_type"] == "epsilon":
         notes.append(f"{name}: zero terminal SNR with epsilon prediction: at t={T - 1} x_t is pure noise, so predicting ε "
                      "says nothing about x_0; use --prediction-type v_prediction")
+    if schedule.process.family == "flow":
+        return notes  # σ runs to 1 (SNR 0) by construction, and sampling starts there
     ts = info["sampling_timesteps"]
     if ts and ts[0] != T - 1:
         notes.append(f"{name}: sampling starts at t={ts[0]}, not T−1={T - 1}, so the first step sees a cleaner level "
@@ -471,6 +587,89 @@ def diagnose(schedule: Schedule, info: dict[str, Any]) -> list[str]:
             notes.append(f"{name}: {cls} uses ᾱ_{t} = {float(own[t]):.3g} where the training schedule has "
                          f"{float(fw[t]):.3g}{why}")
     return notes
+
+
+@dataclass(frozen=True)
+class TrainingChoice:
+    """How fine-tuning draws timesteps and weights the loss (the options of `finetune` that shape this)."""
+
+    sampling: str = "uniform"  # flow matching: uniform, logit-normal or mode
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: str = "none"  # flow matching: none, sigma_sqrt or cosmap
+    snr_gamma: float | None = None  # DDPM: min-SNR γ
+
+
+def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 10, draws: int = 200_000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Where training puts its timesteps and how much each counts, from the functions `finetune` draws with.
+
+    ``draws`` timesteps are drawn as training does (fixed seed, so two runs agree); the table bins them
+    over the model's timestep axis (DDPM's t, flow matching's σ·T) with the share of draws, the mean loss
+    weight, and their product normalised ("emphasis": the share of the gradient each bin gets).
+    """
+    import torch
+
+    from sdcli.training import objective
+
+    # 1. Check inputs: each family has its own choices
+    flow = schedule.process.family == "flow"
+    if flow and choice.snr_gamma is not None:
+        raise UsageError("--snr-gamma is min-SNR weighting for DDPM (β) models; flow matching weights with "
+                         "--weighting-scheme")
+    if not flow and (choice.sampling != "uniform" or choice.weighting != "none"):
+        flag = "--timestep-sampling" if choice.sampling != "uniform" else "--weighting-scheme"
+        raise UsageError(f"{flag} is a flow-matching option (sd3, flux); {schedule.label} is a DDPM model, trained "
+                         "on uniform t (weight it with --snr-gamma)")
+    T = schedule.num_train_timesteps
+    generator = torch.Generator().manual_seed(seed)
+    # 2. Draw as training does, and weight
+    if flow:
+        scheduler = type(schedule.forward).from_config(schedule.config)  # its training σ's, before any sampling
+        u = objective.sample_flow_u(draws, choice.sampling, logit_mean=choice.logit_mean, logit_std=choice.logit_std,
+                                    mode_scale=choice.mode_scale, generator=generator)
+        sigmas, model_t = objective.flow_sigmas(scheduler, u)
+        position = model_t.double()
+        weights = objective.flow_loss_weights(choice.weighting, sigmas.double())
+    else:
+        t = objective.sample_timesteps(draws, T, generator, "cpu")
+        position = t.double()
+        weights = torch.ones(draws, dtype=torch.float64)
+        if choice.snr_gamma is not None:
+            snr = schedule.process.snr()[t]
+            prediction = schedule.config.get("prediction_type", "epsilon")
+            weights = objective.min_snr_weights(snr, choice.snr_gamma, prediction).double()
+    # 3. Bin over the timestep axis
+    edges = torch.linspace(0, T, bins + 1, dtype=torch.float64)
+    which = torch.bucketize(position, edges[1:-1], right=True)
+    count = torch.bincount(which, minlength=bins).double()
+    total = torch.bincount(which, weights=weights, minlength=bins)
+    share = count / draws
+    mean_weight = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    emphasis = total / total.sum()
+    rows = [{"from": float(edges[i]), "to": float(edges[i + 1]), "share": float(share[i]),
+             "weight": float(mean_weight[i]), "emphasis": float(emphasis[i])} for i in range(bins)]
+    return {"axis": "sigma*T" if flow else "t", "sampling": choice.sampling if flow else "uniform",
+            "weighting": choice.weighting if flow else ("min-snr" if choice.snr_gamma is not None else "none"),
+            "logit_mean": choice.logit_mean if flow else None, "logit_std": choice.logit_std if flow else None,
+            "mode_scale": choice.mode_scale if flow else None, "snr_gamma": choice.snr_gamma, "draws": draws,
+            "seed": seed, "bins": rows}
+
+
+def visited_t(schedule: Schedule, info: dict[str, Any]) -> list[int]:
+    """Where the sampler's steps fall on the training-timestep axis t (for the plot's dots).
+
+    DDPM samplers name their t; a flow-matching sampler names σ, placed at the t with the nearest σ_t.
+    """
+    import torch
+
+    T = schedule.num_train_timesteps
+    if schedule.process.family != "flow" or not info.get("sampling_sigmas"):
+        return [t for t in info["sampling_timesteps"] if 0 <= t < T]
+    sigma = schedule.process.noise_scale
+    wanted = torch.tensor([s for s in info["sampling_sigmas"] if s > 0], dtype=sigma.dtype)
+    return torch.searchsorted(sigma, wanted).clamp(max=T - 1).tolist()
 
 
 def jsonable(value: Any) -> Any:

@@ -17,20 +17,21 @@ from typing import Any, Callable, Sequence, TextIO
 
 from sdcli import __version__
 from sdcli.errors import DataError, ModelError, OutputError, UsageError
-from sdcli.schedule import Schedule, jsonable, q_sample
+from sdcli.schedule import Schedule, jsonable, q_sample, visited_t
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 STRIP_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Every row key in CSV order (new keys go last so CSV columns keep their positions); `row()` makes them.
 COLUMNS = ("t", "beta", "alpha", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "snr", "log_snr",
-           "signal_scale", "noise_scale")
+           "signal_scale", "noise_scale", "model_t")
 # The table: (row key, header, format). DDPM's √ᾱ and √(1−ᾱ) are its α and σ, so they are not shown twice;
 # "1−β_t" is Ho et al.'s α_t, renamed because α_t is the signal scale here.
 TABLE = (("t", "t", "d"), ("beta", "β_t", ".6f"), ("alpha", "1−β_t", ".6f"), ("alpha_bar", "ᾱ_t", ".6f"),
-         ("signal_scale", "α_t", ".4f"), ("noise_scale", "σ_t", ".4f"), ("snr", "SNR", ".4g"),
+         ("model_t", "σ·T", ".1f"), ("signal_scale", "α_t", ".4f"), ("noise_scale", "σ_t", ".4f"), ("snr", "SNR", ".4g"),
          ("log_snr", "log-SNR", ".3f"))
 # How each family writes α_t and σ_t, shown in the table's headers when every schedule in it is of that family.
-SCALE_HEADERS = {"ddpm": {"signal_scale": "α_t=√ᾱ_t", "noise_scale": "σ_t=√(1−ᾱ_t)"}}
+SCALE_HEADERS = {"ddpm": {"signal_scale": "α_t=√ᾱ_t", "noise_scale": "σ_t=√(1−ᾱ_t)"},
+                 "flow": {"signal_scale": "α_t=1−σ_t", "noise_scale": "σ_t"}}
 
 
 # ---------------------------------------------------------------- text: table, CSV, JSON
@@ -57,6 +58,11 @@ def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
 def headline(info: dict[str, Any]) -> str:
     """One line naming the schedule: class, betas, T, prediction type, spacing."""
     c = info["config"]
+    if info["family"] == "flow":
+        shift = (f"shift μ={info['shift_mu']:.3f} at {info['resolution'][0]}x{info['resolution'][1]} (×{info['shift']:.3g})"
+                 if info["shift_mu"] is not None else f"static shift {info['shift']:g}")
+        return (f"{info['name']}: {info['scheduler']}, flow matching x_t = (1−σ)·x_0 + σ·ε, {shift}, "
+                f"T={info['num_train_timesteps']}, predicts the velocity ε − x_0")
     betas = c.get("beta_schedule", "trained betas")
     if c.get("trained_betas"):
         betas = "trained betas"
@@ -81,6 +87,22 @@ def summary_lines(info: dict[str, Any]) -> list[str]:
     ]
 
 
+def training_lines(info: dict[str, Any]) -> list[str]:
+    """--training: where training draws its timesteps and how much each range counts."""
+    tr = info["training"]
+    how = tr["sampling"] + (f" (m={tr['logit_mean']:g}, s={tr['logit_std']:g})" if tr["sampling"] == "logit-normal"
+                            else f" (scale {tr['mode_scale']:g})" if tr["sampling"] == "mode" else "")
+    weight = tr["weighting"] + (f" γ={tr['snr_gamma']:g}" if tr["snr_gamma"] is not None else "")
+    axis = "σ·T" if tr["axis"] == "sigma*T" else "t"
+    lines = [f"{info['name']}: training draws {how}, loss weight {weight} ({tr['draws']:,} draws, seed {tr['seed']})",
+             f"  {axis + ' range':>13}  {'share':>6}  {'mean weight':>11}  {'emphasis':>8}"]
+    for b in tr["bins"]:
+        bar = "█" * round(b["emphasis"] * 50)
+        lines.append(f"  {b['from']:6.0f}–{b['to']:<6.0f}  {b['share']:6.1%}  {_num(b['weight'], '11.4g')}  "
+                     f"{b['emphasis']:8.1%} {bar}")
+    return lines
+
+
 def write_table(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
     """One rich table for all schedules (a section each), then each schedule's summary."""
     from rich import box
@@ -90,6 +112,10 @@ def write_table(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> N
     out = out or sys.stdout
     # Piped output gets a fixed width wide enough for every column instead of rich's 80.
     console = Console(file=out, width=None if out.isatty() else 110, highlight=False, soft_wrap=True)
+    if all("training" in info for info in infos):
+        for info in infos:
+            console.print(*training_lines(info), sep="\n")
+        return
     many = len(infos) > 1
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=None if many else headline(infos[0]), title_justify="left")
     if many:
@@ -112,10 +138,18 @@ def write_table(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> N
 def write_csv(infos: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
     """Rows only, full precision; log_snr of a zero SNR is the text -inf, which float() reads.
 
-    A column a shown family lacks stays empty for that family's rows.
+    A column a shown family lacks stays empty for that family's rows. With --training, the bins.
     """
     out = out or sys.stdout
     writer = csv.writer(out, lineterminator="\n")
+    if all("training" in info for info in infos):
+        writer.writerow(("schedule", "axis", "from", "to", "share", "weight", "emphasis"))
+        for info in infos:
+            tr = info["training"]
+            for b in tr["bins"]:
+                writer.writerow([info["name"], tr["axis"]] + [repr(b[k]) for k in ("from", "to", "share", "weight",
+                                                                                   "emphasis")])
+        return
     columns = _present(infos, COLUMNS)
     writer.writerow(["schedule"] + columns)
     for info in infos:
@@ -163,8 +197,27 @@ def _provenance(schedules: Sequence[Schedule], **extra: Any) -> str:
 # ---------------------------------------------------------------- plot
 
 
+def _plot_training(infos: Sequence[dict[str, Any]], axes: Any) -> None:
+    """--training: the share of draws and the emphasis (share × weight) per timestep range, one line per schedule."""
+    ax_share, ax_emph = axes
+    for info in infos:
+        tr = info["training"]
+        edges = [b["from"] for b in tr["bins"]] + [tr["bins"][-1]["to"]]
+        label = f"{info['name']} ({tr['sampling']}, {tr['weighting']})"
+        ax_share.stairs([b["share"] for b in tr["bins"]], edges, label=label, lw=1.6)
+        ax_emph.stairs([b["emphasis"] for b in tr["bins"]], edges, label=label, lw=1.6)
+    ax_share.set(xlabel="timestep (DDPM t, flow matching σ·T)", ylabel="share of training draws",
+                 title="where training puts its timesteps")
+    ax_emph.set(xlabel="timestep (DDPM t, flow matching σ·T)", ylabel="share × mean loss weight, normalised",
+                title="how much each range counts (emphasis)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    ax_share.legend(fontsize=8)
+
+
 def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: Path, overwrite: bool = False) -> Path:
-    """α_t, σ_t and log-SNR against t, one colour per schedule; dots mark the timesteps the sampler visits."""
+    """α_t, σ_t and log-SNR against t, one colour per schedule; dots mark the timesteps the sampler visits.
+    With --training: where training draws its timesteps and how much each range counts."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window; safe on headless machines
@@ -172,6 +225,9 @@ def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: P
     import numpy as np
 
     fig, (ax_scale, ax_snr) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    if all("training" in info for info in infos):
+        _plot_training(infos, (ax_scale, ax_snr))
+        return _write_figure(fig, schedules, path, overwrite)
     lowest = 0.0
     for schedule, info in zip(schedules, infos):
         p = schedule.process
@@ -183,7 +239,7 @@ def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: P
         (line,) = ax_scale.plot(t, alpha, label=schedule.label, lw=1.6)
         ax_scale.plot(t, sigma, lw=1.2, ls="--", color=line.get_color())
         ax_snr.plot(t, lsnr, lw=1.6, color=line.get_color(), label=schedule.label)
-        visits = [v for v in info["sampling_timesteps"] if 0 <= v < len(alpha)]
+        visits = visited_t(schedule, info)
         ax_snr.plot(visits, lsnr[visits], "o", ms=2.5, color=line.get_color())
         if info["terminal_snr"] == 0:
             ax_snr.annotate("→ −∞", (t[-1], lsnr[-2]), textcoords="offset points", xytext=(-28, -4),
@@ -195,6 +251,12 @@ def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: P
     for ax in (ax_scale, ax_snr):
         ax.grid(alpha=0.3)
     ax_scale.legend(fontsize=8)
+    return _write_figure(fig, schedules, path, overwrite)
+
+
+def _write_figure(fig: Any, schedules: Sequence[Schedule], path: Path, overwrite: bool) -> Path:
+    import matplotlib.pyplot as plt
+
     meta = {"Software": f"sdcli {__version__}", "sdcli": _provenance(schedules)}
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix != "png":
@@ -208,8 +270,15 @@ def plot(schedules: Sequence[Schedule], infos: Sequence[dict[str, Any]], path: P
 # ---------------------------------------------------------------- forward process on a picture
 
 
+def fitted_size(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """An image of ``image_size`` fitted inside size×size, sides a multiple of 8 (every VAE's factor divides 8)."""
+    scale = size / max(image_size)
+    w, h = (max(8, int(round(s * scale)) // 8 * 8) for s in image_size)
+    return w, h
+
+
 def load_image(path: Path, size: int):
-    """``path`` as a (1, 3, H, W) float tensor in [−1, 1], fitted inside size×size, sides a multiple of 8."""
+    """``path`` as a (1, 3, H, W) float tensor in [−1, 1], fitted inside size×size (`fitted_size`)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -217,10 +286,7 @@ def load_image(path: Path, size: int):
     from sdcli.images import open_image
 
     img = open_image(path, what="--image")
-    scale = size / max(img.size)
-    # Multiples of 8 fit every VAE's downsampling factor.
-    w, h = (max(8, int(round(s * scale)) // 8 * 8) for s in img.size)
-    img = img.resize((w, h), Image.Resampling.LANCZOS)
+    img = img.resize(fitted_size(img.size, size), Image.Resampling.LANCZOS)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     return x.unsqueeze(0).contiguous()
 

@@ -293,9 +293,10 @@ def test_model_config_reads_only_the_scheduler_config(tiny_models):
 def test_model_without_a_beta_schedule_or_config_is_refused(tmp_path):
     with pytest.raises(ModelError, match="no scheduler/scheduler_config.json"):
         sched.model_config(str(tmp_path))
-    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    # Flow matching is a family of its own now (tests/test_schedule_flow.py); a config that is neither is refused.
+    other = {"_class_name": "ConsistencyModelScheduler", "num_train_timesteps": 40}
     with pytest.raises(ModelError, match="no β schedule"):
-        sched.build("sd3", flow)
+        sched.build("cm", other)
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ModelError, match="single-file checkpoint"):
         sched.model_config(str(tmp_path / "model.safetensors"))

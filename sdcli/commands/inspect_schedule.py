@@ -18,6 +18,7 @@ from sdcli.progress import note
 from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing
 # The choices live with the schedule code that checks them (plain stdlib there, so --help stays instant).
 from sdcli.schedule import BetaSchedule, PredictionType
+from sdcli.training.objective import TimestepSampling, WeightingScheme
 
 
 class OutputFormat(str, Enum):
@@ -60,12 +61,22 @@ def _sources(ctx: typer.Context, model: str | None, preset: str | None, compare:
     return sources, vae_model
 
 
+def _resolution(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--resolution {text!r}: give WIDTHxHEIGHT in pixels, e.g. 1024x768") from None
+    return width, height
+
+
 def inspect_schedule_cmd(
     ctx: typer.Context,
     model: Model = None,
     preset: Annotated[Optional[str], typer.Option(
-        "--preset", "-p", help="A built-in schedule: ddpm-linear, cosine, stable-diffusion, sd2-v, sdxl, zero-snr; "
-        "'list' lists them.")] = None,
+        "--preset", "-p", help="A built-in schedule: ddpm-linear, cosine, stable-diffusion, sd2-v, sdxl, zero-snr, sd3, "
+        "flux; 'list' lists them.")] = None,
     compare: Annotated[Optional[str], typer.Option(
         help="Comma list of presets or models shown together in one table and one plot.")] = None,
     revision: Revision = None,
@@ -79,6 +90,23 @@ def inspect_schedule_cmd(
     rescale_zero_snr: Annotated[Optional[bool], typer.Option(
         "--rescale-zero-snr/--no-rescale-zero-snr",
         help="Rescale betas to zero terminal SNR (Lin et al. 2023). Default: as the source has it.")] = None,
+    shift: Annotated[Optional[float], typer.Option(
+        help="Flow matching: a static shift σ' = sσ/(1+(s−1)σ) instead of the source's (SD3 uses 3).")] = None,
+    resolution: Annotated[Optional[str], typer.Option(
+        help="Flow matching with a resolution-dependent shift (Flux): the image size WxH its μ is computed for "
+        "(default 1024x1024).")] = None,
+    training: Annotated[bool, typer.Option(
+        "--training", help="Show where fine-tuning puts its timesteps and how it weights the loss there, instead of "
+        "the per-timestep table.")] = False,
+    timestep_sampling: Annotated[TimestepSampling, typer.Option(
+        help="With --training, flow matching: how training draws timesteps.")] = TimestepSampling.uniform,
+    logit_mean: Annotated[float, typer.Option(help="With --training: logit-normal mean.")] = 0.0,
+    logit_std: Annotated[float, typer.Option(help="With --training: logit-normal standard deviation.")] = 1.0,
+    mode_scale: Annotated[float, typer.Option(help="With --training: scale of SD3's mode sampling.")] = 1.29,
+    weighting_scheme: Annotated[WeightingScheme, typer.Option(
+        help="With --training, flow matching: loss weight per timestep.")] = WeightingScheme.none,
+    snr_gamma: Annotated[Optional[float], typer.Option(
+        help="With --training, DDPM: min-SNR loss weighting with this γ.")] = None,
     at: Annotated[Optional[str], typer.Option(
         help="Training timesteps to show, e.g. 0,250,500,750,999. Default: 0, T/10, T/4, T/2, 3T/4, T−1.")] = None,
     every: Annotated[Optional[int], typer.Option(help="Show every Nth training timestep (and T−1).")] = None,
@@ -97,7 +125,7 @@ def inspect_schedule_cmd(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Show a noise schedule: β, ᾱ, SNR per timestep, terminal SNR, sampling timesteps, plots and noised pictures."""
+    """Show a noise schedule: α_t, σ_t, SNR per timestep (β, ᾱ for DDPM), sampling timesteps, plots and noised pictures."""
     from sdcli import schedule as sched
     from sdcli import schedule_report as report
 
@@ -136,13 +164,19 @@ def inspect_schedule_cmd(
                      num_train_timesteps=num_train_timesteps, prediction_type=_value(prediction_type),
                      rescale_zero_snr=rescale_zero_snr)
     spacing = _value(timestep_spacing)
+    size_wh = _resolution(resolution)
     schedules = []
     for kind, name in sources:
         config = sched.preset_config(name) if kind == "preset" else sched.model_config(name, revision)
         # Folders by their name, so a table of long paths stays readable; Hub ids as given.
         label = name.lower() if kind == "preset" else (Path(name).expanduser().resolve().name
                                                         if Path(name).expanduser().is_dir() else name)
-        schedules.append(sched.build(label, sched.with_overrides(config, **overrides), scheduler, spacing))
+        flow = dict(shift=shift, resolution=size_wh)
+        if sched.is_flow(config) and kind == "model":
+            from sdcli.pipeline import vae_scale_factor
+
+            flow["factor"] = 2 * vae_scale_factor(name, revision)  # SD3's 2x2 patches, Flux's 2x2 packing
+        schedules.append(sched.build(label, sched.with_overrides(config, **overrides), scheduler, spacing, **flow))
     # The shortest schedule bounds the timesteps every compared schedule can show.
     timesteps = sched.parse_timesteps(at, every, min(s.num_train_timesteps for s in schedules))
     infos = [sched.describe(s, timesteps, steps) for s in schedules]

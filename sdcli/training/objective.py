@@ -7,9 +7,23 @@ Every random draw takes an explicit generator so a step can be replayed.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# Flow matching (SD3, Flux): where training puts its timesteps, and how it weights the loss there.
+class TimestepSampling(str, Enum):
+    uniform = "uniform"
+    logit_normal = "logit-normal"
+    mode = "mode"
+
+
+class WeightingScheme(str, Enum):
+    none = "none"
+    sigma_sqrt = "sigma_sqrt"
+    cosmap = "cosmap"
 
 
 def training_scheduler(config: dict[str, Any]):
@@ -100,3 +114,34 @@ def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float 
     if snr_gamma is not None:
         weights = min_snr_weights(compute_snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
     return diffusion_loss(prediction, target, weights)
+
+
+# ---------------------------------------------------------------------------
+# Flow matching: x_t = (1 − σ)·x_0 + σ·ε, the network regressing the velocity ε − x_0.
+
+
+def sample_flow_u(batch: int, sampling: str = "uniform", *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                  mode_scale: float = 1.29, generator=None, device="cpu"):
+    """u ∈ [0, 1) per sample: uniform, logit-normal (Esser et al. 2024, §3.1: u = sigmoid(N(m, s))) or SD3's
+    mode sampling, drawn by diffusers' own ``compute_density_for_timestep_sampling``."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheme = {"uniform": "none", "logit-normal": "logit_normal", "mode": "mode"}[sampling]
+    return compute_density_for_timestep_sampling(scheme, batch, logit_mean=logit_mean, logit_std=logit_std,
+                                                 mode_scale=mode_scale, device=device, generator=generator)
+
+
+def flow_sigmas(scheduler, u):
+    """(σ, model timestep) for each u, as diffusers' SD3 and Flux training scripts pick them: the
+    scheduler's training σ at index ⌊u·T⌋ (its σ's run from 1 down, already shifted when the shift is static)."""
+    T = scheduler.config.num_train_timesteps
+    index = (u * T).long().clamp(0, T - 1).cpu()
+    return scheduler.sigmas[index].to(u.device), scheduler.timesteps[index].to(u.device)
+
+
+def flow_loss_weights(scheme: str, sigmas):
+    """Per-sample loss weights: none, σ⁻² (``sigma_sqrt``) or the cosine map (Esser et al. 2024), from
+    diffusers' ``compute_loss_weighting_for_sd3``."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(scheme, sigmas)
