@@ -46,12 +46,15 @@ def _sources(ctx: typer.Context, model: str | None, preset: str | None, compare:
         if preset:
             raise UsageError("--model and --preset both name a schedule; pick one, or list both in --compare")
         sources.append(("model", model))
-    if compare:
+    if compare is not None:
         from sdcli.schedule import PRESETS
 
-        for item in (part.strip() for part in compare.split(",")):
-            if item:
-                sources.append(("preset" if item.lower() in PRESETS else "model", item))
+        items = [part.strip() for part in compare.split(",") if part.strip()]
+        if not items:
+            raise UsageError(f"--compare {compare!r} names no schedule: list presets or models, e.g. "
+                             "--compare cosine,stable-diffusion")
+        for item in items:
+            sources.append(("preset" if item.lower() in PRESETS else "model", item))
     if not sources:
         if not vae_model:
             raise UsageError("no schedule given: pass --preset (see --preset list), --model or --compare")

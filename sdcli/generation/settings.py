@@ -66,7 +66,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     if not Path(path).expanduser().exists():
-        raise UsageError(f"--lora: no such file or folder: {path}")
+        raise ModelError(f"--lora: no such file or folder: {path}")
     return str(Path(path).expanduser()), scale
 
 
