@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from sdcli import __version__
 from sdcli.errors import SdcliError, debug_enabled, friendly
@@ -54,8 +54,53 @@ def _exit_code(exc: BaseException, where: str) -> int:
     return err.exit_code if err is not None else 1
 
 
+def _whole_option_names() -> None:
+    """Keep option names whole in --help at any width (80 columns cut `--guidance-resca…`).
+
+    Typer's option table has four name columns (--x, -x, --no-x, -X) beside the type and the help, and
+    rich narrows the widest cells, names included, until the table fits. So each --no-x goes under its --x,
+    leaving two name columns, and those never wrap: only the type and the help do.
+    """
+    try:
+        from rich.text import Text
+        from typer import rich_utils
+    except ImportError:  # no rich: click's plain help, which never cuts a name
+        return
+    if getattr(rich_utils.Table, "whole_names", False):
+        return
+
+    def stack(top: Any, below: Any) -> Any:
+        return Text.assemble(top, "\n", below) if below.plain else top
+
+    class WholeNames(rich_utils.Table):
+        whole_names = True
+
+        def add_row(self, *cells: Any, **kwargs: Any) -> None:
+            names = cells[-6:-2]
+            if len(cells) not in (6, 7) or not all(isinstance(c, Text) for c in names):
+                return super().add_row(*cells, **kwargs)  # not an option row (the commands table)
+            long, short, no_long, no_short = names
+            super().add_row(*cells[:-6], stack(long, no_long), stack(short, no_short), *cells[-2:], **kwargs)
+            for column in self.columns[:-2]:
+                column.no_wrap = True
+
+    rich_utils.Table = WholeNames
+
+
+class _Command(TyperCommand):
+    """A Typer command whose --help keeps option names whole."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _whole_option_names()
+        return super().format_help(ctx, formatter)
+
+
 class _Group(TyperGroup):
     """A Typer group whose commands' errors, anticipated or not, print one line and exit non-zero."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _whole_option_names()
+        return super().format_help(ctx, formatter)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -100,6 +145,9 @@ def _register() -> None:
     from sdcli.commands import register
 
     register(app)
+    for info in app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = _Command
 
 
 _register()
