@@ -111,6 +111,11 @@ class _Group(TyperGroup):
             report_error("interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - every error becomes one line
+            if debug_enabled() and isinstance(exc, EOFError):  # Typer would turn it into a bare "Aborted."
+                import traceback
+
+                traceback.print_exc()
+                raise typer.Exit(1) from None
             if debug_enabled() or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
                 raise  # the traceback; or stdout piped into `head`, which Typer ends quietly
             raise typer.Exit(_exit_code(exc, ctx.invoked_subcommand or "sdcli")) from None

@@ -44,6 +44,8 @@ class Opt:
     to_record: Callable[[Any], Any] | None = None  # setting value -> JSON, where they differ
     from_record: Callable[[Any], Any] | None = None  # JSON -> setting value
     a1111: str | None = None  # key in AUTOMATIC1111's `parameters` line, where it has one
+    to_a1111: Callable[[Any], Any] | None = None  # recorded JSON -> AUTOMATIC1111's text (None: not written)
+    unrecorded: Any = None  # what a record made before this setting existed implies (None: the default)
     label: str = ""  # short tag in file names and contact sheets for a sweep axis (g7.5)
     argument: bool = False  # a positional argument instead of an --option
     panel: str | None = None  # --help section

@@ -99,6 +99,17 @@ def test_with_sdcli_debug_the_exception_and_its_traceback_get_through(command, r
     assert "in boom" in "".join(traceback.format_exception(raised.value))
 
 
+def test_with_sdcli_debug_an_eof_error_shows_its_traceback_not_a_bare_aborted(run_main, monkeypatch):
+    _inject(monkeypatch, "sdcli.schedulers.describe", EOFError("Ran out of input"))
+    code, err = run_main(["schedulers"])
+    assert (code, err.strip().splitlines()[-1]) == (1, "error: unexpected EOFError in schedulers: Ran out of input "
+                                                       "(set SDCLI_DEBUG=1 for the traceback)")
+    monkeypatch.setenv("SDCLI_DEBUG", "1")
+    code, err = run_main(["schedulers"])
+    assert code == 1 and "Traceback (most recent call last)" in err and "EOFError: Ran out of input" in err
+    assert "Aborted" not in err
+
+
 def test_ctrl_c_is_exit_130_in_one_line(run_main, monkeypatch):
     _inject(monkeypatch, "sdcli.schedulers.describe", KeyboardInterrupt())
     code, err = run_main(["schedulers"])

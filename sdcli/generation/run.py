@@ -121,6 +121,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True) -
 def prepare_pipeline(s: Settings):
     """Load the model, set the sampler, load LoRAs and apply memory/speed options."""
     from sdcli.pipeline import apply_runtime_options, load_pipeline
+    from sdcli.prompts import prepare_text_encoders
     from sdcli.schedulers import make_scheduler
 
     loaded = load_pipeline(
@@ -136,6 +137,7 @@ def prepare_pipeline(s: Settings):
                          f"at most {trained} steps")
     if s.loras:
         load_loras(pipe, s.loras, allow_pickle=s.allow_pickle)
+    prepare_text_encoders(pipe, s)  # textual-inversion embeddings loaded, --clip-skip checked
     apply_runtime_options(
         pipe, device=loaded.device, vae_tiling=s.vae_tiling, attention_slicing=s.attention_slicing,
         compile=s.compile, channels_last=s.channels_last, has_lora=bool(s.loras),
@@ -185,18 +187,22 @@ def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
     return list(dict.fromkeys(w for w in words if f"{w}</w>" not in vocab))
 
 
-def warn_prompts(loaded: Any, prompts: list[str], quiet: bool) -> None:
-    """Words the text encoder will drop, and words the bundled toy model has never seen."""
+def warn_prompts(loaded: Any, prompts: list[str], quiet: bool, syntax: str = "plain") -> None:
+    """Unbalanced brackets, words the text encoder will drop, and words the bundled toy model has never seen."""
+    from sdcli.prompts import prompt_warnings, reads_whole, visible_text
+
     tokenizer = getattr(loaded.pipe, "tokenizer", None)
     if tokenizer is None:
         return
     bundled = Path(loaded.model).expanduser().resolve() == defaults.BUNDLED_MODEL.resolve()
     for p in dict.fromkeys(prompts):
-        lost = dropped_words(tokenizer, p)
+        for warning in prompt_warnings(p, syntax):
+            note(quiet, warning)
+        lost = None if reads_whole(loaded.pipe, syntax) else dropped_words(tokenizer, p)
         if lost:
             note(quiet, f"warning: prompt longer than the text encoder's {tokenizer.model_max_length} tokens; "
                         f"ignored: {lost!r}")
-        unknown = unknown_words(tokenizer, p) if bundled else []
+        unknown = unknown_words(tokenizer, visible_text(p, syntax)) if bundled else []
         if unknown:
             note(quiet, f"warning: the bundled shapes model has never seen {', '.join(map(repr, unknown))}; it knows "
                         "only colours, shapes, sizes, positions and backgrounds (use --model for a real model)")
@@ -248,6 +254,7 @@ def iter_images(
     import numpy as np
     import torch
 
+    from sdcli.prompts import TextConditioning
     from sdcli.trajectory import StepRecorder, decode_latents
 
     task = task_for(s)
@@ -255,7 +262,8 @@ def iter_images(
     run_pipe = prepared.pipe
     base = {**base_record(s, task, loaded, prepared.width, prepared.height), **(extra_record or {})}
 
-    for batch in batches(jobs, s.batch_size):
+    text = TextConditioning(s, run_pipe)  # prompt embeddings (a1111 syntax) or the plain text
+    for batch in text.regroup(batches(jobs, s.batch_size)):
         def callback(_pipe, _i, _t, _kwargs, n=len(batch)):
             if on_step:
                 on_step(n)
@@ -263,8 +271,7 @@ def iter_images(
 
         first = batch[0].values
         kwargs: dict[str, Any] = dict(
-            prompt=[j.prompt for j in batch],
-            negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
+            **text.call_kwargs([j.prompt for j in batch], first["guidance"]),
             num_inference_steps=s.steps,
             guidance_scale=first["guidance"],
             guidance_rescale=first["guidance_rescale"],
@@ -305,7 +312,7 @@ def generate(p: Plan, *, quiet: bool = False, loaded: Any = None, extra_record: 
         loaded = prepare_pipeline(s)
         note(say, f"loaded {loaded.model} ({loaded.family}, {loaded.prediction_type}) on "
                   f"{loaded.device} in {time.perf_counter() - t0:.1f}s")
-        warn_prompts(loaded, s.prompts, say)
+        warn_prompts(loaded, [*s.prompts, s.negative_prompt], say, s.prompt_syntax)
     if not s.seeds:
         note(say, f"seed: {p.seeds[0]}" + (f"..{p.seeds[-1]}" if len(p.seeds) > 1 else "") + " (random)")
 

@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 from sdcli import defaults, options
 from sdcli.declare import Role, by_role, declared, option
+from sdcli.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
 from sdcli.errors import DataError, ModelError, UsageError
+from sdcli.prompts import PromptSyntax, check_prompt_settings
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
 # AUTOMATIC1111 writes these first, in this order; the rest follow in declaration order.
@@ -110,6 +112,17 @@ class Settings:
                                 show_default=False)
     negative_prompt: str = option(defaults.NEGATIVE_PROMPT, help="What to steer away from.",
                                   flags=("--negative-prompt", "-n"), show_default=False)
+    prompt_syntax: str = option(
+        "a1111", help="How prompts are read: a1111 weights (red:1.3), BREAK and prompts past 75 tokens; plain text "
+        "as diffusers reads it.", cli_type=PromptSyntax, unrecorded="plain")
+    clip_skip: int = option(1, help="Text encoder layer to use, counted from the end: 1 the last, 2 the penultimate.",
+                            a1111="Clip skip", to_a1111=lambda n: n if n > 1 else None)
+    embeddings: list[tuple[str, str]] = option(
+        [], help="Textual-inversion embedding as PATH[:TOKEN] (A1111 .pt/.safetensors or diffusers "
+        "learned_embeds; TOKEN defaults to the file's name); repeatable.", flags=("--embedding",),
+        cli_type=list[str], parse=lambda specs: [parse_embedding(s) for s in specs],
+        to_record=embeddings_to_record, from_record=embeddings_from_record, a1111="TI hashes", to_a1111=ti_hashes,
+        show_default=False)
     model: Optional[str] = option(None, options.MODEL, to_record=lambda m: m and _model_reference(m))
     revision: Optional[str] = option(None, options.REVISION)
     variant: Optional[str] = option(None, options.VARIANT)
@@ -190,6 +203,7 @@ def check_settings(s: Settings) -> None:
     for size, name in ((s.width, "--width"), (s.height, "--height")):
         if size is not None and size <= 0:
             raise UsageError(f"{name} must be positive, got {size}")
+    check_prompt_settings(s)
 
 
 def check_size(s: Settings, factor: int) -> None:
@@ -233,6 +247,8 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
     }
     for d in declared(Settings):
         key, value = d.opt.a1111, record.get(d.record_key)
+        if d.opt.to_a1111 is not None and value is not None:
+            value = d.opt.to_a1111(value)
         if key and value is not None and (key in A1111_ORDER or (value != 0 and value != "")):
             found[key] = f"{value:g}" if isinstance(value, float) else value
     for lora in record.get("loras") or []:
@@ -254,6 +270,8 @@ def settings_from_record(record: dict[str, Any]) -> Settings:
     s = Settings()
     for d in declared(Settings):
         if d.opt.role is RUNTIME or d.record_key not in record:
+            if d.opt.role is not RUNTIME and d.opt.unrecorded is not None:
+                setattr(s, d.name, d.opt.unrecorded)
             continue
         value = record[d.record_key]
         if d.opt.from_record is not None:

@@ -110,3 +110,29 @@ def test_the_bundled_model_is_recorded_by_name_not_install_path(cli, monkeypatch
     (image,) = made(cli("generate", "a red circle", "--steps", "2", "--seed", "1", "--out", tmp_path / "a"))
     assert record_of(image)["model"] == defaults.BUNDLED_NAME
     assert_round_trip(cli, image, tmp_path)
+
+
+def test_a_weighted_long_prompt_with_clip_skip_and_an_embedding_round_trips(cli, tiny_sd, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from sdcli.embeddings import file_sha256
+
+    emb = tmp_path / "mystyle.safetensors"
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}, str(emb))
+    prompt = "a (mystyle:1.2) [circle] " + "red " * 80 + "BREAK (square:0.8)"
+    (image,) = made(cli("generate", prompt, "--model", tiny_sd, "--steps", "2", "--seed", "4", "--clip-skip", "2",
+                        "--embedding", emb, "-n", "mystyle", "--out", tmp_path / "a"))
+    params = Image.open(image).info["parameters"]
+    assert "Clip skip: 2" in params and f'TI hashes: "mystyle: {file_sha256(emb)[:12]}"' in params
+    assert record_of(image)["prompt_syntax"] == "a1111"
+    assert_round_trip(cli, image, tmp_path)
+    # A changed embedding file would make another image: the replay says so instead.
+    save_file({"emb_params": torch.zeros(2, 32)}, str(emb))
+    result = cli("generate", "--from-metadata", image, "--out", tmp_path / "changed")
+    assert result.exit_code == 1 and "changed since this image was made" in result.stderr
+
+
+def test_a_record_from_before_prompt_syntax_replays_as_plain_text():
+    assert settings_from_record({"prompt": "(red:1.3)"}).prompt_syntax == "plain"
+    assert settings_from_record({"prompt": "(red:1.3)", "prompt_syntax": "a1111"}).prompt_syntax == "a1111"

@@ -1,0 +1,314 @@
+"""AUTOMATIC1111 prompts: the parser, the chunked encoder, clip skip and textual inversion, on the tiny pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+from sdcli.prompts import PromptSyntax, TextConditioning, chunk_tokens, frame, parse_weights
+from conftest import one_error_line, paths_of, pixels
+
+# 1. The parser ----------------------------------------------------------------------------------
+
+
+def weights(text: str) -> list:
+    return [None if p is None else (p[0], round(p[1], 6)) for p in parse_weights(text).pieces]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("a [small] cat", [("a ", 1.0), ("small", round(1 / 1.1, 6)), (" cat", 1.0)]),
+    ("(red:1.3) circle", [("red", 1.3), (" circle", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),  # equal weights merge
+    # nesting multiplies: ((house:1.3)) is 1.3 × 1.1 × 1.1
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.573), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55), (", sun, ", 1.1),
+      ("sky", 1.4641), (".", 1.1)]),
+    (r"\(literal\] \\ back", [("(literal] \\ back", 1.0)]),
+    ("a:1.2) b", [("a:1.2) b", 1.0)]),  # a weight with no bracket to close is text
+    ("ratio 16:9", [("ratio 16:9", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_weights_as_automatic1111_reads_them(text, expected):
+    assert weights(text) == expected
+
+
+def test_break_starts_a_new_chunk_only_as_a_word():
+    assert weights("a cat BREAK (a dog)") == [("a cat", 1.0), None, ("", 1.0), ("a dog", 1.1)]
+    assert weights("BREAKFAST at noon") == [("BREAKFAST at noon", 1.0)]
+    assert weights("a BREAK BREAK b") == [("a", 1.0), None, ("", 1.0), None, ("b", 1.0)]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("(unbalanced", [("unbalanced", 1.1)]),  # closed at the end
+    ("[a (b", [("a ", round(1 / 1.1, 6)), ("b", 1.0)]),  # 1/1.1 × 1.1 for b
+    ("a) b]", [("a) b]", 1.0)]),  # nothing to close: text
+])
+def test_unbalanced_brackets_are_read_as_automatic1111_does_and_flagged(text, expected):
+    assert weights(text) == expected
+    assert parse_weights(text).unbalanced
+    assert not parse_weights("(a) [b] (c:2) \\(").unbalanced
+
+
+def test_chunks_hold_75_tokens_and_an_embedding_never_straddles_two():
+    ids = [[[i] for i in range(80)], 1.5]
+    (a, wa), (b, wb) = chunk_tokens([ids])
+    assert a == list(range(75)) and b == list(range(75, 80)) and set(wa + wb) == {1.5}
+    # 74 tokens, then a three-vector embedding: it moves to the next chunk whole.
+    chunks = chunk_tokens([([[i] for i in range(74)] + [[100, 101, 102]], 1.0)])
+    assert [len(c[0]) for c in chunks] == [74, 3]
+    assert [len(c[0]) for c in chunk_tokens([([[1]], 1.0), None, ([[2]], 1.0)])] == [1, 1]
+    assert chunk_tokens([([], 1.0)]) == [([], [])]  # an empty prompt is one empty chunk
+    assert frame([5, 6], [1.2, 1.0], bos=1, eos=2, pad=0, size=4) == ([1, 5, 6, 2, 0, 0], [1.0, 1.2, 1.0, 1.0, 1.0, 1.0])
+
+
+# 2. Images on the tiny pipelines ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_models):
+    return {family: prepare_pipeline(Settings(prompts=["x"], model=path)) for family, path in tiny_models.items()}
+
+
+def image(loaded, prompt: str, g: float = 7.5, **settings) -> np.ndarray:
+    s = Settings(prompts=[prompt], steps=2, guidance=[g], seeds=[3], **settings)
+    (item,) = list(iter_images(s, loaded, plan_jobs(s, [3])))
+    return np.asarray(item.image, np.int16)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("negative", ["", "blue square"])
+def test_a_plain_prompt_gives_diffusers_own_image(tiny_models, pipelines, family, negative):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
+    pipe.set_progress_bar_config(disable=True)
+    arrays = pipe("a red circle", negative_prompt=negative or None, num_inference_steps=2, guidance_scale=7.5,
+                  generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    theirs = np.asarray(pipe.numpy_to_pil(arrays)[0], np.int16)
+    assert np.array_equal(image(pipelines[family], "a red circle", negative_prompt=negative), theirs)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_weights_of_one_are_the_words_without_brackets(pipelines, family):
+    loaded = pipelines[family]
+    same = image(loaded, "a red circle on (top)", prompt_syntax="plain")  # diffusers reading the bare words
+    assert np.array_equal(image(loaded, "a (red:1) circle (on:1.0) \\(top\\)"), same)
+    assert np.array_equal(image(loaded, "a red circle on \\(top\\)"), same)
+    assert not np.array_equal(image(loaded, "a (red:1.5) circle"), image(loaded, "a red circle"))
+
+
+def test_a_weight_scales_the_tokens_embedding_and_keeps_the_chunks_mean(pipelines):
+    import torch
+
+    pipe = pipelines["sd1"].pipe
+    plain = TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs(["a red circle"], 1.0)["prompt_embeds"]
+    weighted = TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs(["a (red:1.5) circle"], 1.0)
+    z = weighted["prompt_embeds"]
+    expected = plain.clone()
+    expected[0, 2] *= 1.5  # BOS, a, red
+    expected *= plain.mean() / expected.mean()
+    assert torch.allclose(z, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_words_past_token_77_change_the_image(pipelines, family):
+    loaded = pipelines[family]
+    long = "red " * 80
+    assert not np.array_equal(image(loaded, long + "circle"), image(loaded, long + "square"))
+    # diffusers' own encoding cuts them off, so there they change nothing.
+    assert np.array_equal(image(loaded, long + "circle", prompt_syntax="plain"),
+                          image(loaded, long + "square", prompt_syntax="plain"))
+
+
+def test_a_long_prompt_is_two_chunks_and_the_negative_is_padded_to_match(pipelines):
+    pipe = pipelines["sdxl"].pipe
+    text = TextConditioning(Settings(prompts=["x"], negative_prompt="blue"), pipe)
+    kwargs = text.call_kwargs(["red " * 80 + "circle"], 7.5)
+    assert kwargs["prompt_embeds"].shape == (1, 154, 64)  # both encoders side by side
+    assert kwargs["negative_prompt_embeds"].shape == (1, 154, 64)
+    assert kwargs["pooled_prompt_embeds"].shape == (1, 32)
+    first = text.call_kwargs(["red " * 75], 7.5)  # the pooled embedding is the first chunk's
+    assert (kwargs["pooled_prompt_embeds"] == first["pooled_prompt_embeds"]).all()
+    empty = text.encode("").embeds  # the negative's second chunk is the empty prompt's
+    assert (kwargs["negative_prompt_embeds"][:, 77:] == empty).all()
+
+
+def test_prompts_of_different_lengths_batch_like_one_at_a_time(pipelines):
+    loaded = pipelines["sd1"]
+    prompts = ["a red circle", "red " * 80 + "square"]
+
+    def run(batch_size):
+        s = Settings(prompts=prompts, steps=2, guidance=[7.5], seeds=[1], batch_size=batch_size)
+        return [np.asarray(i.image, np.int16) for i in iter_images(s, loaded, plan_jobs(s, [1]))]
+
+    for a, b in zip(run(1), run(2)):
+        assert np.abs(a - b).max() <= 1
+
+
+def test_sdxl_leaves_an_empty_negative_prompt_at_zero(pipelines):
+    text = TextConditioning(Settings(prompts=["x"]), pipelines["sdxl"].pipe)
+    kwargs = text.call_kwargs(["a red circle"], 7.5)
+    assert not kwargs["negative_prompt_embeds"].any() and not kwargs["negative_pooled_prompt_embeds"].any()
+    assert "negative_prompt_embeds" not in text.call_kwargs(["a red circle"], 1.0)  # no unconditional branch
+
+
+def test_plain_syntax_passes_the_text(pipelines):
+    text = TextConditioning(Settings(prompts=["x"], prompt_syntax=PromptSyntax.plain.value, negative_prompt="n"),
+                            pipelines["sd1"].pipe)
+    assert text.call_kwargs(["(a)"], 7.5) == {"prompt": ["(a)"], "negative_prompt": ["n"]}
+
+
+# 3. Clip skip -----------------------------------------------------------------------------------
+
+
+def hidden_states(tokenizer, model, prompt: str):
+    import torch
+
+    ids = tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True).hidden_states
+
+
+def test_clip_skip_2_is_the_penultimate_layer_normed_on_sd1(pipelines):
+    import torch
+
+    pipe = pipelines["sd1"].pipe
+    ours = TextConditioning(Settings(prompts=["x"], clip_skip=2), pipe).call_kwargs(["a red circle"], 1.0)
+    with torch.no_grad():
+        by_hand = pipe.text_encoder.final_layer_norm(hidden_states(pipe.tokenizer, pipe.text_encoder, "a red circle")[-2])
+    assert torch.equal(ours["prompt_embeds"], by_hand)
+
+
+def test_clip_skip_on_sdxl_goes_back_from_the_penultimate_layer(pipelines):
+    import torch
+
+    pipe = pipelines["sdxl"].pipe
+    ours = TextConditioning(Settings(prompts=["x"], clip_skip=2), pipe).call_kwargs(["a red circle"], 1.0)
+    by_hand = torch.cat([hidden_states(pipe.tokenizer, pipe.text_encoder, "a red circle")[-3],
+                         hidden_states(pipe.tokenizer_2, pipe.text_encoder_2, "a red circle")[-3]], dim=-1)
+    assert torch.equal(ours["prompt_embeds"], by_hand)
+
+
+# 4. Textual inversion ---------------------------------------------------------------------------
+
+
+def save(path, tensors) -> str:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def random_vectors(*shape, seed=0):
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_an_a1111_embedding_loads_and_its_token_changes_the_image(cli, tiny_sd, tmp_path):
+    a = save(tmp_path / "mystyle.safetensors", {"emb_params": random_vectors(2, 32)})
+    b = save(tmp_path / "other.safetensors", {"emb_params": random_vectors(2, 32, seed=1)})
+    common = ["generate", "a mystyle circle", "--model", tiny_sd, "--steps", "2", "--seed", "1"]
+    (one,) = paths_of(cli(*common, "--embedding", a, "--out", tmp_path / "a"))
+    (two,) = paths_of(cli(*common, "--embedding", f"{b}:mystyle", "--out", tmp_path / "b"))
+    assert not np.array_equal(pixels(one), pixels(two))
+    # ... and in the negative prompt.
+    (neg,) = paths_of(cli(*common, "--embedding", a, "-n", "mystyle", "--out", tmp_path / "c"))
+    assert not np.array_equal(pixels(one), pixels(neg))
+
+
+def test_a_multi_vector_embedding_reads_the_same_in_both_syntaxes(tiny_sd, tmp_path):
+    """diffusers expands T into T T_1 ... itself under plain syntax; the a1111 path must do the same."""
+    path = save(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": random_vectors(3, 32)})
+    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, embeddings=[(path, "<cat-toy>")]))
+    assert np.array_equal(image(loaded, "a <cat-toy> circle"), image(loaded, "a <cat-toy> circle",
+                                                                     prompt_syntax="plain"))
+    assert not np.array_equal(image(loaded, "a <cat-toy> circle"), image(loaded, "a circle"))
+
+
+def test_a_diffusers_learned_embeds_file_is_called_by_its_own_token(tiny_sd, tmp_path):
+    import torch
+
+    from sdcli.embeddings import parse_embedding
+
+    vectors = random_vectors(32)
+    path = save(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": vectors})
+    assert parse_embedding(path) == (path, "<cat-toy>")
+    assert parse_embedding(f"{path}:kitty") == (path, "kitty")
+    a1111 = save(tmp_path / "easyneg.safetensors", {"emb_params": random_vectors(1, 32)})
+    assert parse_embedding(a1111) == (a1111, "easyneg")
+    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, embeddings=[(path, "<cat-toy>")]))
+    pipe = loaded.pipe
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<cat-toy>")]
+    assert torch.equal(row, vectors)
+
+
+def test_an_sdxl_embedding_fills_both_text_encoders(tiny_models, tmp_path):
+    import torch
+
+    l, g = random_vectors(2, 32), random_vectors(2, 32, seed=1)
+    path = save(tmp_path / "xl.safetensors", {"clip_l": l, "clip_g": g})
+    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_models["sdxl"], embeddings=[(path, "xl")]))
+    pipe = loaded.pipe
+    for tokenizer, model, rows in ((pipe.tokenizer, pipe.text_encoder, l), (pipe.tokenizer_2, pipe.text_encoder_2, g)):
+        ids = tokenizer.convert_tokens_to_ids(["xl", "xl_1"])
+        assert torch.equal(model.get_input_embeddings().weight[ids], rows)
+    assert not np.array_equal(image(loaded, "a xl circle"), image(loaded, "a circle"))
+
+
+def test_a_pickled_a1111_embedding_needs_allow_pickle(cli, tiny_sd, tmp_path):
+    import torch
+
+    path = tmp_path / "pstyle.pt"
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(random_vectors(2, 32))}, "name": "pstyle"}, path)
+    common = ["generate", "a pstyle circle", "--model", tiny_sd, "--steps", "1", "--seed", "1", "--embedding", path]
+    line = one_error_line(cli(*common, "--out", tmp_path / "no"), code=2)
+    assert "pickled" in line and "--allow-pickle" in line
+    assert not (tmp_path / "no").exists()
+    assert len(paths_of(cli(*common, "--allow-pickle", "--out", tmp_path / "yes"))) == 1
+
+
+# 5. Bad input: one line each --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("narrow", ["--embedding", "{narrow}"], "is 16 wide but this model's text encoder takes 32"),
+    ("in vocabulary", ["--embedding", "{ok}:red"], "the token 'red' is already in this model's vocabulary"),
+    ("sd1 embedding on sdxl", ["--embedding", "{ok}", "--model", "{sdxl}"], "SDXL needs vectors for both"),
+    ("sdxl embedding on sd1", ["--embedding", "{xl}"], "holds SDXL vectors"),
+    ("same token twice", ["--embedding", "{ok}:t", "--embedding", "{narrow}:t"], "both use the token 't'"),
+    ("missing", ["--embedding", "{missing}"], "no such file"),
+    ("not an embedding", ["--embedding", "{many}"], "is not a textual-inversion embedding"),
+    ("clip skip past the layers", ["--clip-skip", "3"], "--clip-skip 3: this model's text encoder has only 2 layers"),
+    ("clip skip 0", ["--clip-skip", "0"], "--clip-skip must be at least 1"),
+    ("clip skip with plain", ["--clip-skip", "2", "--prompt-syntax", "plain"], "--clip-skip needs --prompt-syntax"),
+])
+def test_bad_prompt_settings_fail_in_one_line(cli, tiny_models, tmp_path, case, args, message):
+    files = {
+        "narrow": save(tmp_path / "narrow.safetensors", {"emb_params": random_vectors(1, 16)}),
+        "ok": save(tmp_path / "ok.safetensors", {"emb_params": random_vectors(1, 32)}),
+        "xl": save(tmp_path / "xl.safetensors", {"clip_l": random_vectors(1, 32), "clip_g": random_vectors(1, 32)}),
+        "many": save(tmp_path / "many.safetensors", {"a": random_vectors(1, 32), "b": random_vectors(1, 32)}),
+        "missing": str(tmp_path / "missing.safetensors"),
+        "sdxl": tiny_models["sdxl"],
+    }
+    args = [a.format(**files) for a in args]
+    if "--model" not in args:
+        args += ["--model", tiny_models["sd1"]]
+    line = one_error_line(cli("generate", "a ok circle", "--steps", "1", "--seed", "1", *args,
+                              "--out", tmp_path / "out"))
+    assert message in line, line
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_unbalanced_brackets_warn_and_still_generate(cli, tiny_sd, tmp_path):
+    result = cli("generate", "a (red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1", "-n", "blue]")
+    assert result.exit_code == 0, result.stderr
+    assert "unbalanced brackets in 'a (red circle'" in result.stderr
+    assert "unbalanced brackets in 'blue]'" in result.stderr
+    quiet = cli("generate", "a (red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1", "-q")
+    assert quiet.exit_code == 0 and "unbalanced" not in quiet.stderr
