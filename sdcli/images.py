@@ -26,11 +26,10 @@ class _Unusable(Exception):
         self.detail, self.size, self.refused = detail, size, refused
 
 
-def _decoded(path: Path):
-    """``path`` opened and every pixel decoded, as stored (not rotated); raises `_Unusable`.
+def _header(path: Path):
+    """``path`` opened from its header only, its size checked against `MAX_IMAGE_PIXELS`; raises `_Unusable`.
 
-    The size is checked from the header first, so a small file declaring a huge image
-    costs nothing; decoding everything finds a truncated file now rather than mid-run.
+    A small file declaring a huge image therefore costs nothing.
     """
     import warnings
 
@@ -47,33 +46,89 @@ def _decoded(path: Path):
     except (OSError, SyntaxError, ValueError) as exc:
         raise _Unusable(" ".join(str(exc).split()) or type(exc).__name__) from None
     w, h = img.size
-    try:
-        if w * h > MAX_IMAGE_PIXELS:
-            raise _Unusable(f"refused: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
-                            "(a decompression bomb?)", (w, h), refused=True)
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    if w * h > MAX_IMAGE_PIXELS:
         img.close()
-        raise _Unusable(" ".join(str(exc).split()) or type(exc).__name__, (w, h)) from None
-    except _Unusable:
-        img.close()
-        raise
+        raise _Unusable(f"refused: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                        "(a decompression bomb?)", (w, h), refused=True)
     return img
 
 
+def _decoded(path: Path):
+    """``path`` opened and every pixel decoded, as stored (not rotated); raises `_Unusable`.
+
+    Decoding everything finds a truncated file now rather than mid-run; a pixel format that
+    has no honest 8-bit reading (`_mode_problem`) is refused here too.
+    """
+    from PIL import Image
+
+    img = _header(path)
+    try:
+        img.load()
+        problem = _mode_problem(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        img.close()
+        raise _Unusable(" ".join(str(exc).split()) or type(exc).__name__, img.size) from None
+    if problem:
+        img.close()
+        raise _Unusable(problem, img.size, refused=True)
+    return img
+
+
+# Integer greyscale modes whose values run 0..65535: 16-bit PNG and TIFF (Pillow >= 10 opens them as I;16*,
+# older Pillow as I). A 32-bit integer image has no declared white, so I above 65535 is refused, not guessed.
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I;16S")
+
+
+def _mode_problem(img) -> str | None:
+    """Why ``img``'s pixels have no honest reading as 8-bit RGB, or None. Needs the pixels loaded."""
+    if img.mode == "I":
+        lo, hi = img.getextrema()
+        if lo < 0 or hi > 65535:
+            return (f"refused: 32-bit integer pixels ranging {lo}..{hi} have no declared white level "
+                    "(16-bit data, 0..65535, is read); save it as 8- or 16-bit")
+    elif img.mode == "F":
+        import numpy as np
+
+        values = np.asarray(img)
+        if not np.isfinite(values).all():
+            return "refused: floating-point pixels include NaN or infinity; save it as 8- or 16-bit"
+        lo, hi = float(values.min()), float(values.max())
+        if lo < 0 or hi > 255:
+            return (f"refused: floating-point pixels ranging {lo:g}..{hi:g} are neither 0..1 nor 0..255; "
+                    "save it as 8- or 16-bit")
+    return None
+
+
 def _rgb(img):
-    """Upright per the EXIF orientation tag, transparency flattened onto white, any mode to 8-bit RGB."""
+    """Upright per the EXIF orientation tag, transparency flattened onto white, any mode to 8-bit RGB.
+
+    Pillow's convert() clips wide modes instead of scaling them (16-bit 40000 becomes 255, float 0.5
+    becomes 0), so those are scaled here first: 16-bit (I;16*, and I holding 0..65535) by 1/257, and
+    float (F) from 0..1 when every value lies there, else from 0..255 (Pillow's own float scale);
+    `_mode_problem` refuses the rest. 48-bit RGB PNGs Pillow already opens as 8-bit RGB.
+    """
     import numpy as np
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit greyscale: convert() would clip every value over 255 to white.
-        img = Image.fromarray((np.asarray(img, dtype=np.uint32) // 257).clip(0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
+    problem = _mode_problem(img)
+    if problem:
+        raise _Unusable(problem, img.size, refused=True)
+    if img.mode in _SIXTEEN_BIT or img.mode == "I":
+        # Rounded, so 16-bit 0..65535 and its 8-bit 0..255 agree at every level (257 = 65535 / 255).
+        grey = (np.asarray(img, dtype=np.float64) / 257).round()
+        img = Image.fromarray(grey.clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        grey = (values * 255 if values.max() <= 1 else values).round()
+        img = Image.fromarray(grey.clip(0, 255).astype(np.uint8), "L")
+    try:
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return img.convert("RGB")
+    except ValueError as exc:  # a mode Pillow cannot convert ("conversion from La to L not supported")
+        raise _Unusable(f"refused: pixel mode {img.mode} cannot be made RGB ({exc})", img.size, refused=True) from None
 
 
 def open_image(path: Path | str, *, what: str = "--init-image"):
@@ -89,12 +144,32 @@ def open_image(path: Path | str, *, what: str = "--init-image"):
     if path.is_dir():
         raise DataError(f"{what} {path} is a folder, not an image")
     try:
-        img = _decoded(path)
+        with _decoded(path) as img:
+            return _rgb(img)
     except _Unusable as exc:
-        raise DataError(f"{what} {path}: {exc.detail if exc.refused else f'not a readable image ({exc.detail})'}") \
-            from None
-    with img:
-        return _rgb(img)
+        raise DataError(_unusable_message(what, path, exc)) from None
+
+
+def _unusable_message(what: str, path: Path, exc: _Unusable) -> str:
+    return f"{what} {path}: {exc.detail if exc.refused else f'not a readable image ({exc.detail})'}"
+
+
+def image_size(path: Path | str, *, what: str = "--init-image") -> tuple[int, int]:
+    """The (width, height) ``path`` declares in its header, as stored (EXIF rotation not applied).
+
+    For planning before any pixel is decoded (`sdcli.memory`): the same DataError as `open_image`
+    for a missing, unreadable or oversized file, so it is refused before a model loads.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{what} {path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not an image")
+    try:
+        with _header(path) as img:
+            return img.size
+    except _Unusable as exc:
+        raise DataError(_unusable_message(what, path, exc)) from None
 
 
 def check_image(path: Path) -> tuple[tuple[int, int], str | None]:

@@ -73,14 +73,115 @@ def _palette_with_transparency(path):
     ("palette.png", lambda p: Image.new("P", (8, 8), 0).save(p), (0, 0, 0)),
     ("palette-clear.png", _palette_with_transparency, (255, 255, 255)),
     ("cmyk.tif", lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p), (255, 0, 0)),
-    # 16-bit greyscale: a plain convert("RGB") would clip 40000 to white.
-    ("sixteen.png", lambda p: Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(p), (155, 155, 155)),
+    # 16-bit greyscale: a plain convert("RGB") would clip 40000 to white; 40000 / 257 = 155.6 rounds to 156.
+    ("sixteen.png", lambda p: Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(p), (156, 156, 156)),
 ])
 def test_any_mode_becomes_rgb(tmp_path, name, make, pixel):
     make(tmp_path / name)
     img = open_image(tmp_path / name)
     assert img.mode == "RGB" and img.size == (8, 8)
     assert img.getpixel((0, 0)) == pixel
+
+
+# A black-to-white gradient, 256 columns: column x should come out as 8-bit grey x in every mode.
+GRADIENT = np.tile(np.arange(256, dtype=np.float64), (8, 1))
+
+
+def _png_48bit(path):
+    """A 16-bit-per-channel RGB PNG, written by hand (Pillow writes none)."""
+    values = np.repeat((GRADIENT * 257).astype(">u2")[..., None], 3, axis=2)
+    raw = b"".join(b"\0" + row.tobytes() for row in values)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 256, 8, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _grey(mode):
+    return Image.fromarray(GRADIENT.astype(np.uint8)).convert(mode)
+
+
+def _lab():
+    from PIL import ImageCms
+
+    to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    return ImageCms.applyTransform(_grey("RGB"), to_lab)
+
+
+GRADIENTS = {  # file name -> (how to write it, the mode Pillow opens it in)
+    "i16.png": (lambda p: Image.fromarray((GRADIENT * 257).astype(np.uint16)).save(p), "I;16"),
+    "i16b.tif": (lambda p: Image.fromarray((GRADIENT * 257).astype(">u2")).save(p), "I;16B"),
+    "i32.tif": (lambda p: Image.fromarray((GRADIENT * 257).astype(np.int32)).save(p), "I"),
+    "float-unit.tif": (lambda p: Image.fromarray((GRADIENT / 255).astype(np.float32)).save(p), "F"),
+    "float-255.tif": (lambda p: Image.fromarray(GRADIENT.astype(np.float32)).save(p), "F"),
+    "rgb48.png": (_png_48bit, "RGB"),  # Pillow keeps the high byte of each 16-bit sample
+    "la.png": (lambda p: _grey("LA").save(p), "LA"),
+    "palette.png": (lambda p: _grey("P").save(p), "P"),
+    "cmyk.tif": (lambda p: _grey("CMYK").save(p), "CMYK"),
+    "cmyk.jpg": (lambda p: _grey("CMYK").save(p, quality=95), "CMYK"),
+    "ycbcr.tif": (lambda p: _grey("RGB").convert("YCbCr").save(p), "YCbCr"),
+    "lab.tif": (lambda p: _lab().save(p), "LAB"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENTS))
+def test_every_mode_reads_as_the_same_8_bit_gradient(tmp_path, name):
+    write, mode = GRADIENTS[name]
+    write(tmp_path / name)
+    assert Image.open(tmp_path / name).mode == mode  # the mode this case is about
+    img = open_image(tmp_path / name)
+    assert img.mode == "RGB" and img.size == (256, 8)
+    got = np.asarray(img, dtype=np.float64)
+    # Every channel of every column within a level or so of the column's grey (JPEG and LAB round trips: a few).
+    assert np.abs(got - GRADIENT[..., None]).max() <= (6 if name.endswith(".jpg") or "lab" in name else 1)
+    assert abs(got.mean() - 127.5) < 2
+
+
+@pytest.mark.parametrize("mode", ["PA", "La", "1"])
+def test_in_memory_modes_and_1_bit(mode):
+    """PA and La exist only in memory; 1-bit is dithered, so only its average can be the gradient's."""
+    img = _grey("L").convert("1") if mode == "1" else Image.merge(mode, (
+        _grey("L").convert("P") if mode == "PA" else _grey("L"), Image.new("L", (256, 8), 255)))
+    if mode == "La":  # premultiplied alpha Pillow cannot convert: refused in one line, not a traceback
+        with pytest.raises(images._Unusable, match="refused: pixel mode La cannot be made RGB"):
+            images._rgb(img)
+        return
+    got = np.asarray(images._rgb(img), dtype=np.float64)
+    if mode == "1":
+        assert abs(got.mean() - 127.5) < 3 and got[:, :64].mean() < 64 < 192 < got[:, -64:].mean()
+    else:
+        assert np.abs(got - GRADIENT[..., None]).max() <= 1
+
+
+@pytest.mark.parametrize("name,values,why", [
+    ("i32-wide.tif", (GRADIENT * 2**23).astype(np.int32), "32-bit integer pixels ranging 0..2139095040 have no "
+                                                          "declared white level"),
+    ("i32-negative.tif", (GRADIENT - 100).astype(np.int32), "32-bit integer pixels ranging -100..155"),
+    ("float-hdr.tif", (GRADIENT * 4).astype(np.float32), "floating-point pixels ranging 0..1020 are neither 0..1 "
+                                                         "nor 0..255"),
+    ("float-nan.tif", np.where(GRADIENT > 100, np.nan, GRADIENT).astype(np.float32), "include NaN or infinity"),
+])
+def test_wide_modes_without_an_honest_8_bit_reading_are_refused(tmp_path, name, values, why):
+    Image.fromarray(values).save(tmp_path / name)
+    with pytest.raises(DataError) as err:
+        open_image(tmp_path / name, what="--init-image")
+    assert str(err.value).startswith(f"--init-image {tmp_path / name}: refused: ") and why in str(err.value)
+    assert "\n" not in str(err.value)
+    size, problem = check_image(tmp_path / name)  # the training scan skips it for the same reason
+    assert size == (256, 8) and why in problem
+
+
+def test_init_image_header_size_without_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    assert images.image_size(tmp_path / "a.png") == (40, 30)
+    bomb = png_header_only(tmp_path / "bomb.png", 12_000, 12_000)
+    with pytest.raises(DataError, match=r"^--image .*bomb\.png: refused: 12000x12000 pixels is over"):
+        images.image_size(bomb, what="--image")
 
 
 def test_palette_transparency_only_where_the_palette_says(tmp_path):
