@@ -5,6 +5,11 @@ or ``metadata.csv`` with ``file_name`` and a text column, in any folder, names
 relative to that folder) or from a sidecar ``name.txt`` beside the image; the
 metadata wins where both exist. Every image is opened and fully decoded once
 here, so a truncated file is found before training rather than at step 4000.
+Text files may start with a UTF-8 byte-order mark (as Excel writes CSV); a NUL
+byte in a caption is removed with a warning. A symlink whose target lies outside
+the folder is skipped with a warning, as an unreadable image is (and stops the
+run with --strict): a symlinked caption could otherwise read any file the user
+can, and a dataset from elsewhere can carry such links.
 
 The order and augmentation of each epoch (`epoch_items`) are decided here too,
 from the seed and the epoch number alone: every process agrees on them, and a
@@ -83,16 +88,31 @@ def discover(
         raise DataError(f"--data folder does not exist: {root}")
     if not root.is_dir():
         raise DataError(f"--data must be a folder of images, not a file: {root}")
-    # 1. Captions from metadata files, keyed by the image path they name.
+    report = DataReport(root=root, examples=[])
+
+    def skip(path: Path, why: str) -> None:
+        if strict:
+            raise DataError(f"{_rel(path, root)}: {why}")
+        report.skipped.append((_rel(path, root), why))
+        if warn:
+            warn(f"warning: skipping {_rel(path, root)}: {why}")
+
+    # 1. Files, in a stable order so every process and every run agree; links out of the folder skipped.
+    files = []
+    for p in sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root)):
+        escape = _link_outside(p, root)
+        if escape:
+            skip(p, escape)
+        else:
+            files.append(p)
+    # 2. Captions from metadata files, keyed by the image path they name.
     listed: dict[Path, tuple[str | None, str]] = {}
-    for meta in sorted(p for name in METADATA_NAMES for p in root.rglob(name)):
+    for meta in (p for p in files if p.name in METADATA_NAMES):
         for image, caption in _read_metadata(meta, root, caption_column):
             if image in listed:
                 raise DataError(f"{_rel(image, root)} is listed twice in metadata ({_rel(meta, root)})")
             listed[image] = (caption, meta.name)
-    # 2. Image files, in a stable order so every process and every run agree.
-    report = DataReport(root=root, examples=[])
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
+    # 3. Image files.
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES and p.name not in METADATA_NAMES and p.suffix.lower() != ".txt":
@@ -100,17 +120,20 @@ def discover(
     for image in listed:
         if not image.is_file():
             raise DataError(f"metadata names {_rel(image, root)}, which does not exist")
-    # 3. Open each image (`sdcli.images.check_image`); skip (or, with --strict, stop at) the ones that cannot be read.
+    # 4. Open each image (`sdcli.images.check_image`); skip (or, with --strict, stop at) the ones that cannot be read.
+    usable = set(files)
     for path in images:
         size, problem = check_image(path)
         if problem:
-            if strict:
-                raise DataError(f"{_rel(path, root)}: {problem}")
-            report.skipped.append((_rel(path, root), problem))
-            if warn:
-                warn(f"warning: skipping {_rel(path, root)}: {problem}")
+            skip(path, problem)
             continue
-        caption, source = _caption_for(path, listed)
+        caption, source = _caption_for(path, listed, usable)
+        if caption is not None and "\0" in caption:
+            # A NUL byte is no text a tokenizer should see, and one usually means a binary or mis-encoded file.
+            where, nuls = source if source != ".txt" else path.with_suffix(".txt").name, caption.count("\0")
+            if warn:
+                warn(f"warning: removed {nuls} NUL byte(s) from the caption of {_rel(path, root)} (from {where})")
+            caption = caption.replace("\0", "").strip() or None
         if caption is None:
             if not allow_empty_captions:
                 raise DataError(
@@ -126,13 +149,29 @@ def discover(
     return report
 
 
-def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]]) -> tuple[str | None, str]:
+def long_captions(report: DataReport, tokenizer: Any) -> str | None:
+    """One line saying how many captions the text encoder will cut at its token limit, naming up to
+    three of their images; None when none is that long (or the tokenizer has no limit)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    captioned = [e for e in report.examples if e.caption]
+    if not captioned or not limit or limit > 100_000:  # transformers' "no limit" is a huge number
+        return None
+    lengths = [len(ids) for ids in tokenizer([e.caption for e in captioned], truncation=False).input_ids]
+    over = [e for e, n in zip(captioned, lengths) if n > limit]
+    if not over:
+        return None
+    names = ", ".join(_rel(e.path, report.root) for e in over[:3]) + (", ..." if len(over) > 3 else "")
+    return (f"warning: {len(over)} caption{'s' * (len(over) != 1)} longer than the text encoder's {limit} tokens "
+            f"(the longest {max(lengths)}) will be cut there: {names}")
+
+
+def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]], usable: set[Path]) -> tuple[str | None, str]:
     key = Path(os.path.normpath(path))
     if key in listed and listed[key][0]:
         return listed[key]
     sidecar = path.with_suffix(".txt")
-    if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+    if sidecar in usable:  # not one skipped as a link out of the folder
+        text = sidecar.read_text(encoding="utf-8-sig", errors="replace").strip()
         if text:
             return text, ".txt"
     return None, "none"
@@ -141,7 +180,7 @@ def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]]) -> tupl
 def _read_metadata(meta: Path, root: Path, column: str) -> Iterator[tuple[Path, str | None]]:
     rows: list[tuple[int, dict[str, Any]]] = []
     try:
-        text = meta.read_text(encoding="utf-8")
+        text = meta.read_text(encoding="utf-8-sig")  # Excel starts its UTF-8 CSV with a byte-order mark
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {_rel(meta, root)}: {exc}") from None
     if meta.suffix == ".jsonl":
@@ -183,6 +222,14 @@ def _inside(path: Path, root: Path) -> bool:
     root = Path(os.path.normpath(root.absolute()))
     path = Path(os.path.normpath(path.absolute()))
     return path == root or root in path.parents
+
+
+def _link_outside(path: Path, root: Path) -> str | None:
+    """Why ``path`` (a symlink, or inside a symlinked folder) leaves ``root``, or None when it stays inside."""
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return f"a symlink to {target}, outside --data"
 
 
 def _hidden(path: Path, root: Path) -> bool:

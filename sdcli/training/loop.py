@@ -172,6 +172,9 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     cfg.resolution = setup.resolution_for(cfg.resolution, pipe)
     for line in report.lines(cfg.resolution):
         say(line)
+    too_long = data.long_captions(report, getattr(pipe, "tokenizer", None)) if say.enabled else None
+    if too_long:
+        say(too_long)
     if cfg.uncond_prob == 0:
         say("warning: --uncond-prob 0: captions are never dropped, so the model learns no unconditional "
             "prediction and classifier-free guidance will have nothing to extrapolate from")

@@ -191,3 +191,98 @@ def test_caption_dropout_rate_matches_uncond_prob(p):
     flips = [it.flip for e in range(4) for it in epoch_items(n, e, seed=0, flip=True, uncond_prob=p)]
     assert abs(sum(flips) / len(flips) - 0.5) < 0.05
     assert not any(it.flip for it in epoch_items(n, 0, seed=0, flip=False, uncond_prob=p))
+
+
+# ---------------------------------------------------------------------------
+# Text as people save it, links out of the folder, and captions the text encoder cannot read whole
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "txt"])
+def test_text_saved_with_a_byte_order_mark_is_read(tmp_path, make_images, kind):
+    root = tmp_path / "data"
+    make_images(root, n=2, captions=kind)
+    for text_file in [root / f"metadata.{kind}"] if kind != "txt" else sorted(root.glob("*.txt")):
+        text_file.write_bytes(text_file.read_text(encoding="utf-8").encode("utf-8-sig"))  # as Excel saves UTF-8
+        assert text_file.read_bytes().startswith(b"\xef\xbb\xbf")
+    report = discover(root)
+    assert [e.caption for e in report.examples] == ["a red circle", "a blue square"]  # no \ufeff in the first
+
+
+def test_symlink_out_of_data_is_skipped_with_a_warning_naming_it(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=2)
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("a private note")
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "elsewhere" / "outside.png")
+    (root / "img01.txt").unlink()
+    (root / "img01.txt").symlink_to(secret)  # a caption that would read a file outside --data
+    (root / "linked.png").symlink_to(tmp_path / "elsewhere" / "outside.png")
+    (root / "linked.txt").write_text("a linked picture")
+    (root / "again.png").symlink_to(root / "img00.png")  # a link that stays inside is fine
+    (root / "again.txt").write_text("the same picture")
+    warnings = []
+    report = discover(root, allow_empty_captions=True, warn=warnings.append)
+    assert {e.path.name: e.caption for e in report.examples} == {
+        "again.png": "the same picture", "img00.png": "a red circle", "img01.png": None}
+    assert sorted(rel for rel, _ in report.skipped) == ["img01.txt", "linked.png"]
+    assert any(w.startswith("warning: skipping img01.txt: a symlink to ") and str(secret) in w
+               and w.endswith("outside --data") for w in warnings)
+    assert "a private note" not in repr(report)
+    with pytest.raises(DataError, match=r"^(img01\.txt|linked\.png): a symlink to .*outside --data"):
+        discover(root, allow_empty_captions=True, strict=True)
+
+
+def test_nul_bytes_in_a_caption_are_removed_with_a_warning_naming_the_file(tmp_path, make_images):
+    root = tmp_path / "data"
+    make_images(root, n=2)
+    (root / "img00.txt").write_bytes(b"a red\x00 circle\x00")
+    sub = root / "sub"
+    make_images(sub, n=1, captions="none")
+    (sub / "metadata.jsonl").write_text(json.dumps({"file_name": "img00.png", "text": "a\u0000 cat"}) + "\n")
+    warnings = []
+    report = discover(root, warn=warnings.append)
+    assert [e.caption for e in report.examples] == ["a red circle", "a blue square", "a cat"]
+    assert warnings == ["warning: removed 2 NUL byte(s) from the caption of img00.png (from img00.txt)",
+                        "warning: removed 1 NUL byte(s) from the caption of sub/img00.png (from metadata.jsonl)"]
+
+
+def _tiny_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from sdcli.testing import write_clip_tokenizer
+
+    return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp_path / "tok", max_length=77)))
+
+
+def test_captions_past_the_token_limit_are_counted_and_named(tmp_path, make_images):
+    from sdcli.training.data import long_captions
+
+    root = tmp_path / "data"
+    make_images(root, n=4)
+    tokenizer = _tiny_tokenizer(tmp_path)
+    assert long_captions(discover(root), tokenizer) is None
+    for i in range(4):  # every word is one token: 75 words + start and end make 77, the limit exactly
+        (root / f"img{i:02d}.txt").write_text(" ".join(["red"] * (75 + i)))
+    line = long_captions(discover(root), tokenizer)
+    assert line == ("warning: 3 captions longer than the text encoder's 77 tokens (the longest 80) will be cut "
+                    "there: img01.png, img02.png, img03.png")
+    make_images(root / "more", n=1)
+    (root / "more" / "img00.txt").write_text("red " * 500)
+    assert long_captions(discover(root), tokenizer).startswith("warning: 4 captions longer than the text encoder's "
+                                                               "77 tokens (the longest 502) will be cut there: "
+                                                               "img01.png, img02.png, img03.png, ...")
+
+
+def test_finetune_says_how_many_captions_are_too_long_before_training(tiny_sd, tmp_path, make_images, make_config,
+                                                                      capsys):
+    from sdcli.training import finetune
+
+    root = tmp_path / "data"
+    make_images(root, n=2)
+    (root / "img01.txt").write_text("a blue square " * 40)
+    finetune(make_config(root, tmp_path / "out", tiny_sd, max_steps=1, quiet=False))
+    err = capsys.readouterr().err
+    assert "warning: 1 caption longer than the text encoder's 77 tokens (the longest 122) will be cut there: " \
+           "img01.png" in err
+    assert err.index("will be cut there") < err.index("training LoRA")  # said before training starts
