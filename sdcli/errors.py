@@ -41,6 +41,11 @@ class OutputError(SdcliError):
     """An output that cannot be written, or would overwrite something."""
 
 
+class ResourceError(SdcliError):
+    """A valid request this machine cannot hold now (more memory than is free): exit 1, not 2, since
+    the command line is not wrong and the same command may run elsewhere (`sdcli.memory`)."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get("SDCLI_DEBUG", "").strip() not in ("", "0", "false", "no")
 

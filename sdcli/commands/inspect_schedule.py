@@ -184,6 +184,12 @@ def inspect_schedule_cmd(
     timesteps = sched.parse_timesteps(at, every, min(s.num_train_timesteps for s in schedules))
     infos = [sched.describe(s, timesteps, steps) for s in schedules]
 
+    if image is not None:  # a strip that cannot fit in memory is refused before any file is written
+        from sdcli.memory import check_strip
+
+        check_strip(image, size, len(timesteps), len(schedules), report.fitted_size,
+                    vae_model if latent else None, revision, device)
+
     # 4. Files
     outputs: dict[str, str] = {}
     if plot is not None:

@@ -106,6 +106,9 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True) -
     if model_on_disk:
         s.model = absolute_if_local(resolve_model(s.model))
         check_size(s, size_multiple(s.model, s.revision))
+        from sdcli.memory import check_generation
+
+        check_generation(s)  # refuses, in one line, a size that would outgrow memory once the weights load
     if s.init_image:
         s.init_image = absolute_if_local(s.init_image)
     st = dist.state() if distributed else None

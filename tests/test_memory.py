@@ -1,0 +1,204 @@
+"""`sdcli.memory`: a request that cannot fit is refused in one line before anything heavy loads."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdcli import memory
+from sdcli.memory import Arch, arch_from_configs, generation_need, largest_fit, strip_need
+from conftest import one_error_line, paths_of
+
+GB = 1 << 30
+
+
+def png_header_only(path, width, height):
+    """A PNG declaring width x height with almost no pixel data: costs nothing unless someone decodes it."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a pipeline fails the test: a refusal must come before the weights (and the allocation)."""
+    import sdcli.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(sdcli.pipeline, "load_pipeline", refuse)
+
+
+def free(monkeypatch, nbytes):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: nbytes)
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_impossible_size_is_refused_in_one_line_before_loading(cli, tiny_sd, no_loading):
+    t0 = time.perf_counter()
+    result = cli("generate", "a red circle", "--model", tiny_sd, "--width", "100000", "--height", "100000",
+                 "--seed", "1")
+    seconds = time.perf_counter() - t0
+    line = one_error_line(result, 1)
+    assert line.startswith("error: generating 100000x100000 needs about ") and " TB of memory " in line
+    assert " free; " in line and "fits as asked" in line and "SDCLI_MEMORY_CHECK=0" in line
+    assert seconds < 30  # config files and arithmetic, not a 100000x100000 latent
+
+
+def test_available_memory_decides(cli, tiny_sd, monkeypatch):
+    args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1,2,3,4", "--batch-size", "4")
+    free(monkeypatch, 1_000_000 * GB)
+    assert len(paths_of(cli(*args, "--out", "plenty"))) == 4
+    free(monkeypatch, 64 << 10)
+    line = one_error_line(cli(*args, "--out", "tight"), 1)
+    assert line.startswith("error: generating 16x16 x4 at once needs about ") and "cpu has 64 KB free" in line
+    # A batch of four costs more than one at a time, so the batch size is named as a help.
+    assert "--batch-size 1 needs " in line
+    monkeypatch.setenv("SDCLI_MEMORY_CHECK", "0")
+    assert len(paths_of(cli(*args, "--out", "anyway"))) == 4
+
+
+def test_init_image_over_the_pixel_cap_is_refused_from_its_header_before_loading(cli, tiny_sd, tmp_path, no_loading):
+    # 12000 x 12000 = 144 megapixels: over the 89,478,485-pixel cap, under twice it (where Pillow itself only warns).
+    big = png_header_only(tmp_path / "big.png", 12_000, 12_000)
+    line = one_error_line(cli("generate", "a cat", "--model", tiny_sd, "--init-image", big, "--width", "16",
+                              "--height", "16"), 1)
+    assert "big.png: refused: 12000x12000 pixels is over the 89,478,485-pixel limit" in line
+
+
+def test_init_image_size_is_what_is_estimated(cli, tiny_sd, tmp_path, monkeypatch, no_loading):
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "init.png")
+    free(monkeypatch, 64 << 10)
+    line = one_error_line(cli("generate", "a cat", "--model", tiny_sd, "--init-image", tmp_path / "init.png"), 1)
+    assert line.startswith("error: generating 64x32 needs about ")  # the init image's own size, with no --width
+
+
+# ---------------------------------------------------------------- inspect-schedule
+
+
+def test_strip_too_large_is_refused_before_any_file_is_written(cli, tmp_path):
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    t0 = time.perf_counter()
+    result = cli("inspect-schedule", "--preset", "cosine", "--image", tmp_path / "red.png", "--out", "strip.png",
+                 "--plot", "plot.png", "--size", "100000")
+    line = one_error_line(result, 1)
+    assert line.startswith("error: --size 100000 (1 x 6 tiles of 100000x75000) needs about ")
+    assert "--size " in line.split("free; ")[1] and "fewer --at timesteps than 6" in line
+    assert not (tmp_path / "strip.png").exists() and not (tmp_path / "plot.png").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_strip_check_uses_the_vae_with_latent(cli, tiny_sd, tmp_path, monkeypatch):
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    args = ("inspect-schedule", "--preset", "cosine", "--image", tmp_path / "red.png", "--out", "strip.png",
+            "--size", "64", "-q")
+    pixels, _ = strip_need(64, 48, 6, 1, source_pixels=64 * 48)
+    free(monkeypatch, pixels.total + 1)  # enough for the pixel-space strip, not for decoding six frames too
+    assert cli(*args).exit_code == 0
+    line = one_error_line(cli(*args, "--latent", "--model", tiny_sd, "--overwrite"), 1)
+    assert "(the VAE decode: " in line
+
+
+def test_strip_image_over_the_pixel_cap_is_refused(cli, tmp_path):
+    big = png_header_only(tmp_path / "big.png", 12_000, 12_000)
+    line = one_error_line(cli("inspect-schedule", "--preset", "cosine", "--image", big, "--out", "s.png"), 1)
+    assert "--image" in line and "refused: 12000x12000 pixels" in line
+
+
+# ---------------------------------------------------------------- the arithmetic
+
+
+def test_four_times_the_pixels_is_at_least_four_times_the_memory():
+    for options in ({}, {"streams": False}, {"vae_tiling": True}, {"attention_slicing": True}):
+        small, large = generation_need(Arch(), 512, 512, **options), generation_need(Arch(), 1024, 1024, **options)
+        assert large.terms["latents"] >= 4 * small.terms["latents"]
+        assert large.terms["UNet activations"] >= 4 * small.terms["UNet activations"]
+        if not options.get("vae_tiling"):  # tiling caps the VAE at one tile; everything else grows 4x or more
+            assert large.total >= 4 * small.total
+    # Materialised attention grows with the square of the tokens: 16x for 4x the pixels.
+    assert (generation_need(Arch(), 1024, 1024, streams=False).terms["UNet attention scores"]
+            == 16 * generation_need(Arch(), 512, 512, streams=False).terms["UNet attention scores"])
+
+
+def test_tiling_lowers_the_vae_term_only_past_one_tile():
+    plain, tiled = generation_need(Arch(), 2048, 2048), generation_need(Arch(), 2048, 2048, vae_tiling=True)
+    assert tiled.terms["VAE decode"] * 15 < plain.terms["VAE decode"]  # 512x512 tiles of a 2048x2048 image
+    assert tiled.total < plain.total
+    assert (generation_need(Arch(), 512, 512, vae_tiling=True).terms["VAE decode"]
+            == generation_need(Arch(), 512, 512).terms["VAE decode"])  # one tile is the whole image
+
+
+def test_attention_slicing_helps_only_where_sdpa_would_materialise():
+    math_path = generation_need(Arch(), 1024, 1024, streams=False, batch=2)
+    sliced = generation_need(Arch(), 1024, 1024, streams=False, batch=2, attention_slicing=True)
+    streamed = generation_need(Arch(), 1024, 1024, batch=2)
+    assert "UNet attention scores" not in streamed.terms
+    # Half of one image's 8 heads at a time (4 rows), against every head of 2 images x 2 for guidance (32).
+    assert sliced.terms["UNet attention scores"] * 8 == math_path.terms["UNet attention scores"]
+    assert streamed.total < sliced.total < math_path.total
+
+
+def test_guidance_batch_and_dtype_scale_the_unet():
+    base = generation_need(Arch(), 512, 512, guidance=False)
+    assert generation_need(Arch(), 512, 512).terms["UNet activations"] == 2 * base.terms["UNet activations"]
+    assert generation_need(Arch(), 512, 512, guidance=False, batch=3).terms["UNet activations"] == \
+        3 * base.terms["UNet activations"]
+    assert generation_need(Arch(), 512, 512, guidance=False, nbytes=2).total < base.total
+
+
+def test_arch_from_sdxl_like_configs():
+    unet = {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "sample_size": 128}
+    vae = {"block_out_channels": [128, 256, 512, 512], "sample_size": 1024, "force_upcast": True}
+    arch = arch_from_configs(unet, vae, "StableDiffusionXLPipeline")
+    assert (arch.attention_level, arch.attention_heads, arch.vae_factor, arch.vae_tile) == (1, 10, 8, 1024)
+    assert arch.vae_upcast and not arch_from_configs(unet, vae, "StableDiffusionPipeline").vae_upcast
+    # Level 1's tokens are a quarter of level 0's: 1024x1024 has 64x64 of them there, not 128x128.
+    scores = generation_need(arch, 1024, 1024, streams=False, guidance=False).terms["UNet attention scores"]
+    assert scores == 2 * 10 * (64 * 64) ** 2 * 4
+    assert arch_from_configs({}, {}) == Arch()
+
+
+def test_tiny_model_arch_is_read_from_its_folder(tiny_sd):
+    arch = memory.model_arch(tiny_sd)
+    config = json.loads((Path(tiny_sd) / "unet" / "config.json").read_text())
+    assert arch.vae_factor == 2 and arch.unet_channels == config["block_out_channels"][0] == 16
+    assert arch.attention_level == 1 and arch.sample_size == 8
+
+
+def test_largest_fit_fits_and_one_step_more_does_not():
+    need = lambda w, h: generation_need(Arch(), w, h).total  # noqa: E731
+    budget = 6 * GB
+    w, h = largest_fit(need, 4096, 2048, 8, budget)
+    assert need(w, h) <= budget < need(w + 16, h + 8)
+    assert abs(w / h - 2) < 0.05  # the same shape
+    assert largest_fit(need, 4096, 2048, 8, 1) is None
+
+
+def test_refusal_names_the_largest_part_and_the_helps():
+    with pytest.raises(memory.ResourceError) as err:
+        memory.refuse("generating 2048x2048", generation_need(Arch(), 2048, 2048), "cuda:0", 4 * GB,
+                      ["--vae-tiling needs 3.8 GB"])
+    text = str(err.value)
+    assert "\n" not in text and err.value.exit_code == 1
+    assert text.startswith("generating 2048x2048 needs about 16.1 GB of memory (the VAE decode: 16.0 GB), "
+                           "and cuda:0 has 4.0 GB free; --vae-tiling needs 3.8 GB")
+
+
+def test_ram_available_is_read_and_plausible():
+    found = memory.ram_available()
+    assert found is None or 0 < found < 1 << 50
