@@ -13,6 +13,7 @@ BUNDLED_NAME = "bundled:shapes"  # what records and --model call it, wherever sd
 
 STEPS = 25
 GUIDANCE = 7.5
+DISTILLED_GUIDANCE = 3.5  # Flux-dev's own default (diffusers' FluxPipeline guidance_scale)
 NEGATIVE_PROMPT = ""
 NULL_PROMPT = ""  # what the unconditional branch of guidance sees; finetune drops captions to this
 OUT_DIR = Path("outputs")

@@ -139,30 +139,98 @@ def check_folder(path: Path) -> dict[str, Any]:
     return _read_json(index)
 
 
+@dataclass(frozen=True)
+class Family:
+    """What sdcli needs to know about a model family, as data: the denoiser's name, the size granularity,
+    whether it is trained by flow matching, and what its guidance knob is."""
+
+    name: str
+    pipelines: tuple[str, ...]  # prefixes of the diffusers pipeline class names (every task) of this family
+    denoiser: str = "unet"
+    patch: int = 1  # sizes are multiples of the VAE factor times this (SD3's patches, Flux's 2x2 packing)
+    flow: bool = False  # x_t = (1 − σ)·x_0 + σ·ε, predicting ε − x_0
+    guidance: str = "cfg"  # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev; "none" if absent)
+
+
+# Most specific first: StableDiffusionXL and StableDiffusion3 before StableDiffusion.
+FAMILIES = (
+    Family("sdxl", ("StableDiffusionXL",)),
+    Family("sd3", ("StableDiffusion3",), denoiser="transformer", patch=2, flow=True),
+    Family("flux", ("Flux",), denoiser="transformer", patch=2, flow=True, guidance="distilled"),
+    Family("sd", ("StableDiffusion",)),
+)
+
+
+def family_spec(class_name: str | None) -> Family:
+    """The family of a pipeline class name (SD when unknown: what single-file checkpoints load as)."""
+    for family in FAMILIES:
+        if class_name and class_name.startswith(family.pipelines):
+            return family
+    return FAMILIES[-1]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model is, read from its configs alone (no weights): enough to check a request before loading."""
+
+    class_name: str | None
+    family: Family
+    vae_factor: int
+    guidance: str  # the family's guidance knob, "none" for a distilled family without the input (Flux-schnell)
+
+    @property
+    def size_multiple(self) -> int:
+        """What width and height must be multiples of: the VAE factor times the patch, and never less than the 8
+        that diffusers' Stable Diffusion pipelines insist on."""
+        return max(8, self.vae_factor * self.family.patch)
+
+
+def _config(model: str, name: str, revision: str | None = None) -> dict[str, Any] | None:
+    """One config file of a pipeline folder or Hub model, None where there is none (or the Hub cannot say)."""
+    kind = local_kind(model)
+    if kind == "folder":
+        path = Path(model).expanduser() / name
+        return _read_json(path) if path.is_file() else None
+    if kind == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return _read_json(Path(hf_hub_download(model, name, revision=revision)))
+        except Exception:  # noqa: BLE001 - the real load reports the real error
+            return None
+    return None
+
+
+def model_facts(model: str, revision: str | None = None) -> ModelFacts:
+    if local_kind(model) == "folder":
+        check_folder(Path(model).expanduser())
+    index = _config(model, "model_index.json", revision) or {}
+    family = family_spec(index.get("_class_name"))
+    vae = _config(model, "vae/config.json", revision)
+    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
+    guidance = family.guidance
+    if guidance == "distilled":
+        transformer = _config(model, "transformer/config.json", revision) or {}
+        guidance = "distilled" if transformer.get("guidance_embeds", True) else "none"
+    return ModelFacts(index.get("_class_name"), family, factor, guidance)
+
+
+def facts_of(pipe: Any) -> ModelFacts:
+    """The same facts, of a pipeline already in memory."""
+    family = family_spec(type(pipe).__name__)
+    guidance = family.guidance
+    if guidance == "distilled" and not pipe.transformer.config.get("guidance_embeds", True):
+        guidance = "none"
+    return ModelFacts(type(pipe).__name__, family, pipe.vae_scale_factor, guidance)
+
+
 def size_multiple(model: str, revision: str | None = None) -> int:
-    """What width and height must be multiples of: the VAE factor, and never less than the 8
-    that diffusers' Stable Diffusion pipelines insist on."""
-    return max(8, vae_scale_factor(model, revision))
+    return model_facts(model, revision).size_multiple
 
 
 def vae_scale_factor(model: str, revision: str | None = None) -> int:
     """The VAE's downsampling factor, read from config only (no weights), 8 when unknown."""
-    config: dict[str, Any] | None = None
-    kind = local_kind(model)
-    if kind == "folder":
-        check_folder(Path(model))
-        vae_cfg = Path(model) / "vae" / "config.json"
-        config = _read_json(vae_cfg) if vae_cfg.is_file() else None
-    elif kind == "hub":
-        try:
-            from huggingface_hub import hf_hub_download
-
-            config = _read_json(Path(hf_hub_download(model, "vae/config.json", revision=revision)))
-        except Exception:  # noqa: BLE001 - the real load reports the real error
-            config = None
-    if not config:
-        return 8
-    return 2 ** (len(config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return model_facts(model, revision).vae_factor
 
 
 @dataclass
@@ -175,6 +243,8 @@ class Loaded:
 
     @property
     def prediction_type(self) -> str:
+        if family_spec(type(self.pipe).__name__).flow:
+            return "flow"  # the velocity ε − x_0
         return self.pipe.scheduler.config.get("prediction_type", "epsilon")
 
     @property
@@ -185,15 +255,22 @@ class Loaded:
 
 
 def family_of(pipe: Any) -> str:
+    """sd1, sd2, sdxl, sd3 or flux (the class name for anything else): what records and messages call it."""
     name = type(pipe).__name__
-    if "XL" in name:
-        return "sdxl"
-    if "StableDiffusion" in name:
-        unet = pipe.unet.config
-        if unet.get("cross_attention_dim") == 1024 or pipe.scheduler.config.get("prediction_type") == "v_prediction":
-            return "sd2"
-        return "sd1"
-    return name
+    family = family_spec(name)
+    if not name.startswith(family.pipelines):
+        return name
+    if family.name != "sd":
+        return family.name
+    unet = pipe.unet.config
+    if unet.get("cross_attention_dim") == 1024 or pipe.scheduler.config.get("prediction_type") == "v_prediction":
+        return "sd2"
+    return "sd1"
+
+
+def denoiser(pipe: Any) -> Any:
+    """The network that predicts the noise (or the velocity): the UNet, or the transformer of SD3 and Flux."""
+    return getattr(pipe, family_spec(type(pipe).__name__).denoiser)
 
 
 def _single_file_class(path: Path):
@@ -323,10 +400,11 @@ def apply_runtime_options(
     """
     import torch
 
+    net = denoiser(pipe)
     if channels_last is None:
         channels_last = device.startswith("cuda")
-    if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+    if channels_last and family_spec(type(pipe).__name__).denoiser == "unet":  # a transformer has no convolutions to speak of
+        net.to(memory_format=torch.channels_last)
     if attention_slicing:
         pipe.enable_attention_slicing()
     if vae_tiling:
@@ -342,4 +420,5 @@ def apply_runtime_options(
             inductor.coordinate_descent_tuning = True
             inductor.coordinate_descent_check_all_directions = True
             inductor.epilogue_fusion = False
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if device.startswith("cuda") else "default")
+        compiled = torch.compile(net, mode="max-autotune-no-cudagraphs" if device.startswith("cuda") else "default")
+        setattr(pipe, family_spec(type(pipe).__name__).denoiser, compiled)

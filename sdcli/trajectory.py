@@ -34,6 +34,11 @@ class StepRecorder:
         return out if return_dict else (out.prev_sample,)
 
     def _closed_form_x0(self, model_output, timestep, sample):
+        if not hasattr(self.scheduler, "alphas_cumprod"):
+            # Flow matching: x_t = (1 − σ)·x_0 + σ·ε and the model predicts v = ε − x_0, so x̂_0 = x_t − σ·v;
+            # the scheduler's timestep is σ·T.
+            sigma = float(timestep) / self.scheduler.config.num_train_timesteps
+            return sample - sigma * model_output
         a = self.scheduler.alphas_cumprod.to(sample.device)[int(timestep)].to(sample.dtype)
         kind = self.scheduler.config.get("prediction_type", "epsilon")
         if kind == "v_prediction":
@@ -43,8 +48,14 @@ class StepRecorder:
         return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
 
 
-def decode_latents(pipe: Any, latents: Any) -> list[Any]:
-    """Latents -> PIL images through the pipeline's VAE (used for trajectory frames)."""
+def decode_latents(pipe: Any, latents: Any, size: tuple[int, int] | None = None) -> list[Any]:
+    """Latents -> PIL images through the pipeline's VAE (used for trajectory frames).
+
+    Flux works on 2x2-packed latents (B, tokens, 4·C); ``size`` (width, height in pixels) unpacks them.
+    """
     from sdcli.latents import decode
 
+    if latents.ndim == 3 and hasattr(pipe, "_unpack_latents"):
+        width, height = size
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     return pipe.image_processor.postprocess(decode(pipe.vae, latents).float(), output_type="pil")

@@ -183,6 +183,11 @@ def inspect_schedule_cmd(
     # The shortest schedule bounds the timesteps every compared schedule can show.
     timesteps = sched.parse_timesteps(at, every, min(s.num_train_timesteps for s in schedules))
     infos = [sched.describe(s, timesteps, steps) for s in schedules]
+    if training:
+        choice = sched.TrainingChoice(sampling=timestep_sampling.value, logit_mean=logit_mean, logit_std=logit_std,
+                                      mode_scale=mode_scale, weighting=weighting_scheme.value, snr_gamma=snr_gamma)
+        for schedule, info in zip(schedules, infos):
+            info["training"] = sched.training_profile(schedule, choice)
 
     if image is not None:  # a strip that cannot fit in memory is refused before any file is written
         from sdcli.memory import check_strip

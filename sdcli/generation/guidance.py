@@ -1,8 +1,67 @@
-"""Classifier-free guidance as the formula says, for every pipeline a task uses."""
+"""Guidance as each model family has it: classifier-free guidance as the formula says (SD, SDXL, SD3), or
+Flux-dev's distilled guidance input, with real classifier-free guidance only when asked for (--true-cfg)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from sdcli import defaults
+from sdcli.errors import UsageError
+
+
+def settle_guidance(s: Any, facts: Any) -> None:
+    """Check the guidance settings against the model's kind of guidance and fill in its defaults.
+
+    ``facts`` is `sdcli.pipeline.ModelFacts`: ``guidance`` is "cfg", "distilled" (Flux-dev) or "none"
+    (Flux-schnell). In the design notes' terms, classifier-free guidance runs the model twice and
+    extrapolates ε_uncond + g·(ε_cond − ε_uncond); a distilled model was trained to produce that result
+    in one pass, from g given as an input.
+    """
+    name = facts.class_name or "this model"
+    if facts.family.flow and any(s.guidance_rescale):
+        raise UsageError(f"--guidance-rescale: {name} has no guidance rescale (it belongs to the UNet pipelines)")
+    if facts.guidance == "cfg":
+        if s.distilled_guidance is not None:
+            raise UsageError(f"--distilled-guidance: {name} has no guidance input; its --guidance is classifier-free")
+        if s.true_cfg:
+            raise UsageError(f"--true-cfg: {name}'s --guidance is classifier-free guidance already")
+        s.guidance = s.guidance or [defaults.GUIDANCE]
+        return
+    if facts.guidance == "none":
+        if s.distilled_guidance is not None or s.true_cfg or any(g != 1 for g in s.guidance):
+            raise UsageError(f"{name} has no guidance input (a distilled model that needs none, like Flux-schnell): "
+                             "drop --guidance, --distilled-guidance and --true-cfg")
+        s.guidance = [1.0]
+        return
+    if s.true_cfg and not any(g > 1 for g in s.guidance):
+        raise UsageError("--true-cfg needs --guidance above 1: the classifier-free scale to apply")
+    if not s.true_cfg and any(g != 1 for g in s.guidance):
+        bad = next(g for g in s.guidance if g != 1)
+        raise UsageError(f"--guidance {bad:g}: {name}'s guidance is distilled into the model (--distilled-guidance, "
+                         f"default {defaults.DISTILLED_GUIDANCE:g}), not classifier-free; add --true-cfg for real "
+                         "classifier-free guidance against the negative prompt")
+    s.guidance = s.guidance or [1.0]
+    if s.distilled_guidance is None:
+        s.distilled_guidance = defaults.DISTILLED_GUIDANCE
+
+
+def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """A batch's guidance arguments for ``pipe``: the classifier-free scale (and rescale, where the pipeline
+    has it), or Flux's distilled guidance and, with --true-cfg, its real classifier-free scale."""
+    import inspect
+
+    from sdcli.pipeline import family_spec
+
+    takes = inspect.signature(type(pipe).__call__).parameters
+    if family_spec(type(pipe).__name__).guidance != "distilled":
+        out = {"guidance_scale": values["guidance"]}
+        if "guidance_rescale" in takes:
+            out["guidance_rescale"] = values["guidance_rescale"]
+        return out
+    out = {"guidance_scale": s.distilled_guidance if s.distilled_guidance is not None else 1.0}
+    if s.true_cfg:
+        out["true_cfg_scale"] = values["guidance"]
+    return out
 
 
 def use_formula_guidance(pipe: Any) -> None:
@@ -17,7 +76,9 @@ def use_formula_guidance(pipe: Any) -> None:
         return
 
     def do_cfg(self) -> bool:
-        return self._guidance_scale != 1 and self.unet.config.time_cond_proj_dim is None
+        # A UNet with a guidance-embedding input (LCM-style) has guidance distilled in: no second branch.
+        unet = getattr(self, "unet", None)
+        return self._guidance_scale != 1 and (unet is None or unet.config.time_cond_proj_dim is None)
 
     pipe.__class__ = type(cls.__name__, (cls,), {"_sdcli_formula_guidance": True,
                                                  "do_classifier_free_guidance": property(do_cfg)})

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from sdcli import __version__, defaults
 from sdcli.errors import ModelError, SdcliError, UsageError
 from sdcli.generation.settings import Settings, check_settings, check_size, settings_record, sweep_axes
-from sdcli.generation.guidance import use_formula_guidance
+from sdcli.generation.guidance import guidance_kwargs, settle_guidance, use_formula_guidance
 from sdcli.generation.tasks import Task, task_for
 from sdcli.progress import note
 
@@ -87,25 +87,31 @@ def plan_jobs(s: Settings, seeds: list[int]) -> list[Job]:
     """Every combination of the sweep axes, in declaration order (prompt, guidance, rescale, seed):
     jobs sharing their guidance settings are neighbours, so they batch together."""
     axes = [(d.record_key, seeds if d.record_key == "seed" else getattr(s, d.name)) for d in sweep_axes()]
+    # An unset guidance is the classifier-free default (plan() settles it per model family first).
+    axes = [(k, v or [defaults.GUIDANCE]) if k == "guidance" else (k, v) for k, v in axes]
     keys = [k for k, _ in axes]
     return [Job(dict(zip(keys, combo)), i) for i, combo in enumerate(itertools.product(*(v for _, v in axes)))]
 
 
-def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True) -> Plan:
+def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, facts: Any = None) -> Plan:
     """Check the settings, settle the model, seeds and jobs; raises before anything heavy loads.
 
     ``model_on_disk=False`` is for a pipeline already in memory whose weights are still to be
-    written (finetune's validation images): its model is recorded as named, not looked up.
+    written (finetune's validation images): its model is recorded as named, not looked up, and
+    ``facts`` (`sdcli.pipeline.facts_of(pipe)`) says what kind of model it is.
     """
     from sdcli import distributed as dist
-    from sdcli.pipeline import absolute_if_local, resolve_model, size_multiple
+    from sdcli.pipeline import absolute_if_local, model_facts, resolve_model
 
     check_settings(s)
     task = task_for(s)
     task.check(s)
     if model_on_disk:
         s.model = absolute_if_local(resolve_model(s.model))
-        check_size(s, size_multiple(s.model, s.revision))
+        facts = model_facts(s.model, s.revision)
+        check_size(s, facts.size_multiple)
+    if facts is not None:
+        settle_guidance(s, facts)
         from sdcli.memory import check_generation
 
         check_generation(s)  # refuses, in one line, a size that would outgrow memory once the weights load
@@ -162,6 +168,10 @@ def load_loras(pipe: Any, loras: list[tuple[str, float]], allow_pickle: bool = F
         except Exception as exc:  # noqa: BLE001 - any failure here means the LoRA does not fit
             msg = " ".join(str(exc).split())[:300]
             raise ModelError(f"LoRA {path} does not fit this model: {msg}") from exc
+        # diffusers skips a LoRA none of whose layers match (another family's) with only a warning.
+        if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
+            raise ModelError(f"LoRA {path} does not fit this model: none of its layers match "
+                             f"{type(pipe).__name__}'s (a LoRA for another model family?)")
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[scale for _path, scale in loras])
 
@@ -276,8 +286,7 @@ def iter_images(
         kwargs: dict[str, Any] = dict(
             **text.call_kwargs([j.prompt for j in batch], first["guidance"]),
             num_inference_steps=s.steps,
-            guidance_scale=first["guidance"],
-            guidance_rescale=first["guidance_rescale"],
+            **guidance_kwargs(s, run_pipe, first),
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
             output_type="np",
             callback_on_step_end=callback,
@@ -293,7 +302,7 @@ def iter_images(
         frames_per_image: list[list[Any]] = [[] for _ in batch]
         if s.save_trajectory:
             for x0 in recorder.x0:
-                for k, frame in enumerate(decode_latents(run_pipe, x0)):
+                for k, frame in enumerate(decode_latents(run_pipe, x0, (prepared.width, prepared.height))):
                     frames_per_image[k].append(frame)
         for job, image, frames in zip(batch, images, frames_per_image):
             yield Generated(image=image, record={**base, **job.values}, job=job, trajectory=frames)

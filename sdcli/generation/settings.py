@@ -129,12 +129,19 @@ class Settings:
     allow_pickle: bool = option(False, options.ALLOW_PICKLE)
     steps: int = option(defaults.STEPS, help="Denoising steps.", a1111="Steps")
     guidance: list[float] = option(
-        [defaults.GUIDANCE], help="Classifier-free guidance scale, or a comma list to sweep (1,3,7.5,12).",
+        [], help="Classifier-free guidance scale, or a comma list to sweep (1,3,7.5,12). Default: 7.5; on Flux 1 "
+        "(its guidance is distilled: see --distilled-guidance and --true-cfg).",
         flags=("--guidance", "-g"), role=SWEEP, cli_type=str, parse=lambda t: parse_floats(t, "--guidance"),
-        a1111="CFG scale", label="g")
+        a1111="CFG scale", label="g", show_default=False)
     guidance_rescale: list[float] = option(
         [0.0], help="Guidance rescale φ in [0, 1] (Lin et al. 2023), or a comma list.", role=SWEEP, cli_type=str,
         parse=lambda t: parse_floats(t, "--guidance-rescale"), a1111="CFG Rescale phi", label="r")
+    distilled_guidance: Optional[float] = option(
+        None, help="Flux-dev: the guidance it was distilled with, an input of the model rather than classifier-free "
+        f"guidance. Default: {defaults.DISTILLED_GUIDANCE:g}.", a1111="Distilled CFG Scale", show_default=False)
+    true_cfg: bool = option(
+        False, help="Flux: real classifier-free guidance at --guidance, against the negative prompt (two passes a "
+        "step).", flags=("--true-cfg",), a1111="True CFG", to_a1111=lambda on: "True" if on else None)
     scheduler: Optional[str] = option(None, options.SCHEDULER)
     timestep_spacing: Optional[str] = option(None, options.SPACING, a1111="Timestep spacing")
     seeds: Optional[list[int]] = option(

@@ -27,8 +27,9 @@ CARD_FILE = "README.md"
 VALIDATION_DIR = "validation"
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
 # Everything a run may write; --overwrite removes these and nothing else.
-PIPELINE_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                  "scheduler", "safety_checker", "feature_extractor", "image_encoder")
+PIPELINE_PARTS = ("model_index.json", "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                  "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "safety_checker", "feature_extractor",
+                  "image_encoder")
 OUR_NAMES = (LORA_FILE, SETTINGS_FILE, LOSS_FILE, LOSS_PLOT, CARD_FILE, VALIDATION_DIR, "checkpoints") + PIPELINE_PARTS
 
 
@@ -60,18 +61,26 @@ def clear_previous(out: Path) -> None:
             path.unlink()
 
 
-def save_lora(pipe: Any, unet: Any, text_encoders: list[Any], out: Path) -> Path:
-    """LoRA weights in the diffusers format, with rank and alpha stored so they load at the trained scale."""
+def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], out: Path) -> Path:
+    """LoRA weights in the diffusers format, with rank and alpha stored so they load at the trained scale.
+
+    Through the pipeline class's own `save_lora_weights` (``unet_lora_layers`` for a UNet,
+    ``transformer_lora_layers`` for SD3 and Flux), so its `load_lora_weights` finds every key.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def layers(model):
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    def layers(model, peft_names=False):
+        # diffusers' transformer LoRA scripts save peft's names as they are; its UNet scripts convert them.
+        state = get_peft_model_state_dict(model)
+        return state if peft_names else convert_state_dict_to_diffusers(state)
 
     def metadata(model):
         return model.peft_config["default"].to_dict()
 
-    kwargs: dict[str, Any] = {"unet_lora_layers": layers(unet), "unet_lora_adapter_metadata": metadata(unet)}
+    key = family.denoiser
+    kwargs: dict[str, Any] = {f"{key}_lora_layers": layers(denoiser, family.peft_lora_names),
+                              f"{key}_lora_adapter_metadata": metadata(denoiser)}
     for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
         kwargs[f"{name}_lora_layers"] = layers(encoder)
         kwargs[f"{name}_lora_adapter_metadata"] = metadata(encoder)
@@ -109,7 +118,8 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
     cfg = record["config"]
     lora = cfg["lora"]
     base = record["base_model"]
-    what = f"LoRA (rank {cfg['rank']}, alpha {cfg['lora_alpha']:g})" if lora else "full UNet fine-tune"
+    what = (f"LoRA (rank {cfg['rank']}, alpha {cfg['lora_alpha']:g})" if lora
+            else f"full {record.get('denoiser', 'unet')} fine-tune")
     if cfg["train_text_encoder"]:
         what += " with the text encoder"
     use = (
@@ -128,7 +138,7 @@ tags: [{", ".join(tags)}]
 
 # {out.name}
 
-A {what} of `{base}` ({record['family']}, {record['prediction_type']}), made with sdcli {__version__}:
+A {what} of `{base}` ({record['family']}, {record.get('objective', record['prediction_type'])}), made with sdcli {__version__}:
 {record['steps']} steps of batch {cfg['batch_size']} x {cfg['gradient_accumulation']} accumulation x {record['world_size']} process(es)
 on {record['data']['images']} images at {cfg['resolution']} px, learning rate {cfg['learning_rate']:g}, captions dropped
 to the null prompt with probability {cfg['uncond_prob']:g} so classifier-free guidance keeps working.
@@ -216,7 +226,7 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int) 
 
     from sdcli.generation import Settings, generate, plan
     from sdcli.outputs import ImageWriter
-    from sdcli.pipeline import Loaded
+    from sdcli.pipeline import Loaded, facts_of
 
     out = Path(cfg.out).resolve()
     settings = Settings(
@@ -224,7 +234,7 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int) 
         revision=cfg.revision if cfg.lora else None, variant=cfg.variant if cfg.lora else None,
         loras=[(str(out), 1.0)] if cfg.lora else [], steps=cfg.validation_steps, guidance=[cfg.validation_guidance],
         seeds=[cfg.seed], width=cfg.resolution, height=cfg.resolution, device=str(device))
-    p = plan(settings, distributed=False, model_on_disk=False)
+    p = plan(settings, distributed=False, model_on_disk=False, facts=facts_of(pipe))
     loaded = Loaded(pipe=pipe, model=settings.model, family=family, device=str(device), dtype=torch.float32)
     slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt" for prompt in settings.prompts]
     writer = ImageWriter(out / VALIDATION_DIR / f"step-{step:06d}", p,
