@@ -60,7 +60,8 @@ def test_impossible_size_is_refused_in_one_line_before_loading(cli, tiny_sd, no_
 
 
 def test_available_memory_decides(cli, tiny_sd, monkeypatch):
-    args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1,2,3,4", "--batch-size", "4")
+    args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1,2,3,4", "--batch-size", "4",
+            "--device", "cpu")  # the message names the device
     free(monkeypatch, 1_000_000 * GB)
     assert len(paths_of(cli(*args, "--out", "plenty"))) == 4
     free(monkeypatch, 64 << 10)
