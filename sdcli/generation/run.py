@@ -110,11 +110,11 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
         s.model = absolute_if_local(resolve_model(s.model))
         facts = model_facts(s.model, s.revision)
         check_size(s, facts.size_multiple)
-    if facts is not None:
-        settle_guidance(s, facts)
         from sdcli.memory import check_generation
 
         check_generation(s)  # refuses, in one line, a size that would outgrow memory once the weights load
+    if facts is not None:
+        settle_guidance(s, facts)
     if s.init_image:
         s.init_image = absolute_if_local(s.init_image)
     st = dist.state() if distributed else None
