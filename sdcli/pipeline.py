@@ -281,9 +281,18 @@ def _single_file_class(path: Path):
 
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-        if any(k.startswith("conditioner.embedders.1") for k in keys):
-            return diffusers.StableDiffusionXLPipeline
+        # Each family's checkpoint layout has blocks no other has (the names its original code gave them).
+        for marker, cls in SINGLE_FILE_MARKERS:
+            if any(marker in k for k in keys):
+                return getattr(diffusers, cls)
     return diffusers.StableDiffusionPipeline
+
+
+SINGLE_FILE_MARKERS = (
+    ("conditioner.embedders.1", "StableDiffusionXLPipeline"),
+    ("joint_blocks.", "StableDiffusion3Pipeline"),  # SD3's MMDiT
+    ("double_blocks.", "FluxPipeline"),  # Flux's double-stream blocks
+)
 
 
 def load_pipeline(

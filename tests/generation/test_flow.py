@@ -107,3 +107,19 @@ def test_a_lora_of_another_family_does_not_fit(cli, tiny_flow_models, tiny_sd, t
     lora = save_random_lora(tiny_sd, tmp_path / "sd1-lora")
     result = cli("generate", "x", "--model", tiny_flow_models["sd3"], "--steps", "1", "--lora", lora)
     assert "does not fit this model" in one_error_line(result)
+
+
+@pytest.mark.parametrize("key,expected", [
+    ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "StableDiffusion3Pipeline"),
+    ("double_blocks.0.img_attn.qkv.weight", "FluxPipeline"),
+    ("conditioner.embedders.1.model.ln_final.weight", "StableDiffusionXLPipeline"),
+    ("model.diffusion_model.input_blocks.0.0.weight", "StableDiffusionPipeline"),
+])
+def test_a_single_file_checkpoint_loads_as_its_family(tmp_path, key, expected):
+    from safetensors.torch import save_file
+
+    from sdcli.pipeline import _single_file_class
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(1)}, str(path))
+    assert _single_file_class(path).__name__ == expected
