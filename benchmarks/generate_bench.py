@@ -67,6 +67,61 @@ def small_pipeline(folder: Path) -> str:
     return str(folder / "pipe")
 
 
+def small_sd3_pipeline(folder: Path) -> str:
+    """A random SD3 pipeline where the transformer dominates: 64x64 images, 32x32 latents in 2x2 patches."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from sdcli.testing import _flow_vae, _t5_encoder, _text_encoder, _tokenizer, write_t5_tokenizer
+
+    torch.manual_seed(0)
+    tok, tok2 = _tokenizer(folder / "tok", 77), _tokenizer(folder / "tok2", 77)
+    t5 = write_t5_tokenizer(folder / "t5")
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+        caption_projection_dim=128, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=32,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(0.0609, 1.5035),
+        text_encoder=_text_encoder(len(tok), projection=True), tokenizer=tok,
+        text_encoder_2=_text_encoder(len(tok2), projection=True), tokenizer_2=tok2,
+        text_encoder_3=_t5_encoder(len(t5)), tokenizer_3=t5,
+    )
+    pipe.save_pretrained(folder / "sd3")
+    return str(folder / "sd3")
+
+
+def against_diffusers(model: str, steps: int, runs: int, size: int | None = None) -> dict:
+    """Median seconds of sdcli's generation path and of a direct diffusers call on the same pipeline, interleaved."""
+    import torch
+
+    from sdcli.generation import Settings, iter_images, plan, prepare_pipeline
+
+    s = Settings(prompts=["a red circle"], model=model, steps=steps, guidance=[7.5], seeds=[0], width=size,
+                 height=size)
+    jobs = plan(s, distributed=False).jobs
+    loaded = prepare_pipeline(s)
+    pipe = loaded.pipe
+    sized = {"width": size, "height": size} if size else {}
+
+    def direct() -> None:
+        pipe("a red circle", num_inference_steps=steps, guidance_scale=7.5,
+             generator=torch.Generator("cpu").manual_seed(0), output_type="np", **sized)
+
+    def ours() -> None:
+        list(iter_images(s, loaded, jobs, on_step=lambda n: None))
+
+    direct(), ours()  # warm-up
+    t_direct, t_ours = [], []
+    for _ in range(runs):  # interleaved so drift hits both alike
+        t0 = time.perf_counter(); direct(); t_direct.append(time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
+    d, o = statistics.median(t_direct), statistics.median(t_ours)
+    return {"device": loaded.device, "diffusers_seconds": round(d, 4), "sdcli_seconds": round(o, 4),
+            "ratio": round(o / d, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model")
@@ -75,43 +130,22 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    import torch
-
-    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
-
     help_s = command_time(["--help"], args.runs)
     png_s = shell_to_png_time(args.runs)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or small_pipeline(Path(tmp))
-        s = Settings(prompts=["a red circle"], model=model, steps=args.steps, guidance=[7.5], seeds=[0])
-        loaded = prepare_pipeline(s)
-        pipe = loaded.pipe
-        jobs = plan_jobs(s, [0])
-
-        def direct() -> None:
-            pipe("a red circle", num_inference_steps=args.steps, guidance_scale=7.5,
-                 generator=torch.Generator("cpu").manual_seed(0), output_type="np")
-
-        def ours() -> None:
-            list(iter_images(s, loaded, jobs, on_step=lambda n: None))
-
-        direct(), ours()  # warm-up
-        t_direct, t_ours = [], []
-        for _ in range(args.runs):  # interleaved so drift hits both alike
-            t0 = time.perf_counter(); direct(); t_direct.append(time.perf_counter() - t0)  # noqa: E702
-            t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
+        sd = against_diffusers(args.model or small_pipeline(Path(tmp)), args.steps, args.runs)
+        sd3 = against_diffusers(small_sd3_pipeline(Path(tmp)), args.steps, args.runs, size=64)
     result = {
         "help_seconds": round(help_s, 3),
         "shell_to_png_seconds": round(png_s, 3),
         "model": args.model or "small random SD-like pipeline (64x64)",
-        "device": loaded.device,
         "steps": args.steps,
-        "diffusers_seconds": round(statistics.median(t_direct), 4),
-        "sdcli_seconds": round(statistics.median(t_ours), 4),
+        **sd,
+        "sd3_model": "small random SD3 pipeline (64x64, 4 MMDiT blocks)",
+        **{f"sd3_{k}": v for k, v in sd3.items()},
     }
-    result["ratio"] = round(result["sdcli_seconds"] / result["diffusers_seconds"], 4)
     for k, v in result.items():
-        print(f"{k:18} {v}")
+        print(f"{k:22} {v}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -38,6 +38,8 @@ def table(gen: dict, ft: dict) -> str:
         ("shell to PNG, bundled model, 25 steps", f"{gen['shell_to_png_seconds']:.2f} s", "", ""),
         (f"generate, {gen['steps']} steps (s/image)", f"{gen['sdcli_seconds']:.3f}", f"{gen['diffusers_seconds']:.3f}",
          f"{gen['ratio']:.3f}"),
+        (f"generate SD3, {gen['steps']} steps (s/image)", f"{gen['sd3_sdcli_seconds']:.3f}",
+         f"{gen['sd3_diffusers_seconds']:.3f}", f"{gen['sd3_ratio']:.3f}"),
         (f"finetune {ft['method']} (images/s)", f"{ft['sdcli_images_per_s']:.2f}", f"{ft['reference_images_per_s']:.2f}",
          f"{ft['speedup']:.2f}"),
         (f"finetune {ft['method']} peak memory (MB)", f"{ft['sdcli_peak_mb']:.0f}", f"{ft['reference_peak_mb']:.0f}",
