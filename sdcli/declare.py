@@ -40,7 +40,7 @@ class Opt:
     cli_type: Any = None  # what Typer parses when it differs from the field (comma lists: str; choices: an Enum)
     parse: Callable[[Any], Any] | None = None  # command-line value -> setting value
     record: str | None = None  # key in an output's record (default: the field name)
-    task: str | None = None  # the generation task that uses it; recorded only when that task runs
+    task: str | tuple[str, ...] | None = None  # the generation task(s) that use it; recorded only when one runs
     to_record: Callable[[Any], Any] | None = None  # setting value -> JSON, where they differ
     from_record: Callable[[Any], Any] | None = None  # JSON -> setting value
     a1111: str | None = None  # key in AUTOMATIC1111's `parameters` line, where it has one
@@ -87,6 +87,12 @@ class Declared:
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             return f.default_factory()  # type: ignore[misc]
         return dataclasses.MISSING
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The generation tasks this setting belongs to; empty for one every task records."""
+        task = self.opt.task
+        return (task,) if isinstance(task, str) else tuple(task or ())
 
     @property
     def record_key(self) -> str:

@@ -134,9 +134,12 @@ def emit(path: Path, record: dict[str, Any], json: bool) -> None:
 
 def write_trajectory(item: Any, path: Path, overwrite: bool, json: bool) -> None:
     """x̂_0 after every step as a labelled strip and an animated GIF ending on the image."""
+    from PIL import Image
+
     from sdcli.images import labelled_grid, save_gif, save_png
 
-    frames = item.trajectory
+    # A hires fix's first-pass frames are smaller than the image; show every frame at the image's size.
+    frames = [f if f.size == item.image.size else f.resize(item.image.size, Image.NEAREST) for f in item.trajectory]
     labels = [f"{i + 1}" for i in range(len(frames))]
     strip = labelled_grid([frames], labels, [""], title=f"predicted x0 per step: {item.job.prompt[:60]}")
     strip_path = save_png(strip, path.with_name(path.stem + "-trajectory.png"), overwrite=overwrite)

@@ -365,6 +365,44 @@ def load_pipeline(
     return Loaded(pipe=pipe, model=model, family=family_of(pipe), device=device, dtype=torch_dtype)
 
 
+def replace_vae(loaded: Loaded, source: str, cpu_offload: bool = False) -> None:
+    """Put the VAE at ``source`` (a VAE folder or Hub id, or a pipeline's, whose vae/ is used) into the
+    loaded pipeline, on its device and in its dtype; ModelError if it does not fit the model's latents."""
+    from diffusers import AutoencoderKL
+
+    pipe, old = loaded.pipe, loaded.pipe.vae
+    kind = local_kind(source)
+    path = Path(source).expanduser()
+    if kind == "file":
+        raise ModelError(f"--vae {source}: give a VAE folder (config.json and weights) or a Hub id, not a file")
+    subfolder = "vae" if kind == "folder" and not (path / "config.json").is_file() else None
+    if subfolder and not (path / "vae" / "config.json").is_file():
+        raise ModelError(f"--vae {source}: neither a VAE folder (no config.json) nor a pipeline folder with a vae/")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path) if kind == "folder" else source, subfolder=subfolder,
+                                            torch_dtype=loaded.dtype, use_safetensors=True)
+    except Exception as exc:  # noqa: BLE001 - a Hub pipeline keeps its VAE in vae/; otherwise the load failed
+        if kind != "hub":
+            raise ModelError(f"--vae {_load_message(source, exc)}") from exc
+        try:
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=loaded.dtype, use_safetensors=True)
+        except Exception:  # noqa: BLE001 - report the first failure, about the repo itself
+            raise ModelError(f"--vae {_load_message(source, exc)}") from exc
+    theirs, ours = vae.config.latent_channels, old.config.latent_channels
+    if theirs != ours:
+        raise ModelError(f"--vae {source}: its latents have {theirs} channels but this model's have {ours}; "
+                         "use a VAE made for this model's family")
+    if len(vae.config.block_out_channels) != len(old.config.block_out_channels):
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        raise ModelError(f"--vae {source}: it shrinks images {factor}x but this model's VAE "
+                         f"{pipe.vae_scale_factor}x; use a VAE made for this model's family")
+    if cpu_offload:  # the hooks were set on the old VAE; set them again (diffusers removes the old ones first)
+        pipe.vae = vae
+        pipe.enable_model_cpu_offload(device=loaded.device)
+    else:
+        pipe.vae = vae.to(loaded.device)
+
+
 def _load_message(model: str, exc: Exception) -> str:
     """One line for a failed load, worded by what the exception chain holds (`sdcli.errors` classifies it)."""
     from sdcli.errors import classify_chain

@@ -8,9 +8,24 @@ AUTOMATIC1111 name is kept for image metadata other tools read).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from sdcli.errors import UsageError
+
+
+class Sigmas(str, Enum):
+    """How a sampler spaces its noise levels σ between σ_max and σ_min (AUTOMATIC1111's "Schedule type")."""
+
+    default = "default"  # the sampler's own
+    karras = "karras"  # Karras et al. 2022: evenly in σ^(1/ρ), ρ = 7
+    exponential = "exponential"  # evenly in log σ
+    beta = "beta"  # Lee et al. 2024: a Beta(0.6, 0.6) quantile spacing
+
+
+# The diffusers config flag of each spacing, and the name AUTOMATIC1111 writes for it.
+SIGMA_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+SIGMA_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
 
 
 @dataclass(frozen=True)
@@ -84,11 +99,40 @@ def spec_for(scheduler: Any) -> SchedulerSpec:
     return SchedulerSpec(name=cls, class_name=cls, a1111=cls)
 
 
-def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spacing: str | None = None):
+def schedule_type(scheduler: Any) -> str:
+    """AUTOMATIC1111's "Schedule type" of a scheduler instance: its σ spacing, else what its spec says."""
+    config = dict(scheduler.config)
+    for kind, flag in SIGMA_FLAGS.items():
+        if config.get(flag):
+            return SIGMA_NAMES[kind]
+    return spec_for(scheduler).schedule_type
+
+
+def sigma_overrides(cls: type, sigmas: str, sampler: str) -> dict[str, Any]:
+    """The config flags that give ``cls`` the σ spacing ``sigmas``; UsageError if it has no such choice."""
+    import importlib.util
+    import inspect
+
+    if sigmas == Sigmas.default.value:
+        return {}
+    flag = SIGMA_FLAGS[sigmas]
+    if flag not in inspect.signature(cls.__init__).parameters:
+        # DDIM, DDPM, PLMS and Euler a step through timesteps, not a list of σ's they could respace.
+        raise UsageError(f"--sigmas {sigmas}: the {sampler} sampler has no choice of σ spacing; use it with euler, "
+                         "heun, lms, dpm++2m, dpm2 or unipc, or leave --sigmas default")
+    if sigmas == "beta" and importlib.util.find_spec("scipy") is None:
+        raise UsageError("--sigmas beta needs scipy, which is not installed: pip install scipy")
+    # diffusers refuses more than one spacing at once, and a -karras sampler sets its own.
+    return {f: f == flag for f in SIGMA_FLAGS.values()}
+
+
+def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spacing: str | None = None,
+                   sigmas: str = "default"):
     """Build the named scheduler from a model's scheduler config (its betas, prediction type, ...).
 
     ``name=None`` keeps the model's own class. Only the settings that define the
-    sampler change; the training schedule stays the model's.
+    sampler change; the training schedule stays the model's. ``sigmas`` respaces the
+    noise levels of the samplers that take a list of σ's.
     """
     import diffusers
 
@@ -102,12 +146,22 @@ def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spaci
         overrides = dict(spec.overrides)
     if timestep_spacing is not None:
         overrides["timestep_spacing"] = timestep_spacing
-    if overrides.get("use_karras_sigmas") and config.get("rescale_betas_zero_snr"):
+    sampler = name or get_spec_name(cls.__name__)
+    overrides.update(sigma_overrides(cls, sigmas, sampler))
+    spaced = next((kind for kind, flag in SIGMA_FLAGS.items() if overrides.get(flag)), None)
+    if spaced and config.get("rescale_betas_zero_snr"):
         # Karras et al. space σ between σ_min and a finite σ_max; at zero terminal SNR σ_max is
         # infinite (diffusers clamps it to ~4096), so the steps pile up at t = 999 and repeat.
-        raise UsageError(f"{name}: Karras σ spacing needs a finite σ_max, but this model is trained to zero terminal "
-                         "SNR (σ_max = ∞); use dpm++2m, euler or ddim instead")
+        what = f"--sigmas {sigmas}" if sigmas != "default" else sampler
+        raise UsageError(f"{what}: {SIGMA_NAMES[spaced]} σ spacing needs a finite σ_max, but this model is trained to "
+                         "zero terminal SNR (σ_max = ∞); use dpm++2m, euler or ddim instead")
     return cls.from_config(config, **overrides)
+
+
+def get_spec_name(class_name: str) -> str:
+    """The friendly name of a scheduler class, for messages; the class name when it has none."""
+    spec = _BY_CLASS.get(class_name)
+    return spec.name if spec else class_name
 
 
 def describe() -> list[dict[str, str]]:

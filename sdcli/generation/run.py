@@ -129,7 +129,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
 
 def prepare_pipeline(s: Settings):
     """Load the model, set the sampler, load LoRAs and apply memory/speed options."""
-    from sdcli.pipeline import apply_runtime_options, load_pipeline
+    from sdcli.pipeline import apply_runtime_options, load_pipeline, replace_vae
     from sdcli.prompts import prepare_text_encoders
     from sdcli.schedulers import make_scheduler
 
@@ -138,8 +138,10 @@ def prepare_pipeline(s: Settings):
         cpu_offload=s.cpu_offload,
     )
     pipe = loaded.pipe
-    if s.scheduler is not None or s.timestep_spacing is not None:
-        pipe.scheduler = make_scheduler(s.scheduler, pipe.scheduler.config, s.timestep_spacing)
+    if s.vae:
+        replace_vae(loaded, s.vae, cpu_offload=s.cpu_offload)
+    if s.scheduler is not None or s.timestep_spacing is not None or s.sigmas != "default":
+        pipe.scheduler = make_scheduler(s.scheduler, pipe.scheduler.config, s.timestep_spacing, s.sigmas)
     trained = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if s.steps > trained:
         raise UsageError(f"--steps {s.steps}: this model was trained on {trained} timesteps, so a sampler can take "
@@ -226,7 +228,7 @@ def warn_prompts(loaded: Any, prompts: list[str], quiet: bool, syntax: str = "pl
 
 def base_record(s: Settings, task: Task, loaded: Any, width: int, height: int) -> dict[str, Any]:
     """What every image of a run records: its declared settings plus what the loaded model made of them."""
-    from sdcli.schedulers import spec_for
+    from sdcli.schedulers import schedule_type, spec_for
 
     spec = spec_for(loaded.pipe.scheduler)
     return {
@@ -235,7 +237,7 @@ def base_record(s: Settings, task: Task, loaded: Any, width: int, height: int) -
         "width": width,
         "height": height,
         "sampler": spec.a1111,
-        "schedule_type": spec.schedule_type,
+        "schedule_type": schedule_type(loaded.pipe.scheduler),
         "prediction_type": loaded.prediction_type,
         "model_name": loaded.model_name,
         "model_family": loaded.family,

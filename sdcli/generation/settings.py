@@ -17,7 +17,9 @@ from sdcli import defaults, options
 from sdcli.declare import Role, by_role, declared, option
 from sdcli.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
 from sdcli.errors import DataError, ModelError, UsageError
+from sdcli.generation.tasks import IMAGE_TASKS, Upscaler
 from sdcli.prompts import PromptSyntax, check_prompt_settings
+from sdcli.schedulers import Sigmas
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
 # AUTOMATIC1111 writes these first, in this order; the rest follow in declaration order.
@@ -101,6 +103,56 @@ def _loras_from_record(value: list[dict[str, Any]] | None) -> list[tuple[str, fl
     return [(lo["path"], float(lo["scale"])) for lo in value or []]
 
 
+def _absolute_if_local(path: str) -> str:
+    from sdcli.pipeline import absolute_if_local
+
+    return absolute_if_local(path)
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_to_record(path: str | None) -> dict[str, str] | None:
+    """An input image as a record holds it: where it was and what it held, so a replay can tell it changed."""
+    if path is None:
+        return None
+    return {"path": _absolute_if_local(path), "sha256": _sha256(path)}
+
+
+def _file_from_record(value: dict[str, str] | str | None, flag: str) -> str | None:
+    """The recorded input's path, if the file there still holds what the image was made from."""
+    if value is None or isinstance(value, str):  # records before sdcli kept a hash
+        return value
+    path, recorded_hash = value["path"], value["sha256"]
+    if not Path(path).is_file():
+        raise DataError(f"{flag} {path}: no such file, and the image was made from it")
+    if _sha256(path) != recorded_hash:
+        raise DataError(f"{flag} {path} has changed since the image was made (its sha256 differs from the "
+                        "recorded one); restore that file to remake the image")
+    return path
+
+
+def parse_outpaint(text: str) -> list[int]:
+    """'32,32,0,0' -> [32, 32, 0, 0]: pixels to add left, right, top and bottom."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise UsageError(f"--outpaint {text!r}: give LEFT,RIGHT,TOP,BOTTOM as four whole numbers of pixels, "
+                         "e.g. 32,32,0,0")
+    sides = [int(p) for p in parts]
+    if not any(sides):
+        raise UsageError(f"--outpaint {text!r} adds nothing: give at least one side a width")
+    for side in sides:
+        if side % 8:
+            lower = side - side % 8
+            raise UsageError(f"--outpaint: {side} is not a multiple of 8 (the VAE's factor); try {lower or 8} "
+                             f"or {lower + 8}")
+    return sides
+
+
 # 2. The declarations -----------------------------------------------------------------------------
 
 
@@ -162,10 +214,35 @@ class Settings:
         [], help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.", flags=("--lora",),
         cli_type=list[str], parse=lambda specs: [parse_lora(s) for s in specs], to_record=_loras_to_record,
         from_record=_loras_from_record, show_default=False)
-    init_image: Optional[str] = option(None, help="Start from this image (img2img).", cli_type=Path, parse=str,
-                                       task="img2img")
-    strength: float = option(0.75, help="img2img: how far to noise the init image, 0..1.", task="img2img",
-                             a1111="Denoising strength")
+    init_image: Optional[str] = option(
+        None, help="Start from this image (img2img; with --mask or --outpaint, inpainting).", cli_type=Path, parse=str,
+        task=IMAGE_TASKS, to_record=_file_to_record, from_record=lambda v: _file_from_record(v, "--init-image"))
+    strength: float = option(0.75, help="img2img and inpainting: how far to noise the init image, 0..1.",
+                             task=IMAGE_TASKS, a1111="Denoising strength")
+    mask: Optional[str] = option(
+        None, help="Inpainting: repaint where this image is white (any mode; resized to --init-image).", cli_type=Path,
+        parse=str, task="inpaint", to_record=_file_to_record, from_record=lambda v: _file_from_record(v, "--mask"))
+    mask_blur: int = option(4, help="Inpainting: feather the mask's edge by this many pixels (Gaussian σ).",
+                            task=("inpaint", "outpaint"), a1111="Mask blur")
+    outpaint: Optional[list[int]] = option(
+        None, help="Outpainting: grow the canvas by LEFT,RIGHT,TOP,BOTTOM pixels and paint only the new border.",
+        cli_type=str, parse=parse_outpaint, task="outpaint", a1111="Outpaint",
+        to_a1111=lambda sides: " ".join(f"{name}{n}" for name, n in zip("LRTB", sides)))
+    hires_scale: Optional[float] = option(
+        None, help="Hires fix: upscale the image by this factor (> 1) and refine it with a second img2img pass.",
+        task="hires", a1111="Hires upscale")
+    hires_upscaler: str = option("lanczos", help="Hires fix: upscale the pixels (lanczos) or the latents (latent).",
+                                 cli_type=Upscaler, task="hires", a1111="Hires upscaler", to_a1111=str.capitalize)
+    hires_strength: float = option(0.5, help="Hires fix: strength of the second pass, 0..1.", task="hires",
+                                   a1111="Denoising strength")
+    hires_steps: Optional[int] = option(None, help="Hires fix: steps of the second pass. Default: --steps.",
+                                        task="hires", a1111="Hires steps")
+    vae: Optional[str] = option(
+        None, help="Replace the model's VAE: a VAE folder or Hub id (or a pipeline's, whose vae/ is used).",
+        to_record=lambda v: v and _absolute_if_local(v), a1111="VAE", to_a1111=lambda v: Path(v).name)
+    # Recorded as "sigmas"; AUTOMATIC1111's "Schedule type" is read off the scheduler that ran (base_record).
+    sigmas: str = option("default", help="σ spacing, for the samplers that have one (euler, heun, lms, dpm, unipc).",
+                         cli_type=Sigmas)
     save_trajectory: bool = option(
         False, help="Also save the predicted clean image at every step (strip PNG + GIF).", role=RUNTIME)
 
@@ -228,7 +305,7 @@ def check_size(s: Settings, factor: int) -> None:
 
 def recorded(task: str) -> list[Any]:
     """The declared settings an image made by ``task`` records (sweep axes are per image)."""
-    return [d for d in by_role(Settings, RECORDED) if d.opt.task in (None, task)]
+    return [d for d in by_role(Settings, RECORDED) if not d.tasks or task in d.tasks]
 
 
 def settings_record(s: Settings, task: str) -> dict[str, Any]:

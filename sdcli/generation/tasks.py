@@ -4,27 +4,46 @@ diffusers has one pipeline class per task and `from_pipe` to move between them
 without loading weights twice; a task here names which one it needs. Its record
 fields are the settings declared with ``task=<name>`` (`sdcli.generation.settings`).
 Guidance, the NaN guard, trajectories and LoRAs live in `sdcli.generation.run`
-and apply to every task alike. A new task (inpaint, hires fix, ControlNet) is a
-new class here, added to TASKS, plus its declared options.
+and apply to every task alike. A new task (ControlNet, ...) is a new class here,
+added to TASKS, plus its declared options; inpainting's mask arithmetic is in
+`sdcli.generation.masks`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from sdcli.errors import DataError, UsageError
 
+# The tasks that start from --init-image (and record it and --strength).
+IMAGE_TASKS = ("img2img", "inpaint", "outpaint")
+MAX_SIDE = 4096  # pixels; past this a hires pass is a typo, not a picture
+
+
+class Upscaler(str, Enum):
+    """How hires fix enlarges the first pass: its decoded pixels, or its latents (AUTOMATIC1111's "Latent")."""
+
+    lanczos = "lanczos"
+    latent = "latent"
+
 
 @dataclass
 class Prepared:
-    """What a task hands the denoising loop: its pipeline, size and the arguments every batch shares."""
+    """What a task hands the denoising loop: its pipeline, size and the arguments every batch shares.
+
+    ``width`` and ``height`` are what the image records and a replay asks for again (--width,
+    --height): the first pass of a hires fix, the init image inside an outpainted canvas.
+    ``keep`` is what the task's own denoise or finish needs beyond the call.
+    """
 
     pipe: Any
     width: int
     height: int
     call: dict[str, Any] = field(default_factory=dict)
+    keep: dict[str, Any] = field(default_factory=dict)
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
@@ -59,11 +78,35 @@ class Task:
         return images
 
 
+def task_pipeline(auto: Any, pipe: Any) -> Any:
+    """``pipe``'s weights in the diffusers pipeline class ``auto`` picks for this task (no copy is made)."""
+    from sdcli.generation.guidance import use_formula_guidance
+
+    task_pipe = auto.from_pipe(pipe)
+    task_pipe.set_progress_bar_config(disable=True)
+    use_formula_guidance(task_pipe)
+    return task_pipe
+
+
+def refuse_without_init_image(s: Any) -> None:
+    for value, flag in ((s.mask, "--mask"), (s.outpaint, "--outpaint")):
+        if value is not None:
+            raise UsageError(f"{flag} needs --init-image (the picture to paint into)")
+
+
+def refuse_hires(s: Any) -> None:
+    if s.hires_scale is not None:
+        raise UsageError("--hires-scale is a second pass after text-to-image; it does not combine with --init-image")
+
+
 class TextToImage(Task):
     name = "txt2img"
 
     def applies(self, s: Any) -> bool:
         return True
+
+    def check(self, s: Any) -> None:
+        refuse_without_init_image(s)
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         dw, dh = default_size(pipe)
@@ -80,6 +123,7 @@ class ImageToImage(Task):
         return s.init_image is not None
 
     def check(self, s: Any) -> None:
+        refuse_hires(s)
         if not 0 < s.strength <= 1:
             raise UsageError(f"--strength must be in (0, 1], got {s.strength:g}")
         if int(s.steps * s.strength) < 1:
@@ -96,13 +140,158 @@ class ImageToImage(Task):
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
 
-        from sdcli.generation.guidance import use_formula_guidance
-
         image = load_init_image(s.init_image, s.width, s.height, max(8, pipe.vae_scale_factor))
-        task_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
-        task_pipe.set_progress_bar_config(disable=True)
-        use_formula_guidance(task_pipe)
+        task_pipe = task_pipeline(AutoPipelineForImage2Image, pipe)
         return Prepared(task_pipe, image.width, image.height, {"image": image, "strength": s.strength})
+
+
+class Inpaint(ImageToImage):
+    """Repaint where the mask is white, then lay the original back over everything else.
+
+    diffusers' inpainting pipeline does the denoising: a 9-channel inpainting UNet sees the
+    mask and the masked image at every step; an ordinary 4-channel one is held to the image
+    outside the mask by putting the original's latents back there, noised to the current
+    level, after every step. Then `finish` composites over the original, so the pixels the
+    mask leaves alone are the original's exactly, not their VAE round trip.
+    """
+
+    name = "inpaint"
+
+    def applies(self, s: Any) -> bool:
+        return s.init_image is not None and s.mask is not None
+
+    def check(self, s: Any) -> None:
+        super().check(s)
+        if s.mask is not None and s.outpaint is not None:
+            raise UsageError("give --mask or --outpaint, not both")
+        if s.mask_blur < 0:
+            raise UsageError(f"--mask-blur must be >= 0, got {s.mask_blur}")
+        if s.mask is not None:  # its aspect ratio and whether it marks anything, before the weights load
+            from sdcli.generation.masks import read_mask
+            from sdcli.images import open_image
+
+            read_mask(s.mask, open_image(s.init_image, what="--init-image").size)
+
+    def canvas(self, s: Any, factor: int) -> tuple[Any, Any, Any]:
+        """(picture to paint into, mask of what to repaint, the init image as resized)."""
+        from sdcli.generation.masks import read_mask
+        from sdcli.images import open_image
+
+        stored = open_image(s.init_image, what="--init-image").size
+        image = load_init_image(s.init_image, s.width, s.height, factor)
+        return image, read_mask(s.mask, stored), image
+
+    def prepare(self, s: Any, pipe: Any) -> Prepared:
+        from diffusers import AutoPipelineForInpainting
+
+        from sdcli.generation.masks import feather
+
+        picture, mask, init = self.canvas(s, max(8, pipe.vae_scale_factor))
+        # diffusers gets the feathered mask too (it thresholds it at 0.5), as AUTOMATIC1111's sampler does.
+        feathered = feather(mask, picture.size, s.mask_blur)
+        task_pipe = task_pipeline(AutoPipelineForInpainting, pipe)
+        call = {"image": picture, "mask_image": feathered, "strength": s.strength, "width": picture.width,
+                "height": picture.height}
+        return Prepared(task_pipe, init.width, init.height, call, keep={"original": picture, "mask": feathered})
+
+    def denoise(self, prepared: Prepared, kwargs: dict[str, Any]) -> Any:
+        # One copy of the picture per image: diffusers encodes a single picture with the first image's
+        # generator alone, so the second image of a batch would differ from the same image made alone.
+        n = len(kwargs["generator"])
+        copies = {"image": [kwargs["image"]] * n, "mask_image": [kwargs["mask_image"]] * n}
+        return prepared.pipe(**{**kwargs, **copies}).images
+
+    def finish(self, prepared: Prepared, images: list[Any]) -> list[Any]:
+        from sdcli.generation.masks import composite
+
+        return [composite(image, prepared.keep["original"], prepared.keep["mask"]) for image in images]
+
+
+class Outpaint(Inpaint):
+    """Inpainting on a larger canvas: the border --outpaint adds is the mask."""
+
+    name = "outpaint"
+
+    def applies(self, s: Any) -> bool:
+        return s.init_image is not None and s.outpaint is not None
+
+    def canvas(self, s: Any, factor: int) -> tuple[Any, Any, Any]:
+        from sdcli.generation.masks import pad_canvas
+
+        image = load_init_image(s.init_image, s.width, s.height, factor)
+        picture, mask = pad_canvas(image, *s.outpaint)
+        return picture, mask, image
+
+
+class HiresFix(Task):
+    """AUTOMATIC1111's hires fix: make the image at the asked size, enlarge it by --hires-scale, and
+    run img2img over the enlargement. The first pass settles the composition at a size the model
+    knows; the second adds detail at one it would compose badly from noise."""
+
+    name = "hires"
+
+    def applies(self, s: Any) -> bool:
+        return s.hires_scale is not None
+
+    def check(self, s: Any) -> None:
+        refuse_without_init_image(s)
+        if s.hires_scale <= 1:
+            raise UsageError(f"--hires-scale must be more than 1, got {s.hires_scale:g}")
+        if not 0 < s.hires_strength <= 1:
+            raise UsageError(f"--hires-strength must be in (0, 1], got {s.hires_strength:g}")
+        if s.hires_steps is not None and s.hires_steps < 1:
+            raise UsageError(f"--hires-steps must be at least 1, got {s.hires_steps}")
+        steps = s.hires_steps or s.steps
+        if int(steps * s.hires_strength) < 1:
+            raise UsageError(f"--hires-strength {s.hires_strength:g} with {steps} hires steps leaves no denoising step "
+                             f"(int({steps} × {s.hires_strength:g}) = 0); raise either")
+        for size, flag in ((s.width, "--width"), (s.height, "--height")):
+            if size:
+                self.upscaled(size, s.hires_scale, 8, flag)
+
+    def upscaled(self, size: int, scale: float, factor: int, flag: str) -> int:
+        """``size`` × ``scale``, cut down to a multiple of ``factor``; refused past MAX_SIDE."""
+        big = int(size * scale) // factor * factor
+        if big > MAX_SIDE:
+            raise UsageError(f"--hires-scale {scale:g} takes the {flag.lstrip('-')} {size} to {big} pixels, past "
+                             f"the {MAX_SIDE}-pixel limit")
+        return big
+
+    def denoising_steps(self, s: Any) -> int:
+        return s.steps + max(1, int((s.hires_steps or s.steps) * s.hires_strength))
+
+    def prepare(self, s: Any, pipe: Any) -> Prepared:
+        from diffusers import AutoPipelineForImage2Image
+
+        dw, dh = default_size(pipe)
+        width, height = s.width or dw, s.height or dh
+        factor = max(8, pipe.vae_scale_factor)
+        size = (self.upscaled(width, s.hires_scale, factor, "--width"),
+                self.upscaled(height, s.hires_scale, factor, "--height"))
+        keep = {"second": task_pipeline(AutoPipelineForImage2Image, pipe), "size": size, "upscaler": s.hires_upscaler,
+                "strength": s.hires_strength, "steps": s.hires_steps or s.steps}
+        return Prepared(pipe, width, height, {"width": width, "height": height}, keep=keep)
+
+    def denoise(self, prepared: Prepared, kwargs: dict[str, Any]) -> Any:
+        import torch
+        from PIL import Image
+
+        # 1. The first pass, kept as latents or as pixels.
+        keep, pipe = prepared.keep, prepared.pipe
+        latent = keep["upscaler"] == Upscaler.latent.value
+        first = pipe(**{**kwargs, "output_type": "latent" if latent else "np"}).images
+        # 2. Enlarged: latents bilinearly, as AUTOMATIC1111's "Latent" does; pixels with Lanczos.
+        width, height = keep["size"]
+        if latent:
+            f = pipe.vae_scale_factor
+            image: Any = torch.nn.functional.interpolate(first, size=(height // f, width // f), mode="bilinear")
+        else:
+            image = [picture.resize((width, height), Image.LANCZOS) for picture in pipe.numpy_to_pil(first)]
+        # 3. The second pass draws its noise afresh from the same seeds, as AUTOMATIC1111's does.
+        second = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
+        second.update(image=image, strength=keep["strength"], num_inference_steps=keep["steps"],
+                      generator=[torch.Generator(g.device).manual_seed(g.initial_seed()) for g in kwargs["generator"]])
+        return keep["second"](**second).images
 
 
 def load_init_image(path: str, width: int | None, height: int | None, factor: int):
@@ -120,7 +309,7 @@ def load_init_image(path: str, width: int | None, height: int | None, factor: in
 
 
 # Most specific first: the first that applies runs.
-TASKS: tuple[Task, ...] = (ImageToImage(), TextToImage())
+TASKS: tuple[Task, ...] = (Inpaint(), Outpaint(), ImageToImage(), HiresFix(), TextToImage())
 
 
 def task_for(s: Any) -> Task:
