@@ -143,6 +143,9 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Text-to-image diffusion from the command line. Set SDCLI_DEBUG=1 for tracebacks."""
+    from sdcli import threads
+
+    threads.mark()  # how busy the other processes are is measured over start-up (sdcli.threads)
 
 
 def _register() -> None:

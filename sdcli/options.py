@@ -68,6 +68,8 @@ DtypeOpt = alias(DTYPE, Dtype, "--dtype")
 ChannelsLast = alias(CHANNELS_LAST, Optional[bool], "--channels-last")
 Scheduler = alias(SCHEDULER, Optional[str], "--scheduler")
 Spacing = alias(SPACING, Optional[TimestepSpacing], "--timestep-spacing")
+THREADS = Opt("CPU threads for torch. Default: one per core that other processes are not keeping busy.",
+              role=Role.RUNTIME, show_default=False)
 QUIET = Opt("No progress or notes on stderr; results only.", flags=("--quiet", "-q"), role=Role.RUNTIME)
 OVERWRITE = Opt("Replace existing output files.", flags=("--overwrite",), role=Role.RUNTIME)
 Quiet = alias(QUIET, bool, "--quiet")

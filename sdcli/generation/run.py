@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sdcli import __version__, defaults
+from sdcli import __version__, defaults, threads
 from sdcli.errors import ModelError, SdcliError, UsageError
 from sdcli.generation.settings import Settings, check_settings, check_size, settings_record, sweep_axes
 from sdcli.generation.guidance import guidance_kwargs, settle_guidance, use_formula_guidance
@@ -138,6 +138,7 @@ def prepare_pipeline(s: Settings):
         cpu_offload=s.cpu_offload,
     )
     pipe = loaded.pipe
+    threads.apply(s.threads, loaded.device)
     if s.vae:
         replace_vae(loaded, s.vae, cpu_offload=s.cpu_offload)
     if s.scheduler is not None or s.timestep_spacing is not None or s.sigmas != "default":

@@ -205,6 +205,7 @@ class Settings:
     batch_size: int = option(1, help="Images denoised together.", role=RUNTIME)
     device: str = option("auto", options.DEVICE)
     dtype: str = option("auto", options.DTYPE)
+    threads: Optional[int] = option(None, options.THREADS)
     cpu_offload: bool = option(False, help="Keep idle models in CPU memory (CUDA only).", role=RUNTIME)
     vae_tiling: bool = option(False, help="Decode in tiles, for large images on small GPUs.", role=RUNTIME)
     attention_slicing: bool = option(False, help="Compute attention in slices to save memory.", role=RUNTIME)
@@ -269,6 +270,8 @@ def check_settings(s: Settings) -> None:
         raise UsageError(f"--num-images must be at least 1, got {s.num_images}")
     if s.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {s.batch_size}")
+    if s.threads is not None and s.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {s.threads}")
     if s.seeds and len(s.seeds) > 1 and s.num_images > 1:
         raise UsageError("give either a list of seeds or --num-images, not both")
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
