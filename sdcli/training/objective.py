@@ -1,7 +1,10 @@
 """The maths of one training step, as small functions named after their papers.
 
-The forward process is the scheduler's own (`add_noise`, `get_velocity`); we
-never re-derive it here, only choose what to regress and how to weight it.
+DDPM models (SD 1/2, SDXL): the forward process is the scheduler's own
+(`add_noise`, `get_velocity`); we never re-derive it here, only choose what to
+regress and how to weight it. Flow-matching models (SD3, Flux): σ and the
+timestep come from the scheduler's own training σ's, drawn and weighted by
+diffusers' own SD3 helpers, and x_t is the closed form (1 − σ)·x_0 + σ·ε.
 Every random draw takes an explicit generator so a step can be replayed.
 """
 
@@ -145,3 +148,31 @@ def flow_loss_weights(scheme: str, sigmas):
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     return compute_loss_weighting_for_sd3(scheme, sigmas)
+
+
+def flow_training_scheduler(config: dict[str, Any]):
+    """The model's flow-matching scheduler, fresh from its config: its training σ's carry the model's static
+    shift (SD3's 3.0), as diffusers' SD3 training script uses them; a resolution-dependent shift (Flux) is
+    chosen per image at sampling time, so Flux trains on the unshifted σ's, as diffusers' Flux script does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
+
+
+def flow_step_loss(predict, scheduler, latents, generator, *, sampling: str = "uniform", logit_mean: float = 0.0,
+                   logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none"):
+    """One flow-matching step's loss (Lipman et al. 2023; Esser et al. 2024): draw σ, jump x_0 to
+    x_t = (1 − σ)·x_0 + σ·ε, and regress ``predict(x_t, timesteps)`` onto the velocity ε − x_0 with plain
+    MSE, each sample weighted by the scheme (none: all 1).
+    """
+    import torch
+
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    u = sample_flow_u(latents.shape[0], sampling, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
+                      generator=generator, device=latents.device)
+    sigmas, timesteps = flow_sigmas(scheduler, u)
+    s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+    noisy = (1 - s) * latents + s * noise
+    prediction = predict(noisy, timesteps)
+    weights = None if weighting == "none" else flow_loss_weights(weighting, sigmas)
+    return diffusion_loss(prediction, noise - latents, weights)

@@ -89,3 +89,86 @@ def test_sample_prediction_is_refused():
     with pytest.raises(ModelError, match="prediction_type 'sample'"):
         step_loss(RecordingUNet(torch.zeros(1, 4, 8, 8)), scheduler, torch.zeros(1, 4, 8, 8),
                   {"encoder_hidden_states": None}, torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flow matching (SD3, Flux): x_t = (1 − σ)·x_0 + σ·ε, regressing the velocity ε − x_0.
+
+
+class RecordingTransformer:
+    """Stands in for the transformer behind a family's predict: remembers x_t and the timestep."""
+
+    def __init__(self, prediction):
+        self.prediction = prediction
+        self.seen = None
+
+    def __call__(self, noisy, timesteps):
+        self.seen = (noisy.clone(), timesteps.clone())
+        return self.prediction
+
+
+def _flow_scheduler(shift, dynamic=False):
+    from sdcli.training.objective import flow_training_scheduler
+
+    return flow_training_scheduler({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T,
+                                    "shift": shift, "use_dynamic_shifting": dynamic})
+
+
+def _flow_hand(seed, latents, prediction, *, shift, sampling, weighting, m=0.0, s=1.0, mode_scale=1.29):
+    """Replay the step's draws and compute σ, x_t, the target and the loss by hand (Esser et al. 2024)."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    b = latents.shape[0]
+    if sampling == "logit-normal":  # u = sigmoid(N(m, s²))
+        u = torch.sigmoid(m + s * torch.randn(b, generator=g))
+    elif sampling == "mode":  # f_mode(u; s) = 1 − u − s·(cos²(πu/2) − 1 + u)
+        u0 = torch.rand(b, generator=g)
+        u = 1 - u0 - mode_scale * (torch.cos(math.pi * u0 / 2) ** 2 - 1 + u0)
+    else:
+        u = torch.rand(b, generator=g)
+    i = (u * T).long().clamp(0, T - 1).double()
+    base = (T - i) / T  # the scheduler's training σ's run from 1 down to 1/T ...
+    sigma = shift * base / (1 + (shift - 1) * base)  # ... shifted to noise: σ' = shift·σ / (1 + (shift − 1)·σ)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
+    per_sample = ((prediction - (noise - latents)) ** 2).mean(dim=(1, 2, 3)).double()
+    weight = {"none": torch.ones_like(sigma), "sigma_sqrt": sigma ** -2.0,
+              "cosmap": 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))}[weighting]
+    return x_t.float(), (sigma * T).float(), (per_sample * weight).mean().float()
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit-normal", "mode"])
+@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
+def test_flow_loss_is_mse_to_the_velocity_at_the_drawn_sigma(sampling, weighting):
+    from sdcli.training.objective import flow_step_loss
+
+    torch.manual_seed(0)
+    latents, prediction = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    model = RecordingTransformer(prediction)
+    shape = {"logit-normal": dict(logit_mean=0.3, logit_std=0.8), "mode": dict(mode_scale=1.0)}.get(sampling, {})
+    loss = flow_step_loss(model, _flow_scheduler(3.0), latents, torch.Generator().manual_seed(7), sampling=sampling,
+                          weighting=weighting, **shape)
+    x_t, t, expected = _flow_hand(7, latents, prediction, shift=3.0, sampling=sampling, weighting=weighting,
+                                  m=0.3, s=0.8, mode_scale=1.0)
+    torch.testing.assert_close(model.seen[1], t, rtol=1e-4, atol=1e-3)  # the model's timestep is σ·1000
+    torch.testing.assert_close(model.seen[0], x_t, rtol=1e-5, atol=1e-5)  # one closed-form jump from x_0
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    # The hand computation can tell the shift apart: unshifted σ's give another loss.
+    if weighting != "none":
+        unshifted = _flow_hand(7, latents, prediction, shift=1.0, sampling=sampling, weighting=weighting, m=0.3,
+                               s=0.8, mode_scale=1.0)[2]
+        assert not torch.allclose(loss, unshifted, rtol=1e-3)
+
+
+def test_a_resolution_dependent_shift_trains_on_the_unshifted_sigmas():
+    """Flux shifts by image size at sampling time; its training σ's are the plain ones (diffusers' Flux script)."""
+    from sdcli.training.objective import flow_step_loss
+
+    latents, prediction = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    model = RecordingTransformer(prediction)
+    loss = flow_step_loss(model, _flow_scheduler(3.0, dynamic=True), latents, torch.Generator().manual_seed(1),
+                          weighting="sigma_sqrt")
+    x_t, t, expected = _flow_hand(1, latents, prediction, shift=1.0, sampling="uniform", weighting="sigma_sqrt")
+    torch.testing.assert_close(model.seen[1], t, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
