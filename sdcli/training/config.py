@@ -18,6 +18,7 @@ from typing import Any, Optional
 from sdcli import defaults, options
 from sdcli.declare import Role, by_role, option
 from sdcli.errors import UsageError
+from sdcli.training.objective import TimestepSampling, WeightingScheme
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -95,17 +96,36 @@ class FinetuneConfig:
         show_default=False)
     noise_offset: float = option(0.0, help="Offset noise strength (0.05-0.1 helps very dark/bright images).",
                                  panel=TRAIN)
+    # Flow matching (SD3, Flux): None until the model is known, so a DDPM model can refuse what was given.
+    timestep_sampling: Optional[str] = option(
+        None, help="Flow matching (SD3, Flux): how training draws sigma. Default: uniform.", panel=TRAIN,
+        cli_type=TimestepSampling, show_default=False)
+    logit_mean: Optional[float] = option(
+        None, help="With --timestep-sampling logit-normal: the mean m of u = sigmoid(N(m, s)). Default: 0.",
+        panel=TRAIN, show_default=False)
+    logit_std: Optional[float] = option(
+        None, help="With --timestep-sampling logit-normal: the standard deviation s. Default: 1.", panel=TRAIN,
+        show_default=False)
+    mode_scale: Optional[float] = option(
+        None, help="With --timestep-sampling mode: SD3's scale, -1 to 1.75 (0: uniform). Default: 1.29.",
+        panel=TRAIN, show_default=False)
+    weighting_scheme: Optional[str] = option(
+        None, help="Flow matching: loss weight per sigma (sigma_sqrt: 1/sigma^2; cosmap: SD3's). Default: none.",
+        panel=TRAIN, cli_type=WeightingScheme, show_default=False)
+    distilled_guidance: Optional[float] = option(
+        None, help="Flux-dev: the value its distilled guidance input gets while training. Default: 1.", panel=TRAIN,
+        show_default=False)
 
     # What is trained
     lora: bool = option(
-        True, help="Train LoRA adapters (small file) or the whole UNet (a full pipeline folder).",
+        True, help="Train LoRA adapters (small file) or the whole UNet or transformer (a full pipeline folder).",
         flags=("--lora/--full",), panel=TRAIN)
     rank: int = option(4, help="LoRA rank.", panel=TRAIN)
     lora_alpha: Optional[float] = option(
         None, help="LoRA alpha (scale = alpha / rank). Default: the rank.", panel=TRAIN, show_default=False)
     lora_targets: tuple[str, ...] = option(
-        LORA_TARGETS, help="Comma list of UNet modules that get LoRA adapters.", panel=TRAIN, cli_type=str,
-        parse=_comma_tuple)
+        LORA_TARGETS, help="Comma list of UNet or transformer modules that get LoRA adapters.", panel=TRAIN,
+        cli_type=str, parse=_comma_tuple)
     train_text_encoder: bool = option(
         False, help="Train the text encoder(s) too (LoRA or full, like the UNet).", flags=("--train-text-encoder",),
         panel=TRAIN)
@@ -122,8 +142,8 @@ class FinetuneConfig:
     gradient_accumulation: int = option(1, help="Micro-batches summed into one optimizer step.", panel=TRAIN)
     max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0: no clipping).", panel=TRAIN)
     mixed_precision: str = option(  # resolved before training starts
-        "auto", help="Autocast precision for the UNet (frozen weights are stored in it too); auto: fp16 on CUDA, "
-        "no elsewhere.", panel=TRAIN, cli_type=MixedPrecision)
+        "auto", help="Autocast precision for the UNet or transformer (frozen weights are stored in it too); auto: "
+        "fp16 on CUDA, no elsewhere.", panel=TRAIN, cli_type=MixedPrecision)
     gradient_checkpointing: bool = option(
         False, help="Recompute activations in backward: less memory, ~30% slower.",
         flags=("--gradient-checkpointing",), panel=TRAIN)
@@ -154,8 +174,9 @@ class FinetuneConfig:
         [], help="Prompt rendered every --validation-every steps (repeatable).", flags=("--validation-prompt",),
         panel=LONG, role=RUNTIME, cli_type=list[str], show_default=False)
     validation_every: int = option(100, help="Steps between validation images.", panel=LONG, role=RUNTIME)
-    validation_guidance: float = option(defaults.GUIDANCE, help="Guidance scale for validation images.", panel=LONG,
-                                        role=RUNTIME)
+    validation_guidance: Optional[float] = option(
+        None, help="Guidance for validation images: the classifier-free scale, or Flux-dev's distilled guidance. "
+        "Default: the model's, as generate's.", panel=LONG, role=RUNTIME, show_default=False)
     validation_steps: int = option(defaults.STEPS, help="Sampling steps for validation images.", panel=LONG,
                                    role=RUNTIME)
 
@@ -207,6 +228,7 @@ class FinetuneConfig:
         # Plain strings from here on (an Enum member given from Python too), so the settings JSON stays as it was.
         self.lr_scheduler = _choice(LrScheduler, self.lr_scheduler, "--lr-scheduler")
         self.mixed_precision = _choice(MixedPrecision, self.mixed_precision, "--mixed-precision")
+        self._check_flow_options()
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")
         if self.max_steps is not None and self.max_steps < 1:
@@ -218,6 +240,66 @@ class FinetuneConfig:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 raise UsageError("--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
+
+    def _check_flow_options(self) -> None:
+        if self.timestep_sampling is not None:
+            self.timestep_sampling = _choice(TimestepSampling, self.timestep_sampling, "--timestep-sampling")
+        if self.weighting_scheme is not None:
+            self.weighting_scheme = _choice(WeightingScheme, self.weighting_scheme, "--weighting-scheme")
+        # Each shape option belongs to one sampling; given with another, it would be silently ignored.
+        for flag, value, belongs in (("--logit-mean", self.logit_mean, "logit-normal"),
+                                     ("--logit-std", self.logit_std, "logit-normal"),
+                                     ("--mode-scale", self.mode_scale, "mode")):
+            if value is not None and self.timestep_sampling != belongs:
+                raise UsageError(f"{flag} shapes --timestep-sampling {belongs}, which was not chosen")
+        if self.logit_std is not None and not self.logit_std > 0:
+            raise UsageError(f"--logit-std must be positive, got {self.logit_std}")
+        # Esser et al. 2024 (eq. 20): the mode density is a density (u stays in [0, 1]) for -1 <= s <= 2/(pi - 2).
+        if self.mode_scale is not None and not -1 <= self.mode_scale <= 2 / (math.pi - 2):
+            raise UsageError(f"--mode-scale must be between -1 and {2 / (math.pi - 2):.2f}, got {self.mode_scale}")
+        if self.distilled_guidance is not None and not self.distilled_guidance >= 0:
+            raise UsageError(f"--distilled-guidance must not be negative, got {self.distilled_guidance}")
+
+    def settle_for(self, family: str, flow: bool, guidance: str) -> None:
+        """Refuse options the model's training objective does not have, and fill in the flow-matching defaults.
+
+        Min-SNR weighting is defined on DDPM's SNR for ε and v targets; offset noise makes up for a DDPM
+        schedule that never reaches pure noise (Lin et al. 2024), which flow matching does at σ = 1. The
+        timestep sampling and weighting schemes, in turn, are flow matching's (DDPM draws t uniformly).
+        """
+        flow_given = [flag for flag, value in (
+            ("--timestep-sampling", self.timestep_sampling), ("--logit-mean", self.logit_mean),
+            ("--logit-std", self.logit_std), ("--mode-scale", self.mode_scale),
+            ("--weighting-scheme", self.weighting_scheme)) if value is not None]
+        if self.distilled_guidance is not None and guidance != "distilled":
+            raise UsageError(f"--distilled-guidance: this {family} model has no guidance input (only guidance-"
+                             "distilled Flux, like Flux-dev, has one)")
+        if self.validation_guidance is not None and guidance == "none":
+            raise UsageError(f"--validation-guidance: this {family} model has no guidance (a distilled model that "
+                             "needs none, like Flux-schnell)")
+        if not flow:
+            if flow_given:
+                raise UsageError(f"{flow_given[0]} is a flow-matching option (SD3, Flux); this {family} model is a "
+                                 "DDPM model, trained on uniform t (weight it with --snr-gamma)")
+            return
+        if self.snr_gamma is not None:
+            raise UsageError(f"--snr-gamma is min-SNR weighting for DDPM models; this {family} model trains by flow "
+                             "matching: weight it with --weighting-scheme")
+        if self.noise_offset:
+            raise UsageError(f"--noise-offset: this {family} model trains by flow matching, which reaches pure noise "
+                             "at sigma = 1, what offset noise approximates for DDPM models; drop it")
+        if self.train_text_encoder:
+            raise UsageError(f"--train-text-encoder: finetune trains the transformer only on a {family} model "
+                             "(its text encoders stay frozen and cached)")
+        self.timestep_sampling = self.timestep_sampling or TimestepSampling.uniform.value
+        self.weighting_scheme = self.weighting_scheme or WeightingScheme.none.value
+        if self.timestep_sampling == TimestepSampling.logit_normal.value:
+            self.logit_mean = 0.0 if self.logit_mean is None else self.logit_mean
+            self.logit_std = 1.0 if self.logit_std is None else self.logit_std
+        if self.timestep_sampling == TimestepSampling.mode.value and self.mode_scale is None:
+            self.mode_scale = 1.29
+        if guidance == "distilled" and self.distilled_guidance is None:
+            self.distilled_guidance = 1.0  # diffusers' Flux LoRA recipe (--guidance_scale=1)
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)

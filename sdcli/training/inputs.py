@@ -3,9 +3,9 @@
 The VAE is never trained and the text encoder only with --train-text-encoder,
 so their outputs for a given image (and its mirror image) or caption never
 change: `TrainingInputs.build_cache` computes them once and a step then costs
-one UNet forward and backward. The cache keeps the VAE's latent distribution
-(mean and std), not one sample of it, so each step still draws a fresh latent
-exactly as the live path does; with the same generator both paths give the
+one denoiser (UNet or transformer) forward and backward. The cache keeps the
+VAE's latent distribution (mean and std), not one sample of it, so each step
+still draws a fresh latent exactly as the live path does; with the same generator both paths give the
 same batch (a test holds them to it).
 """
 
@@ -17,28 +17,32 @@ from typing import Any, Callable
 from sdcli import defaults
 from sdcli.latents import scale
 from sdcli.training.data import Example, Item, load_rgb, to_pixels
+from sdcli.training.families import TrainingFamily
 
 
 @dataclass
 class Batch:
-    latents: Any  # (B, C, h, w), already scaled for the UNet (`sdcli.latents.scale`)
-    cond: dict[str, Any]  # keyword arguments for the UNet besides sample and timestep
+    latents: Any  # (B, C, h, w), already scaled for the denoiser (`sdcli.latents.scale`)
+    cond: dict[str, Any]  # keyword arguments for the denoiser besides the latents and the timestep
 
 
 class TextEncoding:
-    """Prompts to the UNet's text conditioning, the way the pipeline itself encodes them."""
+    """Prompts to the denoiser's text conditioning, the way the pipeline itself encodes them.
 
-    def __init__(self, pipe: Any, device: Any):
+    What each family does is in `sdcli.training.families` (SD3 and Flux through their pipeline's own
+    `encode_prompt`); this class adds the null prompt and lets training swap in prepared encoders.
+    """
+
+    def __init__(self, pipe: Any, device: Any, family: TrainingFamily):
+        self.pipe = pipe
         self.device = device
-        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        pairs = [(pipe.tokenizer, pipe.text_encoder)]
-        if self.sdxl:
-            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-        self.pairs = pairs
+        self.family = family
+        self.pairs = family.encoders(pipe)
         # SDXL pipelines with force_zeros_for_empty_prompt use all-zero embeddings as the
         # unconditional branch when no negative prompt is given (as `sdcli generate` does):
-        # the null prompt must train that same conditioning.
-        self.zero_null = self.sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+        # the null prompt must train that same conditioning. SD3's and Flux's pipelines encode the
+        # empty prompt instead, which the plain path already does.
+        self.zero_null = family.zeros_for_empty_prompt and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
 
     @property
     def encoders(self) -> list[Any]:
@@ -49,8 +53,8 @@ class TextEncoding:
         self.pairs = [(tok, enc) for (tok, _), enc in zip(self.pairs, encoders)]
 
     def encode(self, prompts: list[str]):
-        """(hidden states (B, L, D), pooled (B, D') for SDXL else None)."""
-        hidden, pooled = self._encode(prompts)
+        """(hidden states (B, L, D), pooled (B, D') or None, as the family has it)."""
+        hidden, pooled = self.family.encode(self.pipe, self.pairs, prompts, self.device)
         if self.zero_null:
             keep = [p != defaults.NULL_PROMPT for p in prompts]
             import torch
@@ -59,23 +63,6 @@ class TextEncoding:
             hidden = hidden * mask[:, None, None]
             pooled = pooled * mask[:, None]
         return hidden, pooled
-
-    def _encode(self, prompts: list[str]):
-        hidden, pooled = [], None
-        for tokenizer, encoder in self.pairs:
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(self.device)
-            if not self.sdxl:
-                return encoder(ids, return_dict=False)[0], None
-            # SDXL: the penultimate layer of each encoder side by side; the pooled
-            # projection of the second one (as StableDiffusionXLPipeline.encode_prompt).
-            out = encoder(ids, output_hidden_states=True)
-            if out[0].ndim == 2:
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])
-        import torch
-
-        return torch.cat(hidden, dim=-1), pooled
 
 
 class TrainingInputs:
@@ -86,6 +73,7 @@ class TrainingInputs:
         pipe: Any,
         examples: list[Example],
         *,
+        family: TrainingFamily | None = None,  # default: the pipeline's own
         resolution: int,
         center_crop: bool,
         device: Any,
@@ -93,7 +81,12 @@ class TrainingInputs:
         cache_text: bool,
     ):
         self.vae = pipe.vae
-        self.text = TextEncoding(pipe, device)
+        if family is None:
+            from sdcli.pipeline import family_of as pipeline_family
+            from sdcli.training.families import family_of
+
+            family = family_of(pipe, pipeline_family(pipe))
+        self.text = TextEncoding(pipe, device, family)
         self.examples = examples
         self.resolution = resolution
         self.center_crop = center_crop
@@ -173,15 +166,14 @@ class TrainingInputs:
             with torch.no_grad():
                 dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
-        # A fresh draw from the latent distribution, as latent_dist.sample() would, scaled for the UNet.
+        # A fresh draw from the latent distribution, as latent_dist.sample() would, scaled for the denoiser.
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = scale(self.vae, mean + std * eps)
-        cond = self._text(items)
-        if self.text.sdxl:
-            cond["added_cond_kwargs"]["time_ids"] = time_ids.to(self.device, cond["encoder_hidden_states"].dtype)
+        hidden, pooled = self._text(items)
+        cond = self.text.family.conditioning(hidden, pooled, time_ids.to(self.device, hidden.dtype))
         return Batch(latents=latents, cond=cond)
 
-    def _text(self, items: list[Item]) -> dict[str, Any]:
+    def _text(self, items: list[Item]):
         import torch
 
         if self.cache_text:
@@ -193,10 +185,7 @@ class TrainingInputs:
             trained = any(p.requires_grad for enc in self.text.encoders for p in enc.parameters())
             with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
                 hidden, pooled = self.text.encode(prompts)
-        cond: dict[str, Any] = {"encoder_hidden_states": hidden}
-        if pooled is not None:
-            cond["added_cond_kwargs"] = {"text_embeds": pooled}
-        return cond
+        return hidden, pooled
 
     def prompt_of(self, item: Item) -> str:
         """The caption this item trains on: its own, or the null prompt when dropped or missing."""

@@ -64,10 +64,10 @@ class Run:
     say: Notes
     report: data.DataReport
     pipe: Any
-    family: str
-    noise_scheduler: Any
+    family: Any  # sdcli.training.families.TrainingFamily
+    noise_scheduler: Any  # DDPM's, or the flow-matching scheduler whose training σ's are drawn from
     inputs: Any  # TrainingInputs
-    models: list[Any]  # as prepared by accelerate; the UNet first
+    models: list[Any]  # as prepared by accelerate; the denoiser (UNet or transformer) first
     params: list[Any]  # the trained parameters
     optimizer: Any
     lr_scheduler: Any
@@ -82,7 +82,7 @@ class Run:
         return self.accelerator.num_processes
 
     def checkpoint(self, step: int) -> Path:
-        state = {"step": step, "world_size": self.world, "config": self.cfg.to_json(), "family": self.family}
+        state = {"step": step, "world_size": self.world, "config": self.cfg.to_json(), "family": self.family.name}
         return checkpoints.save_checkpoint(self.accelerator, self.cfg.out, step, state, self.cfg.keep_checkpoints)
 
 
@@ -156,7 +156,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     from diffusers.optimization import get_scheduler
 
     from sdcli.training.inputs import TrainingInputs
-    from sdcli.training.objective import training_scheduler
+    from sdcli.training.objective import flow_training_scheduler, training_scheduler
 
     world = accelerator.num_processes
     say = Notes(accelerator.is_main_process and not cfg.quiet)
@@ -167,9 +167,9 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     # 3. Data: every image opened once; what cannot train is skipped (or stops the run) here.
     report = data.discover(cfg.data, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say)
 
-    # 4. Model: frozen VAE and text encoder, LoRA or full UNet.
+    # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
     pipe, family = setup.load(cfg)
-    cfg.resolution = setup.resolution_for(cfg.resolution, pipe)
+    cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
     for line in report.lines(cfg.resolution):
         say(line)
     too_long = data.long_captions(report, getattr(pipe, "tokenizer", None)) if say.enabled else None
@@ -178,16 +178,17 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     if cfg.uncond_prob == 0:
         say("warning: --uncond-prob 0: captions are never dropped, so the model learns no unconditional "
             "prediction and classifier-free guidance will have nothing to extrapolate from")
-    noise_scheduler = training_scheduler(pipe.scheduler.config)
-    trained = setup.make_trainable(pipe, cfg, accelerator.device)
+    noise_scheduler = (flow_training_scheduler if family.flow else training_scheduler)(pipe.scheduler.config)
+    trained = setup.make_trainable(pipe, family, cfg, accelerator.device)
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
-    say(f"training {'LoRA rank %d' % cfg.rank if cfg.lora else 'the full UNet'}"
+    say(f"training {'LoRA rank %d' % cfg.rank if cfg.lora else 'the full ' + family.denoiser}"
         f"{' and the text encoder' if cfg.train_text_encoder else ''}: {sum(p.numel() for p in params):,} parameters, "
-        f"{family}, {noise_scheduler.config.prediction_type}")
+        f"{family.name}, {_objective(cfg, family, noise_scheduler)}")
 
     # 5. Inputs: encode every image and caption once when nothing that makes them is trained.
     inputs = TrainingInputs(
-        pipe, report.examples, resolution=cfg.resolution, center_crop=cfg.center_crop, device=accelerator.device,
+        pipe, report.examples, family=family, resolution=cfg.resolution, center_crop=cfg.center_crop,
+        device=accelerator.device,
         cache_latents=cfg.cache and cfg.center_crop, cache_text=cfg.cache and not cfg.train_text_encoder,
     )
     t_cache = time.perf_counter()
@@ -241,9 +242,7 @@ def _train(run: Run, callback) -> Trained:
     """8. The loop: one micro-batch per iteration, an optimizer step every --gradient-accumulation."""
     import torch
 
-    from sdcli.training.objective import step_loss
-
-    cfg, accelerator, unet = run.cfg, run.accelerator, run.models[0]
+    cfg, accelerator, denoiser = run.cfg, run.accelerator, run.models[0]
     rank, world, main = accelerator.process_index, run.world, accelerator.is_main_process
     n = len(run.report.examples)
     step, micro = run.start, run.start * cfg.gradient_accumulation
@@ -268,8 +267,7 @@ def _train(run: Run, callback) -> Trained:
                 generator = torch.Generator(accelerator.device).manual_seed(data.mix_seed(cfg.seed, 2, rank, micro))
                 with accelerator.accumulate(*run.models):
                     batch = run.inputs.batch(items, generator)
-                    loss = step_loss(unet, run.noise_scheduler, batch.latents, batch.cond, generator,
-                                     noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+                    loss = _step_loss(run, denoiser, batch, generator)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -315,6 +313,40 @@ def _train(run: Run, callback) -> Trained:
     return Trained(step, losses, samples_seen, time.perf_counter() - t0, saved, rendered)
 
 
+def _step_loss(run: Run, denoiser, batch, generator):
+    """The family's objective: DDPM's ε or v regression for a UNet, flow matching for a transformer."""
+    from sdcli.training import objective
+
+    cfg = run.cfg
+    if not run.family.flow:
+        return objective.step_loss(denoiser, run.noise_scheduler, batch.latents, batch.cond, generator,
+                                   noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+
+    def predict(noisy, timesteps):
+        return run.family.predict(run.pipe, denoiser, noisy, timesteps, batch.cond, cfg.distilled_guidance)
+
+    # The shape options are set only for the sampling they shape (cfg.settle_for), and read only by it.
+    return objective.flow_step_loss(predict, run.noise_scheduler, batch.latents, generator,
+                                    sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
+                                    logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, weighting=cfg.weighting_scheme)
+
+
+def _objective(cfg: FinetuneConfig, family, scheduler) -> str:
+    """The objective in a few words, for the set-up line and the record."""
+    if not family.flow:
+        return scheduler.config.prediction_type
+    shape = ""
+    if cfg.timestep_sampling == "logit-normal":
+        shape = f" m={cfg.logit_mean:g} s={cfg.logit_std:g}"
+    elif cfg.timestep_sampling == "mode":
+        shape = f" scale {cfg.mode_scale:g}"
+    # A static shift is in the training σ's; a resolution-dependent one (Flux) is applied at sampling only.
+    shift = "none in training" if scheduler.config.use_dynamic_shifting else f"{scheduler.config.shift:g}"
+    guidance = f", distilled guidance {cfg.distilled_guidance:g}" if cfg.distilled_guidance is not None else ""
+    return (f"flow matching (sigma {cfg.timestep_sampling}{shape}, weighting {cfg.weighting_scheme}, "
+            f"shift {shift}{guidance})")
+
+
 def _diverged(cfg: FinetuneConfig, step: int, loss: float) -> SdcliError:
     """The loss is NaN or infinite: every later step would train on garbage, so stop and say why."""
     hint = ("float16 overflow: try --mixed-precision bf16 or no" if cfg.mixed_precision == "fp16"
@@ -341,10 +373,13 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             run.ema.copy_to(run.params)
         # Past DDP and torch.compile's wrapper, so saved names are the model's own.
         raw = [getattr(m, "_orig_mod", m) for m in map(accelerator.unwrap_model, run.models)]
-        weights = outputs.save_lora(run.pipe, raw[0], raw[1:], cfg.out) if cfg.lora else outputs.save_full(run.pipe, cfg.out)
+        weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out) if cfg.lora
+                   else outputs.save_full(run.pipe, cfg.out))
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {
-            "base_model": cfg.model, "family": run.family, "prediction_type": run.noise_scheduler.config.prediction_type,
+            "base_model": cfg.model, "family": run.family.name,
+            "prediction_type": "flow" if run.family.flow else run.noise_scheduler.config.prediction_type,
+            "objective": _objective(cfg, run.family, run.noise_scheduler), "denoiser": run.family.denoiser,
             "method": "lora" if cfg.lora else "full", "steps": done.step, "world_size": run.world,
             "samples_per_rank": per_rank, "final_loss": logged[-1] if logged else None,
             "data": {"images": len(run.report.examples), "skipped": [list(s) for s in run.report.skipped],
@@ -403,7 +438,8 @@ def _validate(run: Run, step: int) -> list[Path]:
             m.eval()
         try:
             with accelerator.autocast():
-                paths = outputs.render_validation(pipe, run.family, accelerator.device, cfg, step)
+                paths = outputs.render_validation(pipe, run.family.name, accelerator.device, cfg, step,
+                                                  run.family.guidance_of(pipe))
         finally:
             for m in models:
                 m.train()

@@ -2,7 +2,9 @@
 
 LoRA runs write `pytorch_lora_weights.safetensors` through the pipeline class's
 own `save_lora_weights`, so `pipe.load_lora_weights(OUT)` reads it with no
-sdcli code; full runs write a complete pipeline folder with `save_pretrained`.
+sdcli code; SD 1.x/2.x and SDXL LoRA runs also write OUT/<OUT's name>.safetensors in the
+kohya layout AUTOMATIC1111 and ComfyUI read (`sdcli.training.kohya`); full runs write a complete
+pipeline folder with `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from sdcli import __version__
 from sdcli.errors import OutputError
 from sdcli.locks import FolderLock
+from sdcli.training import kohya
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SETTINGS_FILE = "training_settings.json"
@@ -59,13 +62,18 @@ def clear_previous(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    kohya_file = out / kohya.file_name(out)  # named after OUT, so not in OUR_NAMES
+    if kohya_file.is_file():
+        kohya_file.unlink()
 
 
-def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], out: Path) -> Path:
+def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], out: Path, cfg: Any = None) -> Path:
     """LoRA weights in the diffusers format, with rank and alpha stored so they load at the trained scale.
 
     Through the pipeline class's own `save_lora_weights` (``unet_lora_layers`` for a UNet,
-    ``transformer_lora_layers`` for SD3 and Flux), so its `load_lora_weights` finds every key.
+    ``transformer_lora_layers`` for SD3 and Flux), so its `load_lora_weights` finds every key. For SD
+    1.x/2.x and SDXL, unless ``cfg.lora_format`` is diffusers, the same weights also go to
+    OUT/<OUT's name>.safetensors in the kohya layout, with ``cfg``'s settings in its ss_* metadata.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -85,6 +93,11 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
         kwargs[f"{name}_lora_layers"] = layers(encoder)
         kwargs[f"{name}_lora_adapter_metadata"] = metadata(encoder)
     type(pipe).save_lora_weights(str(out), safe_serialization=True, **kwargs)
+    if family.name in kohya.FAMILIES and getattr(cfg, "lora_format", kohya.LoraFormat.both) == kohya.LoraFormat.both:
+        models = dict(zip((key, "text_encoder", "text_encoder_2"), [denoiser, *text_encoders]))
+        kohya.save(out / kohya.file_name(out), family.name, models, denoiser.config, Path(out).resolve().name,
+                   v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction",
+                   base_model=getattr(cfg, "model", None), cfg=cfg)
     return out / LORA_FILE
 
 
@@ -215,12 +228,14 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     return png_path
 
 
-def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int) -> list[Path]:
+def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, guidance: str = "cfg") -> list[Path]:
     """One image per validation prompt under OUT/validation/step-N/, from the same seed every time so steps compare.
 
     Made by `sdcli generate`'s own code (guidance, NaN guard, writer, metadata) on the pipeline being
     trained. The record names the weights this run writes to OUT (the LoRA on the base model, or the
-    full pipeline), so `sdcli generate --from-metadata` remakes the last step's image.
+    full pipeline), so `sdcli generate --from-metadata` remakes the last step's image. ``guidance`` is the
+    model's kind ("cfg", "distilled", "none"): --validation-guidance is Flux-dev's distilled guidance, and
+    without it generate's own default applies.
     """
     import torch
 
@@ -232,8 +247,13 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int) 
     settings = Settings(
         prompts=list(cfg.validation_prompts), model=cfg.model if cfg.lora else str(out),
         revision=cfg.revision if cfg.lora else None, variant=cfg.variant if cfg.lora else None,
-        loras=[(str(out), 1.0)] if cfg.lora else [], steps=cfg.validation_steps, guidance=[cfg.validation_guidance],
-        seeds=[cfg.seed], width=cfg.resolution, height=cfg.resolution, device=str(device))
+        loras=[(str(out), 1.0)] if cfg.lora else [], steps=cfg.validation_steps, seeds=[cfg.seed],
+        width=cfg.resolution, height=cfg.resolution, device=str(device))
+    if cfg.validation_guidance is not None:
+        if guidance == "distilled":
+            settings.distilled_guidance = cfg.validation_guidance
+        else:
+            settings.guidance = [cfg.validation_guidance]
     p = plan(settings, distributed=False, model_on_disk=False, facts=facts_of(pipe))
     loaded = Loaded(pipe=pipe, model=settings.model, family=family, device=str(device), dtype=torch.float32)
     slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt" for prompt in settings.prompts]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdcli.errors import ModelError, UsageError
+from sdcli.errors import UsageError
 from sdcli.training.config import TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
 
 
@@ -51,46 +51,52 @@ def release(accelerator) -> None:
 
 
 def load(cfg: FinetuneConfig):
+    """The pipeline and its training family; the settings the family's objective lacks are refused here,
+    before anything is encoded or trained."""
     from sdcli.pipeline import load_pipeline
+    from sdcli.training.families import family_of
 
     # On the CPU in float32: accelerate places what trains, park_frozen the rest.
     loaded = load_pipeline(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
                            device="cpu", dtype="float32")
-    if loaded.family not in ("sd1", "sd2", "sdxl"):
-        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x and SDXL pipelines; {cfg.model} is a {loaded.family}")
-    return loaded.pipe, loaded.family
+    family = family_of(loaded.pipe, loaded.family)
+    cfg.settle_for(family.name, family.flow, family.guidance_of(loaded.pipe))
+    return loaded.pipe, family
 
 
-def resolution_for(resolution: int | None, pipe) -> int:
-    """The model's native size by default; otherwise a size its VAE and UNet can halve cleanly."""
-    vae_factor = pipe.vae_scale_factor
-    native = pipe.unet.config.sample_size * vae_factor
+def resolution_for(resolution: int | None, pipe, family) -> int:
+    """The model's native size by default; otherwise a size its VAE and denoiser can divide cleanly."""
+    native, multiple, largest = family.sizes(pipe)
     if resolution is None:
         return native
-    multiple = vae_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if resolution % multiple:
         raise UsageError(f"--resolution {resolution} must be a multiple of {multiple} for this model (native {native})")
+    if largest is not None and resolution > largest:
+        raise UsageError(f"--resolution {resolution} is larger than this model's position embedding covers ({largest})")
     return resolution
 
 
-def make_trainable(pipe, cfg: FinetuneConfig, device) -> list[Any]:
-    """Freeze what is not trained, add LoRA adapters, and place each model; returns the trained ones."""
+def make_trainable(pipe, family, cfg: FinetuneConfig, device) -> list[Any]:
+    """Freeze what is not trained, add LoRA adapters, and place each model; returns the trained ones,
+    the denoiser (UNet or transformer) first."""
     import torch
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
     set_seed(cfg.seed)  # LoRA's initial weights, identical on every process
-    if cfg.channels_last:
-        # Before LoRA is added, so its (linear) weights keep the plain layout safetensors saves directly.
-        pipe.unet.to(memory_format=torch.channels_last)
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    denoiser = getattr(pipe, family.denoiser)
+    if cfg.channels_last and family.denoiser == "unet":
+        # cuDNN's convolutions gain from it; a transformer is linear layers. Before LoRA is added, so its
+        # (linear) weights keep the plain layout safetensors saves directly.
+        denoiser.to(memory_format=torch.channels_last)
+    encoders = [encoder for _, encoder in family.encoders(pipe)]
     pipe.vae.requires_grad_(False)
     for encoder in encoders:
         encoder.requires_grad_(False)
-    pipe.unet.requires_grad_(not cfg.lora)
+    denoiser.requires_grad_(not cfg.lora)
     if cfg.lora:
-        add_lora(pipe.unet, cfg, cfg.lora_targets, "--lora-targets")
-    trained = [pipe.unet]
+        add_lora(denoiser, cfg, cfg.lora_targets, "--lora-targets")
+    trained = [denoiser]
     if cfg.train_text_encoder:
         for encoder in encoders:
             if cfg.lora:
@@ -99,14 +105,14 @@ def make_trainable(pipe, cfg: FinetuneConfig, device) -> list[Any]:
                 encoder.requires_grad_(True)
         trained += encoders
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             for encoder in encoders:
                 encoder.gradient_checkpointing_enable()
-    # Frozen UNet weights may live in the training precision (half the memory); what trains stays float32.
+    # Frozen denoiser weights may live in the training precision (half the memory); what trains stays float32.
     # The VAE and text encoder stay float32: they run once into the cache, and the SDXL VAE overflows in fp16.
     frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    pipe.unet.to(device, dtype=frozen_dtype if cfg.lora else torch.float32)
+    denoiser.to(device, dtype=frozen_dtype if cfg.lora else torch.float32)
     cast_training_params(trained, dtype=torch.float32)
     pipe.vae.to(device)
     for encoder in encoders:
@@ -133,7 +139,7 @@ def add_lora(model, cfg: FinetuneConfig, targets, what: str) -> None:
 
 
 def park_frozen(pipe, inputs, device) -> None:
-    """Move what the cache replaced off the accelerator, so training holds the UNet only."""
+    """Move what the cache replaced off the accelerator, so training holds the denoiser only."""
     if inputs.cache_latents:
         pipe.vae.to("cpu")
     if inputs.cache_text:

@@ -52,3 +52,25 @@ def test_two_processes_both_train_and_the_output_loads(tiny_sd, tmp_path, make_i
     a = load_file(str(next((out / "unet").glob("*.safetensors"))))
     b = load_file(str(next((again / "unet").glob("*.safetensors"))))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_train_an_sd3_lora_plain_diffusers_loads(tiny_flow_models, tmp_path, make_images):
+    from diffusers import DiffusionPipeline
+
+    data = tmp_path / "data"
+    make_images(data, n=4)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sdcli", "finetune", "--data", str(data), "--model", tiny_flow_models["sd3"], "--out", str(out),
+           "--max-steps", "3", "--batch-size", "1", "--timestep-sampling", "logit-normal", "--checkpoint-every", "0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "world size 2" in run.stderr and "sd3, flow matching" in run.stderr
+    assert run.stdout.strip() == str(out)
+    settings = json.loads((out / "training_settings.json").read_text())
+    assert settings["world_size"] == 2 and settings["samples_per_rank"] == [3, 3]
+    pipe = DiffusionPipeline.from_pretrained(tiny_flow_models["sd3"])
+    pipe.load_lora_weights(str(out))
+    assert pipe.get_active_adapters()
