@@ -51,9 +51,10 @@ def replayed(image: Path, values: dict[str, Any], typed: set[str]) -> Settings:
     from sdcli.generation.settings import settings_from_record
     from sdcli.metadata import read_settings
 
-    settings = settings_from_record(read_settings(image))
+    replaced = set(RUNTIME_FIELDS) | typed | ({"prompts"} if values.get("prompts") else set())
+    settings = settings_from_record(read_settings(image), replaced)
     given = Settings(**values)
-    for name in set(RUNTIME_FIELDS) | typed | ({"prompts"} if values.get("prompts") else set()):
+    for name in replaced:
         setattr(settings, name, getattr(given, name))
     return settings
 

@@ -57,6 +57,10 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
         out = {"guidance_scale": values["guidance"]}
         if "guidance_rescale" in takes:
             out["guidance_rescale"] = values["guidance_rescale"]
+        elif values["guidance_rescale"]:
+            # diffusers' img2img and inpainting pipelines have no rescale and would drop it without a word.
+            raise UsageError(f"--guidance-rescale: {type(pipe).__name__} has no guidance rescale "
+                             "(only the text-to-image pipelines do)")
         return out
     out = {"guidance_scale": s.distilled_guidance if s.distilled_guidance is not None else 1.0}
     if s.true_cfg:

@@ -345,18 +345,20 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
     return head + [(k, v) for k, v in found.items() if k not in A1111_ORDER]
 
 
-def settings_from_record(record: dict[str, Any]) -> Settings:
+def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset()) -> Settings:
     """The Settings that regenerate the image a record describes (for --from-metadata).
 
     Runtime settings (device, dtype, batch size, ...) stay the command line's: "auto" picks the
     same on the same machine, and an image made in float16 on a GPU can still be remade on a CPU.
+    The settings named in ``replaced`` are left at their defaults for the caller to set: a recorded
+    input the user replaces (a new --mask) is not checked against its old file.
     """
     if "prompt" not in record:
         raise DataError("the sdcli record holds no prompt; it was not written by sdcli generate")
     check_weights_exist(record)
     s = Settings()
     for d in declared(Settings):
-        if d.opt.role is RUNTIME or d.record_key not in record:
+        if d.opt.role is RUNTIME or d.record_key not in record or d.name in replaced:
             if d.opt.role is not RUNTIME and d.opt.unrecorded is not None:
                 setattr(s, d.name, d.opt.unrecorded)
             continue

@@ -288,7 +288,8 @@ class HiresFix(Task):
         else:
             image = [picture.resize((width, height), Image.LANCZOS) for picture in pipe.numpy_to_pil(first)]
         # 3. The second pass draws its noise afresh from the same seeds, as AUTOMATIC1111's does.
-        second = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
+        # diffusers' img2img has no guidance rescale: φ shapes the first pass only (as the record says).
+        second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "guidance_rescale")}
         second.update(image=image, strength=keep["strength"], num_inference_steps=keep["steps"],
                       generator=[torch.Generator(g.device).manual_seed(g.initial_seed()) for g in kwargs["generator"]])
         return keep["second"](**second).images

@@ -136,3 +136,31 @@ def test_a_weighted_long_prompt_with_clip_skip_and_an_embedding_round_trips(cli,
 def test_a_record_from_before_prompt_syntax_replays_as_plain_text():
     assert settings_from_record({"prompt": "(red:1.3)"}).prompt_syntax == "plain"
     assert settings_from_record({"prompt": "(red:1.3)", "prompt_syntax": "a1111"}).prompt_syntax == "a1111"
+
+
+def test_a_replaced_input_is_not_checked_against_the_recorded_file(cli, tiny_sd, tmp_path):
+    from PIL import Image as PILImage
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    PILImage.new("RGB", (16, 16), (200, 30, 30)).save(init)
+    PILImage.new("L", (16, 16), 255).save(mask)
+    (image,) = made(cli("generate", "x", "--model", tiny_sd, "--steps", "2", "--seed", "1", "--init-image", init,
+                        "--mask", mask, "--out", tmp_path / "a"))
+    PILImage.new("L", (16, 16), 0).save(mask)  # the recorded mask changes...
+    new_mask = tmp_path / "new-mask.png"
+    PILImage.new("L", (16, 16), 255).save(new_mask)
+    # ...but a replay that names a new one uses it instead of refusing over the old one.
+    (again,) = made(cli("generate", "--from-metadata", image, "--mask", new_mask, "--out", tmp_path / "b"))
+    assert record_of(again)["mask"]["path"] == str(new_mask)
+
+
+def test_guidance_rescale_where_the_pipeline_has_none_is_refused(cli, tiny_sd, tmp_path):
+    from PIL import Image as PILImage
+
+    from conftest import one_error_line
+
+    init = tmp_path / "init.png"
+    PILImage.new("RGB", (16, 16), (200, 30, 30)).save(init)
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "--init-image", init, "--guidance-rescale",
+                 "0.5", "--out", tmp_path / "o", "-q")
+    assert "has no guidance rescale" in one_error_line(result)
