@@ -138,16 +138,21 @@ def open_image(path: Path | str, *, what: str = "--init-image"):
     flattened onto white, palette/greyscale/CMYK/16-bit made RGB, and anything over
     `MAX_IMAGE_PIXELS` refused from its header before a pixel is decoded.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{what} {path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{what} {path} is a folder, not an image")
+    path = _existing(path, what)
     try:
         with _decoded(path) as img:
             return _rgb(img)
     except _Unusable as exc:
         raise DataError(_unusable_message(what, path, exc)) from None
+
+
+def _existing(path: Path | str, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{what} {path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not an image")
+    return path
 
 
 def _unusable_message(what: str, path: Path, exc: _Unusable) -> str:
@@ -160,11 +165,7 @@ def image_size(path: Path | str, *, what: str = "--init-image") -> tuple[int, in
     For planning before any pixel is decoded (`sdcli.memory`): the same DataError as `open_image`
     for a missing, unreadable or oversized file, so it is refused before a model loads.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{what} {path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{what} {path} is a folder, not an image")
+    path = _existing(path, what)
     try:
         with _header(path) as img:
             return img.size

@@ -86,6 +86,21 @@ def pixels(path) -> "np.ndarray":
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+def png_header_only(path, width, height):
+    """A valid PNG that declares width x height with almost no pixel data: a decompression bomb to open(),
+    costing nothing unless someone decodes it."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def paths_of(result) -> list[Path]:
     """The paths a successful command printed on stdout, one a line."""
     assert result.exit_code == 0, result.stderr

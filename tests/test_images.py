@@ -12,18 +12,7 @@ from PIL import Image
 from sdcli import images
 from sdcli.errors import DataError, OutputError
 from sdcli.images import check_image, check_new_file, labelled_grid, open_image
-
-
-def png_header_only(path, width, height):
-    """A valid PNG header declaring width x height, with almost no pixel data: a decompression bomb to open()."""
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-    return path
+from conftest import png_header_only
 
 
 def close(pixel, expected, tolerance=0):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,20 +12,9 @@ from PIL import Image
 from sdcli import memory
 from sdcli.memory import Arch, arch_from_configs, generation_need, largest_fit, strip_need
 from conftest import one_error_line, paths_of
+from conftest import png_header_only
 
 GB = 1 << 30
-
-
-def png_header_only(path, width, height):
-    """A PNG declaring width x height with almost no pixel data: costs nothing unless someone decodes it."""
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.fixture

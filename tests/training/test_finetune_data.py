@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
 from sdcli.errors import DataError
 from sdcli.training.data import batches_per_epoch, discover, epoch_items, load_rgb, rank_batch, to_pixels
-
-
-def _png_header_only(path, width, height):
-    """A PNG that declares width x height but holds no pixels: what a decompression bomb looks like to open()."""
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
+from conftest import png_header_only
 
 
 def test_sidecar_captions_any_mode_and_subfolders(tmp_path, make_images):
@@ -134,7 +122,7 @@ def test_metadata_naming_a_missing_file_is_an_error(tmp_path, make_images):
 def test_decompression_bomb_is_refused_before_decoding(tmp_path, make_images):
     root = tmp_path / "data"
     make_images(root, n=1)
-    _png_header_only(root / "bomb.png", 50_000, 50_000)  # 2.5 gigapixels declared in 60 bytes
+    png_header_only(root / "bomb.png", 50_000, 50_000)  # 2.5 gigapixels declared in 60 bytes
     (root / "bomb.txt").write_text("boom")
     report = discover(root)
     assert [e.path.name for e in report.examples] == ["img00.png"]
