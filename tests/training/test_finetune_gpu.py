@@ -19,3 +19,22 @@ def test_defaults_are_fp16_and_channels_last_and_compile_works(tiny_sd, dataset,
     assert record["mixed_precision"] == "fp16" and record["channels_last"] is True and record["compile"] is True
     assert all(math.isfinite(loss) for loss in result.losses)
     assert result.weights.is_file()
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_models_train_and_validate_on_cuda(tiny_flow_models, dataset, tmp_path, make_config, name, precision):
+    out = tmp_path / "out"
+    result = finetune(make_config(dataset, out, tiny_flow_models[name], resolution=16, max_steps=3,
+                                  mixed_precision=precision, timestep_sampling="logit-normal",
+                                  validation_prompts=["a red circle"], validation_every=3, validation_steps=2))
+    record = json.loads((out / "training_settings.json").read_text())["config"]
+    assert record["mixed_precision"] == ("fp16" if precision == "auto" else "bf16")
+    assert all(math.isfinite(loss) for loss in result.losses), result.losses
+    assert result.weights.is_file() and [p.name for p in result.validation_images] == ["00-a-red-circle.png"]
+
+
+def test_full_sd3_fine_tune_in_bf16_on_cuda(tiny_flow_models, dataset, tmp_path, make_config):
+    result = finetune(make_config(dataset, tmp_path / "out", tiny_flow_models["sd3"], lora=False, max_steps=3,
+                                  mixed_precision="bf16"))
+    assert all(math.isfinite(loss) for loss in result.losses) and result.weights.is_file()
