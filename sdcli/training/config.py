@@ -18,6 +18,7 @@ from typing import Any, Optional
 from sdcli import defaults, options
 from sdcli.declare import Role, by_role, option
 from sdcli.errors import UsageError
+from sdcli.training.kohya import LoraFormat
 from sdcli.training.objective import TimestepSampling, WeightingScheme
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -129,6 +130,10 @@ class FinetuneConfig:
     train_text_encoder: bool = option(
         False, help="Train the text encoder(s) too (LoRA or full, like the UNet).", flags=("--train-text-encoder",),
         panel=TRAIN)
+    lora_format: str = option(  # what is written, not what a step computes: a resume may change it
+        LoraFormat.both.value, help="LoRA files: both (diffusers' and, for SD 1.x/2.x and SDXL, a kohya file "
+        "AUTOMATIC1111 and ComfyUI load) or diffusers only.", panel=TRAIN, role=RUNTIME,
+        cli_type=LoraFormat)
 
     # Optimisation
     learning_rate: Optional[float] = option(
@@ -228,6 +233,7 @@ class FinetuneConfig:
         # Plain strings from here on (an Enum member given from Python too), so the settings JSON stays as it was.
         self.lr_scheduler = _choice(LrScheduler, self.lr_scheduler, "--lr-scheduler")
         self.mixed_precision = _choice(MixedPrecision, self.mixed_precision, "--mixed-precision")
+        self.lora_format = _choice(LoraFormat, self.lora_format, "--lora-format")
         self._check_flow_options()
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")

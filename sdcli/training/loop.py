@@ -373,7 +373,7 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             run.ema.copy_to(run.params)
         # Past DDP and torch.compile's wrapper, so saved names are the model's own.
         raw = [getattr(m, "_orig_mod", m) for m in map(accelerator.unwrap_model, run.models)]
-        weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out) if cfg.lora
+        weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out, cfg) if cfg.lora
                    else outputs.save_full(run.pipe, cfg.out))
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {

@@ -1,0 +1,268 @@
+"""LoRA files in the kohya layout, which AUTOMATIC1111 and ComfyUI load from their LoRA folders.
+
+A finetune LoRA is trained with peft on diffusers' models, and diffusers' own file keeps those module
+paths (``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight``). kohya's
+sd-scripts, whose files the other tools read, join the path with underscores under a model prefix and
+store one ``lora_down``/``lora_up`` pair and a scalar ``alpha`` per layer::
+
+    lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight   (SD 1.x/2.x)
+    lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight                (SDXL)
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha          (lora_te1_/lora_te2_ on SDXL)
+
+The UNet is named as kohya names it per family, which is also what every loader agrees on:
+
+- SD 1.x/2.x: diffusers' paths (kohya trains those on a diffusers-shaped UNet). diffusers' SD loader
+  reads only these (it has no UNet config at hand to renumber LDM blocks); AUTOMATIC1111 renames them
+  to its LDM modules with SD's three blocks per level, which every SD 1.x/2.x model has; ComfyUI maps
+  them from the model's config.
+- SDXL: Stability's SGM names (``input_blocks``, ``middle_block``, ``output_blocks``), as kohya's SDXL
+  UNet has them: AUTOMATIC1111 and ComfyUI match them directly, and diffusers' SDXL loader renumbers
+  them with the model's config. `unet_name` computes them from the UNet's config (levels,
+  ``layers_per_block``, which levels have attention), not from SDXL's numbers. (diffusers' loader would
+  misread one layer SDXL does not have: the upsampler of an up level without attention.)
+
+Everything here is plain data in, plain data out; torch, peft and safetensors are imported only to
+build tensors and write the file.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+FAMILIES = ("sd1", "sd2", "sdxl")  # UNet families with a kohya layout; SD3 and Flux LoRAs stay diffusers-only
+NETWORK_MODULE = "networks.lora"  # kohya's plain LoRA (LyCORIS and others name their own module)
+# kohya's ss_base_model_version (sd-scripts' model_util / sdxl_model_util)
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+# diffusers ResnetBlock2D -> LDM ResBlock
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+# UNet layers outside the down/mid/up blocks
+_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+# Where a LoRA key's module path ends, and which half it is: peft's names, then diffusers' two spellings.
+_HALVES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
+           (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
+           (".lora_linear_layer.up.weight", "up"))
+
+
+class LoraFormat(str, Enum):
+    """Which LoRA files a finetune run writes."""
+
+    both = "both"  # diffusers' pytorch_lora_weights.safetensors and OUT/<OUT's name>.safetensors (kohya)
+    diffusers = "diffusers"
+
+
+def file_name(out: Path) -> str:
+    """OUT/<OUT's name>.safetensors, the name the LoRA shows under in AUTOMATIC1111 and ComfyUI."""
+    name = Path(out).resolve().name or "lora"
+    return f"{name}-kohya.safetensors" if name == "pytorch_lora_weights" else f"{name}.safetensors"
+
+
+# 1. Names -------------------------------------------------------------------------------------------
+
+
+def _per_level(value: Any, levels: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * levels
+
+
+def unet_name(path: str, config: Mapping[str, Any]) -> str:
+    """A diffusers UNet2DConditionModel module path as the LDM/SGM UNet names it.
+
+    ``input_blocks`` hold conv_in, then per level its ResBlocks (each with its attention as ``.1``) and
+    the level's downsampler; ``output_blocks`` hold per up level ``layers_per_block + 1`` ResBlocks, the
+    level's last one also its upsampler (``.2`` after an attention, else ``.1``); ``middle_block`` is
+    ResBlock, attention, ResBlock. ``config`` is the UNet's config (down/up block types, layers_per_block).
+    """
+    for prefix, ldm in _TOP.items():
+        if path == prefix:
+            return ldm
+    parts = path.split(".")
+    down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
+    layers = _per_level(config["layers_per_block"], len(down_types))
+    try:
+        if parts[0] == "down_blocks":
+            level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            start = 1 + sum(n + 1 for n in layers[:level])
+            if kind == "downsamplers" and rest == ["conv"]:
+                return f"input_blocks.{start + layers[level]}.0.op"
+            if kind in ("resnets", "attentions") and index < layers[level]:
+                return _inner(f"input_blocks.{start + index}", kind, rest)
+        elif parts[0] == "up_blocks":
+            level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            up_layers = [n + 1 for n in reversed(layers)]
+            start = sum(up_layers[:level])
+            if kind == "upsamplers" and rest == ["conv"]:
+                after = 2 if "Attn" in up_types[level] else 1
+                return f"output_blocks.{start + up_layers[level] - 1}.{after}.conv"
+            if kind in ("resnets", "attentions") and index < up_layers[level]:
+                return _inner(f"output_blocks.{start + index}", kind, rest)
+        elif parts[0] == "mid_block":
+            kind, index, rest = parts[1], int(parts[2]), parts[3:]
+            if kind in ("resnets", "attentions"):
+                return _inner(f"middle_block.{2 * index + (kind == 'attentions')}", kind, rest, mid=True)
+    except (IndexError, ValueError):
+        pass
+    raise ValueError(f"no LDM name for the UNet layer {path!r}")
+
+
+def _inner(block: str, kind: str, rest: list[str], mid: bool = False) -> str:
+    inner = ".".join(rest)
+    if kind == "attentions":  # diffusers' Transformer2DModel names its layers as LDM's SpatialTransformer does
+        return f"{block}.{inner}" if mid else f"{block}.1.{inner}"
+    if inner not in _RESNET:
+        raise ValueError(f"no LDM name for the ResBlock layer {inner!r}")
+    return f"{block}.{_RESNET[inner]}" if mid else f"{block}.0.{_RESNET[inner]}"
+
+
+def text_encoder_name(path: str) -> str:
+    """A CLIP text encoder module path as kohya names it: always under ``text_model.``.
+
+    transformers 5 dropped that level from CLIPTextModel (not from CLIPTextModelWithProjection); kohya,
+    AUTOMATIC1111 and ComfyUI expect it, and diffusers' loader removes it again where the model lacks it.
+    """
+    return path if path.startswith(("text_model.", "text_projection")) else f"text_model.{path}"
+
+
+def _prefixes(family: str) -> dict[str, str]:
+    if family == "sdxl":
+        return {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    return {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+
+# 2. Tensors -----------------------------------------------------------------------------------------
+
+
+def _split(key: str) -> tuple[str, str]:
+    """(module path, "down" or "up") of one LoRA key of peft's or diffusers' state dict."""
+    for suffix, half in _HALVES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], half
+    raise ValueError(f"not a LoRA weight: {key!r} (only lora_A/lora_B, or diffusers' lora.down/lora.up)")
+
+
+def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float], unet_config: Mapping[str, Any],
+            family: str) -> dict[str, Any]:
+    """The kohya state dict of a LoRA: ``<name>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` per layer.
+
+    ``layers`` maps "unet", "text_encoder" (and "text_encoder_2" on SDXL) to that model's LoRA state dict,
+    keyed the way peft's ``get_peft_model_state_dict`` or diffusers' files key it (no model prefix);
+    ``alphas`` gives each model's LoRA alpha, as the scale alpha / rank means in all three tools;
+    ``unet_config`` (the UNet's config) numbers SDXL's blocks. The tensors are the same objects, made
+    contiguous; each alpha is a 0-dim float32 tensor, as kohya stores it.
+    """
+    import torch
+
+    if family not in FAMILIES:
+        raise ValueError(f"no kohya LoRA layout for {family!r}; families: {', '.join(FAMILIES)}")
+    prefixes = _prefixes(family)
+    out: dict[str, Any] = {}
+    for model, state in layers.items():
+        if model not in prefixes:
+            raise ValueError(f"{family} has no {model!r} for a kohya LoRA; models: {', '.join(prefixes)}")
+        halves: dict[str, dict[str, Any]] = {}
+        for key, tensor in state.items():
+            path, half = _split(key)
+            halves.setdefault(path, {})[half] = tensor
+        for path, pair in halves.items():
+            if set(pair) != {"down", "up"}:
+                raise ValueError(f"{model} layer {path!r} has lora_{''.join(pair)} without its other half")
+            if model != "unet":
+                path = text_encoder_name(path)
+            elif family == "sdxl":
+                path = unet_name(path, unet_config)
+            name = f"{prefixes[model]}_{path.replace('.', '_')}"
+            if f"{name}.alpha" in out:
+                raise ValueError(f"two {model} layers are both named {name}")
+            out[f"{name}.lora_down.weight"] = pair["down"].contiguous()
+            out[f"{name}.lora_up.weight"] = pair["up"].contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alphas[model]), dtype=torch.float32)
+    return out
+
+
+# 3. Metadata ----------------------------------------------------------------------------------------
+
+
+def metadata(family: str, rank: int, alpha: float, output_name: str, v_prediction: bool = False,
+             base_model: str | None = None, training: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """kohya's ``ss_*`` metadata (strings, as safetensors stores them) for what sdcli knows of a run.
+
+    AUTOMATIC1111 tells the family by ``ss_base_model_version`` (sdxl_...) and ``ss_v2``, and shows
+    ``ss_output_name`` as the LoRA's alias; ``training`` adds kohya's fields for the run's settings
+    (see `training_fields`).
+    """
+    from sdcli import __version__
+
+    version = BASE_MODEL_VERSIONS[family] + ("_v" if v_prediction and family != "sdxl" else "")
+    meta: dict[str, Any] = {
+        "ss_network_module": NETWORK_MODULE, "ss_network_dim": int(rank), "ss_network_alpha": float(alpha),
+        "ss_base_model_version": version, "ss_v2": family == "sd2", "ss_v_parameterization": bool(v_prediction),
+        "ss_output_name": output_name,
+        "ss_training_comment": f"sdcli {__version__} finetune; every setting is in training_settings.json",
+    }
+    if base_model:
+        meta["ss_sd_model_name"] = base_model
+    meta.update(training or {})
+    return {key: str(value) for key, value in meta.items()}
+
+
+def training_fields(cfg: Any) -> dict[str, Any]:
+    """kohya's names for the finetune settings that have one (a FinetuneConfig, or anything with its fields)."""
+    optimizer = "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else "torch.optim.AdamW"
+    fields = {
+        "ss_learning_rate": cfg.lr, "ss_lr_scheduler": cfg.lr_scheduler, "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_optimizer": f"{optimizer}(weight_decay={cfg.weight_decay:g})", "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation, "ss_batch_size_per_device": cfg.batch_size,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing, "ss_mixed_precision": cfg.mixed_precision,
+        "ss_seed": cfg.seed, "ss_caption_dropout_rate": cfg.uncond_prob, "ss_noise_offset": cfg.noise_offset,
+        "ss_flip_aug": cfg.flip, "ss_random_crop": not cfg.center_crop, "ss_cache_latents": cfg.cache,
+    }
+    if cfg.resolution:
+        fields["ss_resolution"] = (cfg.resolution, cfg.resolution)
+    if cfg.snr_gamma is not None:
+        fields["ss_min_snr_gamma"] = cfg.snr_gamma
+    if cfg.max_steps is not None:
+        fields["ss_max_train_steps"] = cfg.max_steps
+    return fields
+
+
+# 4. From trained models to a file -------------------------------------------------------------------
+
+
+def peft_alpha(config: Any) -> float:
+    """The alpha that gives peft's scale as alpha / rank (rsLoRA scales by alpha / sqrt(rank))."""
+    return config.lora_alpha * math.sqrt(config.r) if getattr(config, "use_rslora", False) else config.lora_alpha
+
+
+def save(path: Path, family: str, models: Mapping[str, Any], unet_config: Mapping[str, Any], output_name: str,
+         v_prediction: bool = False, base_model: str | None = None, cfg: Any = None) -> Path:
+    """Write the kohya file of peft-adapted ``models`` ({"unet": unet, "text_encoder": ..., ...}) to ``path``."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    configs = {name: model.peft_config["default"] for name, model in models.items()}
+    for name, config in configs.items():
+        if config.rank_pattern or config.alpha_pattern:
+            raise ValueError(f"{name}: a LoRA with per-layer ranks or alphas has no single ss_network_dim/alpha")
+    layers = {name: get_peft_model_state_dict(model) for name, model in models.items()}
+    alphas = {name: peft_alpha(config) for name, config in configs.items()}
+    tensors = convert(layers, alphas, unet_config, family)
+    first = configs["unet"] if "unet" in configs else next(iter(configs.values()))
+    if base_model and Path(base_model).exists():
+        base_model = Path(base_model).resolve().name  # as kohya does: a file or folder by its name; a Hub id whole
+    meta = metadata(family, first.r, peft_alpha(first), output_name, v_prediction, base_model,
+                    training_fields(cfg) if cfg is not None else None)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A kohya file's tensors and metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
