@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["auto", "full", "reduced"], default="auto")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--lora-steps", type=int, default=20)
+    parser.add_argument("--lora-steps", type=int, default=20, help="0 skips the LoRA fine-tuning run")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -257,10 +257,16 @@ def main() -> None:
         if device.startswith("cuda"):
             free_gpu()
             result["memory"] = memory_bench(model, res, args.steps, device)
-        result.update(lora_bench(model, res, device, args.lora_steps))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        report(result, args.json)  # the generation figures, before the LoRA run can cut anything short
+        if args.lora_steps:
+            result.update(lora_bench(model, res, device, args.lora_steps))
+            report(result, args.json)
+
+
+def report(result: dict, path: Path | None) -> None:
+    print(json.dumps(result, indent=2), flush=True)
+    if path:
+        path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
