@@ -351,3 +351,41 @@ def build_tiny_flow_pipeline(family: str = "sd3", seed: int = 0):
         text_encoder=_text_encoder(len(tokenizer)), tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(len(t5_tokenizer)), tokenizer_2=t5_tokenizer,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ControlNets for the tiny UNet families.
+
+
+def build_tiny_controlnet(family: str = "sd1", seed: int = 0):
+    """A ControlNet for the tiny ``family`` pipeline's UNet (sd1, sd2 or sdxl), with random non-zero weights.
+
+    Made as ControlNets are trained from a UNet (`ControlNetModel.from_unet`), with a conditioning
+    embedding that halves the control image once, as the tiny VAE does. Training starts its output
+    convolutions at zero, which would leave the image untouched; here they are drawn at random under
+    ``seed`` so the control image changes the result. The family's own pipeline weights are not touched.
+    """
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from diffusers import ControlNetModel
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    unet = build_tiny_pipeline(family).unet
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    generator = torch.Generator().manual_seed(seed)
+    zero_initialised = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(zero_initialised):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return controlnet
+
+
+def save_tiny_controlnet(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
+    """Build a tiny ControlNet (`build_tiny_controlnet`) and save it as a diffusers folder (safetensors)."""
+    path = Path(path)
+    build_tiny_controlnet(family, seed=seed).save_pretrained(str(path), safe_serialization=True)
+    return path
