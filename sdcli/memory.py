@@ -367,10 +367,14 @@ def _render_size(s: Any, arch: Arch, factor: int) -> tuple[int, int, int]:
     loads); where one side is asked and the other follows the image, its longer side is assumed.
     """
     init_pixels = 0
-    if getattr(s, "init_image", None):
+    # Without -W/-H a ControlNet text-to-image takes its size from its first control image.
+    source, what = getattr(s, "init_image", None), "--init-image"
+    if not source and getattr(s, "controlnets", None) and getattr(s, "control_images", None):
+        source, what = s.control_images[0], "--control-image"
+    if source:
         from sdcli.images import image_size
 
-        iw, ih = image_size(s.init_image, what="--init-image")
+        iw, ih = image_size(source, what=what)
         init_pixels = iw * ih
         if s.width and s.height:
             width, height = s.width, s.height

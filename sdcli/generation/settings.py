@@ -17,7 +17,10 @@ from sdcli import defaults, options
 from sdcli.declare import Role, by_role, declared, option
 from sdcli.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
 from sdcli.errors import DataError, ModelError, UsageError
-from sdcli.generation.tasks import IMAGE_TASKS, Upscaler
+from sdcli.generation.control import (
+    Preprocess, a1111_units, controlnets_from_record, controlnets_to_record, parse_controlnet,
+)
+from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, Upscaler
 from sdcli.prompts import PromptSyntax, check_prompt_settings
 from sdcli.schedulers import Sigmas
 
@@ -244,6 +247,25 @@ class Settings:
     # Recorded as "sigmas"; AUTOMATIC1111's "Schedule type" is read off the scheduler that ran (base_record).
     sigmas: str = option("default", help="σ spacing, for the samplers that have one (euler, heun, lms, dpm, unipc).",
                          cli_type=Sigmas)
+    controlnets: list[tuple[str, float]] = option(
+        [], help="ControlNet as PATH_OR_HUB_ID[:SCALE] (a diffusers ControlNet folder or Hub id); repeatable, one "
+        "--control-image each.", flags=("--controlnet",), cli_type=list[str],
+        parse=lambda specs: [parse_controlnet(s) for s in specs], task=CONTROL_TASK, to_record=controlnets_to_record,
+        from_record=controlnets_from_record, show_default=False)
+    control_images: list[str] = option(
+        [], help="ControlNet: the control image of each --controlnet, in order (resized to the output; without "
+        "-W/-H the first sets its size).", flags=("--control-image",), cli_type=list[Path],
+        parse=lambda paths: [str(p) for p in paths], task=CONTROL_TASK,
+        to_record=lambda paths: [_file_to_record(p) for p in paths],
+        from_record=lambda values: [_file_from_record(v, "--control-image") for v in values], show_default=False)
+    control_preprocess: list[str] = option(
+        [], help="ControlNet: make each control image its map: none (use it as given, the default) or canny "
+        "(its edges); one for all, or one per --controlnet.", cli_type=list[Preprocess],
+        parse=lambda values: [getattr(v, "value", v) for v in values], task=CONTROL_TASK, show_default=False)
+    control_start: float = option(0.0, help="ControlNet: the fraction of the steps done before it starts to act.",
+                                  task=CONTROL_TASK)
+    control_end: float = option(1.0, help="ControlNet: the fraction of the steps done when it stops acting.",
+                                task=CONTROL_TASK)
     save_trajectory: bool = option(
         False, help="Also save the predicted clean image at every step (strip PNG + GIF).", role=RUNTIME)
 
@@ -308,7 +330,8 @@ def check_size(s: Settings, factor: int) -> None:
 
 def recorded(task: str) -> list[Any]:
     """The declared settings an image made by ``task`` records (sweep axes are per image)."""
-    return [d for d in by_role(Settings, RECORDED) if not d.tasks or task in d.tasks]
+    names = set(task.split("+"))  # a task steered by ControlNets ("img2img+controlnet") records both
+    return [d for d in by_role(Settings, RECORDED) if not d.tasks or names & set(d.tasks)]
 
 
 def settings_record(s: Settings, task: str) -> dict[str, Any]:
@@ -338,6 +361,8 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
             value = d.opt.to_a1111(value)
         if key and value is not None and (key in A1111_ORDER or (value != 0 and value != "")):
             found[key] = f"{value:g}" if isinstance(value, float) else value
+    for i, unit in enumerate(a1111_units(record)):
+        found[f"ControlNet {i}"] = unit
     for lora in record.get("loras") or []:
         found[f"Lora {Path(lora['path']).name}"] = f"{lora['scale']:g}"
     found["Version"] = f"sdcli {record['sdcli_version']}"

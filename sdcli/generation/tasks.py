@@ -20,6 +20,8 @@ from sdcli.errors import DataError, UsageError
 
 # The tasks that start from --init-image (and record it and --strength).
 IMAGE_TASKS = ("img2img", "inpaint", "outpaint")
+# ControlNets steer any of them ("img2img+controlnet"); the settings declared with this task record them.
+CONTROL_TASK = "controlnet"
 MAX_SIDE = 4096  # pixels; past this a hires pass is a typo, not a picture
 
 
@@ -78,11 +80,12 @@ class Task:
         return images
 
 
-def task_pipeline(auto: Any, pipe: Any) -> Any:
-    """``pipe``'s weights in the diffusers pipeline class ``auto`` picks for this task (no copy is made)."""
+def task_pipeline(auto: Any, pipe: Any, **components: Any) -> Any:
+    """``pipe``'s weights in the diffusers pipeline class ``auto`` picks for this task (no copy is made),
+    with any further ``components`` (a ControlNet)."""
     from sdcli.generation.guidance import use_formula_guidance
 
-    task_pipe = auto.from_pipe(pipe)
+    task_pipe = auto.from_pipe(pipe, **components)
     task_pipe.set_progress_bar_config(disable=True)
     use_formula_guidance(task_pipe)
     return task_pipe
@@ -309,9 +312,79 @@ def load_init_image(path: str, width: int | None, height: int | None, factor: in
     return image.resize((w, h), Image.LANCZOS) if (w, h) != image.size else image
 
 
+class WithControlNet(Task):
+    """A task steered by ControlNets: the ControlNet twin of its diffusers pipeline (``from_pipe``, so the
+    model's weights are shared), with the control maps as one more input at every step.
+
+    txt2img, img2img, inpainting and outpainting each have one in diffusers; hires fix is refused, since
+    its second pass would need the control maps again at the enlarged size. Without -W/-H, a text-to-image
+    takes its size from the first control image, as diffusers does (img2img keeps its init image's).
+    Loading, checks and maps are in `sdcli.generation.control`.
+    """
+
+    AUTO = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
+            "inpaint": "AutoPipelineForInpainting", "outpaint": "AutoPipelineForInpainting"}
+
+    def __init__(self, inner: Task):
+        self.inner = inner
+        self.name = f"{inner.name}+{CONTROL_TASK}"  # records the inner task's settings and the ControlNet's
+
+    def applies(self, s: Any) -> bool:
+        return bool(s.controlnets)
+
+    def check(self, s: Any) -> None:
+        from sdcli.generation.control import check_control, check_family
+
+        check_control(s)  # refuses a control setting without --controlnet
+        if s.hires_scale is not None:
+            raise UsageError("--hires-scale does not combine with --controlnet (its second pass would need the control "
+                             "map again at the enlarged size); use --controlnet at the size you want")
+        self.inner.check(s)
+        check_family(s)
+
+    def denoising_steps(self, s: Any) -> int:
+        return self.inner.denoising_steps(s)
+
+    def prepare(self, s: Any, pipe: Any) -> Prepared:
+        import dataclasses
+
+        import diffusers
+
+        from sdcli.generation.control import control_maps, first_image_size, load_controlnets
+
+        controlnet = load_controlnets(s, pipe)
+        if self.inner.name == "txt2img":
+            width, height = first_image_size(s, max(8, pipe.vae_scale_factor))
+            s = dataclasses.replace(s, width=width, height=height)
+        prepared = self.inner.prepare(s, pipe)
+        task_pipe = task_pipeline(getattr(diffusers, self.AUTO[self.inner.name]), prepared.pipe, controlnet=controlnet)
+        if getattr(pipe, "_offload_device", None) is not None:  # the ControlNet joins the offloaded models
+            task_pipe.enable_model_cpu_offload(device=pipe._offload_device)
+        # The size the pipeline renders at: an outpainted canvas, not the init image inside it.
+        size = (prepared.call.get("width", prepared.width), prepared.call.get("height", prepared.height))
+        maps = control_maps(s, size)
+        many = len(maps) > 1
+        scales = [scale for _source, scale in s.controlnets]
+        control = {"image" if self.inner.name == "txt2img" else "control_image": maps if many else maps[0],
+                   "controlnet_conditioning_scale": scales if many else scales[0],
+                   "control_guidance_start": s.control_start, "control_guidance_end": s.control_end,
+                   "width": size[0], "height": size[1]}
+        return dataclasses.replace(prepared, pipe=task_pipe, call={**prepared.call, **control})
+
+    def denoise(self, prepared: Prepared, kwargs: dict[str, Any]) -> Any:
+        return self.inner.denoise(prepared, kwargs)
+
+    def finish(self, prepared: Prepared, images: list[Any]) -> list[Any]:
+        return self.inner.finish(prepared, images)
+
+
 # Most specific first: the first that applies runs.
 TASKS: tuple[Task, ...] = (Inpaint(), Outpaint(), ImageToImage(), HiresFix(), TextToImage())
 
 
 def task_for(s: Any) -> Task:
-    return next(t for t in TASKS if t.applies(s))
+    """The task these settings ask for; wrapped in WithControlNet where any ControlNet setting is given (its
+    check refuses control settings without --controlnet)."""
+    task = next(t for t in TASKS if t.applies(s))
+    control = (s.controlnets, s.control_images, s.control_preprocess, (s.control_start, s.control_end) != (0, 1))
+    return WithControlNet(task) if any(control) else task
