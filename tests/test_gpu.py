@@ -60,3 +60,30 @@ def test_nan_in_float16_names_the_fix(tiny_sd):
     assert loaded.dtype == torch.float16
     with pytest.raises(SdcliError, match="--dtype bfloat16 or float32"):
         list(iter_images(s, loaded, plan_jobs(s, [1])))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_models_in_bfloat16_with_offload_fit_and_match(cli, tiny_flow_models, family, tmp_path):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this card has no bfloat16")
+    args = ("generate", "a red circle", "--model", tiny_flow_models[family], "--steps", "3", "--seed", "2",
+            "-W", "16", "-H", "16", "--dtype", "bfloat16")
+    on_card, record = _image(cli(*args, "--out", tmp_path / "a"))
+    offloaded, _ = _image(cli(*args, "--out", tmp_path / "b", "--cpu-offload"))
+    assert record["dtype"] == "bfloat16" and record["model_family"] == family
+    assert on_card.std() > 0 and np.abs(on_card - offloaded).max() <= 2
+
+
+def test_hires_and_inpainting_run_in_float16(cli, tiny_sd, tmp_path):
+    hires, record = _image(cli("generate", "a red circle", "--model", tiny_sd, "--steps", "3", "--seed", "1",
+                               "--hires-scale", "2", "--out", tmp_path / "h"))
+    assert hires.shape[:2] == (32, 32) and record["dtype"] == "float16"
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(init)
+    m = Image.new("L", (16, 16), 0)
+    m.paste(255, (8, 0, 16, 16))
+    m.save(mask)
+    painted, _ = _image(cli("generate", "a blue square", "--model", tiny_sd, "--steps", "3", "--seed", "1",
+                            "--init-image", init, "--mask", mask, "--mask-blur", "0", "--out", tmp_path / "i"))
+    original = np.asarray(Image.open(init), np.int16)
+    assert np.array_equal(painted[:, :8], original[:, :8])  # outside the mask: the original, exactly
