@@ -82,8 +82,30 @@ def parse_a1111(text: str) -> dict[str, str]:
         (negative if in_negative else prompt).append(line)
     out["prompt"] = "\n".join(prompt)
     out["negative_prompt"] = "\n".join(negative)
-    for part in settings_line.split(", "):
+    for part in _split_fields(settings_line):
         if ": " in part:
             key, value = part.split(": ", 1)
             out[key] = value
     return out
+
+
+def _split_fields(line: str) -> list[str]:
+    """The settings line's "Key: value" parts: split at ", " except inside a double-quoted value
+    (AUTOMATIC1111 quotes values that hold commas, like `ControlNet 0: "Module: canny, ..."`)."""
+    parts, current, quoted, i = [], [], False, 0
+    while i < len(line):
+        ch = line[i]
+        if ch == "\\" and quoted and i + 1 < len(line):
+            current.append(line[i:i + 2])
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        if not quoted and line.startswith(", ", i):
+            parts.append("".join(current))
+            current, i = [], i + 2
+            continue
+        current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    return parts

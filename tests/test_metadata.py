@@ -35,3 +35,12 @@ def test_no_negative_line_when_empty():
     assert "Negative prompt" not in text
     assert "CFG Rescale" not in text
     assert len(text.split("\n")) == 2
+
+
+def test_quoted_values_with_commas_stay_whole():
+    text = ('a cat\nSteps: 20, Sampler: Euler, ControlNet 0: "Module: canny, Model: cn, Weight: 0.8", '
+            'TI hashes: "bad: abc, good: def", Seed: 3')
+    parsed = parse_a1111(text)
+    assert parsed["ControlNet 0"] == '"Module: canny, Model: cn, Weight: 0.8"'
+    assert parsed["TI hashes"] == '"bad: abc, good: def"'
+    assert parsed["Seed"] == "3" and parsed["Sampler"] == "Euler"

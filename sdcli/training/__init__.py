@@ -9,6 +9,7 @@
 - `setup`: the accelerator, the pipeline, LoRA adapters, precision and placement.
 - `checkpoints`: atomic save, resume and pruning of training state.
 - `outputs`: what a finished run leaves in OUT (weights, settings, card, loss log, validation images).
+- `kohya`: the LoRA again in kohya's key layout, the file AUTOMATIC1111 and ComfyUI load.
 - `loop`: `finetune(config)`, the training loop that ties them together (its progress
   bar and notes come from `sdcli.progress`, shared with `generate`).
 

@@ -142,6 +142,10 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
         f"sdcli generate --model {out} \"your prompt\"\n\n"
         f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{out}\")"
     )
+    kohya_file = out / kohya.file_name(out)
+    if lora and kohya_file.is_file():
+        use += (f"\n\n# AUTOMATIC1111 or ComfyUI: copy {kohya_file.name} into models/Lora/ (ComfyUI: models/loras/)"
+                f"\n# and write <lora:{kohya_file.stem}:1> in the prompt")
     tags = ["text-to-image", "diffusers", "sdcli"] + (["lora"] if lora else [])
     card = f"""---
 base_model: {base}
