@@ -92,22 +92,44 @@ def small_sd3_pipeline(folder: Path) -> str:
     return str(folder / "sd3")
 
 
-def against_diffusers(model: str, steps: int, runs: int, size: int | None = None) -> dict:
-    """Median seconds of sdcli's generation path and of a direct diffusers call on the same pipeline, interleaved."""
+LONG_PROMPT = ", ".join(["a red circle on a black background in the top left corner"] * 8)  # ~100 tokens
+
+
+def against_diffusers(model: str, steps: int, runs: int, size: int | None = None, prompt: str = "a red circle",
+                      inpaint: Path | None = None) -> dict:
+    """Median seconds of sdcli's generation path and of a direct diffusers call on the same pipeline, interleaved.
+
+    ``inpaint`` (a folder) makes it an inpainting run: sdcli's task with its composite against diffusers'
+    inpainting pipeline on the same image and mask.
+    """
     import torch
+    from PIL import Image
 
     from sdcli.generation import Settings, iter_images, plan, prepare_pipeline
 
-    s = Settings(prompts=["a red circle"], model=model, steps=steps, guidance=[7.5], seeds=[0], width=size,
-                 height=size)
+    extra: dict = {}
+    if inpaint is not None:
+        Image.new("RGB", (size, size), (120, 40, 40)).save(inpaint / "init.png")
+        mask = Image.new("L", (size, size), 0)
+        mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+        mask.save(inpaint / "mask.png")
+        extra = {"init_image": str(inpaint / "init.png"), "mask": str(inpaint / "mask.png"), "strength": 1.0}
+    s = Settings(prompts=[prompt], model=model, steps=steps, guidance=[7.5], seeds=[0], width=size, height=size,
+                 **extra)
     jobs = plan(s, distributed=False).jobs
     loaded = prepare_pipeline(s)
     pipe = loaded.pipe
-    sized = {"width": size, "height": size} if size else {}
+    call: dict = {"width": size, "height": size} if size else {}
+    if inpaint is not None:
+        from diffusers import AutoPipelineForInpainting
+
+        pipe = AutoPipelineForInpainting.from_pipe(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        call.update(image=Image.open(inpaint / "init.png"), mask_image=Image.open(inpaint / "mask.png"), strength=1.0)
 
     def direct() -> None:
-        pipe("a red circle", num_inference_steps=steps, guidance_scale=7.5,
-             generator=torch.Generator("cpu").manual_seed(0), output_type="np", **sized)
+        pipe(prompt, num_inference_steps=steps, guidance_scale=7.5,
+             generator=torch.Generator("cpu").manual_seed(0), output_type="np", **call)
 
     def ours() -> None:
         list(iter_images(s, loaded, jobs, on_step=lambda n: None))
@@ -133,7 +155,12 @@ def main() -> None:
     help_s = command_time(["--help"], args.runs)
     png_s = shell_to_png_time(args.runs)
     with tempfile.TemporaryDirectory() as tmp:
-        sd = against_diffusers(args.model or small_pipeline(Path(tmp)), args.steps, args.runs)
+        model = args.model or small_pipeline(Path(tmp))
+        sd = against_diffusers(model, args.steps, args.runs)
+        # A prompt past 77 tokens: sdcli encodes every chunk (diffusers truncates), the cost of not losing words.
+        long = against_diffusers(model, args.steps, args.runs, prompt=LONG_PROMPT)
+        # Inpainting: sdcli's task adds the composite that keeps unmasked pixels exact.
+        inpaint = against_diffusers(model, args.steps, args.runs, size=64, inpaint=Path(tmp))
         sd3 = against_diffusers(small_sd3_pipeline(Path(tmp)), args.steps, args.runs, size=64)
     result = {
         "help_seconds": round(help_s, 3),
@@ -141,6 +168,8 @@ def main() -> None:
         "model": args.model or "small random SD-like pipeline (64x64)",
         "steps": args.steps,
         **sd,
+        **{f"long_prompt_{k}": v for k, v in long.items() if k != "device"},
+        **{f"inpaint_{k}": v for k, v in inpaint.items() if k != "device"},
         "sd3_model": "small random SD3 pipeline (64x64, 4 MMDiT blocks)",
         **{f"sd3_{k}": v for k, v in sd3.items()},
     }
