@@ -54,7 +54,10 @@ def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Call
 
 
 class TrainingProgress:
-    """`finetune`'s progress: ``update(step, loss)`` after each optimizer step, ``close()`` at the end."""
+    """`finetune`'s progress: ``update(step, loss, val_loss)`` after each optimizer step, ``close()`` at the end.
+
+    The latest validation loss stays on the line until the next one is measured.
+    """
 
     def __init__(self, enabled: bool, total: int, start: int):
         self.enabled = enabled
@@ -63,32 +66,36 @@ class TrainingProgress:
         self.t0 = time.perf_counter()
         self.every = max(1, total // 20)
         self.bar = None
+        self.val = ""  # "  val_loss 0.1234", once one is measured
         if enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
                 TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.2f} steps/s"),
+                TextColumn("loss {task.fields[loss]:.4f}{task.fields[val]}"),
+                TextColumn("{task.fields[rate]:.2f} steps/s"),
                 TextColumn("eta"), TimeRemainingColumn(),
                 console=Console(stderr=True), transient=False,
             )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0, val="")
             self.bar.start()
 
     def rate(self, step: int) -> float:
         elapsed = time.perf_counter() - self.t0
         return (step - self.start) / elapsed if elapsed > 0 else 0.0
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float, val_loss: float | None = None) -> None:
         if not self.enabled:
             return
         rate = self.rate(step)
+        if val_loss is not None:
+            self.val = f"  val_loss {val_loss:.4f}"
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, rate=rate)
-        elif step % self.every == 0 or step == self.total:
+            self.bar.update(self.task, completed=step, loss=loss, rate=rate, val=self.val)
+        elif step % self.every == 0 or step == self.total or val_loss is not None:
             eta = (self.total - step) / rate if rate > 0 else float("nan")
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  eta {_clock(eta)}",
+            print(f"step {step}/{self.total}  loss {loss:.4f}{self.val}  {rate:.2f} steps/s  eta {_clock(eta)}",
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:

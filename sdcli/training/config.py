@@ -47,6 +47,18 @@ class LrScheduler(str, Enum):
     polynomial = "polynomial"
 
 
+class LogWith(str, Enum):
+    """Trackers accelerate logs to, under OUT/logs; all: both."""
+
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    all = "all"
+
+
+# The package each tracker needs, for the one-line refusal when it is missing.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 class MixedPrecision(str, Enum):
     auto = "auto"
     no = "no"
@@ -178,7 +190,19 @@ class FinetuneConfig:
     validation_prompts: list[str] = option(
         [], help="Prompt rendered every --validation-every steps (repeatable).", flags=("--validation-prompt",),
         panel=LONG, role=RUNTIME, cli_type=list[str], show_default=False)
-    validation_every: int = option(100, help="Steps between validation images.", panel=LONG, role=RUNTIME)
+    validation_every: int = option(100, help="Steps between validation images and validation losses.", panel=LONG,
+                                   role=RUNTIME)
+    # Which images train depends on the split, so a resume must keep it; a --validation-data folder only
+    # changes what is measured.
+    validation_split: Optional[float] = option(
+        None, help="Hold out this fraction of --data (chosen by --seed) and log its loss every --validation-every "
+        "steps, at fixed timesteps and noise.", panel=LONG, show_default=False)
+    validation_data: Optional[Path] = option(
+        None, help="Folder of captioned images to log the validation loss on (instead of --validation-split).",
+        panel=LONG, role=RUNTIME, show_default=False)
+    log_with: Optional[str] = option(
+        None, help="Also log loss, learning rate, speed, validation loss and images to tensorboard, wandb or all, "
+        "under OUT/logs.", panel=LONG, role=RUNTIME, cli_type=LogWith, show_default=False)
     validation_guidance: Optional[float] = option(
         None, help="Guidance for validation images: the classifier-free scale, or Flux-dev's distilled guidance. "
         "Default: the model's, as generate's.", panel=LONG, role=RUNTIME, show_default=False)
@@ -241,11 +265,37 @@ class FinetuneConfig:
             raise UsageError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.epochs is not None and self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        self._check_validation()
         if self.use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 raise UsageError("--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
+
+    def _check_validation(self) -> None:
+        if self.validation_split is not None and not 0.0 < self.validation_split < 1.0:
+            raise UsageError(f"--validation-split must be between 0 and 1 (the fraction held out), "
+                             f"got {self.validation_split:g}")
+        if self.validation_data is not None:
+            if self.validation_split is not None:
+                raise UsageError("give --validation-split or --validation-data, not both")
+            self.validation_data = Path(self.validation_data).expanduser()
+            if not self.validation_data.is_dir():
+                what = "is a file, not a folder" if self.validation_data.exists() else "does not exist"
+                raise UsageError(f"--validation-data {self.validation_data} {what}")
+        if self.log_with is not None:
+            self.log_with = _choice(LogWith, self.log_with, "--log-with")
+            for name in self.trackers:
+                if not _installed(TRACKER_PACKAGES[name]):
+                    raise UsageError(f"--log-with {self.log_with} needs {name}, which is not installed "
+                                     f"(pip install {TRACKER_PACKAGES[name]})")
+
+    @property
+    def trackers(self) -> list[str]:
+        """accelerate's tracker names for --log-with (all: both)."""
+        if self.log_with is None:
+            return []
+        return list(TRACKER_PACKAGES) if self.log_with == LogWith.all.value else [self.log_with]
 
     def _check_flow_options(self) -> None:
         if self.timestep_sampling is not None:
@@ -311,6 +361,7 @@ class FinetuneConfig:
         record = asdict(self)
         record["data"] = str(self.data)
         record["out"] = str(self.out)
+        record["validation_data"] = str(self.validation_data) if self.validation_data is not None else None
         record["lora_targets"] = list(self.lora_targets)
         record["learning_rate"] = self.lr
         record["lora_alpha"] = self.alpha if self.lora else None
@@ -333,6 +384,16 @@ def _choice(choices: type[Enum], value: Any, flag: str) -> str:
     except ValueError:
         names = ", ".join(c.value for c in choices)
         raise UsageError(f"unknown {flag} {value!r}; choose from: {names}") from None
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported, found without importing it (tensorboard and wandb are slow to)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _norm(value: Any) -> Any:

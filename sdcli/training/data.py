@@ -165,6 +165,34 @@ def long_captions(report: DataReport, tokenizer: Any) -> str | None:
             f"(the longest {max(lengths)}) will be cut there: {names}")
 
 
+def hold_out(report: DataReport, fraction: float, seed: int) -> tuple[DataReport, list[Example]]:
+    """(the report with only the images that train, the held-out images) for --validation-split.
+
+    round(fraction × images), at least one, chosen by a shuffle drawn from the seed alone (its own stream,
+    so the epochs' order and a resume are untouched). Images are chosen by path, so an image listed more
+    than once goes wholly to one side: nothing held out is ever trained on.
+    """
+    import dataclasses
+
+    import torch
+
+    from sdcli.errors import UsageError
+
+    paths = sorted({e.path for e in report.examples})
+    count = max(1, round(fraction * len(paths)))
+    if count >= len(paths):
+        raise UsageError(f"--validation-split {fraction:g} holds out {count} of {len(paths)} image"
+                         f"{'s' * (len(paths) != 1)}, leaving none to train on; use a smaller split or more images")
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(mix_seed(seed, 3))).tolist()
+    held = {paths[i] for i in order[:count]}
+    first = {}
+    for e in report.examples:
+        if e.path in held:
+            first.setdefault(e.path, e)
+    train = [e for e in report.examples if e.path not in held]
+    return dataclasses.replace(report, examples=train), sorted(first.values(), key=lambda e: e.path)
+
+
 def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]], usable: set[Path]) -> tuple[str | None, str]:
     key = Path(os.path.normpath(path))
     if key in listed and listed[key][0]:

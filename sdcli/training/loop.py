@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdcli.errors import SdcliError, UsageError
-from sdcli.training import checkpoints, data, outputs, setup
+from sdcli.training import checkpoints, data, outputs, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.progress import Notes, TrainingProgress
 
@@ -38,6 +38,7 @@ class StepInfo:
     loss: float
     lr: float
     images_per_s: float
+    val_loss: float | None = None  # the held-out loss, on the steps that measure one
 
 
 @dataclass
@@ -53,6 +54,7 @@ class FinetuneResult:
     images_per_s: float  # global images per second over the steps this call ran
     checkpoints: list[Path] = field(default_factory=list)
     validation_images: list[Path] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> held-out loss, for the steps this call ran
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Run:
     max_steps: int
     start: int  # the step this call starts from (0, or a checkpoint's)
     cache_seconds: float
+    held_out: validation.HeldOut | None = None  # --validation-split / --validation-data
 
     @property
     def world(self) -> int:
@@ -94,6 +97,7 @@ class Trained:
     seconds: float
     saved: list[Path]
     rendered: list[Path]
+    val_losses: dict[int, float] = field(default_factory=dict)
 
 
 class StopRequest:
@@ -166,12 +170,15 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 3. Data: every image opened once; what cannot train is skipped (or stops the run) here.
     report = data.discover(cfg.data, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say)
+    report, held_out = validation.select(cfg, report, warn=say)
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
     pipe, family = setup.load(cfg)
     cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
     for line in report.lines(cfg.resolution):
         say(line)
+    if held_out is not None:
+        say(held_out.line())
     too_long = data.long_captions(report, getattr(pipe, "tokenizer", None)) if say.enabled else None
     if too_long:
         say(too_long)
@@ -200,6 +207,13 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         say(f"cached {what} in {time.perf_counter() - t_cache:.1f}s")
     if cfg.cache and not inputs.cache_latents:
         say("note: --random-crop encodes each image every step (a cached latent has one crop only)")
+    if held_out is not None:
+        # Centre crops, so a held-out latent is one fixed thing: cached whenever --cache is on.
+        held_out.inputs = TrainingInputs(
+            pipe, held_out.examples, family=family, resolution=cfg.resolution, center_crop=True,
+            device=accelerator.device, cache_latents=cfg.cache, cache_text=inputs.cache_text)
+        if cfg.cache:
+            held_out.inputs.build_cache(False, batch_size=cfg.batch_size)
     cache_seconds = time.perf_counter() - t_cache
     setup.park_frozen(pipe, inputs, accelerator.device)
 
@@ -215,6 +229,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     models, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
     if cfg.train_text_encoder:
         inputs.text.use(models[1:])
+        if held_out is not None:
+            held_out.inputs.text.use(models[1:])
     ema = None
     if cfg.ema:
         from diffusers.training_utils import EMAModel
@@ -232,10 +248,11 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         if cfg.overwrite and resume_dir is None:
             outputs.clear_previous(cfg.out)
     accelerator.wait_for_everyone()
+    trackers.start(accelerator, cfg, cfg.out / outputs.LOGS_DIR)
     return Run(cfg=cfg, accelerator=accelerator, say=say, report=report, pipe=pipe, family=family,
                noise_scheduler=noise_scheduler, inputs=inputs, models=models, params=params, optimizer=optimizer,
                lr_scheduler=lr_scheduler, ema=ema, per_epoch=per_epoch, max_steps=max_steps, start=start,
-               cache_seconds=cache_seconds)
+               cache_seconds=cache_seconds, held_out=held_out)
 
 
 def _train(run: Run, callback) -> Trained:
@@ -249,6 +266,7 @@ def _train(run: Run, callback) -> Trained:
     losses: list[float] = []
     saved: list[Path] = []
     rendered: list[Path] = []
+    val_losses: dict[int, float] = {}
     samples_seen, running = 0, []
     plan: tuple[int, list[data.Item]] | None = None
     loss_log = outputs.LossLog(cfg.out / outputs.LOSS_FILE, run.start if cfg.resume else None) if main else None
@@ -290,14 +308,21 @@ def _train(run: Run, callback) -> Trained:
                 losses.append(total_loss / world)
                 lr = run.lr_scheduler.get_last_lr()[0]
                 rate = progress.rate(step) * images_per_step
+                # Measured before the row is written, so a step stopped by Ctrl-C still has its value.
+                val_loss = None
+                if run.held_out is not None and (step % cfg.validation_every == 0 or step == run.max_steps):
+                    val_loss = val_losses[step] = validation.measure(run)
                 if loss_log:
                     loss_log.append(step=step, epoch=epoch, loss=losses[-1], lr=lr, images_per_s=rate,
-                                    elapsed_s=time.perf_counter() - t0)
+                                    elapsed_s=time.perf_counter() - t0, val_loss=val_loss)
+                trackers.log_step(accelerator, cfg, step, {
+                    "train/loss": losses[-1], "train/lr": lr, "train/steps_per_s": rate / images_per_step,
+                    "train/images_per_s": rate, "validation/loss": val_loss})
                 if not math.isfinite(losses[-1]):
                     raise _diverged(cfg, step, losses[-1])
-                progress.update(step, losses[-1])
+                progress.update(step, losses[-1], val_loss)
                 if callback:
-                    callback(StepInfo(step, run.max_steps, epoch, losses[-1], lr, rate))
+                    callback(StepInfo(step, run.max_steps, epoch, losses[-1], lr, rate, val_loss))
                 if stops > 0:
                     progress.close()
                     run.say(f"interrupted: saved {run.checkpoint(step)}; continue with --resume latest")
@@ -310,7 +335,7 @@ def _train(run: Run, callback) -> Trained:
         progress.close()
         if loss_log:
             loss_log.close()
-    return Trained(step, losses, samples_seen, time.perf_counter() - t0, saved, rendered)
+    return Trained(step, losses, samples_seen, time.perf_counter() - t0, saved, rendered, val_losses)
 
 
 def _step_loss(run: Run, denoiser, batch, generator):
@@ -384,6 +409,7 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             "samples_per_rank": per_rank, "final_loss": logged[-1] if logged else None,
             "data": {"images": len(run.report.examples), "skipped": [list(s) for s in run.report.skipped],
                      "captions": dict(run.report.caption_sources)},
+            "validation": _validation_record(run, cfg.out / outputs.LOSS_FILE),
             "config": cfg.to_json(),
         }
         outputs.write_settings(cfg.out, record)
@@ -397,8 +423,24 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
         out=cfg.out, weights=weights, steps=done.step, losses=done.losses, world_size=run.world,
         samples_per_rank=per_rank, cache_seconds=run.cache_seconds, train_seconds=done.seconds,
         images_per_s=ran * images_per_step / done.seconds if done.seconds > 0 and ran else 0.0,
-        checkpoints=done.saved, validation_images=done.rendered,
+        checkpoints=done.saved, validation_images=done.rendered, val_losses=done.val_losses,
     )
+
+
+def _validation_record(run: Run, loss_file: Path) -> dict[str, Any] | None:
+    """What the validation loss was measured on and how, for training_settings.json."""
+    if run.held_out is None:
+        return None
+    from sdcli.training.validation import LEVELS, noise_levels
+
+    levels = noise_levels(run.family, run.noise_scheduler, "cpu")
+    steps, values = outputs.read_validation_losses(loss_file)
+    return {
+        "source": run.held_out.source, "images": run.held_out.names(), "noise_levels": LEVELS,
+        # DDPM: the timesteps t; flow matching: the sigmas.
+        ("sigmas" if run.family.flow else "timesteps"): (levels[0] if run.family.flow else levels).tolist(),
+        "final_val_loss": values[-1] if values else None, "final_val_loss_step": steps[-1] if steps else None,
+    }
 
 
 def _resume(cfg: FinetuneConfig, accelerator, path: Path, say) -> int:
@@ -429,22 +471,12 @@ def _validate(run: Run, step: int) -> list[Path]:
         pipe.vae.to(accelerator.device)
         for encoder in run.inputs.text.encoders:
             encoder.to(accelerator.device)
-        if run.ema is not None:
-            run.ema.store(run.params)
-            run.ema.copy_to(run.params)
-        # Eval mode for inference (no dropout), as generate runs the model; training mode is restored after.
-        models = [m for m in run.models if m.training]
-        for m in models:
-            m.eval()
         try:
-            with accelerator.autocast():
+            with validation.evaluating(run.models, run.ema, run.params), accelerator.autocast():
                 paths = outputs.render_validation(pipe, run.family.name, accelerator.device, cfg, step,
                                                   run.family.guidance_of(pipe))
         finally:
-            for m in models:
-                m.train()
-            if run.ema is not None:
-                run.ema.restore(run.params)
             setup.park_frozen(pipe, run.inputs, accelerator.device)
+        trackers.log_images(accelerator, cfg, step, paths)
     accelerator.wait_for_everyone()
     return paths

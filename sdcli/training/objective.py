@@ -106,10 +106,16 @@ def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float 
 
     ``cond`` holds ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``.
     """
-    from diffusers.training_utils import compute_snr
-
     noise = sample_noise(latents, generator, noise_offset)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, latents.device)
+    return ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, snr_gamma=snr_gamma)
+
+
+def ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, *, snr_gamma: float | None = None):
+    """The loss at given noise and timesteps: x_t by the scheduler's `add_noise`, MSE onto ε or v, min-SNR
+    weighted when ``snr_gamma`` is set. `step_loss` draws them; validation fixes them (`validation_timesteps`)."""
+    from diffusers.training_utils import compute_snr
+
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = regression_target(scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **cond, return_dict=False)[0]
@@ -117,6 +123,15 @@ def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float 
     if snr_gamma is not None:
         weights = min_snr_weights(compute_snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
     return diffusion_loss(prediction, target, weights)
+
+
+def validation_timesteps(scheduler, count: int, device="cpu"):
+    """``count`` fixed timesteps spread evenly over [0, T): the midpoints of equal bins, so their mean loss is
+    the midpoint-rule estimate of the loss under training's uniform t (T = 1000, count 4: 125, 375, 625, 875)."""
+    import torch
+
+    T = scheduler.config.num_train_timesteps
+    return ((torch.arange(count, dtype=torch.float64) + 0.5) * T / count).long().to(device)
 
 
 # ---------------------------------------------------------------------------
@@ -171,8 +186,26 @@ def flow_step_loss(predict, scheduler, latents, generator, *, sampling: str = "u
     u = sample_flow_u(latents.shape[0], sampling, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
                       generator=generator, device=latents.device)
     sigmas, timesteps = flow_sigmas(scheduler, u)
+    return flow_loss(predict, latents, noise, sigmas, timesteps, weighting=weighting)
+
+
+def flow_loss(predict, latents, noise, sigmas, timesteps, *, weighting: str = "none"):
+    """The loss at given noise and σ: x_t = (1 − σ)·x_0 + σ·ε, MSE onto ε − x_0, weighted by the scheme.
+    `flow_step_loss` draws them; validation fixes them (`validation_sigmas`)."""
     s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
     noisy = (1 - s) * latents + s * noise
     prediction = predict(noisy, timesteps)
     weights = None if weighting == "none" else flow_loss_weights(weighting, sigmas)
     return diffusion_loss(prediction, noise - latents, weights)
+
+
+def validation_sigmas(scheduler, count: int, device="cpu"):
+    """(σ, model timestep) at ``count`` fixed places spread evenly over the schedule: u at the midpoints of
+    equal bins of [0, 1), through `flow_sigmas` as training's uniform draw goes. Unshifted (Flux) that is σ
+    evenly spaced (count 4: 0.875, 0.625, 0.375, 0.125); SD3's static shift moves them where its training
+    σ's are."""
+    import torch
+
+    u = (torch.arange(count, dtype=torch.float32) + 0.5) / count
+    sigmas, timesteps = flow_sigmas(scheduler, u)
+    return sigmas.to(device), timesteps.to(device)

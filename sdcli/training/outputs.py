@@ -28,12 +28,15 @@ LOSS_FILE = "loss.csv"
 LOSS_PLOT = "loss.png"
 CARD_FILE = "README.md"
 VALIDATION_DIR = "validation"
-LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
+LOGS_DIR = "logs"  # --log-with's trackers (TensorBoard event files, wandb's run folder)
+# val_loss: the held-out loss, on the steps that measured one (empty on the others).
+LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "val_loss")
 # Everything a run may write; --overwrite removes these and nothing else.
 PIPELINE_PARTS = ("model_index.json", "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                   "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "safety_checker", "feature_extractor",
                   "image_encoder")
-OUR_NAMES = (LORA_FILE, SETTINGS_FILE, LOSS_FILE, LOSS_PLOT, CARD_FILE, VALIDATION_DIR, "checkpoints") + PIPELINE_PARTS
+OUR_NAMES = (LORA_FILE, SETTINGS_FILE, LOSS_FILE, LOSS_PLOT, CARD_FILE, VALIDATION_DIR, "checkpoints",
+             LOGS_DIR) + PIPELINE_PARTS
 
 
 def check_out(out: Path, overwrite: bool, resuming: bool) -> None:
@@ -205,9 +208,18 @@ def read_losses(path: Path) -> tuple[list[int], list[float]]:
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
 
 
+def read_validation_losses(path: Path) -> tuple[list[int], list[float]]:
+    """The steps that measured a validation loss, and its values (a loss.csv from before the column: none)."""
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
+    return [int(r["step"]) for r in rows], [float(r["val_loss"]) for r in rows]
+
+
 def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
-    """The loss per step and its running mean, as a PNG (matplotlib, no display needed)."""
+    """The loss per step and its running mean, and the validation loss where there is one, as a PNG
+    (matplotlib, no display needed)."""
     steps, losses = read_losses(csv_path)
+    val_steps, val_losses = read_validation_losses(csv_path)
     if not steps:
         return None
     import matplotlib
@@ -221,6 +233,9 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
     ax.plot(steps, smooth, color="#c33", linewidth=1.6, label=f"mean of last {window}")
+    if val_steps:
+        ax.plot(val_steps, val_losses, color="#26a", linewidth=1.6, marker="o", markersize=3,
+                label="validation (held out, fixed noise)")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE loss")
     ax.set_yscale("log")

@@ -10,6 +10,7 @@ from typing import Any
 
 from sdcli.errors import UsageError
 from sdcli.training.config import TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
+from sdcli.training.outputs import LOGS_DIR
 
 
 def make_accelerator(cfg: FinetuneConfig):
@@ -29,6 +30,8 @@ def make_accelerator(cfg: FinetuneConfig):
     if cpu and cfg.mixed_precision == "fp16":
         # torch has no float16 autocast on the CPU: half-precision weights would meet float32 inputs.
         raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
+    # --log-with: accelerate's trackers, writing under OUT/logs (opened by `trackers.start` once set-up passed).
+    logging = dict(log_with=cfg.trackers, project_dir=str(cfg.out / LOGS_DIR)) if cfg.trackers else {}
     try:
         return Accelerator(
             mixed_precision=cfg.mixed_precision,
@@ -36,6 +39,7 @@ def make_accelerator(cfg: FinetuneConfig):
             cpu=cpu,
             # accelerate compiles what it prepares (the trained models); None keeps `accelerate config`'s choice.
             dynamo_backend="inductor" if cfg.compile else None,
+            **logging,
         )
     except ValueError as exc:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None

@@ -80,7 +80,9 @@ def _weights(out, lora):
 def test_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tiny_sd, dataset, tmp_path, make_config, lora):
     settings = dict(lora=lora, max_steps=6, batch_size=2, gradient_accumulation=2, flip=True, uncond_prob=0.3,
                     lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.05, ema=lora, ema_decay=0.9,
-                    snr_gamma=None if lora else 5.0, checkpoint_every=0, seed=11)
+                    snr_gamma=None if lora else 5.0, checkpoint_every=0, seed=11,
+                    # The validation loss (on EMA weights, at step 2 just before the stop) takes no training draw.
+                    validation_split=0.25 if lora else None, validation_every=2)
     whole = finetune(make_config(dataset, tmp_path / "whole", tiny_sd, **settings))
 
     def press_ctrl_c(info):
@@ -101,6 +103,9 @@ def test_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tiny_sd
         assert torch.equal(a[key], b[key]), key
     log = (tmp_path / "split" / "loss.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4", "5", "6"]
+    val = [[line.split(",")[-1] for line in (tmp_path / run / "loss.csv").read_text().splitlines()[1:]]
+           for run in ("whole", "split")]
+    assert val[0] == val[1] and all(val[0][1::2]) == lora
 
 
 def test_checkpoints_are_pruned_to_the_newest_k_and_written_atomically(tiny_sd, dataset, tmp_path, make_config):
