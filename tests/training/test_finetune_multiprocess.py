@@ -74,3 +74,43 @@ def test_two_processes_train_an_sd3_lora_plain_diffusers_loads(tiny_flow_models,
     pipe = DiffusionPipeline.from_pretrained(tiny_flow_models["sd3"])
     pipe.load_lora_weights(str(out))
     assert pipe.get_active_adapters()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_validation_loss_and_log_the_whole_mean(tiny_sd, tmp_path, make_images):
+    """3 held-out images on 2 processes (one repeats an image at weight 0): the logged value is the mean over
+    the 3, the same number one process computes from the saved model."""
+    from diffusers import DiffusionPipeline
+
+    from sdcli.training import validation
+    from sdcli.training.data import discover
+    from sdcli.training.families import FAMILIES
+    from sdcli.training.inputs import TrainingInputs
+    from sdcli.training.objective import training_scheduler
+
+    data = tmp_path / "data"
+    make_images(data, n=5)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sdcli", "finetune", "--data", str(data), "--model", tiny_sd, "--out", str(out), "--full",
+           "--max-steps", "2", "--batch-size", "1", "--checkpoint-every", "0", "--validation-split", "0.6",
+           "--validation-every", "1", "--seed", "4"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    held = json.loads((out / "training_settings.json").read_text())["validation"]["images"]
+    assert len(held) == 3
+    logged = [line.split(",")[-1] for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert len(logged) == 2 and all(logged)
+
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    examples = [e for e in discover(data).examples if e.path.name in held]
+    inputs = TrainingInputs(pipe, examples, family=FAMILIES["sd1"], resolution=16, center_crop=True, device="cpu",
+                            cache_latents=False, cache_text=False)
+    scheduler = training_scheduler(pipe.scheduler.config)
+    loss_at = validation.loss_function(type("Cfg", (), {"snr_gamma": None})(), FAMILIES["sd1"], pipe, scheduler,
+                                       pipe.unet)
+    one = type("OneProcess", (), {"process_index": 0, "num_processes": 1, "device": "cpu"})()
+    mean = validation.held_out_loss(loss_at, inputs, 4, validation.noise_levels(FAMILIES["sd1"], scheduler, "cpu"),
+                                    one)
+    assert mean == pytest.approx(float(logged[-1]), rel=1e-5)
