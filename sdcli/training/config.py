@@ -10,6 +10,7 @@ it and a resume can refuse settings that would not continue the same run.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -74,8 +75,10 @@ def _comma_tuple(text: str) -> tuple[str, ...]:
 class FinetuneConfig:
     """What `sdcli finetune` does; each field is one of the command's options."""
 
-    data: Path = option(help="Folder of images with captions (name.txt, metadata.jsonl or metadata.csv).",
-                        panel=DATA, role=RUNTIME, show_default=False)
+    # Folders may move between a run and its resume (a warning); their repeat counts may not (incompatible_with).
+    data: list[str] = option(
+        help="Folder of images with captions (name.txt, metadata.jsonl or metadata.csv); DIR:N counts each of its "
+        "images N times an epoch. Repeatable.", panel=DATA, role=RUNTIME, cli_type=list[str], show_default=False)
     out: Path = option(help="Folder the trained weights, settings and checkpoints go to.", flags=("--out", "-o"),
                        role=RUNTIME)
     model: Optional[str] = option(None, options.MODEL, role=RUNTIME)
@@ -92,12 +95,27 @@ class FinetuneConfig:
         False, help="Train images without a caption as the null prompt instead of stopping.",
         flags=("--allow-empty-captions",), panel=DATA)
     resolution: Optional[int] = option(
-        None, help="Square training size in pixels. Default: the model's native size.", panel=DATA,
-        show_default=False)
+        None, help="Training size in pixels: the square's side, and with buckets the area (its square) each bucket "
+        "has at most. Default: the model's native size.", panel=DATA, show_default=False)
+    buckets: bool = option(
+        True, help="Aspect-ratio buckets: train each image at the model's area in the shape nearest its own "
+        "(--no-buckets: crop every image square).", flags=("--buckets/--no-buckets",), panel=DATA)
+    min_bucket: Optional[int] = option(
+        None, help="Shortest bucket side in pixels. Default: half --resolution.", panel=DATA, show_default=False)
+    max_bucket: Optional[int] = option(
+        None, help="Longest bucket side in pixels. Default: twice --resolution.", panel=DATA, show_default=False)
+    upscale: bool = option(
+        True, help="Enlarge images smaller than their bucket (--no-upscale: give them a bucket of their own size, "
+        "skipping any smaller than --min-bucket).", flags=("--upscale/--no-upscale",), panel=DATA)
     center_crop: bool = option(
-        True, help="Crop the centre, or a random square each step (random crop cannot cache latents).",
+        True, help="Crop the centre, or a random crop each step (random crop cannot cache latents).",
         flags=("--center-crop/--random-crop",), panel=DATA)
     flip: bool = option(False, help="Mirror half the images at random.", flags=("--flip/--no-flip",), panel=DATA)
+    caption_extension: str = option(".txt", help="Extension of the caption file beside each image.", panel=DATA)
+    shuffle_captions: bool = option(
+        False, help="Shuffle each caption's comma-separated tags every step (captions are then encoded every step).",
+        flags=("--shuffle-captions",), panel=DATA)
+    keep_tokens: int = option(0, help="With --shuffle-captions: keep the first N tags in place.", panel=DATA)
 
     # Objective
     uncond_prob: float = option(
@@ -224,7 +242,7 @@ class FinetuneConfig:
 
     def check(self) -> None:
         """Raise UsageError naming the first impossible value; nothing heavy is loaded yet."""
-        self.data = Path(self.data).expanduser()
+        self._check_data()
         self.out = Path(self.out).expanduser()
         self.lora_targets = tuple(t.strip() for t in self.lora_targets if t.strip())
         positive = {
@@ -297,6 +315,40 @@ class FinetuneConfig:
             return []
         return list(TRACKER_PACKAGES) if self.log_with == LogWith.all.value else [self.log_with]
 
+    def _check_data(self) -> None:
+        given = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
+        if not given:
+            raise UsageError("--data is missing: give a folder of captioned images")
+        self.data = [str(spec) for spec in given]
+        for spec in self.data:
+            parse_data(spec)  # raises on a bad repeat count
+        if self.keep_tokens < 0:
+            raise UsageError(f"--keep-tokens must not be negative, got {self.keep_tokens}")
+        if self.keep_tokens and not self.shuffle_captions:
+            raise UsageError("--keep-tokens keeps tags in place for --shuffle-captions, which was not given")
+        ext = self.caption_extension.strip()
+        ext = ext if ext.startswith(".") else "." + ext
+        if ext == "." or "/" in ext or "\\" in ext or ext.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+            raise UsageError(f"--caption-extension must be a file extension like .txt or .caption, "
+                             f"got {self.caption_extension!r}")
+        self.caption_extension = ext
+        for flag, value in (("--min-bucket", self.min_bucket), ("--max-bucket", self.max_bucket)):
+            if value is not None and not self.buckets:
+                raise UsageError(f"{flag} sizes the aspect-ratio buckets, which --no-buckets turns off")
+            if value is not None and value < 8:
+                raise UsageError(f"{flag} must be at least 8, got {value}")
+        if not self.upscale and not self.buckets:
+            raise UsageError("--no-upscale gives small images a bucket of their own size, which --no-buckets turns "
+                             "off (every image is cropped to one square)")
+        if self.min_bucket is not None and self.max_bucket is not None and self.min_bucket > self.max_bucket:
+            raise UsageError(f"--min-bucket {self.min_bucket} is larger than --max-bucket {self.max_bucket}")
+
+    @property
+    def data_sources(self) -> list[tuple[Path, int]]:
+        """(folder, repeats) for each --data."""
+        given = [self.data] if isinstance(self.data, (str, Path)) else self.data
+        return [parse_data(str(spec)) for spec in given]
+
     def _check_flow_options(self) -> None:
         if self.timestep_sampling is not None:
             self.timestep_sampling = _choice(TimestepSampling, self.timestep_sampling, "--timestep-sampling")
@@ -359,7 +411,7 @@ class FinetuneConfig:
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
-        record["data"] = str(self.data)
+        record["data"] = [str(path) + (f":{n}" if n != 1 else "") for path, n in self.data_sources]
         record["out"] = str(self.out)
         record["validation_data"] = str(self.validation_data) if self.validation_data is not None else None
         record["lora_targets"] = list(self.lora_targets)
@@ -371,7 +423,11 @@ class FinetuneConfig:
         """The settings that differ from a checkpoint's in a way that changes what a step does."""
         mine = self.to_json()
         names = [f.name for f in fields(self) if f.name not in RESUMABLE_CHANGES]
-        return [n for n in names if n in saved and _norm(saved[n]) != _norm(mine[n])]
+        differ = [n for n in names if n in saved and _norm(saved[n]) != _norm(mine[n])]
+        # A folder may move, but how often each counts decides every epoch's order.
+        if "data" in saved and _repeats(saved["data"]) != _repeats(mine["data"]):
+            differ.append("data")
+        return differ
 
 
 # Settings a resumed run may change without breaking "continues exactly": the runtime ones.
@@ -394,6 +450,30 @@ def _installed(package: str) -> bool:
         return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):
         return False
+
+
+def parse_data(spec: str) -> tuple[Path, int]:
+    """``DIR`` or ``DIR:N`` as (folder, repeats); UsageError for a repeat count that is not a whole number >= 1.
+
+    An existing folder is taken whole, colons and all; a Windows drive's colon (C:\\photos) is never a repeat
+    count, so only a last ``:N`` after it is one.
+    """
+    if Path(spec).expanduser().is_dir():
+        return Path(spec).expanduser(), 1
+    body = spec[2:] if re.match(r"[A-Za-z]:[\\/]", spec) else spec
+    if ":" not in body:
+        return Path(spec).expanduser(), 1
+    folder, count = spec.rsplit(":", 1)
+    if not re.fullmatch(r"[+-]?\d+", count.strip()):
+        raise UsageError(f"--data {spec}: after the last colon comes how many times its images count an epoch "
+                         f"(DIR:N, a whole number), got {count!r}")
+    if int(count) < 1:
+        raise UsageError(f"--data {spec}: the repeat count must be at least 1, got {int(count)}")
+    return Path(folder).expanduser(), int(count)
+
+
+def _repeats(data: Any) -> list[int]:
+    return [parse_data(str(spec))[1] for spec in ([data] if isinstance(data, str) else data)]
 
 
 def _norm(value: Any) -> Any:

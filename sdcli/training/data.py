@@ -11,7 +11,11 @@ the folder is skipped with a warning, as an unreadable image is (and stops the
 run with --strict): a symlinked caption could otherwise read any file the user
 can, and a dataset from elsewhere can carry such links.
 
-The order and augmentation of each epoch (`epoch_items`) are decided here too,
+Several folders may be given, each with a repeat count (``--data DIR:N`` counts
+each of its images N times an epoch); names in messages are relative to the
+folders' common parent.
+
+The order and augmentation of each epoch (`epoch_batches`) are decided here too,
 from the seed and the epoch number alone: every process agrees on them, and a
 resumed run replays them exactly without any saved sampler state.
 """
@@ -24,7 +28,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from sdcli.errors import DataError
 from sdcli.images import check_image, open_image
@@ -38,21 +42,46 @@ class Example:
     path: Path
     caption: str | None  # None: no caption, trained as the null prompt
     size: tuple[int, int]  # (width, height) as stored
+    repeats: int = 1  # times an epoch, from --data DIR:N
+
+
+@dataclass
+class Source:
+    """One --data folder: where it is, how often each of its images counts in an epoch, how many it gave."""
+
+    root: Path
+    repeats: int = 1
+    images: int = 0
 
 
 @dataclass
 class DataReport:
-    root: Path
+    root: Path  # the folder, or the common parent of several; names in messages are relative to it
     examples: list[Example]
     caption_sources: Counter = field(default_factory=Counter)  # "metadata.jsonl", ".txt", "none"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
     ignored: Counter = field(default_factory=Counter)  # suffix of files that are not images
+    sources: list[Source] = field(default_factory=list)
+
+    def name(self, path: Path) -> str:
+        """``path`` as messages name it."""
+        return _rel(path, self.root)
+
+    def skip(self, example: Example, why: str) -> None:
+        """Drop an example found unusable after discovery (too small for any bucket), recording why."""
+        self.examples.remove(example)
+        self.skipped.append((self.name(example.path), why))
 
     def lines(self, resolution: int | None = None) -> list[str]:
         """What was found, for stderr before training starts."""
         n = len(self.examples)
         folders = len({e.path.parent for e in self.examples})
         out = [f"data: {n} image{'s' * (n != 1)} in {self.root}" + (f" ({folders} folders)" if folders > 1 else "")]
+        if len(self.sources) > 1 or any(s.repeats != 1 for s in self.sources):
+            per_epoch = sum(e.repeats for e in self.examples)
+            shown = ", ".join(f"{_rel(s.root, self.root) if s.root != self.root else s.root.name} {s.images}"
+                              + (f" ×{s.repeats}" if s.repeats != 1 else "") for s in self.sources)
+            out.append(f"  --data: {shown}; {per_epoch} an epoch with repeats")
         sources = ", ".join(f"{count} from {src}" for src, count in self.caption_sources.most_common() if src != "none")
         empty = self.caption_sources.get("none", 0)
         out.append(f"  captions: {sources or 'none'}" + (f"; {empty} without, trained as the null prompt" if empty else ""))
@@ -73,29 +102,50 @@ class DataReport:
 
 
 def discover(
-    root: Path,
+    root: Path | Sequence[tuple[Path, int]],
     caption_column: str = "text",
     strict: bool = False,
     allow_empty_captions: bool = False,
     warn=None,
+    caption_extension: str = ".txt",
 ) -> DataReport:
     """Every usable image under ``root`` with its caption; raises DataError for what cannot train.
 
-    ``warn(message)`` is called for each skipped image as it is found.
+    ``root`` is a folder, or several as (folder, repeats) pairs. ``warn(message)`` is called for
+    each skipped image as it is found.
     """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"--data folder does not exist: {root}")
-    if not root.is_dir():
-        raise DataError(f"--data must be a folder of images, not a file: {root}")
-    report = DataReport(root=root, examples=[])
+    sources = [Source(Path(r).expanduser(), n) for r, n in ([(root, 1)] if isinstance(root, (str, Path)) else root)]
+    for source in sources:
+        if not source.root.exists():
+            raise DataError(f"--data folder does not exist: {source.root}")
+        if not source.root.is_dir():
+            raise DataError(f"--data must be a folder of images, not a file: {source.root}")
+    if len(sources) > 1:  # named relative to their common parent, which needs one kind of path
+        for source in sources:
+            source.root = source.root.absolute()
+    common = sources[0].root if len(sources) == 1 else Path(os.path.commonpath([s.root for s in sources]))
+    report = DataReport(root=common, examples=[], sources=sources)
+    for source in sources:
+        before, skipped = len(report.examples), len(report.skipped)
+        _discover_one(report, source, caption_column, strict, allow_empty_captions, warn, caption_extension)
+        source.images = len(report.examples) - before
+        if not source.images:
+            unreadable = len(report.skipped) - skipped
+            why = f" ({unreadable} unreadable)" if unreadable else ""
+            raise DataError(f"no usable images (png, jpg, webp) in {source.root}{why}")
+    return report
+
+
+def _discover_one(report: DataReport, source: Source, caption_column: str, strict: bool, allow_empty_captions: bool,
+                  warn, caption_extension: str) -> None:
+    root = source.root
 
     def skip(path: Path, why: str) -> None:
         if strict:
-            raise DataError(f"{_rel(path, root)}: {why}")
-        report.skipped.append((_rel(path, root), why))
+            raise DataError(f"{report.name(path)}: {why}")
+        report.skipped.append((report.name(path), why))
         if warn:
-            warn(f"warning: skipping {_rel(path, root)}: {why}")
+            warn(f"warning: skipping {report.name(path)}: {why}")
 
     # 1. Files, in a stable order so every process and every run agree; links out of the folder skipped.
     files = []
@@ -110,16 +160,17 @@ def discover(
     for meta in (p for p in files if p.name in METADATA_NAMES):
         for image, caption in _read_metadata(meta, root, caption_column):
             if image in listed:
-                raise DataError(f"{_rel(image, root)} is listed twice in metadata ({_rel(meta, root)})")
+                raise DataError(f"{report.name(image)} is listed twice in metadata ({report.name(meta)})")
             listed[image] = (caption, meta.name)
     # 3. Image files.
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     for p in files:
-        if p.suffix.lower() not in IMAGE_SUFFIXES and p.name not in METADATA_NAMES and p.suffix.lower() != ".txt":
+        if (p.suffix.lower() not in IMAGE_SUFFIXES and p.name not in METADATA_NAMES
+                and not p.name.endswith(caption_extension)):
             report.ignored[p.suffix.lower()] += 1
     for image in listed:
         if not image.is_file():
-            raise DataError(f"metadata names {_rel(image, root)}, which does not exist")
+            raise DataError(f"metadata names {report.name(image)}, which does not exist")
     # 4. Open each image (`sdcli.images.check_image`); skip (or, with --strict, stop at) the ones that cannot be read.
     usable = set(files)
     for path in images:
@@ -127,26 +178,23 @@ def discover(
         if problem:
             skip(path, problem)
             continue
-        caption, source = _caption_for(path, listed, usable)
+        caption, origin = _caption_for(path, listed, usable, caption_extension)
         if caption is not None and "\0" in caption:
             # A NUL byte is no text a tokenizer should see, and one usually means a binary or mis-encoded file.
-            where, nuls = source if source != ".txt" else path.with_suffix(".txt").name, caption.count("\0")
+            sidecar = _sidecar(path, caption_extension).name
+            where, nuls = origin if origin != caption_extension else sidecar, caption.count("\0")
             if warn:
-                warn(f"warning: removed {nuls} NUL byte(s) from the caption of {_rel(path, root)} (from {where})")
+                warn(f"warning: removed {nuls} NUL byte(s) from the caption of {report.name(path)} (from {where})")
             caption = caption.replace("\0", "").strip() or None
         if caption is None:
             if not allow_empty_captions:
                 raise DataError(
-                    f"{_rel(path, root)} has no caption (no {path.stem}.txt beside it and no metadata entry); "
-                    "add one, or pass --allow-empty-captions to train it as the null prompt"
+                    f"{report.name(path)} has no caption (no {_sidecar(path, caption_extension).name} beside it and "
+                    "no metadata entry); add one, or pass --allow-empty-captions to train it as the null prompt"
                 )
-            source = "none"
-        report.caption_sources[source] += 1
-        report.examples.append(Example(path=path, caption=caption, size=size))
-    if not report.examples:
-        why = f" ({len(report.skipped)} unreadable)" if report.skipped else ""
-        raise DataError(f"no usable images (png, jpg, webp) in {root}{why}")
-    return report
+            origin = "none"
+        report.caption_sources[origin] += 1
+        report.examples.append(Example(path=path, caption=caption, size=size, repeats=source.repeats))
 
 
 def long_captions(report: DataReport, tokenizer: Any) -> str | None:
@@ -160,7 +208,7 @@ def long_captions(report: DataReport, tokenizer: Any) -> str | None:
     over = [e for e, n in zip(captioned, lengths) if n > limit]
     if not over:
         return None
-    names = ", ".join(_rel(e.path, report.root) for e in over[:3]) + (", ..." if len(over) > 3 else "")
+    names = ", ".join(report.name(e.path) for e in over[:3]) + (", ..." if len(over) > 3 else "")
     return (f"warning: {len(over)} caption{'s' * (len(over) != 1)} longer than the text encoder's {limit} tokens "
             f"(the longest {max(lengths)}) will be cut there: {names}")
 
@@ -193,15 +241,20 @@ def hold_out(report: DataReport, fraction: float, seed: int) -> tuple[DataReport
     return dataclasses.replace(report, examples=train), sorted(first.values(), key=lambda e: e.path)
 
 
-def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]], usable: set[Path]) -> tuple[str | None, str]:
+def _sidecar(image: Path, extension: str) -> Path:
+    return image.with_name(image.stem + extension)
+
+
+def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]], usable: set[Path],
+                 extension: str = ".txt") -> tuple[str | None, str]:
     key = Path(os.path.normpath(path))
     if key in listed and listed[key][0]:
         return listed[key]
-    sidecar = path.with_suffix(".txt")
+    sidecar = _sidecar(path, extension)
     if sidecar in usable:  # not one skipped as a link out of the folder
         text = sidecar.read_text(encoding="utf-8-sig", errors="replace").strip()
         if text:
-            return text, ".txt"
+            return text, extension
     return None, "none"
 
 
@@ -280,23 +333,32 @@ def load_rgb(path: Path):
     return open_image(path, what="--data image")
 
 
-def crop_box(size: tuple[int, int], resolution: int, center: bool, frac: tuple[float, float] = (0.5, 0.5)):
-    """Resize target and crop offset for a square crop of ``resolution``: ((w, h), (top, left)).
+def _wh(target: int | tuple[int, int]) -> tuple[int, int]:
+    return (target, target) if isinstance(target, int) else (int(target[0]), int(target[1]))
 
-    The shorter side is resized to ``resolution``; the crop is centred, or
-    placed at ``frac`` (two numbers in [0, 1)) of the free space for a random crop.
+
+def crop_box(size: tuple[int, int], target: int | tuple[int, int], center: bool,
+             frac: tuple[float, float] = (0.5, 0.5)):
+    """Resize target and crop offset for a crop of ``target`` ((w, h), or one side of a square):
+    ((resized w, h), (top, left)).
+
+    The image is resized, keeping its aspect ratio, just enough to cover the target; the crop is
+    centred, or placed at ``frac`` (two numbers in [0, 1)) of the free space for a random crop.
     """
     w, h = size
-    scale = resolution / min(w, h)
-    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    tw, th = _wh(target)
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
     fy, fx = (0.5, 0.5) if center else frac
-    top = int(round((rh - resolution) * fy)) if center else int(fy * (rh - resolution + 1))
-    left = int(round((rw - resolution) * fx)) if center else int(fx * (rw - resolution + 1))
-    return (rw, rh), (min(top, rh - resolution), min(left, rw - resolution))
+    top = int(round((rh - th) * fy)) if center else int(fy * (rh - th + 1))
+    left = int(round((rw - tw) * fx)) if center else int(fx * (rw - tw + 1))
+    return (rw, rh), (min(top, rh - th), min(left, rw - tw))
 
 
-def to_pixels(image, resolution: int, center: bool = True, flip: bool = False, frac: tuple[float, float] = (0.5, 0.5)):
-    """A square float tensor (3, res, res) in [-1, 1], plus (top, left) of the crop for SDXL.
+def to_pixels(image, target: int | tuple[int, int], center: bool = True, flip: bool = False,
+              frac: tuple[float, float] = (0.5, 0.5)):
+    """A float tensor (3, h, w) in [-1, 1] of the ``target`` (w, h) crop (an int: a square), plus (top, left)
+    of the crop for SDXL.
 
     With ``flip`` the crop is mirrored after cropping, so its SDXL crop
     coordinate is measured from the mirrored side.
@@ -305,11 +367,12 @@ def to_pixels(image, resolution: int, center: bool = True, flip: bool = False, f
     import torch
     from PIL import Image
 
-    (rw, rh), (top, left) = crop_box(image.size, resolution, center, frac)
-    img = image.resize((rw, rh), Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
+    tw, th = _wh(target)
+    (rw, rh), (top, left) = crop_box(image.size, (tw, th), center, frac)
+    img = image.resize((rw, rh), Image.BICUBIC).crop((left, top, left + tw, top + th))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        left = rw - left - resolution
+        left = rw - left - tw
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
@@ -326,6 +389,7 @@ class Item:
     flip: bool = False
     drop: bool = False
     crop: tuple[float, float] = (0.5, 0.5)  # where a random crop sits, as fractions
+    tags: int | None = None  # with --shuffle-captions: the seed of this sample's tag order
 
 
 def mix_seed(*parts: int) -> int:
@@ -336,27 +400,48 @@ def mix_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def epoch_items(n: int, epoch: int, seed: int, flip: bool, uncond_prob: float) -> list[Item]:
-    """A shuffled epoch of ``n`` examples, each with its flip, caption dropout and crop drawn.
+def epoch_batches(groups: Sequence[Sequence[int]], epoch: int, seed: int, flip: bool, uncond_prob: float,
+                  batch: int, shuffle_tags: bool = False) -> list[list[Item]]:
+    """The global batches of one epoch: each group (the example indices of one bucket, an example
+    repeated as often as it counts) shuffled and cut into batches of ``batch``, every sample with its flip,
+    caption dropout, crop and tag order drawn, and the batches of all groups in a shuffled order.
 
-    Drawn from (seed, epoch) alone: identical on every process and after a resume.
+    Every batch holds one group, so its samples share one size; a group's short last batch is filled
+    from the group's own start. Drawn from (seed, epoch) alone: identical on every process and after
+    a resume.
     """
     import torch
 
     gen = torch.Generator().manual_seed(mix_seed(seed, 1, epoch))
-    order = torch.randperm(n, generator=gen).tolist()
-    flips = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
-    drops = (torch.rand(n, generator=gen) < uncond_prob).tolist()
-    crops = torch.rand(n, 2, generator=gen).tolist()
-    return [Item(i, bool(f), bool(d), (c[0], c[1])) for i, f, d, c in zip(order, flips, drops, crops)]
+    batches: list[list[Item]] = []
+    for members in groups:
+        n = len(members)
+        order = torch.randperm(n, generator=gen).tolist()
+        flips = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
+        drops = (torch.rand(n, generator=gen) < uncond_prob).tolist()
+        crops = torch.rand(n, 2, generator=gen).tolist()
+        tags = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist() if shuffle_tags else [None] * n
+        items = [Item(members[i], bool(f), bool(d), (c[0], c[1]), t)
+                 for i, f, d, c, t in zip(order, flips, drops, crops, tags)]
+        batches += [[items[(start + j) % n] for j in range(batch)] for start in range(0, n, batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def batches_per_epoch(n: int, batch_size: int, world_size: int) -> int:
-    """Micro-batches each process runs per epoch; a short last batch is filled from the epoch's start."""
-    return -(-n // (batch_size * world_size))
+def batches_per_epoch(groups: Sequence[Sequence[int]], batch: int) -> int:
+    """Global batches in an epoch (the same every epoch): each group's count rounded up to whole batches."""
+    return sum(-(-len(members) // batch) for members in groups)
 
 
-def rank_batch(items: list[Item], k: int, batch_size: int, rank: int, world_size: int) -> list[Item]:
-    """The ``k``-th micro-batch of this epoch for process ``rank``; all ranks together cover the epoch."""
-    start = (k * world_size + rank) * batch_size
-    return [items[(start + j) % len(items)] for j in range(batch_size)]
+def rank_share(batch: list[Item], batch_size: int, rank: int) -> list[Item]:
+    """Process ``rank``'s ``batch_size`` samples of a global batch; all ranks together cover it."""
+    return batch[rank * batch_size:(rank + 1) * batch_size]
+
+
+def shuffle_tags(caption: str, keep: int, seed: int) -> str:
+    """``caption``'s comma-separated tags in the order ``seed`` draws, the first ``keep`` left in place."""
+    import random
+
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    random.Random(seed).shuffle(tail)
+    return ", ".join(head + tail)

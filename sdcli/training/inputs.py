@@ -6,7 +6,12 @@ change: `TrainingInputs.build_cache` computes them once and a step then costs
 one denoiser (UNet or transformer) forward and backward. The cache keeps the
 VAE's latent distribution (mean and std), not one sample of it, so each step
 still draws a fresh latent exactly as the live path does; with the same generator both paths give the
-same batch (a test holds them to it).
+same batch (a test holds them to it). With aspect-ratio buckets the examples' latents differ in shape,
+so the cache holds one tensor per example, encoded a bucket at a time; a batch (one bucket) stacks them.
+
+With --shuffle-captions the text is encoded every step instead of cached: a caption's tags come in a
+new order each time (ten tags have 3.6 million orders), so a cache of the orders met would grow by
+nearly one entry a step and almost never be read back.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Callable
 
 from sdcli import defaults
 from sdcli.latents import scale
-from sdcli.training.data import Example, Item, load_rgb, to_pixels
+from sdcli.training.data import Example, Item, load_rgb, shuffle_tags, to_pixels
 from sdcli.training.families import TrainingFamily
 
 
@@ -74,11 +79,14 @@ class TrainingInputs:
         examples: list[Example],
         *,
         family: TrainingFamily | None = None,  # default: the pipeline's own
-        resolution: int,
+        resolution: int | None = None,  # a square of this side for every example, unless ``sizes``
+        sizes: list[tuple[int, int]] | None = None,  # (w, h) per example: its bucket
         center_crop: bool,
         device: Any,
         cache_latents: bool,
         cache_text: bool,
+        shuffle_captions: bool = False,
+        keep_tokens: int = 0,
     ):
         self.vae = pipe.vae
         if family is None:
@@ -88,13 +96,17 @@ class TrainingInputs:
             family = family_of(pipe, pipeline_family(pipe))
         self.text = TextEncoding(pipe, device, family)
         self.examples = examples
-        self.resolution = resolution
+        self.sizes = list(sizes) if sizes is not None else [(resolution, resolution)] * len(examples)
         self.center_crop = center_crop
         self.device = device
         self.cache_latents = cache_latents
-        self.cache_text = cache_text
-        # Filled by build_cache: moments[i, flipped] and prompt ids, on the CPU.
-        self.mean = self.std = self.time_ids = None
+        self.cache_text = cache_text and not shuffle_captions
+        self.shuffle_captions, self.keep_tokens = shuffle_captions, keep_tokens
+        # Filled by build_cache, on the CPU: per example, its latent moments [flipped] (C, h, w) and SDXL
+        # micro-conditioning [flipped] (6,); prompt ids.
+        self.mean: list[Any] | None = None
+        self.std: list[Any] | None = None
+        self.time_ids: list[Any] | None = None
         self.prompts: list[str] = []
         self.prompt_index: list[int] = []
         self.hidden = self.pooled = None
@@ -120,21 +132,26 @@ class TrainingInputs:
         done = 0
         with torch.no_grad():
             if self.cache_latents:
-                means, stds, times = [], [], []
-                for start in range(0, n, batch_size):
-                    count = min(batch_size, n - start)
-                    moments = []
-                    for mirrored in variants:
-                        pixels, time_ids = self._pixels([Item(start + j, flip=mirrored) for j in range(count)])
-                        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-                        moments.append((dist.mean.float().cpu(), dist.std.float().cpu(), time_ids))
-                        done += count
-                        if progress:
-                            progress(done, total)
-                    means.append(torch.stack([m[0] for m in moments], dim=1))
-                    stds.append(torch.stack([m[1] for m in moments], dim=1))
-                    times.append(torch.stack([m[2] for m in moments], dim=1))
-                self.mean, self.std, self.time_ids = torch.cat(means), torch.cat(stds), torch.cat(times)
+                self.mean, self.std, self.time_ids = [None] * n, [None] * n, [None] * n
+                # One bucket at a time: a VAE batch is one tensor, so its images must share a size.
+                by_size: dict[tuple[int, int], list[int]] = {}
+                for index, size in enumerate(self.sizes):
+                    by_size.setdefault(size, []).append(index)
+                for members in by_size.values():
+                    for start in range(0, len(members), batch_size):
+                        chunk = members[start:start + batch_size]
+                        moments = []
+                        for mirrored in variants:
+                            pixels, time_ids = self._pixels([Item(i, flip=mirrored) for i in chunk])
+                            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+                            moments.append((dist.mean.float().cpu(), dist.std.float().cpu(), time_ids))
+                            done += len(chunk)
+                            if progress:
+                                progress(done, total)
+                        for j, index in enumerate(chunk):
+                            self.mean[index] = torch.stack([m[0][j] for m in moments])
+                            self.std[index] = torch.stack([m[1][j] for m in moments])
+                            self.time_ids[index] = torch.stack([m[2][j] for m in moments])
             if self.cache_text:
                 hidden, pooled = [], []
                 for start in range(0, len(self.prompts), batch_size):
@@ -155,12 +172,10 @@ class TrainingInputs:
         """Latents sampled with ``generator`` and the conditioning for ``items``."""
         import torch
 
-        idx = torch.tensor([it.index for it in items])
         if self.cache_latents:
-            flipped = torch.tensor([int(it.flip) for it in items])
-            mean = self.mean[idx, flipped].to(self.device)
-            std = self.std[idx, flipped].to(self.device)
-            time_ids = self.time_ids[idx, flipped]
+            mean = torch.stack([self.mean[it.index][int(it.flip)] for it in items]).to(self.device)
+            std = torch.stack([self.std[it.index][int(it.flip)] for it in items]).to(self.device)
+            time_ids = torch.stack([self.time_ids[it.index][int(it.flip)] for it in items])
         else:
             pixels, time_ids = self._pixels(items)
             with torch.no_grad():
@@ -188,20 +203,26 @@ class TrainingInputs:
         return hidden, pooled
 
     def prompt_of(self, item: Item) -> str:
-        """The caption this item trains on: its own, or the null prompt when dropped or missing."""
+        """The caption this item trains on: its own (its tags in the item's order with --shuffle-captions),
+        or the null prompt when dropped or missing."""
         caption = self.examples[item.index].caption
-        return defaults.NULL_PROMPT if item.drop or caption is None else caption
+        if item.drop or caption is None:
+            return defaults.NULL_PROMPT
+        if self.shuffle_captions and item.tags is not None:
+            return shuffle_tags(caption, self.keep_tokens, item.tags)
+        return caption
 
     def _pixels(self, items: list[Item]):
-        """Pixels (B, 3, res, res) and SDXL micro-conditioning (B, 6) for ``items``."""
+        """Pixels (B, 3, h, w) and SDXL micro-conditioning (B, 6) for ``items``, which share one size."""
         import torch
 
         pixels, time_ids = [], []
         for it in items:
             image = load_rgb(self.examples[it.index].path)
-            px, (top, left) = to_pixels(image, self.resolution, self.center_crop, it.flip, it.crop)
+            w, h = self.sizes[it.index]
+            px, (top, left) = to_pixels(image, (w, h), self.center_crop, it.flip, it.crop)
             pixels.append(px)
-            # (original h, w, crop top, crop left, target h, w), as SDXL was trained.
-            time_ids.append(torch.tensor([image.height, image.width, top, left, self.resolution, self.resolution],
-                                         dtype=torch.float32))
+            # (original h, w, crop top, crop left, target h, w), as SDXL was trained: the image's real size and
+            # where in it (resized to cover the bucket) the crop sits.
+            time_ids.append(torch.tensor([image.height, image.width, top, left, h, w], dtype=torch.float32))
         return torch.stack(pixels), torch.stack(time_ids)

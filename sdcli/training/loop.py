@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdcli.errors import SdcliError, UsageError
-from sdcli.training import checkpoints, data, outputs, setup, trackers, validation
+from sdcli.training import buckets, checkpoints, data, outputs, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.progress import Notes, TrainingProgress
 
@@ -79,6 +79,7 @@ class Run:
     start: int  # the step this call starts from (0, or a checkpoint's)
     cache_seconds: float
     held_out: validation.HeldOut | None = None  # --validation-split / --validation-data
+    layout: buckets.Layout | None = None  # each example's size; the epoch's groups of one size
 
     @property
     def world(self) -> int:
@@ -169,13 +170,21 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
 
     # 3. Data: every image opened once; what cannot train is skipped (or stops the run) here.
-    report = data.discover(cfg.data, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say)
+    report = data.discover(cfg.data_sources, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say,
+                           caption_extension=cfg.caption_extension)
     report, held_out = validation.select(cfg, report, warn=say)
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
     pipe, family = setup.load(cfg)
     cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
-    for line in report.lines(cfg.resolution):
+    step = setup.bucket_sides(cfg, pipe, family)
+    layout = buckets.assign(report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
+                            upscale=cfg.upscale, strict=cfg.strict, warn=say)
+    if resume_dir is not None:
+        _same_run(cfg, resume_dir)  # every setting is settled: refuse a different run before anything is encoded
+    for line in report.lines(None if cfg.buckets else cfg.resolution):
+        say(line)
+    for line in layout.lines():
         say(line)
     if held_out is not None:
         say(held_out.line())
@@ -194,9 +203,10 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 5. Inputs: encode every image and caption once when nothing that makes them is trained.
     inputs = TrainingInputs(
-        pipe, report.examples, family=family, resolution=cfg.resolution, center_crop=cfg.center_crop,
+        pipe, report.examples, family=family, sizes=layout.sizes, center_crop=cfg.center_crop,
         device=accelerator.device,
         cache_latents=cfg.cache and cfg.center_crop, cache_text=cfg.cache and not cfg.train_text_encoder,
+        shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens,
     )
     t_cache = time.perf_counter()
     if inputs.cache_latents or inputs.cache_text:
@@ -207,6 +217,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         say(f"cached {what} in {time.perf_counter() - t_cache:.1f}s")
     if cfg.cache and not inputs.cache_latents:
         say("note: --random-crop encodes each image every step (a cached latent has one crop only)")
+    if cfg.cache and cfg.shuffle_captions and not cfg.train_text_encoder:
+        say("note: --shuffle-captions encodes captions every step (each step has its own tag order)")
     if held_out is not None:
         # Centre crops, so a held-out latent is one fixed thing: cached whenever --cache is on.
         held_out.inputs = TrainingInputs(
@@ -218,7 +230,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     setup.park_frozen(pipe, inputs, accelerator.device)
 
     # 6. Optimizer, lr schedule, EMA; accelerate wraps what needs wrapping (DDP, autocast).
-    per_epoch = data.batches_per_epoch(len(report.examples), cfg.batch_size, world)
+    per_epoch = data.batches_per_epoch(layout.groups(), cfg.batch_size * world)
     max_steps = cfg.max_steps or (math.ceil(cfg.epochs * per_epoch / cfg.gradient_accumulation)
                                   if cfg.epochs else DEFAULT_MAX_STEPS)
     optimizer = setup.make_optimizer(cfg, params)
@@ -252,7 +264,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     return Run(cfg=cfg, accelerator=accelerator, say=say, report=report, pipe=pipe, family=family,
                noise_scheduler=noise_scheduler, inputs=inputs, models=models, params=params, optimizer=optimizer,
                lr_scheduler=lr_scheduler, ema=ema, per_epoch=per_epoch, max_steps=max_steps, start=start,
-               cache_seconds=cache_seconds, held_out=held_out)
+               cache_seconds=cache_seconds, held_out=held_out, layout=layout)
 
 
 def _train(run: Run, callback) -> Trained:
@@ -261,14 +273,14 @@ def _train(run: Run, callback) -> Trained:
 
     cfg, accelerator, denoiser = run.cfg, run.accelerator, run.models[0]
     rank, world, main = accelerator.process_index, run.world, accelerator.is_main_process
-    n = len(run.report.examples)
+    groups = run.layout.groups()
     step, micro = run.start, run.start * cfg.gradient_accumulation
     losses: list[float] = []
     saved: list[Path] = []
     rendered: list[Path] = []
     val_losses: dict[int, float] = {}
     samples_seen, running = 0, []
-    plan: tuple[int, list[data.Item]] | None = None
+    plan: tuple[int, list[list[data.Item]]] | None = None
     loss_log = outputs.LossLog(cfg.out / outputs.LOSS_FILE, run.start if cfg.resume else None) if main else None
     progress = TrainingProgress(main and not cfg.quiet, run.max_steps, run.start)
     images_per_step = cfg.batch_size * cfg.gradient_accumulation * world
@@ -280,8 +292,9 @@ def _train(run: Run, callback) -> Trained:
             while step < run.max_steps:
                 epoch, k = divmod(micro, run.per_epoch)
                 if plan is None or plan[0] != epoch:
-                    plan = (epoch, data.epoch_items(n, epoch, cfg.seed, cfg.flip, cfg.uncond_prob))
-                items = data.rank_batch(plan[1], k, cfg.batch_size, rank, world)
+                    plan = (epoch, data.epoch_batches(groups, epoch, cfg.seed, cfg.flip, cfg.uncond_prob,
+                                                      cfg.batch_size * world, cfg.shuffle_captions))
+                items = data.rank_share(plan[1][k], cfg.batch_size, rank)
                 generator = torch.Generator(accelerator.device).manual_seed(data.mix_seed(cfg.seed, 2, rank, micro))
                 with accelerator.accumulate(*run.models):
                     batch = run.inputs.batch(items, generator)
@@ -408,7 +421,11 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             "method": "lora" if cfg.lora else "full", "steps": done.step, "world_size": run.world,
             "samples_per_rank": per_rank, "final_loss": logged[-1] if logged else None,
             "data": {"images": len(run.report.examples), "skipped": [list(s) for s in run.report.skipped],
-                     "captions": dict(run.report.caption_sources)},
+                     "captions": dict(run.report.caption_sources),
+                     "folders": [{"path": str(s.root), "repeats": s.repeats, "images": s.images}
+                                 for s in run.report.sources],
+                     "samples_per_epoch": run.per_epoch * cfg.batch_size * run.world},
+            "buckets": run.layout.record(),
             "validation": _validation_record(run, cfg.out / outputs.LOSS_FILE),
             "config": cfg.to_json(),
         }
@@ -443,7 +460,8 @@ def _validation_record(run: Run, loss_file: Path) -> dict[str, Any] | None:
     }
 
 
-def _resume(cfg: FinetuneConfig, accelerator, path: Path, say) -> int:
+def _same_run(cfg: FinetuneConfig, path: Path) -> None:
+    """Refuse a resume whose settings would change what a step computes."""
     saved = checkpoints.read_state(path)
     differ = cfg.incompatible_with(saved.get("config", {}))
     if differ:
@@ -451,6 +469,11 @@ def _resume(cfg: FinetuneConfig, accelerator, path: Path, say) -> int:
         changes = ", ".join(f"{name} ({saved['config'][name]!r} -> {now[name]!r})" for name in differ)
         raise UsageError(f"--resume {path}: settings differ from the checkpoint's, so it would not continue "
                          f"the same run: {changes}")
+
+
+def _resume(cfg: FinetuneConfig, accelerator, path: Path, say) -> int:
+    saved = checkpoints.read_state(path)
+    _same_run(cfg, path)
     world = accelerator.num_processes
     if saved.get("world_size", 1) != world:
         raise UsageError(f"--resume {path}: made with {saved.get('world_size')} processes, now {world}; "

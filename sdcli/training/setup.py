@@ -80,6 +80,33 @@ def resolution_for(resolution: int | None, pipe, family) -> int:
     return resolution
 
 
+def bucket_sides(cfg: FinetuneConfig, pipe, family) -> int:
+    """Fill in --min-bucket and --max-bucket (half and twice --resolution, within what the model takes) and
+    check them against the model; returns the bucket step, the granularity `resolution_for` checks."""
+    _, step, largest = family.sizes(pipe)
+    if not cfg.buckets:
+        return step
+    res = cfg.resolution
+    longest = largest // step * step if largest is not None else None
+    if cfg.min_bucket is None:
+        cfg.min_bucket = max(step, res // 2 // step * step)
+    if cfg.max_bucket is None:
+        cfg.max_bucket = res * 2 if longest is None else max(res, min(res * 2, longest))
+    for flag, value in (("--min-bucket", cfg.min_bucket), ("--max-bucket", cfg.max_bucket)):
+        if value % step:
+            raise UsageError(f"{flag} {value} must be a multiple of {step} for this model (as --resolution must)")
+    if cfg.min_bucket > res:
+        raise UsageError(f"--min-bucket {cfg.min_bucket} is larger than --resolution {res}: no bucket would have "
+                         "the model's area")
+    if cfg.max_bucket < res:
+        raise UsageError(f"--max-bucket {cfg.max_bucket} is smaller than --resolution {res}: not even the square "
+                         "would fit")
+    if longest is not None and cfg.max_bucket > longest:
+        raise UsageError(f"--max-bucket {cfg.max_bucket} is larger than this model's position embedding covers "
+                         f"({largest})")
+    return step
+
+
 def make_trainable(pipe, family, cfg: FinetuneConfig, device) -> list[Any]:
     """Freeze what is not trained, add LoRA adapters, and place each model; returns the trained ones,
     the denoiser (UNet or transformer) first."""

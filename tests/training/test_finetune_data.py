@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from sdcli.errors import DataError
-from sdcli.training.data import batches_per_epoch, discover, epoch_items, load_rgb, rank_batch, to_pixels
+from sdcli.training.data import (batches_per_epoch, discover, epoch_batches, load_rgb, rank_share, shuffle_tags,
+                                 to_pixels)
 from conftest import png_header_only
 
 
@@ -157,28 +158,58 @@ def test_pixels_center_crop_random_crop_and_flip():
 
 
 def test_epoch_order_is_a_seeded_permutation_shared_by_all_ranks():
-    a = epoch_items(10, epoch=0, seed=1, flip=True, uncond_prob=0.1)
-    assert sorted(it.index for it in a) == list(range(10))
-    assert a == epoch_items(10, epoch=0, seed=1, flip=True, uncond_prob=0.1)
-    assert a != epoch_items(10, epoch=1, seed=1, flip=True, uncond_prob=0.1)
-    per = batches_per_epoch(10, batch_size=2, world_size=2)
-    assert per == 3
-    seen = [it.index for k in range(per) for rank in (0, 1) for it in rank_batch(a, k, 2, rank, 2)]
-    assert set(seen) == set(range(10))  # two ranks together cover the epoch (the last batch wraps)
-    r0 = {it.index for k in range(2) for it in rank_batch(a, k, 2, 0, 2)}
-    r1 = {it.index for k in range(2) for it in rank_batch(a, k, 2, 1, 2)}
-    assert not r0 & r1
+    groups = [list(range(10))]  # one size: no buckets
+    a = epoch_batches(groups, epoch=0, seed=1, flip=True, uncond_prob=0.1, batch=4)
+    assert len(a) == batches_per_epoch(groups, 4) == 3 and all(len(b) == 4 for b in a)
+    first_pass = [it for b in a for it in b][:10]
+    assert sorted(it.index for it in first_pass) == list(range(10))  # a permutation; the last batch wraps
+    assert a == epoch_batches(groups, epoch=0, seed=1, flip=True, uncond_prob=0.1, batch=4)
+    assert a != epoch_batches(groups, epoch=1, seed=1, flip=True, uncond_prob=0.1, batch=4)
+    # Two ranks with 2 each split every global batch of 4 between them, without overlap.
+    for batch in a:
+        assert rank_share(batch, 2, 0) + rank_share(batch, 2, 1) == batch
+
+
+def test_every_batch_holds_one_bucket_and_repeats_weigh_an_example():
+    # Bucket A: examples 0-2, example 2 repeated 3 times; bucket B: examples 3-6.
+    groups = [[0, 1, 2, 2, 2], [3, 4, 5, 6]]
+    batches = epoch_batches(groups, epoch=0, seed=5, flip=False, uncond_prob=0.0, batch=2)
+    assert len(batches) == batches_per_epoch(groups, 2) == 3 + 2
+    for b in batches:
+        assert {it.index for it in b} <= set(groups[0]) or {it.index for it in b} <= set(groups[1])
+    seen = [it.index for b in batches for it in b]
+    assert seen.count(2) >= 3 and sorted(set(seen)) == list(range(7))
+    # The batches of the two buckets are interleaved in some epoch, not always A's then B's.
+    orders = {tuple(b[0].index in groups[0] for b in epoch_batches(groups, e, 5, False, 0.0, 2)) for e in range(8)}
+    assert len(orders) > 1
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.3])
 def test_caption_dropout_rate_matches_uncond_prob(p):
-    n, epochs = 500, 40  # 20,000 draws: the binomial standard error at p=0.1 is 0.002
-    drops = [it.drop for e in range(epochs) for it in epoch_items(n, e, seed=0, flip=True, uncond_prob=p)]
+    groups, epochs = [list(range(300)), list(range(300, 500))], 40  # 20,000 draws: standard error 0.002 at p=0.1
+
+    def items(epoch, flip=True):
+        return [it for b in epoch_batches(groups, epoch, seed=0, flip=flip, uncond_prob=p, batch=100) for it in b]
+
+    drops = [it.drop for e in range(epochs) for it in items(e)]
     rate = sum(drops) / len(drops)
     assert abs(rate - p) < 0.01
-    flips = [it.flip for e in range(4) for it in epoch_items(n, e, seed=0, flip=True, uncond_prob=p)]
+    flips = [it.flip for e in range(4) for it in items(e)]
     assert abs(sum(flips) / len(flips) - 0.5) < 0.05
-    assert not any(it.flip for it in epoch_items(n, 0, seed=0, flip=False, uncond_prob=p))
+    assert not any(it.flip for it in items(0, flip=False))
+
+
+def test_shuffled_tags_keep_the_first_n_and_follow_the_seed():
+    caption = "sks dog, photo, outdoors, grass, , sunny, from above"
+    tags = ["sks dog", "photo", "outdoors", "grass", "sunny", "from above"]
+    orders = {shuffle_tags(caption, 1, seed) for seed in range(40)}
+    assert len(orders) > 20  # 120 orders of the last five
+    for order in orders:
+        parts = order.split(", ")
+        assert parts[0] == "sks dog" and sorted(parts) == sorted(tags)
+    assert shuffle_tags(caption, 2, 7) == shuffle_tags(caption, 2, 7)
+    assert all(s.startswith("sks dog, photo, ") for s in (shuffle_tags(caption, 2, seed) for seed in range(10)))
+    assert shuffle_tags("one tag", 0, 3) == "one tag"
 
 
 # ---------------------------------------------------------------------------

@@ -60,8 +60,8 @@ def test_flip_is_the_latent_of_the_mirrored_image_and_draws_differ(tiny_sd, tmp_
     px, _ = to_pixels(load_rgb(examples[1].path), 16, flip=True)
     with torch.no_grad():
         expected = pipe.vae.encode(px[None]).latent_dist.mean
-    torch.testing.assert_close(inputs.mean[1, 1][None], expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(inputs.mean[1, 0], inputs.mean[1, 1])
+    torch.testing.assert_close(inputs.mean[1][1][None], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(inputs.mean[1][0], inputs.mean[1][1])
     one = inputs.batch([Item(0)], torch.Generator().manual_seed(0)).latents
     two = inputs.batch([Item(0)], torch.Generator().manual_seed(1)).latents
     assert not torch.equal(one, two)  # a fresh sample of the latent distribution each step, not a frozen one

@@ -76,14 +76,34 @@ def _weights(out, lora):
     return load_file(str(path))
 
 
+def _mixed_aspect(root, make_images):
+    """Two --data folders of squares, landscapes (24x16, 32x12) and a portrait, the second counted 3 times:
+    four buckets of the tiny model's 16x16 area, of 3, 5, 2 and 1 samples an epoch."""
+    make_images(root / "a" / "square", n=2)
+    make_images(root / "a" / "wide", n=2, size=(24, 16))
+    make_images(root / "a" / "wider", n=1, size=(32, 12))
+    make_images(root / "b" / "tall", n=1, size=(16, 24))
+    make_images(root / "b" / "square", n=1)
+    return [root / "a", f"{root / 'b'}:3"]
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tiny_sd, dataset, tmp_path, make_config, lora):
+def test_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tiny_sd, tmp_path, make_images, make_config,
+                                                                        lora):
+    # Buckets (the default) and repeats on mixed aspect ratios: without a split, 2 + 3 + 1 + 1 batches of 2, seven
+    # micro-batches an epoch, so the epoch turns over inside the resumed part, mid optimizer step.
+    dataset = _mixed_aspect(tmp_path / "data", make_images)
     settings = dict(lora=lora, max_steps=6, batch_size=2, gradient_accumulation=2, flip=True, uncond_prob=0.3,
                     lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.05, ema=lora, ema_decay=0.9,
                     snr_gamma=None if lora else 5.0, checkpoint_every=0, seed=11,
                     # The validation loss (on EMA weights, at step 2 just before the stop) takes no training draw.
                     validation_split=0.25 if lora else None, validation_every=2)
     whole = finetune(make_config(dataset, tmp_path / "whole", tiny_sd, **settings))
+    table = json.loads((tmp_path / "whole" / "training_settings.json").read_text())["buckets"]["table"]
+    assert len(table) > 2
+    if not lora:  # nothing held out
+        assert [(row["size"], row["per_epoch"]) for row in table] == [([12, 20], 3), ([16, 16], 5), ([20, 12], 2),
+                                                                      ([24, 8], 1)]
 
     def press_ctrl_c(info):
         if info.step == 2:

@@ -17,7 +17,9 @@ def test_two_processes_both_train_and_the_output_loads(tiny_sd, tmp_path, make_i
     from diffusers import DiffusionPipeline
 
     data = tmp_path / "data"
-    make_images(data, n=8)
+    make_images(data, n=4)
+    make_images(data / "wide", n=2, size=(24, 16))  # buckets: each process takes its half of each one-size batch
+    make_images(data / "tall", n=2, size=(16, 24))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -30,6 +32,7 @@ def test_two_processes_both_train_and_the_output_loads(tiny_sd, tmp_path, make_i
 
     settings = json.loads((out / "training_settings.json").read_text())
     assert settings["world_size"] == 2
+    assert [row["size"] for row in settings["buckets"]["table"]] == [[12, 20], [16, 16], [20, 12]]
     assert settings["samples_per_rank"] == [60, 60]  # 30 steps x batch 2, on each rank
     ckpt = out / "checkpoints" / "checkpoint-000030"
     assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
