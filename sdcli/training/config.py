@@ -30,6 +30,7 @@ DEFAULT_MAX_STEPS = 1000
 DATA = "Data"
 TRAIN = "Training"
 LONG = "Checkpoints and validation"
+DREAMBOOTH = "DreamBooth"
 
 # RECORDED: changes what a step computes, so a resume must keep it.
 # RUNTIME: when to stop, what to report and where, or how fast a step runs (memory layout,
@@ -116,6 +117,21 @@ class FinetuneConfig:
         False, help="Shuffle each caption's comma-separated tags every step (captions are then encoded every step).",
         flags=("--shuffle-captions",), panel=DATA)
     keep_tokens: int = option(0, help="With --shuffle-captions: keep the first N tags in place.", panel=DATA)
+
+    # DreamBooth prior preservation (Ruiz et al. 2023). The class folder may move between a run and its resume,
+    # as --data may; what it holds is fixed by --num-class-images and the class prompt, which a resume keeps.
+    class_data: Optional[Path] = option(
+        None, help="DreamBooth: folder of class images (a dog, for sks dog) trained beside --data with "
+        "--class-prompt, weighted by --prior-loss-weight.", panel=DREAMBOOTH, role=RUNTIME, show_default=False)
+    class_prompt: Optional[str] = option(
+        None, help="DreamBooth: the caption every class image trains with (and generates with).", panel=DREAMBOOTH,
+        show_default=False)
+    prior_loss_weight: Optional[float] = option(
+        None, help="DreamBooth: loss = instance loss + W x class loss. Default: 1 with --class-data.",
+        panel=DREAMBOOTH, show_default=False)
+    num_class_images: Optional[int] = option(
+        None, help="DreamBooth: make --class-data hold N images, generating the missing ones with the base model "
+        "and --class-prompt first.", panel=DREAMBOOTH, show_default=False)
 
     # Objective
     uncond_prob: float = option(
@@ -284,6 +300,7 @@ class FinetuneConfig:
         if self.epochs is not None and self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         self._check_validation()
+        self._check_class_data()
         if self.use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -307,6 +324,33 @@ class FinetuneConfig:
                 if not _installed(TRACKER_PACKAGES[name]):
                     raise UsageError(f"--log-with {self.log_with} needs {name}, which is not installed "
                                      f"(pip install {TRACKER_PACKAGES[name]})")
+
+    def _check_class_data(self) -> None:
+        """DreamBooth's options come as a set: a class folder needs its prompt (and the prompt its folder), and
+        one with no images needs --num-class-images to fill it."""
+        if self.class_data is None:
+            for flag, value in (("--class-prompt", self.class_prompt), ("--prior-loss-weight", self.prior_loss_weight),
+                                ("--num-class-images", self.num_class_images)):
+                if value is not None:
+                    raise UsageError(f"{flag} is for DreamBooth prior preservation, which needs --class-data DIR "
+                                     "(the class images)")
+            return
+        self.class_data = Path(self.class_data).expanduser()
+        if not self.class_prompt or not self.class_prompt.strip():
+            raise UsageError(f"--class-data {self.class_data} needs --class-prompt, the caption its images train "
+                             "with (e.g. 'a photo of a dog')")
+        if self.prior_loss_weight is not None and not self.prior_loss_weight > 0:
+            raise UsageError(f"--prior-loss-weight must be positive, got {self.prior_loss_weight:g} (leave out "
+                             "--class-data to train without prior preservation)")
+        self.prior_loss_weight = 1.0 if self.prior_loss_weight is None else float(self.prior_loss_weight)
+        if self.num_class_images is not None and self.num_class_images < 0:
+            raise UsageError(f"--num-class-images must not be negative, got {self.num_class_images}")
+        if self.class_data.exists() and not self.class_data.is_dir():
+            raise UsageError(f"--class-data {self.class_data} is a file, not a folder")
+        if not self.num_class_images and not class_images(self.class_data):
+            where = "has no images" if self.class_data.is_dir() else "does not exist"
+            raise UsageError(f"--class-data {self.class_data} {where}; add class images or pass "
+                             "--num-class-images N to generate them with the base model")
 
     @property
     def trackers(self) -> list[str]:
@@ -414,6 +458,7 @@ class FinetuneConfig:
         record["data"] = [str(path) + (f":{n}" if n != 1 else "") for path, n in self.data_sources]
         record["out"] = str(self.out)
         record["validation_data"] = str(self.validation_data) if self.validation_data is not None else None
+        record["class_data"] = str(self.class_data) if self.class_data is not None else None
         record["lora_targets"] = list(self.lora_targets)
         record["learning_rate"] = self.lr
         record["lora_alpha"] = self.alpha if self.lora else None
@@ -440,6 +485,16 @@ def _choice(choices: type[Enum], value: Any, flag: str) -> str:
     except ValueError:
         names = ", ".join(c.value for c in choices)
         raise UsageError(f"unknown {flag} {value!r}; choose from: {names}") from None
+
+
+def class_images(folder: Path) -> list[Path]:
+    """The images directly or deeper in a class folder (none for a missing folder), found without opening them."""
+    from sdcli.training.data import IMAGE_SUFFIXES
+
+    if not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _installed(package: str) -> bool:

@@ -209,3 +209,17 @@ def validation_sigmas(scheduler, count: int, device="cpu"):
     u = (torch.arange(count, dtype=torch.float32) + 0.5) / count
     sigmas, timesteps = flow_sigmas(scheduler, u)
     return sigmas.to(device), timesteps.to(device)
+
+
+# ---------------------------------------------------------------------------
+# DreamBooth
+
+
+def prior_preservation_loss(instance_loss, class_loss, weight: float):
+    """DreamBooth's objective (Ruiz et al. 2023, eq. 2): the denoising loss on the instance batch plus
+    ``weight`` × the same loss on the class batch (class images under the class prompt), which is what
+    diffusers' train_dreambooth scripts compute (``loss + prior_loss_weight * prior_loss``, each the plain
+    MSE of its half of the batch). Each argument is a function computing its loss; the instance one runs
+    first, so both draw their noise from one generator in a fixed order."""
+    loss = instance_loss()
+    return loss + weight * class_loss()

@@ -177,9 +177,11 @@ def test_lora_loads_in_plain_diffusers_at_the_trained_scale_and_changes_the_imag
 def test_sd3_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tiny_flow_models, dataset, tmp_path,
                                                                             make_config):
     model = tiny_flow_models["sd3"]
+    # With DreamBooth class images, made by the base SD3 model in the first run and reused by the others.
     settings = dict(resolution=16, max_steps=5, batch_size=2, gradient_accumulation=2, flip=True, uncond_prob=0.3,
                     lr_scheduler="cosine", lr_warmup_steps=2, ema=True, ema_decay=0.9, timestep_sampling="mode",
-                    mode_scale=1.0, weighting_scheme="cosmap", checkpoint_every=0, seed=11)
+                    mode_scale=1.0, weighting_scheme="cosmap", checkpoint_every=0, seed=11,
+                    class_data=tmp_path / "class", class_prompt="a shape", num_class_images=3)
     whole = finetune(make_config(dataset, tmp_path / "whole", model, **settings))
 
     def press_ctrl_c(info):
@@ -195,6 +197,7 @@ def test_sd3_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tin
     resumed = finetune(make_config(dataset, tmp_path / "split", model, resume="latest", **settings))
 
     assert resumed.steps == whole.steps == 5 and resumed.losses == whole.losses[3:]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 3
     a = load_file(str(tmp_path / "whole" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "split" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

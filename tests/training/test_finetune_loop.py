@@ -93,9 +93,13 @@ def test_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(tiny_sd
     # Buckets (the default) and repeats on mixed aspect ratios: without a split, 2 + 3 + 1 + 1 batches of 2, seven
     # micro-batches an epoch, so the epoch turns over inside the resumed part, mid optimizer step.
     dataset = _mixed_aspect(tmp_path / "data", make_images)
+    # DreamBooth class images in two buckets of their own (3 batches a pass, so their passes turn over too).
+    make_images(tmp_path / "class" / "square", n=3, captions="none")
+    make_images(tmp_path / "class" / "wide", n=2, size=(24, 16), captions="none")
     settings = dict(lora=lora, max_steps=6, batch_size=2, gradient_accumulation=2, flip=True, uncond_prob=0.3,
                     lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.05, ema=lora, ema_decay=0.9,
                     snr_gamma=None if lora else 5.0, checkpoint_every=0, seed=11,
+                    class_data=tmp_path / "class", class_prompt="a shape", prior_loss_weight=0.5,
                     # The validation loss (on EMA weights, at step 2 just before the stop) takes no training draw.
                     validation_split=0.25 if lora else None, validation_every=2)
     whole = finetune(make_config(dataset, tmp_path / "whole", tiny_sd, **settings))
