@@ -23,8 +23,7 @@ def make_accelerator(cfg: FinetuneConfig):
     cpu = device == "cpu"
     # "auto" settings are resolved here, so the settings record and a resume's comparison see what ran.
     if cfg.mixed_precision == "auto":
-        # Half precision where it pays (CUDA, with a gradient scaler); mps and CPU train in float32.
-        cfg.mixed_precision = "fp16" if device.startswith("cuda") else "no"
+        cfg.mixed_precision = auto_precision(cfg, device)
     if cfg.channels_last is None:
         cfg.channels_last = device.startswith("cuda")  # cuDNN's convolutions are faster in that layout
     if cpu and cfg.mixed_precision == "fp16":
@@ -43,6 +42,28 @@ def make_accelerator(cfg: FinetuneConfig):
         )
     except ValueError as exc:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None
+
+
+def auto_precision(cfg: FinetuneConfig, device: str) -> str:
+    """What --mixed-precision auto means: half precision where it pays (CUDA; mps and the CPU train in
+    float32), bf16 for SD3 and Flux, which were trained in it and overflow float16's range, where the
+    card has it, fp16 (with a gradient scaler) otherwise."""
+    if not device.startswith("cuda"):
+        return "no"
+    return "bf16" if _is_flow(cfg) and _bf16_supported() else "fp16"
+
+
+def _is_flow(cfg: FinetuneConfig) -> bool:
+    from sdcli.pipeline import local_kind, model_facts, resolve_model
+
+    model = resolve_model(cfg.model)
+    return local_kind(model) != "file" and model_facts(model, cfg.revision).family.flow
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def release(accelerator) -> None:

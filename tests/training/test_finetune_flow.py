@@ -281,3 +281,17 @@ def test_validation_images_and_generate_lora_are_plain_diffusers_with_the_lora(c
     assert not np.array_equal(produced, reference)  # and the LoRA did change the picture
     # The last validation image is that same picture, made from the weights in training.
     assert np.abs(np.asarray(Image.open(shown).convert("RGB"), dtype=int) - produced.astype(int)).max() <= 1
+
+
+def test_auto_precision_is_bf16_for_flow_models_on_a_card_with_it(tiny_flow_models, tiny_sd, monkeypatch, tmp_path):
+    # SD3 and Flux overflow float16; diffusers' recipes train them in bf16. The CPU always trains in float32.
+    from sdcli.training import FinetuneConfig, setup
+
+    def auto(model, device, bf16=True):
+        monkeypatch.setattr(setup, "_bf16_supported", lambda: bf16)
+        return setup.auto_precision(FinetuneConfig(data=tmp_path, out=tmp_path / "o", model=model), device)
+
+    assert auto(tiny_flow_models["sd3"], "cuda") == "bf16" and auto(tiny_flow_models["flux"], "cuda") == "bf16"
+    assert auto(tiny_sd, "cuda") == "fp16"
+    assert auto(tiny_flow_models["sd3"], "cuda", bf16=False) == "fp16"  # a T4 or V100
+    assert auto(tiny_flow_models["sd3"], "cpu") == "no"
