@@ -8,7 +8,7 @@ flow matching), with its latent sample and noise drawn once from a generator see
 the same draws at every evaluation and in every run with the same seed. The loss is the objective's own
 (`objective.ddpm_loss` / `objective.flow_loss`: the same target and weighting as training, plain noise
 without --noise-offset), through the same inputs path (cached latents where the cache is on), with the
-caption never dropped, no flip, a centre crop, the models in eval mode, no gradients, and the EMA weights
+caption never dropped, no flip, a centre crop in its bucket, the models in eval mode, no gradients, and the EMA weights
 with --ema (what is saved). Averaged over the levels it is the midpoint-rule estimate of the training loss
 under uniform timesteps.
 
@@ -39,6 +39,7 @@ class HeldOut:
     examples: list[data.Example]
     root: Path  # names in the record are relative to it
     source: str  # "--validation-split 0.1" or "--validation-data DIR"
+    sizes: list[tuple[int, int]] | None = None  # (w, h) per example, laid out as training lays out its own
     inputs: Any = None  # TrainingInputs over `examples`
 
     def names(self) -> list[str]:
@@ -61,11 +62,25 @@ def select(cfg, report: data.DataReport, warn) -> tuple[data.DataReport, HeldOut
     if cfg.validation_data is not None:
         try:
             other = data.discover(cfg.validation_data, cfg.caption_column, cfg.strict, cfg.allow_empty_captions,
-                                  warn=warn)
+                                  warn=warn, caption_extension=cfg.caption_extension)
         except DataError as exc:
             raise DataError(f"--validation-data: {exc}") from None
         return report, HeldOut(other.examples, other.root, f"--validation-data {cfg.validation_data}")
     return report, None
+
+
+def lay_out(held: HeldOut, assign: Callable[[data.DataReport], Any]) -> None:
+    """Each held-out image's size, by training's own layout (``assign(report) -> buckets.Layout``): the bucket
+    nearest its aspect ratio, or the square without buckets, so it is measured in the shape it would train
+    at; one too small for any bucket under --no-upscale is dropped with a warning, as training drops it."""
+    from sdcli.errors import DataError
+
+    report = data.DataReport(root=held.root, examples=list(held.examples))
+    try:
+        layout = assign(report)
+    except DataError as exc:
+        raise DataError(f"held-out images ({held.source}): {exc}") from None
+    held.examples, held.sizes = report.examples, layout.sizes
 
 
 def noise_levels(family, scheduler, device):

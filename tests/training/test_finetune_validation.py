@@ -193,6 +193,19 @@ def test_validation_data_folder_is_measured_and_not_trained_on(tiny_sd, dataset,
     assert sorted(result.val_losses) == [1, 2] and all(v > 0 for v in result.val_losses.values())
 
 
+@pytest.mark.parametrize("buckets", [True, False], ids=["buckets", "square"])
+def test_held_out_images_are_measured_in_the_shape_they_would_train_at(tiny_sd, dataset, tmp_path, make_config,
+                                                                       make_images, buckets):
+    make_images(tmp_path / "held" / "square", n=1)
+    make_images(tmp_path / "held" / "tall", n=1, size=(16, 24))
+    result = finetune(make_config(dataset, tmp_path / "o", tiny_sd, max_steps=1, validation_data=tmp_path / "held",
+                                  buckets=buckets))
+    record = json.loads((tmp_path / "o" / "training_settings.json").read_text())["validation"]
+    assert record["images"] == ["square/img00.png", "tall/img00.png"]
+    assert record["sizes"] == ([[16, 16], [12, 20]] if buckets else [[16, 16], [16, 16]])  # as training's layout
+    assert result.val_losses[1] > 0
+
+
 def test_measuring_the_validation_loss_leaves_training_as_it_was(tiny_sd, dataset, tmp_path, make_config,
                                                                 make_images):
     from safetensors.torch import load_file
