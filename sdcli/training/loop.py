@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdcli.errors import SdcliError, UsageError
-from sdcli.training import buckets, checkpoints, data, outputs, setup, trackers, validation
+from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.progress import Notes, TrainingProgress
 
@@ -80,6 +80,7 @@ class Run:
     cache_seconds: float
     held_out: validation.HeldOut | None = None  # --validation-split / --validation-data
     layout: buckets.Layout | None = None  # each example's size; the epoch's groups of one size
+    classes: prior.ClassImages | None = None  # DreamBooth's class images (--class-data)
 
     @property
     def world(self) -> int:
@@ -186,12 +187,22 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
             strict=cfg.strict, warn=say))
     if resume_dir is not None:
         _same_run(cfg, resume_dir)  # every setting is settled: refuse a different run before anything is encoded
+    classes = None
+    if cfg.class_data is not None:
+        # The base model makes the missing class images, before any adapter is added to it.
+        made = prior.fill(cfg, pipe, family, accelerator.device, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        classes = prior.load(cfg, *made, warn=say)
+        classes.layout = buckets.assign(classes.report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket,
+                                        enabled=cfg.buckets, upscale=cfg.upscale, strict=cfg.strict, warn=say)
     for line in report.lines(None if cfg.buckets else cfg.resolution):
         say(line)
     for line in layout.lines():
         say(line)
     if held_out is not None:
         say(held_out.line())
+    if classes is not None:
+        say(classes.line(cfg.prior_loss_weight, cfg.class_prompt))
     too_long = data.long_captions(report, getattr(pipe, "tokenizer", None)) if say.enabled else None
     if too_long:
         say(too_long)
@@ -230,6 +241,14 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
             device=accelerator.device, cache_latents=cfg.cache, cache_text=inputs.cache_text)
         if cfg.cache:
             held_out.inputs.build_cache(False, batch_size=cfg.batch_size)
+    if classes is not None:
+        # The class prompt is never dropped nor shuffled (`sdcli.training.prior`); its latents cache like the rest.
+        classes.inputs = TrainingInputs(
+            pipe, classes.report.examples, family=family, sizes=classes.layout.sizes, center_crop=cfg.center_crop,
+            device=accelerator.device, cache_latents=inputs.cache_latents, cache_text=inputs.cache_text)
+        if inputs.cache_latents or inputs.cache_text:
+            classes.inputs.build_cache(cfg.flip, batch_size=cfg.batch_size)
+        classes.per_epoch = data.batches_per_epoch(classes.layout.groups(), cfg.batch_size * world)
     cache_seconds = time.perf_counter() - t_cache
     setup.park_frozen(pipe, inputs, accelerator.device)
 
@@ -247,6 +266,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         inputs.text.use(models[1:])
         if held_out is not None:
             held_out.inputs.text.use(models[1:])
+        if classes is not None:
+            classes.inputs.text.use(models[1:])
     ema = None
     if cfg.ema:
         from diffusers.training_utils import EMAModel
@@ -268,7 +289,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     return Run(cfg=cfg, accelerator=accelerator, say=say, report=report, pipe=pipe, family=family,
                noise_scheduler=noise_scheduler, inputs=inputs, models=models, params=params, optimizer=optimizer,
                lr_scheduler=lr_scheduler, ema=ema, per_epoch=per_epoch, max_steps=max_steps, start=start,
-               cache_seconds=cache_seconds, held_out=held_out, layout=layout)
+               cache_seconds=cache_seconds, held_out=held_out, layout=layout, classes=classes)
 
 
 def _train(run: Run, callback) -> Trained:
@@ -285,6 +306,7 @@ def _train(run: Run, callback) -> Trained:
     val_losses: dict[int, float] = {}
     samples_seen, running = 0, []
     plan: tuple[int, list[list[data.Item]]] | None = None
+    class_plan: tuple[int, list[list[data.Item]]] | None = None
     loss_log = outputs.LossLog(cfg.out / outputs.LOSS_FILE, run.start if cfg.resume else None) if main else None
     progress = TrainingProgress(main and not cfg.quiet, run.max_steps, run.start)
     images_per_step = cfg.batch_size * cfg.gradient_accumulation * world
@@ -300,9 +322,18 @@ def _train(run: Run, callback) -> Trained:
                                                       cfg.batch_size * world, cfg.shuffle_captions))
                 items = data.rank_share(plan[1][k], cfg.batch_size, rank)
                 generator = torch.Generator(accelerator.device).manual_seed(data.mix_seed(cfg.seed, 2, rank, micro))
+                class_items = None
+                if run.classes is not None:
+                    # Class batches run through the class images' own epochs, by the global micro-batch count, so
+                    # every class image takes its turn and the order is still a function of the seed alone.
+                    class_epoch, j = divmod(micro, run.classes.per_epoch)
+                    if class_plan is None or class_plan[0] != class_epoch:
+                        class_plan = (class_epoch, data.epoch_batches(
+                            run.classes.layout.groups(), class_epoch, data.mix_seed(cfg.seed, 4), cfg.flip, 0.0,
+                            cfg.batch_size * world))
+                    class_items = data.rank_share(class_plan[1][j], cfg.batch_size, rank)
                 with accelerator.accumulate(*run.models):
-                    batch = run.inputs.batch(items, generator)
-                    loss = _step_loss(run, denoiser, batch, generator)
+                    loss = _micro_loss(run, denoiser, items, class_items, generator)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -353,6 +384,21 @@ def _train(run: Run, callback) -> Trained:
         if loss_log:
             loss_log.close()
     return Trained(step, losses, samples_seen, time.perf_counter() - t0, saved, rendered, val_losses)
+
+
+def _micro_loss(run: Run, denoiser, items, class_items, generator):
+    """One micro-batch's loss: the objective on the instance batch, plus --prior-loss-weight × the same
+    objective on its paired class batch (DreamBooth). The two batches may be different buckets, so the
+    denoiser runs once on each; every draw comes from ``generator``, instance first."""
+    from sdcli.training.objective import prior_preservation_loss
+
+    def loss_of(inputs, chosen):
+        return _step_loss(run, denoiser, inputs.batch(chosen, generator), generator)
+
+    if class_items is None:
+        return loss_of(run.inputs, items)
+    return prior_preservation_loss(lambda: loss_of(run.inputs, items),
+                                   lambda: loss_of(run.classes.inputs, class_items), run.cfg.prior_loss_weight)
 
 
 def _step_loss(run: Run, denoiser, batch, generator):
@@ -430,6 +476,7 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
                                  for s in run.report.sources],
                      "samples_per_epoch": run.per_epoch * cfg.batch_size * run.world},
             "buckets": run.layout.record(),
+            "prior_preservation": run.classes.record(cfg) if run.classes is not None else None,
             "validation": _validation_record(run, cfg.out / outputs.LOSS_FILE),
             "config": cfg.to_json(),
         }
