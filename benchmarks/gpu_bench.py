@@ -257,16 +257,13 @@ def main() -> None:
         if device.startswith("cuda"):
             free_gpu()
             result["memory"] = memory_bench(model, res, args.steps, device)
-        report(result, args.json)  # the generation figures, before the LoRA run can cut anything short
+        if args.json:  # the generation figures on disk before the LoRA run can cut anything short
+            args.json.write_text(json.dumps(result, indent=2))
         if args.lora_steps:
             result.update(lora_bench(model, res, device, args.lora_steps))
-            report(result, args.json)
-
-
-def report(result: dict, path: Path | None) -> None:
     print(json.dumps(result, indent=2), flush=True)
-    if path:
-        path.write_text(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
