@@ -220,7 +220,15 @@ def training_fields(cfg: Any) -> dict[str, Any]:
         "ss_gradient_checkpointing": cfg.gradient_checkpointing, "ss_mixed_precision": cfg.mixed_precision,
         "ss_seed": cfg.seed, "ss_caption_dropout_rate": cfg.uncond_prob, "ss_noise_offset": cfg.noise_offset,
         "ss_flip_aug": cfg.flip, "ss_random_crop": not cfg.center_crop, "ss_cache_latents": cfg.cache,
+        # Buckets and captions, as kohya's train_util names them.
+        "ss_enable_bucket": cfg.buckets, "ss_bucket_no_upscale": not cfg.upscale,
+        "ss_shuffle_caption": cfg.shuffle_captions, "ss_keep_tokens": cfg.keep_tokens,
+        "ss_caption_extension": cfg.caption_extension,
     }
+    if cfg.buckets and cfg.min_bucket:
+        fields["ss_min_bucket_reso"] = cfg.min_bucket
+    if cfg.buckets and cfg.max_bucket:
+        fields["ss_max_bucket_reso"] = cfg.max_bucket
     if cfg.resolution:
         fields["ss_resolution"] = (cfg.resolution, cfg.resolution)
     if cfg.snr_gamma is not None:

@@ -270,3 +270,18 @@ def test_kohya_file_is_named_after_out(tmp_path):
     assert kohya.file_name(tmp_path / "my-style") == "my-style.safetensors"
     # A folder named like diffusers' file must not have that file replaced.
     assert kohya.file_name(tmp_path / "pytorch_lora_weights") == "pytorch_lora_weights-kohya.safetensors"
+
+
+def test_bucket_and_caption_settings_are_in_kohyas_metadata(tmp_path):
+    from sdcli.training import FinetuneConfig
+    from sdcli.training.kohya import training_fields
+
+    cfg = FinetuneConfig(data=tmp_path, out=tmp_path / "o", buckets=True, min_bucket=256, max_bucket=1024,
+                         upscale=False, shuffle_captions=True, keep_tokens=1, caption_extension=".caption")
+    fields = training_fields(cfg)
+    assert fields["ss_enable_bucket"] is True and fields["ss_bucket_no_upscale"] is True
+    assert (fields["ss_min_bucket_reso"], fields["ss_max_bucket_reso"]) == (256, 1024)
+    assert fields["ss_shuffle_caption"] is True and fields["ss_keep_tokens"] == 1
+    assert fields["ss_caption_extension"] == ".caption"
+    square = training_fields(FinetuneConfig(data=tmp_path, out=tmp_path / "o", buckets=False))
+    assert square["ss_enable_bucket"] is False and "ss_min_bucket_reso" not in square
