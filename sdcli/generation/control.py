@@ -33,14 +33,9 @@ class Preprocess(str, Enum):
 
 def parse_controlnet(spec: str) -> tuple[str, float]:
     """'path/or/hub-id:0.8' -> ('path/or/hub-id', 0.8); without a scale, 1.0."""
-    source, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and not tail.startswith(("/", "\\")):
-        try:
-            scale = float(tail)
-            source = head
-        except ValueError:
-            pass
+    from sdcli.generation.settings import split_scale
+
+    source, scale = split_scale(spec)
     return str(Path(source).expanduser()) if Path(source).expanduser().exists() else source, scale
 
 

@@ -62,16 +62,20 @@ def parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """'path/to/lora:0.8' -> ('path/to/lora', 0.8); without a scale, 1.0."""
-    path, scale = spec, 1.0
+def split_scale(spec: str) -> tuple[str, float]:
+    """'path/or/hub-id:0.8' -> ('path/or/hub-id', 0.8); without a scale (or with a drive's colon), 1.0."""
     head, sep, tail = spec.rpartition(":")
     if sep and head and not tail.startswith(("/", "\\")):
         try:
-            scale = float(tail)
-            path = head
+            return head, float(tail)
         except ValueError:
             pass
+    return spec, 1.0
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'path/to/lora:0.8' -> ('path/to/lora', 0.8); without a scale, 1.0."""
+    path, scale = split_scale(spec)
     if not Path(path).expanduser().exists():
         raise ModelError(f"--lora: no such file or folder: {path}")
     return str(Path(path).expanduser()), scale
