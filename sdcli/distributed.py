@@ -45,3 +45,14 @@ def gather(items: list[Any], st: Any | None) -> list[Any]:
     from accelerate.utils import gather_object
 
     return gather_object(items)
+
+
+def close(st: Any | None) -> None:
+    """Tear the process group down before the interpreter exits: left to exit, gloo's threads were
+    sometimes destroyed while joinable ("terminate called without an active exception", SIGABRT)."""
+    if st is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

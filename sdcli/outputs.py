@@ -98,6 +98,10 @@ class ImageWriter:
                                             f"(per process: {', '.join(map(str, counts))})")
         if plan.is_main and plan.swept() and self.file is None:
             write_contact_sheets(everyone, self, plan.swept(), self.json)
+        if plan.state is not None:
+            # Leave together: a process that exits (tearing down its gloo/NCCL group) while another is still
+            # in a collective can abort it (seen once in CI as a SIGABRT of rank 1).
+            plan.state.wait_for_everyone()
         return [Path(w["path"]) for w in self.written]
 
     def sheet(self, prompt_index: int) -> Path:

@@ -67,6 +67,7 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
     jobs (accelerate's split), writes its own numbered files, and the main
     process prints one summary and the contact sheets.
     """
+    from sdcli import distributed
     from sdcli.generation import generate, plan
     from sdcli.outputs import ImageWriter
 
@@ -74,7 +75,9 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
     writer = ImageWriter(out, p, overwrite=overwrite, json=json)
     for item in generate(p, quiet=quiet):
         writer.write(item)
-    return writer.finish(quiet)
+    written = writer.finish(quiet)
+    distributed.close(p.state)
+    return written
 
 
 generate_cmd = command(Settings, _generate)
