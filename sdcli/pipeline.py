@@ -224,10 +224,6 @@ def facts_of(pipe: Any) -> ModelFacts:
     return ModelFacts(type(pipe).__name__, family, pipe.vae_scale_factor, guidance)
 
 
-def size_multiple(model: str, revision: str | None = None) -> int:
-    return model_facts(model, revision).size_multiple
-
-
 def vae_scale_factor(model: str, revision: str | None = None) -> int:
     """The VAE's downsampling factor, read from config only (no weights), 8 when unknown."""
     return model_facts(model, revision).vae_factor

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from sdcli import __version__
-from sdcli.errors import DataError, ModelError, OutputError, UsageError
+from sdcli.errors import ModelError, UsageError
 from sdcli.schedule import Schedule, jsonable, q_sample, visited_t
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
