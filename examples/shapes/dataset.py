@@ -8,8 +8,9 @@ seed always gives the same images, so the dataset never needs to be shipped.
 
 writes 00000.png ... and a metadata.jsonl (file_name, text) that Hugging Face
 `imagefolder` and `sdcli finetune` read as image/caption pairs. With
---caption-noise, some captions name a wrong colour, shape, size or position,
-as web captions do; the rows also hold the true attributes.
+--caption-noise, some captions name a wrong colour, shape, size or position (with
+--noisy, the background too), as web captions do; with --partial, captions leave some of them
+out, as people's prompts do ("a red circle"). The rows also hold the true attributes.
 """
 
 from __future__ import annotations
@@ -77,8 +78,31 @@ def where(position: str) -> str:
 
 
 def caption(attrs: dict[str, str]) -> str:
-    """The plain-English caption of an attribute dict."""
-    return f"a {attrs['size']} {attrs['color']} {attrs['shape']} {where(attrs['position'])} on a {attrs['background']} background"
+    """The plain-English caption of an attribute dict; an attribute it lacks is left out.
+
+    The words keep one order whatever is named: "a large red circle in the top left corner on a black
+    background", "a red circle", "a circle on a white background".
+    """
+    words = ["a", attrs.get("size"), attrs.get("color"), attrs["shape"],
+             where(attrs["position"]) if "position" in attrs else None,
+             f"on a {attrs['background']} background" if "background" in attrs else None]
+    return " ".join(w for w in words if w)
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """The attributes a caption of this grammar names: caption's inverse (evaluate.parse_prompt reads looser prompts)."""
+    named: dict[str, str] = {}
+    if text.endswith(" background"):
+        text, _, rest = text.rpartition(" on a ")
+        named["background"] = rest.removesuffix(" background")
+    for position in POSITIONS:
+        if text.endswith(" " + where(position)):
+            named["position"] = position
+            text = text.removesuffix(" " + where(position))
+    for word in text.split()[1:]:
+        attr = next(a for a, values in (("size", SIZES), ("color", COLORS), ("shape", SHAPES)) if word in values)
+        named[attr] = word
+    return named
 
 
 def caption_words() -> list[str]:
@@ -166,58 +190,85 @@ def make_sample(rng: random.Random) -> tuple:
     return render(attrs, rng), caption(attrs), attrs
 
 
-def noisy_attributes(attrs: dict[str, str], rng: random.Random, rate: float) -> dict[str, str]:
-    """``attrs`` with each of colour, shape, size and position replaced by another value with probability ``rate``.
+# What noisy_attributes may name wrong, in the order it draws them; the background only when asked: the shipped
+# dataset names it right, and by default the noise stream is the one that built it.
+VALUES = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS, "background": BACKGROUNDS}
+NOISY = ("color", "shape", "size", "position")
+# What partial_attributes may leave out; the shape is the caption's noun and always named.
+OPTIONAL = ("size", "color", "position", "background")
+
+
+def noisy_attributes(attrs: dict[str, str], rng: random.Random, rate: float,
+                     which: tuple[str, ...] = NOISY) -> dict[str, str]:
+    """``attrs`` with each attribute in ``which`` (default colour, shape, size and position) replaced by another
+    value with probability ``rate``; a caption never names a colour equal to the background it names.
 
     Web captions are like this: mostly right, sometimes naming the wrong thing. A model that
     learns such data well reproduces the mistakes at guidance 1; guidance is what removes them.
     """
     out = dict(attrs)
-    for attr, values in (("color", COLORS), ("shape", SHAPES), ("size", SIZES), ("position", POSITIONS)):
+    for attr in which:
         if rng.random() < rate:
-            others = [v for v in values if v != attrs[attr] and not (attr == "color" and v == attrs["background"])]
-            out[attr] = rng.choice(others)
+            clash = {"color": out["background"], "background": out["color"]}.get(attr)
+            out[attr] = rng.choice([v for v in VALUES[attr] if v != attrs[attr] and v != clash])
     return out
 
 
-def make_dataset(n: int, seed: int = 0, caption_noise: float = 0.0) -> list[tuple]:
+def partial_attributes(attrs: dict[str, str], rng: random.Random, rate: float) -> dict[str, str]:
+    """``attrs`` with each of size, colour, position and background left out with probability ``rate``.
+
+    People type "a red circle", not the full caption. A model that only ever saw full captions has never
+    learned what a prompt leaves open; with some captions partial, it learns to fill in a varied value
+    for what is not named, and to draw what is.
+    """
+    return {k: v for k, v in attrs.items() if k not in OPTIONAL or rng.random() >= rate}
+
+
+def make_dataset(n: int, seed: int = 0, caption_noise: float = 0.0, partial: float = 0.0,
+                 noisy: tuple[str, ...] = NOISY) -> list[tuple]:
     """``n`` samples, the same for the same seed on any machine.
 
-    With ``caption_noise`` some captions name a wrong attribute (see noisy_attributes); the
-    images, and the attribute dicts (the truth), are the same as without it.
+    With ``caption_noise`` some captions name a wrong attribute (see noisy_attributes), with ``partial``
+    some leave attributes out (see partial_attributes); the images, and the attribute dicts (the truth),
+    are the same as without either.
     """
-    return list(iter_dataset(n, seed, caption_noise))
+    return list(iter_dataset(n, seed, caption_noise, partial, noisy))
 
 
-def iter_dataset(n: int, seed: int = 0, caption_noise: float = 0.0):
+def iter_dataset(n: int, seed: int = 0, caption_noise: float = 0.0, partial: float = 0.0, noisy: tuple[str, ...] = NOISY):
     """make_dataset's samples one at a time, so writing a large dataset never holds it all."""
     # random.Random is specified to give the same stream everywhere; numpy's legacy global state is not ours.
-    # Captions get their own stream, so the noise never changes which images are drawn.
-    rng, caption_rng = random.Random(seed), random.Random(f"captions-{seed}")
+    # Noise and omissions get streams of their own, so neither changes the images or the other's draws.
+    rng, noise_rng, partial_rng = random.Random(seed), random.Random(f"captions-{seed}"), random.Random(f"partial-{seed}")
     for _ in range(n):
         image, text, attrs = make_sample(rng)
-        if caption_noise:
-            text = caption(noisy_attributes(attrs, caption_rng, caption_noise))
-        yield image, text, attrs
+        named = noisy_attributes(attrs, noise_rng, caption_noise, noisy) if caption_noise else attrs
+        if partial:
+            named = partial_attributes(named, partial_rng, partial)
+        yield image, caption(named), attrs
 
 
-def write_dataset(out: str | Path, n: int, seed: int = 0, caption_noise: float = 0.0) -> Path:
+def write_dataset(out: str | Path, n: int, seed: int = 0, caption_noise: float = 0.0, partial: float = 0.0,
+                  noisy: tuple[str, ...] = NOISY) -> Path:
     """Write ``n`` PNGs and metadata.jsonl (imagefolder layout) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
-    wrong = 0
+    wrong = full = 0
     with open(out / "metadata.jsonl", "w") as meta:
-        for i, (image, text, attrs) in enumerate(iter_dataset(n, seed, caption_noise)):
+        for i, (image, text, attrs) in enumerate(iter_dataset(n, seed, caption_noise, partial, noisy)):
             name = f"{i:0{width}d}.png"
             image.save(out / name)
-            wrong += text != caption(attrs)
+            named = parse_caption(text)
+            wrong += any(named[k] != attrs[k] for k in named)
+            full += len(named) == len(ATTRIBUTES)
             # The attributes are what is drawn (the truth, whatever the caption says); imagefolder ignores them,
             # the evaluator scores against them.
             meta.write(json.dumps({"file_name": name, "text": text, **attrs}) + "\n")
     # How it was made, next to what was made.
     record = {"generator": "examples/shapes/dataset.py", "n": n, "seed": seed, "caption_noise": caption_noise,
-              "captions_with_a_wrong_word": wrong}
+              "noisy_attributes": list(noisy), "partial": partial, "captions_with_a_wrong_word": wrong,
+              "full_captions": full}
     (out / "dataset.json").write_text(json.dumps(record) + "\n")
     return out
 
@@ -228,13 +279,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=5000, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same dataset")
     parser.add_argument("--caption-noise", type=float, default=0.0,
-                        help="chance that each of colour, shape, size and position is named wrong in a caption")
+                        help="chance that each attribute of --noisy is named wrong in a caption")
+    parser.add_argument("--noisy", default=",".join(NOISY),
+                        help=f"comma-separated attributes --caption-noise may name wrong (default {','.join(NOISY)}; "
+                             f"of {','.join(VALUES)})")
+    parser.add_argument("--partial", type=float, default=0.0,
+                        help="chance that each of size, colour, position and background is left out of a caption")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
-    if not 0 <= args.caption_noise < 1:
-        parser.error(f"--caption-noise must be in [0, 1), got {args.caption_noise}")
-    out = write_dataset(args.out, args.n, args.seed, args.caption_noise)
+    for flag, value in (("--caption-noise", args.caption_noise), ("--partial", args.partial)):
+        if not 0 <= value < 1:
+            parser.error(f"{flag} must be in [0, 1), got {value}")
+    noisy = tuple(a.strip() for a in args.noisy.split(",") if a.strip())
+    if not noisy or set(noisy) - set(VALUES):
+        parser.error(f"--noisy takes attributes of {','.join(VALUES)}, got {args.noisy!r}")
+    # Drawn in the grammar's order, whatever order they were given in, so a set of attributes is one stream.
+    noisy = tuple(a for a in VALUES if a in noisy)
+    out = write_dataset(args.out, args.n, args.seed, args.caption_noise, args.partial, noisy)
     print(f"wrote {args.n} images to {out}", file=sys.stderr)
     print(out / "metadata.jsonl")
     return 0

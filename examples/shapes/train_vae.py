@@ -40,7 +40,7 @@ VAE_CONFIG = {
     "norm_num_groups": 8,
     "sample_size": dataset.SIZE,
 }
-HELD_OUT = 64  # images kept out of training to measure reconstruction
+HELD_OUT = 500  # images kept out of training to measure reconstruction (the last ones of the dataset)
 
 
 def build_vae(seed: int = 0):
@@ -291,12 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", help="start from this saved autoencoder instead of random weights")
     parser.add_argument("--seed", type=int, default=0, help="seed for initial weights, batches and data")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine; 0: torch's default)")
+    parser.add_argument("--held-out", type=int, default=HELD_OUT,
+                        help="images kept out of training, at the end of the dataset, to score reconstructions on")
     args = parser.parse_args(argv)
     images, captions = load_images(args.data) if args.data else generate_images(args.n, args.seed)
     _, record = train(args.out, images, captions, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       kl_weight=args.kl_weight, edge_weight=args.edge_weight, shape_weight=args.shape_weight,
                       colour_weight=args.colour_weight, init=args.init,
-                      seed=args.seed, threads=args.threads)
+                      seed=args.seed, threads=args.threads, held_out=args.held_out)
     accuracy = ", ".join(f"{k} {v:.0%}" for k, v in record["held_out_reconstruction_accuracy"].items())
     print(f"held-out mse {record['held_out_mse_before']:.4f} -> {record['held_out_mse_after']:.4f}, "
           f"scaling_factor {record['scaling_factor']:.4f}, {record['seconds']} s; evaluator on reconstructions: {accuracy}",

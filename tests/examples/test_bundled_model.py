@@ -24,11 +24,14 @@ pytestmark = pytest.mark.skipif(
 
 SIZE_LIMIT_MB = 20.0
 PROMPT = "a large red circle in the top left corner on a black background"
+# A prompt as people type it, naming only colour and shape. A triangle, not a circle: a model that draws round
+# blobs whatever it is asked gets circles right by accident.
+PARTIAL_PROMPT = "a green triangle"
 SEEDS = (1, 2, 3, 4, 5)
-# Measured on the shipped model: colour right for 5 of these 5 seeds at guidance 7.5, and for all 200 images of
-# the guidance table's 7.5 row (20 prompts x 10 seeds). 4 of 5 is a real check (a random or washed-out model
-# fails it) that a correct model clears without flaking.
-MIN_COLOUR_RIGHT = 4
+# Measured on the shipped model at guidance 7.5 with these seeds: colour and position 5 of 5 on PROMPT (colour and
+# position 100 % over the table's 200 images at 7.5), colour and shape 5 of 5 on PARTIAL_PROMPT. 4 of 5 is a real
+# check (a random or washed-out model fails it) that a correct model clears without flaking.
+MIN_RIGHT = 4
 
 
 def test_bundled_model_loads_with_diffusers():
@@ -54,7 +57,8 @@ def test_bundled_model_is_safetensors_only_and_within_the_size_budget():
         assert "_name_or_path" not in config.read_text(), config
 
 
-def test_generate_without_model_uses_the_bundled_model_and_follows_the_colour(tmp_path):
+@pytest.mark.parametrize(("prompt", "checked"), [(PROMPT, ("color", "position")), (PARTIAL_PROMPT, ("color", "shape"))])
+def test_generate_without_model_uses_the_bundled_model_and_follows_the_prompt(tmp_path, prompt, checked):
     from examples.shapes import evaluate
     from PIL import Image
 
@@ -62,14 +66,15 @@ def test_generate_without_model_uses_the_bundled_model_and_follows_the_colour(tm
     env.setdefault("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "sdcli", "generate", PROMPT, "--seed", ",".join(map(str, SEEDS)),
+        [sys.executable, "-m", "sdcli", "generate", prompt, "--seed", ",".join(map(str, SEEDS)),
          "--guidance", "7.5", "--steps", "25", "--batch-size", str(len(SEEDS)), "--out", str(out), "-q"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     paths = sorted(out.rglob("*.png"))
     assert len(paths) == len(SEEDS)
-    want = evaluate.parse_prompt(PROMPT)
+    want = evaluate.parse_prompt(prompt)
     got = [evaluate.analyse(Image.open(p).convert("RGB")) for p in paths]
-    right = sum(g["color"] == want["color"] for g in got)
-    assert right >= MIN_COLOUR_RIGHT, [g["color"] for g in got]
+    for attr in checked:
+        right = sum(g[attr] == want[attr] for g in got)
+        assert right >= MIN_RIGHT, (attr, [g[attr] for g in got])
