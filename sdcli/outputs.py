@@ -28,10 +28,12 @@ class ImageWriter:
     """
 
     def __init__(self, out: Path | None, plan: Any, *, overwrite: bool = False, json: bool = False,
-                 name: Callable[[Any], str] | None = None):
+                 name: Callable[[Any], str] | None = None, results: bool = True):
         from sdcli.images import check_new_file, check_writable
 
-        self.plan, self.overwrite, self.json, self.name = plan, overwrite, json, name
+        # results=False: the images are a by-product of another command (finetune's validation and class
+        # images), whose stdout holds its own result (finetune --json lists validation images in it).
+        self.plan, self.overwrite, self.json, self.name, self.results = plan, overwrite, json, name, results
         self.written: list[dict[str, Any]] = []
         count = len(plan.jobs)
         out = Path(out) if out is not None else defaults.OUT_DIR
@@ -79,7 +81,8 @@ class ImageWriter:
         from sdcli.metadata import pnginfo
 
         path = save_png(item.image, self.path(item.job), pnginfo(item.record), self.overwrite)
-        emit(path, item.record, self.json)
+        if self.results:
+            emit(path, item.record, self.json)
         if item.trajectory:
             write_trajectory(item, path, self.overwrite, self.json)
         self.written.append({"path": str(path), **item.job.values})

@@ -277,7 +277,7 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, 
     loaded = Loaded(pipe=pipe, model=settings.model, family=family, device=str(device), dtype=torch.float32)
     slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt" for prompt in settings.prompts]
     writer = ImageWriter(out / VALIDATION_DIR / f"step-{step:06d}", p,
-                         name=lambda job: f"{job.index:02d}-{slugs[job.index]}.png")
+                         name=lambda job: f"{job.index:02d}-{slugs[job.index]}.png", results=False)
     for item in generate(p, quiet=True, loaded=loaded,
                          extra_record={"finetune_validation": {"out": str(out), "step": step}}):
         writer.write(item)

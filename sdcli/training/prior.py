@@ -79,7 +79,7 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     p = plan(settings, distributed=False, model_on_disk=False, facts=facts_of(pipe))
     loaded = Loaded(pipe=pipe, model=settings.model, family=family.name, device=str(device), dtype=torch.float32)
     slug = re.sub(r"[^a-z0-9]+", "-", cfg.class_prompt.lower()).strip("-")[:40] or "class"
-    writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png")
+    writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png", results=False)
     pipe.to(device)
     written = []
     try:

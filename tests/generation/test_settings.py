@@ -12,7 +12,7 @@ from PIL import Image
 from sdcli.declare import Role, declared
 from sdcli.generation.settings import Settings, recorded, settings_from_record, sweep_axes
 from sdcli.metadata import parse_a1111
-from conftest import pixels
+from conftest import pixels, strict_json
 
 
 def test_every_declared_setting_is_an_option_of_generate_with_its_help():
@@ -89,8 +89,9 @@ def test_one_image_of_a_sweep_round_trips(cli, tiny_sd, tmp_path):
 def test_finetune_validation_image_round_trips_and_an_earlier_one_says_why_not(cli, tiny_sd, dataset, tmp_path):
     result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "lora", "--max-steps", "2",
                  "--batch-size", "2", "--lr", "1e-2", "--checkpoint-every", "0", "--validation-prompt", "a red circle",
-                 "--validation-every", "1", "--validation-steps", "2", "-q")
+                 "--validation-every", "1", "--validation-steps", "2", "-q", "--json")
     assert result.exit_code == 0, result.stderr
+    assert strict_json(result.stdout)["out"]  # one JSON document: validation images are not finetune's result
     last = next((tmp_path / "lora" / "validation" / "step-000002").glob("*.png"))
     record = record_of(last)
     assert record["loras"] == [{"path": str((tmp_path / "lora").resolve()), "scale": 1.0}]
