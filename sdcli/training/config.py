@@ -301,6 +301,7 @@ class FinetuneConfig:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         self._check_validation()
         self._check_class_data()
+        self._check_apart()
         if self.use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -351,6 +352,19 @@ class FinetuneConfig:
             where = "has no images" if self.class_data.is_dir() else "does not exist"
             raise UsageError(f"--class-data {self.class_data} {where}; add class images or pass "
                              "--num-class-images N to generate them with the base model")
+
+    def _check_apart(self) -> None:
+        """--data folders are read with their subfolders: a validation or class folder inside one (or holding one)
+        would have its images trained on as instance data, or score the model on what it trained on."""
+        for flag, other in (("--validation-data", self.validation_data), ("--class-data", self.class_data)):
+            if other is None:
+                continue
+            mine = Path(other).resolve()
+            for folder, _ in self.data_sources:
+                data = folder.resolve()
+                if mine == data or data in mine.parents or mine in data.parents:
+                    raise UsageError(f"{flag} {other} overlaps --data {folder}, which is read with its subfolders: "
+                                     "keep the two folders apart")
 
     @property
     def trackers(self) -> list[str]:

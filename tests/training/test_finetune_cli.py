@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,21 @@ def test_bad_options_exit_2_with_one_line(cli, tiny_sd, dataset, tmp_path, args,
     result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "o", *QUICK, *args)
     assert result.exit_code == 2, result.stderr
     assert len(_error_lines(result)) == 1 and message in _error_lines(result)[0]
+
+
+def test_validation_or_class_folder_overlapping_the_data_is_refused(cli, tiny_sd, dataset, tmp_path, make_images):
+    # --data is read with its subfolders: a validation folder inside it would be trained on, and a class folder
+    # holding it would caption the instance images with the class prompt.
+    inside = make_images(Path(dataset) / "held-out", 2)[0].parent
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "o", *QUICK,
+                 "--validation-data", inside)
+    assert result.exit_code == 2, result.stderr
+    assert len(_error_lines(result)) == 1 and "--validation-data" in _error_lines(result)[0] and "overlaps --data" in _error_lines(result)[0]
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "o", *QUICK,
+                 "--class-data", Path(dataset).parent, "--class-prompt", "a shape", "--num-class-images", "1")
+    assert result.exit_code == 2, result.stderr
+    assert "--class-data" in _error_lines(result)[0] and "overlaps --data" in _error_lines(result)[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_generate_with_the_lora_matches_plain_diffusers(cli, tiny_sd, dataset, tmp_path):
