@@ -81,10 +81,9 @@ class ImageWriter:
         from sdcli.metadata import pnginfo
 
         path = save_png(item.image, self.path(item.job), pnginfo(item.record), self.overwrite)
-        if self.results:
-            emit(path, item.record, self.json)
+        self.emit(path, item.record)
         if item.trajectory:
-            write_trajectory(item, path, self.overwrite, self.json)
+            write_trajectory(item, path, self)
         self.written.append({"path": str(path), **item.job.values})
         return path
 
@@ -100,12 +99,17 @@ class ImageWriter:
             note(quiet or not plan.is_main, f"{len(everyone)} images from {plan.state.num_processes} processes "
                                             f"(per process: {', '.join(map(str, counts))})")
         if plan.is_main and plan.swept() and self.file is None:
-            write_contact_sheets(everyone, self, plan.swept(), self.json)
+            write_contact_sheets(everyone, self, plan.swept())
         if plan.state is not None:
             # Leave together: a process that exits (tearing down its gloo/NCCL group) while another is still
             # in a collective can abort it (seen once in CI as a SIGABRT of rank 1).
             plan.state.wait_for_everyone()
         return [Path(w["path"]) for w in self.written]
+
+    def emit(self, path: Path, record: dict[str, Any]) -> None:
+        """Announce a written file on stdout, unless the images are another command's by-product."""
+        if self.results:
+            emit(path, record, self.json)
 
     def sheet(self, prompt_index: int) -> Path:
         return self.folder / f"{self.next:05d}-sheet{prompt_index}.png"
@@ -139,7 +143,7 @@ def emit(path: Path, record: dict[str, Any], json: bool) -> None:
         print(path, flush=True)
 
 
-def write_trajectory(item: Any, path: Path, overwrite: bool, json: bool) -> None:
+def write_trajectory(item: Any, path: Path, writer: ImageWriter) -> None:
     """x̂_0 after every step as a labelled strip and an animated GIF ending on the image."""
     from PIL import Image
 
@@ -149,13 +153,13 @@ def write_trajectory(item: Any, path: Path, overwrite: bool, json: bool) -> None
     frames = [f if f.size == item.image.size else f.resize(item.image.size, Image.NEAREST) for f in item.trajectory]
     labels = [f"{i + 1}" for i in range(len(frames))]
     strip = labelled_grid([frames], labels, [""], title=f"predicted x0 per step: {item.job.prompt[:60]}")
-    strip_path = save_png(strip, path.with_name(path.stem + "-trajectory.png"), overwrite=overwrite)
-    gif_path = save_gif(frames + [item.image], path.with_name(path.stem + "-trajectory.gif"), overwrite=overwrite)
+    strip_path = save_png(strip, path.with_name(path.stem + "-trajectory.png"), overwrite=writer.overwrite)
+    gif_path = save_gif(frames + [item.image], path.with_name(path.stem + "-trajectory.gif"), overwrite=writer.overwrite)
     for p in (strip_path, gif_path):
-        emit(p, {"kind": "trajectory", "image": str(path)}, json)
+        writer.emit(p, {"kind": "trajectory", "image": str(path)})
 
 
-def write_contact_sheets(written: list[dict[str, Any]], writer: ImageWriter, swept: list[Any], json: bool) -> None:
+def write_contact_sheets(written: list[dict[str, Any]], writer: ImageWriter, swept: list[Any]) -> None:
     """Per prompt: sweep values across, seeds down, the adherence/variety trade-off in one picture."""
     from PIL import Image
 
@@ -173,4 +177,4 @@ def write_contact_sheets(written: list[dict[str, Any]], writer: ImageWriter, swe
         cols = [" ".join(f"{names.get(k, k)}={v:g}" for k, v in zip(keys, c)) for c in columns]
         sheet = labelled_grid(rows, cols, [f"seed {s}" for s in seeds], title=prompt[:80])
         path = save_png(sheet, writer.sheet(i), overwrite=writer.overwrite)
-        emit(path, {"kind": "contact_sheet", "prompt": prompt}, json)
+        writer.emit(path, {"kind": "contact_sheet", "prompt": prompt})
