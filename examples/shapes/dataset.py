@@ -89,22 +89,6 @@ def caption(attrs: dict[str, str]) -> str:
     return " ".join(w for w in words if w)
 
 
-def parse_caption(text: str) -> dict[str, str]:
-    """The attributes a caption of this grammar names: caption's inverse (evaluate.parse_prompt reads looser prompts)."""
-    named: dict[str, str] = {}
-    if text.endswith(" background"):
-        text, _, rest = text.rpartition(" on a ")
-        named["background"] = rest.removesuffix(" background")
-    for position in POSITIONS:
-        if text.endswith(" " + where(position)):
-            named["position"] = position
-            text = text.removesuffix(" " + where(position))
-    for word in text.split()[1:]:
-        attr = next(a for a, values in (("size", SIZES), ("color", COLORS), ("shape", SHAPES)) if word in values)
-        named[attr] = word
-    return named
-
-
 def caption_words() -> list[str]:
     """Every word any caption can contain, in a stable order."""
     words: list[str] = []
@@ -237,15 +221,21 @@ def make_dataset(n: int, seed: int = 0, caption_noise: float = 0.0, partial: flo
 
 def iter_dataset(n: int, seed: int = 0, caption_noise: float = 0.0, partial: float = 0.0, noisy: tuple[str, ...] = NOISY):
     """make_dataset's samples one at a time, so writing a large dataset never holds it all."""
+    for image, named, attrs in _named_samples(n, seed, caption_noise, partial, noisy):
+        yield image, caption(named), attrs
+
+
+def _named_samples(n: int, seed: int, caption_noise: float, partial: float, noisy: tuple[str, ...]):
+    """(image, what its caption names, what is drawn) for each sample."""
     # random.Random is specified to give the same stream everywhere; numpy's legacy global state is not ours.
     # Noise and omissions get streams of their own, so neither changes the images or the other's draws.
     rng, noise_rng, partial_rng = random.Random(seed), random.Random(f"captions-{seed}"), random.Random(f"partial-{seed}")
     for _ in range(n):
-        image, text, attrs = make_sample(rng)
+        image, _, attrs = make_sample(rng)
         named = noisy_attributes(attrs, noise_rng, caption_noise, noisy) if caption_noise else attrs
         if partial:
             named = partial_attributes(named, partial_rng, partial)
-        yield image, caption(named), attrs
+        yield image, named, attrs
 
 
 def write_dataset(out: str | Path, n: int, seed: int = 0, caption_noise: float = 0.0, partial: float = 0.0,
@@ -256,15 +246,14 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, caption_noise: float =
     width = max(5, len(str(n - 1)))
     wrong = full = 0
     with open(out / "metadata.jsonl", "w") as meta:
-        for i, (image, text, attrs) in enumerate(iter_dataset(n, seed, caption_noise, partial, noisy)):
+        for i, (image, named, attrs) in enumerate(_named_samples(n, seed, caption_noise, partial, noisy)):
             name = f"{i:0{width}d}.png"
             image.save(out / name)
-            named = parse_caption(text)
             wrong += any(named[k] != attrs[k] for k in named)
             full += len(named) == len(ATTRIBUTES)
             # The attributes are what is drawn (the truth, whatever the caption says); imagefolder ignores them,
             # the evaluator scores against them.
-            meta.write(json.dumps({"file_name": name, "text": text, **attrs}) + "\n")
+            meta.write(json.dumps({"file_name": name, "text": caption(named), **attrs}) + "\n")
     # How it was made, next to what was made.
     record = {"generator": "examples/shapes/dataset.py", "n": n, "seed": seed, "caption_noise": caption_noise,
               "noisy_attributes": list(noisy), "partial": partial, "captions_with_a_wrong_word": wrong,
