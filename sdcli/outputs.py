@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,11 +137,14 @@ def reserve_numbers(folder: Path, count: int) -> int:
 
 
 def emit(path: Path, record: dict[str, Any], json: bool) -> None:
-    """A result line on stdout: the path, or the path and record as JSON."""
-    if json:
-        print(jsonlib.dumps({"path": str(path), **record}), flush=True)
-    else:
-        print(path, flush=True)
+    """A result line on stdout: the path, or the path and record as JSON.
+
+    The line and its newline go out in one write: processes of one multi-process run share stdout, and
+    print's two writes (text, then end) let another process's line land between them.
+    """
+    line = jsonlib.dumps({"path": str(path), **record}) if json else str(path)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def write_trajectory(item: Any, path: Path, writer: ImageWriter) -> None:
