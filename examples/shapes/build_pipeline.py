@@ -61,8 +61,14 @@ SCHEDULER_CONFIG = {
 }
 
 
-def build_pipeline(vae_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0):
-    """A StableDiffusionPipeline with the trained VAE and tokenizer and a random UNet and text encoder."""
+def build_pipeline(vae_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, token_std: float | None = None):
+    """A StableDiffusionPipeline with the trained VAE and tokenizer and a random UNet and text encoder.
+
+    ``token_std`` redraws the text encoder's word embeddings at that standard deviation (None: CLIP's own init,
+    0.02, what built the shipped model). Each attention and MLP branch of the random encoder adds about 0.5 of
+    context to them, so at CLIP's init the state at a word is mostly its context; at 0.6 the word outweighs it
+    (README.md, "Partial captions: the second attempt").
+    """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -89,6 +95,9 @@ def build_pipeline(vae_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0
             **TEXT_CONFIG,
         )
     )
+    if token_std is not None:
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight.normal_(0.0, token_std)
 
     # 3. Random UNet whose cross-attention reads the text encoder's hidden states.
     unet = UNet2DConditionModel(**{**UNET_CONFIG, "cross_attention_dim": TEXT_CONFIG["hidden_size"]})
@@ -149,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (tokenizer.py --out)")
     parser.add_argument("--out", required=True, help="folder for the pipeline (diffusers layout, safetensors)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random UNet and text encoder")
+    parser.add_argument("--token-std", type=float, default=None,
+                        help="redraw the text encoder's word embeddings at this std (default: CLIP's init, 0.02)")
     parser.add_argument("--time", action="store_true", help="also time 25-step denoising (median of 5 runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for --time (default: torch's)")
     args = parser.parse_args(argv)
-    pipe = build_pipeline(args.vae, args.tokenizer, args.seed)
+    pipe = build_pipeline(args.vae, args.tokenizer, args.seed, args.token_std)
     pipe.save_pretrained(args.out, safe_serialization=True)
     report = {"out": args.out, "safetensors_mb": round(safetensors_mb(args.out), 2), "parameters": parameter_counts(pipe)}
     if report["safetensors_mb"] > SIZE_LIMIT_MB:

@@ -274,6 +274,33 @@ def test_build_pipeline_is_loadable_and_small(tmp_path, trained_vae):
     assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
 
 
+def test_build_pipeline_token_std_makes_the_text_encoder_read_a_word_alike_in_any_caption(tmp_path, trained_vae):
+    # --token-std 0.6 (the second partial-caption attempt): "circle" in a short prompt and in a full caption
+    # alike, "circle" and "star" in the same place apart. CLIP's own init, the default, does neither.
+    import torch
+
+    def similarities(token_std):
+        pipe = build_pipeline.build_pipeline(trained_vae[0], tokenizer.build_tokenizer(tmp_path / "tok"),
+                                             token_std=token_std)
+        tok, encoder = pipe.tokenizer, pipe.text_encoder.eval()
+
+        def state(prompt, word):
+            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+            with torch.no_grad():
+                hidden = encoder(ids)[0][0]
+            return hidden[ids[0].tolist().index(tok.convert_tokens_to_ids(word + "</w>"))]
+
+        full = "a large red circle in the top left corner on a black background"
+        cos = torch.nn.functional.cosine_similarity
+        return (float(cos(state("a circle", "circle"), state(full, "circle"), dim=0)),
+                float(cos(state("a red circle", "circle"), state("a red star", "star"), dim=0)))
+
+    across_contexts, across_shapes = similarities(0.6)
+    assert across_contexts > 0.9 and across_shapes < 0.6, (across_contexts, across_shapes)
+    default_contexts, default_shapes = similarities(None)
+    assert default_contexts < across_contexts and default_shapes > 0.8, (default_contexts, default_shapes)
+
+
 def test_build_pipeline_rejects_a_vae_with_other_latents(tmp_path):
     from diffusers import AutoencoderKL
 
