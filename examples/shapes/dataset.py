@@ -169,9 +169,9 @@ def true_caption(row: dict) -> str:
 
 
 def make_sample(rng: random.Random) -> tuple:
-    """One (PIL image, caption, attribute dict) drawn from ``rng``."""
+    """One (PIL image, attribute dict) drawn from ``rng``; `_named_samples` decides what its caption names."""
     attrs = sample_attributes(rng)
-    return render(attrs, rng), caption(attrs), attrs
+    return render(attrs, rng), attrs
 
 
 # What noisy_attributes may name wrong, in the order it draws them; the background only when asked: the shipped
@@ -231,7 +231,7 @@ def _named_samples(n: int, seed: int, caption_noise: float, partial: float, nois
     # Noise and omissions get streams of their own, so neither changes the images or the other's draws.
     rng, noise_rng, partial_rng = random.Random(seed), random.Random(f"captions-{seed}"), random.Random(f"partial-{seed}")
     for _ in range(n):
-        image, _, attrs = make_sample(rng)
+        image, attrs = make_sample(rng)
         named = noisy_attributes(attrs, noise_rng, caption_noise, noisy) if caption_noise else attrs
         if partial:
             named = partial_attributes(named, partial_rng, partial)
