@@ -9,7 +9,8 @@ Trains the same model on the same images with the same batch size two ways, each
 
 - sdcli: `sdcli.training.finetune` (LoRA by default), which encodes every image and caption once and
   then runs one UNet forward and backward per step;
-- reference: the loop common training scripts run, which sends every batch through the VAE encoder
+- reference: the loop common training scripts run (diffusers' train_text_to_image_lora.py: on CUDA
+  with --mixed_precision fp16, as sdcli's default), which sends every batch through the VAE encoder
   and the text encoder before the UNet. To favour the reference, its images are decoded and cropped
   once up front, so the only difference left is the encoders.
 
@@ -189,8 +190,14 @@ def run_reference(args) -> dict:
 
     from sdcli.training.data import discover, load_rgb, to_pixels
 
+    from accelerate import Accelerator
+
     t0 = time.perf_counter()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    # As diffusers' train_text_to_image_lora.py runs with --mixed_precision fp16 (sdcli's default on CUDA): the
+    # frozen models in float16, the LoRA weights in float32, the forward under autocast, a scaled backward.
+    accelerator = Accelerator(mixed_precision="fp16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    weight_dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.float32
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
@@ -201,10 +208,16 @@ def run_reference(args) -> dict:
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    for model in (vae, text_encoder, unet):
-        model.to(device)
+    for model in (vae, text_encoder) + ((unet,) if args.method == "lora" else ()):
+        model.to(device, dtype=weight_dtype)
+    unet.to(device)
+    if args.method == "lora":
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     examples = discover(Path(args.data)).examples
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     # Decoded once, so this loop pays for the encoders and nothing else.
@@ -217,7 +230,7 @@ def run_reference(args) -> dict:
         idx = torch.randint(0, len(examples), (args.batch_size,), generator=g)
         prompts = ["" if torch.rand(1, generator=g).item() < 0.1 else captions[i] for i in idx.tolist()]
         with torch.no_grad():
-            latents = vae.encode(pixels[idx].to(device)).latent_dist.sample() * vae.config.scaling_factor
+            latents = vae.encode(pixels[idx].to(device, weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids.to(device)
             hidden = text_encoder(ids, return_dict=False)[0]
@@ -225,8 +238,8 @@ def run_reference(args) -> dict:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), device=device)
         pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
         loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # the same per-step sync sdcli makes to log the loss

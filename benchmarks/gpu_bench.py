@@ -3,13 +3,14 @@
     python benchmarks/gpu_bench.py                     # full size (512 px, 25 steps) on CUDA; reduced on CPU
     python benchmarks/gpu_bench.py --size reduced      # force the small version (what CPU runs)
     python benchmarks/gpu_bench.py --json bench.json
+    python benchmarks/gpu_bench.py --batch 1 --compile-modes reduce-overhead --lora-steps 0
 
-For plain diffusers defaults, sdcli's defaults, and sdcli with --compile (first-call compile time
-reported apart), prints seconds per image and UNet iterations per second (medians, runs
+For plain diffusers defaults, sdcli's defaults, and sdcli with --compile in each --compile-mode
+(first-call compile time reported apart), at each batch size, prints seconds per image and UNet iterations per second (medians, runs
 interleaved), the UNet's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the
 card's peak, peak GPU memory for one image with sdcli's defaults and with --cpu-offload, and LoRA
 fine-tuning steps per second with peak memory.
-Targets on a GPU: sdcli defaults never slower than plain diffusers; --compile >= 1.5x plain diffusers.
+Targets on a GPU: sdcli defaults never slower than plain diffusers; --compile >= 1.3x plain diffusers.
 """
 
 from __future__ import annotations
@@ -101,19 +102,25 @@ class Timer:
         return (len(self.marks) - 1) / (self.marks[-1] - self.marks[0])
 
 
-def run_diffusers(pipe, steps: int, res: int, device: str) -> tuple[float, float]:
+def run_diffusers(pipe, steps: int, res: int, device: str, batch: int = 1) -> tuple[float, float]:
+    import numpy as np
     import torch
 
     timer = Timer(device)
     sync(device)
     t0 = time.perf_counter()
-    pipe("a red circle", num_inference_steps=steps, height=res, width=res, guidance_scale=7.5,
-         generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=timer, output_type="np")
+    images = pipe("a red circle", num_inference_steps=steps, height=res, width=res, guidance_scale=7.5,
+                  num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(0),
+                  callback_on_step_end=timer, output_type="np").images
     sync(device)
-    return time.perf_counter() - t0, timer.its()
+    seconds = time.perf_counter() - t0
+    if not np.isfinite(images).all():  # sdcli's own path raises on NaN; plain diffusers would only warn
+        raise SystemExit("plain diffusers produced NaN")
+    return seconds / batch, timer.its()
 
 
 def run_sdcli(loaded, settings, device: str) -> tuple[float, float]:
+    """Seconds per image and UNet it/s for one call (all of ``settings.seeds`` in one batch)."""
     from sdcli.generation import iter_images, plan_jobs
 
     timer = Timer(device)
@@ -121,18 +128,18 @@ def run_sdcli(loaded, settings, device: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     list(iter_images(settings, loaded, plan_jobs(settings, [0]), on_step=timer))
     sync(device)
-    return time.perf_counter() - t0, timer.its()
+    return (time.perf_counter() - t0) / len(settings.seeds), timer.its()
 
 
-def unet_flops(unet, res: int, device: str, dtype) -> float:
-    """FLOPs of one guided step: the UNet on a batch of 2 (conditional and unconditional)."""
+def unet_flops(unet, res: int, device: str, dtype, batch: int = 1) -> float:
+    """FLOPs of one guided step: the UNet on 2 x batch latents (conditional and unconditional)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    lat = torch.randn(2, 4, res // 8, res // 8, device=device, dtype=dtype)
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    lat = torch.randn(2 * batch, 4, res // 8, res // 8, device=device, dtype=dtype)
+    ctx = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(lat, torch.tensor([500, 500], device=device), encoder_hidden_states=ctx)
+        unet(lat, torch.full((2 * batch,), 500, device=device), encoder_hidden_states=ctx)
     return float(counter.get_total_flops())
 
 
@@ -195,15 +202,44 @@ def memory_bench(model: str, res: int, steps: int, device: str) -> dict:
     return out
 
 
+def measure(variants: dict, runs: int) -> dict:
+    """Median seconds per image and UNet it/s of each variant, runs interleaved after one warm-up call each."""
+    for fn in variants.values():
+        fn()
+    times: dict = {k: [] for k in variants}
+    for _ in range(runs):
+        for k, fn in variants.items():
+            times[k].append(fn())
+    return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in times.items()}
+
+
+def rows_for(measured: dict, batch: int, flops: float, peak: float | None) -> list[dict]:
+    """One table row per variant, against plain diffusers measured in the same interleaved runs."""
+    base = measured["diffusers"][1]
+    rows = []
+    for k, (s_img, its) in measured.items():
+        tflops = flops * its / 1e12
+        rows.append({"variant": k, "batch": batch, "s_per_image": round(s_img, 4), "unet_it_per_s": round(its, 2),
+                     "tflops": float(f"{tflops:.3g}"), "of_peak": round(tflops / peak, 3) if peak else None,
+                     "speedup_vs_diffusers": round(its / base, 3)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["auto", "full", "reduced"], default="auto")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", default="1,4", help="comma list of images per call")
     parser.add_argument("--lora-steps", type=int, default=20, help="0 skips the LoRA fine-tuning run")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
+                        help="comma list of sdcli --compile-mode values to measure, cheapest to compile first")
+    parser.add_argument("--no-compile", action="store_true", help="measure no --compile variant")
+    parser.add_argument("--save-model", type=Path, help="build the pipeline here and keep it (for finetune_bench)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    modes = [] if args.no_compile else [m for m in args.compile_modes.split(",") if m]
 
     import torch
     from diffusers import StableDiffusionPipeline
@@ -218,52 +254,63 @@ def main() -> None:
     dtype = resolve_dtype("auto", device)
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "size": "sd1.5 full" if full else "reduced", "resolution": res, "steps": args.steps,
-                    "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
+                    "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "rows": [],
+                    "compile_first_call_s": {}}
+
+    def save() -> None:  # after every stage, so a run cut short leaves what it measured
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
-        model = build(spec, Path(tmp))
+        folder = args.save_model or Path(tmp)
+        model = build(spec, folder)
+        # 1. Peak memory with and without --cpu-offload, each pipeline loaded alone (before any other is).
+        if device.startswith("cuda"):
+            result["memory"] = memory_bench(model, res, args.steps, device)
+            save()
         plain = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)  # diffusers defaults
         plain.set_progress_bar_config(disable=True)
-        settings = Settings(prompts=["a red circle"], model=model, steps=args.steps, seeds=[0], width=res, height=res)
-        ours = prepare_pipeline(settings)
-        variants = {"diffusers": lambda: run_diffusers(plain, args.steps, res, device),
-                    "sdcli": lambda: run_sdcli(ours, settings, device)}
-        compiled = None
-        if not args.no_compile:
-            compiled_settings = Settings(**{**settings.__dict__, "compile": True})
-            t0 = time.perf_counter()
-            compiled = prepare_pipeline(compiled_settings)
-            run_sdcli(compiled, compiled_settings, device)  # the first call compiles
-            result["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
-            variants["sdcli --compile"] = lambda: run_sdcli(compiled, compiled_settings, device)
-        for fn in variants.values():
-            fn()  # warm-up
-        times = {k: [] for k in variants}
-        for _ in range(args.runs):
-            for k, fn in variants.items():
-                times[k].append(fn())
-        flops = unet_flops(ours.pipe.unet, res, device, dtype)
+        settings = {b: Settings(prompts=["a red circle"], model=model, steps=args.steps, seeds=list(range(b)),
+                                width=res, height=res, batch_size=b) for b in batches}
+        ours = prepare_pipeline(settings[batches[0]])
         peak = peak_for(device)
-        for k, runs in times.items():
-            s_img = statistics.median(r[0] for r in runs)
-            its = statistics.median(r[1] for r in runs)
-            tflops = flops * its / 1e12
-            result[k] = {"s_per_image": round(s_img, 3), "unet_it_per_s": round(its, 2),
-                         "tflops": float(f"{tflops:.3g}"), "of_peak": round(tflops / peak, 3) if peak else None}
-        base = result["diffusers"]["unet_it_per_s"]
-        for k in variants:
-            result[k]["speedup_vs_diffusers"] = round(result[k]["unet_it_per_s"] / base, 3)
-        # Free the pipelines (the variants' closures hold them) before the memory and LoRA runs.
-        variants = plain = ours = compiled = None  # noqa: F841
+        flops = {b: unet_flops(ours.pipe.unet, res, device, dtype, b) for b in batches}
+
+        def eager(b: int) -> dict:
+            return {"diffusers": lambda: run_diffusers(plain, args.steps, res, device, b),
+                    "sdcli": lambda: run_sdcli(ours, settings[b], device)}
+
+        # 2. sdcli's defaults against plain diffusers, every batch size.
+        for b in batches:
+            result["rows"] += rows_for(measure(eager(b), args.runs), b, flops[b], peak)
+        save()
+        # 3. Each compile mode: its first calls (the compiling) timed, then interleaved with the eager two.
+        for mode in modes:
+            compiled_settings = {b: Settings(**{**s.__dict__, "compile": True, "compile_mode": mode})
+                                 for b, s in settings.items()}
+            name = f"sdcli --compile {mode}" if device.startswith("cuda") else "sdcli --compile"
+            t0 = time.perf_counter()
+            compiled = prepare_pipeline(compiled_settings[batches[0]])
+            firsts = {}
+            for b in batches:  # a new batch size is a new shape: compiled again
+                t1 = time.perf_counter()
+                run_sdcli(compiled, compiled_settings[b], device)
+                firsts[b] = round(time.perf_counter() - (t0 if b == batches[0] else t1), 1)
+            result["compile_first_call_s"][mode] = firsts
+            for b in batches:
+                variants = {**eager(b), name: lambda b=b: run_sdcli(compiled, compiled_settings[b], device)}
+                rows = rows_for(measure(variants, args.runs), b, flops[b], peak)
+                result["rows"] += [r for r in rows if r["variant"] == name]
+                result.setdefault("eager_rerun", []).extend(r for r in rows if r["variant"] != name)
+            compiled = variants = None  # noqa: F841
+            save()
+        plain = ours = None  # noqa: F841
         if device.startswith("cuda"):
             free_gpu()
-            result["memory"] = memory_bench(model, res, args.steps, device)
-        if args.json:  # the generation figures on disk before the LoRA run can cut anything short
-            args.json.write_text(json.dumps(result, indent=2))
         if args.lora_steps:
             result.update(lora_bench(model, res, device, args.lora_steps))
     print(json.dumps(result, indent=2), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    save()
 
 
 if __name__ == "__main__":

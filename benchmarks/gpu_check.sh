@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, for a machine with CUDA torch but without network access, cheapest
-# first so that a run cut short still leaves figures behind:
+# Every GPU check in one run, for a machine with CUDA torch but without network access. Each stage runs
+# under its own time limit and writes to $OUT (or ./gpu-results) as it goes, so a stage that fails or
+# runs long still leaves the others' figures:
 #   1. install diffusers from wheels carried in .whl/ (if any), without touching torch;
-#   2. benchmarks/gpu_bench.py at full size (SD 1.5's architecture, 512 px, 25 steps) without --compile;
-#   3. the CUDA tests (python -m pytest -m gpu);
-#   4. gpu_bench.py again with the --compile variant (minutes of compiling; baselines rerun beside it).
-# Results go to $OUT (or ./gpu-results): versions.txt, gpu-bench-eager.json/.log, gpu-tests.log,
-# gpu-bench.json/.log.
+#   2. benchmarks/gpu_bench.py at full size (SD 1.5's architecture, 512 px, 25 steps): plain diffusers and
+#      sdcli's defaults at batch 1 and 4, peak memory with and without --cpu-offload, then sdcli --compile in
+#      each mode of COMPILE_MODES (compiling timed apart) -> gpu-bench.json/.log;
+#   3. the CUDA tests (python -m pytest -m gpu; TESTS="-k compile" picks some) -> gpu-tests.log;
+#   4. benchmarks/finetune_bench.py on the same pipeline: LoRA at 512 px, batch 4, fp16, sdcli against the loop
+#      of diffusers' train_text_to_image_lora.py -> finetune-bench.json/.log.
+# versions.txt holds the card, torch and diffusers. The device tool's command: `bash benchmarks/gpu_check.sh`
+# with `.whl` carried.
 #
 # Preparing the wheels, on a machine with PyPI (see the device tool's README for the platform flags):
 #   pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata zipp
@@ -21,17 +25,19 @@ else
   export PYTHONPATH="$PWD"
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -c "import torch, diffusers; print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
+python3 -c "import torch, diffusers, transformers, peft, accelerate as a; print(torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', a.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
   | tee "$out/versions.txt" || exit 1
-python3 benchmarks/gpu_bench.py --runs "${RUNS:-3}" --no-compile ${BENCH_ARGS:-} --json "$out/gpu-bench-eager.json" \
-  2>&1 | tee "$out/gpu-bench-eager.log"
-eager=${PIPESTATUS[0]}
-python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log"
+date -u +%FT%TZ >> "$out/versions.txt"
+model=/tmp/sd15-random
+timeout "${BENCH_LIMIT:-330}" python3 benchmarks/gpu_bench.py --runs "${RUNS:-3}" --batch "${BATCH:-1,4}" \
+  --compile-modes "${MODES:-reduce-overhead,default}" --lora-steps 0 --save-model "$model" ${BENCH_ARGS:-} \
+  --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log"
+bench=${PIPESTATUS[0]}
+timeout "${TESTS_LIMIT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-} tests 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
-bench=0
-if [ "${COMPILE:-1}" = 1 ]; then
-  python3 benchmarks/gpu_bench.py --runs "${RUNS:-3}" ${BENCH_ARGS:-} --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log"
-  bench=${PIPESTATUS[0]}
-fi
-echo "eager benchmark exit $eager, gpu tests exit $tests, compile benchmark exit $bench"
-exit $(( eager || tests || bench ))
+timeout "${FINETUNE_LIMIT:-150}" python3 benchmarks/finetune_bench.py --model "$model/sd15" --resolution 512 \
+  --batch-size 4 --steps "${FINETUNE_STEPS:-30}" --runs "${FINETUNE_RUNS:-1}" --json "$out/finetune-bench.json" \
+  2>&1 | tee "$out/finetune-bench.log"
+finetune=${PIPESTATUS[0]}
+echo "benchmark exit $bench, gpu tests exit $tests, finetune benchmark exit $finetune"
+exit $(( bench || tests || finetune ))

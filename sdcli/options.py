@@ -30,6 +30,15 @@ class Dtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class CompileMode(str, Enum):
+    """torch.compile's modes as sdcli offers them (sdcli.pipeline.COMPILE_MODES says what each sets)."""
+
+    default = "default"
+    reduce_overhead = "reduce-overhead"
+    max_autotune = "max-autotune"
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
 def alias(opt: Opt, type_: Any, default_flag: str) -> Any:
     """The `Annotated` alias of a shared option, for commands that take it as a plain parameter."""
     kwargs: dict[str, Any] = {"help": opt.help}

@@ -424,6 +424,19 @@ def _load_message(model: str, exc: Exception) -> str:
     return f"cannot load {model}: {text[:300]}"
 
 
+# What each --compile-mode sets on CUDA: torch.compile's mode, and the inductor options diffusers' inference-speed
+# guide pairs with autotuning (they lengthen compiling, so the faster-compiling modes leave inductor's defaults).
+_SPEED_GUIDE = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+COMPILE_MODES = {
+    "default": {},
+    "reduce-overhead": {},
+    "max-autotune": _SPEED_GUIDE,
+    "max-autotune-no-cudagraphs": _SPEED_GUIDE,
+}
+_INDUCTOR_DEFAULTS: dict[str, Any] = {}  # inductor's own values of those options, read before sdcli first sets them
+
+
 def apply_runtime_options(
     pipe: Any,
     *,
@@ -431,6 +444,7 @@ def apply_runtime_options(
     vae_tiling: bool = False,
     attention_slicing: bool = False,
     compile: bool = False,
+    compile_mode: str | None = None,
     channels_last: bool | None = None,
     has_lora: bool = False,
 ) -> None:
@@ -438,8 +452,9 @@ def apply_runtime_options(
 
     ``channels_last`` None means: on CUDA, where cuDNN's convolutions are faster in that layout.
     ``compile`` also fuses the attention's q, k and v projections into one matmul (not with LoRAs,
-    whose adapters sit on the separate projections) and, on CUDA, sets the inductor options
-    diffusers' inference-speed guide pairs with torch.compile.
+    whose adapters sit on the separate projections); on CUDA it compiles in ``compile_mode``
+    (default: defaults.COMPILE_MODE) with that mode's inductor options (COMPILE_MODES), elsewhere
+    in torch's default mode.
     """
     import torch
 
@@ -456,12 +471,16 @@ def apply_runtime_options(
     if compile:
         if not has_lora and hasattr(pipe, "fuse_qkv_projections"):
             pipe.fuse_qkv_projections()
+        mode = "default"
         if device.startswith("cuda"):
             import torch._inductor.config as inductor
 
-            inductor.conv_1x1_as_mm = True
-            inductor.coordinate_descent_tuning = True
-            inductor.coordinate_descent_check_all_directions = True
-            inductor.epilogue_fusion = False
-        compiled = torch.compile(net, mode="max-autotune-no-cudagraphs" if device.startswith("cuda") else "default")
+            mode = compile_mode or defaults.COMPILE_MODE
+            # Set for every mode (the options are process-wide and read when compiling), so a default-mode
+            # compile after an autotuned one in the same process gets inductor's own values back.
+            if not _INDUCTOR_DEFAULTS:
+                _INDUCTOR_DEFAULTS.update({key: getattr(inductor, key) for key in _SPEED_GUIDE})
+            for key, value in {**_INDUCTOR_DEFAULTS, **COMPILE_MODES[mode]}.items():
+                setattr(inductor, key, value)
+        compiled = torch.compile(net, mode=mode)
         setattr(pipe, family_spec(type(pipe).__name__).denoiser, compiled)

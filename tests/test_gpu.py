@@ -41,6 +41,19 @@ def test_offload_and_compile_keep_the_image(cli, tiny_sd, tmp_path):
     assert np.abs(plain - compiled).max() <= 8 and np.abs(plain - compiled).mean() < 1
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_every_compile_mode_keeps_the_images(cli, tiny_sd, tmp_path, mode):
+    # Two seeds in a row: with CUDA graphs (reduce-overhead, max-autotune) the second image's UNet calls
+    # replay the recorded graph over the first one's buffers, which must not leak into either image.
+    args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "4", "--seed", "7,8", "--dtype", "float32")
+    plain = cli(*args, "--out", tmp_path / "a")
+    compiled = cli(*args, "--out", tmp_path / "b", "--compile", "--compile-mode", mode)
+    assert compiled.exit_code == 0, compiled.stderr
+    for a, b in zip(plain.stdout.split(), compiled.stdout.split()):
+        x, y = np.asarray(Image.open(a), np.int16), np.asarray(Image.open(b), np.int16)
+        assert np.abs(x - y).max() <= 8 and np.abs(x - y).mean() < 1, (mode, a)
+
+
 def test_cpu_offload_never_puts_the_whole_pipeline_on_the_gpu(tiny_sd):
     from sdcli.pipeline import load_pipeline
 

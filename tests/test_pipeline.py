@@ -93,3 +93,23 @@ def test_cpu_offload_is_refused_before_any_weights_load(tiny_sd, monkeypatch):
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", loads)
     with pytest.raises(UsageError, match="--cpu-offload needs a CUDA device"):
         load_pipeline(tiny_sd, device="cpu", cpu_offload=True)
+
+
+def test_each_compile_mode_sets_its_inductor_options_and_only_those(tiny_sd, monkeypatch):
+    # The CUDA branch's settings, checked without a GPU: torch.compile is lazy, so nothing compiles here.
+    import torch._inductor.config as inductor
+    from diffusers import StableDiffusionPipeline
+
+    from sdcli.options import CompileMode
+    from sdcli.pipeline import COMPILE_MODES, apply_runtime_options
+
+    assert set(COMPILE_MODES) == {m.value for m in CompileMode}  # every --compile-mode choice is declared
+    for key in COMPILE_MODES["max-autotune"]:
+        monkeypatch.setattr(inductor, key, getattr(inductor, key))  # restored after the test
+    own = {key: getattr(inductor, key) for key in COMPILE_MODES["max-autotune"]}
+    for mode in ("max-autotune", "default", "max-autotune-no-cudagraphs", "reduce-overhead"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+        apply_runtime_options(pipe, device="cuda", compile=True, compile_mode=mode, channels_last=False)
+        assert pipe.unet.__class__.__name__ == "OptimizedModule"
+        # An autotuned compile's options do not leak into a later default or reduce-overhead one.
+        assert {key: getattr(inductor, key) for key in own} == {**own, **COMPILE_MODES[mode]}, mode

@@ -152,7 +152,7 @@ def prepare_pipeline(s: Settings):
     prepare_text_encoders(pipe, s)  # textual-inversion embeddings loaded, --clip-skip checked
     apply_runtime_options(
         pipe, device=loaded.device, vae_tiling=s.vae_tiling, attention_slicing=s.attention_slicing,
-        compile=s.compile, channels_last=s.channels_last, has_lora=bool(s.loras),
+        compile=s.compile, compile_mode=s.compile_mode, channels_last=s.channels_last, has_lora=bool(s.loras),
     )
     use_formula_guidance(pipe)
     return loaded

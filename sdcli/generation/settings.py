@@ -217,6 +217,9 @@ class Settings:
     vae_tiling: bool = option(False, help="Decode in tiles, for large images on small GPUs.", role=RUNTIME)
     attention_slicing: bool = option(False, help="Compute attention in slices to save memory.", role=RUNTIME)
     compile: bool = option(False, help="torch.compile the UNet (slow first image).", flags=("--compile",), role=RUNTIME)
+    compile_mode: str = option(
+        defaults.COMPILE_MODE, help="With --compile, on CUDA: torch.compile's mode (reduce-overhead adds CUDA graphs; "
+        "max-autotune tries kernels for minutes first).", cli_type=options.CompileMode, role=RUNTIME)
     channels_last: Optional[bool] = option(None, options.CHANNELS_LAST)
     loras: list[tuple[str, float]] = option(
         [], help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.", flags=("--lora",),

@@ -21,15 +21,19 @@ def test_gpu_bench_reports_every_figure_at_reduced_size(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(BENCH), "--size", "reduced", "--steps", "2", "--runs", "1",
-                          "--lora-steps", "2", "--no-compile", "--json", str(out)],
+                          "--batch", "1,2", "--lora-steps", "2", "--no-compile", "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
     assert json.loads(res.stdout[res.stdout.index("{"):]) == result
     assert result["size"] == "reduced" and result["resolution"] == 128
-    for variant in ("diffusers", "sdcli"):
-        figures = result[variant]
-        assert figures["s_per_image"] > 0 and figures["unet_it_per_s"] > 0 and figures["tflops"] > 0
-    ratio = result["sdcli"]["unet_it_per_s"] / result["diffusers"]["unet_it_per_s"]
-    assert result["sdcli"]["speedup_vs_diffusers"] == pytest.approx(ratio, abs=0.002)
+    rows = {(r["variant"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {(v, b) for v in ("diffusers", "sdcli") for b in (1, 2)}
+    for b in (1, 2):
+        ours, base = rows["sdcli", b], rows["diffusers", b]
+        assert ours["s_per_image"] > 0 and ours["unet_it_per_s"] > 0 and ours["tflops"] > 0
+        assert ours["speedup_vs_diffusers"] == pytest.approx(ours["unet_it_per_s"] / base["unet_it_per_s"], abs=0.002)
+    # Twice the latents per step: twice the FLOPs per UNet iteration.
+    per_it = {b: rows["sdcli", b]["tflops"] / rows["sdcli", b]["unet_it_per_s"] for b in (1, 2)}
+    assert per_it[2] == pytest.approx(2 * per_it[1], rel=0.02)
     assert result["lora_steps"] == 2 and result["lora_steps_per_s"] > 0
