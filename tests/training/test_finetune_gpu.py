@@ -54,3 +54,15 @@ def test_validation_loss_on_cuda_is_repeatable_under_autocast(tiny_models, tiny_
     assert sorted(runs[0].val_losses) == sorted(runs[1].val_losses) == [1, 2, 3]
     assert list(runs[1].val_losses.values()) == pytest.approx(list(runs[0].val_losses.values()), rel=1e-3)
     assert all(math.isfinite(v) for v in runs[0].val_losses.values())
+
+
+def test_buckets_train_in_fp16_with_channels_last(tiny_sd, tmp_path, make_images, make_config):
+    # Three aspect ratios, so the channels-last UNet sees latents of three shapes under fp16 autocast.
+    for w, h in ((16, 16), (24, 16), (16, 24)):
+        make_images(tmp_path / "data" / f"{w}x{h}", n=2, size=(w, h))
+    out = tmp_path / "out"
+    result = finetune(make_config(tmp_path / "data", out, tiny_sd, max_steps=6, batch_size=1))
+    record = json.loads((out / "training_settings.json").read_text())
+    assert record["config"]["mixed_precision"] == "fp16" and record["config"]["channels_last"] is True
+    assert len(record["buckets"]["table"]) == 3
+    assert all(math.isfinite(loss) for loss in result.losses), result.losses
