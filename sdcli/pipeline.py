@@ -424,15 +424,17 @@ def _load_message(model: str, exc: Exception) -> str:
     return f"cannot load {model}: {text[:300]}"
 
 
-# What each --compile-mode sets on CUDA: torch.compile's mode, and the inductor options diffusers' inference-speed
-# guide pairs with autotuning (they lengthen compiling, so the faster-compiling modes leave inductor's defaults).
+# What each --compile-mode sets on CUDA: torch.compile's mode, the inductor options diffusers' inference-speed
+# guide pairs with autotuning (they lengthen compiling, so the faster-compiling modes leave inductor's defaults),
+# and the mode used instead with --cpu-offload: CUDA graphs replay fixed addresses, and offloaded weights move
+# to the GPU anew for every image.
 _SPEED_GUIDE = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
                 "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
 COMPILE_MODES = {
-    "default": {},
-    "reduce-overhead": {},
-    "max-autotune": _SPEED_GUIDE,
-    "max-autotune-no-cudagraphs": _SPEED_GUIDE,
+    "default": {"inductor": {}, "offloaded": "default"},
+    "reduce-overhead": {"inductor": {}, "offloaded": "default"},
+    "max-autotune": {"inductor": _SPEED_GUIDE, "offloaded": "max-autotune-no-cudagraphs"},
+    "max-autotune-no-cudagraphs": {"inductor": _SPEED_GUIDE, "offloaded": "max-autotune-no-cudagraphs"},
 }
 _INDUCTOR_DEFAULTS: dict[str, Any] = {}  # inductor's own values of those options, read before sdcli first sets them
 
@@ -447,14 +449,15 @@ def apply_runtime_options(
     compile_mode: str | None = None,
     channels_last: bool | None = None,
     has_lora: bool = False,
+    cpu_offload: bool = False,
 ) -> None:
     """Memory and speed switches, each a diffusers/torch feature behind one option.
 
     ``channels_last`` None means: on CUDA, where cuDNN's convolutions are faster in that layout.
     ``compile`` also fuses the attention's q, k and v projections into one matmul (not with LoRAs,
     whose adapters sit on the separate projections); on CUDA it compiles in ``compile_mode``
-    (default: defaults.COMPILE_MODE) with that mode's inductor options (COMPILE_MODES), elsewhere
-    in torch's default mode.
+    (default: defaults.COMPILE_MODE, or its mode without CUDA graphs when ``cpu_offload``) with that
+    mode's inductor options (COMPILE_MODES), elsewhere in torch's default mode.
     """
     import torch
 
@@ -476,11 +479,13 @@ def apply_runtime_options(
             import torch._inductor.config as inductor
 
             mode = compile_mode or defaults.COMPILE_MODE
+            if cpu_offload:
+                mode = COMPILE_MODES[mode]["offloaded"]
             # Set for every mode (the options are process-wide and read when compiling), so a default-mode
             # compile after an autotuned one in the same process gets inductor's own values back.
             if not _INDUCTOR_DEFAULTS:
                 _INDUCTOR_DEFAULTS.update({key: getattr(inductor, key) for key in _SPEED_GUIDE})
-            for key, value in {**_INDUCTOR_DEFAULTS, **COMPILE_MODES[mode]}.items():
+            for key, value in {**_INDUCTOR_DEFAULTS, **COMPILE_MODES[mode]["inductor"]}.items():
                 setattr(inductor, key, value)
         compiled = torch.compile(net, mode=mode)
         setattr(pipe, family_spec(type(pipe).__name__).denoiser, compiled)

@@ -97,6 +97,7 @@ def test_cpu_offload_is_refused_before_any_weights_load(tiny_sd, monkeypatch):
 
 def test_each_compile_mode_sets_its_inductor_options_and_only_those(tiny_sd, monkeypatch):
     # The CUDA branch's settings, checked without a GPU: torch.compile is lazy, so nothing compiles here.
+    import torch
     import torch._inductor.config as inductor
     from diffusers import StableDiffusionPipeline
 
@@ -104,12 +105,22 @@ def test_each_compile_mode_sets_its_inductor_options_and_only_those(tiny_sd, mon
     from sdcli.pipeline import COMPILE_MODES, apply_runtime_options
 
     assert set(COMPILE_MODES) == {m.value for m in CompileMode}  # every --compile-mode choice is declared
-    for key in COMPILE_MODES["max-autotune"]:
+    for key in COMPILE_MODES["max-autotune"]["inductor"]:
         monkeypatch.setattr(inductor, key, getattr(inductor, key))  # restored after the test
-    own = {key: getattr(inductor, key) for key in COMPILE_MODES["max-autotune"]}
-    for mode in ("max-autotune", "default", "max-autotune-no-cudagraphs", "reduce-overhead"):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
-        apply_runtime_options(pipe, device="cuda", compile=True, compile_mode=mode, channels_last=False)
-        assert pipe.unet.__class__.__name__ == "OptimizedModule"
-        # An autotuned compile's options do not leak into a later default or reduce-overhead one.
-        assert {key: getattr(inductor, key) for key in own} == {**own, **COMPILE_MODES[mode]}, mode
+    own = {key: getattr(inductor, key) for key in COMPILE_MODES["max-autotune"]["inductor"]}
+    modes = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net, mode: modes.append(mode) or real_compile(net, mode=mode))
+    expected = {"max-autotune": ("max-autotune", "max-autotune-no-cudagraphs"), "default": ("default", "default"),
+                "max-autotune-no-cudagraphs": ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+                "reduce-overhead": ("reduce-overhead", "default")}
+    for mode, (plain, offloaded) in expected.items():
+        for cpu_offload, used in ((False, plain), (True, offloaded)):
+            pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+            apply_runtime_options(pipe, device="cuda", compile=True, compile_mode=mode, channels_last=False,
+                                  cpu_offload=cpu_offload)
+            assert pipe.unet.__class__.__name__ == "OptimizedModule"
+            # CUDA graphs (reduce-overhead, max-autotune) replay fixed addresses: not with offloaded weights.
+            assert modes[-1] == used, (mode, cpu_offload)
+            # An autotuned compile's options do not leak into a later default or reduce-overhead one.
+            assert {key: getattr(inductor, key) for key in own} == {**own, **COMPILE_MODES[used]["inductor"]}, mode

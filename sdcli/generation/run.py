@@ -153,6 +153,7 @@ def prepare_pipeline(s: Settings):
     apply_runtime_options(
         pipe, device=loaded.device, vae_tiling=s.vae_tiling, attention_slicing=s.attention_slicing,
         compile=s.compile, compile_mode=s.compile_mode, channels_last=s.channels_last, has_lora=bool(s.loras),
+        cpu_offload=s.cpu_offload,
     )
     use_formula_guidance(pipe)
     return loaded
