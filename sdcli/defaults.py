@@ -18,7 +18,7 @@ NEGATIVE_PROMPT = ""
 NULL_PROMPT = ""  # what the unconditional branch of guidance sees; finetune drops captions to this
 OUT_DIR = Path("outputs")
 UNCOND_PROB = 0.1
-COMPILE_MODE = "reduce-overhead"  # --compile on CUDA: torch.compile with CUDA graphs (docs/benchmarks.md: 5.3x eager, H100)
+COMPILE_MODE = "reduce-overhead"  # --compile on CUDA: with CUDA graphs, 2.9-5.3x eager on an H100 (docs/benchmarks.md)
 
 
 def default_model() -> str | None:
