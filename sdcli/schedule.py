@@ -599,6 +599,7 @@ class TrainingChoice:
     mode_scale: float = 1.29
     weighting: str = "none"  # flow matching: none, sigma_sqrt or cosmap
     snr_gamma: float | None = None  # DDPM: min-SNR γ
+    debiased: bool = False  # DDPM: debiased-estimation weighting
 
 
 def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 10, draws: int = 200_000,
@@ -615,9 +616,12 @@ def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 
 
     # 1. Check inputs: each family has its own choices
     flow = schedule.process.family == "flow"
-    if flow and choice.snr_gamma is not None:
-        raise UsageError("--snr-gamma is min-SNR weighting for DDPM (β) models; flow matching weights with "
-                         "--weighting-scheme")
+    for flag, given in (("--snr-gamma", choice.snr_gamma is not None), ("--debiased-loss", choice.debiased)):
+        if flow and given:
+            raise UsageError(f"{flag} is a loss weighting for DDPM (β) models; flow matching weights with "
+                             "--weighting-scheme")
+    if choice.snr_gamma is not None and choice.debiased:
+        raise UsageError("--snr-gamma and --debiased-loss are two loss weightings; give one")
     if not flow and (choice.sampling != "uniform" or choice.weighting != "none"):
         flag = "--timestep-sampling" if choice.sampling != "uniform" else "--weighting-scheme"
         raise UsageError(f"{flag} is a flow-matching option (sd3, flux); {schedule.label} is a DDPM model, trained "
@@ -635,11 +639,10 @@ def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 
     else:
         t = objective.sample_timesteps(draws, T, generator, "cpu")
         position = t.double()
-        weights = torch.ones(draws, dtype=torch.float64)
-        if choice.snr_gamma is not None:
-            snr = schedule.process.snr()[t]
-            prediction = schedule.config.get("prediction_type", "epsilon")
-            weights = objective.min_snr_weights(snr, choice.snr_gamma, prediction).double()
+        prediction = schedule.config.get("prediction_type", "epsilon")
+        weights = objective.ddpm_loss_weights(schedule.process.snr()[t], prediction, snr_gamma=choice.snr_gamma,
+                                              debiased=choice.debiased)
+        weights = torch.ones(draws, dtype=torch.float64) if weights is None else weights.double()
     # 3. Bin over the timestep axis
     edges = torch.linspace(0, T, bins + 1, dtype=torch.float64)
     which = torch.bucketize(position, edges[1:-1], right=True)
@@ -651,7 +654,8 @@ def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 
     rows = [{"from": float(edges[i]), "to": float(edges[i + 1]), "share": float(share[i]),
              "weight": float(mean_weight[i]), "emphasis": float(emphasis[i])} for i in range(bins)]
     return {"axis": "sigma*T" if flow else "t", "sampling": choice.sampling if flow else "uniform",
-            "weighting": choice.weighting if flow else ("min-snr" if choice.snr_gamma is not None else "none"),
+            "weighting": choice.weighting if flow else ("min-snr" if choice.snr_gamma is not None else
+                                                        "debiased" if choice.debiased else "none"),
             "logit_mean": choice.logit_mean if flow else None, "logit_std": choice.logit_std if flow else None,
             "mode_scale": choice.mode_scale if flow else None, "snr_gamma": choice.snr_gamma, "draws": draws,
             "seed": seed, "bins": rows}

@@ -88,7 +88,9 @@ def test_both_families_on_one_axis_in_json_and_plot(cli, tmp_path):
     (["--preset", "sd3", "--scheduler", "ddim"], "flow-matching schedule"),
     (["--preset", "sd3", "--resolution", "1024x1024"], "static shift of 3"),
     (["--preset", "stable-diffusion", "--training", "--timestep-sampling", "mode"], "flow-matching option"),
-    (["--preset", "sd3", "--training", "--snr-gamma", "5"], "min-SNR weighting for DDPM"),
+    (["--preset", "sd3", "--training", "--snr-gamma", "5"], "--snr-gamma is a loss weighting for DDPM"),
+    (["--preset", "sd3", "--training", "--debiased-loss"], "--debiased-loss is a loss weighting for DDPM"),
+    (["--preset", "stable-diffusion", "--training", "--debiased-loss", "--snr-gamma", "5"], "two loss weightings"),
 ])
 def test_options_of_the_other_family_are_refused_in_one_line(cli, args, expected):
     assert expected in one_error_line(cli("inspect-schedule", *args), 2)
@@ -111,3 +113,9 @@ def test_training_profile_draws_as_finetune_does_and_is_repeatable(cli):
                            "--format", "json", "-q").stdout)["training"]
     assert [b["share"] for b in ddpm["bins"]] == pytest.approx([0.1] * 10, abs=0.005)  # uniform t
     assert ddpm["bins"][0]["weight"] < 0.5 < ddpm["bins"][5]["weight"] == pytest.approx(1)  # min-SNR caps low t
+    debiased = strict_json(cli("inspect-schedule", "--preset", "stable-diffusion", "--training", "--debiased-loss",
+                               "--format", "json", "-q").stdout)["training"]
+    assert debiased["weighting"] == "debiased"
+    # 1/√SNR on ε: still under one at low t, and growing past one where SNR < 1 (high t), unlike min-SNR.
+    assert debiased["bins"][0]["weight"] < 0.5 and debiased["bins"][9]["weight"] > 2
+    assert debiased["bins"][9]["emphasis"] > ddpm["bins"][9]["emphasis"]

@@ -20,6 +20,7 @@ VAE_STEPS="${VAE_STEPS:-1000}"   # steps of each autoencoder run (the second run
 VAE_RUNS="${VAE_RUNS:-3}"        # 4 adds a run at a quarter of the learning rate (sharper: shapes 94.6 -> 98.2 %)
 UNET_STEPS="${UNET_STEPS:-5000}" # UNet optimiser steps at batch 64
 TOKEN_STD="${TOKEN_STD:-}"       # text encoder word-embedding std (empty: CLIP's init, 0.02; the second attempt: 0.6)
+UNET_ARGS="${UNET_ARGS:-}"       # more `sdcli finetune` options for step 5, e.g. --debiased-loss (examples/shapes/README.md)
 THREADS="${THREADS:-2}"
 TABLE="${TABLE:-1}"              # 1: finish with the guidance tables
 mkdir -p "$out"
@@ -52,7 +53,7 @@ done_step "4. pipeline"
 # 5. The UNet, with sdcli's own finetune; the random text encoder stays frozen.
 OMP_NUM_THREADS="$THREADS" sdcli finetune --full -m "$out/init" --data "$out/data" --out "$out/model" \
     --batch-size 64 --learning-rate 1e-3 --lr-scheduler cosine --lr-warmup-steps 50 --max-steps "$UNET_STEPS" \
-    --no-flip --checkpoint-every 1000 --keep-checkpoints 1 --overwrite > /dev/null
+    --no-flip --checkpoint-every 1000 --keep-checkpoints 1 --overwrite $UNET_ARGS > /dev/null
 done_step "5. UNet"
 # 6. What guidance does to it, on full captions and on partial prompts.
 if [ "$TABLE" = 1 ]; then

@@ -141,6 +141,9 @@ class FinetuneConfig:
     snr_gamma: Optional[float] = option(
         None, help="Min-SNR loss weighting with this gamma (5 is common). Default: plain MSE.", panel=TRAIN,
         show_default=False)
+    debiased_loss: bool = option(
+        False, help="Debiased-estimation loss weighting (Yu et al. 2024): 1/sqrt(SNR) on the noise MSE; more weight "
+        "at high noise than min-SNR.", flags=("--debiased-loss",), panel=TRAIN)
     noise_offset: float = option(0.0, help="Offset noise strength (0.05-0.1 helps very dark/bright images).",
                                  panel=TRAIN)
     # Flow matching (SD3, Flux): None until the model is known, so a DDPM model can refuse what was given.
@@ -275,6 +278,8 @@ class FinetuneConfig:
             raise UsageError(f"--resolution must be at least 8, got {self.resolution}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise UsageError(f"--snr-gamma must be positive, got {self.snr_gamma}")
+        if self.snr_gamma is not None and self.debiased_loss:
+            raise UsageError("--snr-gamma and --debiased-loss are two loss weightings; give one")
         for name, value in (("--noise-offset", self.noise_offset), ("--max-grad-norm", self.max_grad_norm),
                             ("--lr-warmup-steps", self.lr_warmup_steps), ("--checkpoint-every", self.checkpoint_every),
                             ("--weight-decay", self.weight_decay)):
@@ -448,9 +453,10 @@ class FinetuneConfig:
                 raise UsageError(f"{flow_given[0]} is a flow-matching option (SD3, Flux); this {family} model is a "
                                  "DDPM model, trained on uniform t (weight it with --snr-gamma)")
             return
-        if self.snr_gamma is not None:
-            raise UsageError(f"--snr-gamma is min-SNR weighting for DDPM models; this {family} model trains by flow "
-                             "matching: weight it with --weighting-scheme")
+        for flag, given in (("--snr-gamma", self.snr_gamma is not None), ("--debiased-loss", self.debiased_loss)):
+            if given:
+                raise UsageError(f"{flag} is a loss weighting for DDPM models; this {family} model trains by flow "
+                                 "matching: weight it with --weighting-scheme")
         if self.noise_offset:
             raise UsageError(f"--noise-offset: this {family} model trains by flow matching, which reaches pure noise "
                              "at sigma = 1, what offset noise approximates for DDPM models; drop it")

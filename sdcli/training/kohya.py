@@ -233,6 +233,8 @@ def training_fields(cfg: Any) -> dict[str, Any]:
         fields["ss_resolution"] = (cfg.resolution, cfg.resolution)
     if cfg.snr_gamma is not None:
         fields["ss_min_snr_gamma"] = cfg.snr_gamma
+    if cfg.debiased_loss:
+        fields["ss_debiased_estimation"] = True
     if cfg.max_steps is not None:
         fields["ss_max_train_steps"] = cfg.max_steps
     return fields

@@ -408,7 +408,8 @@ def _step_loss(run: Run, denoiser, batch, generator):
     cfg = run.cfg
     if not run.family.flow:
         return objective.step_loss(denoiser, run.noise_scheduler, batch.latents, batch.cond, generator,
-                                   noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+                                   noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
+                                   debiased=cfg.debiased_loss)
 
     def predict(noisy, timesteps):
         return run.family.predict(run.pipe, denoiser, noisy, timesteps, batch.cond, cfg.distilled_guidance)

@@ -91,6 +91,32 @@ def min_snr_weights(snr, gamma: float, prediction_type: str):
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def debiased_weights(snr, prediction_type: str):
+    """Per-sample loss weights 1/sqrt(SNR) on the ε-MSE (Yu et al. 2024, "Debias the Training of Diffusion
+    Models"), carried over to v-prediction as min-SNR is: sqrt(SNR) / (SNR + 1) on the v-MSE.
+
+    Against min-SNR it keeps more weight at high noise (where a picture's colours and layout are decided)
+    while still taking it off the low-noise timesteps. kohya's --debiased_estimation_loss weighs v-models
+    by 1 / (SNR + 1) instead, which leaves high noise at full weight. SNR is capped at 1000, as kohya does.
+    """
+    import torch
+
+    root = snr.clamp(max=1000.0).sqrt()
+    if prediction_type != "v_prediction":
+        return 1 / root
+    # (1 / root) * SNR / (SNR + 1), written so that SNR = 0 (a zero-terminal-SNR model's last step) gives 0.
+    return torch.where(snr > 1000.0, snr / root, root) / (snr + 1)
+
+
+def ddpm_loss_weights(snr, prediction_type: str, *, snr_gamma: float | None = None, debiased: bool = False):
+    """The DDPM objective's per-sample weights: None (plain MSE), min-SNR-γ, or debiased estimation."""
+    if snr_gamma is not None:
+        return min_snr_weights(snr, snr_gamma, prediction_type)
+    if debiased:
+        return debiased_weights(snr, prediction_type)
+    return None
+
+
 def diffusion_loss(prediction, target, weights=None):
     """Plain MSE, computed in float32; ``weights`` (one per sample) rescale each sample's mean error."""
     import torch.nn.functional as F
@@ -101,27 +127,30 @@ def diffusion_loss(prediction, target, weights=None):
     return (per_sample * weights.float()).mean()
 
 
-def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float = 0.0, snr_gamma: float | None = None):
+def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float = 0.0, snr_gamma: float | None = None,
+              debiased: bool = False):
     """One training step's loss: noise x_0 to a random t in one jump, predict, regress.
 
     ``cond`` holds ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``.
     """
     noise = sample_noise(latents, generator, noise_offset)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, latents.device)
-    return ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, snr_gamma=snr_gamma)
+    return ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, snr_gamma=snr_gamma, debiased=debiased)
 
 
-def ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, *, snr_gamma: float | None = None):
-    """The loss at given noise and timesteps: x_t by the scheduler's `add_noise`, MSE onto ε or v, min-SNR
-    weighted when ``snr_gamma`` is set. `step_loss` draws them; validation fixes them (`validation_timesteps`)."""
+def ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, *, snr_gamma: float | None = None,
+              debiased: bool = False):
+    """The loss at given noise and timesteps: x_t by the scheduler's `add_noise`, MSE onto ε or v, weighted
+    per sample by `ddpm_loss_weights`. `step_loss` draws them; validation fixes them (`validation_timesteps`)."""
     from diffusers.training_utils import compute_snr
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = regression_target(scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **cond, return_dict=False)[0]
     weights = None
-    if snr_gamma is not None:
-        weights = min_snr_weights(compute_snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
+    if snr_gamma is not None or debiased:
+        weights = ddpm_loss_weights(compute_snr(scheduler, timesteps), scheduler.config.prediction_type,
+                                    snr_gamma=snr_gamma, debiased=debiased)
     return diffusion_loss(prediction, target, weights)
 
 

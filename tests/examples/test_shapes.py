@@ -318,7 +318,7 @@ def test_recipe_rebuilds_a_loadable_pipeline_end_to_end(tmp_path):
     import subprocess
 
     env = {**os.environ, "N": "80", "HELD_OUT": "16", "VAE_STEPS": "2", "UNET_STEPS": "2", "TABLE": "0", "THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "UNET_ARGS": "--debiased-loss"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python and sdcli
     res = subprocess.run(["bash", str(ROOT / "examples/shapes/recipe.sh"), str(tmp_path / "shapes")],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -326,7 +326,7 @@ def test_recipe_rebuilds_a_loadable_pipeline_end_to_end(tmp_path):
     model = Path(res.stdout.strip().splitlines()[-1])
     assert model == tmp_path / "shapes" / "model"
     settings = json.loads((model / "training_settings.json").read_text())
-    assert (settings["method"], settings["steps"]) == ("full", 2)
+    assert (settings["method"], settings["steps"], settings["config"]["debiased_loss"]) == ("full", 2, True)
     rows = (tmp_path / "shapes" / "data" / "metadata.jsonl").read_text().splitlines()
     assert len(rows) == 80
     from transformers import CLIPTokenizer

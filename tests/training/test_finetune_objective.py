@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sdcli.errors import ModelError
-from sdcli.training.objective import min_snr_weights, sample_noise, step_loss, training_scheduler
+from sdcli.training.objective import (ddpm_loss_weights, min_snr_weights, sample_noise, step_loss,
+                                     training_scheduler)
 
 BETA_START, BETA_END, T = 0.00085, 0.012, 1000
 
@@ -172,3 +173,42 @@ def test_a_resolution_dependent_shift_trains_on_the_unshifted_sigmas():
     x_t, t, expected = _flow_hand(1, latents, prediction, shift=1.0, sampling="uniform", weighting="sigma_sqrt")
     torch.testing.assert_close(model.seen[1], t, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", [dict(snr_gamma=5.0), dict(debiased=True)], ids=["min-snr", "debiased"])
+def test_a_v_model_gets_the_weighting_its_epsilon_form_defines(weighting):
+    # Each weighting is defined on the ε-MSE; a v-prediction model's weight must give the same loss for the
+    # same mistake: ε̂ − ε = α (v̂ − v), so w_v |v̂ − v|² = w_ε |ε̂ − ε|² with ε̂ = α v̂ + σ x_t.
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(7, 4, 8, 8, generator=g), torch.randn(7, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 50, 250, 500, 750, 999])
+    x_t, v = scheduler.add_noise(x0, noise, t), scheduler.get_velocity(x0, noise, t)
+    v_hat = v + 0.1 * torch.randn(v.shape, generator=g)
+    alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    eps_hat = alpha * v_hat + (1 - alpha**2).sqrt() * x_t
+    snr = compute_snr(scheduler, t)
+    w_v = ddpm_loss_weights(snr, "v_prediction", **weighting)
+    w_eps = ddpm_loss_weights(snr, "epsilon", **weighting)
+    v_loss = w_v * ((v_hat - v) ** 2).mean(dim=(1, 2, 3))
+    eps_loss = w_eps * ((eps_hat - noise) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(v_loss, eps_loss, rtol=1e-3, atol=1e-6)
+    assert ddpm_loss_weights(snr, "v_prediction") is None  # plain MSE: no weights
+
+
+def test_finetune_trains_on_the_weighting_it_was_given(tiny_models, dataset, tmp_path, make_config):
+    # The same seed, data and first draw: only the weighting moves the first step's loss; the choice is recorded.
+    import json
+
+    from sdcli.training import finetune
+
+    runs = {name: finetune(make_config(dataset, tmp_path / name, tiny_models["sd2"], max_steps=1, seed=3, **kw))
+            for name, kw in (("plain", {}), ("debiased", {"debiased_loss": True}), ("min-snr", {"snr_gamma": 5.0}))}
+    losses = {name: run.losses[0] for name, run in runs.items()}
+    assert len(set(losses.values())) == 3, losses
+    record = json.loads((tmp_path / "debiased" / "training_settings.json").read_text())["config"]
+    assert record["debiased_loss"] is True and record["snr_gamma"] is None
