@@ -97,17 +97,29 @@ def test_cpu_offload_is_refused_before_any_weights_load(tiny_sd, monkeypatch):
 
 def test_each_compile_mode_sets_its_inductor_options_and_only_those(tiny_sd, monkeypatch):
     # The CUDA branch's settings, checked without a GPU: torch.compile is lazy, so nothing compiles here.
+    import torch._inductor.config as inductor
+
+    from sdcli.options import CompileMode
+    from sdcli.pipeline import COMPILE_MODES
+
+    assert set(COMPILE_MODES) == {m.value for m in CompileMode}  # every --compile-mode choice is declared
+    # Restored by hand at the end: monkeypatch would delete them on undo (it reads a module's own __dict__, where
+    # torch keeps no config values), which hides them from every later compile in this process.
+    own = {key: getattr(inductor, key) for key in COMPILE_MODES["max-autotune"]["inductor"]}
+    try:
+        _check_compile_modes(tiny_sd, monkeypatch, own)
+    finally:
+        for key, value in own.items():
+            setattr(inductor, key, value)
+
+
+def _check_compile_modes(tiny_sd, monkeypatch, own):
     import torch
     import torch._inductor.config as inductor
     from diffusers import StableDiffusionPipeline
 
-    from sdcli.options import CompileMode
     from sdcli.pipeline import COMPILE_MODES, apply_runtime_options
 
-    assert set(COMPILE_MODES) == {m.value for m in CompileMode}  # every --compile-mode choice is declared
-    for key in COMPILE_MODES["max-autotune"]["inductor"]:
-        monkeypatch.setattr(inductor, key, getattr(inductor, key))  # restored after the test
-    own = {key: getattr(inductor, key) for key in COMPILE_MODES["max-autotune"]["inductor"]}
     modes = []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda net, mode: modes.append(mode) or real_compile(net, mode=mode))
