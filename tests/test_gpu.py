@@ -50,7 +50,8 @@ def test_every_compile_mode_keeps_the_images(cli, tiny_sd, tmp_path, mode):
     args = ("generate", "a red circle", "--model", tiny_sd, "--steps", "4", "--seed", "7,8", "--dtype", "float32")
     plain = cli(*args, "--out", tmp_path / "a")
     compiled = cli(*args, "--out", tmp_path / "b", "--compile", "--compile-mode", mode)
-    assert compiled.exit_code == 0, compiled.stderr
+    assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.stderr
+    assert len(plain.stdout.split()) == len(compiled.stdout.split()) == 2
     for a, b in zip(plain.stdout.split(), compiled.stdout.split()):
         x, y = np.asarray(Image.open(a), np.int16), np.asarray(Image.open(b), np.int16)
         assert np.abs(x - y).max() <= 8 and np.abs(x - y).mean() < 1, (mode, a)
