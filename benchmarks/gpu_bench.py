@@ -102,7 +102,7 @@ class Timer:
         return (len(self.marks) - 1) / (self.marks[-1] - self.marks[0])
 
 
-def run_diffusers(pipe, steps: int, res: int, device: str, batch: int = 1) -> tuple[float, float]:
+def run_diffusers(pipe, steps: int, res: int, device: str, batch: int = 1) -> tuple[float, float, int]:
     import numpy as np
     import torch
 
@@ -116,19 +116,19 @@ def run_diffusers(pipe, steps: int, res: int, device: str, batch: int = 1) -> tu
     seconds = time.perf_counter() - t0
     if not np.isfinite(images).all():  # sdcli's own path raises on NaN; plain diffusers would only warn
         raise SystemExit("plain diffusers produced NaN")
-    return seconds / batch, timer.its()
+    return seconds / len(images), timer.its(), len(images)
 
 
-def run_sdcli(loaded, settings, device: str) -> tuple[float, float]:
-    """Seconds per image and UNet it/s for one call (all of ``settings.seeds`` in one batch)."""
+def run_sdcli(loaded, settings, device: str) -> tuple[float, float, int]:
+    """Seconds per image, UNet it/s and images made for one call (every seed of ``settings`` in one batch)."""
     from sdcli.generation import iter_images, plan_jobs
 
     timer = Timer(device)
     sync(device)
     t0 = time.perf_counter()
-    list(iter_images(settings, loaded, plan_jobs(settings, [0]), on_step=timer))
+    items = list(iter_images(settings, loaded, plan_jobs(settings, list(settings.seeds)), on_step=timer))
     sync(device)
-    return (time.perf_counter() - t0) / len(settings.seeds), timer.its()
+    return (time.perf_counter() - t0) / len(items), timer.its(), len(items)
 
 
 def unet_flops(unet, res: int, device: str, dtype, batch: int = 1) -> float:
@@ -194,7 +194,7 @@ def memory_bench(model: str, res: int, steps: int, device: str) -> dict:
         settings = Settings(prompts=["a red circle"], model=model, steps=steps, seeds=[0], width=res, height=res,
                             cpu_offload=offload)
         loaded = prepare_pipeline(settings)
-        seconds, _its = run_sdcli(loaded, settings, device)
+        seconds, _its, _n = run_sdcli(loaded, settings, device)
         out[name] = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                      "first_image_s": round(seconds, 3)}
         loaded = None  # noqa: F841
@@ -202,14 +202,20 @@ def memory_bench(model: str, res: int, steps: int, device: str) -> dict:
     return out
 
 
-def measure(variants: dict, runs: int) -> dict:
-    """Median seconds per image and UNet it/s of each variant, runs interleaved after one warm-up call each."""
+def measure(variants: dict, runs: int, batch: int) -> dict:
+    """Median seconds per image and UNet it/s of each variant, runs interleaved after one warm-up call each.
+
+    Every call must have made ``batch`` images: a per-image time divided by the wrong count is the error this
+    benchmark once made (sdcli's batch-4 rows timed one image and divided by four)."""
     for fn in variants.values():
         fn()
     times: dict = {k: [] for k in variants}
     for _ in range(runs):
         for k, fn in variants.items():
             times[k].append(fn())
+    for k, v in times.items():
+        if any(n != batch for _s, _its, n in v):
+            raise SystemExit(f"{k} made {[n for *_x, n in v]} images per call, not {batch}")
     return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in times.items()}
 
 
@@ -285,7 +291,7 @@ def main() -> None:
 
         # 2. sdcli's defaults against plain diffusers, every batch size.
         for b in batches:
-            result["rows"] += rows_for(measure(eager(b), args.runs), b, flops[b], peak)
+            result["rows"] += rows_for(measure(eager(b), args.runs, b), b, flops[b], peak)
         save()
         # 3. Each compile mode: its first calls (the compiling) timed, then interleaved with the eager two.
         for mode in modes:
@@ -302,7 +308,7 @@ def main() -> None:
             result["compile_first_call_s"][mode] = firsts
             for b in batches:
                 variants = {**eager(b), name: lambda b=b: run_sdcli(compiled, compiled_settings[b], device)}
-                rows = rows_for(measure(variants, args.runs), b, flops[b], peak)
+                rows = rows_for(measure(variants, args.runs, b), b, flops[b], peak)
                 result["rows"] += [r for r in rows if r["variant"] == name]
                 result.setdefault("eager_rerun", []).extend(r for r in rows if r["variant"] != name)
             compiled = variants = None  # noqa: F841

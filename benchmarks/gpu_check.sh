@@ -8,7 +8,10 @@
 #      each mode of COMPILE_MODES (compiling timed apart) -> gpu-bench.json/.log;
 #   3. the CUDA tests (python -m pytest -m gpu; TESTS="-k compile" picks some) -> gpu-tests.log;
 #   4. benchmarks/finetune_bench.py on the same pipeline: LoRA at 512 px, batch 4, fp16, sdcli against the loop
-#      of diffusers' train_text_to_image_lora.py -> finetune-bench.json/.log.
+#      of diffusers' train_text_to_image_lora.py -> finetune-bench.json/.log;
+#   5. benchmarks/unet_roofline.py: the UNet alone, eager and compiled, against the card's own matmul rate, with
+#      the profiler's kernel time (a cross-check of stage 2's TFLOP/s) -> roofline.json/.log.
+# STAGES picks and orders them (default: bench,tests,finetune,roofline); finetune needs bench's saved model.
 # versions.txt holds the card, torch and diffusers. The device tool's command: `bash benchmarks/gpu_check.sh`
 # with `.whl` carried.
 #
@@ -29,15 +32,27 @@ python3 -c "import torch, diffusers, transformers, peft, accelerate as a; print(
   | tee "$out/versions.txt" || exit 1
 date -u +%FT%TZ >> "$out/versions.txt"
 model=/tmp/sd15-random
-timeout "${BENCH_LIMIT:-330}" python3 benchmarks/gpu_bench.py --runs "${RUNS:-3}" --batch "${BATCH:-1,4}" \
-  --compile-modes "${MODES:-reduce-overhead,default}" --lora-steps 0 --save-model "$model" ${BENCH_ARGS:-} \
-  --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log"
-bench=${PIPESTATUS[0]}
-timeout "${TESTS_LIMIT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-} tests 2>&1 | tee "$out/gpu-tests.log"
-tests=${PIPESTATUS[0]}
-timeout "${FINETUNE_LIMIT:-150}" python3 benchmarks/finetune_bench.py --model "$model/sd15" --resolution 512 \
-  --batch-size 4 --steps "${FINETUNE_STEPS:-30}" --runs "${FINETUNE_RUNS:-1}" --json "$out/finetune-bench.json" \
-  2>&1 | tee "$out/finetune-bench.log"
-finetune=${PIPESTATUS[0]}
-echo "benchmark exit $bench, gpu tests exit $tests, finetune benchmark exit $finetune"
-exit $(( bench || tests || finetune ))
+status=0
+for stage in $(echo "${STAGES:-bench,tests,finetune,roofline}" | tr , ' '); do
+  case $stage in
+    bench)
+      timeout "${BENCH_LIMIT:-330}" python3 benchmarks/gpu_bench.py --runs "${RUNS:-3}" --batch "${BATCH:-1,4}" \
+        --compile-modes "${MODES:-reduce-overhead,default}" --lora-steps 0 --save-model "$model" ${BENCH_ARGS:-} \
+        --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log" ;;
+    tests)
+      timeout "${TESTS_LIMIT:-150}" python3 -m pytest -m gpu -q -rs --durations=30 -p no:cacheprovider ${TESTS:-} tests \
+        2>&1 | tee "$out/gpu-tests.log" ;;
+    finetune)
+      timeout "${FINETUNE_LIMIT:-150}" python3 benchmarks/finetune_bench.py --model "$model/sd15" --resolution 512 \
+        --batch-size 4 --steps "${FINETUNE_STEPS:-30}" --runs "${FINETUNE_RUNS:-1}" --json "$out/finetune-bench.json" \
+        2>&1 | tee "$out/finetune-bench.log" ;;
+    roofline)
+      timeout "${ROOFLINE_LIMIT:-150}" python3 benchmarks/unet_roofline.py --batch "${ROOFLINE_BATCH:-4}" \
+        --mode "${ROOFLINE_MODE:-reduce-overhead}" --json "$out/roofline.json" 2>&1 | tee "$out/roofline.log" ;;
+    *) echo "unknown stage $stage (bench, tests, finetune, roofline)" >&2; exit 2 ;;
+  esac
+  code=${PIPESTATUS[0]}
+  echo "stage $stage exit $code"
+  [ "$code" = 0 ] || status=1
+done
+exit $status

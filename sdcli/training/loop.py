@@ -148,9 +148,10 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     try:
         accelerator = setup.make_accelerator(cfg)
         try:
-            run = _setup(cfg, accelerator, resume_dir)
-            trained = _train(run, callback)
-            return _finish(run, trained)
+            with setup.attention_for_training(str(accelerator.device)):
+                run = _setup(cfg, accelerator, resume_dir)
+                trained = _train(run, callback)
+                return _finish(run, trained)
         finally:
             setup.release(accelerator)
     finally:

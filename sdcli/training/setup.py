@@ -6,6 +6,7 @@ them runs a training step.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from sdcli.errors import UsageError
@@ -64,6 +65,25 @@ def _bf16_supported() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@contextlib.contextmanager
+def attention_for_training(device: str):
+    """On CUDA, train without cuDNN's fused attention: its backward gives NaN gradients for some shapes on
+    H100/H200 since torch 2.11 (pytorch/pytorch#196678; a tiny Flux LoRA went NaN by step 3 on an H100, then
+    trained with it off). Flash and memory-efficient attention, both fused too, take its place; the setting is
+    process-wide, so it is put back afterwards."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def release(accelerator) -> None:

@@ -316,3 +316,17 @@ def test_compile_trains_the_same_steps_and_saves_the_same_names(tiny_sd, dataset
     assert resumed.steps == 3
     for key, value in _weights(tmp_path / "b", True).items():
         torch.testing.assert_close(value, a[key], rtol=1e-3, atol=2e-5)
+
+
+def test_training_on_cuda_turns_cudnn_attention_off_and_back_on():
+    """cuDNN's fused attention gave NaN gradients to a tiny Flux LoRA on an H100 (torch 2.11); training on CUDA
+    runs without it and gives the process-wide switch back, even when training fails. A flag, so checkable here."""
+    from sdcli.training.setup import attention_for_training
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(RuntimeError), attention_for_training("cuda:0"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        raise RuntimeError("a failed step")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_for_training("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
