@@ -242,6 +242,9 @@ def main() -> None:
                         help="comma list of sdcli --compile-mode values to measure (CUDA; elsewhere one --compile "
                              "variant, which compiles in torch's default mode)")
     parser.add_argument("--no-compile", action="store_true", help="measure no --compile variant")
+    parser.add_argument("--bisect", action="store_true",
+                        help="two more eager variants, to tell where sdcli's defaults differ from plain diffusers: "
+                             "diffusers' own call on the pipeline sdcli loaded, and sdcli without channels-last")
     parser.add_argument("--save-model", type=Path, help="build the pipeline here and keep it (for finetune_bench)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -284,10 +287,19 @@ def main() -> None:
         ours = prepare_pipeline(settings[batches[0]])
         peak = peak_for(device)
         flops = {b: unet_flops(ours.pipe.unet, res, device, dtype, b) for b in batches}
+        ours_flat = None
+        if args.bisect:
+            flat = {b: Settings(**{**s.__dict__, "channels_last": False}) for b, s in settings.items()}
+            ours_flat = prepare_pipeline(flat[batches[0]])
+            ours.pipe.set_progress_bar_config(disable=True)
 
         def eager(b: int) -> dict:
-            return {"diffusers": lambda: run_diffusers(plain, args.steps, res, device, b),
-                    "sdcli": lambda: run_sdcli(ours, settings[b], device)}
+            variants = {"diffusers": lambda: run_diffusers(plain, args.steps, res, device, b),
+                        "sdcli": lambda: run_sdcli(ours, settings[b], device)}
+            if args.bisect:  # loading and options (sdcli's pipe) apart from sdcli's call; channels-last apart
+                variants["diffusers call, sdcli's pipe"] = lambda: run_diffusers(ours.pipe, args.steps, res, device, b)
+                variants["sdcli, no channels-last"] = lambda: run_sdcli(ours_flat, flat[b], device)
+            return variants
 
         # 2. sdcli's defaults against plain diffusers, every batch size.
         for b in batches:
@@ -313,7 +325,7 @@ def main() -> None:
                 result.setdefault("eager_rerun", []).extend(r for r in rows if r["variant"] != name)
             compiled = variants = None  # noqa: F841
             save()
-        plain = ours = None  # noqa: F841
+        plain = ours = ours_flat = None  # noqa: F841
         if device.startswith("cuda"):
             free_gpu()
         if args.lora_steps:

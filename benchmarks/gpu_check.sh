@@ -37,7 +37,7 @@ for stage in $(echo "${STAGES:-bench,tests,finetune,roofline}" | tr , ' '); do
   case $stage in
     bench)
       timeout "${BENCH_LIMIT:-330}" python3 benchmarks/gpu_bench.py --runs "${RUNS:-3}" --batch "${BATCH:-1,4}" \
-        --compile-modes "${MODES:-reduce-overhead,default}" --lora-steps 0 --save-model "$model" ${BENCH_ARGS:-} \
+        --compile-modes "${MODES:-reduce-overhead,default}" --lora-steps 0 --save-model "$model" ${BENCH_ARGS:---bisect} \
         --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log" ;;
     tests)
       timeout "${TESTS_LIMIT:-150}" python3 -m pytest -m gpu -q -rs --durations=30 -p no:cacheprovider ${TESTS:-} tests \

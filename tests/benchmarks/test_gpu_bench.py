@@ -21,14 +21,15 @@ def test_gpu_bench_reports_every_figure_at_reduced_size(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(BENCH), "--size", "reduced", "--steps", "2", "--runs", "1",
-                          "--batch", "1,2", "--lora-steps", "2", "--no-compile", "--json", str(out)],
+                          "--batch", "1,2", "--lora-steps", "2", "--no-compile", "--bisect", "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
     assert json.loads(res.stdout[res.stdout.index("{"):]) == result
     assert result["size"] == "reduced" and result["resolution"] == 128
     rows = {(r["variant"], r["batch"]): r for r in result["rows"]}
-    assert set(rows) == {(v, b) for v in ("diffusers", "sdcli") for b in (1, 2)}
+    variants = ("diffusers", "sdcli", "diffusers call, sdcli's pipe", "sdcli, no channels-last")
+    assert set(rows) == {(v, b) for v in variants for b in (1, 2)}
     for b in (1, 2):
         ours, base = rows["sdcli", b], rows["diffusers", b]
         assert ours["s_per_image"] > 0 and ours["unet_it_per_s"] > 0 and ours["tflops"] > 0
