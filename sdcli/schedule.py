@@ -616,12 +616,7 @@ def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 
 
     # 1. Check inputs: each family has its own choices
     flow = schedule.process.family == "flow"
-    for flag, given in (("--snr-gamma", choice.snr_gamma is not None), ("--debiased-loss", choice.debiased)):
-        if flow and given:
-            raise UsageError(f"{flag} is a loss weighting for DDPM (β) models; flow matching weights with "
-                             "--weighting-scheme")
-    if choice.snr_gamma is not None and choice.debiased:
-        raise UsageError("--snr-gamma and --debiased-loss are two loss weightings; give one")
+    objective.check_ddpm_weighting(choice.snr_gamma, choice.debiased, flow=flow, model=schedule.label)
     if not flow and (choice.sampling != "uniform" or choice.weighting != "none"):
         flag = "--timestep-sampling" if choice.sampling != "uniform" else "--weighting-scheme"
         raise UsageError(f"{flag} is a flow-matching option (sd3, flux); {schedule.label} is a DDPM model, trained "

@@ -20,7 +20,7 @@ from sdcli import defaults, options
 from sdcli.declare import Role, by_role, option
 from sdcli.errors import UsageError
 from sdcli.training.kohya import LoraFormat
-from sdcli.training.objective import TimestepSampling, WeightingScheme
+from sdcli.training.objective import TimestepSampling, WeightingScheme, check_ddpm_weighting
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -276,10 +276,7 @@ class FinetuneConfig:
             raise UsageError(f"--uncond-prob must be between 0 and 1, got {self.uncond_prob}")
         if self.resolution is not None and self.resolution < 8:
             raise UsageError(f"--resolution must be at least 8, got {self.resolution}")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise UsageError(f"--snr-gamma must be positive, got {self.snr_gamma}")
-        if self.snr_gamma is not None and self.debiased_loss:
-            raise UsageError("--snr-gamma and --debiased-loss are two loss weightings; give one")
+        check_ddpm_weighting(self.snr_gamma, self.debiased_loss, flow=False, model="")
         for name, value in (("--noise-offset", self.noise_offset), ("--max-grad-norm", self.max_grad_norm),
                             ("--lr-warmup-steps", self.lr_warmup_steps), ("--checkpoint-every", self.checkpoint_every),
                             ("--weight-decay", self.weight_decay)):
@@ -453,10 +450,7 @@ class FinetuneConfig:
                 raise UsageError(f"{flow_given[0]} is a flow-matching option (SD3, Flux); this {family} model is a "
                                  "DDPM model, trained on uniform t (weight it with --snr-gamma)")
             return
-        for flag, given in (("--snr-gamma", self.snr_gamma is not None), ("--debiased-loss", self.debiased_loss)):
-            if given:
-                raise UsageError(f"{flag} is a loss weighting for DDPM models; this {family} model trains by flow "
-                                 "matching: weight it with --weighting-scheme")
+        check_ddpm_weighting(self.snr_gamma, self.debiased_loss, flow=True, model=f"this {family} model")
         if self.noise_offset:
             raise UsageError(f"--noise-offset: this {family} model trains by flow matching, which reaches pure noise "
                              "at sigma = 1, what offset noise approximates for DDPM models; drop it")

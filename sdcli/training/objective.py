@@ -108,6 +108,21 @@ def debiased_weights(snr, prediction_type: str):
     return torch.where(snr > 1000.0, snr / root, root) / (snr + 1)
 
 
+def check_ddpm_weighting(snr_gamma: float | None, debiased: bool, *, flow: bool, model: str) -> None:
+    """The refusals `finetune` and `inspect-schedule --training` share, in one line each (UsageError):
+    γ not positive, both weightings at once, either on a flow-matching ``model`` (named in the message)."""
+    from sdcli.errors import UsageError
+
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise UsageError(f"--snr-gamma must be positive, got {snr_gamma}")
+    if snr_gamma is not None and debiased:
+        raise UsageError("--snr-gamma and --debiased-loss are two loss weightings; give one")
+    for flag, given in (("--snr-gamma", snr_gamma is not None), ("--debiased-loss", debiased)):
+        if flow and given:
+            raise UsageError(f"{flag} is a loss weighting for DDPM models; {model} trains by flow matching: "
+                             "weight it with --weighting-scheme")
+
+
 def ddpm_loss_weights(snr, prediction_type: str, *, snr_gamma: float | None = None, debiased: bool = False):
     """The DDPM objective's per-sample weights: None (plain MSE), min-SNR-γ, or debiased estimation."""
     if snr_gamma is not None:
