@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Rebuild sdcli's bundled model from nothing, as it was built (examples/shapes/README.md has what each step printed):
-#   examples/shapes/recipe.sh [OUT]          # OUT defaults to build/shapes; about 50 min on 2 CPU cores
-# The defaults are what built the shipped weights. The partial-caption attempt of examples/shapes/README.md
-# ("Partial captions: the first attempt") was, in 68:34 on 2 cores:
-#   NOISY=color,shape,size,position,background PARTIAL=0.3 HELD_OUT=500 VAE_RUNS=4 UNET_STEPS=6000 examples/shapes/recipe.sh
-# and the second attempt ("Partial captions: the second attempt") the same with TOKEN_STD=0.6, in 68:27.
+#   examples/shapes/recipe.sh [OUT]          # OUT defaults to build/shapes; 64 min on 2 CPU cores, 73 with the tables
+# The defaults are what built the shipped weights (partial captions, four autoencoder runs, 6000 UNet steps with
+# --debiased-loss). The model shipped before it (full captions only) was, in about 40 min:
+#   PARTIAL=0 HELD_OUT=64 VAE_RUNS=3 UNET_STEPS=5000 UNET_ARGS= examples/shapes/recipe.sh
+# The partial-caption attempts of examples/shapes/README.md were the defaults with NOISY=...,background and
+# UNET_ARGS= (the first; the second also with TOKEN_STD=0.6), each in about 68.5 min.
 # Each step's wall time goes to stderr. The sizes can be shrunk for a quick end-to-end check (the test suite does this):
 #   N=80 HELD_OUT=16 VAE_STEPS=2 UNET_STEPS=2 TABLE=0 examples/shapes/recipe.sh /tmp/shapes
 # The result is OUT/model, a diffusers pipeline folder; step 7 of the README copies it into sdcli/models/shapes.
@@ -14,13 +15,13 @@ out="${1:-build/shapes}"
 N="${N:-10000}"                  # dataset images
 NOISE="${NOISE:-0.1}"            # chance that each attribute of NOISY is named wrong in a caption
 NOISY="${NOISY:-color,shape,size,position}"  # attributes the noise may name wrong (background too, if listed)
-PARTIAL="${PARTIAL:-0}"          # chance that each of size, colour, position, background is left out of a caption
-HELD_OUT="${HELD_OUT:-64}"       # images the autoencoder never trains on, to score its reconstructions
+PARTIAL="${PARTIAL:-0.3}"        # chance that each of size, colour, position, background is left out of a caption
+HELD_OUT="${HELD_OUT:-500}"      # images the autoencoder never trains on, to score its reconstructions
 VAE_STEPS="${VAE_STEPS:-1000}"   # steps of each autoencoder run (the second runs 80 % of it)
-VAE_RUNS="${VAE_RUNS:-3}"        # 4 adds a run at a quarter of the learning rate (sharper: shapes 94.6 -> 98.2 %)
-UNET_STEPS="${UNET_STEPS:-5000}" # UNet optimiser steps at batch 64
+VAE_RUNS="${VAE_RUNS:-4}"        # 4 adds a run at a quarter of the learning rate (sharper: shapes 94.6 -> 98.2 %)
+UNET_STEPS="${UNET_STEPS:-6000}" # UNet optimiser steps at batch 64
 TOKEN_STD="${TOKEN_STD:-}"       # text encoder word-embedding std (empty: CLIP's init, 0.02; the second attempt: 0.6)
-UNET_ARGS="${UNET_ARGS:-}"       # more `sdcli finetune` options for step 5, e.g. --debiased-loss (examples/shapes/README.md)
+UNET_ARGS="${UNET_ARGS---debiased-loss}"  # more `sdcli finetune` options for step 5 (empty: plain MSE)
 THREADS="${THREADS:-2}"
 TABLE="${TABLE:-1}"              # 1: finish with the guidance tables
 mkdir -p "$out"
