@@ -291,7 +291,6 @@ def main() -> None:
         if args.bisect:
             flat = {b: Settings(**{**s.__dict__, "channels_last": False}) for b, s in settings.items()}
             ours_flat = prepare_pipeline(flat[batches[0]])
-            ours.pipe.set_progress_bar_config(disable=True)
 
         def eager(b: int) -> dict:
             variants = {"diffusers": lambda: run_diffusers(plain, args.steps, res, device, b),
