@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_bench import REDUCED, SD15, peak_for  # noqa: E402
+from gpu_bench import REDUCED, SD15, peak_for, sync, unet_flops  # noqa: E402
 
 # Kernel names of the tensor-core work: cuBLAS/cuBLASLt/CUTLASS GEMMs, cuDNN convolutions, Triton matmul
 # templates, flash/memory-efficient attention. Everything else (norms, activations, copies) is "other".
@@ -73,18 +73,13 @@ def kernel_split(fn, calls: int, device: str) -> dict:
 
     cuda = device.startswith("cuda")
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
     fn()
-    sync()
+    sync(device)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        sync()
+        sync(device)
         wall = time.perf_counter() - t0
     # Self time: each kernel (on the CPU, each operator) counted once, not again in what called it.
     kernels = [(e.self_device_time_total if cuda else e.self_cpu_time_total, e.key) for e in prof.key_averages()
@@ -110,7 +105,6 @@ def main() -> None:
 
     import torch
     from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -122,10 +116,7 @@ def main() -> None:
     lat = torch.randn(n, 4, lat_size, lat_size, device=device, dtype=dtype)
     ctx = torch.randn(n, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     t = torch.full((n,), 500, device=device)
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(lat, t, encoder_hidden_states=ctx)
-    flops = float(counter.get_total_flops())
+    flops = unet_flops(unet, spec["resolution"], device, dtype, args.batch)
     peak = peak_for(device)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "size": args.size, "batch": args.batch, "unet_latents": n, "gflop_per_step": round(flops / 1e9, 1),
