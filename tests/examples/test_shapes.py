@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples.shapes import build_pipeline, dataset, evaluate, shape_classifier, tokenizer, train_vae  # noqa: E402
+from examples.shapes import build_pipeline, dataset, evaluate, probe_vae, shape_classifier, tokenizer, train_vae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +258,23 @@ def test_train_vae_saves_a_scaled_autoencoder(trained_vae):
     assert set(saved["held_out_reconstruction_accuracy"]) == set(evaluate.SCORED)
 
 
+
+def test_probe_vae_prints_a_row_per_background_and_refuses_a_folder_without_one(trained_vae, tmp_path, capsys):
+    import torch
+
+    out, _ = trained_vae
+    threads = torch.get_num_threads()
+    try:
+        assert probe_vae.main([str(out), "--shape", "square", "--per-pair", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")]
+    assert rows == ["background", *dataset.BACKGROUNDS]
+    assert "mean over 23 pairs" in table
+    assert probe_vae.main([str(tmp_path)]) == 1
+    assert "no autoencoder" in capsys.readouterr().err
+
 def test_build_pipeline_is_loadable_and_small(tmp_path, trained_vae):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -318,7 +335,7 @@ def test_recipe_rebuilds_a_loadable_pipeline_end_to_end(tmp_path):
     import subprocess
 
     env = {**os.environ, "N": "80", "HELD_OUT": "16", "VAE_STEPS": "2", "UNET_STEPS": "2", "TABLE": "0", "THREADS": "1",
-           "OMP_NUM_THREADS": "1"}  # the rest (partial captions, --debiased-loss) as the shipped model's recipe
+           "OMP_NUM_THREADS": "1", "LAST_EDGE": "30"}  # the rest (partial captions, --debiased-loss) as the shipped recipe
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python and sdcli
     res = subprocess.run(["bash", str(ROOT / "examples/shapes/recipe.sh"), str(tmp_path / "shapes")],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -327,6 +344,8 @@ def test_recipe_rebuilds_a_loadable_pipeline_end_to_end(tmp_path):
     assert model == tmp_path / "shapes" / "model"
     settings = json.loads((model / "training_settings.json").read_text())
     assert (settings["method"], settings["steps"], settings["config"]["debiased_loss"]) == ("full", 2, True)
+    vae_runs = [json.loads((tmp_path / "shapes" / v / "training.json").read_text())["settings"] for v in ("vae3", "vae")]
+    assert [(r["edge_weight"], r["lr"]) for r in vae_runs] == [(10, 5e-4), (30, 2.5e-4)]  # LAST_EDGE: the last run only
     rows = (tmp_path / "shapes" / "data" / "metadata.jsonl").read_text().splitlines()
     assert len(rows) == 80
     from transformers import CLIPTokenizer
