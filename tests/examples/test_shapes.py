@@ -258,7 +258,6 @@ def test_train_vae_saves_a_scaled_autoencoder(trained_vae):
     assert set(saved["held_out_reconstruction_accuracy"]) == set(evaluate.SCORED)
 
 
-
 def test_probe_vae_prints_a_row_per_background_and_refuses_a_folder_without_one(trained_vae, tmp_path, capsys):
     import torch
 
@@ -274,6 +273,7 @@ def test_probe_vae_prints_a_row_per_background_and_refuses_a_folder_without_one(
     assert "mean over 23 pairs" in table
     assert probe_vae.main([str(tmp_path)]) == 1
     assert "no autoencoder" in capsys.readouterr().err
+
 
 def test_build_pipeline_is_loadable_and_small(tmp_path, trained_vae):
     import torch
