@@ -18,18 +18,14 @@ import sys
 from pathlib import Path
 
 try:  # imported as examples.shapes.probe_vae or run as a script
-    from . import dataset, evaluate, train_vae
+    from . import dataset, train_vae
 except ImportError:
     import dataset  # type: ignore[no-redef]
-    import evaluate  # type: ignore[no-redef]
     import train_vae  # type: ignore[no-redef]
 
 
 def probe(vae, shape: str = "star", size: str = "small", per_pair: int = 40, seed: int = 5) -> dict[tuple[str, str], float]:
     """{(background, colour): share of ``per_pair`` reconstructions the evaluator reads as ``shape``}."""
-    import numpy as np
-    import torch
-
     rng = random.Random(seed)
     result = {}
     for background in dataset.BACKGROUNDS:
@@ -38,10 +34,9 @@ def probe(vae, shape: str = "star", size: str = "small", per_pair: int = 40, see
                 continue
             rows = [dict(color=colour, shape=shape, size=size, background=background,
                          position=rng.choice(list(dataset.POSITIONS))) for _ in range(per_pair)]
-            images = [dataset.render(attrs, rng) for attrs in rows]
-            x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
-            recon = train_vae.to_pil(train_vae.reconstruct(vae, x))
-            result[background, colour] = sum(evaluate.analyse(im)["shape"] == shape for im in recon) / per_pair
+            images = train_vae.to_tensor([dataset.render(attrs, rng) for attrs in rows])
+            accuracy = train_vae.reconstruction_accuracy(vae, images, [dataset.caption(attrs) for attrs in rows])
+            result[background, colour] = accuracy["shape"]
     return result
 
 

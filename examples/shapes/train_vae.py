@@ -51,27 +51,29 @@ def build_vae(seed: int = 0):
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def load_images(folder: str | Path):
-    """A dataset folder's images as one uint8 tensor (N, 3, 64, 64) and their true captions, in metadata.jsonl order."""
+def to_tensor(images):
+    """PIL RGB images as one uint8 tensor (N, 3, 64, 64), the layout training and `reconstruct` take."""
     import numpy as np
     import torch
+
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def load_images(folder: str | Path):
+    """A dataset folder's images as one uint8 tensor (N, 3, 64, 64) and their true captions, in metadata.jsonl order."""
     from PIL import Image
 
     folder = Path(folder)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    arrays = [np.asarray(Image.open(folder / row["file_name"]).convert("RGB")) for row in rows]
+    images = [Image.open(folder / row["file_name"]).convert("RGB") for row in rows]
     # True captions, not training ones: they score reconstructions against what is drawn.
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [dataset.true_caption(row) for row in rows]
+    return to_tensor(images), [dataset.true_caption(row) for row in rows]
 
 
 def generate_images(n: int, seed: int):
     """``n`` dataset images made in memory, as load_images returns them."""
-    import numpy as np
-    import torch
-
     samples = dataset.make_dataset(n, seed)
-    arrays = [np.asarray(image) for image, _, _ in samples]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [text for _, text, _ in samples]
+    return to_tensor([image for image, _, _ in samples]), [text for _, text, _ in samples]
 
 
 def to_model(batch):
