@@ -5,7 +5,8 @@
 into 75-token chunks, each framed by BOS/EOS to the CLIP's 77 and encoded on its
 own; the chunks' embeddings are concatenated, so nothing past token 75 is lost.
 Each token's embedding is multiplied by its weight and the chunk rescaled to its
-old mean (AUTOMATIC1111's "Original" emphasis).
+old mean (AUTOMATIC1111's "Original" emphasis). Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved
+first, by `sdcli.prompt_editing`, into one such text per step.
 
 1. Parsing: small pure functions of the text (`parse_weights`, `chunk_tokens`, `frame`).
 2. Checks that need no weights (`check_prompt_settings`).
@@ -183,9 +184,26 @@ def prompt_warnings(prompt: str, syntax: str) -> list[str]:
     return []
 
 
+def check_prompt_editing(prompts: list[str], syntax: str, class_name: Optional[str]) -> None:
+    """Refuse prompt editing on a pipeline whose prompts diffusers encodes (SD3, Flux), before it loads."""
+    from sdcli.prompt_editing import is_edited
+
+    if (syntax == PromptSyntax.a1111.value and class_name and not re.match(_ENCODED_HERE, class_name)
+            and any(map(is_edited, prompts))):
+        refuse_prompt_editing(class_name)
+
+
+def refuse_prompt_editing(class_name: str) -> None:
+    raise UsageError(f"prompt editing ([from:to:when], [a|b]) needs a Stable Diffusion 1.x, 2.x or XL model, whose "
+                     f"prompts sdcli encodes itself; {class_name} reads the text as it is (use --prompt-syntax plain "
+                     "to pass the brackets as text)")
+
+
 def visible_text(prompt: str, syntax: str) -> str:
-    """The prompt's words without the syntax, for checks that look at words."""
-    return parse_weights(prompt).text if syntax == PromptSyntax.a1111.value else prompt
+    """The prompt's words without the syntax (every word it shows at any step), for checks that look at words."""
+    from sdcli.prompt_editing import every_word
+
+    return parse_weights(every_word(prompt)).text if syntax == PromptSyntax.a1111.value else prompt
 
 
 # 3. Encoding ------------------------------------------------------------------------------------
@@ -212,12 +230,16 @@ def check_clip_skip(pipe: Any, clip_skip: int) -> None:
         raise UsageError(f"--clip-skip {clip_skip}: this model's text encoder has only {min(layers)} layers")
 
 
+# The pipeline classes whose prompts this module encodes: SD 1.x, 2.x and XL (not 3, whose third encoder is T5).
+_ENCODED_HERE = r"StableDiffusion[A-Z]"
+
+
 def _family(pipe: Any) -> str | None:
     """'sdxl' or 'sd' for the CLIP-conditioned pipelines this module encodes for; None for others."""
     name = type(pipe).__name__
     if name.startswith("StableDiffusionXL") and getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
-    if re.match(r"StableDiffusion[A-Z]", name) and getattr(pipe, "text_encoder", None) is not None:
+    if re.match(_ENCODED_HERE, name) and getattr(pipe, "text_encoder", None) is not None:
         return "sd"  # 1.x and 2.x (not 3, whose third encoder is T5)
     return None
 
@@ -303,11 +325,18 @@ class Encoded:
 
 
 class TextConditioning:
-    """What a batch of prompts gives the pipeline: prompt_embeds and negative ones (a1111), or the text (plain)."""
+    """What a batch of prompts gives the pipeline: prompt_embeds and negative ones (a1111), or the text (plain).
 
-    def __init__(self, s: Any, pipe: Any):
+    Under a1111 syntax a prompt may change between steps (`sdcli.prompt_editing`): the batch starts with its
+    first step's embeddings and `step_outputs`, called after each step, hands the pipeline the next one's.
+    ``passes`` are the steps of each denoising pass (hires fix has two); a pass's fractions count its own steps.
+    """
+
+    def __init__(self, s: Any, pipe: Any, passes: Optional[list[int]] = None):
         self.pipe, self.negative = pipe, s.negative_prompt
-        self.family = _family(pipe) if s.prompt_syntax == PromptSyntax.a1111.value else None
+        self.a1111 = s.prompt_syntax == PromptSyntax.a1111.value
+        self.family = _family(pipe) if self.a1111 else None
+        self.passes = passes or [s.steps]
         self._cache: dict[str, Encoded] = {}
         if self.family is None:
             return
@@ -326,11 +355,51 @@ class TextConditioning:
     # Batches ---------------------------------------------------------------------------------
 
     def length(self, prompt: str, guidance: float) -> int:
-        """Chunks a prompt's conditioning takes alone: its own, or the negative prompt's if longer."""
-        n = self.encode(prompt).chunks
+        """Chunks a prompt's conditioning takes alone: its own, or the negative prompt's if longer (at whichever
+        step is longest, so that the embeddings keep one shape while the words change)."""
+        n = max(self.encode(v).chunks for v in self.variants(prompt))
         if guidance != 1 and not self.zero_negative:
-            n = max(n, self.encode(self.negative).chunks)
+            n = max(n, *(self.encode(v).chunks for v in self.variants(self.negative)))
         return n
+
+    # Prompts that change between steps -------------------------------------------------------
+
+    def edited(self, prompts: list[str]) -> bool:
+        """Whether any of the batch's texts (or the negative prompt) changes between steps."""
+        from sdcli.prompt_editing import is_edited
+
+        return self.a1111 and any(is_edited(p) for p in [*prompts, self.negative])
+
+    def variants(self, prompt: str) -> set[str]:
+        """Every text ``prompt`` shows at some step of some pass."""
+        from sdcli.prompt_editing import is_edited, steps_text
+
+        if not (self.a1111 and is_edited(prompt)):
+            return {prompt}
+        return {text for steps in self.passes for text in steps_text(prompt, steps)}
+
+    def at(self, prompt: str, step: int, steps: int) -> str:
+        from sdcli.prompt_editing import text_at
+
+        return text_at(prompt, step, steps) if self.a1111 else prompt
+
+    def step_outputs(self, pipe: Any, prompts: list[str], guidance: float, i: int) -> dict[str, Any]:
+        """After loop iteration ``i`` of ``pipe``, the embeddings of the next iteration's step, as the tensors the
+        pipeline holds (negative and positive stacked when it guides). Steps are the distinct timesteps of the
+        loop: a second-order sampler (Heun) or PLMS's warm-up evaluates one timestep twice."""
+        import torch
+
+        timesteps = pipe.scheduler.timesteps[-pipe.num_timesteps:]  # img2img runs the last part of the schedule
+        if i + 1 >= len(timesteps):
+            return {}
+        changes = (timesteps[1:] != timesteps[:-1]).tolist()
+        kwargs = self.call_kwargs(prompts, guidance, step=1 + sum(changes[: i + 1]), steps=1 + sum(changes))
+        guided = pipe.do_classifier_free_guidance
+        stack = (lambda neg, pos: torch.cat([neg, pos])) if guided else (lambda neg, pos: pos)
+        out = {"prompt_embeds": stack(kwargs.get("negative_prompt_embeds"), kwargs["prompt_embeds"])}
+        if self.family == "sdxl":
+            out["add_text_embeds"] = stack(kwargs.get("negative_pooled_prompt_embeds"), kwargs["pooled_prompt_embeds"])
+        return out
 
     def regroup(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
         """Split batches whose prompts take different numbers of chunks: padding one prompt to another's
@@ -341,14 +410,18 @@ class TextConditioning:
             else:
                 yield from split_runs(batch, lambda job: self.length(job.prompt, job.values["guidance"]))
 
-    def call_kwargs(self, prompts: list[str], guidance: float) -> dict[str, Any]:
-        """The pipeline's text arguments for one batch."""
+    def call_kwargs(self, prompts: list[str], guidance: float, step: int = 1, steps: Optional[int] = None,
+                    ) -> dict[str, Any]:
+        """The pipeline's text arguments for one batch, at ``step`` (1-based) of ``steps`` (the first pass's)."""
         if self.family is None:
+            if self.edited(prompts):
+                refuse_prompt_editing(type(self.pipe).__name__)
             return {"prompt": prompts, "negative_prompt": [self.negative] * len(prompts) if self.negative else None}
         import torch
 
+        steps = steps or self.passes[0]
         chunks = max(self.length(p, guidance) for p in prompts)
-        conds = [self.encode(p) for p in prompts]
+        conds = [self.encode(self.at(p, step, steps)) for p in prompts]
         kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([self.padded(c, chunks) for c in conds])}
         if self.family == "sdxl":
             kwargs["pooled_prompt_embeds"] = torch.cat([c.pooled for c in conds])
@@ -357,7 +430,7 @@ class TextConditioning:
                 kwargs["negative_prompt_embeds"] = torch.zeros_like(kwargs["prompt_embeds"])
                 kwargs["negative_pooled_prompt_embeds"] = torch.zeros_like(kwargs["pooled_prompt_embeds"])
             else:
-                neg = self.encode(self.negative)
+                neg = self.encode(self.at(self.negative, step, steps))
                 kwargs["negative_prompt_embeds"] = self.padded(neg, chunks).repeat(len(prompts), 1, 1)
                 if self.family == "sdxl":
                     kwargs["negative_pooled_prompt_embeds"] = neg.pooled.repeat(len(prompts), 1)

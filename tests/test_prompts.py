@@ -162,6 +162,82 @@ def test_plain_syntax_passes_the_text(pipelines):
     assert text.call_kwargs(["(a)"], 7.5) == {"prompt": ["(a)"], "negative_prompt": ["n"]}
 
 
+# Prompt editing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_prompt_editing_swaps_the_embeddings_as_a_diffusers_callback_would(tiny_models, pipelines, family):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
+    pipe.set_progress_bar_config(disable=True)
+    xl = family == "sdxl"
+    encoded = pipe.encode_prompt("a blue circle", device="cpu", num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True)
+    if xl:
+        pos, neg, pooled, neg_pooled = encoded
+    else:
+        pos, neg = encoded
+
+    def switch(_pipe, i, _t, _kwargs):  # after the first step: "a blue circle"
+        out = {"prompt_embeds": torch.cat([neg, pos])}
+        if xl:
+            out["add_text_embeds"] = torch.cat([neg_pooled, pooled])
+        return out if i == 0 else {}
+
+    arrays = pipe("a red circle", num_inference_steps=2, guidance_scale=7.5, callback_on_step_end=switch,
+                  generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    theirs = np.asarray(pipe.numpy_to_pil(arrays)[0], np.int16)
+    loaded = pipelines[family]
+    assert np.abs(image(loaded, "a [red:blue:1] circle") - theirs).max() <= 1
+    assert np.array_equal(image(loaded, "a [red|blue] circle"), image(loaded, "a [red:blue:1] circle"))
+
+
+def test_prompt_editing_at_the_ends_is_one_prompt_and_in_between_neither(pipelines):
+    loaded = pipelines["sd1"]
+    red, blue = image(loaded, "a red circle"), image(loaded, "a blue circle")
+    assert np.array_equal(image(loaded, "a [red:blue:2] circle"), red)  # 2 of 2 steps red
+    assert np.array_equal(image(loaded, "a [red:blue:0] circle"), blue)
+    assert np.array_equal(image(loaded, "a red circle", negative_prompt="[square:blue:0.0]"),
+                          image(loaded, "a red circle", negative_prompt="blue"))  # the negative prompt too
+    middle = image(loaded, "a [red:blue:0.5] circle")
+    assert not np.array_equal(middle, red) and not np.array_equal(middle, blue)
+
+
+def test_an_edited_prompt_that_grows_a_chunk_batches_like_one_at_a_time(pipelines):
+    loaded = pipelines["sd1"]
+    prompts = ["a [red:" + "red " * 80 + ":1] circle", "a blue square"]
+
+    def run(batch_size):
+        s = Settings(prompts=prompts, steps=2, guidance=[7.5], seeds=[1], batch_size=batch_size)
+        return [np.asarray(i.image, np.int16) for i in iter_images(s, loaded, plan_jobs(s, [1]))]
+
+    for a, b in zip(run(1), run(2)):
+        assert np.abs(a - b).max() <= 1
+
+
+def test_prompt_editing_runs_through_both_hires_passes_and_is_recorded_as_typed(cli, tiny_sd, tmp_path):
+    from PIL import Image
+
+    from sdcli.metadata import A1111_KEY
+
+    args = ("--model", tiny_sd, "--steps", "2", "--seed", "1", "--hires-scale", "2", "--width", "32", "--height", "32")
+    result = cli("generate", "a [red|blue] circle", *args, "--out", tmp_path / "edited")
+    assert result.exit_code == 0, result.stderr
+    (path,) = paths_of(result)
+    assert Image.open(path).info[A1111_KEY].startswith("a [red|blue] circle\n")
+    plain = cli("generate", "a red circle", *args, "--out", tmp_path / "plain")
+    assert not np.array_equal(pixels(path), pixels(paths_of(plain)[0]))
+
+
+def test_prompt_editing_on_a_model_sdcli_does_not_encode_fails_in_one_line(cli, tiny_flow_models, tmp_path):
+    result = cli("generate", "a [red:blue:1] circle", "--model", tiny_flow_models["sd3"], "--steps", "1",
+                 "--seed", "1", "--out", tmp_path / "out")
+    assert "prompt editing ([from:to:when], [a|b]) needs a Stable Diffusion" in one_error_line(result)
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
 # 3. Clip skip -----------------------------------------------------------------------------------
 
 

@@ -102,6 +102,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     """
     from sdcli import distributed as dist
     from sdcli.pipeline import absolute_if_local, model_facts, resolve_model
+    from sdcli.prompts import check_prompt_editing
 
     check_settings(s)
     task = task_for(s)
@@ -115,6 +116,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
         check_generation(s)  # refuses, in one line, a size that would outgrow memory once the weights load
     if facts is not None:
         settle_guidance(s, facts)
+        check_prompt_editing([*s.prompts, s.negative_prompt], s.prompt_syntax, facts.class_name)
     if s.init_image:
         s.init_image = absolute_if_local(s.init_image)
     st = dist.state() if distributed else None
@@ -279,16 +281,20 @@ def iter_images(
     run_pipe = prepared.pipe
     base = {**base_record(s, task, loaded, prepared.width, prepared.height), **(extra_record or {})}
 
-    text = TextConditioning(s, run_pipe)  # prompt embeddings (a1111 syntax) or the plain text
+    text = TextConditioning(s, run_pipe, task.passes(s))  # prompt embeddings (a1111 syntax) or the plain text
     for batch in text.regroup(batches(jobs, s.batch_size)):
-        def callback(_pipe, _i, _t, _kwargs, n=len(batch)):
+        first = batch[0].values
+        prompts = [j.prompt for j in batch]
+        edited = text.edited(prompts)
+
+        def callback(pipe, i, _t, _kwargs, n=len(batch), prompts=prompts, guidance=first["guidance"], edited=edited):
             if on_step:
                 on_step(n)
-            return {}
+            # Prompt editing: the next step's embeddings replace the tensors the pipeline holds.
+            return text.step_outputs(pipe, prompts, guidance, i) if edited else {}
 
-        first = batch[0].values
         kwargs: dict[str, Any] = dict(
-            **text.call_kwargs([j.prompt for j in batch], first["guidance"]),
+            **text.call_kwargs(prompts, first["guidance"]),
             num_inference_steps=s.steps,
             **guidance_kwargs(s, run_pipe, first),
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],

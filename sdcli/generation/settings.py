@@ -172,8 +172,8 @@ class Settings:
     negative_prompt: str = option(defaults.NEGATIVE_PROMPT, help="What to steer away from.",
                                   flags=("--negative-prompt", "-n"), show_default=False)
     prompt_syntax: str = option(
-        "a1111", help="How prompts are read: a1111 weights (red:1.3), BREAK and prompts past 75 tokens; plain text "
-        "as diffusers reads it.", cli_type=PromptSyntax, unrecorded="plain")
+        "a1111", help="How prompts are read: a1111 weights (red:1.3), editing [red:blue:0.5] and [red|blue], BREAK and "
+        "prompts past 75 tokens; plain text as diffusers reads it.", cli_type=PromptSyntax, unrecorded="plain")
     clip_skip: int = option(1, help="Text encoder layer to use, counted from the end: 1 the last, 2 the penultimate.",
                             a1111="Clip skip", to_a1111=lambda n: n if n > 1 else None)
     embeddings: list[tuple[str, str]] = option(

@@ -64,8 +64,12 @@ class Task:
     def check(self, s: Any) -> None:
         """Cheap checks of this task's inputs, before any weights load."""
 
+    def passes(self, s: Any) -> list[int]:
+        """The denoising steps of each pass through the pipeline (hires fix makes two)."""
+        return [s.steps]
+
     def denoising_steps(self, s: Any) -> int:
-        return s.steps
+        return sum(self.passes(s))
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         raise NotImplementedError
@@ -137,8 +141,8 @@ class ImageToImage(Task):
         if not Path(s.init_image).is_file():
             raise DataError(f"--init-image: no such file: {s.init_image}")
 
-    def denoising_steps(self, s: Any) -> int:
-        return max(1, int(s.steps * s.strength))
+    def passes(self, s: Any) -> list[int]:
+        return [max(1, int(s.steps * s.strength))]
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
@@ -260,8 +264,8 @@ class HiresFix(Task):
                              f"the {MAX_SIDE}-pixel limit")
         return big
 
-    def denoising_steps(self, s: Any) -> int:
-        return s.steps + max(1, int((s.hires_steps or s.steps) * s.hires_strength))
+    def passes(self, s: Any) -> list[int]:
+        return [s.steps, max(1, int((s.hires_steps or s.steps) * s.hires_strength))]
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
@@ -342,8 +346,8 @@ class WithControlNet(Task):
         self.inner.check(s)
         check_family(s)
 
-    def denoising_steps(self, s: Any) -> int:
-        return self.inner.denoising_steps(s)
+    def passes(self, s: Any) -> list[int]:
+        return self.inner.passes(s)
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         import dataclasses
