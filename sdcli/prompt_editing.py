@@ -149,6 +149,26 @@ def text_at(prompt: str, step: int, steps: int) -> str:
     return _render(parse(prompt), min(step, steps), steps)
 
 
+def iteration_steps(timesteps: list[float], order: int = 1) -> tuple[list[int], int]:
+    """The step (1-based) of each iteration of a sampler's loop over ``timesteps``, and the number of steps.
+
+    A loop can run more iterations than steps: Heun evaluates every timestep but the first twice, PLMS one of
+    them twice, DPM2 adds a midpoint per step (order 2). Where the distinct timesteps are the steps, they
+    number the iterations; otherwise (DPM2) the iterations map onto the steps in proportion.
+    """
+    n = len(timesteps)
+    new = [True] + [a != b for a, b in zip(timesteps[1:], timesteps[:-1])]
+    distinct = sum(new)
+    steps = min(distinct, -(-n // order))
+    if distinct == steps:
+        numbers, k = [], 0
+        for is_new in new:
+            k += is_new
+            numbers.append(k)
+        return numbers, steps
+    return [j * steps // n + 1 for j in range(n)], steps
+
+
 def every_word(prompt: str) -> str:
     """All the words the prompt can show at any step, for checks that look at words (unknown ones)."""
     def words(nodes: tuple[Node, ...]) -> str:

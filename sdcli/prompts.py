@@ -385,15 +385,16 @@ class TextConditioning:
 
     def step_outputs(self, pipe: Any, prompts: list[str], guidance: float, i: int) -> dict[str, Any]:
         """After loop iteration ``i`` of ``pipe``, the embeddings of the next iteration's step, as the tensors the
-        pipeline holds (negative and positive stacked when it guides). Steps are the distinct timesteps of the
-        loop: a second-order sampler (Heun) or PLMS's warm-up evaluates one timestep twice."""
+        pipeline holds (negative and positive stacked when it guides)."""
         import torch
 
-        timesteps = pipe.scheduler.timesteps[-pipe.num_timesteps:]  # img2img runs the last part of the schedule
-        if i + 1 >= len(timesteps):
+        from sdcli.prompt_editing import iteration_steps
+
+        timesteps = pipe.scheduler.timesteps[-pipe.num_timesteps:].tolist()  # img2img runs the schedule's end
+        numbers, steps = iteration_steps(timesteps, getattr(pipe.scheduler, "order", 1))
+        if i + 1 >= len(numbers):
             return {}
-        changes = (timesteps[1:] != timesteps[:-1]).tolist()
-        kwargs = self.call_kwargs(prompts, guidance, step=1 + sum(changes[: i + 1]), steps=1 + sum(changes))
+        kwargs = self.call_kwargs(prompts, guidance, step=numbers[i + 1], steps=steps)
         guided = pipe.do_classifier_free_guidance
         stack = (lambda neg, pos: torch.cat([neg, pos])) if guided else (lambda neg, pos: pos)
         out = {"prompt_embeds": stack(kwargs.get("negative_prompt_embeds"), kwargs["prompt_embeds"])}

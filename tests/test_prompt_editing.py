@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdcli.prompt_editing import every_word, is_edited, steps_text, text_at
+from sdcli.prompt_editing import every_word, is_edited, iteration_steps, steps_text, text_at
 
 
 @pytest.mark.parametrize("prompt, expected", [
@@ -51,3 +51,13 @@ def test_word_checks_see_every_branch_without_the_syntax():
 
     assert visible_text("a [red:(blue:1.2):0.5] [circle|star]", "a1111") == "a red blue circle star"
     assert visible_text("a [red:blue:0.5]", "plain") == "a [red:blue:0.5]"
+
+
+@pytest.mark.parametrize("sampler, timesteps, order, expected", [
+    ("ddim", [999, 666, 333], 1, [1, 2, 3]),
+    ("plms", [501, 1, 1], 1, [1, 2, 2]),  # its warm-up evaluates one timestep twice
+    ("heun", [999.0, 500.0, 500.0, 1.0, 1.0], 2, [1, 2, 2, 3, 3]),
+    ("dpm2", [999.0, 750.0, 500.0, 250.0, 1.0], 2, [1, 1, 2, 2, 3]),  # a midpoint between steps
+])
+def test_iterations_of_a_sampler_count_as_its_steps(sampler, timesteps, order, expected):
+    assert iteration_steps(timesteps, order) == (expected, 3 if sampler != "plms" else 2)
