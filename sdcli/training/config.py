@@ -20,7 +20,7 @@ from sdcli import defaults, options
 from sdcli.declare import Role, by_role, option
 from sdcli.errors import UsageError
 from sdcli.training.kohya import LoraFormat
-from sdcli.training.objective import TimestepSampling, WeightingScheme, check_ddpm_weighting
+from sdcli.training.objective import TimestepSampling, WeightingScheme, check_ddpm_weighting, refuse_ddpm_weighting
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -450,7 +450,7 @@ class FinetuneConfig:
                 raise UsageError(f"{flow_given[0]} is a flow-matching option (SD3, Flux); this {family} model is a "
                                  "DDPM model, trained on uniform t (weight it with --snr-gamma)")
             return
-        check_ddpm_weighting(self.snr_gamma, self.debiased_loss, flow=True, model=f"this {family} model")
+        refuse_ddpm_weighting(self.snr_gamma, self.debiased_loss, model=f"this {family} model")  # its values: validate()
         if self.noise_offset:
             raise UsageError(f"--noise-offset: this {family} model trains by flow matching, which reaches pure noise "
                              "at sigma = 1, what offset noise approximates for DDPM models; drop it")

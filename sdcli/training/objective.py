@@ -117,8 +117,16 @@ def check_ddpm_weighting(snr_gamma: float | None, debiased: bool, *, flow: bool,
         raise UsageError(f"--snr-gamma must be positive, got {snr_gamma}")
     if snr_gamma is not None and debiased:
         raise UsageError("--snr-gamma and --debiased-loss are two loss weightings; give one")
+    if flow:
+        refuse_ddpm_weighting(snr_gamma, debiased, model)
+
+
+def refuse_ddpm_weighting(snr_gamma: float | None, debiased: bool, model: str) -> None:
+    """Either DDPM weighting given for a flow-matching ``model`` is refused in one line."""
+    from sdcli.errors import UsageError
+
     for flag, given in (("--snr-gamma", snr_gamma is not None), ("--debiased-loss", debiased)):
-        if flow and given:
+        if given:
             raise UsageError(f"{flag} is a loss weighting for DDPM models; {model} trains by flow matching: "
                              "weight it with --weighting-scheme")
 
