@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from typing import Union
 
 _NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
@@ -140,8 +141,7 @@ def is_edited(prompt: str) -> bool:
 
 def steps_text(prompt: str, steps: int) -> list[str]:
     """The prompt as the encoder reads it at each of ``steps`` steps (weight syntax only)."""
-    nodes = parse(prompt)
-    return [_render(nodes, step, steps) for step in range(1, steps + 1)]
+    return [text_at(prompt, step, steps) for step in range(1, steps + 1)]
 
 
 def text_at(prompt: str, step: int, steps: int) -> str:
@@ -161,11 +161,7 @@ def iteration_steps(timesteps: list[float], order: int = 1) -> tuple[list[int], 
     distinct = sum(new)
     steps = min(distinct, -(-n // order))
     if distinct == steps:
-        numbers, k = [], 0
-        for is_new in new:
-            k += is_new
-            numbers.append(k)
-        return numbers, steps
+        return list(accumulate(map(int, new))), steps
     return [j * steps // n + 1 for j in range(n)], steps
 
 

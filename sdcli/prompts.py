@@ -378,11 +378,6 @@ class TextConditioning:
             return {prompt}
         return {text for steps in self.passes for text in steps_text(prompt, steps)}
 
-    def at(self, prompt: str, step: int, steps: int) -> str:
-        from sdcli.prompt_editing import text_at
-
-        return text_at(prompt, step, steps) if self.a1111 else prompt
-
     def step_outputs(self, pipe: Any, prompts: list[str], guidance: float, i: int) -> dict[str, Any]:
         """After loop iteration ``i`` of ``pipe``, the embeddings of the next iteration's step, as the tensors the
         pipeline holds (negative and positive stacked when it guides)."""
@@ -420,9 +415,11 @@ class TextConditioning:
             return {"prompt": prompts, "negative_prompt": [self.negative] * len(prompts) if self.negative else None}
         import torch
 
+        from sdcli.prompt_editing import text_at
+
         steps = steps or self.passes[0]
         chunks = max(self.length(p, guidance) for p in prompts)
-        conds = [self.encode(self.at(p, step, steps)) for p in prompts]
+        conds = [self.encode(text_at(p, step, steps)) for p in prompts]
         kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([self.padded(c, chunks) for c in conds])}
         if self.family == "sdxl":
             kwargs["pooled_prompt_embeds"] = torch.cat([c.pooled for c in conds])
@@ -431,7 +428,7 @@ class TextConditioning:
                 kwargs["negative_prompt_embeds"] = torch.zeros_like(kwargs["prompt_embeds"])
                 kwargs["negative_pooled_prompt_embeds"] = torch.zeros_like(kwargs["pooled_prompt_embeds"])
             else:
-                neg = self.encode(self.at(self.negative, step, steps))
+                neg = self.encode(text_at(self.negative, step, steps))
                 kwargs["negative_prompt_embeds"] = self.padded(neg, chunks).repeat(len(prompts), 1, 1)
                 if self.family == "sdxl":
                     kwargs["negative_pooled_prompt_embeds"] = neg.pooled.repeat(len(prompts), 1)
