@@ -210,24 +210,26 @@ def measure(variants: dict, runs: int, batch: int) -> dict:
     for fn in variants.values():
         fn()
     times: dict = {k: [] for k in variants}
-    for _ in range(runs):
-        for k, fn in variants.items():
-            times[k].append(fn())
+    names = list(variants)
+    for r in range(runs):  # each round starts one variant later, so none always runs first (a warmer card, say)
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(variants[k]())
     for k, v in times.items():
         if any(n != batch for _s, _its, n in v):
             raise SystemExit(f"{k} made {[n for *_x, n in v]} images per call, not {batch}")
-    return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in times.items()}
+    return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v), [round(r[1], 2) for r in v])
+            for k, v in times.items()}
 
 
 def rows_for(measured: dict, batch: int, flops: float, peak: float | None) -> list[dict]:
     """One table row per variant, against plain diffusers measured in the same interleaved runs."""
     base = measured["diffusers"][1]
     rows = []
-    for k, (s_img, its) in measured.items():
+    for k, (s_img, its, each) in measured.items():
         tflops = flops * its / 1e12
         rows.append({"variant": k, "batch": batch, "s_per_image": round(s_img, 4), "unet_it_per_s": round(its, 2),
                      "tflops": float(f"{tflops:.3g}"), "of_peak": round(tflops / peak, 3) if peak else None,
-                     "speedup_vs_diffusers": round(its / base, 3)})
+                     "speedup_vs_diffusers": round(its / base, 3), "unet_it_per_s_each_run": each})
     return rows
 
 
@@ -243,8 +245,10 @@ def main() -> None:
                              "variant, which compiles in torch's default mode)")
     parser.add_argument("--no-compile", action="store_true", help="measure no --compile variant")
     parser.add_argument("--bisect", action="store_true",
-                        help="two more eager variants, to tell where sdcli's defaults differ from plain diffusers: "
-                             "diffusers' own call on the pipeline sdcli loaded, and sdcli without channels-last")
+                        help="more eager variants, to tell where sdcli's defaults differ from plain diffusers: "
+                             "diffusers' own call on the pipeline sdcli loaded, sdcli without channels-last, sdcli "
+                             "with plain prompt syntax (diffusers encodes the prompt), and plain diffusers twice "
+                             "(how far two identical variants differ)")
     parser.add_argument("--save-model", type=Path, help="build the pipeline here and keep it (for finetune_bench)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -290,6 +294,7 @@ def main() -> None:
         ours_flat = None
         if args.bisect:
             flat = {b: Settings(**{**s.__dict__, "channels_last": False}) for b, s in settings.items()}
+            plain_text = {b: Settings(**{**s.__dict__, "prompt_syntax": "plain"}) for b, s in settings.items()}
             ours_flat = prepare_pipeline(flat[batches[0]])
 
         def eager(b: int) -> dict:
@@ -298,6 +303,8 @@ def main() -> None:
             if args.bisect:  # loading and options (sdcli's pipe) apart from sdcli's call; channels-last apart
                 variants["diffusers call, sdcli's pipe"] = lambda: run_diffusers(ours.pipe, args.steps, res, device, b)
                 variants["sdcli, no channels-last"] = lambda: run_sdcli(ours_flat, flat[b], device)
+                variants["sdcli, plain prompt syntax"] = lambda: run_sdcli(ours, plain_text[b], device)
+                variants["diffusers, again"] = lambda: run_diffusers(plain, args.steps, res, device, b)  # A/A: the noise
             return variants
 
         # 2. sdcli's defaults against plain diffusers, every batch size.

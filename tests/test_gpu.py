@@ -103,3 +103,18 @@ def test_hires_and_inpainting_run_in_float16(cli, tiny_sd, tmp_path):
                             "--init-image", init, "--mask", mask, "--mask-blur", "0", "--out", tmp_path / "i"))
     original = np.asarray(Image.open(init), np.int16)
     assert np.array_equal(painted[:, :8], original[:, :8])  # outside the mask: the original, exactly
+
+
+def test_prompt_editing_swaps_float16_embeddings_on_the_card(cli, tiny_sd, tmp_path):
+    # The step callback hands the pipeline new embeddings mid-loop: on CUDA they must be on the card and in float16.
+    def run(prompt, name):
+        result = cli("generate", prompt, "a blue square", "--model", tiny_sd, "--steps", "3", "--seed", "1",
+                     "--batch-size", "2", "--out", tmp_path / name)
+        assert result.exit_code == 0, result.stderr
+        return np.asarray(Image.open(result.stdout.split()[0]), np.int16)
+
+    red, blue = run("a red circle", "red"), run("a blue circle", "blue")
+    assert np.array_equal(run("a [red:blue:3] circle", "end"), red)
+    assert np.array_equal(run("a [red:blue:0] circle", "start"), blue)
+    middle = run("a [red:blue:0.5] circle", "middle")
+    assert not np.array_equal(middle, red) and not np.array_equal(middle, blue)

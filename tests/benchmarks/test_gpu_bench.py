@@ -28,8 +28,10 @@ def test_gpu_bench_reports_every_figure_at_reduced_size(tmp_path):
     assert json.loads(res.stdout[res.stdout.index("{"):]) == result
     assert result["size"] == "reduced" and result["resolution"] == 128
     rows = {(r["variant"], r["batch"]): r for r in result["rows"]}
-    variants = ("diffusers", "sdcli", "diffusers call, sdcli's pipe", "sdcli, no channels-last")
+    variants = ("diffusers", "sdcli", "diffusers call, sdcli's pipe", "sdcli, no channels-last",
+                "sdcli, plain prompt syntax", "diffusers, again")
     assert set(rows) == {(v, b) for v in variants for b in (1, 2)}
+    assert all(len(r["unet_it_per_s_each_run"]) == 1 for r in rows.values())  # --runs 1: each run's rate kept
     for b in (1, 2):
         ours, base = rows["sdcli", b], rows["diffusers", b]
         assert ours["s_per_image"] > 0 and ours["unet_it_per_s"] > 0 and ours["tflops"] > 0
