@@ -310,7 +310,7 @@ def main() -> None:
         # 2. sdcli's defaults against plain diffusers, every batch size.
         for b in batches:
             result["rows"] += rows_for(measure(eager(b), args.runs, b), b, flops[b], peak)
-        save()
+            save()
         # 3. Each compile mode: its first calls (the compiling) timed, then interleaved with the eager two.
         for mode in modes:
             compiled_settings = {b: Settings(**{**s.__dict__, "compile": True, "compile_mode": mode})
