@@ -4,7 +4,8 @@
 # runs long still leaves the others' figures:
 #   1. install diffusers from wheels carried in .whl/ (if any), without touching torch;
 #   2. benchmarks/gpu_bench.py at full size (SD 1.5's architecture, 512 px, 25 steps): plain diffusers and
-#      sdcli's defaults at batch 1 and 4, peak memory with and without --cpu-offload, then sdcli --compile in
+#      sdcli's defaults at batch 1 and 4 (with --bisect, the default BENCH_ARGS: four more eager variants,
+#      plain diffusers twice among them), peak memory with and without --cpu-offload, then sdcli --compile in
 #      each mode of COMPILE_MODES (compiling timed apart) -> gpu-bench.json/.log;
 #   3. the CUDA tests (python -m pytest -m gpu; TESTS="-k compile" picks some) -> gpu-tests.log;
 #   4. benchmarks/finetune_bench.py on the same pipeline: LoRA at 512 px, batch 4, fp16, sdcli against the loop
@@ -13,7 +14,8 @@
 #      the profiler's kernel time (a cross-check of stage 2's TFLOP/s) -> roofline.json/.log.
 # STAGES picks and orders them (default: bench,tests,finetune, about 10 min with start-up; roofline on request);
 # finetune needs bench's saved model. MODES defaults to reduce-overhead alone (each batch size compiles anew,
-# about a minute each; default mode was measured at batch 1 on 2026-11-26).
+# about a minute each; default mode was measured at batch 1 on 2026-11-26). The eager comparison that settled
+# channels-last (2026-11-27): BATCH=4,1 RUNS=12 STAGES=bench BENCH_ARGS="--bisect --no-compile" (4 min).
 # versions.txt holds the card, torch and diffusers. The device tool's command: `bash benchmarks/gpu_check.sh`
 # with `.whl` carried.
 #

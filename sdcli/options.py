@@ -61,8 +61,8 @@ ALLOW_PICKLE = Opt("Allow pickled weights (.ckpt/.bin/.pt), which can run arbitr
 DEVICE = Opt("Where to run: auto picks cuda, then mps, then cpu.", flags=("--device",), cli_type=Device, role=Role.RUNTIME)
 DTYPE = Opt("Weights precision: auto is float16 on cuda, float32 elsewhere.", flags=("--dtype",), cli_type=Dtype,
             role=Role.RUNTIME)
-CHANNELS_LAST = Opt("UNet in channels-last memory format. Default: on CUDA.", flags=("--channels-last/--no-channels-last",),
-                    role=Role.RUNTIME, show_default=False)
+CHANNELS_LAST = Opt("UNet in channels-last memory format. Default: on CUDA with --compile.",
+                    flags=("--channels-last/--no-channels-last",), role=Role.RUNTIME, show_default=False)
 SCHEDULER = Opt("Sampler by friendly name (ddim, euler, dpm++2m-karras, ...); 'list' lists them. Default: the model's own.",
                 flags=("--scheduler", "-s"))
 SPACING = Opt("How sampling timesteps are spread over training ones.", flags=("--timestep-spacing",),

@@ -439,6 +439,12 @@ COMPILE_MODES = {
 _INDUCTOR_DEFAULTS: dict[str, Any] = {}  # inductor's own values of those options, read before sdcli first sets them
 
 
+def default_channels_last(device: str, compile: bool) -> bool:
+    """Channels-last by default only for a compiled UNet on CUDA: eager, on an H100 at batch 4, it measured
+    4-5 % slower than the default layout (docs/benchmarks.md); compiled, it is part of the measured recipe."""
+    return device.startswith("cuda") and compile
+
+
 def apply_runtime_options(
     pipe: Any,
     *,
@@ -453,7 +459,7 @@ def apply_runtime_options(
 ) -> None:
     """Memory and speed switches, each a diffusers/torch feature behind one option.
 
-    ``channels_last`` None means: on CUDA, where cuDNN's convolutions are faster in that layout.
+    ``channels_last`` None means ``default_channels_last``.
     ``compile`` also fuses the attention's q, k and v projections into one matmul (not with LoRAs,
     whose adapters sit on the separate projections); on CUDA it compiles in ``compile_mode``
     (default: defaults.COMPILE_MODE, or its mode without CUDA graphs when ``cpu_offload``) with that
@@ -463,7 +469,7 @@ def apply_runtime_options(
 
     net = denoiser(pipe)
     if channels_last is None:
-        channels_last = device.startswith("cuda")
+        channels_last = default_channels_last(device, compile)
     if channels_last and family_spec(type(pipe).__name__).denoiser == "unet":  # a transformer has no convolutions to speak of
         net.to(memory_format=torch.channels_last)
     if attention_slicing:

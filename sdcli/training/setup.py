@@ -17,7 +17,7 @@ from sdcli.training.outputs import LOGS_DIR
 def make_accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
 
-    from sdcli.pipeline import resolve_device
+    from sdcli.pipeline import default_channels_last, resolve_device
 
     # accelerate only forms a CPU process group (gloo, under torchrun) when told it is on the CPU.
     device = cfg.device if cfg.device != "auto" else resolve_device("auto")
@@ -26,7 +26,7 @@ def make_accelerator(cfg: FinetuneConfig):
     if cfg.mixed_precision == "auto":
         cfg.mixed_precision = auto_precision(cfg, device)
     if cfg.channels_last is None:
-        cfg.channels_last = device.startswith("cuda")  # cuDNN's convolutions are faster in that layout
+        cfg.channels_last = default_channels_last(device, cfg.compile)
     if cpu and cfg.mixed_precision == "fp16":
         # torch has no float16 autocast on the CPU: half-precision weights would meet float32 inputs.
         raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")

@@ -202,17 +202,26 @@ def test_guidance_rescale_changes_the_image_and_matches_diffusers(cli, tiny_sd, 
     assert np.abs(rescaled - ours("0")).max() > 2
 
 
-def test_channels_last_is_applied_on_request_and_by_default_only_on_cuda(tiny_sd):
+def test_channels_last_is_applied_on_request_and_by_default_only_compiled_on_cuda(tiny_sd):
     import torch
+    from diffusers import StableDiffusionPipeline
 
     from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.pipeline import apply_runtime_options
 
-    def layout(**kw):
-        unet = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe.unet
+    def channels_last(unet):
+        unet = getattr(unet, "_orig_mod", unet)
         return unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
+    def layout(**kw):
+        return channels_last(prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe.unet)
+
     assert layout(channels_last=True) and not layout(channels_last=False)
-    assert layout() == torch.cuda.is_available()
+    assert not layout()  # eager: the default layout, on every device
+    for compile in (False, True):  # what CUDA would get (torch.compile is lazy: nothing compiles here)
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+        apply_runtime_options(pipe, device="cuda", compile=compile)
+        assert channels_last(pipe.unet) is compile
 
 
 def test_compile_fuses_attention_projections_but_not_under_a_lora(tiny_sd, loras):

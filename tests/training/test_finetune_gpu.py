@@ -61,7 +61,7 @@ def test_buckets_train_in_fp16_with_channels_last(tiny_sd, tmp_path, make_images
     for w, h in ((16, 16), (24, 16), (16, 24)):
         make_images(tmp_path / "data" / f"{w}x{h}", n=2, size=(w, h))
     out = tmp_path / "out"
-    result = finetune(make_config(tmp_path / "data", out, tiny_sd, max_steps=6, batch_size=1))
+    result = finetune(make_config(tmp_path / "data", out, tiny_sd, max_steps=6, batch_size=1, channels_last=True))
     record = json.loads((out / "training_settings.json").read_text())
     assert record["config"]["mixed_precision"] == "fp16" and record["config"]["channels_last"] is True
     assert len(record["buckets"]["table"]) == 3
