@@ -600,6 +600,7 @@ class TrainingChoice:
     weighting: str = "none"  # flow matching: none, sigma_sqrt or cosmap
     snr_gamma: float | None = None  # DDPM: min-SNR γ
     debiased: bool = False  # DDPM: debiased-estimation weighting
+    snr_floor: float | None = None  # DDPM: the SNR under which the debiased weighting stops falling
 
 
 def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 10, draws: int = 200_000,
@@ -616,7 +617,8 @@ def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 
 
     # 1. Check inputs: each family has its own choices
     flow = schedule.process.family == "flow"
-    objective.check_ddpm_weighting(choice.snr_gamma, choice.debiased, flow=flow, model=schedule.label)
+    objective.check_ddpm_weighting(choice.snr_gamma, choice.debiased, flow=flow, model=schedule.label,
+                                   snr_floor=choice.snr_floor)
     if not flow and (choice.sampling != "uniform" or choice.weighting != "none"):
         flag = "--timestep-sampling" if choice.sampling != "uniform" else "--weighting-scheme"
         raise UsageError(f"{flag} is a flow-matching option (sd3, flux); {schedule.label} is a DDPM model, trained "
@@ -636,7 +638,7 @@ def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 
         position = t.double()
         prediction = schedule.config.get("prediction_type", "epsilon")
         weights = objective.ddpm_loss_weights(schedule.process.snr()[t], prediction, snr_gamma=choice.snr_gamma,
-                                              debiased=choice.debiased)
+                                              debiased=choice.debiased, snr_floor=choice.snr_floor)
         weights = torch.ones(draws, dtype=torch.float64) if weights is None else weights.double()
     # 3. Bin over the timestep axis
     edges = torch.linspace(0, T, bins + 1, dtype=torch.float64)
@@ -652,7 +654,8 @@ def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 
             "weighting": choice.weighting if flow else ("min-snr" if choice.snr_gamma is not None else
                                                         "debiased" if choice.debiased else "none"),
             "logit_mean": choice.logit_mean if flow else None, "logit_std": choice.logit_std if flow else None,
-            "mode_scale": choice.mode_scale if flow else None, "snr_gamma": choice.snr_gamma, "draws": draws,
+            "mode_scale": choice.mode_scale if flow else None, "snr_gamma": choice.snr_gamma,
+            "snr_floor": choice.snr_floor, "draws": draws,
             "seed": seed, "bins": rows}
 
 

@@ -91,6 +91,9 @@ def test_both_families_on_one_axis_in_json_and_plot(cli, tmp_path):
     (["--preset", "sd3", "--training", "--snr-gamma", "5"], "--snr-gamma is a loss weighting for DDPM"),
     (["--preset", "sd3", "--training", "--debiased-loss"], "--debiased-loss is a loss weighting for DDPM"),
     (["--preset", "stable-diffusion", "--training", "--debiased-loss", "--snr-gamma", "5"], "two loss weightings"),
+    (["--preset", "stable-diffusion", "--training", "--debiased-snr-floor", "0.01"], "give --debiased-loss too"),
+    (["--preset", "stable-diffusion", "--training", "--debiased-loss", "--debiased-snr-floor", "0"],
+     "--debiased-snr-floor must be positive"),
 ])
 def test_options_of_the_other_family_are_refused_in_one_line(cli, args, expected):
     assert expected in one_error_line(cli("inspect-schedule", *args), 2)
@@ -119,3 +122,8 @@ def test_training_profile_draws_as_finetune_does_and_is_repeatable(cli):
     # 1/√SNR on ε: still under one at low t, and growing past one where SNR < 1 (high t), unlike min-SNR.
     assert debiased["bins"][0]["weight"] < 0.5 and debiased["bins"][9]["weight"] > 2
     assert debiased["bins"][9]["emphasis"] > ddpm["bins"][9]["emphasis"]
+    floored = strict_json(cli("inspect-schedule", "--preset", "stable-diffusion", "--training", "--debiased-loss",
+                              "--debiased-snr-floor", "0.05", "--format", "json", "-q").stdout)["training"]
+    # SD's SNR falls below 0.05 only past t ≈ 770: the noisiest bin's 1/√SNR is capped, the low bins untouched.
+    assert floored["snr_floor"] == 0.05 and floored["bins"][9]["weight"] == pytest.approx(0.05**-0.5)
+    assert floored["bins"][0]["weight"] == pytest.approx(debiased["bins"][0]["weight"])

@@ -112,6 +112,8 @@ def inspect_schedule_cmd(
         help="With --training, DDPM: min-SNR loss weighting with this γ.")] = None,
     debiased_loss: Annotated[bool, typer.Option(
         "--debiased-loss", help="With --training, DDPM: debiased-estimation loss weighting (1/√SNR on ε).")] = False,
+    debiased_snr_floor: Annotated[Optional[float], typer.Option(
+        help="With --debiased-loss: timesteps noisier than this SNR keep its weight.")] = None,
     at: Annotated[Optional[str], typer.Option(
         help="Training timesteps to show, e.g. 0,250,500,750,999. Default: 0, T/10, T/4, T/2, 3T/4, T−1.")] = None,
     every: Annotated[Optional[int], typer.Option(help="Show every Nth training timestep (and T−1).")] = None,
@@ -188,7 +190,7 @@ def inspect_schedule_cmd(
     if training:
         choice = sched.TrainingChoice(sampling=timestep_sampling.value, logit_mean=logit_mean, logit_std=logit_std,
                                       mode_scale=mode_scale, weighting=weighting_scheme.value, snr_gamma=snr_gamma,
-                                      debiased=debiased_loss)
+                                      debiased=debiased_loss, snr_floor=debiased_snr_floor)
         for schedule, info in zip(schedules, infos):
             info["training"] = sched.training_profile(schedule, choice)
 

@@ -144,6 +144,9 @@ class FinetuneConfig:
     debiased_loss: bool = option(
         False, help="Debiased-estimation loss weighting (Yu et al. 2024): 1/sqrt(SNR) on the noise MSE; more weight "
         "at high noise than min-SNR.", flags=("--debiased-loss",), panel=TRAIN)
+    debiased_snr_floor: Optional[float] = option(
+        None, help="With --debiased-loss: timesteps noisier than this SNR keep its weight instead of falling to 0 "
+        "(v-prediction with zero terminal SNR; 0.0083 is t=850 of SD 1.5's schedule rescaled so). Default: no floor.", panel=TRAIN, show_default=False)
     noise_offset: float = option(0.0, help="Offset noise strength (0.05-0.1 helps very dark/bright images).",
                                  panel=TRAIN)
     # Flow matching (SD3, Flux): None until the model is known, so a DDPM model can refuse what was given.
@@ -276,7 +279,8 @@ class FinetuneConfig:
             raise UsageError(f"--uncond-prob must be between 0 and 1, got {self.uncond_prob}")
         if self.resolution is not None and self.resolution < 8:
             raise UsageError(f"--resolution must be at least 8, got {self.resolution}")
-        check_ddpm_weighting(self.snr_gamma, self.debiased_loss, flow=False, model="")
+        check_ddpm_weighting(self.snr_gamma, self.debiased_loss, flow=False, model="",
+                             snr_floor=self.debiased_snr_floor)
         for name, value in (("--noise-offset", self.noise_offset), ("--max-grad-norm", self.max_grad_norm),
                             ("--lr-warmup-steps", self.lr_warmup_steps), ("--checkpoint-every", self.checkpoint_every),
                             ("--weight-decay", self.weight_decay)):

@@ -410,7 +410,7 @@ def _step_loss(run: Run, denoiser, batch, generator):
     if not run.family.flow:
         return objective.step_loss(denoiser, run.noise_scheduler, batch.latents, batch.cond, generator,
                                    noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
-                                   debiased=cfg.debiased_loss)
+                                   debiased=cfg.debiased_loss, snr_floor=cfg.debiased_snr_floor)
 
     def predict(noisy, timesteps):
         return run.family.predict(run.pipe, denoiser, noisy, timesteps, batch.cond, cfg.distilled_guidance)

@@ -91,16 +91,21 @@ def min_snr_weights(snr, gamma: float, prediction_type: str):
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def debiased_weights(snr, prediction_type: str):
+def debiased_weights(snr, prediction_type: str, snr_floor: float | None = None):
     """Per-sample loss weights 1/sqrt(SNR) on the ε-MSE (Yu et al. 2024, "Debias the Training of Diffusion
     Models"), carried over to v-prediction as min-SNR is: sqrt(SNR) / (SNR + 1) on the v-MSE.
 
     Against min-SNR it keeps more weight at high noise (where a picture's colours and layout are decided)
     while still taking it off the low-noise timesteps. kohya's --debiased_estimation_loss weighs v-models
     by 1 / (SNR + 1) instead, which leaves high noise at full weight. SNR is capped at 1000, as kohya does.
+    On v-prediction the weight still falls to 0 at the noisiest timesteps (SNR → 0, all of it at a zero-
+    terminal-SNR model's last one); ``snr_floor`` raises SNR to at least that value first, so every noisier
+    timestep keeps the floor's weight.
     """
     import torch
 
+    if snr_floor:
+        snr = snr.clamp(min=snr_floor)
     root = snr.clamp(max=1000.0).sqrt()
     if prediction_type != "v_prediction":
         return 1 / root
@@ -108,15 +113,21 @@ def debiased_weights(snr, prediction_type: str):
     return torch.where(snr > 1000.0, snr / root, root) / (snr + 1)
 
 
-def check_ddpm_weighting(snr_gamma: float | None, debiased: bool, *, flow: bool, model: str) -> None:
+def check_ddpm_weighting(snr_gamma: float | None, debiased: bool, *, flow: bool, model: str,
+                         snr_floor: float | None = None) -> None:
     """The refusals `finetune` and `inspect-schedule --training` share, in one line each (UsageError):
-    γ not positive, both weightings at once, either on a flow-matching ``model`` (named in the message)."""
+    γ not positive, both weightings at once, a floor that is not positive or without --debiased-loss, either
+    weighting on a flow-matching ``model`` (named in the message)."""
     from sdcli.errors import UsageError
 
     if snr_gamma is not None and not snr_gamma > 0:
         raise UsageError(f"--snr-gamma must be positive, got {snr_gamma}")
     if snr_gamma is not None and debiased:
         raise UsageError("--snr-gamma and --debiased-loss are two loss weightings; give one")
+    if snr_floor is not None and not snr_floor > 0:
+        raise UsageError(f"--debiased-snr-floor must be positive, got {snr_floor}")
+    if snr_floor is not None and not debiased:
+        raise UsageError("--debiased-snr-floor sets a floor under --debiased-loss's weighting; give --debiased-loss too")
     if flow:
         refuse_ddpm_weighting(snr_gamma, debiased, model)
 
@@ -131,12 +142,14 @@ def refuse_ddpm_weighting(snr_gamma: float | None, debiased: bool, model: str) -
                              "weight it with --weighting-scheme")
 
 
-def ddpm_loss_weights(snr, prediction_type: str, *, snr_gamma: float | None = None, debiased: bool = False):
-    """The DDPM objective's per-sample weights: None (plain MSE), min-SNR-γ, or debiased estimation."""
+def ddpm_loss_weights(snr, prediction_type: str, *, snr_gamma: float | None = None, debiased: bool = False,
+                      snr_floor: float | None = None):
+    """The DDPM objective's per-sample weights: None (plain MSE), min-SNR-γ, or debiased estimation
+    (with ``snr_floor``, see `debiased_weights`)."""
     if snr_gamma is not None:
         return min_snr_weights(snr, snr_gamma, prediction_type)
     if debiased:
-        return debiased_weights(snr, prediction_type)
+        return debiased_weights(snr, prediction_type, snr_floor)
     return None
 
 
@@ -151,18 +164,19 @@ def diffusion_loss(prediction, target, weights=None):
 
 
 def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float = 0.0, snr_gamma: float | None = None,
-              debiased: bool = False):
+              debiased: bool = False, snr_floor: float | None = None):
     """One training step's loss: noise x_0 to a random t in one jump, predict, regress.
 
     ``cond`` holds ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``.
     """
     noise = sample_noise(latents, generator, noise_offset)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, latents.device)
-    return ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, snr_gamma=snr_gamma, debiased=debiased)
+    return ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, snr_gamma=snr_gamma, debiased=debiased,
+                     snr_floor=snr_floor)
 
 
 def ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, *, snr_gamma: float | None = None,
-              debiased: bool = False):
+              debiased: bool = False, snr_floor: float | None = None):
     """The loss at given noise and timesteps: x_t by the scheduler's `add_noise`, MSE onto ε or v, weighted
     per sample by `ddpm_loss_weights`. `step_loss` draws them; validation fixes them (`validation_timesteps`)."""
     from diffusers.training_utils import compute_snr
@@ -173,7 +187,7 @@ def ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, *, snr_gamma: fl
     weights = None
     if snr_gamma is not None or debiased:
         weights = ddpm_loss_weights(compute_snr(scheduler, timesteps), scheduler.config.prediction_type,
-                                    snr_gamma=snr_gamma, debiased=debiased)
+                                    snr_gamma=snr_gamma, debiased=debiased, snr_floor=snr_floor)
     return diffusion_loss(prediction, target, weights)
 
 

@@ -99,7 +99,8 @@ def loss_function(cfg, family, pipe, scheduler, denoiser) -> Callable[[Any, Any,
     if not family.flow:
         def ddpm(batch, noise, timesteps):
             return objective.ddpm_loss(denoiser, scheduler, batch.latents, batch.cond, noise, timesteps,
-                                       snr_gamma=cfg.snr_gamma, debiased=cfg.debiased_loss)
+                                       snr_gamma=cfg.snr_gamma, debiased=cfg.debiased_loss,
+                                       snr_floor=cfg.debiased_snr_floor)
         return ddpm
 
     def flow(batch, noise, levels):

@@ -229,6 +229,7 @@ BAD = [
     ("sd3", ["--snr-gamma", "5"], "--snr-gamma is a loss weighting for DDPM models"),
     ("flux", ["--debiased-loss"], "--debiased-loss is a loss weighting for DDPM models"),
     ("sd1", ["--debiased-loss", "--snr-gamma", "5"], "--snr-gamma and --debiased-loss are two loss weightings"),
+    ("sd1", ["--debiased-snr-floor", "0.01"], "--debiased-snr-floor sets a floor under --debiased-loss's weighting"),
     ("flux", ["--noise-offset", "0.05"], "--noise-offset: this flux model trains by flow matching"),
     ("sd3", ["--train-text-encoder"], "--train-text-encoder: finetune trains the transformer only"),
     ("sd3", ["--distilled-guidance", "2"], "--distilled-guidance: this sd3 model has no guidance input"),

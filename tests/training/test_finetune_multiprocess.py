@@ -111,7 +111,7 @@ def test_two_processes_share_the_validation_loss_and_log_the_whole_mean(tiny_sd,
     inputs = TrainingInputs(pipe, examples, family=FAMILIES["sd1"], resolution=16, center_crop=True, device="cpu",
                             cache_latents=False, cache_text=False)
     scheduler = training_scheduler(pipe.scheduler.config)
-    loss_at = validation.loss_function(type("Cfg", (), {"snr_gamma": None, "debiased_loss": False})(), FAMILIES["sd1"], pipe, scheduler,
+    loss_at = validation.loss_function(type("Cfg", (), {"snr_gamma": None, "debiased_loss": False, "debiased_snr_floor": None})(), FAMILIES["sd1"], pipe, scheduler,
                                        pipe.unet)
     one = type("OneProcess", (), {"process_index": 0, "num_processes": 1, "device": "cpu"})()
     mean = validation.held_out_loss(loss_at, inputs, 4, validation.noise_levels(FAMILIES["sd1"], scheduler, "cpu"),

@@ -200,6 +200,22 @@ def test_a_v_model_gets_the_weighting_its_epsilon_form_defines(weighting):
     assert ddpm_loss_weights(snr, "v_prediction") is None  # plain MSE: no weights
 
 
+def test_a_debiased_snr_floor_gives_every_noisier_timestep_the_floors_weight():
+    from sdcli.training.objective import debiased_weights
+
+    snr, floor = torch.tensor([0.0, 1e-4, 0.0083, 0.05, 1.0, 50.0]), 0.0083
+    for prediction_type in ("v_prediction", "epsilon"):
+        plain, floored = debiased_weights(snr, prediction_type), debiased_weights(snr, prediction_type, floor)
+        at_floor = debiased_weights(torch.tensor([floor]), prediction_type)
+        torch.testing.assert_close(floored[:3], at_floor.expand(3))
+        assert torch.equal(floored[3:], plain[3:])  # less noisy than the floor: untouched
+    # v-prediction: the debiased weight falls to 0 at SNR 0 (a zero-terminal-SNR model's last step); floored, it
+    # stays at √f/(f+1). On ε it is capped instead of growing without bound.
+    v_plain, v_floored = debiased_weights(snr, "v_prediction"), debiased_weights(snr, "v_prediction", floor)
+    assert v_plain[0] == 0 and v_floored[0] == pytest.approx(floor**0.5 / (floor + 1))
+    assert debiased_weights(snr, "epsilon", floor)[0] == pytest.approx(floor**-0.5)
+
+
 def test_finetune_trains_on_the_weighting_it_was_given(tiny_models, dataset, tmp_path, make_config):
     # The same seed, data and first draw: only the weighting moves the first step's loss; the choice is recorded.
     import json
@@ -207,8 +223,11 @@ def test_finetune_trains_on_the_weighting_it_was_given(tiny_models, dataset, tmp
     from sdcli.training import finetune
 
     runs = {name: finetune(make_config(dataset, tmp_path / name, tiny_models["sd2"], max_steps=1, seed=3, **kw))
-            for name, kw in (("plain", {}), ("debiased", {"debiased_loss": True}), ("min-snr", {"snr_gamma": 5.0}))}
+            for name, kw in (("plain", {}), ("debiased", {"debiased_loss": True}), ("min-snr", {"snr_gamma": 5.0}),
+                             ("floored", {"debiased_loss": True, "debiased_snr_floor": 100.0}))}
     losses = {name: run.losses[0] for name, run in runs.items()}
-    assert len(set(losses.values())) == 3, losses
+    assert len(set(losses.values())) == 4, losses
     record = json.loads((tmp_path / "debiased" / "training_settings.json").read_text())["config"]
-    assert record["debiased_loss"] is True and record["snr_gamma"] is None
+    assert record["debiased_loss"] is True and record["snr_gamma"] is None and record["debiased_snr_floor"] is None
+    record = json.loads((tmp_path / "floored" / "training_settings.json").read_text())["config"]
+    assert record["debiased_snr_floor"] == 100.0

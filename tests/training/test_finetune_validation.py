@@ -75,7 +75,7 @@ def test_ddpm_validation_loss_is_the_objective_written_out_by_hand(tiny_models, 
     scheduler = training_scheduler(pipe.scheduler.config)
     levels = validation.noise_levels(fam, scheduler, "cpu")
     assert levels.tolist() == [125, 375, 625, 875]  # spread evenly over T = 1000
-    cfg = type("Cfg", (), {"snr_gamma": None, "debiased_loss": False})()
+    cfg = type("Cfg", (), {"snr_gamma": None, "debiased_loss": False, "debiased_snr_floor": None})()
     loss_at = validation.loss_function(cfg, fam, pipe, scheduler, pipe.unet)
     with torch.no_grad():
         loss = validation.image_loss(loss_at, inputs, 2, 9, levels, "cpu")
@@ -136,7 +136,7 @@ def test_validation_loss_moves_only_when_the_model_does(tiny_sd, dataset):
     inputs.build_cache(False)
     scheduler = training_scheduler(pipe.scheduler.config)
     levels = validation.noise_levels(fam, scheduler, "cpu")
-    loss_at = validation.loss_function(type("Cfg", (), {"snr_gamma": None, "debiased_loss": False})(), fam, pipe, scheduler, pipe.unet)
+    loss_at = validation.loss_function(type("Cfg", (), {"snr_gamma": None, "debiased_loss": False, "debiased_snr_floor": None})(), fam, pipe, scheduler, pipe.unet)
     first = validation.held_out_loss(loss_at, inputs, 0, levels, _OneProcess())
     torch.randn(100)  # the global RNG moves on; the validation loss does not
     assert validation.held_out_loss(loss_at, inputs, 0, levels, _OneProcess()) == first
@@ -177,7 +177,7 @@ def test_two_runs_with_the_same_seed_log_the_same_validation_loss(tiny_sd, datas
     inputs = TrainingInputs(pipe, examples, family=FAMILIES["sd1"], resolution=16, center_crop=True, device="cpu",
                             cache_latents=False, cache_text=False)
     scheduler = training_scheduler(pipe.scheduler.config)
-    loss_at = validation.loss_function(type("Cfg", (), {"snr_gamma": None, "debiased_loss": False})(), FAMILIES["sd1"], pipe, scheduler,
+    loss_at = validation.loss_function(type("Cfg", (), {"snr_gamma": None, "debiased_loss": False, "debiased_snr_floor": None})(), FAMILIES["sd1"], pipe, scheduler,
                                        pipe.unet)
     again = validation.held_out_loss(loss_at, inputs, 3, validation.noise_levels(FAMILIES["sd1"], scheduler, "cpu"),
                                      _OneProcess())
