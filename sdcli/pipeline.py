@@ -441,7 +441,7 @@ _INDUCTOR_DEFAULTS: dict[str, Any] = {}  # inductor's own values of those option
 
 def default_channels_last(device: str, compile: bool) -> bool:
     """Channels-last by default only for a compiled UNet on CUDA: eager, on an H100 at batch 4, it measured
-    4-5 % slower than the default layout (docs/benchmarks.md); compiled, it is part of the measured recipe."""
+    2-5 % slower than the default layout (docs/benchmarks.md); compiled, it is part of the measured recipe."""
     return device.startswith("cuda") and compile
 
 

@@ -146,7 +146,8 @@ class FinetuneConfig:
         "at high noise than min-SNR.", flags=("--debiased-loss",), panel=TRAIN)
     debiased_snr_floor: Optional[float] = option(
         None, help="With --debiased-loss: timesteps noisier than this SNR keep its weight instead of falling to 0 "
-        "(v-prediction with zero terminal SNR; 0.0083 is t=850 of SD 1.5's schedule rescaled so). Default: no floor.", panel=TRAIN, show_default=False)
+        "(v-prediction with zero terminal SNR; 0.0083 is t=850 of SD 1.5's schedule rescaled so). Default: no floor.",
+        panel=TRAIN, show_default=False)
     noise_offset: float = option(0.0, help="Offset noise strength (0.05-0.1 helps very dark/bright images).",
                                  panel=TRAIN)
     # Flow matching (SD3, Flux): None until the model is known, so a DDPM model can refuse what was given.
