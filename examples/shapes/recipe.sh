@@ -5,7 +5,8 @@
 # --debiased-loss). The model shipped before it (full captions only) was, in about 40 min:
 #   PARTIAL=0 HELD_OUT=64 VAE_RUNS=3 UNET_STEPS=5000 UNET_ARGS= examples/shapes/recipe.sh
 # LAST_EDGE=30 built the sharper-autoencoder model of examples/shapes/README.md (not shipped), in 65.5 min;
-# PARTIAL=0.2 LAST_EDGE=30 the fewer-partial-captions one after it (not shipped), in 65-70 min.
+# PARTIAL=0.2 LAST_EDGE=30 the fewer-partial-captions one after it (not shipped), in 65-70 min, and with
+# UNET_ARGS="--debiased-loss --debiased-snr-floor 0.0083" the floor run after that (not shipped), in 73 min.
 # The partial-caption attempts of examples/shapes/README.md were the defaults with NOISY=...,background and
 # UNET_ARGS= (the first; the second also with TOKEN_STD=0.6), each in about 68.5 min.
 # Each step's wall time goes to stderr. The sizes can be shrunk for a quick end-to-end check (the test suite does this):
