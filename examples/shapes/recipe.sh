@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Rebuild sdcli's bundled model from nothing, as it was built (examples/shapes/README.md has what each step printed):
-#   examples/shapes/recipe.sh [OUT]          # OUT defaults to build/shapes; 64 min on 2 CPU cores, 73 with the tables
-# The defaults are what built the shipped weights (partial captions, four autoencoder runs, 6000 UNet steps with
-# --debiased-loss). The model shipped before it (full captions only) was, in about 40 min:
+#   examples/shapes/recipe.sh [OUT]          # OUT defaults to build/shapes; 75 min on 2 CPU cores, 87 with the tables
+# The defaults are what built the shipped weights (partial captions, four autoencoder runs, the last at edge weight 30,
+# 6000 UNet steps with --debiased-loss and a floor under its SNR). The models shipped before it were, in about 64 min
+# (partial captions, --debiased-loss without a floor) and 40 min (full captions only, plain MSE):
+#   LAST_EDGE=10 UNET_ARGS=--debiased-loss examples/shapes/recipe.sh
 #   PARTIAL=0 HELD_OUT=64 VAE_RUNS=3 UNET_STEPS=5000 UNET_ARGS= examples/shapes/recipe.sh
-# LAST_EDGE=30 built the sharper-autoencoder model of examples/shapes/README.md (not shipped), in 65.5 min;
-# PARTIAL=0.2 LAST_EDGE=30 the fewer-partial-captions one after it (not shipped), in 65-70 min, and with
-# UNET_ARGS="--debiased-loss --debiased-snr-floor 0.0083" the floor run after that (not shipped), in 73 min.
-# The partial-caption attempts of examples/shapes/README.md were the defaults with NOISY=...,background and
-# UNET_ARGS= (the first; the second also with TOKEN_STD=0.6), each in about 68.5 min.
+# The runs of examples/shapes/README.md between them (not shipped): UNET_ARGS=--debiased-loss alone, the
+# sharper-autoencoder model (65.5 min); that with PARTIAL=0.2, the fewer-partial-captions one (65-70 min); PARTIAL=0.2
+# with today's defaults, the first floor run (73 min). The partial-caption attempts were LAST_EDGE=10 with
+# NOISY=...,background and UNET_ARGS= (the first; the second also with TOKEN_STD=0.6), each in about 68.5 min.
 # Each step's wall time goes to stderr. The sizes can be shrunk for a quick end-to-end check (the test suite does this):
 #   N=80 HELD_OUT=16 VAE_STEPS=2 UNET_STEPS=2 TABLE=0 examples/shapes/recipe.sh /tmp/shapes
 # The result is OUT/model, a diffusers pipeline folder; step 7 of the README copies it into sdcli/models/shapes.
@@ -21,11 +22,11 @@ NOISY="${NOISY:-color,shape,size,position}"  # attributes the noise may name wro
 PARTIAL="${PARTIAL:-0.3}"        # chance that each of size, colour, position, background is left out of a caption
 HELD_OUT="${HELD_OUT:-500}"      # images the autoencoder never trains on, to score its reconstructions
 VAE_STEPS="${VAE_STEPS:-1000}"   # steps of each autoencoder run (the second runs 80 % of it)
-VAE_RUNS="${VAE_RUNS:-4}"        # 4 adds a run at a quarter of the learning rate (sharper: shapes 94.6 -> 98.2 %)
-LAST_EDGE="${LAST_EDGE:-10}"     # edge weight of that fourth run (30: small stars read right 84 -> 97 %; not shipped)
+VAE_RUNS="${VAE_RUNS:-4}"        # 4 adds a run at a quarter of the learning rate (sharper: shapes 94.6 -> 98.2 %, 100 % at edge 30)
+LAST_EDGE="${LAST_EDGE:-30}"     # edge weight of that fourth run (30 rather than 10: small stars read right 84 -> 97 %)
 UNET_STEPS="${UNET_STEPS:-6000}" # UNet optimiser steps at batch 64
 TOKEN_STD="${TOKEN_STD:-}"       # text encoder word-embedding std (empty: CLIP's init, 0.02; the second attempt: 0.6)
-UNET_ARGS="${UNET_ARGS---debiased-loss}"  # more `sdcli finetune` options for step 5 (empty: plain MSE)
+UNET_ARGS="${UNET_ARGS---debiased-loss --debiased-snr-floor 0.0083}"  # more `sdcli finetune` options for step 5 (empty: plain MSE)
 THREADS="${THREADS:-2}"
 TABLE="${TABLE:-1}"              # 1: finish with the guidance tables
 mkdir -p "$out"

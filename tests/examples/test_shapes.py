@@ -335,7 +335,7 @@ def test_recipe_rebuilds_a_loadable_pipeline_end_to_end(tmp_path):
     import subprocess
 
     env = {**os.environ, "N": "80", "HELD_OUT": "16", "VAE_STEPS": "2", "UNET_STEPS": "2", "TABLE": "0", "THREADS": "1",
-           "OMP_NUM_THREADS": "1", "LAST_EDGE": "30"}  # the rest (partial captions, --debiased-loss) as the shipped recipe
+           "OMP_NUM_THREADS": "1"}  # the rest (partial captions, edge weight 30, the floored loss) as the shipped recipe
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python and sdcli
     res = subprocess.run(["bash", str(ROOT / "examples/shapes/recipe.sh"), str(tmp_path / "shapes")],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -343,7 +343,8 @@ def test_recipe_rebuilds_a_loadable_pipeline_end_to_end(tmp_path):
     model = Path(res.stdout.strip().splitlines()[-1])
     assert model == tmp_path / "shapes" / "model"
     settings = json.loads((model / "training_settings.json").read_text())
-    assert (settings["method"], settings["steps"], settings["config"]["debiased_loss"]) == ("full", 2, True)
+    assert (settings["method"], settings["steps"], settings["config"]["debiased_loss"],
+            settings["config"]["debiased_snr_floor"]) == ("full", 2, True, 0.0083)
     vae_runs = [json.loads((tmp_path / "shapes" / v / "training.json").read_text())["settings"] for v in ("vae3", "vae")]
     assert [(r["edge_weight"], r["lr"]) for r in vae_runs] == [(10, 5e-4), (30, 2.5e-4)]  # LAST_EDGE: the last run only
     rows = (tmp_path / "shapes" / "data" / "metadata.jsonl").read_text().splitlines()
