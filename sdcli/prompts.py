@@ -5,7 +5,7 @@
 into 75-token chunks, each framed by BOS/EOS to the CLIP's 77 and encoded on its
 own; the chunks' embeddings are concatenated, so nothing past token 75 is lost.
 Each token's embedding is multiplied by its weight and the chunk rescaled to its
-old mean (AUTOMATIC1111's "Original" emphasis). Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved
+old mean (AUTOMATIC1111's "Original" emphasis) where it has one (`emphasis`). Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved
 first, by `sdcli.prompt_editing`, into one such text per step.
 
 1. Parsing: small pure functions of the text (`parse_weights`, `chunk_tokens`, `frame`).
@@ -289,13 +289,37 @@ class _Encoder:
         return z, pooled
 
 
+# A chunk's mean is a level worth restoring only when it stands out of rounding noise: at least this share of
+# the values' mean magnitude (a LayerNorm with zero bias gives means of 1e-8 of it in float32, 3e-5 in bfloat16).
+MEAN_FLOOR = 1e-3
+
+
 def emphasis(z: Any, weights: Any) -> Any:
     """Multiply each token's embedding by its weight, then rescale each chunk to its old mean
-    (AUTOMATIC1111's "Original" emphasis)."""
-    before = z.float().mean(dim=(1, 2), keepdim=True)
-    weighted = z.float() * weights.float()[:, :, None]
-    after = weighted.mean(dim=(1, 2), keepdim=True)
-    return (weighted * (before / after)).to(z.dtype)
+    (AUTOMATIC1111's "Original" emphasis), where that rescale is defined.
+
+    The rescale divides by the weighted chunk's mean, which is ~0 on a text encoder whose final
+    LayerNorm has zero bias (the bundled model): there the ratio of two rounding errors would be
+    NaN, huge or negative (a negated conditioning). So a chunk is rescaled only when both means
+    exceed `MEAN_FLOOR` of the values' mean magnitude and have the same sign, and by no more than
+    its strongest weight changes a level (×1/W to ×W, W = the largest of |w| and 1/|w|): when the
+    tokens share a mean, the ratio lies inside that range and AUTOMATIC1111's result is kept
+    exactly. Otherwise the weighted embeddings stand as they are.
+    """
+    import torch
+
+    dims = (1, 2)
+    z32, w = z.float(), weights.float()
+    weighted = z32 * w[:, :, None]
+    before, after = z32.mean(dim=dims, keepdim=True), weighted.mean(dim=dims, keepdim=True)
+    level = torch.minimum(before.abs() / z32.abs().mean(dim=dims, keepdim=True),
+                          after.abs() / weighted.abs().mean(dim=dims, keepdim=True))
+    ratio = before / after
+    usable = (level >= MEAN_FLOOR) & (ratio > 0) & torch.isfinite(ratio)
+    size = w.abs().masked_fill(w == 0, 1)
+    bound = torch.maximum(size, 1 / size).amax(dim=1)[:, None, None]
+    ratio = torch.where(usable, ratio, torch.ones_like(ratio)).clamp(min=1 / bound, max=bound)
+    return (weighted * ratio).to(z.dtype)
 
 
 def _final_norm(model: Any) -> Any:

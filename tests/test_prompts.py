@@ -101,17 +101,136 @@ def test_weights_of_one_are_the_words_without_brackets(pipelines, family):
     assert not np.array_equal(image(loaded, "a (red:1.5) circle"), image(loaded, "a red circle"))
 
 
-def test_a_weight_scales_the_tokens_embedding_and_keeps_the_chunks_mean(pipelines):
+def tiny_sd1_with_final_norm_bias(bias: float):
+    """The tiny SD 1.x pipeline with its text encoder's final LayerNorm bias set: 0 makes every token's
+    hidden state exactly zero-mean (as the bundled model's are), anything else gives the chunk a mean."""
     import torch
 
-    pipe = pipelines["sd1"].pipe
-    plain = TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs(["a red circle"], 1.0)["prompt_embeds"]
-    weighted = TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs(["a (red:1.5) circle"], 1.0)
-    z = weighted["prompt_embeds"]
+    from sdcli.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    from sdcli.prompts import _final_norm
+
+    norm = _final_norm(pipe.text_encoder)
+    with torch.no_grad():
+        norm.bias.copy_(bias + 0.1 * torch.randn(norm.bias.shape, generator=torch.Generator().manual_seed(0)))
+        if bias == 0:
+            norm.bias.zero_()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def biased_encoders():
+    return {"zero-mean": tiny_sd1_with_final_norm_bias(0.0), "mean 0.5": tiny_sd1_with_final_norm_bias(0.5)}
+
+
+def embeds(pipe, prompt: str):
+    return TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs([prompt], 1.0)["prompt_embeds"]
+
+
+@pytest.mark.parametrize("prompt, position, weight", [
+    ("a (red:1.5) circle", 2, 1.5),  # BOS, a, red
+    ("a (red:0.5) circle", 2, 0.5),
+    ("((red)) circle on a [black] square", 1, 1.21),
+    ("a red (circle:2.0)", 3, 2.0),
+])
+def test_a_weight_keeps_automatic1111s_mean_where_the_chunk_has_one(biased_encoders, prompt, position, weight):
+    import torch
+
+    pipe = biased_encoders["mean 0.5"]
+    plain = embeds(pipe, parse_weights(prompt).text)
+    assert plain.mean() > 0.4  # a real level to restore
     expected = plain.clone()
-    expected[0, 2] *= 1.5  # BOS, a, red
-    expected *= plain.mean() / expected.mean()
-    assert torch.allclose(z, expected, atol=1e-6)
+    expected[0, position] *= weight
+    if "[black]" in prompt:
+        expected[0, 5] /= 1.1  # BOS red circle on a black
+    expected *= plain.mean() / expected.mean()  # AUTOMATIC1111's "Original" emphasis, by hand
+    assert torch.allclose(embeds(pipe, prompt), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["zero-mean", "mean 0.5"])
+@pytest.mark.parametrize("weight", ["0.5", "0.9", "1.1", "1.4", "2.0", "100", "-1", "0"])
+def test_a_weight_never_gives_nan_or_flips_the_conditioning(biased_encoders, encoder, weight):
+    import torch
+
+    pipe = biased_encoders[encoder]
+    plain, z = embeds(pipe, "a red circle on a white background"), embeds(pipe, f"a red circle on a (white:{weight}) background")
+    assert torch.isfinite(z).all()
+    untouched = [i for i in range(z.shape[1]) if i != 6]  # BOS a red circle on a white
+    cosine = torch.nn.functional.cosine_similarity(z[0, untouched], plain[0, untouched], dim=-1)
+    assert (cosine > 0.999).all()  # the same directions, rescaled at most
+    scale = (z[0, untouched].norm(dim=-1) / plain[0, untouched].norm(dim=-1))
+    w = float(weight)
+    assert (scale <= max(abs(w), 1 / abs(w) if w else 1) + 1e-5).all() and (scale > 0).all()
+    if encoder == "zero-mean":  # no mean to restore: the weighted embeddings stand as they are
+        expected = plain.clone()
+        expected[0, 6] *= w
+        assert torch.equal(z, expected)
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    (1e-9, 1e-9, "as weighted"),  # both means rounding noise
+    (0.3, -0.2, "as weighted"),  # the weights pushed the mean across zero: the ratio would negate the chunk
+    (0.3, 1e-12, "as weighted"),  # the weighted mean vanishes: the ratio would be huge
+    (0.3, 0.2, "scaled by 1.5"),  # a real level: AUTOMATIC1111's ratio, inside the weights' range
+    (0.3, 0.01, "scaled by 2"),  # a real level but a ratio past the strongest weight: held at it
+])
+def test_the_mean_rescale_is_applied_only_where_it_means_something(before, after, expected):
+    """`emphasis` on a hand-made chunk of two tokens, one weighted 2, whose means are ``before`` and ``after``."""
+    import torch
+
+    from sdcli.prompts import emphasis
+
+    # Token 0 (weight 1) and token 1 (weight 2), width 2; chunk mean = (m0 + m1) / 2, weighted (m0 + 2 m1) / 2.
+    m1 = 2 * after - 2 * before
+    m0 = 2 * before - m1
+    z = torch.tensor([[[m0 + 1, m0 - 1], [m1 + 1, m1 - 1]]], dtype=torch.float64)
+    weights = torch.tensor([[1.0, 2.0]])
+    weighted = z * weights[:, :, None]
+    out = emphasis(z, weights)
+    assert torch.isfinite(out).all()
+    factor = {"as weighted": 1.0, "scaled by 1.5": 1.5, "scaled by 2": 2.0}[expected]
+    assert torch.allclose(out, weighted * factor, rtol=1e-6, atol=1e-12)
+
+
+def test_the_readme_prompt_weights_example_runs_on_the_bundled_model(cli, tmp_path):
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = 'sdcli generate "a large (red:1.4) circle on a [white] background" --seed 1'
+    assert line in readme
+    result = cli(*shlex.split(line)[1:], "--steps", "3", "--out", tmp_path / "out")
+    assert len(paths_of(result)) == 1, result.stderr
+
+
+@pytest.fixture(scope="module")
+def bundled_text():
+    from sdcli.defaults import BUNDLED_MODEL
+
+    if not (BUNDLED_MODEL / "model_index.json").is_file():
+        pytest.skip("no bundled model in sdcli/models/shapes")
+    return TextConditioning(Settings(prompts=["x"]), prepare_pipeline(Settings(prompts=["x"], model=str(BUNDLED_MODEL))).pipe)
+
+
+@pytest.mark.parametrize("word", ["large", "red", "triangle", "center", "black"])
+@pytest.mark.parametrize("weighted, weight", [("({}:0.5)", 0.5), ("({}:0.9)", 0.9), ("({}:1.1)", 1.1),
+                                              ("({}:1.4)", 1.4), ("({}:2.0)", 2.0), ("[{}]", 1 / 1.1),
+                                              ("(({}))", 1.21)])
+def test_weights_on_the_bundled_model_scale_the_word_and_leave_the_rest(bundled_text, word, weighted, weight):
+    """The bundled model's text encoder gives zero-mean tokens (issue 28: NaN or a negated prompt before)."""
+    import torch
+
+    prompt = "a large red triangle in the center on a black background"
+    plain = bundled_text.encode(prompt).embeds[0]
+    z = bundled_text.encode(prompt.replace(word, weighted.format(word), 1)).embeds[0]
+    assert torch.isfinite(z).all()
+    at = 1 + prompt.split().index(word)  # after BOS; every word is one token
+    others = [i for i in range(z.shape[0]) if i != at]
+    assert (torch.nn.functional.cosine_similarity(z[others], plain[others], dim=-1) > 0.99).all()
+    assert torch.allclose(z[others].norm(dim=-1), plain[others].norm(dim=-1), rtol=0.2)
+    assert torch.nn.functional.cosine_similarity(z[at], plain[at], dim=0) > 0.99
+    assert abs(float(z[at].norm() / plain[at].norm()) / weight - 1) < 0.2
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
