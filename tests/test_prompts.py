@@ -500,6 +500,59 @@ def test_bad_prompt_settings_fail_in_one_line(cli, tiny_models, tmp_path, case, 
     assert not list((tmp_path / "out").glob("*.png"))
 
 
+NESTED = 3000
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("a (red:nan) circle", "the weight in '(red:nan)' must be a plain number from -100 to 100"),
+    ("a (red:inf) circle", "the weight in '(red:inf)' must be a plain number"),
+    ("a (red:-inf) circle", "the weight in '(red:-inf)' must be a plain number"),
+    ("a (red:1e300) circle", "the weight in '(red:1e300)' must be a plain number"),
+    ("a (big red:-Infinity) circle", "the weight in '(big red:-Infinity)' must be a plain number"),
+    ("a (red: NaN ) circle", "the weight in '(red: NaN )' must be a plain number"),
+    ("a ((red):1" + "0" * 400 + ") circle", "the weight in '((red):1000000"),  # 1e400: inf as a float
+    ("a (red:101) circle", "the weight in '(red:101)' is outside -100 to 100"),
+    ("a (red:-250.5) circle", "the weight in '(red:-250.5)' is outside -100 to 100"),
+    ("a ((((((((red:90)))))))) circle", "the brackets around 'red' multiply its weight to 175.4"),
+    ("a [red:blue:nan] circle", "the switch step in '[red:blue:nan]' must be a step number (10) or a fraction"),
+    ("a [red:blue:inf] circle", "the switch step in '[red:blue:inf]'"),
+    ("a [red:blue:1e400] circle", "the switch step in '[red:blue:1e400]'"),
+    ("a [red:blue:" + "9" * 400 + "] circle", "the switch step in '[red:blue:999"),
+    ("a [blue:-1] circle", "the switch step in '[blue:-1]'"),
+    ("a [red::1e3] circle", "the switch step in '[red::1e3]'"),
+    ("(" * NESTED + "red" + ")" * NESTED, f"brackets nested {NESTED} deep; sdcli reads at most 100"),
+    ("[" * NESTED + "red" + "]" * NESTED, f"brackets nested {NESTED} deep"),
+    ("(" * 100_000 + "red", "brackets nested 100000 deep"),
+    ("[" * 100_000 + "red" + "]" * 100_000, "brackets nested 100000 deep"),
+    ("[red:" * NESTED + "blue" + ":1]" * NESTED, f"brackets nested {NESTED} deep"),
+    ("[a|" * NESTED + "b" + "]" * NESTED, f"brackets nested {NESTED} deep"),
+    ("([" * 60 + "red" + "])" * 60, "brackets nested 120 deep"),
+])
+@pytest.mark.parametrize("where", ["prompt", "negative"])
+def test_numbers_no_model_can_take_are_refused_before_loading(cli, tmp_path, prompt, message, where):
+    """nan, inf and overflowing weights or switch steps, and brackets nested past what the parsers read: one
+    line naming the piece, before the model loads (the model given does not exist)."""
+    args = [prompt] if where == "prompt" else ["a circle", "-n", prompt]
+    result = cli("generate", *args, "--model", tmp_path / "no-model", "--steps", "1", "--out", tmp_path / "out")
+    line = one_error_line(result, 2)
+    assert message in line and line.startswith("error: the prompt: " if where == "prompt" else
+                                               "error: --negative-prompt: ")
+    assert len(line) < 200 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("prompt", ["a (red:100) circle", "a (red:-100) [blue:red:0.5] circle", "(" * 48 + "red",
+                                    "[" * 100 + "red", "a (red:0) circle", "a (red: 1.4 ) circle"])
+def test_weights_and_nesting_within_the_bounds_are_read(prompt):
+    from sdcli.prompts import check_prompt_numbers
+
+    check_prompt_numbers(prompt, "the prompt")
+    assert parse_weights(prompt).pieces
+
+
+def test_a_weight_may_have_spaces_around_it_as_in_automatic1111():
+    assert weights("a (red: 1.4 ) circle") == [("a ", 1.0), ("red", 1.4), (" circle", 1.0)]
+
+
 def test_unbalanced_brackets_warn_and_still_generate(cli, tiny_sd, tmp_path):
     result = cli("generate", "a (red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1", "-n", "blue]")
     assert result.exit_code == 0, result.stderr
