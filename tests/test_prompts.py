@@ -553,6 +553,104 @@ def test_a_weight_may_have_spaces_around_it_as_in_automatic1111():
     assert weights("a (red: 1.4 ) circle") == [("a ", 1.0), ("red", 1.4), (" circle", 1.0)]
 
 
+def embedding_files(tmp_path) -> dict:
+    """Embedding files no model can take, each written in the test (the tiny text encoders are 32 wide)."""
+    import torch
+
+    def one(name, tensor):
+        return save(tmp_path / f"{name}.safetensors", {"emb_params": tensor})
+
+    v = random_vectors(2, 32)
+    return {
+        "nan": one("nan", v.clone().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("nan")))),
+        "inf": one("inf", v.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("-inf")))),
+        "huge": one("huge", v * 1e6),
+        "huge64": one("huge64", v.double() * 1e300),  # inf once it is float32
+        "int": one("int", torch.ones(2, 32, dtype=torch.int64)),
+        "bool": one("bool", torch.ones(2, 32, dtype=torch.bool)),
+        "3d": one("3d", random_vectors(1, 2, 32)),
+        "empty": one("empty", torch.zeros(0, 32)),
+        "empty1d": one("empty1d", torch.zeros(0)),
+        "narrow": one("narrow", random_vectors(2, 16)),
+        "xl-counts": save(tmp_path / "xlc.safetensors", {"clip_l": random_vectors(2, 32), "clip_g": random_vectors(3, 32)}),
+        "xl-nan": save(tmp_path / "xlnan.safetensors", {"clip_l": v, "clip_g": v * float("nan")}),
+        "xl-narrow-g": save(tmp_path / "xlg.safetensors", {"clip_l": v, "clip_g": random_vectors(2, 8)}),
+        "xl": save(tmp_path / "xl.safetensors", {"clip_l": v, "clip_g": v.clone()}),
+        "ok": one("ok", v),
+        "zz": one("zz", random_vectors(1, 32)),
+        "zz_1": one("zz_1", random_vectors(1, 32)),
+        "zq": one("zq", random_vectors(3, 32)),
+        "zq_1": one("zq_1", random_vectors(1, 32)),
+        "zq_2": one("zq_2", random_vectors(1, 32)),
+    }
+
+
+@pytest.mark.parametrize("model, names, code, message", [
+    ("sd1", ["nan"], 1, "--embedding nan.safetensors holds NaN or infinite values"),
+    ("sd1", ["inf"], 1, "--embedding inf.safetensors holds NaN or infinite values"),
+    ("sd1", ["huge"], 1, "--embedding huge.safetensors holds values as large as"),
+    ("sd1", ["huge64"], 1, "--embedding huge64.safetensors holds values as large as"),
+    ("sd1", ["int"], 1, "--embedding int.safetensors holds int64 values; an embedding's vectors are floating-point"),
+    ("sd1", ["bool"], 1, "--embedding bool.safetensors holds bool values"),
+    ("sd1", ["3d"], 1, "--embedding 3d.safetensors holds a tensor of shape (1, 2, 32); an embedding is one vector or"),
+    ("sd1", ["empty"], 1, "--embedding empty.safetensors holds a tensor of shape (0, 32)"),
+    ("sd1", ["empty1d"], 1, "--embedding empty1d.safetensors holds a tensor of shape (1, 0)"),
+    ("sd1", ["narrow"], 1, "--embedding narrow.safetensors is 16 wide but this model's text encoder takes 32"),
+    ("sdxl", ["xl-counts"], 1, "--embedding xlc.safetensors holds 2 clip_l vectors but 3 clip_g ones"),
+    ("sdxl", ["xl-nan"], 1, "--embedding xlnan.safetensors clip_g holds NaN or infinite values"),
+    ("sdxl", ["xl-narrow-g"], 1, "--embedding xlg.safetensors clip_g is 8 wide but this model's text encoder takes 32"),
+    ("sd1", ["zz", "zz_1"], 2, "the tokens 'zz' (zz.safetensors) and 'zz_1' (zz_1.safetensors) collide"),
+    ("sd1", ["zz_1", "zz"], 2, "the tokens 'zz_1' (zz_1.safetensors) and 'zz' (zz.safetensors) collide"),
+    ("sd1", ["zq", "zq_2"], 2, "the tokens 'zq' (zq.safetensors) and 'zq_2' (zq_2.safetensors) collide"),
+    ("sdxl", ["xl", "zq_1", "zq"], 2, "'zq_1' (zq_1.safetensors) and 'zq' (zq.safetensors) collide"),
+    ("sd3", ["xl"], 1, "--embedding xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                       "or XL model; Stable Diffusion 3 reads prompts with three text encoders"),
+    ("sd3", ["ok"], 1, "--embedding ok.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                       "or XL model; Stable Diffusion 3"),
+    ("flux", ["xl"], 1, "--embedding xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                        "or XL model; Flux reads prompts with T5"),
+    ("flux-schnell", ["ok"], 1, "need a Stable Diffusion 1.x, 2.x or XL model; Flux reads prompts with T5"),
+])
+def test_embeddings_no_text_encoder_can_take_are_refused_before_loading(
+        cli, tiny_models, tiny_flow_models, tmp_path, monkeypatch, model, names, code, message):
+    import sdcli.pipeline
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model loaded before the embedding was refused")
+
+    monkeypatch.setattr(sdcli.pipeline, "load_pipeline", no_loading)
+    files = embedding_files(tmp_path)
+    args = [a for n in names for a in ("--embedding", files[n])]
+    path = {**tiny_models, **tiny_flow_models}[model]
+    result = cli("generate", "a ok circle", "--model", path, "--steps", "1", "--seed", "1", *args,
+                 "--out", tmp_path / "out")
+    line = one_error_line(result, code)
+    assert message in line, line
+    assert "SDXL" not in line or model in ("sd1", "sdxl")  # an SD3 or Flux model is named as itself
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, name", [("sd1", "nan"), ("sd1", "3d"), ("sdxl", "xl-counts"), ("sd1", "narrow")])
+def test_loading_refuses_the_same_embeddings_on_its_own(pipelines, tmp_path, family, name):
+    """The library call checks what plan checked, for callers that load embeddings themselves."""
+    from sdcli.embeddings import load_embeddings
+    from sdcli.errors import SdcliError
+
+    path = embedding_files(tmp_path)[name]
+    with pytest.raises(SdcliError, match=r"--embedding \w+\.safetensors"):
+        load_embeddings(pipelines[family].pipe, [(path, "tok" + name.replace("-", ""))], False)
+
+
+@pytest.mark.parametrize("value", ["abc", 3, [["a", "b"]], [{"path": 1, "token": "t"}], [{"token": "t"}],
+                                   {"path": "x", "token": "t"}, [{"path": "x", "token": None}]])
+def test_a_records_embeddings_of_the_wrong_shape_are_one_line(value):
+    from sdcli.embeddings import embeddings_from_record
+    from sdcli.errors import DataError
+
+    with pytest.raises(DataError, match="the record's embeddings are not a list of"):
+        embeddings_from_record(value)
+
+
 def test_unbalanced_brackets_warn_and_still_generate(cli, tiny_sd, tmp_path):
     result = cli("generate", "a (red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1", "-n", "blue]")
     assert result.exit_code == 0, result.stderr
