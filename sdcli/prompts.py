@@ -5,8 +5,9 @@
 into 75-token chunks, each framed by BOS/EOS to the CLIP's 77 and encoded on its
 own; the chunks' embeddings are concatenated, so nothing past token 75 is lost.
 Each token's embedding is multiplied by its weight and the chunk rescaled to its
-old mean (AUTOMATIC1111's "Original" emphasis) where it has one (`emphasis`). Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved
-first, by `sdcli.prompt_editing`, into one such text per step.
+old mean (AUTOMATIC1111's "Original" emphasis) where it has one (`emphasis`).
+Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved first, by
+`sdcli.prompt_editing`, into one such text per step.
 
 1. Parsing: small pure functions of the text (`parse_weights`, `chunk_tokens`, `frame`).
 2. Checks that need no weights (`check_prompt_settings`).

@@ -154,7 +154,8 @@ def test_a_weight_never_gives_nan_or_flips_the_conditioning(biased_encoders, enc
     import torch
 
     pipe = biased_encoders[encoder]
-    plain, z = embeds(pipe, "a red circle on a white background"), embeds(pipe, f"a red circle on a (white:{weight}) background")
+    plain = embeds(pipe, "a red circle on a white background")
+    z = embeds(pipe, f"a red circle on a (white:{weight}) background")
     assert torch.isfinite(z).all()
     untouched = [i for i in range(z.shape[1]) if i != 6]  # BOS a red circle on a white
     cosine = torch.nn.functional.cosine_similarity(z[0, untouched], plain[0, untouched], dim=-1)
@@ -210,7 +211,8 @@ def bundled_text():
 
     if not (BUNDLED_MODEL / "model_index.json").is_file():
         pytest.skip("no bundled model in sdcli/models/shapes")
-    return TextConditioning(Settings(prompts=["x"]), prepare_pipeline(Settings(prompts=["x"], model=str(BUNDLED_MODEL))).pipe)
+    loaded = prepare_pipeline(Settings(prompts=["x"], model=str(BUNDLED_MODEL)))
+    return TextConditioning(Settings(prompts=["x"]), loaded.pipe)
 
 
 @pytest.mark.parametrize("word", ["large", "red", "triangle", "center", "black"])
@@ -572,7 +574,8 @@ def embedding_files(tmp_path) -> dict:
         "empty": one("empty", torch.zeros(0, 32)),
         "empty1d": one("empty1d", torch.zeros(0)),
         "narrow": one("narrow", random_vectors(2, 16)),
-        "xl-counts": save(tmp_path / "xlc.safetensors", {"clip_l": random_vectors(2, 32), "clip_g": random_vectors(3, 32)}),
+        "xl-counts": save(tmp_path / "xlc.safetensors",
+                          {"clip_l": random_vectors(2, 32), "clip_g": random_vectors(3, 32)}),
         "xl-nan": save(tmp_path / "xlnan.safetensors", {"clip_l": v, "clip_g": v * float("nan")}),
         "xl-narrow-g": save(tmp_path / "xlg.safetensors", {"clip_l": v, "clip_g": random_vectors(2, 8)}),
         "xl": save(tmp_path / "xl.safetensors", {"clip_l": v, "clip_g": v.clone()}),
