@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,20 @@ def check_embeddings(embeddings: list[tuple[str, str]], allow_pickle: bool) -> N
             raise UsageError(f"--embedding: {path} and {seen[token]} both use the token {token!r}; "
                              "name one another way with PATH:TOKEN")
         seen[token] = path
+        for other, other_path in seen.items():
+            if _numbered(token, other) or _numbered(other, token):
+                raise UsageError(f"--embedding: the tokens {other!r} ({Path(other_path).name}) and {token!r} "
+                                 f"({Path(path).name}) collide: a multi-vector embedding T takes T_1, T_2, ...; "
+                                 "name one another way with PATH:TOKEN")
         if Path(path).suffix.lower() in PICKLED and not allow_pickle:
             raise UsageError(f"--embedding {path} holds pickled data, which can run code when loaded; "
                              "convert it to .safetensors or pass --allow-pickle if you trust it")
+
+
+def _numbered(token: str, base: str) -> bool:
+    """Whether ``token`` is one of the tokens a multi-vector embedding called ``base`` adds (base_1, base_2, ...)."""
+    number = token[len(base) + 1:] if token.startswith(base + "_") else ""
+    return number.isdigit() and str(int(number)) == number
 
 
 def file_sha256(path: str | Path) -> str:
@@ -93,7 +105,12 @@ def embeddings_to_record(embeddings: list[tuple[str, str]]) -> list[dict[str, st
 def embeddings_from_record(value: list[dict[str, str]] | None) -> list[tuple[str, str]]:
     """The recorded embeddings, each checked to be the very file the image was made with."""
     out = []
-    for e in value or []:
+    entries = value or []
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("token"), str)
+            and isinstance(e.get("sha256", ""), str) for e in entries):
+        raise DataError("the record's embeddings are not a list of {path, token, sha256}: the record is damaged")
+    for e in entries:
         path = Path(e["path"])
         if not path.is_file():
             raise DataError(f"the embedding {e['token']!r} this image was made with is gone: no such file {path}")
@@ -113,9 +130,19 @@ def ti_hashes(value: list[dict[str, str]] | None) -> str | None:
 
 # 2. Loading -------------------------------------------------------------------------------------
 
+# Trained embeddings' values are a few tenths; past this a file is broken (and float16 overflows at 65504).
+VALUE_LIMIT = 1000.0
+# The pipelines whose text encoders take embeddings: Stable Diffusion 1.x/2.x (one CLIP) and XL (two).
+_TAKES_EMBEDDINGS = re.compile(r"StableDiffusion(?!3)[A-Z]")
+
 
 def read_vectors(path: str, allow_pickle: bool) -> dict[str, Any]:
-    """An embedding file's vectors: {"": (n, width)} for one text encoder, {"clip_l", "clip_g"} for SDXL."""
+    """An embedding file's vectors: {"": (n, width)} for one text encoder, {"clip_l", "clip_g"} for SDXL.
+
+    Refuses, naming the file, what no text encoder can take: values that are not floating point,
+    NaN, inf or past `VALUE_LIMIT`, tensors that are not one vector or a (tokens, width) matrix, and
+    SDXL halves with different numbers of vectors (token T_i would mean another thing to each encoder).
+    """
     import torch
 
     name = Path(path).name
@@ -146,47 +173,122 @@ def read_vectors(path: str, allow_pickle: bool) -> dict[str, Any]:
                         f"(tensors: {', '.join(sorted(tensors))[:120] or 'none'})")
     out = {}
     for key, vectors in found.items():
-        vectors = vectors.detach().float()
+        what = f"--embedding {name}{' ' + key if key else ''}"
+        if not vectors.is_floating_point():
+            raise DataError(f"{what} holds {str(vectors.dtype).removeprefix('torch.')} values; an embedding's vectors "
+                            "are floating-point numbers")
+        vectors = vectors.detach()
         if vectors.ndim == 1:
             vectors = vectors[None]
-        if vectors.ndim != 2 or not len(vectors):
-            raise DataError(f"--embedding {name}: vectors of shape {tuple(vectors.shape)}, expected (tokens, width)")
-        out[key] = vectors
+        if vectors.ndim != 2 or not vectors.numel():
+            raise DataError(f"{what} holds a tensor of shape {tuple(vectors.shape)}; an embedding is one vector "
+                            "or a (tokens, width) matrix, width being its text encoder's hidden size")
+        wide = vectors.double()
+        if not torch.isfinite(wide).all():
+            raise DataError(f"{what} holds NaN or infinite values")
+        if wide.abs().max() > VALUE_LIMIT:
+            raise DataError(f"{what} holds values as large as {float(wide.abs().max()):.3g}; trained embeddings "
+                            f"stay far within ±{VALUE_LIMIT:g}")
+        out[key] = vectors.float()
+    if "clip_l" in out and len(out["clip_l"]) != len(out["clip_g"]):
+        raise DataError(f"--embedding {name} holds {len(out['clip_l'])} clip_l vectors but {len(out['clip_g'])} "
+                        "clip_g ones; an SDXL embedding needs as many for both text encoders")
     return out
+
+
+def check_model_takes(embeddings: list[tuple[str, str]], class_name: str | None) -> None:
+    """Refuse embeddings on a pipeline whose text encoders cannot take them (SD3, Flux, others), in one line."""
+    if not embeddings or not class_name or _TAKES_EMBEDDINGS.match(class_name):
+        return
+    name = Path(embeddings[0][0]).name
+    if class_name.startswith("StableDiffusion3"):
+        why = ("Stable Diffusion 3 reads prompts with three text encoders (two CLIPs and T5) and an embedding has "
+               "vectors for at most the two CLIPs")
+    elif class_name.startswith("Flux"):
+        why = "Flux reads prompts with T5 (and a CLIP for the pooled vector), and an embedding has no T5 vectors"
+    else:
+        why = f"{class_name} is not one"
+    raise ModelError(f"--embedding {name}: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x or XL "
+                     f"model; {why}")
+
+
+def check_embeddings_fit(embeddings: list[tuple[str, str]], allow_pickle: bool, model: str | None,
+                         class_name: str | None, revision: str | None = None) -> None:
+    """Before the model loads: its family takes embeddings, each file's vectors are usable, and (where the
+    text encoders' configs can be read) as wide as the encoders they are for."""
+    from sdcli.pipeline import _config
+
+    check_model_takes(embeddings, class_name)
+    if not embeddings:
+        return
+    sdxl = bool(class_name and class_name.startswith("StableDiffusionXL"))
+    folders = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"} if sdxl else {"": "text_encoder"}
+    widths = {}
+    for key, folder in folders.items():
+        config = _config(model, f"{folder}/config.json", revision) if model else None
+        widths[key] = config.get("hidden_size") if isinstance(config, dict) else None
+    for path, _token in embeddings:
+        vectors = read_vectors(path, allow_pickle)
+        if class_name:
+            _parts(vectors, sdxl, Path(path).name)
+        for key, rows in vectors.items():
+            if widths.get(key) and rows.shape[1] != widths[key]:
+                _refuse_width(f"{Path(path).name}{' ' + key if key else ''}", rows.shape[1], widths[key])
+
+
+def _parts(vectors: dict[str, Any], sdxl: bool, name: str) -> list[str]:
+    """Which of the file's vector sets go to the model's text encoders, in order; refuses a mismatch."""
+    if sdxl:
+        if "clip_g" not in vectors:
+            raise DataError(f"--embedding {name} holds vectors for one text encoder (SD 1.x/2.x); SDXL needs "
+                            "vectors for both (clip_l and clip_g)")
+        return ["clip_l", "clip_g"]
+    if "" not in vectors:
+        raise DataError(f"--embedding {name} holds SDXL vectors (clip_l and clip_g); this model has one "
+                        "text encoder")
+    return [""]
+
+
+def _refuse_width(what: str, width: int, expected: int) -> None:
+    raise ModelError(f"--embedding {what} is {width} wide but this model's text encoder takes {expected} "
+                     "(the embedding was made for another model family)")
 
 
 def load_embeddings(pipe: Any, embeddings: list[tuple[str, str]], allow_pickle: bool) -> None:
     """Add each embedding's token to the pipeline's tokenizer(s) and its vectors to the text encoder(s)."""
+    check_model_takes(embeddings, type(pipe).__name__)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     for path, token in embeddings:
         vectors = read_vectors(path, allow_pickle)
         name = Path(path).name
-        if sdxl:
-            if "clip_g" not in vectors:
-                raise DataError(f"--embedding {name} holds vectors for one text encoder (SD 1.x/2.x); SDXL needs "
-                                "vectors for both (clip_l and clip_g)")
-            targets = [(pipe.tokenizer, pipe.text_encoder, vectors["clip_l"], "clip_l"),
-                       (pipe.tokenizer_2, pipe.text_encoder_2, vectors["clip_g"], "clip_g")]
-            targets = [t for t in targets if t[1] is not None]
-        else:
-            if "" not in vectors:
-                raise DataError(f"--embedding {name} holds SDXL vectors (clip_l and clip_g); this model has one "
-                                "text encoder")
-            targets = [(pipe.tokenizer, pipe.text_encoder, vectors[""], "")]
+        encoders = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else \
+            [(pipe.tokenizer, pipe.text_encoder)]
+        targets = [(tok, model, vectors[part], part)
+                   for (tok, model), part in zip(encoders, _parts(vectors, sdxl, name)) if model is not None]
         for tokenizer, model, rows, part in targets:  # check all before changing any
             _check_fits(tokenizer, model, rows, token, f"{name}{' ' + part if part else ''}")
         for tokenizer, model, rows, _part in targets:
             _add_token(tokenizer, model, rows, token)
 
 
+def _names(token: str, n: int) -> list[str]:
+    """The tokens of an n-vector embedding: T, T_1, ..., T_{n-1} (diffusers' naming)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
 def _check_fits(tokenizer: Any, model: Any, rows: Any, token: str, what: str) -> None:
     width = model.get_input_embeddings().weight.shape[1]
     if rows.shape[1] != width:
-        raise ModelError(f"--embedding {what} is {rows.shape[1]} wide but this model's text encoder takes {width} "
-                         "(the embedding was made for another model family)")
-    if len(tokenizer.tokenize(token)) == 1 or token in tokenizer.get_vocab():
+        _refuse_width(what, rows.shape[1], width)
+    vocab = tokenizer.get_vocab()
+    if len(tokenizer.tokenize(token)) == 1 or token in vocab:
         raise UsageError(f"--embedding: the token {token!r} is already in this model's vocabulary; give the "
                          "embedding another name with PATH:TOKEN")
+    taken = [n for n in _names(token, len(rows))[1:] if n in vocab]
+    if taken:  # its row would be overwritten: another word (or embedding) would change meaning
+        raise UsageError(f"--embedding {what}: its {len(rows)} vectors take the tokens {token}, {token}_1, ..., "
+                         f"and {taken[0]!r} is already in this model's vocabulary; name it another way with "
+                         "PATH:TOKEN")
     limit = min(tokenizer.model_max_length or 77, model.config.max_position_embeddings) - 2
     if len(rows) > limit:
         raise ModelError(f"--embedding {what} has {len(rows)} vectors, more than a prompt chunk holds ({limit})")
@@ -195,7 +297,7 @@ def _check_fits(tokenizer: Any, model: Any, rows: Any, token: str, what: str) ->
 def _add_token(tokenizer: Any, model: Any, rows: Any, token: str) -> None:
     import torch
 
-    names = [token] + [f"{token}_{i}" for i in range(1, len(rows))]
+    names = _names(token, len(rows))
     tokenizer.add_tokens(names)
     ids = tokenizer.convert_tokens_to_ids(names)
     rows_now = model.get_input_embeddings().weight.shape[0]

@@ -13,16 +13,20 @@ the noisy steps settle composition and colour and the late ones detail (the desi
 
 `steps_text(prompt, steps)` resolves a prompt at each step to plain weight syntax, which is all the encoder
 sees; `sdcli.prompts.TextConditioning` encodes each text once and swaps the embeddings between steps.
-Only the standard library is imported.
+Only the standard library (and sdcli.prompts' parsing helpers) is imported.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
 from typing import Union
+
+from sdcli.errors import UsageError
+from sdcli.prompts import check_nesting, excerpt, number_like
 
 _NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
 
@@ -55,13 +59,19 @@ class Raw:
 Node = Union[str, Edit, Alternate, Raw]
 
 
-def _group(parts: list[tuple[Node, ...]], separators: list[str], closed: bool) -> Node:
-    """What a square bracket's top-level parts make: an alternation, an edit, or a bracket kept as text."""
+def _group(parts: list[tuple[Node, ...]], separators: list[str], closed: bool, written: str) -> Node:
+    """What a square bracket's top-level parts make: an alternation, an edit, or a bracket kept as text.
+
+    ``written`` is the bracket as typed, for the message that refuses a switch step no step can be
+    ('nan', 'inf', '1e400', '-1'): read as text it would pass silently as a de-emphasised word."""
     if closed and separators and set(separators) == {"|"}:
         return Alternate(tuple(parts))
     if closed and set(separators) == {":"} and len(parts) in (2, 3):
         *texts, when = parts
-        if len(when) == 1 and isinstance(when[0], str) and _NUMBER.fullmatch(when[0]):
+        if len(when) == 1 and isinstance(when[0], str) and number_like(when[0]):
+            if not (_NUMBER.fullmatch(when[0]) and math.isfinite(float(when[0]))):
+                raise UsageError(f"the switch step in {excerpt(written)} must be a step number (10) or a fraction "
+                                 "of the steps (0.5)")
             before, after = ((), texts[0]) if len(texts) == 1 else texts
             return Edit(before, after, when[0].strip())
     return Raw(tuple(parts), tuple(separators), closed)
@@ -88,8 +98,9 @@ def _sequence(text: str, i: int, in_square: bool) -> tuple[list[tuple[Node, ...]
             continue
         if c == "[":
             flush()
+            start = i
             inner, seps, i, closed = _sequence(text, i + 1, in_square=True)
-            parts[-1].append(_group(inner, seps, closed))
+            parts[-1].append(_group(inner, seps, closed, text[start:i]))
             continue
         if in_square and c == "]":
             flush()
@@ -109,6 +120,7 @@ def _sequence(text: str, i: int, in_square: bool) -> tuple[list[tuple[Node, ...]
 
 @lru_cache(maxsize=256)
 def parse(prompt: str) -> tuple[Node, ...]:
+    check_nesting(prompt)  # the parser recurses once per square bracket
     parts, _, _, _ = _sequence(prompt, 0, in_square=False)
     return parts[0]
 

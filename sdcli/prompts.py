@@ -5,8 +5,9 @@
 into 75-token chunks, each framed by BOS/EOS to the CLIP's 77 and encoded on its
 own; the chunks' embeddings are concatenated, so nothing past token 75 is lost.
 Each token's embedding is multiplied by its weight and the chunk rescaled to its
-old mean (AUTOMATIC1111's "Original" emphasis). Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved
-first, by `sdcli.prompt_editing`, into one such text per step.
+old mean (AUTOMATIC1111's "Original" emphasis) where it has one (`emphasis`).
+Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved first, by
+`sdcli.prompt_editing`, into one such text per step.
 
 1. Parsing: small pure functions of the text (`parse_weights`, `chunk_tokens`, `frame`).
 2. Checks that need no weights (`check_prompt_settings`).
@@ -39,12 +40,18 @@ _ATTENTION = re.compile(r"""
     \\[()\[\]\\]                          # \( \) \[ \] \\ : the character itself
   | \\                                    # a lone backslash (dropped)
   | [(\[]                                 # opening bracket
-  | :([+-]?(?:\d+\.?\d*|\.\d+))\)         # ':1.3)': closes a round bracket with that weight
+  | :\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)   # ':1.3)': closes a round bracket with that weight
   | [)\]]                                 # closing bracket
   | [^\\()\[\]:]+                         # text
   | :                                     # a colon that is not a weight
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+# A weight past this is no emphasis but a broken prompt (AUTOMATIC1111 takes any number; a weight of 1e300
+# overflows the embeddings to inf). Nested brackets multiply, and the product is held to the same bound.
+WEIGHT_LIMIT = 100.0
+# Brackets nested deeper than this are refused: no prompt needs them, and the editing parser recurses.
+MAX_NESTING = 100
 
 # A parsed prompt: (text, weight) pieces, with None where BREAK starts a new chunk.
 Piece = Optional[tuple[str, float]]
@@ -72,39 +79,56 @@ def parse_weights(text: str) -> Parsed:
     Neighbouring pieces of equal weight are merged, so `a (red:1) b` tokenizes as `a red b`.
     """
     pieces: list[list[Any] | None] = []
-    round_open: list[int] = []
+    round_open: list[tuple[int, int]] = []  # (first piece, where in the text) of each bracket still open
     square_open: list[int] = []
     stray = False
+    check_nesting(text)
 
     def multiply(start: int, factor: float) -> None:
         for piece in pieces[start:]:
             if piece is not None:
                 piece[1] *= factor
 
-    for m in _ATTENTION.finditer(text):
+    def close_round(factor: float, end: int) -> None:
+        start, at = round_open.pop()
+        if not -WEIGHT_LIMIT <= factor <= WEIGHT_LIMIT:
+            raise UsageError(f"the weight in {excerpt(text[at:end])} is outside -{WEIGHT_LIMIT:g} to "
+                             f"{WEIGHT_LIMIT:g}")
+        multiply(start, factor)
+
+    tokens = list(_ATTENTION.finditer(text))
+    for i, m in enumerate(tokens):
         token, weight = m.group(0), m.group(1)
         if token.startswith("\\"):
             pieces.append([token[1:], 1.0])  # a lone backslash vanishes, as in AUTOMATIC1111
         elif token == "(":
-            round_open.append(len(pieces))
+            round_open.append((len(pieces), m.start()))
         elif token == "[":
             square_open.append(len(pieces))
         elif weight is not None and round_open:
-            multiply(round_open.pop(), float(weight))
+            close_round(float(weight), m.end())
         elif token == ")" and round_open:
-            multiply(round_open.pop(), ROUND)
+            multiply(round_open.pop()[0], ROUND)
         elif token == "]" and square_open:
             multiply(square_open.pop(), SQUARE)
         else:
+            if (token == ":" and round_open and i + 2 < len(tokens) and tokens[i + 2].group(0) == ")"
+                    and number_like(tokens[i + 1].group(0))):  # '(red:nan)', '(red:1e9)': a weight mistyped
+                raise UsageError(f"the weight in {excerpt(text[round_open[-1][1]:tokens[i + 2].end()])} must be "
+                                 f"a plain number from -{WEIGHT_LIMIT:g} to {WEIGHT_LIMIT:g}, such as 1.3")
             stray = stray or token in (")", "]") or weight is not None
-            for i, part in enumerate(_BREAK.split(token)):
-                if i:
+            for j, part in enumerate(_BREAK.split(token)):
+                if j:
                     pieces.append(None)
                 pieces.append([part, 1.0])
-    for start in round_open:
+    for start, _at in round_open:
         multiply(start, ROUND)
     for start in square_open:
         multiply(start, SQUARE)
+    for piece in pieces:
+        if piece is not None and piece[0].strip() and not abs(piece[1]) <= WEIGHT_LIMIT:
+            raise UsageError(f"the brackets around {excerpt(piece[0])} multiply its weight to {piece[1]:.4g}, "
+                             f"outside -{WEIGHT_LIMIT:g} to {WEIGHT_LIMIT:g}")
     merged: list[Piece] = []
     for piece in pieces or [["", 1.0]]:
         last = merged[-1] if merged else None
@@ -113,6 +137,38 @@ def parse_weights(text: str) -> Parsed:
         else:
             merged.append(None if piece is None else (piece[0], piece[1]))
     return Parsed(merged, unbalanced=bool(round_open or square_open or stray))
+
+
+def check_nesting(text: str) -> None:
+    """Refuse brackets nested deeper than `MAX_NESTING` (escaped ones are text), scanning without recursion."""
+    depth = deepest = 0
+    escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]" and depth:
+            depth -= 1
+    if deepest > MAX_NESTING:
+        raise UsageError(f"brackets nested {deepest} deep; sdcli reads at most {MAX_NESTING}")
+
+
+def number_like(text: str) -> bool:
+    """Whether Python reads ``text`` as a number: 'nan', 'inf', '1e300' and '-2' as much as '1.3'."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def excerpt(piece: str, limit: int = 60) -> str:
+    """A piece of a prompt, quoted, cut to fit one line."""
+    return repr(piece if len(piece) <= limit else piece[: limit - 3] + "...")
 
 
 def chunk_tokens(pieces: Iterable[tuple[list[list[int]], float] | None], size: int = 75,
@@ -175,6 +231,24 @@ def check_prompt_settings(s: Any) -> None:
         raise UsageError("--clip-skip needs --prompt-syntax a1111 (diffusers' own clip_skip does not work "
                          "with this transformers version)")
     check_embeddings(s.embeddings, s.allow_pickle)
+    if s.prompt_syntax == PromptSyntax.a1111.value:
+        for prompt in s.prompts:
+            check_prompt_numbers(prompt, "the prompt")
+        check_prompt_numbers(s.negative_prompt or "", "--negative-prompt")
+
+
+def check_prompt_numbers(prompt: str, what: str) -> None:
+    """Nesting, weights and switch steps a prompt can be read with, before anything loads: a weight of nan, inf or
+    1e300 would reach the model as NaN, and 3000 nested brackets would exhaust the parser's recursion."""
+    from sdcli.prompt_editing import every_word, parse
+
+    try:
+        check_nesting(prompt)
+        parse(prompt)
+        parse_weights(prompt)
+        parse_weights(every_word(prompt))  # weights as the edited texts show them (an edit's brackets gone)
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 def prompt_warnings(prompt: str, syntax: str) -> list[str]:
@@ -289,13 +363,37 @@ class _Encoder:
         return z, pooled
 
 
+# A chunk's mean is a level worth restoring only when it stands out of rounding noise: at least this share of
+# the values' mean magnitude (a LayerNorm with zero bias gives means of 1e-8 of it in float32, 3e-5 in bfloat16).
+MEAN_FLOOR = 1e-3
+
+
 def emphasis(z: Any, weights: Any) -> Any:
     """Multiply each token's embedding by its weight, then rescale each chunk to its old mean
-    (AUTOMATIC1111's "Original" emphasis)."""
-    before = z.float().mean(dim=(1, 2), keepdim=True)
-    weighted = z.float() * weights.float()[:, :, None]
-    after = weighted.mean(dim=(1, 2), keepdim=True)
-    return (weighted * (before / after)).to(z.dtype)
+    (AUTOMATIC1111's "Original" emphasis), where that rescale is defined.
+
+    The rescale divides by the weighted chunk's mean, which is ~0 on a text encoder whose final
+    LayerNorm has zero bias (the bundled model): there the ratio of two rounding errors would be
+    NaN, huge or negative (a negated conditioning). So a chunk is rescaled only when both means
+    exceed `MEAN_FLOOR` of the values' mean magnitude and have the same sign, and by no more than
+    its strongest weight changes a level (×1/W to ×W, W = the largest of |w| and 1/|w|): when the
+    tokens share a mean, the ratio lies inside that range and AUTOMATIC1111's result is kept
+    exactly. Otherwise the weighted embeddings stand as they are.
+    """
+    import torch
+
+    dims = (1, 2)
+    z32, w = z.float(), weights.float()
+    weighted = z32 * w[:, :, None]
+    before, after = z32.mean(dim=dims, keepdim=True), weighted.mean(dim=dims, keepdim=True)
+    level = torch.minimum(before.abs() / z32.abs().mean(dim=dims, keepdim=True),
+                          after.abs() / weighted.abs().mean(dim=dims, keepdim=True))
+    ratio = before / after
+    usable = (level >= MEAN_FLOOR) & (ratio > 0) & torch.isfinite(ratio)
+    size = w.abs().masked_fill(w == 0, 1)
+    bound = torch.maximum(size, 1 / size).amax(dim=1)[:, None, None]
+    ratio = torch.where(usable, ratio, torch.ones_like(ratio)).clamp(min=1 / bound, max=bound)
+    return (weighted * ratio).to(z.dtype)
 
 
 def _final_norm(model: Any) -> Any:

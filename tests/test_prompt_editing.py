@@ -61,3 +61,12 @@ def test_word_checks_see_every_branch_without_the_syntax():
 ])
 def test_iterations_of_a_sampler_count_as_its_steps(sampler, timesteps, order, expected):
     assert iteration_steps(timesteps, order) == (expected, 3 if sampler != "plms" else 2)
+
+
+@pytest.mark.parametrize("prompt", ["[red:blue:nan]", "[red:inf]", "[red::-2]", "[red:blue:1e3]",
+                                    "[red:blue:" + "9" * 400 + "]", "[" * 3000 + "a" + "]" * 3000])
+def test_a_switch_step_no_step_can_be_and_deep_nesting_are_refused(prompt):
+    from sdcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="switch step|nested 3000 deep"):
+        is_edited(prompt)

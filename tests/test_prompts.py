@@ -101,17 +101,138 @@ def test_weights_of_one_are_the_words_without_brackets(pipelines, family):
     assert not np.array_equal(image(loaded, "a (red:1.5) circle"), image(loaded, "a red circle"))
 
 
-def test_a_weight_scales_the_tokens_embedding_and_keeps_the_chunks_mean(pipelines):
+def tiny_sd1_with_final_norm_bias(bias: float):
+    """The tiny SD 1.x pipeline with its text encoder's final LayerNorm bias set: 0 makes every token's
+    hidden state exactly zero-mean (as the bundled model's are), anything else gives the chunk a mean."""
     import torch
 
-    pipe = pipelines["sd1"].pipe
-    plain = TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs(["a red circle"], 1.0)["prompt_embeds"]
-    weighted = TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs(["a (red:1.5) circle"], 1.0)
-    z = weighted["prompt_embeds"]
+    from sdcli.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    from sdcli.prompts import _final_norm
+
+    norm = _final_norm(pipe.text_encoder)
+    with torch.no_grad():
+        norm.bias.copy_(bias + 0.1 * torch.randn(norm.bias.shape, generator=torch.Generator().manual_seed(0)))
+        if bias == 0:
+            norm.bias.zero_()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def biased_encoders():
+    return {"zero-mean": tiny_sd1_with_final_norm_bias(0.0), "mean 0.5": tiny_sd1_with_final_norm_bias(0.5)}
+
+
+def embeds(pipe, prompt: str):
+    return TextConditioning(Settings(prompts=["x"]), pipe).call_kwargs([prompt], 1.0)["prompt_embeds"]
+
+
+@pytest.mark.parametrize("prompt, position, weight", [
+    ("a (red:1.5) circle", 2, 1.5),  # BOS, a, red
+    ("a (red:0.5) circle", 2, 0.5),
+    ("((red)) circle on a [black] square", 1, 1.21),
+    ("a red (circle:2.0)", 3, 2.0),
+])
+def test_a_weight_keeps_automatic1111s_mean_where_the_chunk_has_one(biased_encoders, prompt, position, weight):
+    import torch
+
+    pipe = biased_encoders["mean 0.5"]
+    plain = embeds(pipe, parse_weights(prompt).text)
+    assert plain.mean() > 0.4  # a real level to restore
     expected = plain.clone()
-    expected[0, 2] *= 1.5  # BOS, a, red
-    expected *= plain.mean() / expected.mean()
-    assert torch.allclose(z, expected, atol=1e-6)
+    expected[0, position] *= weight
+    if "[black]" in prompt:
+        expected[0, 5] /= 1.1  # BOS red circle on a black
+    expected *= plain.mean() / expected.mean()  # AUTOMATIC1111's "Original" emphasis, by hand
+    assert torch.allclose(embeds(pipe, prompt), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["zero-mean", "mean 0.5"])
+@pytest.mark.parametrize("weight", ["0.5", "0.9", "1.1", "1.4", "2.0", "100", "-1", "0"])
+def test_a_weight_never_gives_nan_or_flips_the_conditioning(biased_encoders, encoder, weight):
+    import torch
+
+    pipe = biased_encoders[encoder]
+    plain = embeds(pipe, "a red circle on a white background")
+    z = embeds(pipe, f"a red circle on a (white:{weight}) background")
+    assert torch.isfinite(z).all()
+    untouched = [i for i in range(z.shape[1]) if i != 6]  # BOS a red circle on a white
+    cosine = torch.nn.functional.cosine_similarity(z[0, untouched], plain[0, untouched], dim=-1)
+    assert (cosine > 0.999).all()  # the same directions, rescaled at most
+    scale = (z[0, untouched].norm(dim=-1) / plain[0, untouched].norm(dim=-1))
+    w = float(weight)
+    assert (scale <= max(abs(w), 1 / abs(w) if w else 1) + 1e-5).all() and (scale > 0).all()
+    if encoder == "zero-mean":  # no mean to restore: the weighted embeddings stand as they are
+        expected = plain.clone()
+        expected[0, 6] *= w
+        assert torch.equal(z, expected)
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    (1e-9, 1e-9, "as weighted"),  # both means rounding noise
+    (0.3, -0.2, "as weighted"),  # the weights pushed the mean across zero: the ratio would negate the chunk
+    (0.3, 1e-12, "as weighted"),  # the weighted mean vanishes: the ratio would be huge
+    (0.3, 0.2, "scaled by 1.5"),  # a real level: AUTOMATIC1111's ratio, inside the weights' range
+    (0.3, 0.01, "scaled by 2"),  # a real level but a ratio past the strongest weight: held at it
+])
+def test_the_mean_rescale_is_applied_only_where_it_means_something(before, after, expected):
+    """`emphasis` on a hand-made chunk of two tokens, one weighted 2, whose means are ``before`` and ``after``."""
+    import torch
+
+    from sdcli.prompts import emphasis
+
+    # Token 0 (weight 1) and token 1 (weight 2), width 2; chunk mean = (m0 + m1) / 2, weighted (m0 + 2 m1) / 2.
+    m1 = 2 * after - 2 * before
+    m0 = 2 * before - m1
+    z = torch.tensor([[[m0 + 1, m0 - 1], [m1 + 1, m1 - 1]]], dtype=torch.float64)
+    weights = torch.tensor([[1.0, 2.0]])
+    weighted = z * weights[:, :, None]
+    out = emphasis(z, weights)
+    assert torch.isfinite(out).all()
+    factor = {"as weighted": 1.0, "scaled by 1.5": 1.5, "scaled by 2": 2.0}[expected]
+    assert torch.allclose(out, weighted * factor, rtol=1e-6, atol=1e-12)
+
+
+def test_the_readme_prompt_weights_example_runs_on_the_bundled_model(cli, tmp_path):
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = 'sdcli generate "a large (red:1.4) circle on a [white] background" --seed 1'
+    assert line in readme
+    result = cli(*shlex.split(line)[1:], "--steps", "3", "--out", tmp_path / "out")
+    assert len(paths_of(result)) == 1, result.stderr
+
+
+@pytest.fixture(scope="module")
+def bundled_text():
+    from sdcli.defaults import BUNDLED_MODEL
+
+    if not (BUNDLED_MODEL / "model_index.json").is_file():
+        pytest.skip("no bundled model in sdcli/models/shapes")
+    loaded = prepare_pipeline(Settings(prompts=["x"], model=str(BUNDLED_MODEL)))
+    return TextConditioning(Settings(prompts=["x"]), loaded.pipe)
+
+
+@pytest.mark.parametrize("word", ["large", "red", "triangle", "center", "black"])
+@pytest.mark.parametrize("weighted, weight", [("({}:0.5)", 0.5), ("({}:0.9)", 0.9), ("({}:1.1)", 1.1),
+                                              ("({}:1.4)", 1.4), ("({}:2.0)", 2.0), ("[{}]", 1 / 1.1),
+                                              ("(({}))", 1.21)])
+def test_weights_on_the_bundled_model_scale_the_word_and_leave_the_rest(bundled_text, word, weighted, weight):
+    """The bundled model's text encoder gives zero-mean tokens (issue 28: NaN or a negated prompt before)."""
+    import torch
+
+    prompt = "a large red triangle in the center on a black background"
+    plain = bundled_text.encode(prompt).embeds[0]
+    z = bundled_text.encode(prompt.replace(word, weighted.format(word), 1)).embeds[0]
+    assert torch.isfinite(z).all()
+    at = 1 + prompt.split().index(word)  # after BOS; every word is one token
+    others = [i for i in range(z.shape[0]) if i != at]
+    assert (torch.nn.functional.cosine_similarity(z[others], plain[others], dim=-1) > 0.99).all()
+    assert torch.allclose(z[others].norm(dim=-1), plain[others].norm(dim=-1), rtol=0.2)
+    assert torch.nn.functional.cosine_similarity(z[at], plain[at], dim=0) > 0.99
+    assert abs(float(z[at].norm() / plain[at].norm()) / weight - 1) < 0.2
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -379,6 +500,158 @@ def test_bad_prompt_settings_fail_in_one_line(cli, tiny_models, tmp_path, case, 
                               "--out", tmp_path / "out"))
     assert message in line, line
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+NESTED = 3000
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("a (red:nan) circle", "the weight in '(red:nan)' must be a plain number from -100 to 100"),
+    ("a (red:inf) circle", "the weight in '(red:inf)' must be a plain number"),
+    ("a (red:-inf) circle", "the weight in '(red:-inf)' must be a plain number"),
+    ("a (red:1e300) circle", "the weight in '(red:1e300)' must be a plain number"),
+    ("a (big red:-Infinity) circle", "the weight in '(big red:-Infinity)' must be a plain number"),
+    ("a (red: NaN ) circle", "the weight in '(red: NaN )' must be a plain number"),
+    ("a ((red):1" + "0" * 400 + ") circle", "the weight in '((red):1000000"),  # 1e400: inf as a float
+    ("a (red:101) circle", "the weight in '(red:101)' is outside -100 to 100"),
+    ("a (red:-250.5) circle", "the weight in '(red:-250.5)' is outside -100 to 100"),
+    ("a ((((((((red:90)))))))) circle", "the brackets around 'red' multiply its weight to 175.4"),
+    ("a [red:blue:nan] circle", "the switch step in '[red:blue:nan]' must be a step number (10) or a fraction"),
+    ("a [red:blue:inf] circle", "the switch step in '[red:blue:inf]'"),
+    ("a [red:blue:1e400] circle", "the switch step in '[red:blue:1e400]'"),
+    ("a [red:blue:" + "9" * 400 + "] circle", "the switch step in '[red:blue:999"),
+    ("a [blue:-1] circle", "the switch step in '[blue:-1]'"),
+    ("a [red::1e3] circle", "the switch step in '[red::1e3]'"),
+    ("(" * NESTED + "red" + ")" * NESTED, f"brackets nested {NESTED} deep; sdcli reads at most 100"),
+    ("[" * NESTED + "red" + "]" * NESTED, f"brackets nested {NESTED} deep"),
+    ("(" * 100_000 + "red", "brackets nested 100000 deep"),
+    ("[" * 100_000 + "red" + "]" * 100_000, "brackets nested 100000 deep"),
+    ("[red:" * NESTED + "blue" + ":1]" * NESTED, f"brackets nested {NESTED} deep"),
+    ("[a|" * NESTED + "b" + "]" * NESTED, f"brackets nested {NESTED} deep"),
+    ("([" * 60 + "red" + "])" * 60, "brackets nested 120 deep"),
+])
+@pytest.mark.parametrize("where", ["prompt", "negative"])
+def test_numbers_no_model_can_take_are_refused_before_loading(cli, tmp_path, prompt, message, where):
+    """nan, inf and overflowing weights or switch steps, and brackets nested past what the parsers read: one
+    line naming the piece, before the model loads (the model given does not exist)."""
+    args = [prompt] if where == "prompt" else ["a circle", "-n", prompt]
+    result = cli("generate", *args, "--model", tmp_path / "no-model", "--steps", "1", "--out", tmp_path / "out")
+    line = one_error_line(result, 2)
+    assert message in line and line.startswith("error: the prompt: " if where == "prompt" else
+                                               "error: --negative-prompt: ")
+    assert len(line) < 200 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("prompt", ["a (red:100) circle", "a (red:-100) [blue:red:0.5] circle", "(" * 48 + "red",
+                                    "[" * 100 + "red", "a (red:0) circle", "a (red: 1.4 ) circle"])
+def test_weights_and_nesting_within_the_bounds_are_read(prompt):
+    from sdcli.prompts import check_prompt_numbers
+
+    check_prompt_numbers(prompt, "the prompt")
+    assert parse_weights(prompt).pieces
+
+
+def test_a_weight_may_have_spaces_around_it_as_in_automatic1111():
+    assert weights("a (red: 1.4 ) circle") == [("a ", 1.0), ("red", 1.4), (" circle", 1.0)]
+
+
+def embedding_files(tmp_path) -> dict:
+    """Embedding files no model can take, each written in the test (the tiny text encoders are 32 wide)."""
+    import torch
+
+    def one(name, tensor):
+        return save(tmp_path / f"{name}.safetensors", {"emb_params": tensor})
+
+    v = random_vectors(2, 32)
+    return {
+        "nan": one("nan", v.clone().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("nan")))),
+        "inf": one("inf", v.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("-inf")))),
+        "huge": one("huge", v * 1e6),
+        "huge64": one("huge64", v.double() * 1e300),  # inf once it is float32
+        "int": one("int", torch.ones(2, 32, dtype=torch.int64)),
+        "bool": one("bool", torch.ones(2, 32, dtype=torch.bool)),
+        "3d": one("3d", random_vectors(1, 2, 32)),
+        "empty": one("empty", torch.zeros(0, 32)),
+        "empty1d": one("empty1d", torch.zeros(0)),
+        "narrow": one("narrow", random_vectors(2, 16)),
+        "xl-counts": save(tmp_path / "xlc.safetensors",
+                          {"clip_l": random_vectors(2, 32), "clip_g": random_vectors(3, 32)}),
+        "xl-nan": save(tmp_path / "xlnan.safetensors", {"clip_l": v, "clip_g": v * float("nan")}),
+        "xl-narrow-g": save(tmp_path / "xlg.safetensors", {"clip_l": v, "clip_g": random_vectors(2, 8)}),
+        "xl": save(tmp_path / "xl.safetensors", {"clip_l": v, "clip_g": v.clone()}),
+        "ok": one("ok", v),
+        "zz": one("zz", random_vectors(1, 32)),
+        "zz_1": one("zz_1", random_vectors(1, 32)),
+        "zq": one("zq", random_vectors(3, 32)),
+        "zq_1": one("zq_1", random_vectors(1, 32)),
+        "zq_2": one("zq_2", random_vectors(1, 32)),
+    }
+
+
+@pytest.mark.parametrize("model, names, code, message", [
+    ("sd1", ["nan"], 1, "--embedding nan.safetensors holds NaN or infinite values"),
+    ("sd1", ["inf"], 1, "--embedding inf.safetensors holds NaN or infinite values"),
+    ("sd1", ["huge"], 1, "--embedding huge.safetensors holds values as large as"),
+    ("sd1", ["huge64"], 1, "--embedding huge64.safetensors holds values as large as"),
+    ("sd1", ["int"], 1, "--embedding int.safetensors holds int64 values; an embedding's vectors are floating-point"),
+    ("sd1", ["bool"], 1, "--embedding bool.safetensors holds bool values"),
+    ("sd1", ["3d"], 1, "--embedding 3d.safetensors holds a tensor of shape (1, 2, 32); an embedding is one vector or"),
+    ("sd1", ["empty"], 1, "--embedding empty.safetensors holds a tensor of shape (0, 32)"),
+    ("sd1", ["empty1d"], 1, "--embedding empty1d.safetensors holds a tensor of shape (1, 0)"),
+    ("sd1", ["narrow"], 1, "--embedding narrow.safetensors is 16 wide but this model's text encoder takes 32"),
+    ("sdxl", ["xl-counts"], 1, "--embedding xlc.safetensors holds 2 clip_l vectors but 3 clip_g ones"),
+    ("sdxl", ["xl-nan"], 1, "--embedding xlnan.safetensors clip_g holds NaN or infinite values"),
+    ("sdxl", ["xl-narrow-g"], 1, "--embedding xlg.safetensors clip_g is 8 wide but this model's text encoder takes 32"),
+    ("sd1", ["zz", "zz_1"], 2, "the tokens 'zz' (zz.safetensors) and 'zz_1' (zz_1.safetensors) collide"),
+    ("sd1", ["zz_1", "zz"], 2, "the tokens 'zz_1' (zz_1.safetensors) and 'zz' (zz.safetensors) collide"),
+    ("sd1", ["zq", "zq_2"], 2, "the tokens 'zq' (zq.safetensors) and 'zq_2' (zq_2.safetensors) collide"),
+    ("sdxl", ["xl", "zq_1", "zq"], 2, "'zq_1' (zq_1.safetensors) and 'zq' (zq.safetensors) collide"),
+    ("sd3", ["xl"], 1, "--embedding xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                       "or XL model; Stable Diffusion 3 reads prompts with three text encoders"),
+    ("sd3", ["ok"], 1, "--embedding ok.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                       "or XL model; Stable Diffusion 3"),
+    ("flux", ["xl"], 1, "--embedding xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                        "or XL model; Flux reads prompts with T5"),
+    ("flux-schnell", ["ok"], 1, "need a Stable Diffusion 1.x, 2.x or XL model; Flux reads prompts with T5"),
+])
+def test_embeddings_no_text_encoder_can_take_are_refused_before_loading(
+        cli, tiny_models, tiny_flow_models, tmp_path, monkeypatch, model, names, code, message):
+    import sdcli.pipeline
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model loaded before the embedding was refused")
+
+    monkeypatch.setattr(sdcli.pipeline, "load_pipeline", no_loading)
+    files = embedding_files(tmp_path)
+    args = [a for n in names for a in ("--embedding", files[n])]
+    path = {**tiny_models, **tiny_flow_models}[model]
+    result = cli("generate", "a ok circle", "--model", path, "--steps", "1", "--seed", "1", *args,
+                 "--out", tmp_path / "out")
+    line = one_error_line(result, code)
+    assert message in line, line
+    assert "SDXL" not in line or model in ("sd1", "sdxl")  # an SD3 or Flux model is named as itself
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, name", [("sd1", "nan"), ("sd1", "3d"), ("sdxl", "xl-counts"), ("sd1", "narrow")])
+def test_loading_refuses_the_same_embeddings_on_its_own(pipelines, tmp_path, family, name):
+    """The library call checks what plan checked, for callers that load embeddings themselves."""
+    from sdcli.embeddings import load_embeddings
+    from sdcli.errors import SdcliError
+
+    path = embedding_files(tmp_path)[name]
+    with pytest.raises(SdcliError, match=r"--embedding \w+\.safetensors"):
+        load_embeddings(pipelines[family].pipe, [(path, "tok" + name.replace("-", ""))], False)
+
+
+@pytest.mark.parametrize("value", ["abc", 3, [["a", "b"]], [{"path": 1, "token": "t"}], [{"token": "t"}],
+                                   {"path": "x", "token": "t"}, [{"path": "x", "token": None}]])
+def test_a_records_embeddings_of_the_wrong_shape_are_one_line(value):
+    from sdcli.embeddings import embeddings_from_record
+    from sdcli.errors import DataError
+
+    with pytest.raises(DataError, match="the record's embeddings are not a list of"):
+        embeddings_from_record(value)
 
 
 def test_unbalanced_brackets_warn_and_still_generate(cli, tiny_sd, tmp_path):

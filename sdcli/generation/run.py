@@ -117,6 +117,10 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     if facts is not None:
         settle_guidance(s, facts)
         check_prompt_editing([*s.prompts, s.negative_prompt], s.prompt_syntax, facts.class_name)
+        from sdcli.embeddings import check_embeddings_fit
+
+        check_embeddings_fit(s.embeddings, s.allow_pickle, s.model if model_on_disk else None, facts.class_name,
+                             s.revision)
     if s.init_image:
         s.init_image = absolute_if_local(s.init_image)
     st = dist.state() if distributed else None

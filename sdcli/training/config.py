@@ -316,6 +316,12 @@ class FinetuneConfig:
                 raise UsageError("--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
 
     def _check_validation(self) -> None:
+        from sdcli.prompts import check_prompt_numbers
+
+        for prompt in self.validation_prompts:  # read as generate reads prompts, so refused now, not at step N
+            check_prompt_numbers(prompt, "--validation-prompt")
+        if self.class_prompt:
+            check_prompt_numbers(self.class_prompt, "--class-prompt")
         if self.validation_split is not None and not 0.0 < self.validation_split < 1.0:
             raise UsageError(f"--validation-split must be between 0 and 1 (the fraction held out), "
                              f"got {self.validation_split:g}")

@@ -309,8 +309,10 @@ def _empty(tmp_path):
          "give --validation-split or --validation-data, not both"),
         (_empty, 1, "--validation-data: no usable images (png, jpg, webp) in"),
         (lambda p: ["--validation-data", p / "missing"], 2, "missing does not exist"),
+        (lambda p: ["--validation-prompt", "a (red:inf) circle"], 2, "--validation-prompt: the weight in '(red:inf)'"),
+        (lambda p: ["--validation-prompt", "a [red:blue:nan]"], 2, "--validation-prompt: the switch step in"),
     ],
-    ids=["zero", "one", "negative", "none-left", "both", "empty-folder", "missing-folder"],
+    ids=["zero", "one", "negative", "none-left", "both", "empty-folder", "missing-folder", "inf-weight", "nan-step"],
 )
 def test_bad_validation_options_are_one_line_and_write_nothing(cli, tiny_sd, dataset, tmp_path, args, code, message):
     out = tmp_path / "o"
