@@ -46,11 +46,15 @@ def assert_round_trip(cli, image: Path, tmp_path: Path) -> None:
     keys = [d.record_key for d in recorded(task)] + [d.record_key for d in sweep_axes()]
     assert set(keys) <= set(record), set(keys) - set(record)
     replay = settings_from_record(record)
+    # A validation image is recorded before its run saves the LoRA, so its record holds no hash of it.
+    unhashed = record.get("finetune_validation") and not any("sha256" in lo for lo in record.get("loras") or [])
     for d in declared(Settings):
         if d.opt.role is Role.RUNTIME or d.record_key not in record:
             continue
         value = getattr(replay, d.name)
         stored = d.opt.to_record(value) if d.opt.to_record else value
+        if d.name == "loras" and unhashed:
+            stored = [{k: v for k, v in lo.items() if k != "sha256"} for lo in stored]
         assert stored == ([record[d.record_key]] if d.opt.role is Role.SWEEP else record[d.record_key]), d.name
     a1111 = parse_a1111(Image.open(image).info["parameters"])
     for d in declared(Settings):
@@ -58,7 +62,10 @@ def assert_round_trip(cli, image: Path, tmp_path: Path) -> None:
             assert float(a1111[d.opt.a1111]) == float(record[d.record_key])
     (again,) = made(cli("generate", "--from-metadata", image, "--out", tmp_path / "replay" / image.name))
     assert np.array_equal(pixels(again), pixels(image))
-    assert {k: v for k, v in record_of(again).items() if k != "finetune_validation"} == \
+    again_record = record_of(again)
+    if unhashed:
+        again_record["loras"] = [{k: v for k, v in lo.items() if k != "sha256"} for lo in again_record["loras"]]
+    assert {k: v for k, v in again_record.items() if k != "finetune_validation"} == \
         {k: v for k, v in record.items() if k != "finetune_validation"}
 
 
@@ -134,9 +141,13 @@ def test_a_weighted_long_prompt_with_clip_skip_and_an_embedding_round_trips(cli,
     assert result.exit_code == 1 and "changed since this image was made" in result.stderr
 
 
+ESSENTIALS = {"model": "m", "steps": 2, "seed": 1, "guidance": 5.0, "width": 16, "height": 16}
+
+
 def test_a_record_from_before_prompt_syntax_replays_as_plain_text():
-    assert settings_from_record({"prompt": "(red:1.3)"}).prompt_syntax == "plain"
-    assert settings_from_record({"prompt": "(red:1.3)", "prompt_syntax": "a1111"}).prompt_syntax == "a1111"
+    assert settings_from_record({"prompt": "(red:1.3)", **ESSENTIALS}).prompt_syntax == "plain"
+    assert settings_from_record({"prompt": "(red:1.3)", "prompt_syntax": "a1111", **ESSENTIALS}
+                                ).prompt_syntax == "a1111"
 
 
 def test_a_replaced_input_is_not_checked_against_the_recorded_file(cli, tiny_sd, tmp_path):
