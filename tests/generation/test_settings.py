@@ -176,3 +176,103 @@ def test_guidance_rescale_where_the_pipeline_has_none_is_refused(cli, tiny_sd, t
     result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "--init-image", init, "--guidance-rescale",
                  "0.5", "--out", tmp_path / "o", "-q")
     assert "has no guidance rescale" in one_error_line(result)
+
+
+# Records that cannot be trusted as they are: each refused in one line naming its field, never "unexpected".
+
+def write_record(path: Path, record, parameters: str | None = None, raw: str | None = None) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("sdcli", raw if raw is not None else json.dumps(record))
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    Image.new("RGB", (16, 16)).save(path, pnginfo=info)
+    return path
+
+
+LORA = "LORA"  # replaced by a real LoRA folder
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("steps", "abc", "steps"), ("steps", 2.5, "steps"), ("steps", True, "steps"), ("steps", -5, "--steps"),
+    ("seed", None, "seed"), ("seed", "1", "seed"), ("seed", -1, "--seed"),
+    ("prompt", 123, "prompt"), ("prompt", None, "prompt"), ("negative_prompt", ["x"], "negative_prompt"),
+    ("loras", "abc", "loras"), ("loras", [{"path": 1, "scale": 1}], "loras"), ("loras", [[1, 2]], "loras"),
+    ("loras", [{"path": LORA, "scale": "NaN"}], "loras"), ("loras", [{"path": LORA, "scale": float("nan")}], "--lora"),
+    ("loras", [{"path": LORA, "scale": 1e300}], "--lora"),
+    ("embeddings", "abc", "embeddings"), ("embeddings", [[1, 2]], "embeddings"), ("embeddings", [{"x": 1}], "embeddings"),
+    ("guidance", "nan", "guidance"), ("guidance", float("nan"), "guidance"), ("guidance", float("inf"), "guidance"),
+    ("guidance", 1e300, "--guidance"), ("guidance", -3, "--guidance"),
+    ("width", -5, "--width"), ("width", "16", "width"), ("height", 10**9, "16x1000000000"),  # the memory check
+    ("hires_scale", float("inf"), "hires_scale"), ("hires_scale", 1e300, "--hires-scale"),
+    ("strength", float("nan"), "strength"), ("clip_skip", "2", "clip_skip"),
+    ("prompt_syntax", "bogus", "prompt_syntax"), ("sigmas", 5, "sigmas"), ("true_cfg", "yes", "true_cfg"),
+    ("controlnets", "abc", "controlnets"), ("init_image", {"path": 3}, "init_image"),
+    ("outpaint", "abc", "outpaint"),
+])
+def test_a_malformed_record_is_refused_naming_its_field(cli, tiny_sd, tmp_path, field, value, named):
+    from conftest import one_error_line
+    from sdcli.testing import save_random_lora
+
+    if "LORA" in json.dumps(value):
+        lora = str(save_random_lora(tiny_sd, tmp_path / "lora"))
+        value = json.loads(json.dumps(value).replace('"LORA"', json.dumps(lora)))
+    record = {"prompt": "x", "model": tiny_sd, "steps": 1, "seed": 1, "guidance": 5.0, "width": 16, "height": 16,
+              field: value}
+    image = write_record(tmp_path / "r.png", record)
+    line = one_error_line(cli("generate", "--from-metadata", image, "--out", tmp_path / "o.png"))
+    assert named in line and "unexpected" not in line, line
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ('[1, 2]', "not a record"), ('"text"', "not a record"),
+    ('{"prompt": "x", "model": "m", "seed": 1, "guidance": 5, "width": 16, "height": 16, "steps": 1e400}', "steps"),
+])
+def test_a_record_that_is_not_a_dict_of_settings_is_refused(cli, tmp_path, raw, expected):
+    from conftest import one_error_line
+
+    image = write_record(tmp_path / "r.png", None, raw=raw)
+    assert expected in one_error_line(cli("generate", "--from-metadata", image, "--out", tmp_path / "o.png"))
+
+
+def test_a_record_missing_steps_and_size_replays_them_from_its_parameters_text(cli, tiny_sd, tmp_path):
+    (image,) = made(cli("generate", "a red circle", "--model", tiny_sd, "--steps", "3", "--seed", "4", "-W", "24",
+                        "-H", "16", "--out", tmp_path / "a.png"))
+    record = record_of(image)
+    for key in ("steps", "width", "height", "seed"):
+        del record[key]
+    short = write_record(tmp_path / "short.png", record, parameters=Image.open(image).info["parameters"])
+    (again,) = made(cli("generate", "--from-metadata", short, "--out", tmp_path / "b.png"))
+    assert np.array_equal(pixels(again), pixels(image))
+    # Without the text either, nothing to go on: refused, naming what is missing.
+    from conftest import one_error_line
+
+    bare = write_record(tmp_path / "bare.png", record)
+    line = one_error_line(cli("generate", "--from-metadata", bare, "--out", tmp_path / "c.png"))
+    assert "holds no steps" in line
+    # What the user types fills the gap.
+    made(cli("generate", "--from-metadata", bare, "--steps", "3", "--seed", "4", "-W", "24", "-H", "16",
+             "--out", tmp_path / "d.png"))
+
+
+def test_a_lora_that_changed_since_the_image_was_made_is_named_on_replay(cli, tiny_sd, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import one_error_line
+    from sdcli.testing import save_random_lora
+
+    lora = save_random_lora(tiny_sd, tmp_path / "lora")
+    (image,) = made(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "1", "--lora", f"{lora}:0.5",
+                        "--out", tmp_path / "a.png"))
+    digest = record_of(image)["loras"][0]["sha256"]
+    assert f"lora: {digest[:12]}" in Image.open(image).info["parameters"]  # AUTOMATIC1111's "Lora hashes"
+    made(cli("generate", "--from-metadata", image, "--out", tmp_path / "same.png"))  # unchanged: replays
+    weights = next(Path(lora).glob("*.safetensors"))
+    tensors = load_file(weights)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 0.01
+    save_file(tensors, weights)
+    line = one_error_line(cli("generate", "--from-metadata", image, "--out", tmp_path / "b.png"))
+    assert "--lora" in line and str(Path(lora).resolve()) in line and "changed" in line
