@@ -276,3 +276,61 @@ def test_a_lora_that_changed_since_the_image_was_made_is_named_on_replay(cli, ti
     save_file(tensors, weights)
     line = one_error_line(cli("generate", "--from-metadata", image, "--out", tmp_path / "b.png"))
     assert "--lora" in line and str(Path(lora).resolve()) in line and "changed" in line
+
+
+# Numbers as users type them: non-finite, huge, or in digits other than ASCII's, each refused naming the option.
+
+@pytest.mark.parametrize("args,named", [
+    (["--hires-scale", "nan"], "--hires-scale"), (["--hires-scale", "inf"], "--hires-scale"),
+    (["--hires-scale", "1e308"], "--hires-scale"), (["--hires-scale", "0"], "--hires-scale"),
+    (["--hires-scale", "-2"], "--hires-scale"),
+    (["--lora", "LORA:nan"], "--lora"), (["--lora", "LORA:inf"], "--lora"), (["--lora", "LORA:-inf"], "--lora"),
+    (["--lora", "LORA:1e300"], "--lora"), (["--lora", "LORA:1e400"], "--lora"), (["--lora", "LORA:١"], "--lora"),
+    (["--lora", "LORA:1_0"], "--lora"),
+    (["--controlnet", "cn:nan"], "--controlnet cn:nan: the scale"), (["--controlnet", "cn:1e300"], "out of range"),
+    (["--distilled-guidance", "nan"], "--distilled-guidance: nan is not a finite"),
+    (["--guidance", "nan"], "--guidance"), (["--guidance", "1e300"], "--guidance"),
+    (["--guidance-rescale", "inf"], "--guidance-rescale"),
+    (["--strength", "nan", "--init-image", "INIT"], "--strength"),
+    (["--hires-scale", "2", "--hires-strength", "nan"], "--hires-strength"),
+    (["--control-start", "nan"], "--control-start"),
+    (["--outpaint", "²,0,0,0", "--init-image", "INIT"], "--outpaint"),
+    (["--outpaint", "١٦,0,0,0", "--init-image", "INIT"], "--outpaint"),
+    (["--outpaint", "1e9,0,0,0", "--init-image", "INIT"], "--outpaint"),
+    (["--outpaint", "-1,0,0,0", "--init-image", "INIT"], "--outpaint"),
+    (["--outpaint", "nan", "--init-image", "INIT"], "--outpaint"),
+    (["--outpaint", "8,0,0,999999999999", "--init-image", "INIT"], "--outpaint"),
+    (["--seed", "١٢"], "--seed"), (["--seed", "²"], "--seed"), (["--seed", "1_0"], "--seed"),
+    (["--seed", "1,٣"], "--seed"),
+])
+def test_a_bad_number_is_refused_before_loading_naming_its_option(cli, tiny_sd, tmp_path, args, named):
+    from conftest import one_error_line
+    from sdcli.testing import save_random_lora
+
+    if any("LORA" in a for a in args):
+        lora = str(save_random_lora(tiny_sd, tmp_path / "lora"))
+        args = [a.replace("LORA", lora) for a in args]
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
+    args = [str(tmp_path / "init.png") if a == "INIT" else a for a in args]
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "-W", "16", "-H", "16", "--out",
+                 tmp_path / "o.png", *args)
+    line = one_error_line(result, 2)  # nothing loaded first
+    assert named in line and "unexpected" not in line, line
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_lora_whose_weights_hold_nan_or_inf_is_refused_by_name_before_loading(cli, tiny_sd, tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import one_error_line
+    from sdcli.testing import save_random_lora
+
+    lora = save_random_lora(tiny_sd, tmp_path / "lora")
+    weights = next(Path(lora).glob("*.safetensors"))
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key][0] = bad
+    save_file(tensors, weights)
+    line = one_error_line(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--lora", lora, "--out",
+                              tmp_path / "o.png"))
+    assert str(weights) in line and key in line and "NaN or infinite" in line
