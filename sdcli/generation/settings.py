@@ -430,6 +430,9 @@ def check_settings(s: Settings) -> None:
         raise UsageError(f"--threads must be at least 1, got {s.threads}")
     if s.seeds and len(s.seeds) > 1 and s.num_images > 1:
         raise UsageError("give either a list of seeds or --num-images, not both")
+    for seed in s.seeds or []:  # typed ones are checked as they are parsed; these may come from a record
+        if not 0 <= seed < 2**63:
+            raise UsageError(f"--seed: {seed} is outside 0..2^63-1")
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
         raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1")
     if s.scheduler is not None:
