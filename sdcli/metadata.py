@@ -68,6 +68,45 @@ def read_settings(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: the sdcli settings chunk is not valid JSON") from None
 
 
+# What a record must hold to be remade, and where AUTOMATIC1111's text says it ("Size" holds two).
+A1111_FALLBACK = {"steps": "Steps", "seed": "Seed", "guidance": "CFG scale"}
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The sdcli record of an image, with the steps, seed, guidance or size its JSON lacks taken from its
+    ``parameters`` text (what AUTOMATIC1111 and other tools keep): a replay never falls back on defaults.
+    Values from the text are read as the command line reads them; the record's own are checked on replay."""
+    from sdcli.generation.settings import parse_float, parse_int
+
+    record = read_settings(path)
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: the sdcli settings are not a record of settings")
+    missing = [k for k in (*A1111_FALLBACK, "width", "height") if k not in record]
+    if not missing or Path(path).suffix.lower() == ".json":
+        return record
+    fields = parse_a1111(_a1111_text(path) or "")
+    record = dict(record)
+    for key, name in A1111_FALLBACK.items():
+        if key in missing and name in fields:
+            read = parse_float if key == "guidance" else parse_int
+            record[key] = read(fields[name], f"{path}: the parameters text's {name}")
+    if ("width" in missing or "height" in missing) and "Size" in fields:
+        width, sep, height = fields["Size"].partition("x")
+        what = f"{path}: the parameters text's Size {fields['Size']!r}"
+        if not sep:
+            raise DataError(f"{what} is not WIDTHxHEIGHT")
+        record.setdefault("width", parse_int(width, what))
+        record.setdefault("height", parse_int(height, what))
+    return record
+
+
+def _a1111_text(path: str | Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.info.get(A1111_KEY)
+
+
 def parse_a1111(text: str) -> dict[str, str]:
     """Parse a ``parameters`` text back into prompt, negative prompt and fields (strings)."""
     lines = text.strip().split("\n")

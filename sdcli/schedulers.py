@@ -144,9 +144,14 @@ def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spaci
         spec = get_spec(name)
         cls = getattr(diffusers, spec.class_name)
         overrides = dict(spec.overrides)
-    if timestep_spacing is not None:
-        overrides["timestep_spacing"] = timestep_spacing
     sampler = name or get_spec_name(cls.__name__)
+    if timestep_spacing is not None:
+        import inspect
+
+        if "timestep_spacing" not in inspect.signature(cls.__init__).parameters:
+            # from_config would drop it without a word (flow-matching samplers have none).
+            raise UsageError(f"--timestep-spacing: the {sampler} sampler has no timestep spacing")
+        overrides["timestep_spacing"] = timestep_spacing
     overrides.update(sigma_overrides(cls, sigmas, sampler))
     spaced = next((kind for kind, flag in SIGMA_FLAGS.items() if overrides.get(flag)), None)
     if spaced and config.get("rescale_betas_zero_snr"):

@@ -606,13 +606,14 @@ def embedding_files(tmp_path) -> dict:
     ("sd1", ["zz_1", "zz"], 2, "the tokens 'zz_1' (zz_1.safetensors) and 'zz' (zz.safetensors) collide"),
     ("sd1", ["zq", "zq_2"], 2, "the tokens 'zq' (zq.safetensors) and 'zq_2' (zq_2.safetensors) collide"),
     ("sdxl", ["xl", "zq_1", "zq"], 2, "'zq_1' (zq_1.safetensors) and 'zq' (zq.safetensors) collide"),
-    ("sd3", ["xl"], 1, "--embedding xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
-                       "or XL model; Stable Diffusion 3 reads prompts with three text encoders"),
-    ("sd3", ["ok"], 1, "--embedding ok.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
-                       "or XL model; Stable Diffusion 3"),
-    ("flux", ["xl"], 1, "--embedding xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
-                        "or XL model; Flux reads prompts with T5"),
-    ("flux-schnell", ["ok"], 1, "need a Stable Diffusion 1.x, 2.x or XL model; Flux reads prompts with T5"),
+    # On SD3 and Flux, the family table (`sdcli.generation.applies`) refuses any embedding as an option that
+    # does not apply there (exit 2), naming the file and the model, never SDXL.
+    ("sd3", ["xl"], 2, "--embedding: xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                       "or XL model, whose CLIP encoders sdcli loads them into; StableDiffusion3Pipeline reads"),
+    ("sd3", ["ok"], 2, "--embedding: ok.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x"),
+    ("flux", ["xl"], 2, "--embedding: xl.safetensors: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x "
+                        "or XL model, whose CLIP encoders sdcli loads them into; FluxPipeline reads"),
+    ("flux-schnell", ["ok"], 2, "--embedding: ok.safetensors: textual-inversion embeddings need"),
 ])
 def test_embeddings_no_text_encoder_can_take_are_refused_before_loading(
         cli, tiny_models, tiny_flow_models, tmp_path, monkeypatch, model, names, code, message):

@@ -49,10 +49,10 @@ def _generate(
 def replayed(image: Path, values: dict[str, Any], typed: set[str]) -> Settings:
     """The settings recorded in ``image``, with runtime settings and what was typed taken from the command line."""
     from sdcli.generation.settings import settings_from_record
-    from sdcli.metadata import read_settings
+    from sdcli.metadata import read_record
 
     replaced = set(RUNTIME_FIELDS) | typed | ({"prompts"} if values.get("prompts") else set())
-    settings = settings_from_record(read_settings(image), replaced)
+    settings = settings_from_record(read_record(image), replaced)
     given = Settings(**values)
     for name in replaced:
         setattr(settings, name, getattr(given, name))

@@ -18,6 +18,28 @@ def settle_guidance(s: Any, facts: Any) -> None:
     in one pass, from g given as an input.
     """
     name = facts.class_name or "this model"
+    _settle(s, facts, name)
+    # The negative prompt is read only by a guided pass: refuse it where no image of the run has one.
+    if s.negative_prompt and not any(negative_applies(s, facts.guidance, g) for g in s.guidance):
+        if facts.guidance == "none":
+            why = f"{name} has no guidance (a distilled model that needs none), so nothing reads a negative prompt"
+        elif facts.guidance == "distilled":
+            why = (f"{name}'s distilled guidance reads no negative prompt; add --true-cfg and --guidance above 1 "
+                   "for real classifier-free guidance against it")
+        else:
+            why = "at --guidance 1 there is no unconditional pass to steer away with; give another --guidance"
+        raise UsageError(f"--negative-prompt: {why}")
+
+
+def negative_applies(s: Any, kind: str, guidance: float) -> bool:
+    """Whether an image at ``guidance`` reads the negative prompt: classifier-free guidance runs its unconditional
+    branch for any scale but 1 (`use_formula_guidance`); Flux's true CFG, as diffusers runs it, only above 1."""
+    if kind == "cfg":
+        return guidance != 1
+    return kind == "distilled" and s.true_cfg and guidance > 1
+
+
+def _settle(s: Any, facts: Any, name: str) -> None:
     if facts.family.flow and any(s.guidance_rescale):
         raise UsageError(f"--guidance-rescale: {name} has no guidance rescale (it belongs to the UNet pipelines)")
     if facts.guidance == "cfg":
@@ -35,6 +57,10 @@ def settle_guidance(s: Any, facts: Any) -> None:
         return
     if s.true_cfg and not any(g > 1 for g in s.guidance):
         raise UsageError("--true-cfg needs --guidance above 1: the classifier-free scale to apply")
+    if s.true_cfg and any(g < 1 for g in s.guidance):
+        # diffusers' Flux runs true CFG only above 1; below, the image would be the unguided one.
+        bad = next(g for g in s.guidance if g < 1)
+        raise UsageError(f"--guidance {bad:g}: with --true-cfg, {name} guides only above 1 (1 is unguided)")
     if not s.true_cfg and any(g != 1 for g in s.guidance):
         bad = next(g for g in s.guidance if g != 1)
         raise UsageError(f"--guidance {bad:g}: {name}'s guidance is distilled into the model (--distilled-guidance, "

@@ -102,11 +102,14 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     """
     from sdcli import distributed as dist
     from sdcli.pipeline import absolute_if_local, model_facts, resolve_model
+    from sdcli.generation.applies import check_family, check_rescale, check_task
+    from sdcli.generation.settings import check_lora_tensors
     from sdcli.prompts import check_prompt_editing
 
     check_settings(s)
     task = task_for(s)
     task.check(s)
+    check_task(s, task)
     if model_on_disk:
         s.model = absolute_if_local(resolve_model(s.model))
         facts = model_facts(s.model, s.revision)
@@ -115,12 +118,16 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
 
         check_generation(s)  # refuses, in one line, a size that would outgrow memory once the weights load
     if facts is not None:
-        settle_guidance(s, facts)
         check_prompt_editing([*s.prompts, s.negative_prompt], s.prompt_syntax, facts.class_name)
+        check_family(s, facts)
+        check_rescale(s, facts, task)
+        settle_guidance(s, facts)
         from sdcli.embeddings import check_embeddings_fit
 
         check_embeddings_fit(s.embeddings, s.allow_pickle, s.model if model_on_disk else None, facts.class_name,
                              s.revision)
+    for path, _scale in s.loras:
+        check_lora_tensors(path)
     if s.init_image:
         s.init_image = absolute_if_local(s.init_image)
     st = dist.state() if distributed else None
@@ -280,7 +287,11 @@ def iter_images(
     from sdcli.prompts import TextConditioning
     from sdcli.trajectory import StepRecorder, decode_latents
 
+    from sdcli.generation.guidance import negative_applies
+    from sdcli.pipeline import facts_of
+
     task = task_for(s)
+    kind = facts_of(loaded.pipe).guidance
     prepared = task.prepare(s, loaded.pipe)
     run_pipe = prepared.pipe
     base = {**base_record(s, task, loaded, prepared.width, prepared.height), **(extra_record or {})}
@@ -306,6 +317,9 @@ def iter_images(
             callback_on_step_end=callback,
             **prepared.call,
         )
+        if s.true_cfg and kwargs.get("negative_prompt") is None:
+            # diffusers' Flux runs true CFG only with a negative prompt; without one, against the empty prompt.
+            kwargs["negative_prompt"] = [""] * len(batch)
         recorder = StepRecorder(run_pipe.scheduler)
         with recorder if s.save_trajectory else contextlib.nullcontext():
             arrays = task.denoise(prepared, kwargs)
@@ -318,8 +332,10 @@ def iter_images(
             for x0 in recorder.x0:
                 for k, frame in enumerate(decode_latents(run_pipe, x0, (prepared.width, prepared.height))):
                     frames_per_image[k].append(frame)
+        # An image whose pass read no negative prompt (guidance 1 in a sweep) does not record one.
+        unread = {} if negative_applies(s, kind, first["guidance"]) else {"negative_prompt": ""}
         for job, image, frames in zip(batch, images, frames_per_image):
-            yield Generated(image=image, record={**base, **job.values}, job=job, trajectory=frames)
+            yield Generated(image=image, record={**base, **job.values, **unread}, job=job, trajectory=frames)
 
 
 def generate(p: Plan, *, quiet: bool = False, loaded: Any = None, extra_record: dict[str, Any] | None = None,

@@ -9,7 +9,9 @@ here, the code that uses it, and its test.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +22,7 @@ from sdcli.errors import DataError, ModelError, UsageError
 from sdcli.generation.control import (
     Preprocess, a1111_units, controlnets_from_record, controlnets_to_record, parse_controlnet,
 )
-from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, Upscaler
+from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
 from sdcli.prompts import PromptSyntax, check_prompt_settings
 from sdcli.schedulers import Sigmas
 
@@ -32,19 +34,34 @@ A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size",
 # 1. Parsing command-line text --------------------------------------------------------------------
 
 
+# Digits as typed on a keyboard: Python's int() and float() also take '١٢' (Arabic-Indic), '1_0',
+# 'nan' and 'infinity', and str.isdigit() takes '²', which int() then refuses.
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_int(text: Any, what: str) -> int:
+    """A whole number in ASCII digits; UsageError naming ``what`` (the option) otherwise."""
+    part = str(text).strip()
+    if not _WHOLE.fullmatch(part):
+        raise UsageError(f"{what}: {part!r} is not a whole number")
+    return int(part)
+
+
+def parse_float(text: Any, what: str) -> float:
+    """A finite number in ASCII digits (1, 0.5, 1e-3); UsageError naming ``what`` otherwise."""
+    part = str(text).strip()
+    if not _DECIMAL.fullmatch(part):
+        raise UsageError(f"{what}: {part!r} is not a number")
+    value = float(part)
+    if not math.isfinite(value):
+        raise UsageError(f"{what}: {part!r} is not a finite number")
+    return value
+
+
 def parse_floats(text: str, option_name: str) -> list[float]:
     """'1,3,7.5' -> [1.0, 3.0, 7.5]; a non-number names itself."""
-    values = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            value = float(part)
-        except ValueError:
-            raise UsageError(f"{option_name}: {part!r} is not a number") from None
-        if not math.isfinite(value):
-            raise UsageError(f"{option_name}: {part!r} is not a finite number")
-        values.append(value)
-    return values
+    return [parse_float(part, option_name) for part in str(text).split(",")]
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -52,30 +69,31 @@ def parse_seeds(text: str | None) -> list[int] | None:
         return None
     seeds = []
     for part in str(text).split(","):
-        try:
-            seed = int(part.strip())
-        except ValueError:
-            raise UsageError(f"--seed: {part.strip()!r} is not a whole number") from None
+        seed = parse_int(part, "--seed")
         if not 0 <= seed < 2**63:
             raise UsageError(f"--seed: {seed} is outside 0..2^63-1")
         seeds.append(seed)
     return seeds
 
 
-def split_scale(spec: str) -> tuple[str, float]:
-    """'path/or/hub-id:0.8' -> ('path/or/hub-id', 0.8); without a scale (or with a drive's colon), 1.0."""
+def split_scale(spec: str, flag: str = "--lora") -> tuple[str, float]:
+    """'path/or/hub-id:0.8' -> ('path/or/hub-id', 0.8); without a scale (or with a drive's colon), 1.0.
+
+    A tail Python would read as a number ('nan', 'inf', '1_0', '١') is a scale that is refused, not a path.
+    """
     head, sep, tail = spec.rpartition(":")
     if sep and head and not tail.startswith(("/", "\\")):
         try:
-            return head, float(tail)
+            float(tail)
         except ValueError:
-            pass
+            return spec, 1.0
+        return head, parse_float(tail, f"{flag} {spec}: the scale")
     return spec, 1.0
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
     """'path/to/lora:0.8' -> ('path/to/lora', 0.8); without a scale, 1.0."""
-    path, scale = split_scale(spec)
+    path, scale = split_scale(spec, "--lora")
     if not Path(path).expanduser().exists():
         raise ModelError(f"--lora: no such file or folder: {path}")
     return str(Path(path).expanduser()), scale
@@ -100,14 +118,83 @@ def _model_reference(model: str) -> str:
     return model_reference(model)
 
 
+def lora_files(path: str | Path) -> list[Path]:
+    """The weight files a LoRA is: the file, or a folder's top-level weight files (where diffusers looks)."""
+    from sdcli.pipeline import PICKLE_SUFFIXES
+
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.glob("*") if p.is_file() and p.suffix.lower() in {".safetensors"} | PICKLE_SUFFIXES)
+
+
+def lora_sha256(path: str | Path) -> str | None:
+    """A LoRA file's sha256; a folder's, over its weight files' names and hashes (so a changed one shows).
+    None for a folder with no weights yet (a fine-tuning run's validation images, made before it saves)."""
+    files = lora_files(path)
+    if not files:
+        return None
+    if files == [Path(path).expanduser()]:
+        return _sha256(path)
+    import hashlib
+
+    return hashlib.sha256("".join(f"{f.name}:{_sha256(f)}\n" for f in files).encode()).hexdigest()
+
+
+def check_lora_tensors(path: str) -> None:
+    """A LoRA whose safetensors weights hold NaN or inf would make every image NaN: refuse it by name first."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    for file in lora_files(path):
+        if file.suffix.lower() != ".safetensors":
+            continue  # pickled ones load only with --allow-pickle, and the NaN guard still catches them
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise DataError(f"--lora {file}: its tensor {key} holds NaN or infinite values")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DataError(f"--lora {file} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}"
+                            ) from None
+
+
 def _loras_to_record(loras: list[tuple[str, float]]) -> list[dict[str, Any]]:
     from sdcli.pipeline import absolute_if_local
 
-    return [{"path": absolute_if_local(path), "scale": scale} for path, scale in loras]
+    out = []
+    for path, scale in loras:
+        digest = lora_sha256(path)
+        out.append({"path": absolute_if_local(path), "scale": scale, **({"sha256": digest} if digest else {})})
+    return out
 
 
 def _loras_from_record(value: list[dict[str, Any]] | None) -> list[tuple[str, float]]:
-    return [(lo["path"], float(lo["scale"])) for lo in value or []]
+    """The recorded LoRAs, each checked to be the very file (or folder) the image was made with."""
+    out = []
+    for lo in value or []:
+        path, scale = lo["path"], lo["scale"]
+        if not isinstance(path, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError("each LoRA must be {path, scale, sha256}")
+        if not Path(path).exists():
+            raise DataError(f"--lora {path}: no such file or folder, and the image was made with it")
+        if lo.get("sha256") and lora_sha256(path) != lo["sha256"]:
+            raise DataError(f"--lora {path} has changed since the image was made (its sha256 differs from the "
+                            "recorded one); restore that LoRA to remake the image")
+        out.append((path, float(scale)))
+    return out
+
+
+def lora_hashes(value: list[dict[str, Any]] | None) -> str | None:
+    """AUTOMATIC1111's `Lora hashes` field: "name: first 12 hex digits of the sha256", quoted (as TI hashes)."""
+    import json
+
+    hashed = [lo for lo in value or [] if lo.get("sha256")]
+    if not hashed:
+        return None
+    names = (Path(lo["path"]).stem.replace(":", "").replace(",", "") for lo in hashed)
+    return json.dumps(", ".join(f"{name}: {lo['sha256'][:12]}" for name, lo in zip(names, hashed)))
 
 
 def _absolute_if_local(path: str) -> str:
@@ -146,10 +233,12 @@ def _file_from_record(value: dict[str, str] | str | None, flag: str) -> str | No
 def parse_outpaint(text: str) -> list[int]:
     """'32,32,0,0' -> [32, 32, 0, 0]: pixels to add left, right, top and bottom."""
     parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+    if len(parts) != 4 or not all(re.fullmatch("[0-9]+", p) for p in parts):  # ASCII: '²'.isdigit() is True
         raise UsageError(f"--outpaint {text!r}: give LEFT,RIGHT,TOP,BOTTOM as four whole numbers of pixels, "
                          "e.g. 32,32,0,0")
     sides = [int(p) for p in parts]
+    if any(side > MAX_SIDE for side in sides):
+        raise UsageError(f"--outpaint {text!r}: a side past {MAX_SIDE} pixels is not a picture sdcli can make")
     if not any(sides):
         raise UsageError(f"--outpaint {text!r} adds nothing: give at least one side a width")
     for side in sides:
@@ -283,8 +372,46 @@ RUNTIME_FIELDS = tuple(d.name for d in by_role(Settings, RUNTIME))
 # 3. Checks that need no weights ------------------------------------------------------------------
 
 
+# Bounds past which a number is a typo, not a setting, and would overflow to inf or NaN deep in the model
+# (a LoRA at 1e300, guidance at 1e300). Ranges with their own words (strength, rescale) are checked there.
+LIMITS: dict[str, tuple[float, float]] = {
+    "guidance": (-1e3, 1e3), "distilled_guidance": (0, 1e3), "hires_scale": (-math.inf, 8),
+    "loras": (-100, 100), "controlnets": (-100, 100),
+}
+
+
+def numbers_of(d: Any, value: Any) -> list[tuple[str, float]]:
+    """(how to name it, value) for every number a setting holds: its own, a list's, each (path, scale)'s scale."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [(d.flag, value)]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for item in value:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
+                out.append((f"{d.flag} {item[0]}:SCALE", item[1]))  # (path, scale): --lora, --controlnet
+            else:
+                out += numbers_of(d, item)
+        return out
+    return []
+
+
+def check_numbers(s: Settings) -> None:
+    """Every number of every setting finite and within LIMITS, whether typed, parsed or replayed."""
+    for d in declared(Settings):
+        low, high = LIMITS.get(d.name, (-math.inf, math.inf))
+        for what, value in numbers_of(d, getattr(s, d.name)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{what}: {value} is not a finite number")
+            if not low <= value <= high:
+                bounds = f"at most {high:g}" if low == -math.inf else f"between {low:g} and {high:g}"
+                raise UsageError(f"{what}: {value:g} is out of range (it must be {bounds})")
+
+
 def check_settings(s: Settings) -> None:
     """Raise UsageError naming the first bad value; cheap, needs no model weights."""
+    check_numbers(s)
     if not s.prompts:
         raise UsageError("no prompt given: pass one or more prompts, --prompt-file or --from-metadata")
     if s.steps < 1:
@@ -303,6 +430,9 @@ def check_settings(s: Settings) -> None:
         raise UsageError(f"--threads must be at least 1, got {s.threads}")
     if s.seeds and len(s.seeds) > 1 and s.num_images > 1:
         raise UsageError("give either a list of seeds or --num-images, not both")
+    for seed in s.seeds or []:  # typed ones are checked as they are parsed; these may come from a record
+        if not 0 <= seed < 2**63:
+            raise UsageError(f"--seed: {seed} is outside 0..2^63-1")
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
         raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1")
     if s.scheduler is not None:
@@ -372,9 +502,16 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
         found[f"ControlNet {i}"] = unit
     for lora in record.get("loras") or []:
         found[f"Lora {Path(lora['path']).name}"] = f"{lora['scale']:g}"
+    if lora_hashes(record.get("loras")):
+        found["Lora hashes"] = lora_hashes(record.get("loras"))
     found["Version"] = f"sdcli {record['sdcli_version']}"
     head = [(k, found[k]) for k in A1111_ORDER if found.get(k) is not None]
     return head + [(k, v) for k, v in found.items() if k not in A1111_ORDER]
+
+
+# What a record must say for a replay to remake its image: without them the defaults would make another one.
+# Each may come from the JSON, else from AUTOMATIC1111's `parameters` text (`sdcli.metadata.read_record`).
+ESSENTIAL = ("prompts", "model", "steps", "seeds", "guidance", "width", "height")
 
 
 def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset()) -> Settings:
@@ -383,22 +520,91 @@ def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset(
     Runtime settings (device, dtype, batch size, ...) stay the command line's: "auto" picks the
     same on the same machine, and an image made in float16 on a GPU can still be remade on a CPU.
     The settings named in ``replaced`` are left at their defaults for the caller to set: a recorded
-    input the user replaces (a new --mask) is not checked against its old file.
+    input the user replaces (a new --mask) is not checked against its old file. Every value is
+    checked for its declared type here, naming the field; its range is checked with the command
+    line's (`check_settings`), as if it had been typed.
     """
-    if "prompt" not in record:
+    if not isinstance(record, dict) or "prompt" not in record:
         raise DataError("the sdcli record holds no prompt; it was not written by sdcli generate")
     check_weights_exist(record)
     s = Settings()
     for d in declared(Settings):
-        if d.opt.role is RUNTIME or d.record_key not in record or d.name in replaced:
-            if d.opt.role is not RUNTIME and d.opt.unrecorded is not None:
+        if d.opt.role is RUNTIME or d.name in replaced:
+            continue
+        if d.record_key not in record:
+            if d.name in ESSENTIAL:
+                raise DataError(f"the record holds no {d.record_key} (nor does its parameters text), so the image "
+                                f"cannot be remade; give {d.flag}")
+            if d.opt.unrecorded is not None:
                 setattr(s, d.name, d.opt.unrecorded)
             continue
         value = record[d.record_key]
         if d.opt.from_record is not None:
-            value = d.opt.from_record(value)
+            try:
+                value = d.opt.from_record(value)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise DataError(f"the record's {d.record_key} is malformed ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:80]}): {_shown(record[d.record_key])}") from None
+        else:
+            element = _element_type(d.type) if d.opt.role is SWEEP else d.type
+            value = _typed(value, element, d)
+            choices = d.opt.cli_type
+            if isinstance(choices, type) and issubclass(choices, Enum) and value is not None:
+                if value not in {c.value for c in choices}:
+                    raise DataError(f"the record's {d.record_key} is {_shown(value)}, not one of "
+                                    f"{', '.join(c.value for c in choices)} ({d.flag})")
         setattr(s, d.name, [value] if d.opt.role is SWEEP else value)
     return s
+
+
+def _shown(value: Any) -> str:
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _element_type(t: Any) -> Any:
+    """list[float] -> float; Optional[list[int]] -> int (a sweep axis records one value per image)."""
+    import typing
+
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    inner = args[0] if args else t
+    return (typing.get_args(inner) or (inner,))[0]
+
+
+def _typed(value: Any, t: Any, d: Any) -> Any:
+    """``value`` from a record, if it is what the declaration's type ``t`` says; DataError naming the field."""
+    import typing
+
+    args = typing.get_args(t)
+    if type(None) in args:
+        if value is None:
+            return None
+        t = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(t)
+    wrong = f"the record's {d.record_key} is {_shown(value)}"
+    if t is bool:
+        if not isinstance(value, bool):
+            raise DataError(f"{wrong}, not true or false ({d.flag})")
+    elif t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{wrong}, not a whole number ({d.flag})")
+    elif t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{wrong}, not a number ({d.flag})")
+        if not math.isfinite(value):
+            raise DataError(f"{wrong}, not a finite number ({d.flag})")
+        value = float(value)
+    elif t is str:
+        if not isinstance(value, str):
+            raise DataError(f"{wrong}, not text ({d.flag})")
+    elif origin is list:
+        if not isinstance(value, list):
+            raise DataError(f"{wrong}, not a list ({d.flag})")
+        (inner,) = typing.get_args(t) or (Any,)
+        value = [_typed(v, inner, d) for v in value] if inner in (int, float, str, bool) else value
+    return value
 
 
 def check_weights_exist(record: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ added to TASKS, plus its declared options; inpainting's mask arithmetic is in
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -149,7 +150,11 @@ class ImageToImage(Task):
 
         image = load_init_image(s.init_image, s.width, s.height, max(8, pipe.vae_scale_factor))
         task_pipe = task_pipeline(AutoPipelineForImage2Image, pipe)
-        return Prepared(task_pipe, image.width, image.height, {"image": image, "strength": s.strength})
+        call = {"image": image, "strength": s.strength}
+        if "width" in inspect.signature(type(task_pipe).__call__).parameters:
+            # Flux's img2img would resize the image to the model's default size instead of keeping its own.
+            call.update(width=image.width, height=image.height)
+        return Prepared(task_pipe, image.width, image.height, call)
 
 
 class Inpaint(ImageToImage):
@@ -297,6 +302,8 @@ class HiresFix(Task):
         # 3. The second pass draws its noise afresh from the same seeds, as AUTOMATIC1111's does.
         # diffusers' img2img has no guidance rescale: φ shapes the first pass only (as the record says).
         second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "guidance_rescale")}
+        if "width" in inspect.signature(type(keep["second"]).__call__).parameters:
+            second.update(width=width, height=height)  # Flux's img2img would take its default size otherwise
         second.update(image=image, strength=keep["strength"], num_inference_steps=keep["steps"],
                       generator=[torch.Generator(g.device).manual_seed(g.initial_seed()) for g in kwargs["generator"]])
         return keep["second"](**second).images

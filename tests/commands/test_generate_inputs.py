@@ -136,7 +136,10 @@ def test_lora_scale_zero_is_the_base_model_and_one_changes_it(cli, tiny_sd, lora
     assert np.abs(base - off).max() <= 1
     assert np.abs(base - on).max() > 2
     record = json.loads(Image.open(path).info["sdcli"])
-    assert record["loras"] == [{"path": str(Path(loras["sd1"]).resolve()), "scale": 1.0}]
+    from sdcli.generation.settings import lora_sha256
+
+    assert record["loras"] == [{"path": str(Path(loras["sd1"]).resolve()), "scale": 1.0,
+                                "sha256": lora_sha256(loras["sd1"])}]
 
 
 def test_lora_matches_plain_diffusers(cli, tiny_sd, loras, tmp_path):
