@@ -18,6 +18,7 @@ from sdcli.errors import UsageError
 
 # An --out with one of these would otherwise become a folder of that name.
 OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic")
+COUNTER = ".sdcli-next"  # the next free file number of a folder (`reserve_numbers`)
 
 
 class ImageWriter:
@@ -51,6 +52,9 @@ class ImageWriter:
             if out.exists() and not out.is_dir():
                 raise UsageError(f"--out {out} exists and is not a folder")
             check_writable(out)
+            from sdcli.locks import check_own
+
+            check_own(out / COUNTER)
             self.file, self.folder = None, out
         self.count, self._next = count, None
         if plan.state is not None and self.file is None:
@@ -125,7 +129,7 @@ def reserve_numbers(folder: Path, count: int) -> int:
     """
     from sdcli.locks import locked
 
-    with locked(folder / ".sdcli-next") as f:
+    with locked(folder / COUNTER) as f:
         assert f is not None  # a waiting lock always comes
         text = f.read().strip()
         taken = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]

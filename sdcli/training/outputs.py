@@ -43,6 +43,9 @@ def check_out(out: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to write into a non-empty OUT unless told to (or continuing a run there)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
+    from sdcli.locks import check_own
+
+    check_own(out / FolderLock.NAME)
     if out.is_dir() and any(p.name != FolderLock.NAME for p in out.iterdir()) and not (overwrite or resuming):
         raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it or --resume latest to continue")
 
