@@ -45,7 +45,9 @@ class ImageWriter:
         if out.suffix.lower() == ".png":
             if count > 1:
                 raise UsageError(f"--out {out} names one file but {count} images would be made; give a folder")
-            check_new_file(out, overwrite, "--out")
+            # Every file this run writes, named now: none may fail after the image is made.
+            for path in (out, *(trajectory_paths(out) if getattr(plan.settings, "save_trajectory", False) else ())):
+                check_new_file(path, overwrite, "--out")
             check_writable(out.parent if str(out.parent) else Path("."))
             self.file, self.folder = out, out.parent
         else:
@@ -161,10 +163,16 @@ def write_trajectory(item: Any, path: Path, writer: ImageWriter) -> None:
     frames = [f if f.size == item.image.size else f.resize(item.image.size, Image.NEAREST) for f in item.trajectory]
     labels = [f"{i + 1}" for i in range(len(frames))]
     strip = labelled_grid([frames], labels, [""], title=f"predicted x0 per step: {item.job.prompt[:60]}")
-    strip_path = save_png(strip, path.with_name(path.stem + "-trajectory.png"), overwrite=writer.overwrite)
-    gif_path = save_gif(frames + [item.image], path.with_name(path.stem + "-trajectory.gif"), overwrite=writer.overwrite)
+    strip_to, gif_to = trajectory_paths(path)
+    strip_path = save_png(strip, strip_to, overwrite=writer.overwrite)
+    gif_path = save_gif(frames + [item.image], gif_to, overwrite=writer.overwrite)
     for p in (strip_path, gif_path):
         writer.emit(p, {"kind": "trajectory", "image": str(path)})
+
+
+def trajectory_paths(path: Path) -> tuple[Path, Path]:
+    """The strip and the GIF --save-trajectory writes beside the image ``path``."""
+    return path.with_name(path.stem + "-trajectory.png"), path.with_name(path.stem + "-trajectory.gif")
 
 
 def write_contact_sheets(written: list[dict[str, Any]], writer: ImageWriter, swept: list[Any]) -> None:
