@@ -201,7 +201,9 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
     except BaseException as exc:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        why = _write_failure(exc)
+        from sdcli.training.outputs import disk_failure
+
+        why = disk_failure(exc) if isinstance(exc, Exception) else None
         if why is not None:
             raise OutputError(f"cannot write checkpoint {final}: {why}; nothing of it was kept") from exc
         raise
@@ -210,17 +212,6 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _write_failure(exc: BaseException) -> str | None:
-    """What went wrong writing, for an error a disk gives (full, read-only, name too long); None for others."""
-    from safetensors import SafetensorError
-
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    if isinstance(exc, SafetensorError):  # safetensors reports the OS error inside its own
-        return (str(exc).strip().splitlines() or ["write failed"])[0]
-    return None
 
 
 def _write_parts(folder: Path, parts: Parts, accelerator) -> None:

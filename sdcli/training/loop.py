@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sdcli.errors import SdcliError, UsageError
+from sdcli.errors import OutputError, SdcliError, UsageError
 from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.progress import Notes, TrainingProgress
@@ -90,6 +90,8 @@ class Run:
     def checkpoint(self, step: int) -> Path:
         state = {"step": step, "world_size": self.world, "config": self.cfg.to_json(), "family": self.family.name,
                  "model_fingerprint": self.fingerprint}
+        if self.accelerator.is_main_process:
+            outputs.record_written(self.cfg.out, {checkpoints.DIRNAME})
         return checkpoints.save_checkpoint(self.accelerator, self.cfg.out, step, state, self.cfg.keep_checkpoints,
                                            self.parts)
 
@@ -147,7 +149,7 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     resume_dir = checkpoints.find_resume(cfg.resume, cfg.out) if cfg.resume else None
     if resume_dir is not None:
         checkpoints.check_unpickled(resume_dir, cfg.allow_pickle)  # a checkpoint that would unpickle: refused now
-    outputs.check_out(cfg.out, cfg.overwrite, resuming=resume_dir is not None)
+    outputs.check_out(cfg.out, cfg.overwrite, resuming=resume_dir is not None, writes=outputs.names_written(cfg))
     if cfg.device != "auto":
         resolve_device(cfg.device)
     # One lock for the whole run, taken by the main process (RANK 0 under torchrun/accelerate).
@@ -171,6 +173,8 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
 def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     from diffusers.optimization import get_scheduler
 
+    from sdcli.images import check_name_length
+    from sdcli.training import kohya
     from sdcli.training.inputs import TrainingInputs
     from sdcli.training.objective import flow_training_scheduler, training_scheduler
 
@@ -187,6 +191,9 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
     pipe, family = setup.load(cfg)
+    if cfg.lora and family.name in kohya.FAMILIES and cfg.lora_format == kohya.LoraFormat.both.value:
+        # Named after OUT: a long --out name can make it too long only now the family is known.
+        check_name_length(cfg.out / kohya.file_name(cfg.out), "--out")
     fingerprint = checkpoints.model_fingerprint(pipe)  # before any adapter: the base model as loaded
     if resume_dir is not None:
         # First, so a checkpoint of another model is called that, not a list of settings that differ.
@@ -299,6 +306,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         cfg.out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite and resume_dir is None:
             outputs.clear_previous(cfg.out)
+        outputs.record_written(cfg.out, {outputs.LOSS_FILE} | ({outputs.LOGS_DIR} if cfg.trackers else set()))
     accelerator.wait_for_everyone()
     trackers.start(accelerator, cfg, cfg.out / outputs.LOGS_DIR)
     return Run(cfg=cfg, accelerator=accelerator, say=say, report=report, pipe=pipe, family=family,
@@ -477,8 +485,19 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             run.ema.copy_to(run.params)
         # Past DDP and torch.compile's wrapper, so saved names are the model's own.
         raw = [getattr(m, "_orig_mod", m) for m in map(accelerator.unwrap_model, run.models)]
-        weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out, cfg) if cfg.lora
-                   else outputs.save_full(run.pipe, cfg.out))
+        try:
+            with outputs.staged(cfg.out) as stage:
+                weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out, cfg, into=stage)
+                           if cfg.lora else outputs.save_full(run.pipe, cfg.out, into=stage))
+        except Exception as exc:
+            why = outputs.disk_failure(exc)
+            if why is None:
+                raise
+            last = checkpoints.checkpoint_dirs(cfg.out)
+            then = (f"; the training is saved in {last[-1]}: continue with --resume latest once it can be written"
+                    if last else "")
+            raise OutputError(f"cannot write the trained weights to {cfg.out}: {why}; nothing half-written was "
+                              f"kept{then}") from exc
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {
             "base_model": cfg.model, "family": run.family.name,
@@ -496,6 +515,7 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             "validation": _validation_record(run, cfg.out / outputs.LOSS_FILE),
             "config": cfg.to_json(),
         }
+        outputs.record_written(cfg.out, {outputs.SETTINGS_FILE, outputs.CARD_FILE, outputs.LOSS_PLOT})
         outputs.write_settings(cfg.out, record)
         outputs.write_model_card(cfg.out, record)
         outputs.plot_loss(cfg.out / outputs.LOSS_FILE, cfg.out / outputs.LOSS_PLOT)
@@ -559,6 +579,7 @@ def _validate(run: Run, step: int) -> list[Path]:
     cfg, accelerator, pipe = run.cfg, run.accelerator, run.pipe
     paths: list[Path] = []
     if accelerator.is_main_process:
+        outputs.record_written(cfg.out, {outputs.VALIDATION_DIR})
         pipe.vae.to(accelerator.device)
         for encoder in run.inputs.text.encoders:
             encoder.to(accelerator.device)
