@@ -73,7 +73,8 @@ def test_overwrite_removes_what_a_previous_run_wrote_and_nothing_else(cli, tiny_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
 
 
-@pytest.mark.parametrize("theirs", [["README.md"], ["loss.csv", "checkpoints/mine.txt"], ["pytorch_lora_weights.safetensors"]])
+@pytest.mark.parametrize("theirs", [["README.md"], ["loss.csv", "checkpoints/mine.txt"],
+                                    ["pytorch_lora_weights.safetensors"]])
 def test_overwrite_refuses_to_write_over_files_no_sdcli_run_recorded(cli, tiny_sd, dataset, tmp_path, monkeypatch,
                                                                       theirs):
     from conftest import one_error_line
