@@ -93,7 +93,7 @@ def _table() -> dict[type, tuple[str, type[SdcliError], str]]:
         ConnectionRefusedError: ("unreachable", SdcliError, _NETWORK),
         ConnectionResetError: ("unreachable", SdcliError, _NETWORK),
         TimeoutError: ("unreachable", SdcliError, _NETWORK),
-        OSError: ("disk-full", OutputError, "no space left on device"),  # ENOSPC only: see _match
+        OSError: ("disk", OutputError, ""),  # only the errnos in _DISK: see _match
     }
     # HTTP clients differ by huggingface_hub version and may be absent; one not yet imported raised nothing.
     for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
@@ -105,12 +105,25 @@ def _table() -> dict[type, tuple[str, type[SdcliError], str]]:
     return table
 
 
+# A plain OSError means "bad input" only for what a disk or a path says about where output goes.
+_DISK = {
+    errno.ENOSPC: ("disk-full", "no space left on device"),
+    errno.EDQUOT: ("disk-full", "disk quota exceeded"),
+    errno.EROFS: ("read-only", "read-only file system"),
+    errno.ENAMETOOLONG: ("name-too-long", "file name too long"),
+}
+
+
 def _match(exc: BaseException, table: dict) -> Known | None:
     for cls in type(exc).__mro__:
         entry = table.get(cls)
-        if entry is None or (cls is OSError and getattr(exc, "errno", None) != errno.ENOSPC):
+        if entry is None or (cls is OSError and getattr(exc, "errno", None) not in _DISK):
             continue
         kind, error, template = entry
+        if cls is OSError:
+            kind, what = _DISK[exc.errno]
+            filename = getattr(exc, "filename", None)
+            return Known(kind, error, f"{what}: {filename}" if filename else what, exc)
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
         message = template.format(text=text, file=getattr(exc, "filename", None) or text,
                                   strerror=getattr(exc, "strerror", None) or "not found")

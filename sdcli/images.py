@@ -186,13 +186,40 @@ def check_image(path: Path) -> tuple[tuple[int, int], str | None]:
 
 
 def check_new_file(path: Path | str, overwrite: bool, flag: str | None = None) -> Path:
-    """Refuse, before any work, a folder where a file should go, or an existing file without --overwrite."""
+    """Refuse, before any work, a folder where a file should go, an existing file without --overwrite, or
+    a name longer than the file system takes."""
     path = Path(path)
+    check_name_length(path, flag)
     if path.is_dir():
         raise OutputError(f"{flag + ' ' if flag else ''}{path} is a folder; give a file name")
     if not overwrite and path.exists():
         raise OutputError(_exists(path))
     return path
+
+
+def check_name_length(path: Path, flag: str | None = None) -> None:
+    """Refuse a path with a name (the file's or a folder's on the way) longer than its file system takes,
+    in one line naming it, rather than an OSError when it is written."""
+    limit = _name_max(path)
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise OutputError(f"{flag + ' ' if flag else ''}{path}: the name {_short(part)} is {size} bytes, "
+                              f"longer than the {limit} this file system takes")
+
+
+def _name_max(path: Path) -> int:
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or it does not say
+        return 255
+
+
+def _short(name: str) -> str:
+    return repr(name if len(name) <= 40 else name[:20] + "..." + name[-12:])
 
 
 def _exists(path: Path) -> str:
@@ -206,7 +233,8 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
     existing file is only replaced when asked.
     """
     path = check_new_file(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A short prefix: a name near the file system's limit (255 bytes) must not overflow it in the temporary one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:24]}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); give it the permissions a plain open() would.
     umask = os.umask(0)

@@ -8,9 +8,13 @@ behind. Where there is no fcntl (Windows) the lock is a no-op.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import IO, Iterator
+
+from sdcli.errors import OutputError
 
 try:
     import fcntl
@@ -24,7 +28,7 @@ def locked(path: Path, *, wait: bool = True) -> Iterator[IO[str] | None]:
 
     With ``wait=False`` yields None at once when another process holds the lock.
     """
-    f = open(path, "a+", encoding="utf-8")
+    f = open_own(path)
     try:
         if fcntl is not None:
             try:
@@ -36,6 +40,39 @@ def locked(path: Path, *, wait: bool = True) -> Iterator[IO[str] | None]:
         yield f
     finally:
         f.close()  # closing releases the lock
+
+
+def open_own(path: Path) -> IO[str]:
+    """``path`` (created if missing) open for reading and writing, refused if it is not sdcli's own plain
+    file: a symbolic or hard link there would have sdcli truncate and rewrite whatever it points to."""
+    path = Path(path)
+    if path.is_symlink():  # also where the platform has no O_NOFOLLOW
+        raise _not_own(path, "a symbolic link")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # made a link between the check and the open
+            raise _not_own(path, "a symbolic link") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise _not_own(path, "not a plain file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file")
+    return os.fdopen(fd, "r+", encoding="utf-8")
+
+
+def check_own(path: Path) -> None:
+    """Refuse, before any work, a link where sdcli keeps its own file (`open_own` refuses it again when used)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise _not_own(path, "a symbolic link")
+    if path.exists() and (not path.is_file() or path.stat().st_nlink > 1):
+        raise _not_own(path, "not a plain file" if not path.is_file() else "a hard link to another file")
+
+
+def _not_own(path: Path, what: str) -> OutputError:
+    return OutputError(f"{path} is {what}; sdcli keeps its own file there and will not write through it "
+                       "(remove it, or pick another folder)")
 
 
 class FolderLock:

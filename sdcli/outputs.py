@@ -18,6 +18,7 @@ from sdcli.errors import UsageError
 
 # An --out with one of these would otherwise become a folder of that name.
 OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic")
+COUNTER = ".sdcli-next"  # the next free file number of a folder (`reserve_numbers`)
 
 
 class ImageWriter:
@@ -44,13 +45,18 @@ class ImageWriter:
         if out.suffix.lower() == ".png":
             if count > 1:
                 raise UsageError(f"--out {out} names one file but {count} images would be made; give a folder")
-            check_new_file(out, overwrite, "--out")
+            # Every file this run writes, named now: none may fail after the image is made.
+            for path in (out, *(trajectory_paths(out) if getattr(plan.settings, "save_trajectory", False) else ())):
+                check_new_file(path, overwrite, "--out")
             check_writable(out.parent if str(out.parent) else Path("."))
             self.file, self.folder = out, out.parent
         else:
             if out.exists() and not out.is_dir():
                 raise UsageError(f"--out {out} exists and is not a folder")
             check_writable(out)
+            from sdcli.locks import check_own
+
+            check_own(out / COUNTER)
             self.file, self.folder = None, out
         self.count, self._next = count, None
         if plan.state is not None and self.file is None:
@@ -125,7 +131,7 @@ def reserve_numbers(folder: Path, count: int) -> int:
     """
     from sdcli.locks import locked
 
-    with locked(folder / ".sdcli-next") as f:
+    with locked(folder / COUNTER) as f:
         assert f is not None  # a waiting lock always comes
         text = f.read().strip()
         taken = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
@@ -157,10 +163,16 @@ def write_trajectory(item: Any, path: Path, writer: ImageWriter) -> None:
     frames = [f if f.size == item.image.size else f.resize(item.image.size, Image.NEAREST) for f in item.trajectory]
     labels = [f"{i + 1}" for i in range(len(frames))]
     strip = labelled_grid([frames], labels, [""], title=f"predicted x0 per step: {item.job.prompt[:60]}")
-    strip_path = save_png(strip, path.with_name(path.stem + "-trajectory.png"), overwrite=writer.overwrite)
-    gif_path = save_gif(frames + [item.image], path.with_name(path.stem + "-trajectory.gif"), overwrite=writer.overwrite)
+    strip_to, gif_to = trajectory_paths(path)
+    strip_path = save_png(strip, strip_to, overwrite=writer.overwrite)
+    gif_path = save_gif(frames + [item.image], gif_to, overwrite=writer.overwrite)
     for p in (strip_path, gif_path):
         writer.emit(p, {"kind": "trajectory", "image": str(path)})
+
+
+def trajectory_paths(path: Path) -> tuple[Path, Path]:
+    """The strip and the GIF --save-trajectory writes beside the image ``path``."""
+    return path.with_name(path.stem + "-trajectory.png"), path.with_name(path.stem + "-trajectory.gif")
 
 
 def write_contact_sheets(written: list[dict[str, Any]], writer: ImageWriter, swept: list[Any]) -> None:

@@ -304,7 +304,8 @@ def load_vae(model: str, revision: str | None = None, device: str = "cpu"):
     _quiet_diffusers()
     source = str(Path(model).expanduser()) if kind == "folder" else model
     try:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision)
+        # Safetensors only: inspect-schedule has no --allow-pickle, and a pickled .bin can run code when loaded.
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, use_safetensors=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is "this model has no usable VAE"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"cannot load the VAE of {model}: {first[:300]}") from None

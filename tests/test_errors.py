@@ -44,6 +44,12 @@ def raised(exc, cause=None, context=None):
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "prompts.txt"), "missing", SdcliError,
      "No such file or directory: prompts.txt"),
     (OSError(errno.ENOSPC, "No space left on device"), "disk-full", OutputError, "no space left on device"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded", "/home/me/out"), "disk-full", OutputError,
+     "disk quota exceeded: /home/me/out"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/cd/out"), "read-only", OutputError,
+     "read-only file system: /mnt/cd/out"),
+    (OSError(errno.ENAMETOOLONG, "File name too long", "/tmp/" + "x" * 300), "name-too-long", OutputError,
+     "file name too long: /tmp/xxx"),
     (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "unreachable", SdcliError, "cannot reach"),
 ])
 def test_each_type_has_one_meaning(exc, kind, error, words):

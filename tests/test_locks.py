@@ -7,6 +7,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from conftest import one_error_line
 from sdcli.locks import FolderLock
 
 
@@ -44,3 +47,28 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         assert pid is None
     finally:
         holder.kill()
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+@pytest.mark.parametrize("command", ["generate", "finetune"])
+def test_a_link_where_sdcli_keeps_its_counter_or_lock_is_refused_and_its_target_survives(cli, tiny_sd, dataset,
+                                                                                           tmp_path, command, link):
+    import os
+
+    from sdcli.outputs import COUNTER
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("do not truncate me\n")
+    own = out / (COUNTER if command == "generate" else FolderLock.NAME)
+    (os.symlink if link == "symbolic" else os.link)(target, own)
+    if command == "generate":
+        result = cli("generate", "a red circle", "--model", tiny_sd, "--steps", "1", "--seed", "1", "--out", out)
+    else:
+        result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, "--max-steps", "1", "-q",
+                     "--checkpoint-every", "0")
+    line = one_error_line(result, 1)
+    assert str(own) in line and "link" in line
+    assert target.read_text() == "do not truncate me\n"
+    assert sorted(p.name for p in out.iterdir()) == [own.name]  # no image, no weights

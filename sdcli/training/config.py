@@ -85,7 +85,8 @@ class FinetuneConfig:
     model: Optional[str] = option(None, options.MODEL, role=RUNTIME)
     revision: Optional[str] = option(None, options.REVISION)
     variant: Optional[str] = option(None, options.VARIANT)
-    allow_pickle: bool = option(False, options.ALLOW_PICKLE, role=RECORDED)  # a resume may not widen what loads
+    # Which files may be trusted, not what a step computes: an older (pickled) checkpoint resumes with it.
+    allow_pickle: bool = option(False, options.ALLOW_PICKLE, role=RUNTIME)
     device: str = option("auto", options.DEVICE)
 
     # Data

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sdcli.errors import SdcliError, UsageError
+from sdcli.errors import OutputError, SdcliError, UsageError
 from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.progress import Notes, TrainingProgress
@@ -81,14 +81,23 @@ class Run:
     held_out: validation.HeldOut | None = None  # --validation-split / --validation-data
     layout: buckets.Layout | None = None  # each example's size; the epoch's groups of one size
     classes: prior.ClassImages | None = None  # DreamBooth's class images (--class-data)
+    fingerprint: str | None = None  # the base model's (`checkpoints.model_fingerprint`), recorded in checkpoints
 
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
 
     def checkpoint(self, step: int) -> Path:
-        state = {"step": step, "world_size": self.world, "config": self.cfg.to_json(), "family": self.family.name}
-        return checkpoints.save_checkpoint(self.accelerator, self.cfg.out, step, state, self.cfg.keep_checkpoints)
+        state = {"step": step, "world_size": self.world, "config": self.cfg.to_json(), "family": self.family.name,
+                 "model_fingerprint": self.fingerprint}
+        if self.accelerator.is_main_process:
+            outputs.record_written(self.cfg.out, {checkpoints.DIRNAME})
+        return checkpoints.save_checkpoint(self.accelerator, self.cfg.out, step, state, self.cfg.keep_checkpoints,
+                                           self.parts)
+
+    @property
+    def parts(self) -> checkpoints.Parts:
+        return checkpoints.Parts(self.models, self.optimizer, self.lr_scheduler, self.ema, self.cfg.lora)
 
 
 @dataclass
@@ -138,7 +147,9 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     cfg.check()
     cfg.model = absolute_if_local(resolve_model(cfg.model))
     resume_dir = checkpoints.find_resume(cfg.resume, cfg.out) if cfg.resume else None
-    outputs.check_out(cfg.out, cfg.overwrite, resuming=resume_dir is not None)
+    if resume_dir is not None:
+        checkpoints.check_unpickled(resume_dir, cfg.allow_pickle)  # a checkpoint that would unpickle: refused now
+    outputs.check_out(cfg.out, cfg.overwrite, resuming=resume_dir is not None, writes=outputs.names_written(cfg))
     if cfg.device != "auto":
         resolve_device(cfg.device)
     # One lock for the whole run, taken by the main process (RANK 0 under torchrun/accelerate).
@@ -162,6 +173,8 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
 def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     from diffusers.optimization import get_scheduler
 
+    from sdcli.images import check_name_length
+    from sdcli.training import kohya
     from sdcli.training.inputs import TrainingInputs
     from sdcli.training.objective import flow_training_scheduler, training_scheduler
 
@@ -178,6 +191,14 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
     pipe, family = setup.load(cfg)
+    if cfg.lora and family.name in kohya.FAMILIES and cfg.lora_format == kohya.LoraFormat.both.value:
+        # Named after OUT: a long --out name can make it too long only now the family is known.
+        check_name_length(cfg.out / kohya.file_name(cfg.out), "--out")
+    fingerprint = checkpoints.model_fingerprint(pipe)  # before any adapter: the base model as loaded
+    if resume_dir is not None:
+        # First, so a checkpoint of another model is called that, not a list of settings that differ.
+        checkpoints.check_same_model(resume_dir, checkpoints.read_state(resume_dir), cfg.model, family.name,
+                                     fingerprint)
     cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
     step = setup.bucket_sides(cfg, pipe, family)
     layout = buckets.assign(report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
@@ -212,6 +233,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
             "prediction and classifier-free guidance will have nothing to extrapolate from")
     noise_scheduler = (flow_training_scheduler if family.flow else training_scheduler)(pipe.scheduler.config)
     trained = setup.make_trainable(pipe, family, cfg, accelerator.device)
+    if resume_dir is not None:  # a checkpoint from before fingerprints: its weights must fit these models
+        checkpoints.check_fits(resume_dir, checkpoints.read_state(resume_dir), cfg.model, family.name, trained, cfg.lora)
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
     say(f"training {'LoRA rank %d' % cfg.rank if cfg.lora else 'the full ' + family.denoiser}"
         f"{' and the text encoder' if cfg.train_text_encoder else ''}: {sum(p.numel() for p in params):,} parameters, "
@@ -275,22 +298,21 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
         ema = EMAModel(params, decay=cfg.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    if cfg.lora:
-        checkpoints.keep_trainable_only(accelerator)
 
     # 7. Resume: weights, optimizer, lr schedule, EMA and RNG from the checkpoint; data position from its step.
-    start = _resume(cfg, accelerator, resume_dir, say) if resume_dir is not None else 0
+    parts = checkpoints.Parts(models, optimizer, lr_scheduler, ema, cfg.lora)
+    start = _resume(cfg, accelerator, resume_dir, say, parts) if resume_dir is not None else 0
     if accelerator.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite and resume_dir is None:
             outputs.clear_previous(cfg.out)
+        outputs.record_written(cfg.out, {outputs.LOSS_FILE} | ({outputs.LOGS_DIR} if cfg.trackers else set()))
     accelerator.wait_for_everyone()
     trackers.start(accelerator, cfg, cfg.out / outputs.LOGS_DIR)
     return Run(cfg=cfg, accelerator=accelerator, say=say, report=report, pipe=pipe, family=family,
                noise_scheduler=noise_scheduler, inputs=inputs, models=models, params=params, optimizer=optimizer,
                lr_scheduler=lr_scheduler, ema=ema, per_epoch=per_epoch, max_steps=max_steps, start=start,
-               cache_seconds=cache_seconds, held_out=held_out, layout=layout, classes=classes)
+               cache_seconds=cache_seconds, held_out=held_out, layout=layout, classes=classes, fingerprint=fingerprint)
 
 
 def _train(run: Run, callback) -> Trained:
@@ -463,8 +485,19 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             run.ema.copy_to(run.params)
         # Past DDP and torch.compile's wrapper, so saved names are the model's own.
         raw = [getattr(m, "_orig_mod", m) for m in map(accelerator.unwrap_model, run.models)]
-        weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out, cfg) if cfg.lora
-                   else outputs.save_full(run.pipe, cfg.out))
+        try:
+            with outputs.staged(cfg.out) as stage:
+                weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out, cfg, into=stage)
+                           if cfg.lora else outputs.save_full(run.pipe, cfg.out, into=stage))
+        except Exception as exc:
+            why = outputs.disk_failure(exc)
+            if why is None:
+                raise
+            last = checkpoints.checkpoint_dirs(cfg.out)
+            then = (f"; the training is saved in {last[-1]}: continue with --resume latest once it can be written"
+                    if last else "")
+            raise OutputError(f"cannot write the trained weights to {cfg.out}: {why}; nothing half-written was "
+                              f"kept{then}") from exc
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {
             "base_model": cfg.model, "family": run.family.name,
@@ -482,6 +515,7 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             "validation": _validation_record(run, cfg.out / outputs.LOSS_FILE),
             "config": cfg.to_json(),
         }
+        outputs.record_written(cfg.out, {outputs.SETTINGS_FILE, outputs.CARD_FILE, outputs.LOSS_PLOT})
         outputs.write_settings(cfg.out, record)
         outputs.write_model_card(cfg.out, record)
         outputs.plot_loss(cfg.out / outputs.LOSS_FILE, cfg.out / outputs.LOSS_PLOT)
@@ -525,7 +559,7 @@ def _same_run(cfg: FinetuneConfig, path: Path) -> None:
                          f"the same run: {changes}")
 
 
-def _resume(cfg: FinetuneConfig, accelerator, path: Path, say) -> int:
+def _resume(cfg: FinetuneConfig, accelerator, path: Path, say, parts: checkpoints.Parts) -> int:
     saved = checkpoints.read_state(path)
     _same_run(cfg, path)
     world = accelerator.num_processes
@@ -535,7 +569,7 @@ def _resume(cfg: FinetuneConfig, accelerator, path: Path, say) -> int:
     for name in ("model", "data"):
         if saved["config"].get(name) != cfg.to_json()[name]:
             say(f"warning: --{name} differs from the checkpoint's ({saved['config'].get(name)})")
-    checkpoints.load_checkpoint(accelerator, path, trainable_only=cfg.lora)
+    checkpoints.load_checkpoint(accelerator, path, parts, allow_pickle=cfg.allow_pickle)
     say(f"resumed from {path} at step {saved['step']}")
     return int(saved["step"])
 
@@ -545,6 +579,7 @@ def _validate(run: Run, step: int) -> list[Path]:
     cfg, accelerator, pipe = run.cfg, run.accelerator, run.pipe
     paths: list[Path] = []
     if accelerator.is_main_process:
+        outputs.record_written(cfg.out, {outputs.VALIDATION_DIR})
         pipe.vae.to(accelerator.device)
         for encoder in run.inputs.text.encoders:
             encoder.to(accelerator.device)

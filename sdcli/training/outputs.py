@@ -9,10 +9,13 @@ pipeline folder with `save_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ VALIDATION_DIR = "validation"
 LOGS_DIR = "logs"  # --log-with's trackers (TensorBoard event files, wandb's run folder)
 # val_loss: the held-out loss, on the steps that measured one (empty on the others).
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "val_loss")
-# Everything a run may write; --overwrite removes these and nothing else.
+MANIFEST = ".sdcli-manifest.json"  # what runs into OUT wrote there: all --overwrite removes
+# Everything a run may write (the kohya file aside, named after OUT).
 PIPELINE_PARTS = ("model_index.json", "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                   "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "safety_checker", "feature_extractor",
                   "image_encoder")
@@ -39,12 +43,25 @@ OUR_NAMES = (LORA_FILE, SETTINGS_FILE, LOSS_FILE, LOSS_PLOT, CARD_FILE, VALIDATI
              LOGS_DIR) + PIPELINE_PARTS
 
 
-def check_out(out: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a non-empty OUT unless told to (or continuing a run there)."""
+def check_out(out: Path, overwrite: bool, resuming: bool, writes: set[str] = frozenset()) -> None:
+    """Refuse to write into a non-empty OUT unless told to (or continuing a run there); with --overwrite,
+    refuse to write over ``writes`` (names this run writes) where no earlier run recorded writing them."""
+    from sdcli.images import check_name_length
+    from sdcli.locks import check_own
+
+    check_name_length(out, "--out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
+    check_own(out / FolderLock.NAME)
     if out.is_dir() and any(p.name != FolderLock.NAME for p in out.iterdir()) and not (overwrite or resuming):
         raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it or --resume latest to continue")
+    if overwrite and not resuming and out.is_dir():
+        ours = set(read_manifest(out))
+        foreign = sorted(name for name in writes if name not in ours and os.path.lexists(out / name))
+        if foreign:
+            raise OutputError(f"--out {out} holds {', '.join(foreign)}, which no earlier sdcli run recorded writing "
+                              f"there (in {MANIFEST}); --overwrite replaces only a previous run's outputs, so move "
+                              "them or pick another folder")
 
 
 def lock_out(out: Path) -> FolderLock:
@@ -57,26 +74,95 @@ def lock_out(out: Path) -> FolderLock:
     return lock
 
 
+def names_written(cfg: Any) -> set[str]:
+    """The names a run with ``cfg`` writes directly in OUT."""
+    names = {SETTINGS_FILE, LOSS_FILE, LOSS_PLOT, CARD_FILE}
+    names |= {LORA_FILE, kohya.file_name(cfg.out)} if cfg.lora else set(PIPELINE_PARTS)
+    names |= {"checkpoints"} if cfg.checkpoint_every else set()
+    names |= {VALIDATION_DIR} if cfg.validation_prompts else set()
+    names |= {LOGS_DIR} if cfg.trackers else set()
+    return names
+
+
+def read_manifest(out: Path) -> list[str]:
+    """The names earlier runs recorded writing in OUT; only plain names inside it (a changed manifest
+    cannot point --overwrite elsewhere)."""
+    path = Path(out) / MANIFEST
+    if not path.is_file() or path.is_symlink():
+        return []
+    try:
+        names = json.loads(path.read_text()).get("written", [])
+    except (OSError, ValueError, AttributeError):
+        raise OutputError(f"{path} is unreadable, so --overwrite cannot tell what an earlier run wrote; "
+                          "remove the folder's contents yourself or pick another folder") from None
+    return [n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..", MANIFEST,
+                                                                                    FolderLock.NAME)]
+
+
+def record_written(out: Path, names: list[str] | set[str]) -> None:
+    """Add ``names`` to OUT's manifest, before they are written (a killed run's leftovers are listed too)."""
+    known = read_manifest(out)
+    new = [n for n in sorted(names) if n not in known]
+    if new:
+        text = json.dumps({"sdcli_version": __version__, "written": known + new}, indent=2) + "\n"
+        _atomic_text(Path(out) / MANIFEST, text)
+
+
 def clear_previous(out: Path) -> None:
-    """For --overwrite: remove what an earlier run wrote, leaving anything else in the folder alone."""
-    for name in OUR_NAMES:
+    """For --overwrite: remove what earlier runs recorded writing (`record_written`), nothing else."""
+    for name in read_manifest(out):
         path = out / name
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif os.path.lexists(path):
             path.unlink()
-    kohya_file = out / kohya.file_name(out)  # named after OUT, so not in OUR_NAMES
-    if kohya_file.is_file():
-        kohya_file.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (out / MANIFEST).unlink()
 
 
-def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], out: Path, cfg: Any = None) -> Path:
+@contextlib.contextmanager
+def staged(out: Path):
+    """A temporary folder in OUT to write the weights into; on success each entry replaces its namesake in
+    OUT, on failure (a full disk) the folder goes and OUT keeps what it had: never half-written weights."""
+    stage = Path(tempfile.mkdtemp(prefix=".tmp-output-", dir=out))
+    try:
+        yield stage
+        record_written(out, {p.name for p in stage.iterdir()})
+        for entry in sorted(stage.iterdir()):
+            target = Path(out) / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def disk_failure(exc: BaseException) -> str | None:
+    """What went wrong writing, for the errors a disk gives (full, read-only, name too long); None for others."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, SafetensorError):  # safetensors wraps the OS error in its own
+        return (str(exc).strip().splitlines() or ["write failed"])[0]
+    return None
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    from sdcli.images import atomic_write
+
+    return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=True)
+
+
+def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], out: Path, cfg: Any = None,
+              into: Path | None = None) -> Path:
     """LoRA weights in the diffusers format, with rank and alpha stored so they load at the trained scale.
 
     Through the pipeline class's own `save_lora_weights` (``unet_lora_layers`` for a UNet,
     ``transformer_lora_layers`` for SD3 and Flux), so its `load_lora_weights` finds every key. For SD
     1.x/2.x and SDXL, unless ``cfg.lora_format`` is diffusers, the same weights also go to
     OUT/<OUT's name>.safetensors in the kohya layout, with ``cfg``'s settings in its ss_* metadata.
+    ``into``: the folder written to (`staged`), if not OUT itself.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -95,17 +181,18 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
     for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
         kwargs[f"{name}_lora_layers"] = layers(encoder)
         kwargs[f"{name}_lora_adapter_metadata"] = metadata(encoder)
-    type(pipe).save_lora_weights(str(out), safe_serialization=True, **kwargs)
+    into = Path(into or out)
+    type(pipe).save_lora_weights(str(into), safe_serialization=True, **kwargs)
     if family.name in kohya.FAMILIES and getattr(cfg, "lora_format", kohya.LoraFormat.both) == kohya.LoraFormat.both:
         models = dict(zip((key, "text_encoder", "text_encoder_2"), [denoiser, *text_encoders]))
-        kohya.save(out / kohya.file_name(out), family.name, models, denoiser.config, Path(out).resolve().name,
+        kohya.save(into / kohya.file_name(out), family.name, models, denoiser.config, Path(out).resolve().name,
                    v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction",
                    base_model=getattr(cfg, "model", None), cfg=cfg)
     return out / LORA_FILE
 
 
-def save_full(pipe: Any, out: Path) -> Path:
-    pipe.save_pretrained(str(out), safe_serialization=True)
+def save_full(pipe: Any, out: Path, into: Path | None = None) -> Path:
+    pipe.save_pretrained(str(into or out), safe_serialization=True)
     return out / "model_index.json"
 
 
@@ -125,8 +212,7 @@ def write_settings(out: Path, record: dict[str, Any]) -> Path:
     path = out / SETTINGS_FILE
     full = {"sdcli_version": __version__, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "libraries": library_versions(), **record}
-    path.write_text(json.dumps(full, indent=2, default=str) + "\n")
-    return path
+    return _atomic_text(path, json.dumps(full, indent=2, default=str) + "\n")
 
 
 def write_model_card(out: Path, record: dict[str, Any]) -> Path:
@@ -146,7 +232,7 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
         f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{out}\")"
     )
     kohya_file = out / kohya.file_name(out)
-    if lora and kohya_file.is_file():
+    if lora and os.path.isfile(kohya_file):  # False, not ENAMETOOLONG, when OUT's name leaves no room for it
         use += (f"\n\n# AUTOMATIC1111 or ComfyUI: copy {kohya_file.name} into models/Lora/ (ComfyUI: models/loras/)"
                 f"\n# and write <lora:{kohya_file.stem}:1> in the prompt")
     tags = ["text-to-image", "diffusers", "sdcli"] + (["lora"] if lora else [])
@@ -170,9 +256,7 @@ Final loss {_loss(record['final_loss'])}; the full settings are in `{SETTINGS_FI
 {use}
 ```
 """
-    path = out / CARD_FILE
-    path.write_text(card)
-    return path
+    return _atomic_text(out / CARD_FILE, card)
 
 
 def _loss(value: float | None) -> str:
@@ -242,9 +326,12 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    try:
+        from sdcli.images import atomic_write
+
+        return atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png"), overwrite=True)
+    finally:
+        plt.close(fig)
 
 
 def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, guidance: str = "cfg") -> list[Path]:

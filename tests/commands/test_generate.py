@@ -115,6 +115,41 @@ def test_save_trajectory_writes_one_frame_per_step(cli, tiny_sd):
     assert Image.open(strip).width > 4 * 16
 
 
+@pytest.mark.parametrize("blocker", ["existing strip", "existing gif", "folder as strip", "folder as gif",
+                                     "name too long"])
+def test_a_trajectory_name_that_cannot_be_written_is_refused_before_the_image_is_made(cli, tiny_sd, tmp_path,
+                                                                                       monkeypatch, blocker):
+    from conftest import one_error_line
+    from sdcli import pipeline
+
+    # The trajectory's names add "-trajectory.png": a 245-byte image name leaves them past 255 bytes.
+    out = tmp_path / (("x" * 241 if blocker == "name too long" else "image") + ".png")
+    strip, gif = out.with_name(out.stem + "-trajectory.png"), out.with_name(out.stem + "-trajectory.gif")
+    if blocker != "name too long":
+        target = strip if "strip" in blocker else gif
+        target.mkdir() if blocker.startswith("folder") else target.write_bytes(b"mine")
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    line = one_error_line(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "1", "--out", out,
+                              "--save-trajectory"), 1)
+    assert "trajectory" in line
+    assert not out.exists()  # refused before any work: no image either
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("size", [250, 255])
+def test_an_output_name_near_the_limit_is_written_and_one_past_it_is_refused(cli, tiny_sd, tmp_path, size):
+    from conftest import one_error_line
+
+    out = tmp_path / ("y" * (size - 4) + ".png")  # its temporary name must not pass 255 bytes
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "1", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert paths_of(result) == [out] and out.is_file()
+    long = tmp_path / ("z" * 253 + ".png")
+    line = one_error_line(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--seed", "1", "--out", long), 1)
+    assert "257 bytes" in line and "zzzz" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # nothing half-written
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_closed_form_x0_matches_ddims_own_estimate(prediction_type):
     # Schedulers without pred_original_sample get x̂_0 from x_t = √ᾱ·x_0 + √(1−ᾱ)·ε; DDIM reports its

@@ -183,6 +183,24 @@ def test_latent_strip_uses_only_the_vae_of_a_tiny_model(cli, photo, tiny_models,
     assert loaded == []  # no full pipeline load
 
 
+def test_latent_strip_never_loads_a_pickled_vae(cli, photo, tiny_models, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = shutil.copytree(tiny_models["sd1"], tmp_path / "pickled")
+    weights = next((model / "vae").glob("*.safetensors"))
+    torch.save(load_file(str(weights)), model / "vae" / "diffusion_pytorch_model.bin")  # the same VAE, pickled
+    weights.unlink()
+    result = cli("inspect-schedule", "--model", model, "--latent", "--image", photo, "--at", "0,999",
+                 "--out", "latent.png", "--size", "32", "--device", "cpu")
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "cannot load the VAE" in line and "safetensors" in line.lower()
+    assert not Path("latent.png").exists()
+
+
 def test_latent_encode_decode_shapes(tiny_models, photo):
     import torch
 

@@ -55,6 +55,98 @@ def test_cli_trains_and_prints_the_output_folder(cli, tiny_sd, dataset, tmp_path
     assert record["steps"] == 2 and record["weights"].endswith("pytorch_lora_weights.safetensors")
 
 
+def test_overwrite_removes_what_a_previous_run_wrote_and_nothing_else(cli, tiny_sd, dataset, tmp_path):
+    out = tmp_path / "out"
+    run = ("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK[:-4], "--checkpoint-every", "1",
+           "-q")
+    assert cli(*run).exit_code == 0
+    before = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    # The user's own files, some under names sdcli writes in other runs (a full run's unet/, --log-with's logs/).
+    for name in ("notes.txt", "unet/weights.bin", "logs/events.txt"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("mine")
+    result = cli(*run, "--overwrite", "--seed", "5")
+    assert result.exit_code == 0, result.stderr
+    for name in ("notes.txt", "unet/weights.bin", "logs/events.txt"):
+        assert (out / name).read_text() == "mine", name
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() != before  # the previous run's, replaced
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+
+
+@pytest.mark.parametrize("theirs", [["README.md"], ["loss.csv", "checkpoints/mine.txt"],
+                                    ["pytorch_lora_weights.safetensors"]])
+def test_overwrite_refuses_to_write_over_files_no_sdcli_run_recorded(cli, tiny_sd, dataset, tmp_path, monkeypatch,
+                                                                      theirs):
+    from conftest import one_error_line
+    from sdcli import pipeline
+
+    out = tmp_path / "out"
+    for name in theirs:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    line = one_error_line(cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK[:-4],
+                              "--checkpoint-every", "1", "--overwrite"), 1)
+    assert all(Path(name).parts[0] in line for name in theirs) and "--overwrite" in line
+    for name in theirs:
+        assert (out / name).read_text() == "mine"
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EDQUOT"])
+@pytest.mark.parametrize("where", ["checkpoint", "weights"])
+def test_a_disk_that_fills_or_turns_read_only_mid_write_is_one_line_and_leaves_nothing_half_written(
+        cli, tiny_sd, dataset, tmp_path, monkeypatch, where, code):
+    import errno
+    import os
+
+    from conftest import one_error_line
+    from sdcli.training import checkpoints, outputs
+
+    out = tmp_path / "out"
+
+    def fail(folder, name):
+        (Path(folder) / name).write_bytes(b"half")  # part of a file, then the disk says no
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(Path(folder) / name))
+
+    if where == "checkpoint":
+        monkeypatch.setattr(checkpoints, "write_tree", lambda folder, stem, tree: fail(folder, f"{stem}.json"))
+    else:
+        monkeypatch.setattr(outputs, "save_lora", lambda *a, into, **k: fail(into, outputs.LORA_FILE))
+    line = one_error_line(cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK[:-2],
+                              "--checkpoint-every", "1", "-q"), 1)
+    assert os.strerror(getattr(errno, code)).lower() in line.lower() and str(out) in line
+    left = [p.relative_to(out).as_posix() for p in out.rglob("*")]
+    assert not [p for p in left if ".tmp" in p], left
+    assert outputs.LORA_FILE not in left
+    if where == "checkpoint":
+        assert not checkpoints.checkpoint_dirs(out)
+    else:  # the weights could not be written, but the training is saved and the line says how to continue
+        assert checkpoints.checkpoint_dirs(out)[-1].name == "checkpoint-000002" and "--resume latest" in line
+
+
+def test_an_out_name_past_the_file_systems_limit_is_one_line(cli, tiny_sd, dataset, tmp_path, monkeypatch):
+    from conftest import one_error_line
+    from sdcli import pipeline
+
+    long = tmp_path / ("d" * 300)
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    line = one_error_line(cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", long, *QUICK), 1)
+    assert line.startswith(f"error: --out {long}") and "300 bytes" in line
+    assert all(len(p.name) < 256 for p in tmp_path.iterdir())  # nothing made
+
+
+def test_an_out_whose_kohya_file_name_would_pass_the_limit_is_refused_before_training(cli, tiny_sd, dataset,
+                                                                                       tmp_path):
+    from conftest import one_error_line
+
+    out = tmp_path / ("k" * 250)  # a valid folder name; the kohya file adds ".safetensors"
+    line = one_error_line(cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK, "-q"), 1)
+    assert "--out" in line and "262 bytes" in line
+    assert not out.exists() or not list(out.iterdir())
+    ok = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *QUICK, "--lora-format", "diffusers")
+    assert ok.exit_code == 0, ok.stderr  # a run that writes no kohya file is fine there
+
+
 def _corrupt(root):
     path = root / "img01.png"
     path.write_bytes(path.read_bytes()[:40])

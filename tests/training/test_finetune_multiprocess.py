@@ -35,7 +35,8 @@ def test_two_processes_both_train_and_the_output_loads(tiny_sd, tmp_path, make_i
     assert [row["size"] for row in settings["buckets"]["table"]] == [[12, 20], [16, 16], [20, 12]]
     assert settings["samples_per_rank"] == [60, 60]  # 30 steps x batch 2, on each rank
     ckpt = out / "checkpoints" / "checkpoint-000030"
-    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in ckpt.glob("random_states_*.json")) == ["random_states_0.json", "random_states_1.json"]
+    assert not [p.name for p in ckpt.iterdir() if p.suffix in (".pkl", ".bin")]  # nothing a resume would unpickle
 
     losses = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 30
