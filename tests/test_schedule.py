@@ -251,10 +251,12 @@ def test_overrides_change_the_schedule_and_clear_trained_betas():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(beta_start=0.0), "--beta-start 0.0"),
-    (dict(beta_end=1.5), "--beta-end 1.5"),
+    (dict(beta_start=0.0), "--beta-start must be between 0 and 1, got 0"),
+    (dict(beta_end=1.5), "--beta-end must be between 0 and 1, got 1.5"),
+    (dict(beta_end=float("nan")), "--beta-end must be a finite number, got nan"),
     (dict(beta_start=0.02, beta_end=0.01), "must be below"),
-    (dict(num_train_timesteps=1), "--num-train-timesteps 1"),
+    (dict(num_train_timesteps=1), "--num-train-timesteps must be between 2 and 100000"),
+    (dict(num_train_timesteps=2_000_000_000), "--num-train-timesteps must be between 2 and 100000"),
     (dict(beta_schedule="exp"), "--beta-schedule 'exp'"),
     (dict(prediction_type="noise"), "--prediction-type 'noise'"),
 ])
@@ -268,7 +270,7 @@ def test_parse_timesteps():
     assert sched.parse_timesteps(None, 400, 1000) == [0, 400, 800, 999]
     assert sched.parse_timesteps(" 5, 0,999 ", None, 1000) == [5, 0, 999]
     for at, every, message in [("1000", None, r"--at 1000: outside .*\[0, 1000\)"), ("-1", None, "outside"),
-                               ("a", None, "not an integer"), (",", None, "no timesteps"), (None, 0, "--every 0"),
+                               ("a", None, "not an integer"), (",", None, "no timesteps"), (None, 0, "--every must be at least 1, got 0"),
                                ("1", 2, "not both")]:
         with pytest.raises(UsageError, match=message):
             sched.parse_timesteps(at, every, 1000)
