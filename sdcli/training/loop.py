@@ -351,8 +351,13 @@ def _train(run: Run, callback) -> Trained:
                     run.ema.step(run.params)
                 # One collective per step: the mean loss over processes, and whether any was asked to stop,
                 # so every process stops (and checkpoints) at the same step. Also a CPU-GPU sync point.
+                # The weights' norm rides along: a finite loss can still step the weights to inf or NaN (the loss
+                # is measured before the update), and the last step's update is what would be written.
                 flag = torch.tensor(float(stop.requested), device=loss.device)
-                total_loss, stops = accelerator.reduce(torch.stack([torch.stack(running).mean(), flag]), "sum").tolist()
+                weights = [p.detach() for p in run.params]
+                norm = torch.nn.utils.get_total_norm(weights, float("inf")).to(loss.device, torch.float32)  # max |w|
+                total_loss, stops, weights_norm = accelerator.reduce(
+                    torch.stack([torch.stack(running).mean(), flag, norm]), "sum").tolist()
                 running = []
                 losses.append(total_loss / world)
                 lr = run.lr_scheduler.get_last_lr()[0]
@@ -369,6 +374,8 @@ def _train(run: Run, callback) -> Trained:
                     "train/images_per_s": rate, "validation/loss": val_loss})
                 if not math.isfinite(losses[-1]):
                     raise _diverged(cfg, step, losses[-1])
+                if not math.isfinite(weights_norm):
+                    raise _diverged(cfg, step, weights_norm, what="trained weights")
                 progress.update(step, losses[-1], val_loss)
                 if callback:
                     callback(StepInfo(step, run.max_steps, epoch, losses[-1], lr, rate, val_loss))
@@ -437,12 +444,13 @@ def _objective(cfg: FinetuneConfig, family, scheduler) -> str:
             f"shift {shift}{guidance})")
 
 
-def _diverged(cfg: FinetuneConfig, step: int, loss: float) -> SdcliError:
-    """The loss is NaN or infinite: every later step would train on garbage, so stop and say why."""
+def _diverged(cfg: FinetuneConfig, step: int, loss: float, what: str = "loss") -> SdcliError:
+    """The loss or the weights are NaN or infinite: every later step would train on garbage, and what would be
+    written is garbage, so stop and say why."""
     hint = ("float16 overflow: try --mixed-precision bf16 or no" if cfg.mixed_precision == "fp16"
             else "try a lower --learning-rate")
-    value = "NaN" if loss != loss else str(loss)
-    return SdcliError(f"the loss became {value} at step {step}, so training stopped and no weights were written "
+    value = "NaN" if loss != loss else "infinite" if what != "loss" else str(loss)
+    return SdcliError(f"the {what} became {value} at step {step}, so training stopped and no weights were written "
                       f"({hint}); earlier checkpoints, if any, are in {cfg.out / checkpoints.DIRNAME}")
 
 

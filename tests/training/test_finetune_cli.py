@@ -68,6 +68,10 @@ def _escaping(root):
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "../../etc/x.png", "text": "x"}) + "\n")
 
 
+def _latin1_caption(root):
+    (root / "img02.txt").write_bytes("a green triangle, déjà vu".encode("latin-1"))
+
+
 def _empty(root):
     for p in root.iterdir():
         p.unlink()
@@ -80,8 +84,9 @@ def _empty(root):
         (_uncaptioned, [], "img02.png has no caption"),
         (_escaping, [], "metadata.jsonl line 1: file_name '../../etc/x.png' points outside --data"),
         (_empty, [], "no usable images (png, jpg, webp) in"),
+        (_latin1_caption, [], "img02.txt is not UTF-8 text: byte 19 (0xe9) cannot be decoded; save it as UTF-8"),
     ],
-    ids=["corrupt-strict", "no-caption", "escaping-path", "empty"],
+    ids=["corrupt-strict", "no-caption", "escaping-path", "empty", "latin-1-caption"],
 )
 def test_bad_data_is_one_line_naming_it_and_exit_1(cli, tiny_sd, dataset, tmp_path, damage, extra, message):
     damage(dataset)

@@ -288,17 +288,37 @@ def test_auto_precision_and_layout_are_resolved_and_recorded(tiny_sd, dataset, t
     assert recorded["mixed_precision"] == ("fp16" if cuda else "no") and recorded["channels_last"] is False  # eager
 
 
-def test_a_diverging_run_stops_with_one_line_and_writes_no_weights(cli, tiny_sd, dataset, tmp_path):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("max_steps", [1, 20])
+def test_a_diverging_run_stops_with_one_line_and_writes_no_weights(cli, tiny_sd, dataset, tmp_path, monkeypatch,
+                                                                   bad, max_steps):
+    # An update that leaves the weights non-finite (an overflow the up-front --lr range cannot rule out): the loss
+    # was measured before it, so a one-step run used to write NaN weights and say "wrote".
+    from sdcli.training import setup
+
+    real = setup.make_optimizer
+
+    def diverging(cfg, params):
+        optimizer = real(cfg, params)
+
+        def break_a_weight(*_):
+            with torch.no_grad():
+                params[0].view(-1)[0] = bad
+
+        optimizer.register_step_post_hook(break_a_weight)
+        return optimizer
+
+    monkeypatch.setattr(setup, "make_optimizer", diverging)
     out = tmp_path / "out"
-    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, "--max-steps", "20",
-                 "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e30", "--max-grad-norm", "0")
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, "--max-steps", max_steps,
+                 "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e-3")
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "the loss became NaN at step" in errors[0], result.stderr
+    word = "NaN" if bad != bad else "infinite"
+    assert len(errors) == 1 and f"the trained weights became {word} at step 1" in errors[0], result.stderr
     assert "try a lower --learning-rate" in errors[0] and "Traceback" not in result.stderr
-    assert not (out / "pytorch_lora_weights.safetensors").exists()
-    steps = (out / "loss.csv").read_text().splitlines()[1:]
-    assert 1 <= len(steps) < 20  # it stopped at the first bad step, not after all 20
+    assert "wrote" not in result.stderr and not (out / "pytorch_lora_weights.safetensors").exists()
+    assert len((out / "loss.csv").read_text().splitlines()[1:]) == 1  # it stopped at the first bad step
 
 
 @pytest.mark.slow
