@@ -16,7 +16,7 @@ from sdcli import defaults
 from sdcli.declare import Range, given_on_command_line
 from sdcli.errors import UsageError
 from sdcli.progress import note
-from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing
+from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing, THREADS, Threads
 # The choices live with the schedule code that checks them (plain stdlib there, so --help stays instant).
 from sdcli.schedule import SIDE, BetaSchedule, PredictionType
 from sdcli.training.objective import TimestepSampling, WeightingScheme
@@ -154,6 +154,7 @@ def inspect_schedule_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the noise ε added to --image.")] = 0,
     size: Annotated[int, typer.Option(help="Longest side --image is resized to, in pixels.")] = 256,
     device: DeviceOpt = Device.auto,
+    threads: Threads = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -196,7 +197,13 @@ def inspect_schedule_cmd(
         if plot is not None and plot.resolve() == out.resolve():
             raise UsageError("--plot and --out name the same file")
 
-    # 3. Build each schedule from its config plus the overrides
+    if threads is not None:
+        THREADS.range.check("--threads", threads)
+    # 3. Build each schedule from its config plus the overrides (torch from here on: generate's thread rule)
+    from sdcli import threads as cpu_threads
+    from sdcli.pipeline import resolve_device
+
+    cpu_threads.apply(threads, resolve_device(_value(device)) if latent else "cpu")
     overrides = dict(beta_schedule=_value(beta_schedule), beta_start=beta_start, beta_end=beta_end,
                      num_train_timesteps=num_train_timesteps, prediction_type=_value(prediction_type),
                      rescale_zero_snr=rescale_zero_snr)

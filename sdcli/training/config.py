@@ -208,6 +208,7 @@ class FinetuneConfig:
         False, help="Recompute activations in backward: less memory, ~30% slower.",
         flags=("--gradient-checkpointing",), panel=TRAIN)
     channels_last: Optional[bool] = option(None, options.CHANNELS_LAST)
+    threads: Optional[int] = option(None, options.THREADS, panel=TRAIN)  # generate's rule (sdcli.threads)
     compile: bool = option(False, help="torch.compile what trains (slow first steps, faster after).",
                            flags=("--compile",), panel=TRAIN, role=RUNTIME)
     ema: bool = option(False, help="Keep an exponential moving average of the trained weights and save that.",

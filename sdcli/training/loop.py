@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sdcli import threads
 from sdcli.errors import SdcliError, UsageError
 from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
@@ -144,9 +145,11 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     # One lock for the whole run, taken by the main process (RANK 0 under torchrun/accelerate).
     lock = outputs.lock_out(cfg.out) if os.environ.get("RANK", "0") == "0" else None
 
-    # 2. Processes, device and precision.
+    # 2. Processes, device and precision; on a CPU, generate's thread rule (sdcli.threads) for all that runs the
+    # model here: loading, class images, training steps and validation images.
     try:
         accelerator = setup.make_accelerator(cfg)
+        threads.apply(cfg.threads, str(accelerator.device))
         try:
             with setup.attention_for_training(str(accelerator.device)):
                 run = _setup(cfg, accelerator, resume_dir)

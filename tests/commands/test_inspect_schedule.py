@@ -314,3 +314,14 @@ def test_numbers_are_refused_up_front_naming_the_option(cli, args, text):
 def test_an_option_that_does_nothing_alone_is_refused(cli, args, flag, needed):
     line = one_error_line(cli("inspect-schedule", "--preset", "sd3", *args), 2)
     assert line == f"error: {flag} does nothing without {needed}"
+
+
+def test_threads_option_reaches_torch(cli, monkeypatch):
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    assert cli("inspect-schedule", "--preset", "cosine", "--threads", "2", "-q").exit_code == 0
+    assert asked == [2]
+    assert "--threads must be between 1 and 1024" in one_error_line(
+        cli("inspect-schedule", "--preset", "cosine", "--threads", "0"), 2)

@@ -13,6 +13,8 @@ from sdcli.errors import OutputError, UsageError
 from sdcli.training import finetune
 from sdcli.training.checkpoints import checkpoint_dirs
 
+from conftest import one_error_line
+
 
 def _unet_out(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -350,3 +352,29 @@ def test_training_on_cuda_turns_cudnn_attention_off_and_back_on():
     assert torch.backends.cuda.cudnn_sdp_enabled()
     with attention_for_training("cpu"):
         assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.fixture
+def set_threads(monkeypatch):
+    """What torch.set_num_threads was asked for (not applied, so the test session keeps its own count)."""
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    return asked
+
+
+def test_threads_option_reaches_torch_and_the_default_leaves_busy_cores_alone(cli, tiny_sd, dataset, tmp_path,
+                                                                               monkeypatch, set_threads):
+    from sdcli import threads
+
+    args = ("finetune", "--data", dataset, "--model", tiny_sd, "--max-steps", "1", "--batch-size", "2",
+            "--checkpoint-every", "0", "--device", "cpu")
+    assert cli(*args, "--out", tmp_path / "a", "--threads", "3").exit_code == 0
+    assert set_threads == [3]
+    # generate's rule: one thread per core another process is not keeping busy (here 3 of 4 are busy).
+    monkeypatch.setattr(threads, "cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 3.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert cli(*args, "--out", tmp_path / "b").exit_code == 0
+    assert set_threads == [3, 1]
+    assert "--threads must be between 1 and 1024, got 0" in one_error_line(cli(*args, "--out", tmp_path / "c",
+                                                                                "--threads", "0"), 2)
