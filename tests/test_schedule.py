@@ -302,3 +302,29 @@ def test_model_without_a_beta_schedule_or_config_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ModelError, match="single-file checkpoint"):
         sched.model_config(str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m-karras", "euler"])
+def test_karras_spacing_on_zero_terminal_snr_runs_from_comfyuis_finite_sigma_max(sampler):
+    # As ComfyUI does: the last ᾱ is 4.8973e-8 instead of 0, so σ_max = sqrt((1 - ᾱ)/ᾱ) ≈ 4518.8; every other
+    # step keeps the rescaled schedule's σ (Lin et al. 2023), down to the model's own σ at t = 0.
+    import math
+
+    from diffusers import DDPMScheduler
+
+    from sdcli.schedulers import TERMINAL_ALPHA_BAR, make_scheduler
+
+    config = sched.preset_config("zero-snr")
+    sampler = make_scheduler(sampler, config, sigmas="karras")
+    sampler.set_timesteps(25)
+    sigmas = sampler.sigmas.double()
+    assert torch.isfinite(sigmas).all() and bool((sigmas[1:] < sigmas[:-1]).all())  # finite, strictly falling
+    assert sigmas[0].item() == pytest.approx(math.sqrt((1 - TERMINAL_ALPHA_BAR) / TERMINAL_ALPHA_BAR), rel=1e-4)
+    assert sigmas[0].item() == pytest.approx(4518.76, rel=1e-4) and sigmas[-1].item() == 0.0
+    rescaled = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    assert rescaled[-1].item() == 0.0  # the schedule the model was trained on: σ_max infinite
+    ours = sampler.alphas_cumprod.double()
+    torch.testing.assert_close(ours[:-1], rescaled[:-1], rtol=1e-5, atol=0)
+    model_sigma_min = math.sqrt((1 - rescaled[0].item()) / rescaled[0].item())
+    assert sigmas[-2].item() >= model_sigma_min * (1 - 1e-4)
+    assert 0 < sigmas[-2].item() < 1
