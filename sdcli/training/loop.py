@@ -183,6 +183,10 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     pipe, family = setup.load(cfg)
     cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
     step = setup.bucket_sides(cfg, pipe, family)
+    # What cannot fit (a step in memory, the weights on disk) is refused before anything is encoded or trained.
+    from sdcli.memory import check_training
+
+    check_training(cfg, pipe, family, str(accelerator.device))
     layout = buckets.assign(report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
                             upscale=cfg.upscale, strict=cfg.strict, warn=say)
     if held_out is not None:
