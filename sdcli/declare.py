@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import typing
 from enum import Enum
 from typing import Annotated, Any, Callable, Optional
@@ -51,9 +52,82 @@ class Opt:
     panel: str | None = None  # --help section
     envvar: str | None = None
     show_default: bool | str = True
+    range: "Range | None" = None  # the numbers it may take (finite always); checked by `check_ranges`
 
     def replace(self, **changes: Any) -> "Opt":
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a setting may take: always a finite number, and between ``low`` and ``high`` (None: no
+    bound on that side), each end included unless ``open`` names it ("low", "high").
+
+    A value past a bound is refused before any work, naming the option: NaN, inf and 1e308 otherwise
+    pass every `x > 0` test and only fail much later, as NaN weights or a killed process.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    open: tuple[str, ...] = ()
+    why: str = ""  # what the bound stands for, said with the refusal
+
+    def describe(self) -> str:
+        """What a value must do, as "be positive", "not be negative", "be between 0 and 1", ..."""
+        low, high, lo_open, hi_open = self.low, self.high, "low" in self.open, "high" in self.open
+        if low is not None and high is not None and lo_open == hi_open:
+            return f"be between {_num(low)} and {_num(high)}"
+        parts = []
+        if low is not None:
+            parts.append("positive" if low == 0 and lo_open else f"{'greater than' if lo_open else 'at least'} {_num(low)}")
+        if high is not None:
+            parts.append(f"{'less than' if hi_open else 'at most'} {_num(high)}")
+        if parts == ["at least 0"]:
+            return "not be negative"
+        return "be " + " and ".join(parts) if parts else "be a finite number"
+
+    def check(self, flag: str, value: Any) -> None:
+        """Raise UsageError naming ``flag`` unless ``value`` is a finite number within the range."""
+        from sdcli.errors import UsageError
+
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{flag} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf if value > 0 else -math.inf
+        if not math.isfinite(number):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        low, high = self.low, self.high
+        fits = ((low is None or (number > low if "low" in self.open else number >= low))
+                and (high is None or (number < high if "high" in self.open else number <= high)))
+        if not fits:
+            why = f" ({self.why})" if self.why else ""
+            raise UsageError(f"{flag} must {self.describe()}{why}, got {_num(value)}")
+
+
+def _num(x: float) -> str:
+    """A bound or value as a person writes it: whole numbers whole (2^63 - 1 too), others short (1.75194, 1e+308)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check_ranges(obj: Any) -> None:
+    """Check every declared field of a settings object that has a `Range` (None: not given; a list: each item)."""
+    for d in declared(type(obj)):
+        if d.opt.range is None:
+            continue
+        value = getattr(obj, d.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None:
+                d.opt.range.check(d.flag, item)
+
+
+def check_setting(cls: type, name: str, value: Any) -> None:
+    """Check one value against the `Range` declared for ``cls``'s field ``name``: another command taking the
+    same option (inspect-schedule's --mode-scale) refuses what the declaring one refuses."""
+    d = next(d for d in declared(cls) if d.name == name)
+    if value is not None and d.opt.range is not None:
+        d.opt.range.check(d.flag, value)
 
 
 def option(default: Any = dataclasses.MISSING, opt: Opt | None = None, /, **kw: Any) -> Any:

@@ -470,3 +470,108 @@ def check_strip(image: Path, size: int, frames: int, rows: int,
         if frames > 1:
             helps.append(f"fewer --at timesteps than {frames}")
         refuse(f"--size {size} ({rows} x {frames} tiles of {width}x{height})", need, where, available, helps)
+
+
+# ---------------------------------------------------------------- finetune
+
+# Training keeps the forward pass's activations for the backward pass: measured against one inference
+# forward's peak (`UNET_VALUES`), about this many times as much at once (gradient checkpointing keeps
+# only each block's input, then recomputes).
+TRAIN_ACTIVATIONS = 4
+CHECKPOINTED_ACTIVATIONS = 1
+# Bytes per trained parameter beside its weight: its gradient (float32) and AdamW's two moments
+# (float32, or one byte each with --use-8bit-adam); EMA keeps one more float32 copy.
+GRAD_BYTES, ADAM_BYTES, ADAM_8BIT_BYTES, EMA_BYTES = 4, 8, 2, 4
+
+
+def lora_layers(model: Any, targets: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(name, in, out) of each linear layer of ``model`` a LoRA on ``targets`` adapts (peft's rule: the module's
+    name is a target or ends in "." + a target)."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            found.append((name, module.in_features, module.out_features))
+    return found
+
+
+def training_need(arch: Arch, side: int, *, batch: int, trained: int, new: int, nbytes: int = 4,
+                  checkpointing: bool = False, adam_bytes: int = ADAM_BYTES, ema: bool = False) -> Need:
+    """The memory one training step adds to the loaded pipeline, at ``side`` x ``side`` pixels (a bucket's
+    area) and ``batch`` images: ``trained`` parameters' gradients, optimizer state (and EMA), ``new`` ones
+    that did not exist when the pipeline loaded (LoRA's), the denoiser's activations kept for backward, and
+    the VAE encoding a batch into latents (for the cache, or every step)."""
+    f = arch.vae_factor
+    lat = math.ceil(side / f) ** 2
+    per_image = UNET_VALUES * arch.unet_channels * lat * nbytes
+    activations = per_image * batch * (CHECKPOINTED_ACTIVATIONS if checkpointing else TRAIN_ACTIVATIONS)
+    terms = {
+        "new weights": new * 4,
+        "gradients and optimizer state": trained * (GRAD_BYTES + adam_bytes + (EMA_BYTES if ema else 0)),
+        "denoiser activations": activations,
+        "VAE encode": batch * VAE_VALUES * arch.vae_channels * side * side * 4,
+    }
+    peak = terms["new weights"] + terms["gradients and optimizer state"] + max(activations, terms["VAE encode"])
+    return Need(peak, {k: v for k, v in terms.items() if v})
+
+
+def check_training(cfg: Any, pipe: Any, family: Any, device: str) -> None:
+    """Refuse, before anything is encoded or trained, a finetune whose step cannot fit in ``device``'s free
+    memory (ResourceError) or whose outputs cannot fit on the disk of --out (OutputError); a --rank past
+    the adapted layers' sizes is refused as meaningless (UsageError)."""
+    import shutil
+
+    from sdcli.errors import OutputError, UsageError
+
+    denoiser = getattr(pipe, family.denoiser)
+    # 1. What trains: LoRA's rank x (in + out) per adapted layer, or every parameter of what trains in full.
+    if cfg.lora:
+        layers = lora_layers(denoiser, tuple(cfg.lora_targets))
+        smallest = min(layers, key=lambda layer: min(layer[1], layer[2]), default=None)
+        if smallest is not None and cfg.rank > min(smallest[1], smallest[2]):
+            raise UsageError(f"--rank {cfg.rank} is larger than the {smallest[1]}x{smallest[2]} layer {smallest[0]} it "
+                             f"adapts: a rank past a layer's smaller side adds weights but nothing they can learn; "
+                             f"use at most {min(smallest[1], smallest[2])}")
+        trained = new = sum(cfg.rank * (i + o) for _, i, o in layers)
+    else:
+        trained, new = sum(p.numel() for p in denoiser.parameters()), 0
+    if cfg.train_text_encoder:  # its LoRA is small beside the denoiser's; in full, every weight trains
+        extra = sum(p.numel() for _, e in family.encoders(pipe) for p in e.parameters())
+        trained += 0 if cfg.lora else extra
+    # 2. The files: the weights (twice with the kohya copy), and each kept checkpoint's weights and AdamW state.
+    files = (new if cfg.lora else trained) * 4 * (2 if cfg.lora and cfg.lora_format == "both" else 1)
+    if cfg.checkpoint_every:
+        files += cfg.keep_checkpoints * trained * (4 + ADAM_BYTES)
+    if skipped():
+        return
+    where = Path(cfg.out).resolve()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if files > free:
+        raise OutputError(f"--out {cfg.out}: the weights and checkpoints need about {human(files)} and its disk has "
+                          f"{human(free)} free; lower --rank or --keep-checkpoints (or {SKIP_ENV}=0 to try anyway)")
+    # 3. One step's memory.
+    available = available_bytes(device)
+    if available is None:
+        return
+    arch = arch_from_configs(dict(getattr(denoiser, "config", {})), dict(pipe.vae.config))
+    options = dict(batch=cfg.batch_size, trained=trained, new=new, checkpointing=cfg.gradient_checkpointing,
+                   nbytes=2 if cfg.mixed_precision in ("fp16", "bf16") else 4,
+                   adam_bytes=ADAM_8BIT_BYTES if cfg.use_8bit_adam else ADAM_BYTES, ema=cfg.ema)
+    need = training_need(arch, cfg.resolution, **options)
+    if need.total <= available:
+        return
+    helps = []
+    if cfg.batch_size > 1 and training_need(arch, cfg.resolution, **{**options, "batch": 1}).total < need.total:
+        helps.append(f"--batch-size 1 needs {human(training_need(arch, cfg.resolution, **{**options, 'batch': 1}).total)}")
+    if not cfg.gradient_checkpointing:
+        lower = training_need(arch, cfg.resolution, **{**options, "checkpointing": True}).total
+        if lower < need.total:
+            helps.append(f"--gradient-checkpointing needs {human(lower)}")
+    fit = largest_fit(lambda w, h: training_need(arch, w, **options).total, cfg.resolution, cfg.resolution,
+                      arch.vae_factor, available)
+    helps.append(f"about --resolution {fit[0]} fits" if fit else "no --resolution fits")
+    refuse(f"training at {cfg.resolution}x{cfg.resolution}" + (f" x{cfg.batch_size} a step" if cfg.batch_size > 1
+                                                                 else ""), need, device, available, helps)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sdcli import defaults
-from sdcli.declare import Opt, Role
+from sdcli.declare import Opt, Range, Role
 from sdcli.schedule import TimestepSpacing  # declared once, beside the schedule code that checks it
 
 
@@ -78,7 +78,8 @@ ChannelsLast = alias(CHANNELS_LAST, Optional[bool], "--channels-last")
 Scheduler = alias(SCHEDULER, Optional[str], "--scheduler")
 Spacing = alias(SPACING, Optional[TimestepSpacing], "--timestep-spacing")
 THREADS = Opt("CPU threads for torch. Default: one per core that other processes are not keeping busy.",
-              role=Role.RUNTIME, show_default=False)
+              role=Role.RUNTIME, show_default=False, range=Range(1, 1024))
+Threads = alias(THREADS, Optional[int], "--threads")
 QUIET = Opt("No progress or notes on stderr; results only.", flags=("--quiet", "-q"), role=Role.RUNTIME)
 OVERWRITE = Opt("Replace existing output files.", flags=("--overwrite",), role=Role.RUNTIME)
 Quiet = alias(QUIET, bool, "--quiet")

@@ -31,7 +31,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from sdcli.declare import Range
 from sdcli.errors import ModelError, UsageError
+
+# What inspect-schedule's numbers may be (finite always): a schedule is a row per training timestep, held
+# in memory several times over, and diffusers' models use 1000; past 100000 it only exhausts memory.
+TRAIN_TIMESTEPS = Range(2, 100_000, why="diffusers' models use 1000")
+BETA = Range(0, 1, open=("low", "high"))
+SHIFT = Range(0, 1000, open=("low",), why="1 is no shift, SD3 uses 3")
+SIDE = Range(8, 16384)  # pixels of --resolution's sides, as finetune's --resolution
 
 # Above this terminal SNR the signal left at t = T−1 is visible (√ᾱ ≈ 0.03 or more):
 # SD's 0.0047 is the case Lin et al. 2023 fix; DDPM's linear 4e-5 is close enough to noise.
@@ -323,11 +331,10 @@ def with_overrides(
         raise UsageError(f"--prediction-type {prediction_type!r}: choose from {', '.join(PREDICTION_TYPES)}")
     if timestep_spacing is not None and timestep_spacing not in SPACINGS:
         raise UsageError(f"--timestep-spacing {timestep_spacing!r}: choose from {', '.join(SPACINGS)}")
-    for flag, value in (("--beta-start", beta_start), ("--beta-end", beta_end)):
-        if value is not None and not 0 < value < 1:
-            raise UsageError(f"{flag} {value}: must be between 0 and 1")
-    if num_train_timesteps is not None and num_train_timesteps < 2:
-        raise UsageError(f"--num-train-timesteps {num_train_timesteps}: must be at least 2")
+    for flag, value, allowed in (("--beta-start", beta_start, BETA), ("--beta-end", beta_end, BETA),
+                                 ("--num-train-timesteps", num_train_timesteps, TRAIN_TIMESTEPS)):
+        if value is not None:
+            allowed.check(flag, value)
     # 2. Replace
     new = dict(config)
     updates = {"beta_schedule": beta_schedule, "beta_start": beta_start, "beta_end": beta_end,
@@ -407,8 +414,8 @@ def _build_flow(label: str, config: dict[str, Any], scheduler: str | None, times
         flag = f"--scheduler {scheduler}" if scheduler is not None else "--timestep-spacing"
         raise UsageError(f"{flag}: {label} is a flow-matching schedule, sampled by its own "
                          f"{config.get('_class_name')}; the named samplers are for DDPM (β) schedules")
-    if shift is not None and not shift > 0:
-        raise UsageError(f"--shift {shift:g}: must be greater than 0 (1 is no shift)")
+    if shift is not None:
+        SHIFT.check("--shift", shift)
     cfg = dict(config)
     if shift is not None:
         cfg.update(shift=shift, use_dynamic_shifting=False)  # a static shift replaces a resolution-dependent one
@@ -448,8 +455,7 @@ def parse_timesteps(at: str | None, every: int | None, num_train_timesteps: int)
     if at is not None and every is not None:
         raise UsageError("give --at or --every, not both")
     if every is not None:
-        if every < 1:
-            raise UsageError(f"--every {every}: must be a positive number of timesteps")
+        Range(1).check("--every", every)
         return sorted(set(range(0, T, every)) | {T - 1})
     if at is None:
         return default_timesteps(T)
@@ -601,6 +607,28 @@ class TrainingChoice:
     snr_gamma: float | None = None  # DDPM: min-SNR γ
     debiased: bool = False  # DDPM: debiased-estimation weighting
     snr_floor: float | None = None  # DDPM: the SNR under which the debiased weighting stops falling
+
+
+def training_choice(*, sampling: str | None = None, logit_mean: float | None = None, logit_std: float | None = None,
+                    mode_scale: float | None = None, weighting: str | None = None, snr_gamma: float | None = None,
+                    debiased: bool = False, snr_floor: float | None = None) -> TrainingChoice:
+    """A `TrainingChoice` from the options as given (None: not given), checked as `finetune` checks them: the
+    ranges declared on its settings (`sdcli.training.config`) and the shape options' own sampling."""
+    from sdcli.declare import check_setting
+    from sdcli.training.config import FinetuneConfig
+    from sdcli.training.objective import check_sampling_shape
+
+    for name, value in (("logit_mean", logit_mean), ("logit_std", logit_std), ("mode_scale", mode_scale),
+                        ("snr_gamma", snr_gamma), ("debiased_snr_floor", snr_floor)):
+        check_setting(FinetuneConfig, name, value)
+    sampling = sampling or "uniform"
+    check_sampling_shape(sampling, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+    default = TrainingChoice()
+    return TrainingChoice(
+        sampling=sampling, logit_mean=default.logit_mean if logit_mean is None else logit_mean,
+        logit_std=default.logit_std if logit_std is None else logit_std,
+        mode_scale=default.mode_scale if mode_scale is None else mode_scale, weighting=weighting or "none",
+        snr_gamma=snr_gamma, debiased=debiased, snr_floor=snr_floor)
 
 
 def training_profile(schedule: Schedule, choice: TrainingChoice, *, bins: int = 10, draws: int = 200_000,

@@ -155,12 +155,60 @@ def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spaci
     overrides.update(sigma_overrides(cls, sigmas, sampler))
     spaced = next((kind for kind, flag in SIGMA_FLAGS.items() if overrides.get(flag)), None)
     if spaced and config.get("rescale_betas_zero_snr"):
-        # Karras et al. space σ between σ_min and a finite σ_max; at zero terminal SNR σ_max is
-        # infinite (diffusers clamps it to ~4096), so the steps pile up at t = 999 and repeat.
-        what = f"--sigmas {sigmas}" if sigmas != "default" else sampler
-        raise UsageError(f"{what}: {SIGMA_NAMES[spaced]} σ spacing needs a finite σ_max, but this model is trained to "
-                         "zero terminal SNR (σ_max = ∞); use dpm++2m, euler or ddim instead")
+        # Karras et al. space σ between σ_min and a finite σ_max; at zero terminal SNR σ_max is infinite.
+        if spaced == "beta":
+            # Beta quantiles are spread linearly in σ: from σ_max ≈ 4519 all but the last steps are pure noise.
+            raise UsageError(f"--sigmas beta spaces σ linearly up to σ_max, which a zero-terminal-SNR model has at "
+                             f"about 4519 (pure noise), leaving no steps for the image; use --sigmas karras or "
+                             "exponential")
+        overrides.update(finite_terminal_betas(config))
+        cls = _from_the_first_step(cls)
     return cls.from_config(config, **overrides)
+
+
+def _from_the_first_step(cls: type) -> type:
+    """``cls``, starting a text-to-image run at its first step even when its first timesteps repeat.
+
+    Spaced σ's near a large σ_max round to the same t (999, 999, 998, ... as in ComfyUI, where the σ's
+    differ and the t only conditions the model); diffusers' multistep samplers find their first step by
+    looking its t up and take the second match, so they ran one step past their last. An image-to-image
+    pipeline sets its own begin index after `set_timesteps`, which still wins. Same name, so records and
+    configs read as ``cls``.
+    """
+    import inspect
+
+    if not hasattr(cls, "set_begin_index"):
+        return cls
+
+    def set_timesteps(self, *args, **kwargs):
+        cls.set_timesteps(self, *args, **kwargs)
+        if len(self.timesteps) > 1 and self.timesteps[0] == self.timesteps[1]:
+            self.set_begin_index(0)
+
+    set_timesteps.__signature__ = inspect.signature(cls.set_timesteps)  # pipelines ask it what it takes
+    return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__module__": cls.__module__})
+
+
+# ComfyUI's last ᾱ for a zero-terminal-SNR model (its rescale_zero_terminal_snr_sigmas): σ_max ≈ 4519.
+TERMINAL_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def finite_terminal_betas(config: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides that give a zero-terminal-SNR schedule a large finite last σ instead of an infinite one.
+
+    The betas are the model's, rescaled to zero terminal SNR (Lin et al. 2023) as diffusers does, except that
+    the last ᾱ is `TERMINAL_ALPHA_BAR` instead of 0, as ComfyUI does: σ spacings (Karras, exponential, beta)
+    then run from σ_max ≈ 4519 down, a step at that σ being pure noise to the model, and every other step
+    is where it was. diffusers' own stand-in (ᾱ = 2^-24, σ ≈ 4096) is in only some samplers.
+    """
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    rescaled = DDPMScheduler.from_config({**config, "rescale_betas_zero_snr": True})
+    alpha_bar = rescaled.alphas_cumprod.double().numpy()
+    alpha_bar[-1] = TERMINAL_ALPHA_BAR
+    betas = 1 - alpha_bar / np.concatenate([[1.0], alpha_bar[:-1]])
+    return {"trained_betas": betas.tolist(), "rescale_betas_zero_snr": False}
 
 
 def get_spec_name(class_name: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdcli import memory
-from sdcli.memory import Arch, arch_from_configs, generation_need, largest_fit, strip_need
+from sdcli.memory import Arch, arch_from_configs, generation_need, largest_fit, strip_need, training_need
 from conftest import one_error_line, paths_of
 from conftest import png_header_only
 
@@ -190,3 +190,64 @@ def test_refusal_names_the_largest_part_and_the_helps():
 def test_ram_available_is_read_and_plausible():
     found = memory.ram_available()
     assert found is None or 0 < found < 1 << 50
+
+
+# finetune: one step's memory and the outputs' disk space, estimated once the model is known and before anything
+# is encoded or trained (`check_training`). `--resolution 16384` used to die in the VAE, `--rank 100000` to write
+# gigabytes.
+
+FINETUNE = ("--max-steps", "1", "--batch-size", "2", "--checkpoint-every", "0")
+
+
+def test_training_need_grows_with_batch_and_area_and_checkpointing_lowers_it():
+    arch = Arch()
+    base = training_need(arch, 512, batch=1, trained=1_000, new=1_000)
+    assert training_need(arch, 512, batch=4, trained=1_000, new=1_000).total > 3 * base.total
+    assert training_need(arch, 1024, batch=1, trained=1_000, new=1_000).total > 3.5 * base.total
+    lower = training_need(arch, 512, batch=1, trained=1_000, new=1_000, checkpointing=True)
+    assert lower.terms["denoiser activations"] < base.terms["denoiser activations"] and lower.total <= base.total
+    full = training_need(arch, 512, batch=1, trained=860_000_000, new=0)  # SD 1.5's UNet in full: ~10 GB beside it
+    assert full.largest()[0] == "gradients and optimizer state" and full.total > 10e9
+    # SD 1.5 at 16384 pixels: far past any machine.
+    assert training_need(arch, 16384, batch=1, trained=1_000, new=1_000).total > 500 * 2**30
+
+
+@pytest.mark.parametrize("args", [["--resolution", "4096"], ["--resolution", "1024", "--batch-size", "8"],
+                                  ["--resolution", "16384"]])
+def test_finetune_that_cannot_fit_is_refused_in_one_line_before_training(cli, tiny_sd, dataset, tmp_path,
+                                                                          monkeypatch, args):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 << 20)
+    out = tmp_path / "out"
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, *FINETUNE, *args)
+    line = one_error_line_after_notes(result, 1)
+    assert "needs about" in line and "(the " in line and "64.0 MB free" in line
+    assert "--resolution" in line and "fits" in line
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and not (out / "loss.csv").exists()
+
+
+def test_finetune_rank_past_the_layers_sizes_is_refused(cli, tiny_sd, dataset, tmp_path):
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "o", *FINETUNE,
+                 "--rank", "100000")
+    line = one_error_line_after_notes(result, 2)
+    assert "--rank 100000 is larger than the" in line and "use at most" in line
+
+
+def test_finetune_whose_weights_cannot_fit_on_disk_is_refused(cli, tiny_sd, dataset, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "o", *FINETUNE,
+                 "--checkpoint-every", "1")
+    line = one_error_line_after_notes(result, 1)
+    assert "--out" in line and "need about" in line and "1 KB free" in line
+
+
+def one_error_line_after_notes(result, code):
+    """finetune's set-up notes come first; then one error line and nothing else."""
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0]
+    return errors[0]

@@ -251,10 +251,12 @@ def test_overrides_change_the_schedule_and_clear_trained_betas():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(beta_start=0.0), "--beta-start 0.0"),
-    (dict(beta_end=1.5), "--beta-end 1.5"),
+    (dict(beta_start=0.0), "--beta-start must be between 0 and 1, got 0"),
+    (dict(beta_end=1.5), "--beta-end must be between 0 and 1, got 1.5"),
+    (dict(beta_end=float("nan")), "--beta-end must be a finite number, got nan"),
     (dict(beta_start=0.02, beta_end=0.01), "must be below"),
-    (dict(num_train_timesteps=1), "--num-train-timesteps 1"),
+    (dict(num_train_timesteps=1), "--num-train-timesteps must be between 2 and 100000"),
+    (dict(num_train_timesteps=2_000_000_000), "--num-train-timesteps must be between 2 and 100000"),
     (dict(beta_schedule="exp"), "--beta-schedule 'exp'"),
     (dict(prediction_type="noise"), "--prediction-type 'noise'"),
 ])
@@ -268,7 +270,7 @@ def test_parse_timesteps():
     assert sched.parse_timesteps(None, 400, 1000) == [0, 400, 800, 999]
     assert sched.parse_timesteps(" 5, 0,999 ", None, 1000) == [5, 0, 999]
     for at, every, message in [("1000", None, r"--at 1000: outside .*\[0, 1000\)"), ("-1", None, "outside"),
-                               ("a", None, "not an integer"), (",", None, "no timesteps"), (None, 0, "--every 0"),
+                               ("a", None, "not an integer"), (",", None, "no timesteps"), (None, 0, "--every must be at least 1, got 0"),
                                ("1", 2, "not both")]:
         with pytest.raises(UsageError, match=message):
             sched.parse_timesteps(at, every, 1000)
@@ -300,3 +302,29 @@ def test_model_without_a_beta_schedule_or_config_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ModelError, match="single-file checkpoint"):
         sched.model_config(str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m-karras", "euler"])
+def test_karras_spacing_on_zero_terminal_snr_runs_from_comfyuis_finite_sigma_max(sampler):
+    # As ComfyUI does: the last ᾱ is 4.8973e-8 instead of 0, so σ_max = sqrt((1 - ᾱ)/ᾱ) ≈ 4518.8; every other
+    # step keeps the rescaled schedule's σ (Lin et al. 2023), down to the model's own σ at t = 0.
+    import math
+
+    from diffusers import DDPMScheduler
+
+    from sdcli.schedulers import TERMINAL_ALPHA_BAR, make_scheduler
+
+    config = sched.preset_config("zero-snr")
+    sampler = make_scheduler(sampler, config, sigmas="karras")
+    sampler.set_timesteps(25)
+    sigmas = sampler.sigmas.double()
+    assert torch.isfinite(sigmas).all() and bool((sigmas[1:] < sigmas[:-1]).all())  # finite, strictly falling
+    assert sigmas[0].item() == pytest.approx(math.sqrt((1 - TERMINAL_ALPHA_BAR) / TERMINAL_ALPHA_BAR), rel=1e-4)
+    assert sigmas[0].item() == pytest.approx(4518.76, rel=1e-4) and sigmas[-1].item() == 0.0
+    rescaled = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    assert rescaled[-1].item() == 0.0  # the schedule the model was trained on: σ_max infinite
+    ours = sampler.alphas_cumprod.double()
+    torch.testing.assert_close(ours[:-1], rescaled[:-1], rtol=1e-5, atol=0)
+    model_sigma_min = math.sqrt((1 - rescaled[0].item()) / rescaled[0].item())
+    assert sigmas[-2].item() >= model_sigma_min * (1 - 1e-4)
+    assert 0 < sigmas[-2].item() < 1

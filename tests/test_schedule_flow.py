@@ -79,7 +79,7 @@ def test_both_families_on_one_axis_in_json_and_plot(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--preset", "sd3", "--shift", "0"], "must be greater than 0"),
+    (["--preset", "sd3", "--shift", "0"], "--shift must be positive"),
     (["--preset", "flux", "--resolution", "1000x1000"], "multiples of 16"),
     (["--preset", "flux", "--resolution", "big"], "WIDTHxHEIGHT"),
     (["--preset", "sd3", "--rescale-zero-snr"], "option of DDPM (β) schedules"),

@@ -13,11 +13,12 @@ from typing import Annotated, Optional
 import typer
 
 from sdcli import defaults
+from sdcli.declare import Range, given_on_command_line
 from sdcli.errors import UsageError
 from sdcli.progress import note
-from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing
+from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing, THREADS, Threads
 # The choices live with the schedule code that checks them (plain stdlib there, so --help stays instant).
-from sdcli.schedule import BetaSchedule, PredictionType
+from sdcli.schedule import SIDE, BetaSchedule, PredictionType
 from sdcli.training.objective import TimestepSampling, WeightingScheme
 
 
@@ -71,7 +72,28 @@ def _resolution(text: str | None) -> tuple[int, int] | None:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise UsageError(f"--resolution {text!r}: give WIDTHxHEIGHT in pixels, e.g. 1024x768") from None
+    for side in (width, height):
+        SIDE.check("--resolution", side)
     return width, height
+
+
+# Options that only shape something another option asks for; alone they would be silently ignored.
+_NEEDS = {
+    "--training": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "weighting_scheme", "snr_gamma",
+                   "debiased_loss", "debiased_snr_floor"),
+    "--image": ("seed", "size"),
+}
+
+
+def _refuse_idle(ctx: typer.Context, training: bool, image: Path | None) -> None:
+    """One line for an option given without the option it works with (--logit-std without --training)."""
+    given = {"--training": training, "--image": image is not None}
+    for needed, names in _NEEDS.items():
+        if given[needed]:
+            continue
+        for name in given_on_command_line(ctx, list(names)):
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+            raise UsageError(f"{flag} does nothing without {needed}")
 
 
 def inspect_schedule_cmd(
@@ -101,13 +123,16 @@ def inspect_schedule_cmd(
     training: Annotated[bool, typer.Option(
         "--training", help="Show where fine-tuning puts its timesteps and how it weights the loss there, instead of "
         "the per-timestep table.")] = False,
-    timestep_sampling: Annotated[TimestepSampling, typer.Option(
-        help="With --training, flow matching: how training draws timesteps.")] = TimestepSampling.uniform,
-    logit_mean: Annotated[float, typer.Option(help="With --training: logit-normal mean.")] = 0.0,
-    logit_std: Annotated[float, typer.Option(help="With --training: logit-normal standard deviation.")] = 1.0,
-    mode_scale: Annotated[float, typer.Option(help="With --training: scale of SD3's mode sampling.")] = 1.29,
-    weighting_scheme: Annotated[WeightingScheme, typer.Option(
-        help="With --training, flow matching: loss weight per timestep.")] = WeightingScheme.none,
+    timestep_sampling: Annotated[Optional[TimestepSampling], typer.Option(
+        help="With --training, flow matching: how training draws timesteps. Default: uniform.")] = None,
+    logit_mean: Annotated[Optional[float], typer.Option(
+        help="With --training, --timestep-sampling logit-normal: its mean. Default: 0.")] = None,
+    logit_std: Annotated[Optional[float], typer.Option(
+        help="With --training, --timestep-sampling logit-normal: its standard deviation. Default: 1.")] = None,
+    mode_scale: Annotated[Optional[float], typer.Option(
+        help="With --training, --timestep-sampling mode: SD3's scale. Default: 1.29.")] = None,
+    weighting_scheme: Annotated[Optional[WeightingScheme], typer.Option(
+        help="With --training, flow matching: loss weight per timestep. Default: none.")] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(
         help="With --training, DDPM: min-SNR loss weighting with this γ.")] = None,
     debiased_loss: Annotated[bool, typer.Option(
@@ -129,6 +154,7 @@ def inspect_schedule_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the noise ε added to --image.")] = 0,
     size: Annotated[int, typer.Option(help="Longest side --image is resized to, in pixels.")] = 256,
     device: DeviceOpt = Device.auto,
+    threads: Threads = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -150,6 +176,11 @@ def inspect_schedule_cmd(
         return
 
     # 2. Check inputs before any work
+    _refuse_idle(ctx, training, image)
+    if training:  # finetune's own checks of these values, before any schedule is built
+        sched.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
+                              mode_scale=mode_scale, weighting=_value(weighting_scheme), snr_gamma=snr_gamma,
+                              debiased=debiased_loss, snr_floor=debiased_snr_floor)
     sources, vae_model = _sources(ctx, model, preset, compare, latent)
     if latent and image is None:
         raise UsageError("--latent needs --image: it is the picture that gets noised in latent space")
@@ -157,8 +188,8 @@ def inspect_schedule_cmd(
         raise UsageError("--image needs --out FILE.png for the strip")
     if out is not None and image is None:
         raise UsageError("--out is where --image's strip goes; give --image too")
-    if size < 8:
-        raise UsageError(f"--size {size}: must be at least 8 pixels")
+    Range(8).check("--size", size)
+    Range(0, 2**63 - 1).check("--seed", seed)
     if plot is not None:
         plot = report.check_output(plot, report.PLOT_SUFFIXES, "--plot", overwrite)
     if out is not None:
@@ -166,7 +197,13 @@ def inspect_schedule_cmd(
         if plot is not None and plot.resolve() == out.resolve():
             raise UsageError("--plot and --out name the same file")
 
-    # 3. Build each schedule from its config plus the overrides
+    if threads is not None:
+        THREADS.range.check("--threads", threads)
+    # 3. Build each schedule from its config plus the overrides (torch from here on: generate's thread rule)
+    from sdcli import threads as cpu_threads
+    from sdcli.pipeline import resolve_device
+
+    cpu_threads.apply(threads, resolve_device(_value(device)) if latent else "cpu")
     overrides = dict(beta_schedule=_value(beta_schedule), beta_start=beta_start, beta_end=beta_end,
                      num_train_timesteps=num_train_timesteps, prediction_type=_value(prediction_type),
                      rescale_zero_snr=rescale_zero_snr)
@@ -188,9 +225,9 @@ def inspect_schedule_cmd(
     timesteps = sched.parse_timesteps(at, every, min(s.num_train_timesteps for s in schedules))
     infos = [sched.describe(s, timesteps, steps) for s in schedules]
     if training:
-        choice = sched.TrainingChoice(sampling=timestep_sampling.value, logit_mean=logit_mean, logit_std=logit_std,
-                                      mode_scale=mode_scale, weighting=weighting_scheme.value, snr_gamma=snr_gamma,
-                                      debiased=debiased_loss, snr_floor=debiased_snr_floor)
+        choice = sched.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
+                                       mode_scale=mode_scale, weighting=_value(weighting_scheme), snr_gamma=snr_gamma,
+                                       debiased=debiased_loss, snr_floor=debiased_snr_floor)
         for schedule, info in zip(schedules, infos):
             info["training"] = sched.training_profile(schedule, choice)
 

@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sdcli import defaults, options
-from sdcli.declare import Role, by_role, option
+from sdcli.declare import Range, Role, by_role, check_ranges, option
 from sdcli.errors import UsageError
 from sdcli.training.kohya import LoraFormat
-from sdcli.training.objective import TimestepSampling, WeightingScheme, check_ddpm_weighting, refuse_ddpm_weighting
+from sdcli.training.objective import (TimestepSampling, WeightingScheme, check_ddpm_weighting, check_sampling_shape,
+                                      refuse_ddpm_weighting)
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DEFAULT_MAX_STEPS = 1000
+MAX_SIDE = 16384  # pixels: past the largest side any diffusers model has been trained or sampled at
 
 # --help sections
 DATA = "Data"
@@ -98,14 +100,14 @@ class FinetuneConfig:
         flags=("--allow-empty-captions",), panel=DATA)
     resolution: Optional[int] = option(
         None, help="Training size in pixels: the square's side, and with buckets the area (its square) each bucket "
-        "has at most. Default: the model's native size.", panel=DATA, show_default=False)
+        "has at most. Default: the model's native size.", panel=DATA, show_default=False, range=Range(8, MAX_SIDE))
     buckets: bool = option(
         True, help="Aspect-ratio buckets: train each image at the model's area in the shape nearest its own "
         "(--no-buckets: crop every image square).", flags=("--buckets/--no-buckets",), panel=DATA)
     min_bucket: Optional[int] = option(
-        None, help="Shortest bucket side in pixels. Default: half --resolution.", panel=DATA, show_default=False)
+        None, help="Shortest bucket side in pixels. Default: half --resolution.", panel=DATA, show_default=False, range=Range(8, MAX_SIDE))
     max_bucket: Optional[int] = option(
-        None, help="Longest bucket side in pixels. Default: twice --resolution.", panel=DATA, show_default=False)
+        None, help="Longest bucket side in pixels. Default: twice --resolution.", panel=DATA, show_default=False, range=Range(8, MAX_SIDE))
     upscale: bool = option(
         True, help="Enlarge images smaller than their bucket (--no-upscale: give them a bucket of their own size, "
         "skipping any smaller than --min-bucket).", flags=("--upscale/--no-upscale",), panel=DATA)
@@ -117,7 +119,7 @@ class FinetuneConfig:
     shuffle_captions: bool = option(
         False, help="Shuffle each caption's comma-separated tags every step (captions are then encoded every step).",
         flags=("--shuffle-captions",), panel=DATA)
-    keep_tokens: int = option(0, help="With --shuffle-captions: keep the first N tags in place.", panel=DATA)
+    keep_tokens: int = option(0, help="With --shuffle-captions: keep the first N tags in place.", panel=DATA, range=Range(0))
 
     # DreamBooth prior preservation (Ruiz et al. 2023). The class folder may move between a run and its resume,
     # as --data may; what it holds is fixed by --num-class-images and the class prompt, which a resume keeps.
@@ -129,55 +131,55 @@ class FinetuneConfig:
         show_default=False)
     prior_loss_weight: Optional[float] = option(
         None, help="DreamBooth: loss = instance loss + W x class loss. Default: 1 with --class-data.",
-        panel=DREAMBOOTH, show_default=False)
+        panel=DREAMBOOTH, show_default=False, range=Range(0, 1000, open=('low',)))
     num_class_images: Optional[int] = option(
         None, help="DreamBooth: make --class-data hold N images, generating the missing ones with the base model "
-        "and --class-prompt first.", panel=DREAMBOOTH, show_default=False)
+        "and --class-prompt first.", panel=DREAMBOOTH, show_default=False, range=Range(0))
 
     # Objective
     uncond_prob: float = option(
         defaults.UNCOND_PROB,
         help="Chance a caption is replaced by the null prompt, so guidance has an unconditional branch to use.",
-        panel=TRAIN)
+        panel=TRAIN, range=Range(0, 1))
     snr_gamma: Optional[float] = option(
         None, help="Min-SNR loss weighting with this gamma (5 is common). Default: plain MSE.", panel=TRAIN,
-        show_default=False)
+        show_default=False, range=Range(0, 10_000, open=('low',)))
     debiased_loss: bool = option(
         False, help="Debiased-estimation loss weighting (Yu et al. 2024): 1/sqrt(SNR) on the noise MSE; more weight "
         "at high noise than min-SNR.", flags=("--debiased-loss",), panel=TRAIN)
     debiased_snr_floor: Optional[float] = option(
         None, help="With --debiased-loss: timesteps noisier than this SNR keep its weight instead of falling to 0 "
         "(v-prediction with zero terminal SNR; 0.0083 is t=850 of SD 1.5's schedule rescaled so). Default: no floor.",
-        panel=TRAIN, show_default=False)
+        panel=TRAIN, show_default=False, range=Range(0, 1000, open=('low',), why='the weighting caps SNR at 1000'))
     noise_offset: float = option(0.0, help="Offset noise strength (0.05-0.1 helps very dark/bright images).",
-                                 panel=TRAIN)
+                                 panel=TRAIN, range=Range(0, 1))
     # Flow matching (SD3, Flux): None until the model is known, so a DDPM model can refuse what was given.
     timestep_sampling: Optional[str] = option(
         None, help="Flow matching (SD3, Flux): how training draws sigma. Default: uniform.", panel=TRAIN,
         cli_type=TimestepSampling, show_default=False)
     logit_mean: Optional[float] = option(
         None, help="With --timestep-sampling logit-normal: the mean m of u = sigmoid(N(m, s)). Default: 0.",
-        panel=TRAIN, show_default=False)
+        panel=TRAIN, show_default=False, range=Range(-10, 10, why='past that every draw lands at one end'))
     logit_std: Optional[float] = option(
         None, help="With --timestep-sampling logit-normal: the standard deviation s. Default: 1.", panel=TRAIN,
-        show_default=False)
+        show_default=False, range=Range(0, 10, open=('low',)))
     mode_scale: Optional[float] = option(
         None, help="With --timestep-sampling mode: SD3's scale, -1 to 1.75 (0: uniform). Default: 1.29.",
-        panel=TRAIN, show_default=False)
+        panel=TRAIN, show_default=False, range=Range(-1, 2 / (math.pi - 2), why='Esser et al. 2024, eq. 20: a density only there'))
     weighting_scheme: Optional[str] = option(
         None, help="Flow matching: loss weight per sigma (sigma_sqrt: 1/sigma^2; cosmap: SD3's). Default: none.",
         panel=TRAIN, cli_type=WeightingScheme, show_default=False)
     distilled_guidance: Optional[float] = option(
         None, help="Flux-dev: the value its distilled guidance input gets while training. Default: 1.", panel=TRAIN,
-        show_default=False)
+        show_default=False, range=Range(0, 100))
 
     # What is trained
     lora: bool = option(
         True, help="Train LoRA adapters (small file) or the whole UNet or transformer (a full pipeline folder).",
         flags=("--lora/--full",), panel=TRAIN)
-    rank: int = option(4, help="LoRA rank.", panel=TRAIN)
+    rank: int = option(4, help="LoRA rank.", panel=TRAIN, range=Range(1))
     lora_alpha: Optional[float] = option(
-        None, help="LoRA alpha (scale = alpha / rank). Default: the rank.", panel=TRAIN, show_default=False)
+        None, help="LoRA alpha (scale = alpha / rank). Default: the rank.", panel=TRAIN, show_default=False, range=Range(0, 10_000, open=('low',)))
     lora_targets: tuple[str, ...] = option(
         LORA_TARGETS, help="Comma list of UNet or transformer modules that get LoRA adapters.", panel=TRAIN,
         cli_type=str, parse=_comma_tuple)
@@ -192,14 +194,14 @@ class FinetuneConfig:
     # Optimisation
     learning_rate: Optional[float] = option(
         None, help="AdamW learning rate. Default: 1e-4 for LoRA, 1e-5 for --full.", flags=("--learning-rate", "--lr"),
-        panel=TRAIN, show_default=False)
+        panel=TRAIN, show_default=False, range=Range(0, 1, open=('low',), why='AdamW moves each weight by about this much a step'))
     lr_scheduler: str = option("constant", help="Learning-rate schedule after warm-up (diffusers.optimization).",
                                panel=TRAIN, cli_type=LrScheduler)
-    lr_warmup_steps: int = option(0, help="Steps of linear learning-rate warm-up.", panel=TRAIN)
-    weight_decay: float = option(1e-2, help="AdamW weight decay.", panel=TRAIN)
-    batch_size: int = option(1, help="Images per step on each process.", panel=TRAIN)
-    gradient_accumulation: int = option(1, help="Micro-batches summed into one optimizer step.", panel=TRAIN)
-    max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0: no clipping).", panel=TRAIN)
+    lr_warmup_steps: int = option(0, help="Steps of linear learning-rate warm-up.", panel=TRAIN, range=Range(0))
+    weight_decay: float = option(1e-2, help="AdamW weight decay.", panel=TRAIN, range=Range(0, 1))
+    batch_size: int = option(1, help="Images per step on each process.", panel=TRAIN, range=Range(1))
+    gradient_accumulation: int = option(1, help="Micro-batches summed into one optimizer step.", panel=TRAIN, range=Range(1))
+    max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0: no clipping).", panel=TRAIN, range=Range(0))
     mixed_precision: str = option(  # resolved before training starts
         "auto", help="Autocast precision for the UNet or transformer (frozen weights are stored in it too); auto: "
         "fp16 on CUDA, no elsewhere.", panel=TRAIN, cli_type=MixedPrecision)
@@ -207,38 +209,39 @@ class FinetuneConfig:
         False, help="Recompute activations in backward: less memory, ~30% slower.",
         flags=("--gradient-checkpointing",), panel=TRAIN)
     channels_last: Optional[bool] = option(None, options.CHANNELS_LAST)
+    threads: Optional[int] = option(None, options.THREADS, panel=TRAIN)  # generate's rule (sdcli.threads)
     compile: bool = option(False, help="torch.compile what trains (slow first steps, faster after).",
                            flags=("--compile",), panel=TRAIN, role=RUNTIME)
     ema: bool = option(False, help="Keep an exponential moving average of the trained weights and save that.",
                        flags=("--ema",), panel=TRAIN)
-    ema_decay: float = option(0.9999, help="EMA decay per step.", panel=TRAIN)
+    ema_decay: float = option(0.9999, help="EMA decay per step.", panel=TRAIN, range=Range(0, 1, open=('low', 'high')))
     use_8bit_adam: bool = option(False, help="8-bit AdamW from bitsandbytes (must be installed).",
                                  flags=("--use-8bit-adam",), panel=TRAIN)
     max_steps: Optional[int] = option(None, help="Optimizer steps to train. Default: 1000, unless --epochs.",
-                                      panel=TRAIN, role=RUNTIME, show_default=False)
+                                      panel=TRAIN, role=RUNTIME, show_default=False, range=Range(1))
     epochs: Optional[int] = option(None, help="Passes over the data (instead of --max-steps).", panel=TRAIN,
-                                   role=RUNTIME, show_default=False)
-    seed: int = option(0, help="Seed for LoRA init, data order, noise and validation images.", panel=TRAIN)
+                                   role=RUNTIME, show_default=False, range=Range(1))
+    seed: int = option(0, help="Seed for LoRA init, data order, noise and validation images.", panel=TRAIN, range=Range(0, 2**63 - 1))
     cache: bool = option(True, help="Encode images and captions once instead of every step.",
                          flags=("--cache/--no-cache",), panel=TRAIN)
 
     # Long runs
     checkpoint_every: int = option(
         500, help="Save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C).", panel=LONG,
-        role=RUNTIME)
-    keep_checkpoints: int = option(3, help="Keep only the newest K checkpoints.", panel=LONG, role=RUNTIME)
+        role=RUNTIME, range=Range(0))
+    keep_checkpoints: int = option(3, help="Keep only the newest K checkpoints.", panel=LONG, role=RUNTIME, range=Range(1))
     resume: Optional[str] = option(None, help="Continue from 'latest' (in --out) or a checkpoint folder.", panel=LONG,
                                    role=RUNTIME, show_default=False)
     validation_prompts: list[str] = option(
         [], help="Prompt rendered every --validation-every steps (repeatable).", flags=("--validation-prompt",),
         panel=LONG, role=RUNTIME, cli_type=list[str], show_default=False)
     validation_every: int = option(100, help="Steps between validation images and validation losses.", panel=LONG,
-                                   role=RUNTIME)
+                                   role=RUNTIME, range=Range(1))
     # Which images train depends on the split, so a resume must keep it; a --validation-data folder only
     # changes what is measured.
     validation_split: Optional[float] = option(
         None, help="Hold out this fraction of --data (chosen by --seed) and log its loss every --validation-every "
-        "steps, at fixed timesteps and noise.", panel=LONG, show_default=False)
+        "steps, at fixed timesteps and noise.", panel=LONG, show_default=False, range=Range(0, 1, open=('low', 'high')))
     validation_data: Optional[Path] = option(
         None, help="Folder of captioned images to log the validation loss on (instead of --validation-split).",
         panel=LONG, role=RUNTIME, show_default=False)
@@ -247,9 +250,9 @@ class FinetuneConfig:
         "under OUT/logs.", panel=LONG, role=RUNTIME, cli_type=LogWith, show_default=False)
     validation_guidance: Optional[float] = option(
         None, help="Guidance for validation images: the classifier-free scale, or Flux-dev's distilled guidance. "
-        "Default: the model's, as generate's.", panel=LONG, role=RUNTIME, show_default=False)
+        "Default: the model's, as generate's.", panel=LONG, role=RUNTIME, show_default=False, range=Range(0))
     validation_steps: int = option(defaults.STEPS, help="Sampling steps for validation images.", panel=LONG,
-                                   role=RUNTIME)
+                                   role=RUNTIME, range=Range(1))
 
     overwrite: bool = option(False, options.OVERWRITE)
     quiet: bool = option(False, options.QUIET)
@@ -266,34 +269,12 @@ class FinetuneConfig:
 
     def check(self) -> None:
         """Raise UsageError naming the first impossible value; nothing heavy is loaded yet."""
+        check_ranges(self)  # every number finite and in its declared range, before anything reads one
         self._check_data()
         self.out = Path(self.out).expanduser()
         self.lora_targets = tuple(t.strip() for t in self.lora_targets if t.strip())
-        positive = {
-            "--rank": self.rank, "--batch-size": self.batch_size, "--gradient-accumulation": self.gradient_accumulation,
-            "--keep-checkpoints": self.keep_checkpoints, "--validation-every": self.validation_every,
-            "--validation-steps": self.validation_steps,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise UsageError(f"{name} must be at least 1, got {value}")
-        if not 0.0 <= self.uncond_prob <= 1.0:
-            raise UsageError(f"--uncond-prob must be between 0 and 1, got {self.uncond_prob}")
-        if self.resolution is not None and self.resolution < 8:
-            raise UsageError(f"--resolution must be at least 8, got {self.resolution}")
         check_ddpm_weighting(self.snr_gamma, self.debiased_loss, flow=False, model="",
                              snr_floor=self.debiased_snr_floor)
-        for name, value in (("--noise-offset", self.noise_offset), ("--max-grad-norm", self.max_grad_norm),
-                            ("--lr-warmup-steps", self.lr_warmup_steps), ("--checkpoint-every", self.checkpoint_every),
-                            ("--weight-decay", self.weight_decay)):
-            if value < 0 or math.isnan(value):
-                raise UsageError(f"{name} must not be negative, got {value}")
-        if not self.lr > 0:
-            raise UsageError(f"--learning-rate must be positive, got {self.lr}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise UsageError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise UsageError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
         if self.lora and not self.lora_targets:
             raise UsageError("--lora-targets is empty; name at least one module, e.g. to_q,to_k,to_v,to_out.0")
         # Plain strings from here on (an Enum member given from Python too), so the settings JSON stays as it was.
@@ -303,10 +284,6 @@ class FinetuneConfig:
         self._check_flow_options()
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.epochs is not None and self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         self._check_validation()
         self._check_class_data()
         self._check_apart()
@@ -323,9 +300,6 @@ class FinetuneConfig:
             check_prompt_numbers(prompt, "--validation-prompt")
         if self.class_prompt:
             check_prompt_numbers(self.class_prompt, "--class-prompt")
-        if self.validation_split is not None and not 0.0 < self.validation_split < 1.0:
-            raise UsageError(f"--validation-split must be between 0 and 1 (the fraction held out), "
-                             f"got {self.validation_split:g}")
         if self.validation_data is not None:
             if self.validation_split is not None:
                 raise UsageError("give --validation-split or --validation-data, not both")
@@ -354,12 +328,7 @@ class FinetuneConfig:
         if not self.class_prompt or not self.class_prompt.strip():
             raise UsageError(f"--class-data {self.class_data} needs --class-prompt, the caption its images train "
                              "with (e.g. 'a photo of a dog')")
-        if self.prior_loss_weight is not None and not self.prior_loss_weight > 0:
-            raise UsageError(f"--prior-loss-weight must be positive, got {self.prior_loss_weight:g} (leave out "
-                             "--class-data to train without prior preservation)")
         self.prior_loss_weight = 1.0 if self.prior_loss_weight is None else float(self.prior_loss_weight)
-        if self.num_class_images is not None and self.num_class_images < 0:
-            raise UsageError(f"--num-class-images must not be negative, got {self.num_class_images}")
         if self.class_data.exists() and not self.class_data.is_dir():
             raise UsageError(f"--class-data {self.class_data} is a file, not a folder")
         if not self.num_class_images and not class_images(self.class_data):
@@ -394,8 +363,6 @@ class FinetuneConfig:
         self.data = [str(spec) for spec in given]
         for spec in self.data:
             parse_data(spec)  # raises on a bad repeat count
-        if self.keep_tokens < 0:
-            raise UsageError(f"--keep-tokens must not be negative, got {self.keep_tokens}")
         if self.keep_tokens and not self.shuffle_captions:
             raise UsageError("--keep-tokens keeps tags in place for --shuffle-captions, which was not given")
         ext = self.caption_extension.strip()
@@ -407,8 +374,6 @@ class FinetuneConfig:
         for flag, value in (("--min-bucket", self.min_bucket), ("--max-bucket", self.max_bucket)):
             if value is not None and not self.buckets:
                 raise UsageError(f"{flag} sizes the aspect-ratio buckets, which --no-buckets turns off")
-            if value is not None and value < 8:
-                raise UsageError(f"{flag} must be at least 8, got {value}")
         if not self.upscale and not self.buckets:
             raise UsageError("--no-upscale gives small images a bucket of their own size, which --no-buckets turns "
                              "off (every image is cropped to one square)")
@@ -426,19 +391,8 @@ class FinetuneConfig:
             self.timestep_sampling = _choice(TimestepSampling, self.timestep_sampling, "--timestep-sampling")
         if self.weighting_scheme is not None:
             self.weighting_scheme = _choice(WeightingScheme, self.weighting_scheme, "--weighting-scheme")
-        # Each shape option belongs to one sampling; given with another, it would be silently ignored.
-        for flag, value, belongs in (("--logit-mean", self.logit_mean, "logit-normal"),
-                                     ("--logit-std", self.logit_std, "logit-normal"),
-                                     ("--mode-scale", self.mode_scale, "mode")):
-            if value is not None and self.timestep_sampling != belongs:
-                raise UsageError(f"{flag} shapes --timestep-sampling {belongs}, which was not chosen")
-        if self.logit_std is not None and not self.logit_std > 0:
-            raise UsageError(f"--logit-std must be positive, got {self.logit_std}")
-        # Esser et al. 2024 (eq. 20): the mode density is a density (u stays in [0, 1]) for -1 <= s <= 2/(pi - 2).
-        if self.mode_scale is not None and not -1 <= self.mode_scale <= 2 / (math.pi - 2):
-            raise UsageError(f"--mode-scale must be between -1 and {2 / (math.pi - 2):.2f}, got {self.mode_scale}")
-        if self.distilled_guidance is not None and not self.distilled_guidance >= 0:
-            raise UsageError(f"--distilled-guidance must not be negative, got {self.distilled_guidance}")
+        check_sampling_shape(self.timestep_sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                             mode_scale=self.mode_scale)
 
     def settle_for(self, family: str, flow: bool, guidance: str) -> None:
         """Refuse options the model's training objective does not have, and fill in the flow-matching defaults.

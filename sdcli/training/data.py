@@ -178,7 +178,7 @@ def _discover_one(report: DataReport, source: Source, caption_column: str, stric
         if problem:
             skip(path, problem)
             continue
-        caption, origin = _caption_for(path, listed, usable, caption_extension)
+        caption, origin = _caption_for(path, listed, usable, caption_extension, root)
         if caption is not None and "\0" in caption:
             # A NUL byte is no text a tokenizer should see, and one usually means a binary or mis-encoded file.
             sidecar = _sidecar(path, caption_extension).name
@@ -246,24 +246,43 @@ def _sidecar(image: Path, extension: str) -> Path:
 
 
 def _caption_for(path: Path, listed: dict[Path, tuple[str | None, str]], usable: set[Path],
-                 extension: str = ".txt") -> tuple[str | None, str]:
+                 extension: str = ".txt", root: Path | None = None) -> tuple[str | None, str]:
     key = Path(os.path.normpath(path))
     if key in listed and listed[key][0]:
         return listed[key]
     sidecar = _sidecar(path, extension)
     if sidecar in usable:  # not one skipped as a link out of the folder
-        text = sidecar.read_text(encoding="utf-8-sig", errors="replace").strip()
+        text = read_text(sidecar, root or sidecar.parent).strip()
         if text:
             return text, extension
     return None, "none"
 
 
+def read_text(path: Path, root: Path) -> str:
+    """A caption or metadata file's text: UTF-8 (Excel and Notepad start it with a byte-order mark) or UTF-16/32
+    with its byte-order mark; anything else is refused naming the file and the first byte that is not UTF-8,
+    where decoding it leniently would train on U+FFFD in place of what the caption said."""
+    import codecs
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {_rel(path, root)}: {exc.strerror or exc}") from None
+    # UTF-32's marks first: UTF-32-LE's starts with UTF-16-LE's.
+    boms = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+            (codecs.BOM_UTF16_BE, "utf-16"))
+    encoding = next((name for bom, name in boms if raw.startswith(bom)), "utf-8-sig")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        what = "UTF-8" if encoding == "utf-8-sig" else encoding.upper() + " (from its byte-order mark)"
+        raise DataError(f"{_rel(path, root)} is not {what} text: byte {exc.start} (0x{raw[exc.start]:02x}) "
+                        "cannot be decoded; save it as UTF-8") from None
+
+
 def _read_metadata(meta: Path, root: Path, column: str) -> Iterator[tuple[Path, str | None]]:
     rows: list[tuple[int, dict[str, Any]]] = []
-    try:
-        text = meta.read_text(encoding="utf-8-sig")  # Excel starts its UTF-8 CSV with a byte-order mark
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {_rel(meta, root)}: {exc}") from None
+    text = read_text(meta, root)
     if meta.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():

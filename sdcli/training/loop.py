@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sdcli import threads
 from sdcli.errors import OutputError, SdcliError, UsageError
 from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
@@ -155,9 +156,11 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     # One lock for the whole run, taken by the main process (RANK 0 under torchrun/accelerate).
     lock = outputs.lock_out(cfg.out) if os.environ.get("RANK", "0") == "0" else None
 
-    # 2. Processes, device and precision.
+    # 2. Processes, device and precision; on a CPU, generate's thread rule (sdcli.threads) for all that runs the
+    # model here: loading, class images, training steps and validation images.
     try:
         accelerator = setup.make_accelerator(cfg)
+        threads.apply(cfg.threads, str(accelerator.device))
         try:
             with setup.attention_for_training(str(accelerator.device)):
                 run = _setup(cfg, accelerator, resume_dir)
@@ -201,6 +204,10 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
                                      fingerprint)
     cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
     step = setup.bucket_sides(cfg, pipe, family)
+    # What cannot fit (a step in memory, the weights on disk) is refused before anything is encoded or trained.
+    from sdcli.memory import check_training
+
+    check_training(cfg, pipe, family, str(accelerator.device))
     layout = buckets.assign(report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
                             upscale=cfg.upscale, strict=cfg.strict, warn=say)
     if held_out is not None:
@@ -373,8 +380,13 @@ def _train(run: Run, callback) -> Trained:
                     run.ema.step(run.params)
                 # One collective per step: the mean loss over processes, and whether any was asked to stop,
                 # so every process stops (and checkpoints) at the same step. Also a CPU-GPU sync point.
+                # The weights' norm rides along: a finite loss can still step the weights to inf or NaN (the loss
+                # is measured before the update), and the last step's update is what would be written.
                 flag = torch.tensor(float(stop.requested), device=loss.device)
-                total_loss, stops = accelerator.reduce(torch.stack([torch.stack(running).mean(), flag]), "sum").tolist()
+                weights = [p.detach() for p in run.params]
+                norm = torch.nn.utils.get_total_norm(weights, float("inf")).to(loss.device, torch.float32)  # max |w|
+                total_loss, stops, weights_norm = accelerator.reduce(
+                    torch.stack([torch.stack(running).mean(), flag, norm]), "sum").tolist()
                 running = []
                 losses.append(total_loss / world)
                 lr = run.lr_scheduler.get_last_lr()[0]
@@ -391,6 +403,8 @@ def _train(run: Run, callback) -> Trained:
                     "train/images_per_s": rate, "validation/loss": val_loss})
                 if not math.isfinite(losses[-1]):
                     raise _diverged(cfg, step, losses[-1])
+                if not math.isfinite(weights_norm):
+                    raise _diverged(cfg, step, weights_norm, what="trained weights")
                 progress.update(step, losses[-1], val_loss)
                 if callback:
                     callback(StepInfo(step, run.max_steps, epoch, losses[-1], lr, rate, val_loss))
@@ -459,12 +473,13 @@ def _objective(cfg: FinetuneConfig, family, scheduler) -> str:
             f"shift {shift}{guidance})")
 
 
-def _diverged(cfg: FinetuneConfig, step: int, loss: float) -> SdcliError:
-    """The loss is NaN or infinite: every later step would train on garbage, so stop and say why."""
+def _diverged(cfg: FinetuneConfig, step: int, loss: float, what: str = "loss") -> SdcliError:
+    """The loss or the weights are NaN or infinite: every later step would train on garbage, and what would be
+    written is garbage, so stop and say why."""
     hint = ("float16 overflow: try --mixed-precision bf16 or no" if cfg.mixed_precision == "fp16"
             else "try a lower --learning-rate")
-    value = "NaN" if loss != loss else str(loss)
-    return SdcliError(f"the loss became {value} at step {step}, so training stopped and no weights were written "
+    value = "NaN" if loss != loss else "infinite" if what != "loss" else str(loss)
+    return SdcliError(f"the {what} became {value} at step {step}, so training stopped and no weights were written "
                       f"({hint}); earlier checkpoints, if any, are in {cfg.out / checkpoints.DIRNAME}")
 
 

@@ -132,6 +132,18 @@ def check_ddpm_weighting(snr_gamma: float | None, debiased: bool, *, flow: bool,
         refuse_ddpm_weighting(snr_gamma, debiased, model)
 
 
+def check_sampling_shape(sampling: str | None, *, logit_mean: float | None = None, logit_std: float | None = None,
+                         mode_scale: float | None = None) -> None:
+    """Each shape option belongs to one timestep sampling; given with another it would be silently ignored, so it
+    is refused in one line (`finetune` and `inspect-schedule --training` share this)."""
+    from sdcli.errors import UsageError
+
+    for flag, value, belongs in (("--logit-mean", logit_mean, "logit-normal"), ("--logit-std", logit_std, "logit-normal"),
+                                 ("--mode-scale", mode_scale, "mode")):
+        if value is not None and sampling != belongs:
+            raise UsageError(f"{flag} shapes --timestep-sampling {belongs}, which was not chosen")
+
+
 def refuse_ddpm_weighting(snr_gamma: float | None, debiased: bool, model: str) -> None:
     """Either DDPM weighting given for a flow-matching ``model`` is refused in one line."""
     from sdcli.errors import UsageError

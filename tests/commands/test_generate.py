@@ -224,6 +224,20 @@ def test_subprocess_prints_paths_on_stdout_and_notes_on_stderr(tiny_sd, tmp_path
     assert "loaded" in res.stderr
 
 
+def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_terminal(cli, tiny_sd):
+    # A 4096x4096 image on a CPU ran for minutes without a word in a log: the bar was drawn on terminals only.
+    import re
+
+    result = cli("generate", "a dog", "--model", tiny_sd, "--steps", "3", "--seed", "2")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("denoising ")]
+    # The first step (so a slow run tells early how long it takes) and the last; more in between on slow runs.
+    assert lines[0].startswith("denoising 1/3 ") and lines[-1].startswith("denoising 3/3 ")
+    assert all(re.fullmatch(r"denoising \d/3  [\d.]+ (s/step|steps/s)  eta \d+:\d\d:\d\d", line) for line in lines)
+    assert "denoising" not in result.stdout
+    assert "denoising" not in cli("generate", "a dog", "--model", tiny_sd, "--steps", "2", "-q").stderr
+
+
 def test_without_scipy_generate_works_and_lms_says_what_to_install(tiny_sd, tmp_path):
     # scipy is optional (only LMS needs it); hide it the way importlib sees a missing package.
     script = (

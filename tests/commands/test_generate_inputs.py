@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import one_error_line
+from conftest import one_error_line, paths_of, pixels
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -38,12 +38,25 @@ def test_out_with_another_image_suffix_is_refused_not_made_a_folder(cli, tiny_sd
     assert not Path("pic.jpg").exists()
 
 
-def test_karras_sigmas_on_a_zero_terminal_snr_model_are_refused_in_one_line(cli, monkeypatch):
-    # The bundled model is trained to zero terminal SNR; diffusers' Karras σ's repeated t = 999 and crashed.
+@pytest.mark.parametrize("sampler", [["-s", "dpm++2m-karras"], ["-s", "dpm++2m", "--sigmas", "karras"],
+                                     ["-s", "euler", "--sigmas", "karras"], ["-s", "unipc", "--sigmas", "exponential"]])
+def test_karras_sigmas_on_the_zero_terminal_snr_bundled_model_make_the_image(cli, monkeypatch, sampler):
+    # Refused until the last σ was made large and finite as ComfyUI does (sdcli.schedulers.finite_terminal_betas);
+    # diffusers' own stand-in repeated t = 999 and ran a step past the end ("DPM++ 2M Karras", users' first pick).
     monkeypatch.delenv("SDCLI_MODEL", raising=False)
-    for args in (["generate", "x", "--steps", "2"], ["inspect-schedule"]):
-        line = one_error_line(cli(*args, "--scheduler", "dpm++2m-karras"))
-        assert "needs a finite σ_max" in line and "zero terminal SNR" in line
+    args = ("generate", "a red circle on a white background", "--seed", "1", "--steps", "20")
+    spaced = paths_of(cli(*args, *sampler, "--out", "spaced"))
+    plain = paths_of(cli(*args, "--out", "plain"))  # the model's own sampler (DDIM) and spacing
+    # The same picture, not noise or a blank: a few levels of 255 apart on average (1-3 measured).
+    assert np.abs(pixels(spaced[0]) - pixels(plain[0])).mean() < 10
+    assert pixels(spaced[0]).std() > 20
+
+
+def test_beta_sigmas_on_a_zero_terminal_snr_model_are_refused_in_one_line(cli, monkeypatch):
+    # Beta quantiles are linear in σ: from σ_max ≈ 4519 every step but the last is pure noise (a black image).
+    monkeypatch.delenv("SDCLI_MODEL", raising=False)
+    line = one_error_line(cli("generate", "x", "--steps", "2", "-s", "dpm++2m", "--sigmas", "beta"), 2)
+    assert "--sigmas beta" in line and "karras or exponential" in line
 
 
 def test_two_runs_into_one_folder_get_their_own_numbers(tmp_path):

@@ -252,7 +252,7 @@ def test_lists(cli):
     (["--preset", "cosine", "--at", "1000"], 2, "--at 1000: outside the training timesteps [0, 1000)"),
     (["--preset", "cosine", "--at", "-5"], 2, "outside"),
     (["--preset", "cosine", "--num-train-timesteps", "100", "--at", "100"], 2, "[0, 100)"),
-    (["--preset", "cosine", "--every", "0"], 2, "--every 0"),
+    (["--preset", "cosine", "--every", "0"], 2, "--every must be at least 1, got 0"),
     (["--preset", "cosine", "--steps", "0"], 2, "--steps 0"),
     (["--preset", "cosine", "--scheduler", "nope"], 2, "unknown scheduler 'nope'"),
     (["--preset", "cosine", "--latent", "--image", "{photo}", "--out", "x.png"], 2, "--latent needs --model"),
@@ -261,7 +261,7 @@ def test_lists(cli):
     (["--preset", "cosine", "--image", "{bad}", "--out", "x.png"], 1, "not a readable image"),
     (["--preset", "cosine", "--image", "missing.jpg", "--out", "x.png"], 1, "no such file"),
     (["--preset", "cosine", "--plot", "x.gif"], 2, "must end in .png"),
-    (["--preset", "cosine", "--beta-start", "2"], 2, "--beta-start 2.0"),
+    (["--preset", "cosine", "--beta-start", "2"], 2, "--beta-start must be between 0 and 1, got 2"),
     (["--preset", "cosine", "--beta-end", "0.03"], 2, "--beta-end has no effect on the squaredcos_cap_v2 schedule"),
     (["--preset", "cosine", "--model", "{sd1}"], 2, "pick one"),
     (["--model", "./no/such/model"], 1, "no such model file or folder"),
@@ -277,3 +277,69 @@ def test_bad_input_is_one_line_and_non_zero(cli, tiny_models, photo, tmp_path, m
     line = one_error_line(cli("inspect-schedule", *[str(a).format(**values) for a in args]), code)
     assert text in line
     assert not Path("x.png").exists()
+
+
+# Numbers are refused up front whatever their size or kind: NaN, inf and 1e308 pass every `x > 0` test and
+# used to fail late (a NaN table) or not at all (2e9 timesteps: killed by the kernel).
+@pytest.mark.parametrize("args,text", [
+    (["--preset", "cosine", "--num-train-timesteps", "0"], "--num-train-timesteps must be between 2 and 100000"),
+    (["--preset", "cosine", "--num-train-timesteps", "2000000000"], "--num-train-timesteps must be between 2 and 100000"),
+    (["--preset", "cosine", "--num-train-timesteps", "-3"], "--num-train-timesteps must be between 2 and 100000"),
+    (["--preset", "sd3", "--shift", "inf"], "--shift must be a finite number, got inf"),
+    (["--preset", "sd3", "--shift", "nan"], "--shift must be a finite number, got nan"),
+    (["--preset", "sd3", "--shift", "1e308"], "--shift must be positive and at most 1000"),
+    (["--preset", "sd3", "--shift", "-2"], "--shift must be positive"),
+    (["--preset", "flux", "--resolution", "1000000000x1024"], "--resolution must be between 8 and 16384"),
+    (["--preset", "flux", "--resolution", "0x1024"], "--resolution must be between 8 and 16384"),
+    (["--preset", "cosine", "--beta-start", "nan"], "--beta-start must be a finite number"),
+    (["--preset", "cosine", "--every", "-1"], "--every must be at least 1"),
+    (["--preset", "cosine", "--image", "x.jpg", "--out", "y.png", "--seed", "-1"], "--seed must be between 0 and"),
+    # --training takes what finetune takes, checked by the same declarations (sdcli.training.config).
+    (["--preset", "sd3", "--training", "--timestep-sampling", "mode", "--mode-scale", "5"],
+     "--mode-scale must be between -1 and 1.75"),
+    (["--preset", "sd3", "--training", "--timestep-sampling", "mode", "--mode-scale", "nan"],
+     "--mode-scale must be a finite number"),
+    (["--preset", "sd3", "--training", "--timestep-sampling", "logit-normal", "--logit-std", "0"],
+     "--logit-std must be positive"),
+    (["--preset", "sd3", "--training", "--timestep-sampling", "logit-normal", "--logit-mean", "inf"],
+     "--logit-mean must be a finite number"),
+    (["--preset", "stable-diffusion", "--training", "--snr-gamma", "1e308"], "--snr-gamma must be positive and at most"),
+    (["--preset", "stable-diffusion", "--training", "--snr-gamma", "nan"], "--snr-gamma must be a finite number"),
+    (["--preset", "stable-diffusion", "--training", "--debiased-loss", "--debiased-snr-floor", "inf"],
+     "--debiased-snr-floor must be a finite number"),
+    # A shape option without its sampling would be ignored, as finetune refuses it.
+    (["--preset", "sd3", "--training", "--logit-std", "2"], "--logit-std shapes --timestep-sampling logit-normal"),
+    (["--preset", "sd3", "--training", "--timestep-sampling", "logit-normal", "--mode-scale", "1"],
+     "--mode-scale shapes --timestep-sampling mode"),
+])
+def test_numbers_are_refused_up_front_naming_the_option(cli, args, text):
+    line = one_error_line(cli("inspect-schedule", *args), 2)
+    assert text in line, line
+
+
+@pytest.mark.parametrize("args,flag,needed", [
+    (["--mode-scale", "1"], "--mode-scale", "--training"),
+    (["--logit-mean", "0.5"], "--logit-mean", "--training"),
+    (["--logit-std", "1"], "--logit-std", "--training"),
+    (["--timestep-sampling", "mode"], "--timestep-sampling", "--training"),
+    (["--weighting-scheme", "cosmap"], "--weighting-scheme", "--training"),
+    (["--snr-gamma", "5"], "--snr-gamma", "--training"),
+    (["--debiased-loss"], "--debiased-loss", "--training"),
+    (["--debiased-snr-floor", "0.01"], "--debiased-snr-floor", "--training"),
+    (["--seed", "3"], "--seed", "--image"),
+    (["--size", "64"], "--size", "--image"),
+])
+def test_an_option_that_does_nothing_alone_is_refused(cli, args, flag, needed):
+    line = one_error_line(cli("inspect-schedule", "--preset", "sd3", *args), 2)
+    assert line == f"error: {flag} does nothing without {needed}"
+
+
+def test_threads_option_reaches_torch(cli, monkeypatch):
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    assert cli("inspect-schedule", "--preset", "cosine", "--threads", "2", "-q").exit_code == 0
+    assert asked == [2]
+    assert "--threads must be between 1 and 1024" in one_error_line(
+        cli("inspect-schedule", "--preset", "cosine", "--threads", "0"), 2)

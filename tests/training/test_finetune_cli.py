@@ -160,6 +160,10 @@ def _escaping(root):
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "../../etc/x.png", "text": "x"}) + "\n")
 
 
+def _latin1_caption(root):
+    (root / "img02.txt").write_bytes("a green triangle, déjà vu".encode("latin-1"))
+
+
 def _empty(root):
     for p in root.iterdir():
         p.unlink()
@@ -172,8 +176,9 @@ def _empty(root):
         (_uncaptioned, [], "img02.png has no caption"),
         (_escaping, [], "metadata.jsonl line 1: file_name '../../etc/x.png' points outside --data"),
         (_empty, [], "no usable images (png, jpg, webp) in"),
+        (_latin1_caption, [], "img02.txt is not UTF-8 text: byte 19 (0xe9) cannot be decoded; save it as UTF-8"),
     ],
-    ids=["corrupt-strict", "no-caption", "escaping-path", "empty"],
+    ids=["corrupt-strict", "no-caption", "escaping-path", "empty", "latin-1-caption"],
 )
 def test_bad_data_is_one_line_naming_it_and_exit_1(cli, tiny_sd, dataset, tmp_path, damage, extra, message):
     damage(dataset)
@@ -206,6 +211,64 @@ def test_bad_options_exit_2_with_one_line(cli, tiny_sd, dataset, tmp_path, args,
     result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", tmp_path / "o", *QUICK, *args)
     assert result.exit_code == 2, result.stderr
     assert len(_error_lines(result)) == 1 and message in _error_lines(result)[0]
+
+
+# Every number finetune takes is checked against the range declared with it (`sdcli.declare.Range`), before the
+# model loads: NaN, inf and 1e308 pass an `x > 0` test and used to train to NaN weights and say "wrote".
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--lr", "inf", "--learning-rate must be a finite number, got inf"),
+    ("--lr", "nan", "--learning-rate must be a finite number, got nan"),
+    ("--lr", "1e308", "--learning-rate must be positive and at most 1"),
+    ("--lr", "-1e-4", "--learning-rate must be positive"),
+    ("--learning-rate", "0", "--learning-rate must be positive"),
+    ("--lora-alpha", "nan", "--lora-alpha must be a finite number"),
+    ("--lora-alpha", "1e300", "--lora-alpha must be positive and at most 10000"),
+    ("--noise-offset", "inf", "--noise-offset must be a finite number"),
+    ("--noise-offset", "1e9", "--noise-offset must be between 0 and 1"),
+    ("--resolution", "0", "--resolution must be between 8 and 16384"),
+    ("--resolution", "-64", "--resolution must be between 8 and 16384"),
+    ("--resolution", "1000000000", "--resolution must be between 8 and 16384"),
+    ("--rank", "0", "--rank must be at least 1"),
+    ("--mode-scale", "5", "--mode-scale must be between -1 and 1.75"),
+    ("--logit-mean", "nan", "--logit-mean must be a finite number"),
+    ("--logit-std", "0", "--logit-std must be positive"),
+    ("--logit-std", "inf", "--logit-std must be a finite number"),
+    ("--snr-gamma", "nan", "--snr-gamma must be a finite number"),
+    ("--snr-gamma", "1e308", "--snr-gamma must be positive and at most 10000"),
+    ("--debiased-snr-floor", "inf", "--debiased-snr-floor must be a finite number"),
+    ("--ema-decay", "nan", "--ema-decay must be a finite number"),
+    ("--ema-decay", "1", "--ema-decay must be between 0 and 1"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite number"),
+    ("--max-grad-norm", "nan", "--max-grad-norm must be a finite number"),
+    ("--uncond-prob", "nan", "--uncond-prob must be a finite number"),
+    ("--prior-loss-weight", "inf", "--prior-loss-weight must be a finite number"),
+    ("--distilled-guidance", "1e308", "--distilled-guidance must be between 0 and 100"),
+    ("--validation-guidance", "nan", "--validation-guidance must be a finite number"),
+    ("--validation-split", "nan", "--validation-split must be a finite number"),
+    ("--seed", "-1", "--seed must be between 0 and 9223372036854775807"),
+    ("--min-bucket", "100000", "--min-bucket must be between 8 and 16384"),
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+])
+def test_numbers_out_of_their_declared_range_are_refused_before_loading(cli, dataset, tmp_path, flag, value, message):
+    # No model at all: the refusal comes before anything looks for one.
+    result = cli("finetune", "--data", dataset, "--model", tmp_path / "no-such-model", "--out", tmp_path / "o",
+                 *QUICK, flag, value)
+    assert result.exit_code == 2, result.stderr
+    assert _error_lines(result) == [f"error: {message}"] or message in _error_lines(result)[0], result.stderr
+    assert len(_error_lines(result)) == 1 and not (tmp_path / "o").exists()
+
+
+def test_every_number_finetune_takes_declares_its_range():
+    # The class, not the cases: a numeric option added later without a range fails here.
+    import typing
+
+    from sdcli.declare import declared
+    from sdcli.training.config import FinetuneConfig
+
+    numeric = [d for d in declared(FinetuneConfig)
+               if {int, float} & set(typing.get_args(d.type) or (d.type,)) and d.type is not bool]
+    assert len(numeric) > 25
+    assert [d.flag for d in numeric if d.opt.range is None] == []
 
 
 def test_validation_or_class_folder_overlapping_the_data_is_refused(cli, tiny_sd, dataset, tmp_path, make_images):

@@ -57,6 +57,48 @@ def test_metadata_jsonl_csv_and_caption_column(tmp_path, make_images):
     assert [e.caption for e in report.examples] == ["a red circle", "a blue square", "a cat, in a box", "a dog"]
 
 
+CAFE = "un café crème, 東京"
+
+
+@pytest.mark.parametrize("encode", [
+    lambda text: text.encode("utf-8"),
+    lambda text: text.encode("utf-8-sig"),  # Notepad's and Excel's UTF-8, with its byte-order mark
+    lambda text: text.encode("utf-16"),  # with its byte-order mark (Windows' "Unicode")
+    lambda text: b"\xfe\xff" + text.encode("utf-16-be"),
+    lambda text: text.encode("utf-32"),
+], ids=["utf-8", "utf-8-bom", "utf-16-le-bom", "utf-16-be-bom", "utf-32-bom"])
+@pytest.mark.parametrize("where", ["sidecar", "metadata.csv"])
+def test_captions_are_decoded_by_their_byte_order_mark(tmp_path, make_images, encode, where):
+    root = tmp_path / "data"
+    make_images(root, n=1, captions="txt" if where == "sidecar" else "none")
+    if where == "sidecar":
+        (root / "img00.txt").write_bytes(encode(CAFE))
+    else:
+        (root / "metadata.csv").write_bytes(encode(f'file_name,text\nimg00.png,"{CAFE}"\n'))
+    assert [e.caption for e in discover(root).examples] == [CAFE]
+
+
+@pytest.mark.parametrize("make,offset", [
+    (lambda head: (head + "un café").encode("latin-1"), 6),  # Windows-1252 / Latin-1: é is 0xe9
+    (lambda head: (head + "a\u00e9").encode("cp1252") + b" ok", 1),
+    (lambda head: b"\xff\xfe" + (head + "odd").encode("utf-16-le")[:-1], 6),  # UTF-16 cut inside a character
+], ids=["latin-1", "cp1252", "broken-utf-16"])
+@pytest.mark.parametrize("where", ["sidecar", "metadata.csv"])
+def test_a_caption_file_in_another_encoding_is_refused_naming_it_and_the_byte(tmp_path, make_images, make, offset,
+                                                                                where):
+    # It used to train on U+FFFD in place of the caption's letters, silently.
+    root = tmp_path / "data"
+    make_images(root, n=1, captions="txt" if where == "sidecar" else "none")
+    sub = root / "part"
+    make_images(sub, n=1, captions="none")
+    name, head = ("img00.txt", "") if where == "sidecar" else ("metadata.csv", "file_name,text\nimg00.png,")
+    raw = make(head)
+    offset += len(raw) - len(make(""))  # the caption's bad byte, after the CSV's head
+    (sub / name).write_bytes(raw)
+    with pytest.raises(DataError, match=rf"^part/{name} is not UTF-.* text: byte {offset} \(0x[0-9a-f]{{2}}\)"):
+        discover(root)
+
+
 def test_truncated_image_is_skipped_with_a_warning_or_stops_with_strict(tmp_path, make_images):
     root = tmp_path / "data"
     make_images(root, n=2, size=(64, 64))

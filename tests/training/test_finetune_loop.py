@@ -13,6 +13,8 @@ from sdcli.errors import OutputError, UsageError
 from sdcli.training import finetune
 from sdcli.training.checkpoints import checkpoint_dirs
 
+from conftest import one_error_line
+
 
 def _unet_out(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -288,17 +290,37 @@ def test_auto_precision_and_layout_are_resolved_and_recorded(tiny_sd, dataset, t
     assert recorded["mixed_precision"] == ("fp16" if cuda else "no") and recorded["channels_last"] is False  # eager
 
 
-def test_a_diverging_run_stops_with_one_line_and_writes_no_weights(cli, tiny_sd, dataset, tmp_path):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("max_steps", [1, 20])
+def test_a_diverging_run_stops_with_one_line_and_writes_no_weights(cli, tiny_sd, dataset, tmp_path, monkeypatch,
+                                                                   bad, max_steps):
+    # An update that leaves the weights non-finite (an overflow the up-front --lr range cannot rule out): the loss
+    # was measured before it, so a one-step run used to write NaN weights and say "wrote".
+    from sdcli.training import setup
+
+    real = setup.make_optimizer
+
+    def diverging(cfg, params):
+        optimizer = real(cfg, params)
+
+        def break_a_weight(*_):
+            with torch.no_grad():
+                params[0].view(-1)[0] = bad
+
+        optimizer.register_step_post_hook(break_a_weight)
+        return optimizer
+
+    monkeypatch.setattr(setup, "make_optimizer", diverging)
     out = tmp_path / "out"
-    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, "--max-steps", "20",
-                 "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e30", "--max-grad-norm", "0")
+    result = cli("finetune", "--data", dataset, "--model", tiny_sd, "--out", out, "--max-steps", max_steps,
+                 "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e-3")
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "the loss became NaN at step" in errors[0], result.stderr
+    word = "NaN" if bad != bad else "infinite"
+    assert len(errors) == 1 and f"the trained weights became {word} at step 1" in errors[0], result.stderr
     assert "try a lower --learning-rate" in errors[0] and "Traceback" not in result.stderr
-    assert not (out / "pytorch_lora_weights.safetensors").exists()
-    steps = (out / "loss.csv").read_text().splitlines()[1:]
-    assert 1 <= len(steps) < 20  # it stopped at the first bad step, not after all 20
+    assert "wrote" not in result.stderr and not (out / "pytorch_lora_weights.safetensors").exists()
+    assert len((out / "loss.csv").read_text().splitlines()[1:]) == 1  # it stopped at the first bad step
 
 
 @pytest.mark.slow
@@ -330,3 +352,29 @@ def test_training_on_cuda_turns_cudnn_attention_off_and_back_on():
     assert torch.backends.cuda.cudnn_sdp_enabled()
     with attention_for_training("cpu"):
         assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.fixture
+def set_threads(monkeypatch):
+    """What torch.set_num_threads was asked for (not applied, so the test session keeps its own count)."""
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    return asked
+
+
+def test_threads_option_reaches_torch_and_the_default_leaves_busy_cores_alone(cli, tiny_sd, dataset, tmp_path,
+                                                                               monkeypatch, set_threads):
+    from sdcli import threads
+
+    args = ("finetune", "--data", dataset, "--model", tiny_sd, "--max-steps", "1", "--batch-size", "2",
+            "--checkpoint-every", "0", "--device", "cpu")
+    assert cli(*args, "--out", tmp_path / "a", "--threads", "3").exit_code == 0
+    assert set_threads == [3]
+    # generate's rule: one thread per core another process is not keeping busy (here 3 of 4 are busy).
+    monkeypatch.setattr(threads, "cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 3.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert cli(*args, "--out", tmp_path / "b").exit_code == 0
+    assert set_threads == [3, 1]
+    assert "--threads must be between 1 and 1024, got 0" in one_error_line(cli(*args, "--out", tmp_path / "c",
+                                                                                "--threads", "0"), 2)
