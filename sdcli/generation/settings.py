@@ -461,6 +461,9 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
 # What a record must say for a replay to remake its image: without them the defaults would make another one.
 # Each may come from the JSON, else from AUTOMATIC1111's `parameters` text (`sdcli.metadata.read_record`).
 ESSENTIAL = ("prompts", "model", "steps", "seeds", "guidance", "width", "height")
+# What a record says about the run rather than what it asked for: read off the pipeline, never replayed, but
+# text in every record sdcli writes; a record where one is not is not one to trust.
+DERIVED = ("task", "sampler", "schedule_type", "prediction_type", "model_name", "model_family", "sdcli_version")
 
 
 def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset()) -> Settings:
@@ -475,6 +478,9 @@ def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset(
     """
     if not isinstance(record, dict) or "prompt" not in record:
         raise DataError("the sdcli record holds no prompt; it was not written by sdcli generate")
+    for key in DERIVED:
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"the record's {key} is {_shown(record[key])}, not text; the record is malformed")
     check_weights_exist(record)
     s = Settings()
     for d in declared(Settings):
@@ -563,7 +569,13 @@ def check_weights_exist(record: dict[str, Any]) -> None:
     made = record.get("finetune_validation")
     if not made:
         return
-    out, step = Path(made["out"]), int(made["step"])
+    try:
+        out, step = Path(made["out"]), made["step"]
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"the record's finetune_validation is malformed ({type(exc).__name__}): {_shown(made)}"
+                        ) from None
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise DataError(f"the record's finetune_validation step is {_shown(step)}, not a whole number")
     try:
         final = json.loads((out / "training_settings.json").read_text()).get("steps")
     except (OSError, ValueError):

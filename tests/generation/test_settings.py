@@ -221,6 +221,13 @@ LORA = "LORA"  # replaced by a real LoRA folder
     ("strength", 0, "--strength must be positive and at most 1, got 0"),
     ("control_start", 2, "--control-start must be between 0 and 1 (a fraction of the steps), got 2"),
     ("clip_skip", 0, "--clip-skip must be at least 1"), ("seed", 2**63, "--seed must be between 0 and"),
+    # What a record says about its run is text in every record sdcli writes: anything else is not one of them.
+    ("sampler", 7, "sampler"), ("schedule_type", None, "schedule_type"), ("model_family", ["sd"], "model_family"),
+    ("model_name", 1, "model_name"), ("prediction_type", {"x": 1}, "prediction_type"), ("task", 3, "task"),
+    ("sdcli_version", 1.0, "sdcli_version"),
+    ("finetune_validation", "abc", "finetune_validation"), ("finetune_validation", {"out": 1, "step": 1},
+                                                             "finetune_validation"),
+    ("finetune_validation", {"out": "o", "step": "2"}, "finetune_validation step"),
 ])
 def test_a_malformed_record_is_refused_naming_its_field(cli, tiny_sd, tmp_path, field, value, named):
     from conftest import one_error_line
