@@ -98,6 +98,8 @@ class Range:
             number = math.inf if value > 0 else -math.inf
         if not math.isfinite(number):
             raise UsageError(f"{flag} must be a finite number, got {value}")
+        if isinstance(value, int):
+            number = value  # compared exactly: as a float, 2^63 - 1 rounds up past a bound of 2^63 - 1
         low, high = self.low, self.high
         fits = ((low is None or (number > low if "low" in self.open else number >= low))
                 and (high is None or (number < high if "high" in self.open else number <= high)))
@@ -111,23 +113,43 @@ def _num(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+def numbers_in(flag: str, value: Any) -> list[tuple[str, Any]]:
+    """(how to name it, value) for every number a setting's value holds: the value itself, each item of a list
+    (a sweep's "1,3,7.5"), and the scale of each (path, scale) pair, named ``--lora PATH:SCALE`` as typed.
+
+    None is "not given" and holds nothing; anything else that is not a list is returned as it is, for
+    `Range.check` to refuse when it is not a number.
+    """
+    if value is None:
+        return []
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        return [(f"{flag} {value[0]}:SCALE", value[1])]
+    if isinstance(value, (list, tuple)):
+        return [found for item in value for found in numbers_in(flag, item)]
+    return [(flag, value)]
+
+
+_FINITE = Range()
+
+
 def check_ranges(obj: Any) -> None:
-    """Check every declared field of a settings object that has a `Range` (None: not given; a list: each item)."""
+    """Check every number of every declared field of a settings object against its declared `Range` (each
+    list item, each (path, scale)'s scale too); a number in a field that declares none must still be finite."""
     for d in declared(type(obj)):
-        if d.opt.range is None:
-            continue
-        value = getattr(obj, d.name)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is not None:
-                d.opt.range.check(d.flag, item)
+        for what, item in numbers_in(d.flag, getattr(obj, d.name)):
+            if d.opt.range is not None:
+                d.opt.range.check(what, item)
+            elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                _FINITE.check(what, item)
 
 
 def check_setting(cls: type, name: str, value: Any) -> None:
     """Check one value against the `Range` declared for ``cls``'s field ``name``: another command taking the
     same option (inspect-schedule's --mode-scale) refuses what the declaring one refuses."""
     d = next(d for d in declared(cls) if d.name == name)
-    if value is not None and d.opt.range is not None:
-        d.opt.range.check(d.flag, value)
+    if d.opt.range is not None:
+        for what, item in numbers_in(d.flag, value):
+            d.opt.range.check(what, item)
 
 
 def option(default: Any = dataclasses.MISSING, opt: Opt | None = None, /, **kw: Any) -> Any:

@@ -88,7 +88,7 @@ def test_parse_and_plan():
 
 @pytest.mark.parametrize("change,message", [
     ({"steps": 0}, "--steps must be at least 1"),
-    ({"guidance": [-1.0]}, "--guidance must be >= 0"),
+    ({"guidance": [-1.0]}, "--guidance must be between 0 and 1000, got -1"),
     ({"guidance_rescale": [1.5]}, "--guidance-rescale must be between 0 and 1"),
     ({"seeds": [1, 2], "num_images": 2}, "either a list of seeds or --num-images"),
     ({"scheduler": "eulr"}, "unknown scheduler 'eulr'"),

@@ -45,4 +45,4 @@ def test_threads_option_sets_torchs_count_and_zero_is_refused(cli, tiny_sd):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert "--threads must be at least 1" in one_error_line(cli("generate", "x", "--model", tiny_sd, "--threads", "0"), 2)
+    assert "--threads must be between 1 and 1024, got 0" in one_error_line(cli("generate", "x", "--model", tiny_sd, "--threads", "0"), 2)

@@ -92,16 +92,10 @@ def check_control(s: Any) -> None:
     if len(s.control_preprocess) not in (0, 1, n):
         raise UsageError(f"--control-preprocess: give one for every ControlNet or one for each of the {n}, "
                          f"not {len(s.control_preprocess)}")
-    for value, flag in ((s.control_start, "--control-start"), (s.control_end, "--control-end")):
-        if not 0 <= value <= 1:
-            raise UsageError(f"{flag} must be a fraction of the steps between 0 and 1, got {value:g}")
     if s.control_start >= s.control_end:
         raise UsageError(f"--control-start {s.control_start:g} must be less than --control-end {s.control_end:g}")
     if Preprocess.canny.value in s.control_preprocess:
         _opencv()
-    for source, scale in s.controlnets:
-        if scale < 0:
-            raise UsageError(f"--controlnet {source}:{scale:g}: the scale must be >= 0")
     for path in s.control_images:
         image_size(path, what="--control-image")  # there, an image, and under the pixel cap
 

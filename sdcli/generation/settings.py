@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sdcli import defaults, options
-from sdcli.declare import Role, by_role, declared, option
+from sdcli.declare import Range, Role, by_role, check_ranges, check_setting, declared, option
 from sdcli.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
 from sdcli.errors import DataError, ModelError, UsageError
 from sdcli.generation.control import (
@@ -67,13 +67,7 @@ def parse_floats(text: str, option_name: str) -> list[float]:
 def parse_seeds(text: str | None) -> list[int] | None:
     if text is None or str(text).strip() == "":
         return None
-    seeds = []
-    for part in str(text).split(","):
-        seed = parse_int(part, "--seed")
-        if not 0 <= seed < 2**63:
-            raise UsageError(f"--seed: {seed} is outside 0..2^63-1")
-        seeds.append(seed)
-    return seeds
+    return [parse_int(part, "--seed") for part in str(text).split(",")]  # their range: check_settings
 
 
 def split_scale(spec: str, flag: str = "--lora") -> tuple[str, float]:
@@ -237,8 +231,8 @@ def parse_outpaint(text: str) -> list[int]:
         raise UsageError(f"--outpaint {text!r}: give LEFT,RIGHT,TOP,BOTTOM as four whole numbers of pixels, "
                          "e.g. 32,32,0,0")
     sides = [int(p) for p in parts]
-    if any(side > MAX_SIDE for side in sides):
-        raise UsageError(f"--outpaint {text!r}: a side past {MAX_SIDE} pixels is not a picture sdcli can make")
+    for side in sides:  # the declared range before "a multiple of 8", which would suggest a side past it
+        check_setting(Settings, "outpaint", side)
     if not any(sides):
         raise UsageError(f"--outpaint {text!r} adds nothing: give at least one side a width")
     for side in sides:
@@ -264,7 +258,8 @@ class Settings:
         "a1111", help="How prompts are read: a1111 weights (red:1.3), editing [red:blue:0.5] and [red|blue], BREAK and "
         "prompts past 75 tokens; plain text as diffusers reads it.", cli_type=PromptSyntax, unrecorded="plain")
     clip_skip: int = option(1, help="Text encoder layer to use, counted from the end: 1 the last, 2 the penultimate.",
-                            a1111="Clip skip", to_a1111=lambda n: n if n > 1 else None)
+                            a1111="Clip skip", to_a1111=lambda n: n if n > 1 else None,
+                            range=Range(1, why="1 is the last layer"))
     embeddings: list[tuple[str, str]] = option(
         [], help="Textual-inversion embedding as PATH[:TOKEN] (A1111 .pt/.safetensors or diffusers "
         "learned_embeds; TOKEN defaults to the file's name); repeatable.", flags=("--embedding",),
@@ -275,18 +270,19 @@ class Settings:
     revision: Optional[str] = option(None, options.REVISION)
     variant: Optional[str] = option(None, options.VARIANT)
     allow_pickle: bool = option(False, options.ALLOW_PICKLE)
-    steps: int = option(defaults.STEPS, help="Denoising steps.", a1111="Steps")
+    steps: int = option(defaults.STEPS, help="Denoising steps.", a1111="Steps", range=Range(1))
     guidance: list[float] = option(
         [], help="Classifier-free guidance scale, or a comma list to sweep (1,3,7.5,12). Default: 7.5; on Flux 1 "
         "(its guidance is distilled: see --distilled-guidance and --true-cfg).",
         flags=("--guidance", "-g"), role=SWEEP, cli_type=str, parse=lambda t: parse_floats(t, "--guidance"),
-        a1111="CFG scale", label="g", show_default=False)
+        a1111="CFG scale", label="g", show_default=False, range=Range(0, 1000))
     guidance_rescale: list[float] = option(
         [0.0], help="Guidance rescale φ in [0, 1] (Lin et al. 2023), or a comma list.", role=SWEEP, cli_type=str,
-        parse=lambda t: parse_floats(t, "--guidance-rescale"), a1111="CFG Rescale phi", label="r")
+        parse=lambda t: parse_floats(t, "--guidance-rescale"), a1111="CFG Rescale phi", label="r", range=Range(0, 1))
     distilled_guidance: Optional[float] = option(
         None, help="Flux-dev: the guidance it was distilled with, an input of the model rather than classifier-free "
-        f"guidance. Default: {defaults.DISTILLED_GUIDANCE:g}.", a1111="Distilled CFG Scale", show_default=False)
+        f"guidance. Default: {defaults.DISTILLED_GUIDANCE:g}.", a1111="Distilled CFG Scale", show_default=False,
+        range=Range(0, 1000))
     true_cfg: bool = option(
         False, help="Flux: real classifier-free guidance at --guidance, against the negative prompt (two passes a "
         "step).", flags=("--true-cfg",), a1111="True CFG", to_a1111=lambda on: "True" if on else None)
@@ -294,11 +290,15 @@ class Settings:
     timestep_spacing: Optional[str] = option(None, options.SPACING, a1111="Timestep spacing")
     seeds: Optional[list[int]] = option(
         None, help="Seed, or a comma list of seeds. Default: random, printed.", flags=("--seed",), role=SWEEP,
-        cli_type=str, parse=parse_seeds, record="seed", a1111="Seed")
-    num_images: int = option(1, help="Images per prompt and guidance value (consecutive seeds).", role=RUNTIME)
-    width: Optional[int] = option(None, help="Width in pixels. Default: the model's.", flags=("--width", "-W"))
-    height: Optional[int] = option(None, help="Height in pixels. Default: the model's.", flags=("--height", "-H"))
-    batch_size: int = option(1, help="Images denoised together.", role=RUNTIME)
+        cli_type=str, parse=parse_seeds, record="seed", a1111="Seed", range=Range(0, 2**63 - 1))
+    num_images: int = option(1, help="Images per prompt and guidance value (consecutive seeds).", role=RUNTIME,
+                             range=Range(1))
+    # Sizes past memory are refused by the memory estimate (sdcli.memory), which says how much they need.
+    width: Optional[int] = option(None, help="Width in pixels. Default: the model's.", flags=("--width", "-W"),
+                                  range=Range(0, open=("low",)))
+    height: Optional[int] = option(None, help="Height in pixels. Default: the model's.", flags=("--height", "-H"),
+                                   range=Range(0, open=("low",)))
+    batch_size: int = option(1, help="Images denoised together.", role=RUNTIME, range=Range(1))
     device: str = option("auto", options.DEVICE)
     dtype: str = option("auto", options.DTYPE)
     threads: Optional[int] = option(None, options.THREADS)
@@ -310,33 +310,34 @@ class Settings:
         defaults.COMPILE_MODE, help="With --compile, on CUDA: torch.compile's mode (reduce-overhead adds CUDA graphs; "
         "max-autotune tries kernels for minutes first).", cli_type=options.CompileMode, role=RUNTIME)
     channels_last: Optional[bool] = option(None, options.CHANNELS_LAST)
+    # The range of a (path, scale) setting is its scales': past ±100 a LoRA is a typo that overflows the weights.
     loras: list[tuple[str, float]] = option(
         [], help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.", flags=("--lora",),
         cli_type=list[str], parse=lambda specs: [parse_lora(s) for s in specs], to_record=_loras_to_record,
-        from_record=_loras_from_record, show_default=False)
+        from_record=_loras_from_record, show_default=False, range=Range(-100, 100))
     init_image: Optional[str] = option(
         None, help="Start from this image (img2img; with --mask or --outpaint, inpainting).", cli_type=Path, parse=str,
         task=IMAGE_TASKS, to_record=_file_to_record, from_record=lambda v: _file_from_record(v, "--init-image"))
     strength: float = option(0.75, help="img2img and inpainting: how far to noise the init image, 0..1.",
-                             task=IMAGE_TASKS, a1111="Denoising strength")
+                             task=IMAGE_TASKS, a1111="Denoising strength", range=Range(0, 1, open=("low",)))
     mask: Optional[str] = option(
         None, help="Inpainting: repaint where this image is white (any mode; resized to --init-image).", cli_type=Path,
         parse=str, task="inpaint", to_record=_file_to_record, from_record=lambda v: _file_from_record(v, "--mask"))
     mask_blur: int = option(4, help="Inpainting: feather the mask's edge by this many pixels (Gaussian σ).",
-                            task=("inpaint", "outpaint"), a1111="Mask blur")
+                            task=("inpaint", "outpaint"), a1111="Mask blur", range=Range(0))
     outpaint: Optional[list[int]] = option(
         None, help="Outpainting: grow the canvas by LEFT,RIGHT,TOP,BOTTOM pixels and paint only the new border.",
         cli_type=str, parse=parse_outpaint, task="outpaint", a1111="Outpaint",
-        to_a1111=lambda sides: " ".join(f"{name}{n}" for name, n in zip("LRTB", sides)))
+        to_a1111=lambda sides: " ".join(f"{name}{n}" for name, n in zip("LRTB", sides)), range=Range(0, MAX_SIDE))
     hires_scale: Optional[float] = option(
         None, help="Hires fix: upscale the image by this factor (> 1) and refine it with a second img2img pass.",
-        task="hires", a1111="Hires upscale")
+        task="hires", a1111="Hires upscale", range=Range(1, 8, open=("low",)))
     hires_upscaler: str = option("lanczos", help="Hires fix: upscale the pixels (lanczos) or the latents (latent).",
                                  cli_type=Upscaler, task="hires", a1111="Hires upscaler", to_a1111=str.capitalize)
     hires_strength: float = option(0.5, help="Hires fix: strength of the second pass, 0..1.", task="hires",
-                                   a1111="Denoising strength")
+                                   a1111="Denoising strength", range=Range(0, 1, open=("low",)))
     hires_steps: Optional[int] = option(None, help="Hires fix: steps of the second pass. Default: --steps.",
-                                        task="hires", a1111="Hires steps")
+                                        task="hires", a1111="Hires steps", range=Range(1))
     vae: Optional[str] = option(
         None, help="Replace the model's VAE: a VAE folder or Hub id (or a pipeline's, whose vae/ is used).",
         to_record=lambda v: v and _absolute_if_local(v), a1111="VAE", to_a1111=lambda v: Path(v).name)
@@ -347,7 +348,7 @@ class Settings:
         [], help="ControlNet as PATH_OR_HUB_ID[:SCALE] (a diffusers ControlNet folder or Hub id); repeatable, one "
         "--control-image each.", flags=("--controlnet",), cli_type=list[str],
         parse=lambda specs: [parse_controlnet(s) for s in specs], task=CONTROL_TASK, to_record=controlnets_to_record,
-        from_record=controlnets_from_record, show_default=False)
+        from_record=controlnets_from_record, show_default=False, range=Range(0, 100))  # the scales, as --lora's
     control_images: list[str] = option(
         [], help="ControlNet: the control image of each --controlnet, in order (resized to the output; without "
         "-W/-H the first sets its size).", flags=("--control-image",), cli_type=list[Path],
@@ -359,9 +360,9 @@ class Settings:
         "(its edges); one for all, or one per --controlnet.", cli_type=list[Preprocess],
         parse=lambda values: [getattr(v, "value", v) for v in values], task=CONTROL_TASK, show_default=False)
     control_start: float = option(0.0, help="ControlNet: the fraction of the steps done before it starts to act.",
-                                  task=CONTROL_TASK)
+                                  task=CONTROL_TASK, range=Range(0, 1, why="a fraction of the steps"))
     control_end: float = option(1.0, help="ControlNet: the fraction of the steps done when it stops acting.",
-                                task=CONTROL_TASK)
+                                task=CONTROL_TASK, range=Range(0, 1, why="a fraction of the steps"))
     save_trajectory: bool = option(
         False, help="Also save the predicted clean image at every step (strip PNG + GIF).", role=RUNTIME)
 
@@ -372,67 +373,18 @@ RUNTIME_FIELDS = tuple(d.name for d in by_role(Settings, RUNTIME))
 # 3. Checks that need no weights ------------------------------------------------------------------
 
 
-# Bounds past which a number is a typo, not a setting, and would overflow to inf or NaN deep in the model
-# (a LoRA at 1e300, guidance at 1e300). Ranges with their own words (strength, rescale) are checked there.
-LIMITS: dict[str, tuple[float, float]] = {
-    "guidance": (-1e3, 1e3), "distilled_guidance": (0, 1e3), "hires_scale": (-math.inf, 8),
-    "loras": (-100, 100), "controlnets": (-100, 100),
-}
-
-
-def numbers_of(d: Any, value: Any) -> list[tuple[str, float]]:
-    """(how to name it, value) for every number a setting holds: its own, a list's, each (path, scale)'s scale."""
-    if isinstance(value, bool) or value is None:
-        return []
-    if isinstance(value, (int, float)):
-        return [(d.flag, value)]
-    if isinstance(value, (list, tuple)):
-        out = []
-        for item in value:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
-                out.append((f"{d.flag} {item[0]}:SCALE", item[1]))  # (path, scale): --lora, --controlnet
-            else:
-                out += numbers_of(d, item)
-        return out
-    return []
-
-
-def check_numbers(s: Settings) -> None:
-    """Every number of every setting finite and within LIMITS, whether typed, parsed or replayed."""
-    for d in declared(Settings):
-        low, high = LIMITS.get(d.name, (-math.inf, math.inf))
-        for what, value in numbers_of(d, getattr(s, d.name)):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UsageError(f"{what}: {value} is not a finite number")
-            if not low <= value <= high:
-                bounds = f"at most {high:g}" if low == -math.inf else f"between {low:g} and {high:g}"
-                raise UsageError(f"{what}: {value:g} is out of range (it must be {bounds})")
-
-
 def check_settings(s: Settings) -> None:
-    """Raise UsageError naming the first bad value; cheap, needs no model weights."""
-    check_numbers(s)
+    """Raise UsageError naming the first bad value; cheap, needs no model weights.
+
+    Every number first, typed or replayed, against the `Range` its setting declares (`check_ranges`):
+    guidance sweeps item by item, each --lora/--controlnet PATH:SCALE's scale. The checks below are
+    the ones a range cannot say: combinations of settings.
+    """
+    check_ranges(s)
     if not s.prompts:
         raise UsageError("no prompt given: pass one or more prompts, --prompt-file or --from-metadata")
-    if s.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {s.steps}")
-    for g in s.guidance:
-        if g < 0:
-            raise UsageError(f"--guidance must be >= 0, got {g:g}")
-    for r in s.guidance_rescale:
-        if not 0 <= r <= 1:
-            raise UsageError(f"--guidance-rescale must be between 0 and 1, got {r:g}")
-    if s.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {s.num_images}")
-    if s.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {s.batch_size}")
-    if s.threads is not None and s.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {s.threads}")
     if s.seeds and len(s.seeds) > 1 and s.num_images > 1:
         raise UsageError("give either a list of seeds or --num-images, not both")
-    for seed in s.seeds or []:  # typed ones are checked as they are parsed; these may come from a record
-        if not 0 <= seed < 2**63:
-            raise UsageError(f"--seed: {seed} is outside 0..2^63-1")
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
         raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1")
     if s.scheduler is not None:
@@ -446,9 +398,6 @@ def check_settings(s: Settings) -> None:
             if pickled_only(path):
                 raise ModelError(f"--lora {path} holds pickled weights, which can run code when loaded; "
                                  "convert it to .safetensors or pass --allow-pickle if you trust it")
-    for size, name in ((s.width, "--width"), (s.height, "--height")):
-        if size is not None and size <= 0:
-            raise UsageError(f"{name} must be positive, got {size}")
     check_prompt_settings(s)
 
 
@@ -512,6 +461,9 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
 # What a record must say for a replay to remake its image: without them the defaults would make another one.
 # Each may come from the JSON, else from AUTOMATIC1111's `parameters` text (`sdcli.metadata.read_record`).
 ESSENTIAL = ("prompts", "model", "steps", "seeds", "guidance", "width", "height")
+# What a record says about the run rather than what it asked for: read off the pipeline, never replayed, but
+# text in every record sdcli writes; a record where one is not is not one to trust.
+DERIVED = ("task", "sampler", "schedule_type", "prediction_type", "model_name", "model_family", "sdcli_version")
 
 
 def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset()) -> Settings:
@@ -526,6 +478,9 @@ def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset(
     """
     if not isinstance(record, dict) or "prompt" not in record:
         raise DataError("the sdcli record holds no prompt; it was not written by sdcli generate")
+    for key in DERIVED:
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"the record's {key} is {_shown(record[key])}, not text; the record is malformed")
     check_weights_exist(record)
     s = Settings()
     for d in declared(Settings):
@@ -614,7 +569,13 @@ def check_weights_exist(record: dict[str, Any]) -> None:
     made = record.get("finetune_validation")
     if not made:
         return
-    out, step = Path(made["out"]), int(made["step"])
+    try:
+        out, step = Path(made["out"]), made["step"]
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"the record's finetune_validation is malformed ({type(exc).__name__}): {_shown(made)}"
+                        ) from None
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise DataError(f"the record's finetune_validation step is {_shown(step)}, not a whole number")
     try:
         final = json.loads((out / "training_settings.json").read_text()).get("steps")
     except (OSError, ValueError):

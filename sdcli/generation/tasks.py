@@ -131,9 +131,7 @@ class ImageToImage(Task):
         return s.init_image is not None
 
     def check(self, s: Any) -> None:
-        refuse_hires(s)
-        if not 0 < s.strength <= 1:
-            raise UsageError(f"--strength must be in (0, 1], got {s.strength:g}")
+        refuse_hires(s)  # --strength's range is declared with it (sdcli.generation.settings)
         if int(s.steps * s.strength) < 1:
             # diffusers runs int(steps × strength) steps; zero would denoise nothing at all.
             raise UsageError(f"--strength {s.strength:g} with --steps {s.steps} leaves no denoising step "
@@ -176,8 +174,6 @@ class Inpaint(ImageToImage):
         super().check(s)
         if s.mask is not None and s.outpaint is not None:
             raise UsageError("give --mask or --outpaint, not both")
-        if s.mask_blur < 0:
-            raise UsageError(f"--mask-blur must be >= 0, got {s.mask_blur}")
         if s.mask is not None:  # its aspect ratio and whether it marks anything, before the weights load
             from sdcli.generation.masks import read_mask
             from sdcli.images import open_image
@@ -246,13 +242,7 @@ class HiresFix(Task):
         return s.hires_scale is not None
 
     def check(self, s: Any) -> None:
-        refuse_without_init_image(s)
-        if s.hires_scale <= 1:
-            raise UsageError(f"--hires-scale must be more than 1, got {s.hires_scale:g}")
-        if not 0 < s.hires_strength <= 1:
-            raise UsageError(f"--hires-strength must be in (0, 1], got {s.hires_strength:g}")
-        if s.hires_steps is not None and s.hires_steps < 1:
-            raise UsageError(f"--hires-steps must be at least 1, got {s.hires_steps}")
+        refuse_without_init_image(s)  # the ranges of --hires-scale, -strength and -steps are declared with them
         steps = s.hires_steps or s.steps
         if int(steps * s.hires_strength) < 1:
             raise UsageError(f"--hires-strength {s.hires_strength:g} with {steps} hires steps leaves no denoising step "

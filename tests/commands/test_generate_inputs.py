@@ -15,7 +15,7 @@ from conftest import one_error_line, paths_of, pixels
 
 @pytest.mark.parametrize("args,expected", [
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--guidance", "-2"], "--guidance must be >= 0"),
+    (["--guidance", "-2"], "--guidance must be between 0 and 1000, got -2"),
     (["--guidance", "7,high"], "'high' is not a number"),
     (["--width", "20"], "--width 20 is not a multiple of 8"),
     (["--scheduler", "eulerr"], "unknown scheduler 'eulerr'"),

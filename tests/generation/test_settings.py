@@ -210,6 +210,24 @@ LORA = "LORA"  # replaced by a real LoRA folder
     ("prompt_syntax", "bogus", "prompt_syntax"), ("sigmas", 5, "sigmas"), ("true_cfg", "yes", "true_cfg"),
     ("controlnets", "abc", "controlnets"), ("init_image", {"path": 3}, "init_image"),
     ("outpaint", "abc", "outpaint"),
+    # Numbers a record holds go through the command line's declared ranges, as if typed.
+    ("loras", [{"path": LORA, "scale": 1e300}], "--lora LORA:SCALE must be between -100 and 100, got 1e+300"),
+    ("controlnets", [{"path": "cn", "scale": -1}], "--controlnet cn:SCALE must be between 0 and 100, got -1"),
+    ("guidance_rescale", 2, "--guidance-rescale must be between 0 and 1, got 2"),
+    ("distilled_guidance", 5000, "--distilled-guidance must be between 0 and 1000, got 5000"),
+    ("outpaint", [-8, 0, 0, 0], "--outpaint must be between 0 and 4096, got -8"),
+    ("hires_scale", 0.5, "--hires-scale must be greater than 1 and at most 8, got 0.5"),
+    ("hires_steps", 0, "--hires-steps must be at least 1, got 0"), ("mask_blur", -1, "--mask-blur must not be"),
+    ("strength", 0, "--strength must be positive and at most 1, got 0"),
+    ("control_start", 2, "--control-start must be between 0 and 1 (a fraction of the steps), got 2"),
+    ("clip_skip", 0, "--clip-skip must be at least 1"), ("seed", 2**63, "--seed must be between 0 and"),
+    # What a record says about its run is text in every record sdcli writes: anything else is not one of them.
+    ("sampler", 7, "sampler"), ("schedule_type", None, "schedule_type"), ("model_family", ["sd"], "model_family"),
+    ("model_name", 1, "model_name"), ("prediction_type", {"x": 1}, "prediction_type"), ("task", 3, "task"),
+    ("sdcli_version", 1.0, "sdcli_version"),
+    ("finetune_validation", "abc", "finetune_validation"), ("finetune_validation", {"out": 1, "step": 1},
+                                                             "finetune_validation"),
+    ("finetune_validation", {"out": "o", "step": "2"}, "finetune_validation step"),
 ])
 def test_a_malformed_record_is_refused_naming_its_field(cli, tiny_sd, tmp_path, field, value, named):
     from conftest import one_error_line
@@ -218,6 +236,7 @@ def test_a_malformed_record_is_refused_naming_its_field(cli, tiny_sd, tmp_path, 
     if "LORA" in json.dumps(value):
         lora = str(save_random_lora(tiny_sd, tmp_path / "lora"))
         value = json.loads(json.dumps(value).replace('"LORA"', json.dumps(lora)))
+        named = named.replace("LORA", lora)
     record = {"prompt": "x", "model": tiny_sd, "steps": 1, "seed": 1, "guidance": 5.0, "width": 16, "height": 16,
               field: value}
     image = write_record(tmp_path / "r.png", record)
@@ -287,8 +306,8 @@ def test_a_lora_that_changed_since_the_image_was_made_is_named_on_replay(cli, ti
     (["--lora", "LORA:nan"], "--lora"), (["--lora", "LORA:inf"], "--lora"), (["--lora", "LORA:-inf"], "--lora"),
     (["--lora", "LORA:1e300"], "--lora"), (["--lora", "LORA:1e400"], "--lora"), (["--lora", "LORA:١"], "--lora"),
     (["--lora", "LORA:1_0"], "--lora"),
-    (["--controlnet", "cn:nan"], "--controlnet cn:nan: the scale"), (["--controlnet", "cn:1e300"], "out of range"),
-    (["--distilled-guidance", "nan"], "--distilled-guidance: nan is not a finite"),
+    (["--controlnet", "cn:nan"], "--controlnet cn:nan: the scale"), (["--controlnet", "cn:1e300"], "--controlnet cn:SCALE must be between 0 and 100"),
+    (["--distilled-guidance", "nan"], "--distilled-guidance must be a finite number, got nan"),
     (["--guidance", "nan"], "--guidance"), (["--guidance", "1e300"], "--guidance"),
     (["--guidance-rescale", "inf"], "--guidance-rescale"),
     (["--strength", "nan", "--init-image", "INIT"], "--strength"),
@@ -316,6 +335,64 @@ def test_a_bad_number_is_refused_before_loading_naming_its_option(cli, tiny_sd, 
                  tmp_path / "o.png", *args)
     line = one_error_line(result, 2)  # nothing loaded first
     assert named in line and "unexpected" not in line, line
+
+
+# Each number's range is declared once, on its setting; one checker walks every number of every setting.
+
+def _holds_a_number(t) -> bool:
+    import typing
+
+    return t in (int, float) or any(_holds_a_number(a) for a in typing.get_args(t))
+
+
+def test_every_number_generate_takes_declares_its_range():
+    # The class, not the cases: a numeric option added later without a range fails here; so does one whose
+    # numbers sit in a list (a guidance sweep) or in (path, scale) pairs (--lora, --controlnet).
+    numeric = [d for d in declared(Settings) if _holds_a_number(d.type)]
+    assert {"guidance", "loras", "controlnets", "seeds", "outpaint", "threads"} <= {d.name for d in numeric}
+    assert len(numeric) >= 20
+    assert [d.flag for d in numeric if d.opt.range is None] == []
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lora", "LORA:-101"], "--lora LORA:SCALE must be between -100 and 100, got -101"),
+    (["--lora", "LORA:0.5", "--lora", "LORA:1e300"], "--lora LORA:SCALE must be between -100 and 100, got 1e+300"),
+    (["--controlnet", "cn:-0.5"], "--controlnet cn:SCALE must be between 0 and 100, got -0.5"),
+    (["--controlnet", "cn:101"], "--controlnet cn:SCALE must be between 0 and 100, got 101"),
+    (["--guidance", "1,3,1001"], "--guidance must be between 0 and 1000, got 1001"),
+    (["--guidance-rescale", "0.5,-0.1"], "--guidance-rescale must be between 0 and 1, got -0.1"),
+    (["--distilled-guidance", "1001"], "--distilled-guidance must be between 0 and 1000, got 1001"),
+    (["--distilled-guidance", "-1"], "--distilled-guidance must be between 0 and 1000, got -1"),
+    (["--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--threads", "2000"], "--threads must be between 1 and 1024, got 2000"),
+    (["--seed", "-1"], "--seed must be between 0 and 9223372036854775807, got -1"),
+    (["--seed", "1,9223372036854775808"],
+     "--seed must be between 0 and 9223372036854775807, got 9223372036854775808"),
+    (["-W", "-8"], "--width must be positive, got -8"), (["-H", "0"], "--height must be positive, got 0"),
+    (["--hires-scale", "9"], "--hires-scale must be greater than 1 and at most 8, got 9"),
+    (["--hires-scale", "2", "--hires-steps", "0"], "--hires-steps must be at least 1, got 0"),
+    (["--hires-scale", "2", "--hires-strength", "0"], "--hires-strength must be positive and at most 1, got 0"),
+    (["--hires-scale", "2", "--hires-strength", "1.5"], "--hires-strength must be positive and at most 1, got 1.5"),
+    (["--init-image", "INIT", "--strength", "1.5"], "--strength must be positive and at most 1, got 1.5"),
+    (["--init-image", "INIT", "--outpaint", "8,0,0,5000"], "--outpaint must be between 0 and 4096, got 5000"),
+    (["--mask-blur", "-3"], "--mask-blur must not be negative, got -3"),
+    (["--control-end", "2"], "--control-end must be between 0 and 1 (a fraction of the steps), got 2"),
+])
+def test_a_number_past_its_declared_range_is_refused_naming_the_option_as_typed(cli, tiny_sd, tmp_path, args,
+                                                                                 expected):
+    from conftest import one_error_line
+    from sdcli.testing import save_random_lora
+
+    if any("LORA" in a for a in args):
+        lora = str(save_random_lora(tiny_sd, tmp_path / "lora"))
+        args, expected = [a.replace("LORA", lora) for a in args], expected.replace("LORA", lora)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
+    args = [str(tmp_path / "init.png") if a == "INIT" else a for a in args]
+    result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "-W", "16", "-H", "16", "--out",
+                 tmp_path / "o.png", *args)
+    assert one_error_line(result, 2) == f"error: {expected}"  # nothing loaded first
+    assert not (tmp_path / "o.png").exists()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
