@@ -49,7 +49,7 @@ def _generate(
 def replayed(image: Path, values: dict[str, Any], typed: set[str]) -> Settings:
     """The settings recorded in ``image``, with runtime settings and what was typed taken from the command line."""
     from sdcli.generation.settings import settings_from_record
-    from sdcli.metadata import read_record
+    from sdcli.generation.metadata import read_record
 
     replaced = set(RUNTIME_FIELDS) | typed | ({"prompts"} if values.get("prompts") else set())
     settings = settings_from_record(read_record(image), replaced)
@@ -69,7 +69,7 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
     """
     from sdcli import distributed
     from sdcli.generation import generate, plan
-    from sdcli.outputs import ImageWriter
+    from sdcli.generation.outputs import ImageWriter
 
     p = plan(settings)
     writer = ImageWriter(out, p, overwrite=overwrite, json=json)

@@ -3,8 +3,12 @@
 - `settings`: every setting's declaration, checks that need no weights, records and replay.
 - `tasks`: txt2img and img2img, each with its check, pipeline, call arguments and record fields.
 - `run`: plan the images, load the pipeline, denoise; `generate(plan)` yields each image as it exists.
-
-The writer (`sdcli.outputs`) turns what `generate` yields into files.
+- `prompts`, `prompt_editing`, `embeddings`: prompt text to conditioning (weights, BREAK, long prompts,
+  `[from:to:when]`, textual inversion).
+- `guidance`, `control`, `masks`, `applies`: what a request adds to the denoising and which settings apply.
+- `trajectory`: x̂0 at every step, read from the one step callback.
+- `outputs`, `metadata`: the writer that turns what `generate` yields into files, and the record each
+  image carries. `finetune`'s validation and prior images are generated, so it writes them here too.
 """
 
 from sdcli.generation.run import (

@@ -104,7 +104,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     from sdcli.pipeline import absolute_if_local, model_facts, resolve_model
     from sdcli.generation.applies import check_family, check_rescale, check_task
     from sdcli.generation.settings import check_lora_tensors
-    from sdcli.prompts import check_prompt_editing
+    from sdcli.generation.prompts import check_prompt_editing
 
     check_settings(s)
     task = task_for(s)
@@ -122,7 +122,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
         check_family(s, facts)
         check_rescale(s, facts, task)
         settle_guidance(s, facts)
-        from sdcli.embeddings import check_embeddings_fit
+        from sdcli.generation.embeddings import check_embeddings_fit
 
         check_embeddings_fit(s.embeddings, s.allow_pickle, s.model if model_on_disk else None, facts.class_name,
                              s.revision)
@@ -143,7 +143,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
 def prepare_pipeline(s: Settings):
     """Load the model, set the sampler, load LoRAs and apply memory/speed options."""
     from sdcli.pipeline import apply_runtime_options, load_pipeline, replace_vae
-    from sdcli.prompts import prepare_text_encoders
+    from sdcli.generation.prompts import prepare_text_encoders
     from sdcli.schedulers import make_scheduler
 
     loaded = load_pipeline(
@@ -219,7 +219,7 @@ def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
 
 def warn_prompts(loaded: Any, prompts: list[str], quiet: bool, syntax: str = "plain") -> None:
     """Unbalanced brackets, words the text encoder will drop, and words the bundled toy model has never seen."""
-    from sdcli.prompts import prompt_warnings, reads_whole, visible_text
+    from sdcli.generation.prompts import prompt_warnings, reads_whole, visible_text
 
     tokenizer = getattr(loaded.pipe, "tokenizer", None)
     if tokenizer is None:
@@ -284,8 +284,8 @@ def iter_images(
     import numpy as np
     import torch
 
-    from sdcli.prompts import TextConditioning
-    from sdcli.trajectory import StepRecorder, decode_latents
+    from sdcli.generation.prompts import TextConditioning
+    from sdcli.generation.trajectory import StepRecorder, decode_latents
 
     from sdcli.generation.guidance import negative_applies
     from sdcli.pipeline import facts_of

@@ -17,13 +17,13 @@ from typing import Any, Optional
 
 from sdcli import defaults, options
 from sdcli.declare import Role, by_role, declared, option
-from sdcli.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
+from sdcli.generation.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
 from sdcli.errors import DataError, ModelError, UsageError
 from sdcli.generation.control import (
     Preprocess, a1111_units, controlnets_from_record, controlnets_to_record, parse_controlnet,
 )
 from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
-from sdcli.prompts import PromptSyntax, check_prompt_settings
+from sdcli.generation.prompts import PromptSyntax, check_prompt_settings
 from sdcli.schedulers import Sigmas
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
@@ -510,7 +510,7 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 # What a record must say for a replay to remake its image: without them the defaults would make another one.
-# Each may come from the JSON, else from AUTOMATIC1111's `parameters` text (`sdcli.metadata.read_record`).
+# Each may come from the JSON, else from AUTOMATIC1111's `parameters` text (`sdcli.generation.metadata.read_record`).
 ESSENTIAL = ("prompts", "model", "steps", "seeds", "guidance", "width", "height")
 
 

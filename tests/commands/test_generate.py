@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcli.metadata import parse_a1111
+from sdcli.generation.metadata import parse_a1111
 from conftest import paths_of, pixels
 
 
@@ -157,7 +157,7 @@ def test_closed_form_x0_matches_ddims_own_estimate(prediction_type):
     import torch
     from diffusers import DDIMScheduler
 
-    from sdcli.trajectory import StepRecorder
+    from sdcli.generation.trajectory import StepRecorder
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           prediction_type=prediction_type, clip_sample=False)

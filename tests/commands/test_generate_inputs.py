@@ -60,7 +60,7 @@ def test_beta_sigmas_on_a_zero_terminal_snr_model_are_refused_in_one_line(cli, m
 
 
 def test_two_runs_into_one_folder_get_their_own_numbers(tmp_path):
-    from sdcli.outputs import reserve_numbers
+    from sdcli.generation.outputs import reserve_numbers
 
     (tmp_path / "00004-1.png").write_bytes(b"")
     # Run A reserves three numbers and has written nothing yet; run B must not reuse them.

@@ -7,7 +7,7 @@ own; the chunks' embeddings are concatenated, so nothing past token 75 is lost.
 Each token's embedding is multiplied by its weight and the chunk rescaled to its
 old mean (AUTOMATIC1111's "Original" emphasis) where it has one (`emphasis`).
 Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved first, by
-`sdcli.prompt_editing`, into one such text per step.
+`sdcli.generation.prompt_editing`, into one such text per step.
 
 1. Parsing: small pure functions of the text (`parse_weights`, `chunk_tokens`, `frame`).
 2. Checks that need no weights (`check_prompt_settings`).
@@ -223,7 +223,7 @@ def split_runs(items: list[Any], key: Callable[[Any], Any]) -> list[list[Any]]:
 
 def check_prompt_settings(s: Any) -> None:
     """--clip-skip, --prompt-syntax and --embedding, before anything loads."""
-    from sdcli.embeddings import check_embeddings
+    from sdcli.generation.embeddings import check_embeddings
 
     if s.clip_skip < 1:
         raise UsageError(f"--clip-skip must be at least 1 (1 is the last layer), got {s.clip_skip}")
@@ -240,7 +240,7 @@ def check_prompt_settings(s: Any) -> None:
 def check_prompt_numbers(prompt: str, what: str) -> None:
     """Nesting, weights and switch steps a prompt can be read with, before anything loads: a weight of nan, inf or
     1e300 would reach the model as NaN, and 3000 nested brackets would exhaust the parser's recursion."""
-    from sdcli.prompt_editing import every_word, parse
+    from sdcli.generation.prompt_editing import every_word, parse
 
     try:
         check_nesting(prompt)
@@ -260,7 +260,7 @@ def prompt_warnings(prompt: str, syntax: str) -> list[str]:
 
 def check_prompt_editing(prompts: list[str], syntax: str, class_name: Optional[str]) -> None:
     """Refuse prompt editing on a pipeline whose prompts diffusers encodes (SD3, Flux), before it loads."""
-    from sdcli.prompt_editing import is_edited
+    from sdcli.generation.prompt_editing import is_edited
 
     if (syntax == PromptSyntax.a1111.value and class_name and not re.match(_ENCODED_HERE, class_name)
             and any(map(is_edited, prompts))):
@@ -275,7 +275,7 @@ def refuse_prompt_editing(class_name: str) -> None:
 
 def visible_text(prompt: str, syntax: str) -> str:
     """The prompt's words without the syntax (every word it shows at any step), for checks that look at words."""
-    from sdcli.prompt_editing import every_word
+    from sdcli.generation.prompt_editing import every_word
 
     return parse_weights(every_word(prompt)).text if syntax == PromptSyntax.a1111.value else prompt
 
@@ -290,7 +290,7 @@ def reads_whole(pipe: Any, syntax: str) -> bool:
 
 def prepare_text_encoders(pipe: Any, s: Any) -> None:
     """What the text encoders need before the first prompt: the embeddings loaded, clip skip checked."""
-    from sdcli.embeddings import load_embeddings
+    from sdcli.generation.embeddings import load_embeddings
 
     if s.embeddings:
         load_embeddings(pipe, s.embeddings, s.allow_pickle)
@@ -425,7 +425,7 @@ class Encoded:
 class TextConditioning:
     """What a batch of prompts gives the pipeline: prompt_embeds and negative ones (a1111), or the text (plain).
 
-    Under a1111 syntax a prompt may change between steps (`sdcli.prompt_editing`): the batch starts with its
+    Under a1111 syntax a prompt may change between steps (`sdcli.generation.prompt_editing`): the batch starts with its
     first step's embeddings and `step_outputs`, called after each step, hands the pipeline the next one's.
     ``passes`` are the steps of each denoising pass (hires fix has two); a pass's fractions count its own steps.
     """
@@ -464,13 +464,13 @@ class TextConditioning:
 
     def edited(self, prompts: list[str]) -> bool:
         """Whether any of the batch's texts (or the negative prompt) changes between steps."""
-        from sdcli.prompt_editing import is_edited
+        from sdcli.generation.prompt_editing import is_edited
 
         return self.a1111 and any(is_edited(p) for p in [*prompts, self.negative])
 
     def variants(self, prompt: str) -> set[str]:
         """Every text ``prompt`` shows at some step of some pass."""
-        from sdcli.prompt_editing import is_edited, steps_text
+        from sdcli.generation.prompt_editing import is_edited, steps_text
 
         if not (self.a1111 and is_edited(prompt)):
             return {prompt}
@@ -481,7 +481,7 @@ class TextConditioning:
         pipeline holds (negative and positive stacked when it guides)."""
         import torch
 
-        from sdcli.prompt_editing import iteration_steps
+        from sdcli.generation.prompt_editing import iteration_steps
 
         timesteps = pipe.scheduler.timesteps[-pipe.num_timesteps:].tolist()  # img2img runs the schedule's end
         numbers, steps = iteration_steps(timesteps, getattr(pipe.scheduler, "order", 1))
@@ -513,7 +513,7 @@ class TextConditioning:
             return {"prompt": prompts, "negative_prompt": [self.negative] * len(prompts) if self.negative else None}
         import torch
 
-        from sdcli.prompt_editing import text_at
+        from sdcli.generation.prompt_editing import text_at
 
         steps = steps or self.passes[0]
         chunks = max(self.length(p, guidance) for p in prompts)

@@ -7,13 +7,13 @@
 
 `when` is a step number (`10`) or, written with a decimal point, a fraction of the pass's steps (`0.5` of 30
 steps is step 15; `1.0` is all of them). Parts nest and hold the weight syntax (`[(red:1.2):blue:0.4]`); any
-other square bracket is `[de-emphasis]`, left to `sdcli.prompts.parse_weights`. A switch is useful because
+other square bracket is `[de-emphasis]`, left to `sdcli.generation.prompts.parse_weights`. A switch is useful because
 the noisy steps settle composition and colour and the late ones detail (the design notes' reverse process):
 `a [dog:cat:0.3]` composes a dog and finishes a cat.
 
 `steps_text(prompt, steps)` resolves a prompt at each step to plain weight syntax, which is all the encoder
-sees; `sdcli.prompts.TextConditioning` encodes each text once and swaps the embeddings between steps.
-Only the standard library (and sdcli.prompts' parsing helpers) is imported.
+sees; `sdcli.generation.prompts.TextConditioning` encodes each text once and swaps the embeddings between steps.
+Only the standard library (and sdcli.generation.prompts' parsing helpers) is imported.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from itertools import accumulate
 from typing import Union
 
 from sdcli.errors import UsageError
-from sdcli.prompts import check_nesting, excerpt, number_like
+from sdcli.generation.prompts import check_nesting, excerpt, number_like
 
 _NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
 
