@@ -1,6 +1,7 @@
 """`sdcli inspect-schedule`: the noise schedule as numbers, a plot, and pictures of the forward process.
 
-A thin wrapper: `sdcli.schedule` computes, `sdcli.schedule_report` lays out.
+A thin wrapper: `sdcli.schedule.core` computes, `sdcli.schedule.report` lays out, and
+`sdcli.training.profile` draws as `finetune` does for --training.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sdcli.errors import UsageError
 from sdcli.progress import note
 from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing, THREADS, Threads
 # The choices live with the schedule code that checks them (plain stdlib there, so --help stays instant).
-from sdcli.schedule import SIDE, BetaSchedule, PredictionType
+from sdcli.schedule.core import SIDE, BetaSchedule, PredictionType
 from sdcli.training.objective import TimestepSampling, WeightingScheme
 
 
@@ -48,7 +49,7 @@ def _sources(ctx: typer.Context, model: str | None, preset: str | None, compare:
             raise UsageError("--model and --preset both name a schedule; pick one, or list both in --compare")
         sources.append(("model", model))
     if compare is not None:
-        from sdcli.schedule import PRESETS
+        from sdcli.schedule.core import PRESETS
 
         items = [part.strip() for part in compare.split(",") if part.strip()]
         if not items:
@@ -159,8 +160,9 @@ def inspect_schedule_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Show a noise schedule: α_t, σ_t, SNR per timestep (β, ᾱ for DDPM), sampling timesteps, plots and noised pictures."""
-    from sdcli import schedule as sched
-    from sdcli import schedule_report as report
+    from sdcli.schedule import core as sched
+    from sdcli.schedule import report
+    from sdcli.training import profile
 
     fmt = format.value
     # 1. Lists instead of a schedule
@@ -178,7 +180,7 @@ def inspect_schedule_cmd(
     # 2. Check inputs before any work
     _refuse_idle(ctx, training, image)
     if training:  # finetune's own checks of these values, before any schedule is built
-        sched.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
+        profile.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
                               mode_scale=mode_scale, weighting=_value(weighting_scheme), snr_gamma=snr_gamma,
                               debiased=debiased_loss, snr_floor=debiased_snr_floor)
     sources, vae_model = _sources(ctx, model, preset, compare, latent)
@@ -225,11 +227,11 @@ def inspect_schedule_cmd(
     timesteps = sched.parse_timesteps(at, every, min(s.num_train_timesteps for s in schedules))
     infos = [sched.describe(s, timesteps, steps) for s in schedules]
     if training:
-        choice = sched.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
+        choice = profile.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
                                        mode_scale=mode_scale, weighting=_value(weighting_scheme), snr_gamma=snr_gamma,
                                        debiased=debiased_loss, snr_floor=debiased_snr_floor)
         for schedule, info in zip(schedules, infos):
-            info["training"] = sched.training_profile(schedule, choice)
+            info["training"] = profile.training_profile(schedule, choice)
 
     if image is not None:  # a strip that cannot fit in memory is refused before any file is written
         from sdcli.memory import check_strip

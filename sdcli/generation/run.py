@@ -144,7 +144,7 @@ def prepare_pipeline(s: Settings):
     """Load the model, set the sampler, load LoRAs and apply memory/speed options."""
     from sdcli.pipeline import apply_runtime_options, load_pipeline, replace_vae
     from sdcli.generation.prompts import prepare_text_encoders
-    from sdcli.schedulers import make_scheduler
+    from sdcli.schedule.samplers import make_scheduler
 
     loaded = load_pipeline(
         s.model, revision=s.revision, variant=s.variant, allow_pickle=s.allow_pickle, device=s.device, dtype=s.dtype,
@@ -243,7 +243,7 @@ def warn_prompts(loaded: Any, prompts: list[str], quiet: bool, syntax: str = "pl
 
 def base_record(s: Settings, task: Task, loaded: Any, width: int, height: int) -> dict[str, Any]:
     """What every image of a run records: its declared settings plus what the loaded model made of them."""
-    from sdcli.schedulers import schedule_type, spec_for
+    from sdcli.schedule.samplers import schedule_type, spec_for
 
     spec = spec_for(loaded.pipe.scheduler)
     return {

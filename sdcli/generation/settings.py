@@ -24,7 +24,7 @@ from sdcli.generation.control import (
 )
 from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
 from sdcli.generation.prompts import PromptSyntax, check_prompt_settings
-from sdcli.schedulers import Sigmas
+from sdcli.schedule.samplers import Sigmas
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
 # AUTOMATIC1111 writes these first, in this order; the rest follow in declaration order.
@@ -436,7 +436,7 @@ def check_settings(s: Settings) -> None:
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
         raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1")
     if s.scheduler is not None:
-        from sdcli.schedulers import get_spec
+        from sdcli.schedule.samplers import get_spec
 
         get_spec(s.scheduler)
     if not s.allow_pickle:

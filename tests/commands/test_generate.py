@@ -200,7 +200,7 @@ def test_img2img_records_strength_and_starts_from_the_image(cli, tiny_sd, tmp_pa
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "heun", "lms", "dpm++2m",
                                   "dpm++2m-karras", "unipc"])
 def test_every_named_scheduler_runs(cli, tiny_sd, name):
-    from sdcli.schedulers import SCHEDULERS
+    from sdcli.schedule.samplers import SCHEDULERS
 
     (path,) = paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "3", "--seed", "1", "-s", name,
                            "--timestep-spacing", "trailing"))
