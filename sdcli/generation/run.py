@@ -382,3 +382,23 @@ def generate(p: Plan, *, quiet: bool = False, loaded: Any = None, extra_record: 
     elif p.state is None and len(done_at) > 1:
         seconds = done_at[-1] - t0
         note(quiet, f"{len(done_at)} images in {seconds:.1f}s ({seconds / len(done_at):.2f}s each)")
+
+
+def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = False, quiet: bool = False,
+                 json: bool = False) -> list[Path]:
+    """Plan, check the output, generate and write; returns this process's image paths.
+
+    Under `accelerate launch`/`torchrun` each process takes its share of the
+    jobs (accelerate's split), writes its own numbered files, and the main
+    process prints one summary and the contact sheets.
+    """
+    from sdcli import distributed
+    from sdcli.generation.outputs import ImageWriter
+
+    p = plan(settings)
+    writer = ImageWriter(out, p, overwrite=overwrite, json=json)
+    for item in generate(p, quiet=quiet):
+        writer.write(item)
+    written = writer.finish(quiet)
+    distributed.close(p.state)
+    return written
