@@ -4,6 +4,7 @@
   model's config; the sampling timesteps; the numbers `inspect-schedule` shows.
 - `samplers`: the sampler names `generate --scheduler` takes, each a diffusers scheduler class and settings.
 - `report`: how `inspect-schedule` lays the numbers out (table, CSV, JSON, plot, noised strip).
+- `inspect`: `inspect-schedule`'s work as one plain call (build, describe, write the files).
 
 Only the standard library is imported here; torch and diffusers come inside the functions that need them.
 """
