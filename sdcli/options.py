@@ -13,7 +13,7 @@ import typer
 
 from sdcli import defaults
 from sdcli.declare import Opt, Range, Role
-from sdcli.schedule import TimestepSpacing  # declared once, beside the schedule code that checks it
+from sdcli.schedule.core import TimestepSpacing  # declared once, beside the schedule code that checks it
 
 
 class Device(str, Enum):

@@ -103,7 +103,7 @@ def test_scheduler_config_messages_come_from_the_chain(monkeypatch):
     import httpx2
     from huggingface_hub import constants
 
-    from sdcli.schedule import _hub_message
+    from sdcli.schedule.core import _hub_message
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     offline = raised(OSError("no file"), cause=hub.OfflineModeIsEnabled("offline"))

@@ -277,7 +277,7 @@ def test_labelled_grid_places_zoomed_cells_and_captions():
 
 
 def test_schedule_strip_is_the_same_grid():
-    from sdcli.schedule_report import strip
+    from sdcli.schedule.report import strip
 
     tile = Image.new("RGB", (16, 16), (250, 150, 0))
     one = strip([("only", [tile, tile], ["t = 0", "t = 1"])], "title")

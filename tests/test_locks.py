@@ -55,7 +55,7 @@ def test_a_link_where_sdcli_keeps_its_counter_or_lock_is_refused_and_its_target_
                                                                                            tmp_path, command, link):
     import os
 
-    from sdcli.outputs import COUNTER
+    from sdcli.generation.outputs import COUNTER
 
     out = tmp_path / "out"
     out.mkdir()

@@ -15,8 +15,8 @@ import pytest
 
 # command -> (its arguments, the function that raises, what it raises)
 CASES = {
-    "schedulers": (["schedulers"], "sdcli.schedulers.describe", RuntimeError("boom\nand a second line")),
-    "inspect-schedule": (["inspect-schedule", "--preset", "cosine"], "sdcli.schedule.describe",
+    "schedulers": (["schedulers"], "sdcli.schedule.samplers.describe", RuntimeError("boom\nand a second line")),
+    "inspect-schedule": (["inspect-schedule", "--preset", "cosine"], "sdcli.schedule.core.describe",
                          ZeroDivisionError("division by zero")),
     "generate": (["generate", "a red circle", "--model", "{model}", "--steps", "1", "--out", "out"],
                  "sdcli.generation.run.use_formula_guidance", KeyError("unet")),
@@ -100,7 +100,7 @@ def test_with_sdcli_debug_the_exception_and_its_traceback_get_through(command, r
 
 
 def test_with_sdcli_debug_an_eof_error_shows_its_traceback_not_a_bare_aborted(run_main, monkeypatch):
-    _inject(monkeypatch, "sdcli.schedulers.describe", EOFError("Ran out of input"))
+    _inject(monkeypatch, "sdcli.schedule.samplers.describe", EOFError("Ran out of input"))
     code, err = run_main(["schedulers"])
     assert (code, err.strip().splitlines()[-1]) == (1, "error: unexpected EOFError in schedulers: Ran out of input "
                                                        "(set SDCLI_DEBUG=1 for the traceback)")
@@ -111,7 +111,7 @@ def test_with_sdcli_debug_an_eof_error_shows_its_traceback_not_a_bare_aborted(ru
 
 
 def test_ctrl_c_is_exit_130_in_one_line(run_main, monkeypatch):
-    _inject(monkeypatch, "sdcli.schedulers.describe", KeyboardInterrupt())
+    _inject(monkeypatch, "sdcli.schedule.samplers.describe", KeyboardInterrupt())
     code, err = run_main(["schedulers"])
     assert code == 130 and err.strip() == "error: interrupted"
 
@@ -124,7 +124,8 @@ def test_a_bad_command_line_is_still_typers_usage_error_exit_2(run_main):
 
 
 def test_a_known_foreign_error_keeps_its_friendly_wording(run_main, monkeypatch):
-    _inject(monkeypatch, "sdcli.schedulers.describe", FileNotFoundError(2, "No such file or directory", "x.json"))
+    _inject(monkeypatch, "sdcli.schedule.samplers.describe",
+            FileNotFoundError(2, "No such file or directory", "x.json"))
     code, err = run_main(["schedulers"])
     assert (code, err.strip()) == (1, "error: No such file or directory: x.json")
 
@@ -143,12 +144,12 @@ def test_an_error_outside_any_command_is_one_line_too(run_main, monkeypatch):
 # The real entry points, in a fresh interpreter: a sitecustomize on PYTHONPATH breaks `sdcli schedulers` first.
 
 SITECUSTOMIZE = """
-import sdcli.schedulers
+import sdcli.schedule.samplers
 
 def describe():
     raise RuntimeError("boom")
 
-sdcli.schedulers.describe = describe
+sdcli.schedule.samplers.describe = describe
 """
 
 

@@ -76,7 +76,7 @@ def read_parameters(path: str | Path) -> dict | None:
     """
     from PIL import Image
 
-    from sdcli.metadata import A1111_KEY, parse_a1111
+    from sdcli.generation.metadata import A1111_KEY, parse_a1111
 
     with Image.open(path) as image:
         text = image.info.get(A1111_KEY)

@@ -1,8 +1,8 @@
 """`sdcli generate`: prompts in, PNGs out, with guidance as a knob you can sweep.
 
 Its options are the settings declared in `sdcli.generation.settings`; this module
-only adds the ones about input and output files, and loops: each image that
-`sdcli.generation.generate` yields goes to the writer.
+only adds the ones about input and output files and hands the settings to
+`sdcli.generation.run.run_generate`, which generates and writes each image.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 
 from sdcli import options
 from sdcli.declare import command, given_on_command_line
-from sdcli.generation.settings import RUNTIME_FIELDS, Settings
+from sdcli.generation.settings import Settings
 
 
 def _generate(
@@ -42,42 +42,12 @@ def _generate(
         values["prompts"] = list(values.get("prompts") or []) + read_prompt_file(prompt_file)
     settings = Settings(**values)
     if from_metadata is not None:
+        from sdcli.generation.metadata import replayed
+
         settings = replayed(from_metadata, values, given_on_command_line(ctx, list(values)))
+    from sdcli.generation.run import run_generate
+
     run_generate(settings, out=out, overwrite=overwrite, quiet=quiet, json=json)
-
-
-def replayed(image: Path, values: dict[str, Any], typed: set[str]) -> Settings:
-    """The settings recorded in ``image``, with runtime settings and what was typed taken from the command line."""
-    from sdcli.generation.settings import settings_from_record
-    from sdcli.metadata import read_record
-
-    replaced = set(RUNTIME_FIELDS) | typed | ({"prompts"} if values.get("prompts") else set())
-    settings = settings_from_record(read_record(image), replaced)
-    given = Settings(**values)
-    for name in replaced:
-        setattr(settings, name, getattr(given, name))
-    return settings
-
-
-def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = False, quiet: bool = False,
-                 json: bool = False) -> list[Path]:
-    """Plan, check the output, generate and write; returns this process's image paths.
-
-    Under `accelerate launch`/`torchrun` each process takes its share of the
-    jobs (accelerate's split), writes its own numbered files, and the main
-    process prints one summary and the contact sheets.
-    """
-    from sdcli import distributed
-    from sdcli.generation import generate, plan
-    from sdcli.outputs import ImageWriter
-
-    p = plan(settings)
-    writer = ImageWriter(out, p, overwrite=overwrite, json=json)
-    for item in generate(p, quiet=quiet):
-        writer.write(item)
-    written = writer.finish(quiet)
-    distributed.close(p.state)
-    return written
 
 
 generate_cmd = command(Settings, _generate)

@@ -1,12 +1,14 @@
 """`sdcli inspect-schedule`: the noise schedule as numbers, a plot, and pictures of the forward process.
 
-A thin wrapper: `sdcli.schedule` computes, `sdcli.schedule_report` lays out.
+A thin wrapper: it parses and checks the options, `sdcli.schedule.inspect.inspect` builds, describes and
+writes (with `sdcli.training.profile` drawing as `finetune` does for --training), and it prints the result.
 """
 
 from __future__ import annotations
 
 import json
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,7 +20,7 @@ from sdcli.errors import UsageError
 from sdcli.progress import note
 from sdcli.options import DeviceOpt, Device, Model, Overwrite, Quiet, Revision, Scheduler, Spacing, THREADS, Threads
 # The choices live with the schedule code that checks them (plain stdlib there, so --help stays instant).
-from sdcli.schedule import SIDE, BetaSchedule, PredictionType
+from sdcli.schedule.core import SIDE, BetaSchedule, PredictionType
 from sdcli.training.objective import TimestepSampling, WeightingScheme
 
 
@@ -48,7 +50,7 @@ def _sources(ctx: typer.Context, model: str | None, preset: str | None, compare:
             raise UsageError("--model and --preset both name a schedule; pick one, or list both in --compare")
         sources.append(("model", model))
     if compare is not None:
-        from sdcli.schedule import PRESETS
+        from sdcli.schedule.core import PRESETS
 
         items = [part.strip() for part in compare.split(",") if part.strip()]
         if not items:
@@ -159,8 +161,9 @@ def inspect_schedule_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Show a noise schedule: α_t, σ_t, SNR per timestep (β, ᾱ for DDPM), sampling timesteps, plots and noised pictures."""
-    from sdcli import schedule as sched
-    from sdcli import schedule_report as report
+    from sdcli.schedule import core as sched
+    from sdcli.schedule import report
+    from sdcli.training import profile
 
     fmt = format.value
     # 1. Lists instead of a schedule
@@ -177,10 +180,12 @@ def inspect_schedule_cmd(
 
     # 2. Check inputs before any work
     _refuse_idle(ctx, training, image)
+    choice = None
     if training:  # finetune's own checks of these values, before any schedule is built
-        sched.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
-                              mode_scale=mode_scale, weighting=_value(weighting_scheme), snr_gamma=snr_gamma,
-                              debiased=debiased_loss, snr_floor=debiased_snr_floor)
+        choice = profile.training_choice(
+            sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
+            weighting=_value(weighting_scheme), snr_gamma=snr_gamma, debiased=debiased_loss,
+            snr_floor=debiased_snr_floor)
     sources, vae_model = _sources(ctx, model, preset, compare, latent)
     if latent and image is None:
         raise UsageError("--latent needs --image: it is the picture that gets noised in latent space")
@@ -199,59 +204,25 @@ def inspect_schedule_cmd(
 
     if threads is not None:
         THREADS.range.check("--threads", threads)
-    # 3. Build each schedule from its config plus the overrides (torch from here on: generate's thread rule)
+    size_wh = _resolution(resolution)
+
+    # 3. Build, describe, write (torch from here on: generate's thread rule)
     from sdcli import threads as cpu_threads
     from sdcli.pipeline import resolve_device
+    from sdcli.schedule.inspect import inspect
 
     cpu_threads.apply(threads, resolve_device(_value(device)) if latent else "cpu")
     overrides = dict(beta_schedule=_value(beta_schedule), beta_start=beta_start, beta_end=beta_end,
                      num_train_timesteps=num_train_timesteps, prediction_type=_value(prediction_type),
                      rescale_zero_snr=rescale_zero_snr)
-    spacing = _value(timestep_spacing)
-    size_wh = _resolution(resolution)
-    schedules = []
-    for kind, name in sources:
-        config = sched.preset_config(name) if kind == "preset" else sched.model_config(name, revision)
-        # Folders by their name, so a table of long paths stays readable; Hub ids as given.
-        label = name.lower() if kind == "preset" else (Path(name).expanduser().resolve().name
-                                                        if Path(name).expanduser().is_dir() else name)
-        flow = dict(shift=shift, resolution=size_wh)
-        if sched.is_flow(config) and kind == "model":
-            from sdcli.pipeline import vae_scale_factor
+    infos, outputs = inspect(
+        sources, steps=steps, revision=revision, scheduler=scheduler, spacing=_value(timestep_spacing),
+        overrides=overrides, shift=shift, resolution=size_wh, at=at, every=every,
+        profile=None if choice is None else partial(profile.training_profile, choice=choice), plot=plot,
+        image=image, out=out, latent_model=vae_model if latent else None, seed=seed, size=size, device=device,
+        overwrite=overwrite, quiet=quiet)
 
-            flow["factor"] = 2 * vae_scale_factor(name, revision)  # SD3's 2x2 patches, Flux's 2x2 packing
-        schedules.append(sched.build(label, sched.with_overrides(config, **overrides), scheduler, spacing, **flow))
-    # The shortest schedule bounds the timesteps every compared schedule can show.
-    timesteps = sched.parse_timesteps(at, every, min(s.num_train_timesteps for s in schedules))
-    infos = [sched.describe(s, timesteps, steps) for s in schedules]
-    if training:
-        choice = sched.training_choice(sampling=_value(timestep_sampling), logit_mean=logit_mean, logit_std=logit_std,
-                                       mode_scale=mode_scale, weighting=_value(weighting_scheme), snr_gamma=snr_gamma,
-                                       debiased=debiased_loss, snr_floor=debiased_snr_floor)
-        for schedule, info in zip(schedules, infos):
-            info["training"] = sched.training_profile(schedule, choice)
-
-    if image is not None:  # a strip that cannot fit in memory is refused before any file is written
-        from sdcli.memory import check_strip
-
-        check_strip(image, size, len(timesteps), len(schedules), report.fitted_size,
-                    vae_model if latent else None, revision, device)
-
-    # 4. Files
-    outputs: dict[str, str] = {}
-    if plot is not None:
-        outputs["plot"] = str(report.plot(schedules, infos, plot, overwrite))
-    if image is not None:
-        vae = None
-        if latent:
-            from sdcli.pipeline import resolve_device
-
-            note(quiet, f"loading the VAE of {vae_model}")
-            vae = report.load_vae(vae_model, revision, resolve_device(device))
-        outputs["strip"] = str(report.forward_strip(schedules, image, timesteps, out, seed=seed, size=size, vae=vae,
-                                                    model=vae_model if latent else None, overwrite=overwrite))
-
-    # 5. Results on stdout, warnings on stderr
+    # 4. Results on stdout, warnings on stderr
     for info in infos:
         for warning in info["warnings"]:
             note(quiet, f"warning: {warning}")

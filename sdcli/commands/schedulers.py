@@ -9,7 +9,7 @@ from sdcli.options import Json
 
 def schedulers_cmd(json: Json = False) -> None:
     """List the samplers --scheduler accepts, with their diffusers class."""
-    from sdcli.schedulers import describe
+    from sdcli.schedule.samplers import describe
 
     rows = describe()
     if json:

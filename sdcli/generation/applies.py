@@ -3,7 +3,7 @@
 A setting the model would ignore must be refused, not recorded: an image's record names only what made it.
 The families are `sdcli.pipeline.FAMILIES`' names (sd, sdxl, sd3, flux); Flux-schnell is Flux without a
 guidance input, which `sdcli.generation.guidance` handles with the rest of guidance (and the negative prompt,
-which only a guided pass reads). Prompt editing is refused by `sdcli.prompts.check_prompt_editing`.
+which only a guided pass reads). Prompt editing is refused by `sdcli.generation.prompts.check_prompt_editing`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ENCODED_BY_SDCLI = "SD 1.x, 2.x and XL, whose prompts sdcli encodes itself"
 
 def uses_a1111_syntax(prompt: str) -> bool:
     """Whether AUTOMATIC1111's syntax would change what ``prompt`` means: a weight, BREAK or an escape."""
-    from sdcli.prompts import parse_weights
+    from sdcli.generation.prompts import parse_weights
 
     parsed = parse_weights(prompt)
     return parsed.text != prompt or any(piece is None or piece[1] != 1 for piece in parsed.pieces)

@@ -33,7 +33,7 @@ class Preprocess(str, Enum):
 
 def parse_controlnet(spec: str) -> tuple[str, float]:
     """'path/or/hub-id:0.8' -> ('path/or/hub-id', 0.8); without a scale, 1.0."""
-    from sdcli.generation.settings import split_scale
+    from sdcli.generation.parsing import split_scale
 
     source, scale = split_scale(spec, "--controlnet")
     return str(Path(source).expanduser()) if Path(source).expanduser().exists() else source, scale

@@ -104,7 +104,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     from sdcli.pipeline import absolute_if_local, model_facts, resolve_model
     from sdcli.generation.applies import check_family, check_rescale, check_task
     from sdcli.generation.settings import check_lora_tensors
-    from sdcli.prompts import check_prompt_editing
+    from sdcli.generation.prompts import check_prompt_editing
 
     check_settings(s)
     task = task_for(s)
@@ -122,7 +122,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
         check_family(s, facts)
         check_rescale(s, facts, task)
         settle_guidance(s, facts)
-        from sdcli.embeddings import check_embeddings_fit
+        from sdcli.generation.embeddings import check_embeddings_fit
 
         check_embeddings_fit(s.embeddings, s.allow_pickle, s.model if model_on_disk else None, facts.class_name,
                              s.revision)
@@ -143,8 +143,8 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
 def prepare_pipeline(s: Settings):
     """Load the model, set the sampler, load LoRAs and apply memory/speed options."""
     from sdcli.pipeline import apply_runtime_options, load_pipeline, replace_vae
-    from sdcli.prompts import prepare_text_encoders
-    from sdcli.schedulers import make_scheduler
+    from sdcli.generation.prompts import prepare_text_encoders
+    from sdcli.schedule.samplers import make_scheduler
 
     loaded = load_pipeline(
         s.model, revision=s.revision, variant=s.variant, allow_pickle=s.allow_pickle, device=s.device, dtype=s.dtype,
@@ -219,7 +219,7 @@ def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
 
 def warn_prompts(loaded: Any, prompts: list[str], quiet: bool, syntax: str = "plain") -> None:
     """Unbalanced brackets, words the text encoder will drop, and words the bundled toy model has never seen."""
-    from sdcli.prompts import prompt_warnings, reads_whole, visible_text
+    from sdcli.generation.prompts import prompt_warnings, reads_whole, visible_text
 
     tokenizer = getattr(loaded.pipe, "tokenizer", None)
     if tokenizer is None:
@@ -243,7 +243,7 @@ def warn_prompts(loaded: Any, prompts: list[str], quiet: bool, syntax: str = "pl
 
 def base_record(s: Settings, task: Task, loaded: Any, width: int, height: int) -> dict[str, Any]:
     """What every image of a run records: its declared settings plus what the loaded model made of them."""
-    from sdcli.schedulers import schedule_type, spec_for
+    from sdcli.schedule.samplers import schedule_type, spec_for
 
     spec = spec_for(loaded.pipe.scheduler)
     return {
@@ -284,8 +284,8 @@ def iter_images(
     import numpy as np
     import torch
 
-    from sdcli.prompts import TextConditioning
-    from sdcli.trajectory import StepRecorder, decode_latents
+    from sdcli.generation.prompts import TextConditioning
+    from sdcli.generation.trajectory import StepRecorder, decode_latents
 
     from sdcli.generation.guidance import negative_applies
     from sdcli.pipeline import facts_of
@@ -382,3 +382,23 @@ def generate(p: Plan, *, quiet: bool = False, loaded: Any = None, extra_record: 
     elif p.state is None and len(done_at) > 1:
         seconds = done_at[-1] - t0
         note(quiet, f"{len(done_at)} images in {seconds:.1f}s ({seconds / len(done_at):.2f}s each)")
+
+
+def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = False, quiet: bool = False,
+                 json: bool = False) -> list[Path]:
+    """Plan, check the output, generate and write; returns this process's image paths.
+
+    Under `accelerate launch`/`torchrun` each process takes its share of the
+    jobs (accelerate's split), writes its own numbered files, and the main
+    process prints one summary and the contact sheets.
+    """
+    from sdcli import distributed
+    from sdcli.generation.outputs import ImageWriter
+
+    p = plan(settings)
+    writer = ImageWriter(out, p, overwrite=overwrite, json=json)
+    for item in generate(p, quiet=quiet):
+        writer.write(item)
+    written = writer.finish(quiet)
+    distributed.close(p.state)
+    return written

@@ -17,14 +17,15 @@ from typing import Any, Optional
 
 from sdcli import defaults, options
 from sdcli.declare import Range, Role, by_role, check_ranges, check_setting, declared, option
-from sdcli.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
+from sdcli.generation.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
 from sdcli.errors import DataError, ModelError, UsageError
 from sdcli.generation.control import (
     Preprocess, a1111_units, controlnets_from_record, controlnets_to_record, parse_controlnet,
 )
 from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
-from sdcli.prompts import PromptSyntax, check_prompt_settings
-from sdcli.schedulers import Sigmas
+from sdcli.generation.prompts import PromptSyntax, check_prompt_settings
+from sdcli.generation.parsing import parse_float, parse_int, split_scale
+from sdcli.schedule.samplers import Sigmas
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
 # AUTOMATIC1111 writes these first, in this order; the rest follow in declaration order.
@@ -32,31 +33,6 @@ A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size",
 
 
 # 1. Parsing command-line text --------------------------------------------------------------------
-
-
-# Digits as typed on a keyboard: Python's int() and float() also take '١٢' (Arabic-Indic), '1_0',
-# 'nan' and 'infinity', and str.isdigit() takes '²', which int() then refuses.
-_WHOLE = re.compile(r"[+-]?[0-9]+")
-_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-def parse_int(text: Any, what: str) -> int:
-    """A whole number in ASCII digits; UsageError naming ``what`` (the option) otherwise."""
-    part = str(text).strip()
-    if not _WHOLE.fullmatch(part):
-        raise UsageError(f"{what}: {part!r} is not a whole number")
-    return int(part)
-
-
-def parse_float(text: Any, what: str) -> float:
-    """A finite number in ASCII digits (1, 0.5, 1e-3); UsageError naming ``what`` otherwise."""
-    part = str(text).strip()
-    if not _DECIMAL.fullmatch(part):
-        raise UsageError(f"{what}: {part!r} is not a number")
-    value = float(part)
-    if not math.isfinite(value):
-        raise UsageError(f"{what}: {part!r} is not a finite number")
-    return value
 
 
 def parse_floats(text: str, option_name: str) -> list[float]:
@@ -68,21 +44,6 @@ def parse_seeds(text: str | None) -> list[int] | None:
     if text is None or str(text).strip() == "":
         return None
     return [parse_int(part, "--seed") for part in str(text).split(",")]  # their range: check_settings
-
-
-def split_scale(spec: str, flag: str = "--lora") -> tuple[str, float]:
-    """'path/or/hub-id:0.8' -> ('path/or/hub-id', 0.8); without a scale (or with a drive's colon), 1.0.
-
-    A tail Python would read as a number ('nan', 'inf', '1_0', '١') is a scale that is refused, not a path.
-    """
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and not tail.startswith(("/", "\\")):
-        try:
-            float(tail)
-        except ValueError:
-            return spec, 1.0
-        return head, parse_float(tail, f"{flag} {spec}: the scale")
-    return spec, 1.0
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -388,7 +349,7 @@ def check_settings(s: Settings) -> None:
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
         raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1")
     if s.scheduler is not None:
-        from sdcli.schedulers import get_spec
+        from sdcli.schedule.samplers import get_spec
 
         get_spec(s.scheduler)
     if not s.allow_pickle:
@@ -459,7 +420,7 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 # What a record must say for a replay to remake its image: without them the defaults would make another one.
-# Each may come from the JSON, else from AUTOMATIC1111's `parameters` text (`sdcli.metadata.read_record`).
+# Each may come from the JSON, else from AUTOMATIC1111's `parameters` text (`sdcli.generation.metadata.read_record`).
 ESSENTIAL = ("prompts", "model", "steps", "seeds", "guidance", "width", "height")
 # What a record says about the run rather than what it asked for: read off the pipeline, never replayed, but
 # text in every record sdcli writes; a record where one is not is not one to trust.

@@ -10,6 +10,7 @@
 - `checkpoints`: atomic save, resume and pruning of training state.
 - `outputs`: what a finished run leaves in OUT (weights, settings, card, loss log, validation images).
 - `kohya`: the LoRA again in kohya's key layout, the file AUTOMATIC1111 and ComfyUI load.
+- `profile`: where training puts its timesteps on a schedule, for `inspect-schedule --training`.
 - `validation`: the held-out loss at fixed timesteps and noise (--validation-split, --validation-data).
 - `trackers`: --log-with's TensorBoard and wandb logging, through accelerate.
 - `loop`: `finetune(config)`, the training loop that ties them together (its progress

@@ -294,7 +294,7 @@ class FinetuneConfig:
                 raise UsageError("--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
 
     def _check_validation(self) -> None:
-        from sdcli.prompts import check_prompt_numbers
+        from sdcli.generation.prompts import check_prompt_numbers
 
         for prompt in self.validation_prompts:  # read as generate reads prompts, so refused now, not at step N
             check_prompt_numbers(prompt, "--validation-prompt")

@@ -346,7 +346,7 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, 
     import torch
 
     from sdcli.generation import Settings, generate, plan
-    from sdcli.outputs import ImageWriter
+    from sdcli.generation.outputs import ImageWriter
     from sdcli.pipeline import Loaded, facts_of
 
     out = Path(cfg.out).resolve()

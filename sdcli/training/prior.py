@@ -67,7 +67,7 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     import torch
 
     from sdcli.generation import Settings, generate, plan
-    from sdcli.outputs import ImageWriter
+    from sdcli.generation.outputs import ImageWriter
     from sdcli.pipeline import Loaded, facts_of
 
     folder = Path(cfg.class_data)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcli.metadata import parse_a1111
+from sdcli.generation.metadata import parse_a1111
 from conftest import paths_of, pixels
 
 
@@ -157,7 +157,7 @@ def test_closed_form_x0_matches_ddims_own_estimate(prediction_type):
     import torch
     from diffusers import DDIMScheduler
 
-    from sdcli.trajectory import StepRecorder
+    from sdcli.generation.trajectory import StepRecorder
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           prediction_type=prediction_type, clip_sample=False)
@@ -200,7 +200,7 @@ def test_img2img_records_strength_and_starts_from_the_image(cli, tiny_sd, tmp_pa
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "heun", "lms", "dpm++2m",
                                   "dpm++2m-karras", "unipc"])
 def test_every_named_scheduler_runs(cli, tiny_sd, name):
-    from sdcli.schedulers import SCHEDULERS
+    from sdcli.schedule.samplers import SCHEDULERS
 
     (path,) = paths_of(cli("generate", "x", "--model", tiny_sd, "--steps", "3", "--seed", "1", "-s", name,
                            "--timestep-spacing", "trailing"))

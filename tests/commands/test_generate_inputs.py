@@ -41,8 +41,9 @@ def test_out_with_another_image_suffix_is_refused_not_made_a_folder(cli, tiny_sd
 @pytest.mark.parametrize("sampler", [["-s", "dpm++2m-karras"], ["-s", "dpm++2m", "--sigmas", "karras"],
                                      ["-s", "euler", "--sigmas", "karras"], ["-s", "unipc", "--sigmas", "exponential"]])
 def test_karras_sigmas_on_the_zero_terminal_snr_bundled_model_make_the_image(cli, monkeypatch, sampler):
-    # Refused until the last σ was made large and finite as ComfyUI does (sdcli.schedulers.finite_terminal_betas);
-    # diffusers' own stand-in repeated t = 999 and ran a step past the end ("DPM++ 2M Karras", users' first pick).
+    # Refused until the last σ was made large and finite as ComfyUI does
+    # (sdcli.schedule.samplers.finite_terminal_betas); diffusers' own stand-in repeated t = 999 and ran a step past
+    # the end ("DPM++ 2M Karras", users' first pick).
     monkeypatch.delenv("SDCLI_MODEL", raising=False)
     args = ("generate", "a red circle on a white background", "--seed", "1", "--steps", "20")
     spaced = paths_of(cli(*args, *sampler, "--out", "spaced"))
@@ -60,7 +61,7 @@ def test_beta_sigmas_on_a_zero_terminal_snr_model_are_refused_in_one_line(cli, m
 
 
 def test_two_runs_into_one_folder_get_their_own_numbers(tmp_path):
-    from sdcli.outputs import reserve_numbers
+    from sdcli.generation.outputs import reserve_numbers
 
     (tmp_path / "00004-1.png").write_bytes(b"")
     # Run A reserves three numbers and has written nothing yet; run B must not reuse them.

@@ -148,8 +148,8 @@ def test_plot_and_strip_read_only_the_alpha_sigma_core(tmp_path, photo):
     """A schedule with (α, σ) and nothing else (no DDPMScheduler, no β) still plots and noises a picture."""
     import torch
 
-    from sdcli import schedule as sched
-    from sdcli.schedule_report import forward_strip, noised, plot
+    from sdcli.schedule import core as sched
+    from sdcli.schedule.report import forward_strip, noised, plot
 
     sigma = torch.linspace(0.0, 1.0, 50, dtype=torch.float64)
     process = sched.ForwardProcess(family="flow", signal_scale=1 - sigma, noise_scale=sigma)
@@ -204,8 +204,8 @@ def test_latent_strip_never_loads_a_pickled_vae(cli, photo, tiny_models, tmp_pat
 def test_latent_encode_decode_shapes(tiny_models, photo):
     import torch
 
-    from sdcli import schedule as sched
-    from sdcli.schedule_report import decode, encode, load_image, load_vae, noised
+    from sdcli.schedule import core as sched
+    from sdcli.schedule.report import decode, encode, load_image, load_vae, noised
 
     vae = load_vae(tiny_models["sd1"])
     x = load_image(photo, 32)

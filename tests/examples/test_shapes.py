@@ -186,7 +186,7 @@ def test_diversity_is_zero_for_identical_images_and_positive_otherwise(samples):
 
 
 def _write_like_sdcli(path: Path, image, prompt: str, seed: int, guidance: float) -> None:
-    from sdcli.metadata import pnginfo
+    from sdcli.generation.metadata import pnginfo
 
     record = {"prompt": prompt, "negative_prompt": "", "steps": 25, "sampler": "DDIM", "guidance": guidance,
               "seed": seed, "width": 64, "height": 64, "model_name": "shapes", "sdcli_version": "0"}

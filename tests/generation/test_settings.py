@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdcli.declare import Role, declared
 from sdcli.generation.settings import Settings, recorded, settings_from_record, sweep_axes
-from sdcli.metadata import parse_a1111
+from sdcli.generation.metadata import parse_a1111
 from conftest import pixels, strict_json
 
 
@@ -124,7 +124,7 @@ def test_a_weighted_long_prompt_with_clip_skip_and_an_embedding_round_trips(cli,
     import torch
     from safetensors.torch import save_file
 
-    from sdcli.embeddings import file_sha256
+    from sdcli.generation.embeddings import file_sha256
 
     emb = tmp_path / "mystyle.safetensors"
     save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}, str(emb))

@@ -232,7 +232,7 @@ def test_sigmas_are_diffusers_sigma_spacing(sigmas, flag, cli, tiny_sd):
 
 
 def test_sigmas_replace_a_karras_samplers_own_spacing():
-    from sdcli.schedulers import make_scheduler
+    from sdcli.schedule.samplers import make_scheduler
     from sdcli.testing import build_tiny_pipeline
 
     config = build_tiny_pipeline("sd1").scheduler.config

@@ -92,7 +92,7 @@ def test_flow_prior_loss_is_the_same_objective_on_the_class_batch():
 def test_class_images_are_generated_once_with_records_and_reused(tiny_sd, dataset, tmp_path, make_config, capsys):
     from PIL import Image
 
-    from sdcli.metadata import read_settings
+    from sdcli.generation.metadata import read_settings
 
     classes = tmp_path / "class"
     settings = dict(class_data=classes, class_prompt="a photo of a shape", num_class_images=3, max_steps=2,

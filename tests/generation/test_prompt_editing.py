@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdcli.prompt_editing import every_word, is_edited, iteration_steps, steps_text, text_at
+from sdcli.generation.prompt_editing import every_word, is_edited, iteration_steps, steps_text, text_at
 
 
 @pytest.mark.parametrize("prompt, expected", [
@@ -47,7 +47,7 @@ def test_every_word_names_all_branches():
 
 
 def test_word_checks_see_every_branch_without_the_syntax():
-    from sdcli.prompts import visible_text
+    from sdcli.generation.prompts import visible_text
 
     assert visible_text("a [red:(blue:1.2):0.5] [circle|star]", "a1111") == "a red blue circle star"
     assert visible_text("a [red:blue:0.5]", "plain") == "a [red:blue:0.5]"

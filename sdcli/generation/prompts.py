@@ -7,7 +7,7 @@ own; the chunks' embeddings are concatenated, so nothing past token 75 is lost.
 Each token's embedding is multiplied by its weight and the chunk rescaled to its
 old mean (AUTOMATIC1111's "Original" emphasis) where it has one (`emphasis`).
 Prompt editing (`[red:blue:0.5]`, `[red|blue]`) is resolved first, by
-`sdcli.prompt_editing`, into one such text per step.
+`sdcli.generation.prompt_editing`, into one such text per step.
 
 1. Parsing: small pure functions of the text (`parse_weights`, `chunk_tokens`, `frame`).
 2. Checks that need no weights (`check_prompt_settings`).
@@ -26,6 +26,9 @@ from enum import Enum
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from sdcli.errors import UsageError
+from sdcli.generation.prompt_editing import (
+    check_nesting, every_word, excerpt, is_edited, iteration_steps, number_like, parse, steps_text, text_at,
+)
 
 
 class PromptSyntax(str, Enum):
@@ -50,8 +53,6 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 # A weight past this is no emphasis but a broken prompt (AUTOMATIC1111 takes any number; a weight of 1e300
 # overflows the embeddings to inf). Nested brackets multiply, and the product is held to the same bound.
 WEIGHT_LIMIT = 100.0
-# Brackets nested deeper than this are refused: no prompt needs them, and the editing parser recurses.
-MAX_NESTING = 100
 
 # A parsed prompt: (text, weight) pieces, with None where BREAK starts a new chunk.
 Piece = Optional[tuple[str, float]]
@@ -139,38 +140,6 @@ def parse_weights(text: str) -> Parsed:
     return Parsed(merged, unbalanced=bool(round_open or square_open or stray))
 
 
-def check_nesting(text: str) -> None:
-    """Refuse brackets nested deeper than `MAX_NESTING` (escaped ones are text), scanning without recursion."""
-    depth = deepest = 0
-    escaped = False
-    for c in text:
-        if escaped:
-            escaped = False
-        elif c == "\\":
-            escaped = True
-        elif c in "([":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in ")]" and depth:
-            depth -= 1
-    if deepest > MAX_NESTING:
-        raise UsageError(f"brackets nested {deepest} deep; sdcli reads at most {MAX_NESTING}")
-
-
-def number_like(text: str) -> bool:
-    """Whether Python reads ``text`` as a number: 'nan', 'inf', '1e300' and '-2' as much as '1.3'."""
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def excerpt(piece: str, limit: int = 60) -> str:
-    """A piece of a prompt, quoted, cut to fit one line."""
-    return repr(piece if len(piece) <= limit else piece[: limit - 3] + "...")
-
-
 def chunk_tokens(pieces: Iterable[tuple[list[list[int]], float] | None], size: int = 75,
                  ) -> list[tuple[list[int], list[float]]]:
     """Token ids and weights in chunks of at most ``size``.
@@ -223,7 +192,7 @@ def split_runs(items: list[Any], key: Callable[[Any], Any]) -> list[list[Any]]:
 
 def check_prompt_settings(s: Any) -> None:
     """--clip-skip, --prompt-syntax and --embedding, before anything loads."""
-    from sdcli.embeddings import check_embeddings
+    from sdcli.generation.embeddings import check_embeddings
 
     if s.clip_skip < 1:
         raise UsageError(f"--clip-skip must be at least 1 (1 is the last layer), got {s.clip_skip}")
@@ -240,8 +209,6 @@ def check_prompt_settings(s: Any) -> None:
 def check_prompt_numbers(prompt: str, what: str) -> None:
     """Nesting, weights and switch steps a prompt can be read with, before anything loads: a weight of nan, inf or
     1e300 would reach the model as NaN, and 3000 nested brackets would exhaust the parser's recursion."""
-    from sdcli.prompt_editing import every_word, parse
-
     try:
         check_nesting(prompt)
         parse(prompt)
@@ -260,8 +227,6 @@ def prompt_warnings(prompt: str, syntax: str) -> list[str]:
 
 def check_prompt_editing(prompts: list[str], syntax: str, class_name: Optional[str]) -> None:
     """Refuse prompt editing on a pipeline whose prompts diffusers encodes (SD3, Flux), before it loads."""
-    from sdcli.prompt_editing import is_edited
-
     if (syntax == PromptSyntax.a1111.value and class_name and not re.match(_ENCODED_HERE, class_name)
             and any(map(is_edited, prompts))):
         refuse_prompt_editing(class_name)
@@ -275,8 +240,6 @@ def refuse_prompt_editing(class_name: str) -> None:
 
 def visible_text(prompt: str, syntax: str) -> str:
     """The prompt's words without the syntax (every word it shows at any step), for checks that look at words."""
-    from sdcli.prompt_editing import every_word
-
     return parse_weights(every_word(prompt)).text if syntax == PromptSyntax.a1111.value else prompt
 
 
@@ -290,7 +253,7 @@ def reads_whole(pipe: Any, syntax: str) -> bool:
 
 def prepare_text_encoders(pipe: Any, s: Any) -> None:
     """What the text encoders need before the first prompt: the embeddings loaded, clip skip checked."""
-    from sdcli.embeddings import load_embeddings
+    from sdcli.generation.embeddings import load_embeddings
 
     if s.embeddings:
         load_embeddings(pipe, s.embeddings, s.allow_pickle)
@@ -425,7 +388,7 @@ class Encoded:
 class TextConditioning:
     """What a batch of prompts gives the pipeline: prompt_embeds and negative ones (a1111), or the text (plain).
 
-    Under a1111 syntax a prompt may change between steps (`sdcli.prompt_editing`): the batch starts with its
+    Under a1111 syntax a prompt may change between steps (`sdcli.generation.prompt_editing`): the batch starts with its
     first step's embeddings and `step_outputs`, called after each step, hands the pipeline the next one's.
     ``passes`` are the steps of each denoising pass (hires fix has two); a pass's fractions count its own steps.
     """
@@ -464,14 +427,10 @@ class TextConditioning:
 
     def edited(self, prompts: list[str]) -> bool:
         """Whether any of the batch's texts (or the negative prompt) changes between steps."""
-        from sdcli.prompt_editing import is_edited
-
         return self.a1111 and any(is_edited(p) for p in [*prompts, self.negative])
 
     def variants(self, prompt: str) -> set[str]:
         """Every text ``prompt`` shows at some step of some pass."""
-        from sdcli.prompt_editing import is_edited, steps_text
-
         if not (self.a1111 and is_edited(prompt)):
             return {prompt}
         return {text for steps in self.passes for text in steps_text(prompt, steps)}
@@ -480,8 +439,6 @@ class TextConditioning:
         """After loop iteration ``i`` of ``pipe``, the embeddings of the next iteration's step, as the tensors the
         pipeline holds (negative and positive stacked when it guides)."""
         import torch
-
-        from sdcli.prompt_editing import iteration_steps
 
         timesteps = pipe.scheduler.timesteps[-pipe.num_timesteps:].tolist()  # img2img runs the schedule's end
         numbers, steps = iteration_steps(timesteps, getattr(pipe.scheduler, "order", 1))
@@ -512,8 +469,6 @@ class TextConditioning:
                 refuse_prompt_editing(type(self.pipe).__name__)
             return {"prompt": prompts, "negative_prompt": [self.negative] * len(prompts) if self.negative else None}
         import torch
-
-        from sdcli.prompt_editing import text_at
 
         steps = steps or self.passes[0]
         chunks = max(self.length(p, guidance) for p in prompts)

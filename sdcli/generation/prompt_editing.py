@@ -7,13 +7,14 @@
 
 `when` is a step number (`10`) or, written with a decimal point, a fraction of the pass's steps (`0.5` of 30
 steps is step 15; `1.0` is all of them). Parts nest and hold the weight syntax (`[(red:1.2):blue:0.4]`); any
-other square bracket is `[de-emphasis]`, left to `sdcli.prompts.parse_weights`. A switch is useful because
-the noisy steps settle composition and colour and the late ones detail (the design notes' reverse process):
-`a [dog:cat:0.3]` composes a dog and finishes a cat.
+other square bracket is `[de-emphasis]`, left to `sdcli.generation.prompts.parse_weights`. A switch is useful
+because the noisy steps settle composition and colour and the late ones detail (the design notes' reverse
+process): `a [dog:cat:0.3]` composes a dog and finishes a cat.
 
 `steps_text(prompt, steps)` resolves a prompt at each step to plain weight syntax, which is all the encoder
-sees; `sdcli.prompts.TextConditioning` encodes each text once and swaps the embeddings between steps.
-Only the standard library (and sdcli.prompts' parsing helpers) is imported.
+sees; `sdcli.generation.prompts.TextConditioning` encodes each text once and swaps the embeddings between steps.
+Only the standard library is imported; `sdcli.generation.prompts` takes the bracket helpers both syntaxes
+share (nesting, numbers, excerpts) from here, so the arrow runs one way.
 """
 
 from __future__ import annotations
@@ -26,9 +27,42 @@ from itertools import accumulate
 from typing import Union
 
 from sdcli.errors import UsageError
-from sdcli.prompts import check_nesting, excerpt, number_like
 
 _NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
+# Brackets nested deeper than this are refused: no prompt needs them, and the editing parser recurses.
+MAX_NESTING = 100
+
+
+def check_nesting(text: str) -> None:
+    """Refuse brackets nested deeper than `MAX_NESTING` (escaped ones are text), scanning without recursion."""
+    depth = deepest = 0
+    escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]" and depth:
+            depth -= 1
+    if deepest > MAX_NESTING:
+        raise UsageError(f"brackets nested {deepest} deep; sdcli reads at most {MAX_NESTING}")
+
+
+def number_like(text: str) -> bool:
+    """Whether Python reads ``text`` as a number: 'nan', 'inf', '1e300' and '-2' as much as '1.3'."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def excerpt(piece: str, limit: int = 60) -> str:
+    """A piece of a prompt, quoted, cut to fit one line."""
+    return repr(piece if len(piece) <= limit else piece[: limit - 3] + "...")
 
 
 @dataclass(frozen=True)

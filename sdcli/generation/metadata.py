@@ -2,16 +2,20 @@
 
 Two PNG text chunks: ``parameters`` in the format AUTOMATIC1111's web UI
 writes (which ComfyUI, InvokeAI, civitai and exif readers understand), and
-``sdcli`` holding the full settings as JSON, which `--from-metadata` reads.
+``sdcli`` holding the full settings as JSON, which `--from-metadata` reads
+(`replayed`: the recorded settings, with what was typed taken from the command line).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdcli.errors import DataError
+
+if TYPE_CHECKING:  # settings reads records through this module; at run time it is imported where used
+    from sdcli.generation.settings import Settings
 
 SETTINGS_KEY = "sdcli"
 A1111_KEY = "parameters"
@@ -76,7 +80,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
     """The sdcli record of an image, with the steps, seed, guidance or size its JSON lacks taken from its
     ``parameters`` text (what AUTOMATIC1111 and other tools keep): a replay never falls back on defaults.
     Values from the text are read as the command line reads them; the record's own are checked on replay."""
-    from sdcli.generation.settings import parse_float, parse_int
+    from sdcli.generation.parsing import parse_float, parse_int
 
     record = read_settings(path)
     if not isinstance(record, dict):
@@ -98,6 +102,18 @@ def read_record(path: str | Path) -> dict[str, Any]:
         record.setdefault("width", parse_int(width, what))
         record.setdefault("height", parse_int(height, what))
     return record
+
+
+def replayed(image: Path, values: dict[str, Any], typed: set[str]) -> Settings:
+    """The settings recorded in ``image``, with runtime settings and what was typed taken from the command line."""
+    from sdcli.generation.settings import RUNTIME_FIELDS, Settings, settings_from_record
+
+    replaced = set(RUNTIME_FIELDS) | typed | ({"prompts"} if values.get("prompts") else set())
+    settings = settings_from_record(read_record(image), replaced)
+    given = Settings(**values)
+    for name in replaced:
+        setattr(settings, name, getattr(given, name))
+    return settings
 
 
 def _a1111_text(path: str | Path) -> str | None:

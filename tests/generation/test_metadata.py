@@ -1,4 +1,4 @@
-from sdcli.metadata import a1111_parameters, parse_a1111
+from sdcli.generation.metadata import a1111_parameters, parse_a1111
 
 RECORD = {
     "prompt": "a red circle, high detail",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import one_error_line, strict_json
-from sdcli import schedule as S
+from sdcli.schedule import core as S
 
 
 def flow(name, **kw):

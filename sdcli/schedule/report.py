@@ -1,6 +1,6 @@
 """How `sdcli inspect-schedule` shows a schedule: table, CSV, JSON, a plot, and pictures of x_t.
 
-The numbers come from `sdcli.schedule`, whose core is each schedule's signal
+The numbers come from `sdcli.schedule.core`, whose core is each schedule's signal
 scale α_t and noise scale σ_t; this module only lays them out. Columns a family
 lacks (β and ᾱ outside DDPM) are left out rather than faked.
 rich, matplotlib, PIL and torch are imported inside the functions that draw.
@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 from sdcli import __version__
 from sdcli.errors import ModelError, UsageError
-from sdcli.schedule import Schedule, jsonable, q_sample, visited_t
+from sdcli.schedule.core import Schedule, jsonable, q_sample, visited_t
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 STRIP_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -296,7 +296,7 @@ def load_vae(model: str, revision: str | None = None, device: str = "cpu"):
     from diffusers import AutoencoderKL
 
     from sdcli.pipeline import local_kind
-    from sdcli.schedule import _quiet_diffusers
+    from sdcli.schedule.core import _quiet_diffusers
 
     kind = local_kind(model)
     if kind == "file":

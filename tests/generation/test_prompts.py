@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
-from sdcli.prompts import PromptSyntax, TextConditioning, chunk_tokens, frame, parse_weights
+from sdcli.generation.prompts import PromptSyntax, TextConditioning, chunk_tokens, frame, parse_weights
 from conftest import one_error_line, paths_of, pixels
 
 # 1. The parser ----------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def tiny_sd1_with_final_norm_bias(bias: float):
     from sdcli.testing import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd1")
-    from sdcli.prompts import _final_norm
+    from sdcli.generation.prompts import _final_norm
 
     norm = _final_norm(pipe.text_encoder)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_the_mean_rescale_is_applied_only_where_it_means_something(before, after
     """`emphasis` on a hand-made chunk of two tokens, one weighted 2, whose means are ``before`` and ``after``."""
     import torch
 
-    from sdcli.prompts import emphasis
+    from sdcli.generation.prompts import emphasis
 
     # Token 0 (weight 1) and token 1 (weight 2), width 2; chunk mean = (m0 + m1) / 2, weighted (m0 + 2 m1) / 2.
     m1 = 2 * after - 2 * before
@@ -198,7 +198,7 @@ def test_the_readme_prompt_weights_example_runs_on_the_bundled_model(cli, tmp_pa
     import shlex
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     line = 'sdcli generate "a large (red:1.4) circle on a [white] background" --seed 1'
     assert line in readme
     result = cli(*shlex.split(line)[1:], "--steps", "3", "--out", tmp_path / "out")
@@ -341,7 +341,7 @@ def test_an_edited_prompt_that_grows_a_chunk_batches_like_one_at_a_time(pipeline
 def test_prompt_editing_runs_through_both_hires_passes_and_is_recorded_as_typed(cli, tiny_sd, tmp_path):
     from PIL import Image
 
-    from sdcli.metadata import A1111_KEY
+    from sdcli.generation.metadata import A1111_KEY
 
     args = ("--model", tiny_sd, "--steps", "2", "--seed", "1", "--hires-scale", "2", "--width", "32", "--height", "32")
     result = cli("generate", "a [red|blue] circle", *args, "--out", tmp_path / "edited")
@@ -430,7 +430,7 @@ def test_a_multi_vector_embedding_reads_the_same_in_both_syntaxes(tiny_sd, tmp_p
 def test_a_diffusers_learned_embeds_file_is_called_by_its_own_token(tiny_sd, tmp_path):
     import torch
 
-    from sdcli.embeddings import parse_embedding
+    from sdcli.generation.embeddings import parse_embedding
 
     vectors = random_vectors(32)
     path = save(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": vectors})
@@ -545,7 +545,7 @@ def test_numbers_no_model_can_take_are_refused_before_loading(cli, tmp_path, pro
 @pytest.mark.parametrize("prompt", ["a (red:100) circle", "a (red:-100) [blue:red:0.5] circle", "(" * 48 + "red",
                                     "[" * 100 + "red", "a (red:0) circle", "a (red: 1.4 ) circle"])
 def test_weights_and_nesting_within_the_bounds_are_read(prompt):
-    from sdcli.prompts import check_prompt_numbers
+    from sdcli.generation.prompts import check_prompt_numbers
 
     check_prompt_numbers(prompt, "the prompt")
     assert parse_weights(prompt).pieces
@@ -637,7 +637,7 @@ def test_embeddings_no_text_encoder_can_take_are_refused_before_loading(
 @pytest.mark.parametrize("family, name", [("sd1", "nan"), ("sd1", "3d"), ("sdxl", "xl-counts"), ("sd1", "narrow")])
 def test_loading_refuses_the_same_embeddings_on_its_own(pipelines, tmp_path, family, name):
     """The library call checks what plan checked, for callers that load embeddings themselves."""
-    from sdcli.embeddings import load_embeddings
+    from sdcli.generation.embeddings import load_embeddings
     from sdcli.errors import SdcliError
 
     path = embedding_files(tmp_path)[name]
@@ -648,7 +648,7 @@ def test_loading_refuses_the_same_embeddings_on_its_own(pipelines, tmp_path, fam
 @pytest.mark.parametrize("value", ["abc", 3, [["a", "b"]], [{"path": 1, "token": "t"}], [{"token": "t"}],
                                    {"path": "x", "token": "t"}, [{"path": "x", "token": None}]])
 def test_a_records_embeddings_of_the_wrong_shape_are_one_line(value):
-    from sdcli.embeddings import embeddings_from_record
+    from sdcli.generation.embeddings import embeddings_from_record
     from sdcli.errors import DataError
 
     with pytest.raises(DataError, match="the record's embeddings are not a list of"):

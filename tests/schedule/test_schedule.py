@@ -1,4 +1,4 @@
-"""sdcli.schedule and sdcli.schedule_report: the numbers are diffusers', the maths matches the forward process,
+"""sdcli.schedule.core and sdcli.schedule.report: the numbers are diffusers', the maths matches the forward process,
 and every schedule is held as its (α_t, σ_t)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdcli import schedule as sched
+from sdcli.schedule import core as sched
 from sdcli.errors import ModelError, UsageError
 from conftest import strict_json
 
@@ -79,7 +79,7 @@ def test_core_holds_a_schedule_without_betas():
     """A family with only (α, σ), e.g. flow matching's α = 1 − σ, fits the core and shows no β columns."""
     import io
 
-    from sdcli.schedule_report import write_csv
+    from sdcli.schedule.report import write_csv
 
     sigma = torch.linspace(0.001, 1.0, 100, dtype=torch.float64)
     process = sched.ForwardProcess(family="flow", signal_scale=1 - sigma, noise_scale=sigma)
@@ -119,7 +119,7 @@ def test_choices_are_declared_once():
 def test_sampling_timesteps_are_the_samplers(scheduler, spacing, steps):
     import diffusers
 
-    from sdcli.schedulers import get_spec
+    from sdcli.schedule.samplers import get_spec
 
     s = sched.build("sd", sched.preset_config("stable-diffusion"), scheduler, spacing)
     info = sched.describe(s, [0], steps)
@@ -149,7 +149,7 @@ def test_closed_form_jump_matches_add_noise():
     theirs = s.forward.add_noise(x0, eps, torch.tensor(ts))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     # and the strip helper uses exactly that jump, one shared ε for every t
-    from sdcli.schedule_report import noised
+    from sdcli.schedule.report import noised
 
     torch.testing.assert_close(noised(s, x0[:1], ts, eps[:1]), s.forward.add_noise(x0[:1].expand(4, -1, -1, -1),
                                                                                    eps[:1].expand(4, -1, -1, -1),
@@ -194,7 +194,7 @@ def test_jump_and_single_steps_agree_in_distribution():
 
 
 def test_zero_snr_rescale_gives_terminal_snr_zero_and_json_without_infinity():
-    from sdcli.schedule_report import to_json
+    from sdcli.schedule.report import to_json
 
     s = preset("stable-diffusion", rescale_zero_snr=True)
     info = sched.describe(s, [0, 999], 10)
@@ -295,7 +295,8 @@ def test_model_config_reads_only_the_scheduler_config(tiny_models):
 def test_model_without_a_beta_schedule_or_config_is_refused(tmp_path):
     with pytest.raises(ModelError, match="no scheduler/scheduler_config.json"):
         sched.model_config(str(tmp_path))
-    # Flow matching is a family of its own now (tests/test_schedule_flow.py); a config that is neither is refused.
+    # Flow matching is a family of its own now (tests/schedule/test_schedule_flow.py); a config that is neither is
+    # refused.
     other = {"_class_name": "ConsistencyModelScheduler", "num_train_timesteps": 40}
     with pytest.raises(ModelError, match="no β schedule"):
         sched.build("cm", other)
@@ -312,7 +313,7 @@ def test_karras_spacing_on_zero_terminal_snr_runs_from_comfyuis_finite_sigma_max
 
     from diffusers import DDPMScheduler
 
-    from sdcli.schedulers import TERMINAL_ALPHA_BAR, make_scheduler
+    from sdcli.schedule.samplers import TERMINAL_ALPHA_BAR, make_scheduler
 
     config = sched.preset_config("zero-snr")
     sampler = make_scheduler(sampler, config, sigmas="karras")

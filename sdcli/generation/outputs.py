@@ -85,7 +85,7 @@ class ImageWriter:
     def write(self, item: Any) -> Path:
         """Save one image (and its trajectory) atomically, with its record, and print its path."""
         from sdcli.images import save_png
-        from sdcli.metadata import pnginfo
+        from sdcli.generation.metadata import pnginfo
 
         path = save_png(item.image, self.path(item.job), pnginfo(item.record), self.overwrite)
         self.emit(path, item.record)
