@@ -459,8 +459,9 @@ def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset(
             try:
                 value = d.opt.from_record(value)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                raise DataError(f"the record's {d.record_key} is malformed ({type(exc).__name__}: "
-                                f"{' '.join(str(exc).split())[:80]}): {_shown(record[d.record_key])}") from None
+                # What failed inside the reader (a missing key, a str where a dict goes) is ours, not the user's.
+                raise DataError(f"the record's {d.record_key} is {_shown(record[d.record_key])}, not in the form "
+                                f"sdcli writes for {d.flag}; the record is malformed") from None
         else:
             element = _element_type(d.type) if d.opt.role is SWEEP else d.type
             value = _typed(value, element, d)
