@@ -349,6 +349,9 @@ def save_gif(frames: Sequence[Any], path: Path, overwrite: bool = False, ms_per_
 
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if missing and prove we can write there, before any work starts."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # mkdir's "File exists" would not say which one
+        raise OutputError(f"cannot write to {folder}: {blocker} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdcli-write-test-"):

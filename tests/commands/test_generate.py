@@ -150,6 +150,16 @@ def test_an_output_name_near_the_limit_is_written_and_one_past_it_is_refused(cli
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # nothing half-written
 
 
+@pytest.mark.parametrize("out", ["afile/x.png", "afile/sub/x.png", "afile/shots/"])
+def test_an_out_under_a_file_names_that_file_before_loading(cli, tiny_sd, tmp_path, out):
+    from conftest import one_error_line
+
+    (tmp_path / "afile").write_text("mine")
+    line = one_error_line(cli("generate", "x", "--model", tiny_sd, "--out", tmp_path / out), 1)  # no "loaded" line
+    assert line.endswith(f"{tmp_path / 'afile'} is a file, not a folder"), line
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_closed_form_x0_matches_ddims_own_estimate(prediction_type):
     # Schedulers without pred_original_sample get x̂_0 from x_t = √ᾱ·x_0 + √(1−ᾱ)·ε; DDIM reports its
