@@ -1,8 +1,8 @@
 """Find, load and place a diffusers pipeline: Hub id, local folder or single file.
 
 The pipeline class is whatever the model says it is (`model_index.json`, or
-the keys of a single-file checkpoint); we only recognise the family to
-describe it and to pick sensible defaults.
+the keys of a single-file checkpoint); we recognise its family (`FAMILIES`)
+to describe it and to pick sensible defaults, and refuse a class of none.
 """
 
 from __future__ import annotations
@@ -161,12 +161,35 @@ FAMILIES = (
 )
 
 
-def family_spec(class_name: str | None) -> Family:
-    """The family of a pipeline class name (SD when unknown: what single-file checkpoints load as)."""
+SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines (diffusers' "
+             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included)")
+
+
+def _claims(family: Family, class_name: str) -> bool:
+    """A class of the family: its prefix, then no version digit (Flux2Pipeline is another model than Flux.1)."""
+    return any(class_name.startswith(prefix) and not class_name[len(prefix):][:1].isdigit()
+               for prefix in family.pipelines)
+
+
+def family_spec(class_name: str | None, what: str = "the pipeline") -> Family:
+    """The family of a pipeline class name; SD for None (no model_index.json: a single-file checkpoint, which
+    `_single_file_class` loads as an SD-family class). ModelError, naming ``what``, for a class no family claims:
+    its model is another architecture, and guessing one of ours would fail deep inside or run it wrongly."""
+    if class_name is None:
+        return FAMILIES[-1]
     for family in FAMILIES:
-        if class_name and class_name.startswith(family.pipelines):
+        if _claims(family, str(class_name)):
             return family
-    return FAMILIES[-1]
+    raise ModelError(f"{what} is a {class_name}; {SUPPORTED}")
+
+
+def pipe_family(pipe: Any) -> Family:
+    """The family of a pipeline in memory: of its class, or of the first diffusers base class a family claims
+    (a library user's subclass of StableDiffusionPipeline is SD); ModelError naming its class for any other."""
+    for cls in type(pipe).__mro__:
+        if any(_claims(family, cls.__name__) for family in FAMILIES):
+            return family_spec(cls.__name__)
+    return family_spec(type(pipe).__name__)  # raises, naming the pipeline's own class
 
 
 @dataclass(frozen=True)
@@ -205,7 +228,7 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
     if local_kind(model) == "folder":
         check_folder(Path(model).expanduser())
     index = _config(model, "model_index.json", revision) or {}
-    family = family_spec(index.get("_class_name"))
+    family = family_spec(index.get("_class_name"), f"--model {model}")
     vae = _config(model, "vae/config.json", revision)
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
     guidance = family.guidance
@@ -217,7 +240,7 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
 
 def facts_of(pipe: Any) -> ModelFacts:
     """The same facts, of a pipeline already in memory."""
-    family = family_spec(type(pipe).__name__)
+    family = pipe_family(pipe)
     guidance = family.guidance
     if guidance == "distilled" and not pipe.transformer.config.get("guidance_embeds", True):
         guidance = "none"
@@ -233,13 +256,13 @@ def vae_scale_factor(model: str, revision: str | None = None) -> int:
 class Loaded:
     pipe: Any
     model: str  # what the user named
-    family: str  # sd1, sd2, sdxl or the pipeline class name
+    family: str  # sd1, sd2, sdxl, sd3 or flux (`family_of`)
     device: str
     dtype: Any
 
     @property
     def prediction_type(self) -> str:
-        if family_spec(type(self.pipe).__name__).flow:
+        if pipe_family(self.pipe).flow:
             return "flow"  # the velocity ε − x_0
         return self.pipe.scheduler.config.get("prediction_type", "epsilon")
 
@@ -251,11 +274,8 @@ class Loaded:
 
 
 def family_of(pipe: Any) -> str:
-    """sd1, sd2, sdxl, sd3 or flux (the class name for anything else): what records and messages call it."""
-    name = type(pipe).__name__
-    family = family_spec(name)
-    if not name.startswith(family.pipelines):
-        return name
+    """sd1, sd2, sdxl, sd3 or flux: what records and messages call it (ModelError for another pipeline class)."""
+    family = pipe_family(pipe)
     if family.name != "sd":
         return family.name
     unet = pipe.unet.config
@@ -266,7 +286,7 @@ def family_of(pipe: Any) -> str:
 
 def denoiser(pipe: Any) -> Any:
     """The network that predicts the noise (or the velocity): the UNet, or the transformer of SD3 and Flux."""
-    return getattr(pipe, family_spec(type(pipe).__name__).denoiser)
+    return getattr(pipe, pipe_family(pipe).denoiser)
 
 
 def _single_file_class(path: Path):
@@ -335,6 +355,8 @@ def load_pipeline(
                 ):
                     raise ModelError(f"{model} holds only pickled weights, which can run code when loaded; "
                                      "pass --allow-pickle if you trust it")
+            # Another family's pipeline is refused before its weights load, not half-run as Stable Diffusion.
+            family_spec((_config(model, "model_index.json", revision) or {}).get("_class_name"), f"--model {model}")
             pipe = diffusers.DiffusionPipeline.from_pretrained(
                 str(Path(model).expanduser()) if kind == "folder" else model,
                 revision=revision,
@@ -470,7 +492,7 @@ def apply_runtime_options(
     net = denoiser(pipe)
     if channels_last is None:
         channels_last = default_channels_last(device, compile)
-    if channels_last and family_spec(type(pipe).__name__).denoiser == "unet":  # a transformer has no convolutions to speak of
+    if channels_last and pipe_family(pipe).denoiser == "unet":  # a transformer has no convolutions to speak of
         net.to(memory_format=torch.channels_last)
     if attention_slicing:
         pipe.enable_attention_slicing()
@@ -494,4 +516,4 @@ def apply_runtime_options(
             for key, value in {**_INDUCTOR_DEFAULTS, **COMPILE_MODES[mode]["inductor"]}.items():
                 setattr(inductor, key, value)
         compiled = torch.compile(net, mode=mode)
-        setattr(pipe, family_spec(type(pipe).__name__).denoiser, compiled)
+        setattr(pipe, pipe_family(pipe).denoiser, compiled)

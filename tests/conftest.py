@@ -161,3 +161,33 @@ def train_config(data, out, model, **overrides):
                     learning_rate=1e-3)
     settings.update(overrides)
     return FinetuneConfig(**settings)
+
+
+# Pipeline classes of no family sdcli knows: real diffusers ones of other models (Flux.2 included) and a user's own.
+OTHER_PIPELINES = ["QwenImagePipeline", "ZImagePipeline", "Flux2Pipeline", "PixArtSigmaPipeline", "MyOwnPipeline"]
+
+
+def as_other_pipeline(source, folder, class_name: str) -> Path:
+    """A copy of a tiny pipeline folder, weights and all, whose model_index.json names ``class_name``."""
+    import shutil
+
+    folder = Path(folder)
+    shutil.copytree(source, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    return folder
+
+
+@pytest.fixture
+def no_pipeline_loads(monkeypatch):
+    """Records (and fails) any attempt to load pipeline weights, so a test can show none was made."""
+    import diffusers
+
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(args)
+        raise RuntimeError("weights were loaded")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
+    return tried

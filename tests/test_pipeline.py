@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 
 from sdcli.errors import ModelError, SdcliError, UsageError
 from sdcli.pipeline import local_kind, resolve_dtype
+
+from conftest import OTHER_PIPELINES, as_other_pipeline
 
 
 def test_hub_id_loads_from_the_local_cache_offline(tiny_sd, tmp_path):
@@ -93,6 +96,63 @@ def test_cpu_offload_is_refused_before_any_weights_load(tiny_sd, monkeypatch):
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", loads)
     with pytest.raises(UsageError, match="--cpu-offload needs a CUDA device"):
         load_pipeline(tiny_sd, device="cpu", cpu_offload=True)
+
+
+@pytest.mark.parametrize("class_name", OTHER_PIPELINES)
+def test_a_pipeline_class_of_no_family_is_refused_by_name_before_its_weights_load(tiny_sd, tmp_path,
+                                                                                 no_pipeline_loads, class_name):
+    from sdcli.pipeline import load_pipeline, model_facts
+
+    folder = as_other_pipeline(tiny_sd, tmp_path / "other", class_name)
+    for call in (lambda: model_facts(str(folder)), lambda: load_pipeline(str(folder), device="cpu")):
+        with pytest.raises(ModelError, match="^" + re.escape(f"--model {folder} is a {class_name}; sdcli works with "
+                                                             "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines")):
+            call()
+    assert no_pipeline_loads == []
+
+
+@pytest.mark.parametrize("class_name,family", [
+    (None, "sd"),  # no model_index.json: a single-file checkpoint, loaded as an SD-family class
+    ("StableDiffusionPipeline", "sd"), ("StableDiffusionImg2ImgPipeline", "sd"),
+    ("StableDiffusionControlNetInpaintPipeline", "sd"), ("StableDiffusionXLPipeline", "sdxl"),
+    ("StableDiffusionXLControlNetImg2ImgPipeline", "sdxl"), ("StableDiffusion3Pipeline", "sd3"),
+    ("StableDiffusion3InpaintPipeline", "sd3"), ("FluxPipeline", "flux"), ("FluxImg2ImgPipeline", "flux"),
+    ("FluxKontextPipeline", "flux"),
+])
+def test_each_task_class_of_a_family_keeps_its_family(class_name, family):
+    from sdcli.pipeline import family_spec
+
+    assert family_spec(class_name).name == family
+
+
+def test_a_loaded_pipeline_of_no_family_is_refused_and_a_subclass_of_a_family_is_not(tiny_sd):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    from sdcli.pipeline import denoiser, facts_of, family_of, pipe_family
+
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd)
+
+    class MyOwnPipeline(DiffusionPipeline):
+        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+            super().__init__()
+            self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                  scheduler=scheduler)
+
+    class MySD(StableDiffusionPipeline):
+        pass
+
+    mine = MyOwnPipeline(sd.vae, sd.text_encoder, sd.tokenizer, sd.unet, sd.scheduler)
+    for call in (facts_of, family_of, denoiser, pipe_family):
+        with pytest.raises(ModelError, match="^the pipeline is a MyOwnPipeline; sdcli works with"):
+            call(mine)
+    assert family_of(MySD(**sd.components)) == "sd1" and denoiser(MySD(**sd.components)) is sd.unet
+    # A library caller handing generate such a pipeline gets the same line, before any image is made.
+    from sdcli.generation.run import Settings, generate, plan
+    from sdcli.pipeline import Loaded
+
+    p = plan(Settings(prompts=["x"], model=tiny_sd, steps=1, seeds=[1], width=16, height=16), distributed=False)
+    with pytest.raises(ModelError, match="^the pipeline is a MyOwnPipeline; sdcli works with"):
+        list(generate(p, loaded=Loaded(mine, tiny_sd, "sd1", "cpu", sd.dtype), quiet=True))
 
 
 def test_each_compile_mode_sets_its_inductor_options_and_only_those(tiny_sd, monkeypatch):

@@ -76,10 +76,10 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
     has it), or Flux's distilled guidance and, with --true-cfg, its real classifier-free scale."""
     import inspect
 
-    from sdcli.pipeline import family_spec
+    from sdcli.pipeline import pipe_family
 
     takes = inspect.signature(type(pipe).__call__).parameters
-    if family_spec(type(pipe).__name__).guidance != "distilled":
+    if pipe_family(pipe).guidance != "distilled":
         out = {"guidance_scale": values["guidance"]}
         if "guidance_rescale" in takes:
             out["guidance_rescale"] = values["guidance_rescale"]

@@ -170,14 +170,14 @@ FAMILIES = {
     "flux": TrainingFamily("flux", **_FLOW, text_encoders=("text_encoder", "text_encoder_2"), encode=_encode_flux,
                            conditioning=_cond_flux, predict=_predict_flux, sizes=_sizes_flux, guidance="distilled"),
 }
-# Pipeline class names that decide the family by themselves (the others are told apart by sdcli.pipeline).
-_BY_CLASS = (("StableDiffusion3", "sd3"), ("Flux", "flux"))
-
-
 def family_of(pipe: Any, loaded_family: str | None = None) -> TrainingFamily:
     """The training family of a loaded pipeline; ModelError for one finetune cannot train."""
+    from sdcli.pipeline import pipe_family
+
     name = type(pipe).__name__
-    key = next((fam for prefix, fam in _BY_CLASS if name.startswith(prefix)), loaded_family)
+    # The class decides every family but SD's, whose 1.x and 2.x only the loaded weights tell apart (sdcli.pipeline).
+    spec = pipe_family(pipe)  # ModelError for a class of no family (Flux2Pipeline is not Flux.1)
+    key = loaded_family if spec.name == "sd" else spec.name
     if key not in FAMILIES:
         raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux pipelines; this model is a "
                          f"{loaded_family or name}")

@@ -142,11 +142,13 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     ``callback(StepInfo)`` runs after every optimizer step. Ctrl-C (SIGINT) stops after the
     current step, saves a checkpoint and raises KeyboardInterrupt.
     """
-    from sdcli.pipeline import absolute_if_local, resolve_device, resolve_model
+    from sdcli.pipeline import absolute_if_local, local_kind, model_facts, resolve_device, resolve_model
 
     # 1. Check inputs before anything heavy is loaded.
     cfg.check()
     cfg.model = absolute_if_local(resolve_model(cfg.model))
+    if local_kind(cfg.model) != "file":
+        model_facts(cfg.model, cfg.revision)  # a pipeline class of no family sdcli knows is refused here
     resume_dir = checkpoints.find_resume(cfg.resume, cfg.out) if cfg.resume else None
     if resume_dir is not None:
         checkpoints.check_unpickled(resume_dir, cfg.allow_pickle)  # a checkpoint that would unpickle: refused now

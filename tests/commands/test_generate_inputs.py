@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import one_error_line, paths_of, pixels
+from conftest import OTHER_PIPELINES, as_other_pipeline, one_error_line, paths_of, pixels
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -76,6 +76,15 @@ def test_unknown_model_and_wrong_folders(cli, tmp_path, tiny_sd):
     (tmp_path / "empty").mkdir()
     assert "not a diffusers pipeline folder" in one_error_line(cli("generate", "x", "--model", tmp_path / "empty"))
     assert "single model component" in one_error_line(cli("generate", "x", "--model", Path(tiny_sd) / "unet"))
+
+
+@pytest.mark.parametrize("class_name", OTHER_PIPELINES)
+def test_a_pipeline_class_of_no_family_is_one_line_before_its_weights_load(cli, tiny_sd, tmp_path,
+                                                                          no_pipeline_loads, class_name):
+    folder = as_other_pipeline(tiny_sd, tmp_path / "other", class_name)
+    line = one_error_line(cli("generate", "x", "--model", folder, "--steps", "1", "--out", tmp_path / "out"), 1)
+    assert f"--model {folder} is a {class_name}; sdcli works with Stable Diffusion" in line
+    assert no_pipeline_loads == [] and not (tmp_path / "out").exists()
 
 
 def test_corrupt_weights_file(cli, tiny_sd, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from conftest import one_error_line, strict_json
+from conftest import OTHER_PIPELINES, as_other_pipeline, one_error_line, strict_json
 
 
 @pytest.fixture
@@ -230,6 +230,19 @@ def test_model_schedule_matches_its_scheduler_class(cli, tiny_models):
     assert doc["rows"][1]["alpha_bar"] == float(reference.alphas_cumprod[999])
     reference.set_timesteps(5)
     assert doc["sampling_timesteps"] == [int(t) for t in reference.timesteps]
+
+
+@pytest.mark.parametrize("class_name", OTHER_PIPELINES)
+def test_a_flow_schedule_of_a_pipeline_class_of_no_family_is_one_line(cli, tiny_flow_models, tiny_models, tmp_path,
+                                                                      class_name):
+    # Its resolution-dependent shift depends on the family's latent packing, which sdcli cannot guess.
+    folder = as_other_pipeline(tiny_flow_models["flux"], tmp_path / "other", class_name)
+    for args in (["--model", folder], ["--compare", f"sd3,{folder}"]):
+        line = one_error_line(cli("inspect-schedule", *args, "--format", "json"), 1)
+        assert f"{folder} is a {class_name}; sdcli works with Stable Diffusion" in line
+    # A β schedule needs nothing of the family: it is the scheduler config's alone, and still shown.
+    beta = as_other_pipeline(tiny_models["sd2"], tmp_path / "beta", class_name)
+    assert strict_json(ok(cli("inspect-schedule", "--model", beta, "--format", "json")).stdout)["name"] == "beta"
 
 
 def test_env_model_does_not_fight_an_explicit_preset(cli, tiny_models, monkeypatch):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import OTHER_PIPELINES, as_other_pipeline, one_error_line
 
 QUICK = ("--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e-2")
 
@@ -317,3 +318,12 @@ def test_full_output_is_a_model_for_generate_and_epochs_set_the_length(cli, tiny
     made = cli("generate", "a red circle", "--model", out, "--seed", "1", "--steps", "2", "--out", png, "--quiet")
     assert made.exit_code == 0, made.stderr
     assert Image.open(png).size == (16, 16)
+
+
+@pytest.mark.parametrize("class_name", OTHER_PIPELINES)
+def test_a_pipeline_class_of_no_family_is_one_line_before_data_or_weights_load(cli, tiny_sd, dataset, tmp_path,
+                                                                              no_pipeline_loads, class_name):
+    folder = as_other_pipeline(tiny_sd, tmp_path / "other", class_name)
+    line = one_error_line(cli("finetune", "--data", dataset, "--model", folder, "--out", tmp_path / "out", *QUICK), 1)
+    assert f"--model {folder} is a {class_name}; sdcli works with Stable Diffusion" in line
+    assert no_pipeline_loads == [] and not (tmp_path / "out").exists()
