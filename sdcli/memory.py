@@ -564,8 +564,9 @@ def check_training(cfg: Any, pipe: Any, family: Any, device: str) -> None:
     if need.total <= available:
         return
     helps = []
-    if cfg.batch_size > 1 and training_need(arch, cfg.resolution, **{**options, "batch": 1}).total < need.total:
-        helps.append(f"--batch-size 1 needs {human(training_need(arch, cfg.resolution, **{**options, 'batch': 1}).total)}")
+    one = training_need(arch, cfg.resolution, **{**options, "batch": 1}).total
+    if cfg.batch_size > 1 and one < need.total:
+        helps.append(f"--batch-size 1 needs {human(one)}")
     if not cfg.gradient_checkpointing:
         lower = training_need(arch, cfg.resolution, **{**options, "checkpointing": True}).total
         if lower < need.total:

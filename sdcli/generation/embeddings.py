@@ -120,12 +120,17 @@ def embeddings_from_record(value: list[dict[str, str]] | None) -> list[tuple[str
     return out
 
 
-def ti_hashes(value: list[dict[str, str]] | None) -> str | None:
-    """AUTOMATIC1111's `TI hashes` field: "name: first 12 hex digits of the file's sha256", quoted."""
-    if not value:
+def a1111_hashes(named: list[tuple[str, str]]) -> str | None:
+    """AUTOMATIC1111's `TI hashes` / `Lora hashes` value: "name: first 12 hex digits of the sha256, ...", quoted;
+    None when there is none. AUTOMATIC1111 drops ':' and ',' from the names, as here."""
+    if not named:
         return None
-    names = (e["token"].replace(":", "").replace(",", "") for e in value)  # AUTOMATIC1111 drops these too
-    return json.dumps(", ".join(f"{name}: {e['sha256'][:12]}" for name, e in zip(names, value)))
+    return json.dumps(", ".join(f"{name.replace(':', '').replace(',', '')}: {digest[:12]}" for name, digest in named))
+
+
+def ti_hashes(value: list[dict[str, str]] | None) -> str | None:
+    """AUTOMATIC1111's `TI hashes` field, named by token."""
+    return a1111_hashes([(e["token"], e["sha256"]) for e in value or []])
 
 
 # 2. Loading -------------------------------------------------------------------------------------

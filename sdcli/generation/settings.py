@@ -17,7 +17,9 @@ from typing import Any, Optional
 
 from sdcli import defaults, options
 from sdcli.declare import Range, Role, by_role, check_ranges, check_setting, declared, option
-from sdcli.generation.embeddings import embeddings_from_record, embeddings_to_record, parse_embedding, ti_hashes
+from sdcli.generation.embeddings import (
+    a1111_hashes, embeddings_from_record, embeddings_to_record, file_sha256, parse_embedding, ti_hashes,
+)
 from sdcli.errors import DataError, ModelError, UsageError
 from sdcli.generation.control import (
     Preprocess, a1111_units, controlnets_from_record, controlnets_to_record, parse_controlnet,
@@ -90,10 +92,10 @@ def lora_sha256(path: str | Path) -> str | None:
     if not files:
         return None
     if files == [Path(path).expanduser()]:
-        return _sha256(path)
+        return file_sha256(path)
     import hashlib
 
-    return hashlib.sha256("".join(f"{f.name}:{_sha256(f)}\n" for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode()).hexdigest()
 
 
 def check_lora_tensors(path: str) -> None:
@@ -142,14 +144,8 @@ def _loras_from_record(value: list[dict[str, Any]] | None) -> list[tuple[str, fl
 
 
 def lora_hashes(value: list[dict[str, Any]] | None) -> str | None:
-    """AUTOMATIC1111's `Lora hashes` field: "name: first 12 hex digits of the sha256", quoted (as TI hashes)."""
-    import json
-
-    hashed = [lo for lo in value or [] if lo.get("sha256")]
-    if not hashed:
-        return None
-    names = (Path(lo["path"]).stem.replace(":", "").replace(",", "") for lo in hashed)
-    return json.dumps(", ".join(f"{name}: {lo['sha256'][:12]}" for name, lo in zip(names, hashed)))
+    """AUTOMATIC1111's `Lora hashes` field, named by file (a LoRA folder with no weights yet has no hash)."""
+    return a1111_hashes([(Path(lo["path"]).stem, lo["sha256"]) for lo in value or [] if lo.get("sha256")])
 
 
 def _absolute_if_local(path: str) -> str:
@@ -158,18 +154,11 @@ def _absolute_if_local(path: str) -> str:
     return absolute_if_local(path)
 
 
-def _sha256(path: str | Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _file_to_record(path: str | None) -> dict[str, str] | None:
     """An input image as a record holds it: where it was and what it held, so a replay can tell it changed."""
     if path is None:
         return None
-    return {"path": _absolute_if_local(path), "sha256": _sha256(path)}
+    return {"path": _absolute_if_local(path), "sha256": file_sha256(path)}
 
 
 def _file_from_record(value: dict[str, str] | str | None, flag: str) -> str | None:
@@ -179,7 +168,7 @@ def _file_from_record(value: dict[str, str] | str | None, flag: str) -> str | No
     path, recorded_hash = value["path"], value["sha256"]
     if not Path(path).is_file():
         raise DataError(f"{flag} {path}: no such file, and the image was made from it")
-    if _sha256(path) != recorded_hash:
+    if file_sha256(path) != recorded_hash:
         raise DataError(f"{flag} {path} has changed since the image was made (its sha256 differs from the "
                         "recorded one); restore that file to remake the image")
     return path
@@ -412,8 +401,8 @@ def a1111_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
         found[f"ControlNet {i}"] = unit
     for lora in record.get("loras") or []:
         found[f"Lora {Path(lora['path']).name}"] = f"{lora['scale']:g}"
-    if lora_hashes(record.get("loras")):
-        found["Lora hashes"] = lora_hashes(record.get("loras"))
+    if hashes := lora_hashes(record.get("loras")):
+        found["Lora hashes"] = hashes
     found["Version"] = f"sdcli {record['sdcli_version']}"
     head = [(k, found[k]) for k in A1111_ORDER if found.get(k) is not None]
     return head + [(k, v) for k, v in found.items() if k not in A1111_ORDER]
