@@ -59,13 +59,13 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
 
     from sdcli import distributed
     from sdcli.generation.engine import Engine
-    from sdcli.generation.outputs import ImageWriter
+    from sdcli.generation.outputs import ImageWriter, emit
     from sdcli.generation.run import plan
     from sdcli.progress import Notes, progress_bar
 
     # 1. Everything that needs no weights: the plan and where its files go.
     p = plan(settings)
-    writer = ImageWriter(out, p, overwrite=overwrite, json=json)
+    writer = ImageWriter(out, p, overwrite=overwrite, announce=lambda path, record: emit(path, record, json))
     s, say = p.settings, Notes(not quiet and p.is_main)
     # 2. Load the model (the slow part).
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
         for item in engine.run(p, on_step=lambda step: advance(step.images), say=say, on_ready=ready):
             writer.write(item)
             done_at.append(time.perf_counter())
-    written = writer.finish(quiet)
+    written = writer.finish(Notes(not quiet))
     # 4. How long it took; the first compiled image apart, so the steady speed is visible.
     if p.state is None and s.compile and done_at:
         text = f"first image {done_at[0] - t0:.1f}s (includes torch.compile)"

@@ -362,7 +362,7 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, 
     p = engine.plan(settings)
     slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt" for prompt in settings.prompts]
     writer = ImageWriter(out / VALIDATION_DIR / f"step-{step:06d}", p,
-                         name=lambda job: f"{job.index:02d}-{slugs[job.index]}.png", results=False)
+                         name=lambda job: f"{job.index:02d}-{slugs[job.index]}.png")
     for item in engine.run(p, extra_record={"finetune_validation": {"out": str(out), "step": step}}):
         writer.write(item)
-    return writer.finish(quiet=True)
+    return writer.finish()

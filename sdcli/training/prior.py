@@ -76,7 +76,7 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     engine = Engine.around(pipe, settings, family=family.name)
     p = engine.plan(settings)
     slug = re.sub(r"[^a-z0-9]+", "-", cfg.class_prompt.lower()).strip("-")[:40] or "class"
-    writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png", results=False)
+    writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png")
     pipe.to(device)
     written = []
     try:
@@ -88,7 +88,7 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
             written.append(path)
     finally:
         pipe.to("cpu")
-    writer.finish(quiet=True)
+    writer.finish()
     return written
 
 
