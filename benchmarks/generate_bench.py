@@ -105,7 +105,7 @@ def against_diffusers(model: str, steps: int, runs: int, size: int | None = None
     import torch
     from PIL import Image
 
-    from sdcli.generation import Settings, iter_images, plan, prepare_pipeline
+    from sdcli.generation import Engine, Settings, plan
 
     extra: dict = {}
     if inpaint is not None:
@@ -117,7 +117,7 @@ def against_diffusers(model: str, steps: int, runs: int, size: int | None = None
     s = Settings(prompts=[prompt], model=model, steps=steps, guidance=[7.5], seeds=[0], width=size, height=size,
                  **extra)
     jobs = plan(s, distributed=False).jobs
-    loaded = prepare_pipeline(s)
+    loaded = Engine.load(s)
     pipe = loaded.pipe
     call: dict = {"width": size, "height": size} if size else {}
     if inpaint is not None:
@@ -132,7 +132,7 @@ def against_diffusers(model: str, steps: int, runs: int, size: int | None = None
              generator=torch.Generator("cpu").manual_seed(0), output_type="np", **call)
 
     def ours() -> None:
-        list(iter_images(s, loaded, jobs, on_step=lambda n: None))
+        list(loaded.images(s, jobs, on_step=lambda n: None))
 
     direct(), ours()  # warm-up
     t_direct, t_ours = [], []

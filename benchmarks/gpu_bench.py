@@ -121,12 +121,12 @@ def run_diffusers(pipe, steps: int, res: int, device: str, batch: int = 1) -> tu
 
 def run_sdcli(loaded, settings, device: str) -> tuple[float, float, int]:
     """Seconds per image, UNet it/s and images made for one call (every seed of ``settings`` in one batch)."""
-    from sdcli.generation import iter_images, plan_jobs
+    from sdcli.generation import plan_jobs
 
     timer = Timer(device)
     sync(device)
     t0 = time.perf_counter()
-    items = list(iter_images(settings, loaded, plan_jobs(settings, list(settings.seeds)), on_step=timer))
+    items = list(loaded.images(settings, plan_jobs(settings, list(settings.seeds)), on_step=timer))
     sync(device)
     return (time.perf_counter() - t0) / len(items), timer.its(), len(items)
 
@@ -186,14 +186,14 @@ def memory_bench(model: str, res: int, steps: int, device: str) -> dict:
     """Peak GPU memory for one image with sdcli's defaults and with --cpu-offload, each pipeline loaded alone."""
     import torch
 
-    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.generation import Engine, Settings
 
     out = {}
     for name, offload in (("sdcli", False), ("sdcli --cpu-offload", True)):
         torch.cuda.reset_peak_memory_stats()
         settings = Settings(prompts=["a red circle"], model=model, steps=steps, seeds=[0], width=res, height=res,
                             cpu_offload=offload)
-        loaded = prepare_pipeline(settings)
+        loaded = Engine.load(settings)
         seconds, _its, _n = run_sdcli(loaded, settings, device)
         out[name] = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                      "first_image_s": round(seconds, 3)}
@@ -258,7 +258,7 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.generation import Engine, Settings
     from sdcli.pipeline import resolve_device, resolve_dtype
 
     device = resolve_device("auto")
@@ -288,14 +288,14 @@ def main() -> None:
         plain.set_progress_bar_config(disable=True)
         settings = {b: Settings(prompts=["a red circle"], model=model, steps=args.steps, seeds=list(range(b)),
                                 width=res, height=res, batch_size=b) for b in batches}
-        ours = prepare_pipeline(settings[batches[0]])
+        ours = Engine.load(settings[batches[0]])
         peak = peak_for(device)
         flops = {b: unet_flops(ours.pipe.unet, res, device, dtype, b) for b in batches}
         ours_flat = None
         if args.bisect:
             flat = {b: Settings(**{**s.__dict__, "channels_last": False}) for b, s in settings.items()}
             plain_text = {b: Settings(**{**s.__dict__, "prompt_syntax": "plain"}) for b, s in settings.items()}
-            ours_flat = prepare_pipeline(flat[batches[0]])
+            ours_flat = Engine.load(flat[batches[0]])
 
         def eager(b: int) -> dict:
             variants = {"diffusers": lambda: run_diffusers(plain, args.steps, res, device, b),
@@ -317,7 +317,7 @@ def main() -> None:
                                  for b, s in settings.items()}
             name = f"sdcli --compile {mode}" if device.startswith("cuda") else "sdcli --compile"
             t0 = time.perf_counter()
-            compiled = prepare_pipeline(compiled_settings[batches[0]])
+            compiled = Engine.load(compiled_settings[batches[0]])
             firsts = {}
             for b in batches:  # a new batch size is a new shape: compiled again
                 t1 = time.perf_counter()

@@ -53,6 +53,7 @@ class Opt:
     envvar: str | None = None
     show_default: bool | str = True
     range: "Range | None" = None  # the numbers it may take (finite always); checked by `check_ranges`
+    at_load: bool = False  # decided when the model loads (device, dtype, compile), not by each request
 
     def replace(self, **changes: Any) -> "Opt":
         return dataclasses.replace(self, **changes)

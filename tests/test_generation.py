@@ -36,16 +36,15 @@ def hand_loop(pipe, prompt: str, seed: int, steps: int, mode: str, g: float = 0.
 
 @pytest.fixture(scope="module")
 def loaded(tiny_sd):
-    from sdcli.generation import prepare_pipeline
+    from sdcli.generation import Engine
 
-    return prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, scheduler="ddim"))
+    return Engine.load(Settings(prompts=["x"], model=tiny_sd, scheduler="ddim"))
 
 
 def sdcli_image(loaded, g: float, seed: int = 5, steps: int = 4) -> np.ndarray:
-    from sdcli.generation import iter_images
 
     s = Settings(prompts=["a red circle"], steps=steps, guidance=[g], seeds=[seed], scheduler="ddim")
-    (item,) = list(iter_images(s, loaded, plan_jobs(s, [seed])))
+    (item,) = list(loaded.images(s, plan_jobs(s, [seed])))
     return np.asarray(item.image, dtype=np.int16)
 
 
@@ -103,11 +102,10 @@ def test_check_settings_names_the_bad_value(change, message):
 
 
 def test_batches_give_the_same_images_as_one_at_a_time(loaded):
-    from sdcli.generation import iter_images
 
     def run(batch_size):
         s = Settings(prompts=["a", "b"], steps=2, guidance=[4.0], seeds=[1], batch_size=batch_size, scheduler="ddim")
-        return [np.asarray(i.image, np.int16) for i in iter_images(s, loaded, plan_jobs(s, [1]))]
+        return [np.asarray(i.image, np.int16) for i in loaded.images(s, plan_jobs(s, [1]))]
 
     one, two = run(1), run(2)
     assert len(one) == len(two) == 2

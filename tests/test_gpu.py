@@ -22,13 +22,13 @@ def _image(result):
 
 
 def test_defaults_on_cuda_are_float16_and_channels_last_only_compiled(tiny_sd):
-    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.generation import Engine, Settings
 
-    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd))
+    loaded = Engine.load(Settings(prompts=["x"], model=tiny_sd))
     unet = loaded.pipe.unet
     assert loaded.device == "cuda" and unet.dtype == torch.float16
     assert unet.conv_in.weight.is_contiguous()  # eager: channels-last measured slower on an H100
-    compiled = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, compile=True)).pipe.unet._orig_mod
+    compiled = Engine.load(Settings(prompts=["x"], model=tiny_sd, compile=True)).pipe.unet._orig_mod
     assert compiled.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -69,15 +69,15 @@ def test_cpu_offload_never_puts_the_whole_pipeline_on_the_gpu(tiny_sd):
 
 def test_nan_in_float16_names_the_fix(tiny_sd):
     from sdcli.errors import SdcliError
-    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+    from sdcli.generation import Engine, Settings, plan_jobs
 
     s = Settings(prompts=["x"], model=tiny_sd, steps=1, seeds=[1])
-    loaded = prepare_pipeline(s)
+    loaded = Engine.load(s)
     with torch.no_grad():
         loaded.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))  # what a float16 overflow leaves behind
     assert loaded.dtype == torch.float16
     with pytest.raises(SdcliError, match="--dtype bfloat16 or float32"):
-        list(iter_images(s, loaded, plan_jobs(s, [1])))
+        list(loaded.images(s, plan_jobs(s, [1])))
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -64,14 +64,14 @@ def test_bfloat16_on_cpu_is_recorded(cli, tiny_sd):
 def test_nan_output_is_reported_not_saved_as_black(tiny_sd):
     import torch
 
-    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+    from sdcli.generation import Engine, Settings, plan_jobs
 
     s = Settings(prompts=["x"], model=tiny_sd, steps=1, seeds=[1])
-    loaded = prepare_pipeline(s)
+    loaded = Engine.load(s)
     with torch.no_grad():
         loaded.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
     with pytest.raises(SdcliError, match="NaN"):
-        list(iter_images(s, loaded, plan_jobs(s, [1])))
+        list(loaded.images(s, plan_jobs(s, [1])))
 
 
 def test_bfloat16_on_a_card_without_it_is_refused(monkeypatch):
@@ -147,12 +147,10 @@ def test_a_loaded_pipeline_of_no_family_is_refused_and_a_subclass_of_a_family_is
             call(mine)
     assert family_of(MySD(**sd.components)) == "sd1" and denoiser(MySD(**sd.components)) is sd.unet
     # A library caller handing generate such a pipeline gets the same line, before any image is made.
-    from sdcli.generation.run import Settings, generate, plan
-    from sdcli.pipeline import Loaded
+    from sdcli.generation import Engine, Settings
 
-    p = plan(Settings(prompts=["x"], model=tiny_sd, steps=1, seeds=[1], width=16, height=16), distributed=False)
     with pytest.raises(ModelError, match="^the pipeline is a MyOwnPipeline; sdcli works with"):
-        list(generate(p, loaded=Loaded(mine, tiny_sd, "sd1", "cpu", sd.dtype), quiet=True))
+        Engine.around(mine, Settings(prompts=["x"], model=tiny_sd, device="cpu"), family="sd1")
 
 
 def test_each_compile_mode_sets_its_inductor_options_and_only_those(tiny_sd, monkeypatch):

@@ -105,3 +105,21 @@ def test_readme_block_runs(cli, tmp_path, line, cmds):
                 path = tmp_path / path
             if path.suffix == ".png":
                 assert path.exists(), f"README.md:{line}: {command} printed {written} but wrote nothing there"
+
+
+def python_blocks() -> list[tuple[int, str]]:
+    """The README's Python blocks that run on the bundled model."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return [(text[: m.start()].count("\n") + 1, m.group(2)) for m in FENCE.finditer(text)
+            if m.group(1) == "python" and 'sdcli.load("bundled:shapes"' in m.group(2)]
+
+
+@pytest.mark.parametrize("line,code", python_blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
+def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    # What the example says it makes, it made: the saved images, and the second request's steps.
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["circle-1.png", "circle-2.png"]
+    assert capsys.readouterr().out.count("step ") == 10
+    assert namespace["made"][0].image.size == (96, 64)

@@ -37,11 +37,11 @@ def test_auto_takes_the_free_cores_and_at_least_one(monkeypatch):
 def test_threads_option_sets_torchs_count_and_zero_is_refused(cli, tiny_sd):
     import torch
 
-    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.generation import Engine, Settings
 
     before = torch.get_num_threads()
     try:
-        prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, threads=1))
+        Engine.load(Settings(prompts=["x"], model=tiny_sd, threads=1))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

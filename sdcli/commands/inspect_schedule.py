@@ -220,7 +220,7 @@ def inspect_schedule_cmd(
         overrides=overrides, shift=shift, resolution=size_wh, at=at, every=every,
         profile=None if choice is None else partial(profile.training_profile, choice=choice), plot=plot,
         image=image, out=out, latent_model=vae_model if latent else None, seed=seed, size=size, device=device,
-        overwrite=overwrite, quiet=quiet)
+        overwrite=overwrite, say=None if quiet else partial(note, False))
 
     # 4. Results on stdout, warnings on stderr
     for info in infos:

@@ -1,8 +1,8 @@
 """Where generated images go and what else is written beside them.
 
 Numbered files in a folder (never overwriting), one named .png, trajectory
-strips and GIFs, and contact sheets, each written atomically; paths (or JSON
-records) go to stdout as soon as each file exists.
+strips and GIFs, and contact sheets, each written atomically; each file is
+announced to the front-end as soon as it exists (`generate` prints its path, or JSON, on stdout).
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ class ImageWriter:
     Everything is checked here, before the model loads.
     """
 
-    def __init__(self, out: Path | None, plan: Any, *, overwrite: bool = False, json: bool = False,
-                 name: Callable[[Any], str] | None = None, results: bool = True):
+    def __init__(self, out: Path | None, plan: Any, *, overwrite: bool = False,
+                 name: Callable[[Any], str] | None = None, announce: Callable[[Path, dict[str, Any]], None] | None = None):
         from sdcli.images import check_new_file, check_writable
 
-        # results=False: the images are a by-product of another command (finetune's validation and class
-        # images), whose stdout holds its own result (finetune --json lists validation images in it).
-        self.plan, self.overwrite, self.json, self.name, self.results = plan, overwrite, json, name, results
+        # ``announce(path, record)`` tells a front-end of each file written (`generate` prints it: `emit`);
+        # without it the images are a by-product of another command (finetune's validation and class images),
+        # whose stdout holds its own result.
+        self.plan, self.overwrite, self.name, self.announce = plan, overwrite, name, announce
         self.written: list[dict[str, Any]] = []
         count = len(plan.jobs)
         out = Path(out) if out is not None else defaults.OUT_DIR
@@ -94,17 +95,17 @@ class ImageWriter:
         self.written.append({"path": str(path), **item.job.values})
         return path
 
-    def finish(self, quiet: bool = False) -> list[Path]:
-        """After the last image: one summary and the contact sheets, from the main process."""
+    def finish(self, say: Callable[[str], None] | None = None) -> list[Path]:
+        """After the last image: one summary (to ``say``, from the main process) and the contact sheets."""
         from sdcli import distributed
-        from sdcli.progress import note
 
         plan = self.plan
         everyone = distributed.gather(self.written, plan.state)
         if plan.state is not None:
             counts = distributed.gather([len(self.written)], plan.state)
-            note(quiet or not plan.is_main, f"{len(everyone)} images from {plan.state.num_processes} processes "
-                                            f"(per process: {', '.join(map(str, counts))})")
+            if say is not None and plan.is_main:
+                say(f"{len(everyone)} images from {plan.state.num_processes} processes "
+                    f"(per process: {', '.join(map(str, counts))})")
         if plan.is_main and plan.swept() and self.file is None:
             write_contact_sheets(everyone, self, plan.swept())
         if plan.state is not None:
@@ -114,9 +115,9 @@ class ImageWriter:
         return [Path(w["path"]) for w in self.written]
 
     def emit(self, path: Path, record: dict[str, Any]) -> None:
-        """Announce a written file on stdout, unless the images are another command's by-product."""
-        if self.results:
-            emit(path, record, self.json)
+        """Announce a written file to the front-end, if it asked."""
+        if self.announce is not None:
+            self.announce(path, record)
 
     def sheet(self, prompt_index: int) -> Path:
         return self.folder / f"{self.next:05d}-sheet{prompt_index}.png"
@@ -143,7 +144,7 @@ def reserve_numbers(folder: Path, count: int) -> int:
 
 
 def emit(path: Path, record: dict[str, Any], json: bool) -> None:
-    """A result line on stdout: the path, or the path and record as JSON.
+    """`generate`'s result line on stdout: the path, or the path and record as JSON.
 
     The line and its newline go out in one write: processes of one multi-process run share stdout, and
     print's two writes (text, then end) let another process's line land between them.

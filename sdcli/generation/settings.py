@@ -216,9 +216,9 @@ class Settings:
         cli_type=list[str], parse=lambda specs: [parse_embedding(s) for s in specs],
         to_record=embeddings_to_record, from_record=embeddings_from_record, a1111="TI hashes", to_a1111=ti_hashes,
         show_default=False)
-    model: Optional[str] = option(None, options.MODEL, to_record=lambda m: m and _model_reference(m))
-    revision: Optional[str] = option(None, options.REVISION)
-    variant: Optional[str] = option(None, options.VARIANT)
+    model: Optional[str] = option(None, options.MODEL, at_load=True, to_record=lambda m: m and _model_reference(m))
+    revision: Optional[str] = option(None, options.REVISION, at_load=True)
+    variant: Optional[str] = option(None, options.VARIANT, at_load=True)
     allow_pickle: bool = option(False, options.ALLOW_PICKLE)
     steps: int = option(defaults.STEPS, help="Denoising steps.", a1111="Steps", range=Range(1))
     guidance: list[float] = option(
@@ -249,17 +249,21 @@ class Settings:
     height: Optional[int] = option(None, help="Height in pixels. Default: the model's.", flags=("--height", "-H"),
                                    range=Range(0, open=("low",)))
     batch_size: int = option(1, help="Images denoised together.", role=RUNTIME, range=Range(1))
-    device: str = option("auto", options.DEVICE)
-    dtype: str = option("auto", options.DTYPE)
-    threads: Optional[int] = option(None, options.THREADS)
-    cpu_offload: bool = option(False, help="Keep idle models in CPU memory (CUDA only).", role=RUNTIME)
-    vae_tiling: bool = option(False, help="Decode in tiles, for large images on small GPUs.", role=RUNTIME)
-    attention_slicing: bool = option(False, help="Compute attention in slices to save memory.", role=RUNTIME)
-    compile: bool = option(False, help="torch.compile the UNet (slow first image).", flags=("--compile",), role=RUNTIME)
+    device: str = option("auto", options.DEVICE, at_load=True)
+    dtype: str = option("auto", options.DTYPE, at_load=True)
+    threads: Optional[int] = option(None, options.THREADS, at_load=True)
+    cpu_offload: bool = option(False, help="Keep idle models in CPU memory (CUDA only).", role=RUNTIME,
+                               at_load=True)
+    vae_tiling: bool = option(False, help="Decode in tiles, for large images on small GPUs.", role=RUNTIME,
+                              at_load=True)
+    attention_slicing: bool = option(False, help="Compute attention in slices to save memory.", role=RUNTIME,
+                                     at_load=True)
+    compile: bool = option(False, help="torch.compile the UNet (slow first image).", flags=("--compile",), role=RUNTIME,
+                           at_load=True)
     compile_mode: str = option(
         defaults.COMPILE_MODE, help="With --compile, on CUDA: torch.compile's mode (reduce-overhead adds CUDA graphs; "
-        "max-autotune tries kernels for minutes first).", cli_type=options.CompileMode, role=RUNTIME)
-    channels_last: Optional[bool] = option(None, options.CHANNELS_LAST)
+        "max-autotune tries kernels for minutes first).", cli_type=options.CompileMode, role=RUNTIME, at_load=True)
+    channels_last: Optional[bool] = option(None, options.CHANNELS_LAST, at_load=True)
     # The range of a (path, scale) setting is its scales': past ±100 a LoRA is a typo that overflows the weights.
     loras: list[tuple[str, float]] = option(
         [], help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.", flags=("--lora",),
@@ -290,7 +294,7 @@ class Settings:
                                         task="hires", a1111="Hires steps", range=Range(1))
     vae: Optional[str] = option(
         None, help="Replace the model's VAE: a VAE folder or Hub id (or a pipeline's, whose vae/ is used).",
-        to_record=lambda v: v and _absolute_if_local(v), a1111="VAE", to_a1111=lambda v: Path(v).name)
+        to_record=lambda v: v and _absolute_if_local(v), a1111="VAE", to_a1111=lambda v: Path(v).name, at_load=True)
     # Recorded as "sigmas"; AUTOMATIC1111's "Schedule type" is read off the scheduler that ran (base_record).
     sigmas: str = option("default", help="σ spacing, for the samplers that have one (euler, heun, lms, dpm, unipc).",
                          cli_type=Sigmas)
@@ -318,6 +322,11 @@ class Settings:
 
 
 RUNTIME_FIELDS = tuple(d.name for d in by_role(Settings, RUNTIME))
+
+
+def at_load() -> list[str]:
+    """The settings decided when the model loads (`sdcli.generation.engine.Engine.load`), not per request."""
+    return [d.name for d in declared(Settings) if d.opt.at_load]
 
 
 # 3. Checks that need no weights ------------------------------------------------------------------

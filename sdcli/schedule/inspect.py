@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from sdcli.progress import note
 from sdcli.schedule import core
 from sdcli.schedule.core import Schedule
 
@@ -21,12 +20,13 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
             profile: Callable[[Schedule], dict[str, Any]] | None = None, plot: Path | None = None,
             image: Path | None = None, out: Path | None = None, latent_model: str | None = None, seed: int = 0,
             size: int = 256, device: Any = "auto", overwrite: bool = False,
-            quiet: bool = False) -> tuple[list[dict[str, Any]], dict[str, str]]:
+            say: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Each schedule's description (``describe``'s dict, with ``"training"`` when ``profile`` is given) and the
     files written ({"plot": path, "strip": path}).
 
     ``sources`` are ("preset" | "model", name) pairs; ``overrides`` go to `core.with_overrides`; ``image`` is
     noised into ``out`` (in ``latent_model``'s VAE latent space when given), ``plot`` gets the curves.
+    ``say`` gets what it is doing that takes time (loading a VAE).
     """
     from sdcli.schedule import report
 
@@ -65,7 +65,8 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
         if latent_model is not None:
             from sdcli.pipeline import resolve_device
 
-            note(quiet, f"loading the VAE of {latent_model}")
+            if say is not None:
+                say(f"loading the VAE of {latent_model}")
             vae = report.load_vae(latent_model, revision, resolve_device(device))
         outputs["strip"] = str(report.forward_strip(schedules, image, timesteps, out, seed=seed, size=size, vae=vae,
                                                     model=latent_model, overwrite=overwrite))

@@ -343,11 +343,8 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, 
     model's kind ("cfg", "distilled", "none"): --validation-guidance is Flux-dev's distilled guidance, and
     without it generate's own default applies.
     """
-    import torch
-
-    from sdcli.generation import Settings, generate, plan
+    from sdcli.generation import Engine, Settings
     from sdcli.generation.outputs import ImageWriter
-    from sdcli.pipeline import Loaded, facts_of
 
     out = Path(cfg.out).resolve()
     settings = Settings(
@@ -360,12 +357,12 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, 
             settings.distilled_guidance = cfg.validation_guidance
         else:
             settings.guidance = [cfg.validation_guidance]
-    p = plan(settings, distributed=False, model_on_disk=False, facts=facts_of(pipe))
-    loaded = Loaded(pipe=pipe, model=settings.model, family=family, device=str(device), dtype=torch.float32)
+    # The LoRA being trained is in the pipeline already (its adapter, live): recorded, not loaded again.
+    engine = Engine.around(pipe, settings, family=family, baked=settings.loras)
+    p = engine.plan(settings)
     slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt" for prompt in settings.prompts]
     writer = ImageWriter(out / VALIDATION_DIR / f"step-{step:06d}", p,
-                         name=lambda job: f"{job.index:02d}-{slugs[job.index]}.png", results=False)
-    for item in generate(p, quiet=True, loaded=loaded,
-                         extra_record={"finetune_validation": {"out": str(out), "step": step}}):
+                         name=lambda job: f"{job.index:02d}-{slugs[job.index]}.png")
+    for item in engine.run(p, extra_record={"finetune_validation": {"out": str(out), "step": step}}):
         writer.write(item)
-    return writer.finish(quiet=True)
+    return writer.finish()

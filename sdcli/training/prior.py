@@ -64,11 +64,8 @@ def fill(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, is_main: bool
 
 
 def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: int, count: int) -> list[Path]:
-    import torch
-
-    from sdcli.generation import Settings, generate, plan
+    from sdcli.generation import Engine, Settings
     from sdcli.generation.outputs import ImageWriter
-    from sdcli.pipeline import Loaded, facts_of
 
     folder = Path(cfg.class_data)
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,15 +73,14 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     seeds = [data.mix_seed(cfg.seed, 5, first + i) % 2**32 for i in range(count)]
     settings = Settings(prompts=[cfg.class_prompt], model=cfg.model, revision=cfg.revision, variant=cfg.variant,
                         seeds=seeds, width=cfg.resolution, height=cfg.resolution, device=str(device))
-    p = plan(settings, distributed=False, model_on_disk=False, facts=facts_of(pipe))
-    loaded = Loaded(pipe=pipe, model=settings.model, family=family.name, device=str(device), dtype=torch.float32)
+    engine = Engine.around(pipe, settings, family=family.name)
+    p = engine.plan(settings)
     slug = re.sub(r"[^a-z0-9]+", "-", cfg.class_prompt.lower()).strip("-")[:40] or "class"
-    writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png", results=False)
+    writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png")
     pipe.to(device)
     written = []
     try:
-        for item in generate(p, quiet=cfg.quiet, loaded=loaded,
-                             extra_record={"finetune_class_image": {"class_prompt": cfg.class_prompt}}):
+        for item in engine.run(p, extra_record={"finetune_class_image": {"class_prompt": cfg.class_prompt}}):
             path = writer.write(item)
             # The sidecar after the image: a run stopped between the two leaves an image that `load` still
             # captions with the class prompt, and no caption without its image.
@@ -92,7 +88,7 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
             written.append(path)
     finally:
         pipe.to("cpu")
-    writer.finish(quiet=True)
+    writer.finish()
     return written
 
 

@@ -167,26 +167,25 @@ def test_closed_form_x0_matches_ddims_own_estimate(prediction_type):
     import torch
     from diffusers import DDIMScheduler
 
-    from sdcli.generation.trajectory import StepRecorder
+    from sdcli.generation.trajectory import closed_form_x0
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           prediction_type=prediction_type, clip_sample=False)
     sched.set_timesteps(10)
     g = torch.Generator().manual_seed(0)
     sample, output = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
-    recorder = StepRecorder(sched)
     for t in sched.timesteps[:3]:
-        ours = recorder._closed_form_x0(output, t, sample)
+        ours = closed_form_x0(sched, output, t, sample)
         theirs = sched.step(output, t, sample).pred_original_sample
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_trajectory_is_recorded_for_a_scheduler_without_its_own_estimate(tiny_sd):
-    from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+    from sdcli.generation import Engine, Settings, plan_jobs
 
     s = Settings(prompts=["x"], model=tiny_sd, steps=3, scheduler="dpm++2m", seeds=[1], save_trajectory=True)
-    loaded = prepare_pipeline(s)
-    (item,) = list(iter_images(s, loaded, plan_jobs(s, [1])))
+    loaded = Engine.load(s)
+    (item,) = list(loaded.images(s, plan_jobs(s, [1])))
     assert len(item.trajectory) == 3
     assert item.trajectory[0].size == item.image.size
     # The estimate moves as denoising proceeds.

@@ -197,10 +197,10 @@ def test_memory_options_keep_the_image(cli, tiny_sd, tmp_path):
 def test_memory_options_take_effect(tiny_sd):
     from diffusers.models.attention_processor import SlicedAttnProcessor
 
-    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.generation import Engine, Settings
 
     def pipe(**kw):
-        return prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe
+        return Engine.load(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe
 
     plain, small = pipe(), pipe(vae_tiling=True, attention_slicing=True)
     assert small.vae.use_tiling and small.vae.use_slicing
@@ -232,7 +232,7 @@ def test_channels_last_is_applied_on_request_and_by_default_only_compiled_on_cud
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.generation import Engine, Settings
     from sdcli.pipeline import apply_runtime_options
 
     def channels_last(unet):
@@ -240,7 +240,7 @@ def test_channels_last_is_applied_on_request_and_by_default_only_compiled_on_cud
         return unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
     def layout(**kw):
-        return channels_last(prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe.unet)
+        return channels_last(Engine.load(Settings(prompts=["x"], model=tiny_sd, **kw)).pipe.unet)
 
     assert layout(channels_last=True) and not layout(channels_last=False)
     assert not layout()  # eager: the default layout, on every device
@@ -251,10 +251,10 @@ def test_channels_last_is_applied_on_request_and_by_default_only_compiled_on_cud
 
 
 def test_compile_fuses_attention_projections_but_not_under_a_lora(tiny_sd, loras):
-    from sdcli.generation import Settings, prepare_pipeline
+    from sdcli.generation import Engine, Settings
 
     def fused(**kw):
-        unet = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, compile=True, **kw)).pipe.unet
+        unet = Engine.load(Settings(prompts=["x"], model=tiny_sd, compile=True, **kw)).pipe.unet
         return {type(p).__name__ for p in unet._orig_mod.attn_processors.values()} == {"FusedAttnProcessor2_0"}
 
     assert fused()

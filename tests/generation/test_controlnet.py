@@ -51,14 +51,14 @@ def record_of(path: Path) -> dict:
 
 def ours(model, monkeypatch=None, **kw) -> Image.Image:
     """sdcli's image (before an inpainting composite, given ``monkeypatch``) for settings ``kw``."""
-    from sdcli.generation import Settings, iter_images, plan, prepare_pipeline
+    from sdcli.generation import Engine, Settings, plan
     from sdcli.generation.tasks import Inpaint
 
     if monkeypatch is not None:
         monkeypatch.setattr(Inpaint, "finish", lambda self, prepared, images: images)
     s = Settings(prompts=[PROMPT], model=model, steps=3, seeds=[1], **kw)
     p = plan(s, distributed=False)
-    (item,) = iter_images(s, prepare_pipeline(s), p.jobs)
+    (item,) = Engine.load(s).images(s, p.jobs)
     return item.image
 
 

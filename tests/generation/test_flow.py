@@ -75,13 +75,13 @@ def test_flux_schnell_runs_without_guidance(cli, tiny_flow_models, tmp_path):
 
 def test_flow_trajectory_ends_on_the_image(tiny_flow_models):
     # x̂_0 = x_t − σ·v; Euler's last step goes to σ = 0 by the same v, so the last frame is the image itself.
-    from sdcli.generation import Settings, iter_images, plan, prepare_pipeline
+    from sdcli.generation import Engine, Settings, plan
 
     for family in ("sd3", "flux"):
         s = Settings(prompts=["a red circle"], model=tiny_flow_models[family], steps=3, seeds=[1], width=16,
                      height=16, save_trajectory=True)
         p = plan(s, distributed=False)
-        (item,) = iter_images(s, prepare_pipeline(s), p.jobs)
+        (item,) = Engine.load(s).images(s, p.jobs)
         frames = [np.asarray(f, np.int16) for f in item.trajectory]
         assert len(frames) == 3
         assert np.abs(frames[-1] - np.asarray(item.image, np.int16)).max() <= 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdcli.generation import Settings, iter_images, plan_jobs, prepare_pipeline
+from sdcli.generation import Engine, Settings, plan_jobs
 from sdcli.generation.prompts import PromptSyntax, TextConditioning, chunk_tokens, frame, parse_weights
 from conftest import one_error_line, paths_of, pixels
 
@@ -69,12 +69,12 @@ def test_chunks_hold_75_tokens_and_an_embedding_never_straddles_two():
 
 @pytest.fixture(scope="module")
 def pipelines(tiny_models):
-    return {family: prepare_pipeline(Settings(prompts=["x"], model=path)) for family, path in tiny_models.items()}
+    return {family: Engine.load(Settings(prompts=["x"], model=path)) for family, path in tiny_models.items()}
 
 
 def image(loaded, prompt: str, g: float = 7.5, **settings) -> np.ndarray:
     s = Settings(prompts=[prompt], steps=2, guidance=[g], seeds=[3], **settings)
-    (item,) = list(iter_images(s, loaded, plan_jobs(s, [3])))
+    (item,) = list(loaded.images(s, plan_jobs(s, [3])))
     return np.asarray(item.image, np.int16)
 
 
@@ -211,7 +211,7 @@ def bundled_text():
 
     if not (BUNDLED_MODEL / "model_index.json").is_file():
         pytest.skip("no bundled model in sdcli/models/shapes")
-    loaded = prepare_pipeline(Settings(prompts=["x"], model=str(BUNDLED_MODEL)))
+    loaded = Engine.load(Settings(prompts=["x"], model=str(BUNDLED_MODEL)))
     return TextConditioning(Settings(prompts=["x"]), loaded.pipe)
 
 
@@ -264,7 +264,7 @@ def test_prompts_of_different_lengths_batch_like_one_at_a_time(pipelines):
 
     def run(batch_size):
         s = Settings(prompts=prompts, steps=2, guidance=[7.5], seeds=[1], batch_size=batch_size)
-        return [np.asarray(i.image, np.int16) for i in iter_images(s, loaded, plan_jobs(s, [1]))]
+        return [np.asarray(i.image, np.int16) for i in loaded.images(s, plan_jobs(s, [1]))]
 
     for a, b in zip(run(1), run(2)):
         assert np.abs(a - b).max() <= 1
@@ -332,7 +332,7 @@ def test_an_edited_prompt_that_grows_a_chunk_batches_like_one_at_a_time(pipeline
 
     def run(batch_size):
         s = Settings(prompts=prompts, steps=2, guidance=[7.5], seeds=[1], batch_size=batch_size)
-        return [np.asarray(i.image, np.int16) for i in iter_images(s, loaded, plan_jobs(s, [1]))]
+        return [np.asarray(i.image, np.int16) for i in loaded.images(s, plan_jobs(s, [1]))]
 
     for a, b in zip(run(1), run(2)):
         assert np.abs(a - b).max() <= 1
@@ -421,10 +421,11 @@ def test_an_a1111_embedding_loads_and_its_token_changes_the_image(cli, tiny_sd, 
 def test_a_multi_vector_embedding_reads_the_same_in_both_syntaxes(tiny_sd, tmp_path):
     """diffusers expands T into T T_1 ... itself under plain syntax; the a1111 path must do the same."""
     path = save(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": random_vectors(3, 32)})
-    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, embeddings=[(path, "<cat-toy>")]))
-    assert np.array_equal(image(loaded, "a <cat-toy> circle"), image(loaded, "a <cat-toy> circle",
-                                                                     prompt_syntax="plain"))
-    assert not np.array_equal(image(loaded, "a <cat-toy> circle"), image(loaded, "a circle"))
+    loaded = Engine.load(Settings(prompts=["x"], model=tiny_sd))
+    emb = {"embeddings": [(path, "<cat-toy>")]}
+    assert np.array_equal(image(loaded, "a <cat-toy> circle", **emb),
+                          image(loaded, "a <cat-toy> circle", prompt_syntax="plain", **emb))
+    assert not np.array_equal(image(loaded, "a <cat-toy> circle", **emb), image(loaded, "a circle", **emb))
 
 
 def test_a_diffusers_learned_embeds_file_is_called_by_its_own_token(tiny_sd, tmp_path):
@@ -438,10 +439,14 @@ def test_a_diffusers_learned_embeds_file_is_called_by_its_own_token(tiny_sd, tmp
     assert parse_embedding(f"{path}:kitty") == (path, "kitty")
     a1111 = save(tmp_path / "easyneg.safetensors", {"emb_params": random_vectors(1, 32)})
     assert parse_embedding(a1111) == (a1111, "easyneg")
-    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_sd, embeddings=[(path, "<cat-toy>")]))
-    pipe = loaded.pipe
-    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<cat-toy>")]
-    assert torch.equal(row, vectors)
+    loaded = Engine.load(Settings(prompts=["x"], model=tiny_sd))
+    rows = loaded.pipe.text_encoder.get_input_embeddings().weight.shape[0]
+    with loaded.request(Settings(prompts=["x"], embeddings=[(path, "<cat-toy>")])) as pipe:
+        row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<cat-toy>")]
+        assert torch.equal(row, vectors)
+    # The request over, the token and its row are gone again.
+    assert "<cat-toy>" not in loaded.pipe.tokenizer.get_vocab()
+    assert loaded.pipe.text_encoder.get_input_embeddings().weight.shape[0] == rows
 
 
 def test_an_sdxl_embedding_fills_both_text_encoders(tiny_models, tmp_path):
@@ -449,12 +454,14 @@ def test_an_sdxl_embedding_fills_both_text_encoders(tiny_models, tmp_path):
 
     l, g = random_vectors(2, 32), random_vectors(2, 32, seed=1)
     path = save(tmp_path / "xl.safetensors", {"clip_l": l, "clip_g": g})
-    loaded = prepare_pipeline(Settings(prompts=["x"], model=tiny_models["sdxl"], embeddings=[(path, "xl")]))
-    pipe = loaded.pipe
-    for tokenizer, model, rows in ((pipe.tokenizer, pipe.text_encoder, l), (pipe.tokenizer_2, pipe.text_encoder_2, g)):
-        ids = tokenizer.convert_tokens_to_ids(["xl", "xl_1"])
-        assert torch.equal(model.get_input_embeddings().weight[ids], rows)
-    assert not np.array_equal(image(loaded, "a xl circle"), image(loaded, "a circle"))
+    loaded = Engine.load(Settings(prompts=["x"], model=tiny_models["sdxl"]))
+    emb = {"embeddings": [(path, "xl")]}
+    with loaded.request(Settings(prompts=["x"], **emb)) as pipe:
+        for tokenizer, model, rows in ((pipe.tokenizer, pipe.text_encoder, l),
+                                       (pipe.tokenizer_2, pipe.text_encoder_2, g)):
+            ids = tokenizer.convert_tokens_to_ids(["xl", "xl_1"])
+            assert torch.equal(model.get_input_embeddings().weight[ids], rows)
+    assert not np.array_equal(image(loaded, "a xl circle", **emb), image(loaded, "a circle", **emb))
 
 
 def test_a_pickled_a1111_embedding_needs_allow_pickle(cli, tiny_sd, tmp_path):

@@ -61,13 +61,13 @@ def settings(model, **kw):
 
 def run(s, monkeypatch=None, composite: bool = True):
     """Our images for settings ``s``, optionally as they are before the composite over the original."""
-    from sdcli.generation import iter_images, plan, prepare_pipeline
+    from sdcli.generation import Engine, plan
     from sdcli.generation.tasks import Inpaint
 
     if not composite:
         monkeypatch.setattr(Inpaint, "finish", lambda self, prepared, images: images)
     p = plan(s, distributed=False)
-    return [item.image for item in iter_images(s, prepare_pipeline(s), p.jobs)]
+    return [item.image for item in Engine.load(s).images(s, p.jobs)]
 
 
 # Inpainting --------------------------------------------------------------------------------------
