@@ -192,21 +192,25 @@ def split_runs(items: list[Any], key: Callable[[Any], Any]) -> list[list[Any]]:
 
 def check_prompt_settings(s: Any) -> None:
     """--clip-skip, --prompt-syntax and --embedding, before anything loads."""
+    from sdcli.errors import SdcliError, about
     from sdcli.generation.embeddings import check_embeddings
 
     if s.clip_skip < 1:
-        raise UsageError(f"--clip-skip must be at least 1 (1 is the last layer), got {s.clip_skip}")
+        raise UsageError(f"--clip-skip must be at least 1 (1 is the last layer), got {s.clip_skip}", setting="clip_skip")
     if s.clip_skip != 1 and s.prompt_syntax == PromptSyntax.plain.value:
         raise UsageError("--clip-skip needs --prompt-syntax a1111 (diffusers' own clip_skip does not work "
-                         "with this transformers version)")
-    check_embeddings(s.embeddings, s.allow_pickle)
+                         "with this transformers version)", setting="clip_skip")
+    try:
+        check_embeddings(s.embeddings, s.allow_pickle)
+    except SdcliError as exc:
+        raise about(exc, "embeddings")
     if s.prompt_syntax == PromptSyntax.a1111.value:
         for prompt in s.prompts:
-            check_prompt_numbers(prompt, "the prompt")
-        check_prompt_numbers(s.negative_prompt or "", "--negative-prompt")
+            check_prompt_numbers(prompt, "the prompt", "prompts")
+        check_prompt_numbers(s.negative_prompt or "", "--negative-prompt", "negative_prompt")
 
 
-def check_prompt_numbers(prompt: str, what: str) -> None:
+def check_prompt_numbers(prompt: str, what: str, setting: str | None = None) -> None:
     """Nesting, weights and switch steps a prompt can be read with, before anything loads: a weight of nan, inf or
     1e300 would reach the model as NaN, and 3000 nested brackets would exhaust the parser's recursion."""
     try:
@@ -215,7 +219,7 @@ def check_prompt_numbers(prompt: str, what: str) -> None:
         parse_weights(prompt)
         parse_weights(every_word(prompt))  # weights as the edited texts show them (an edit's brackets gone)
     except UsageError as exc:
-        raise UsageError(f"{what}: {exc}") from None
+        raise UsageError(f"{what}: {exc}", setting=setting) from None
 
 
 def prompt_warnings(prompt: str, syntax: str) -> list[str]:
