@@ -207,8 +207,9 @@ def declared(cls: type) -> list[Declared]:
 
 
 def flags_of(cls: type) -> dict[str, tuple[str, ...]]:
-    """Each declared setting's command-line flags, the one messages use first: {"guidance": ("--guidance", "-g")}."""
-    return {d.name: tuple(dict.fromkeys((d.flag, *d.opt.flags))) for d in declared(cls)}
+    """Each declared setting's command-line flags, the one messages use first: {"guidance": ("--guidance", "-g")};
+    none for a positional argument (the prompts)."""
+    return {d.name: () if d.opt.argument else tuple(dict.fromkeys((d.flag, *d.opt.flags))) for d in declared(cls)}
 
 
 def setting_of(cls: type, flag: str) -> str | None:

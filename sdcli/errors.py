@@ -45,6 +45,24 @@ def about(exc: SdcliError, setting: str) -> SdcliError:
     return exc
 
 
+def concerning(setting: str):
+    """Decorate a check whose every error is about ``setting`` (`about`): a helper deep inside it need not
+    know which setting its file or value came from."""
+    import functools
+
+    def decorate(check):
+        @functools.wraps(check)
+        def checked(*args, **kwargs):
+            try:
+                return check(*args, **kwargs)
+            except SdcliError as exc:
+                raise about(exc, setting)
+
+        return checked
+
+    return decorate
+
+
 def worded(exc: BaseException, names: Mapping[str, str], *declaring: type) -> str:
     """``exc``'s message as a front-end other than the CLI says it: every command-line flag of a setting
     in ``names`` (setting -> the front-end's name for it, {"guidance": "cfg_scale"}) replaced by that name.

@@ -192,7 +192,6 @@ def split_runs(items: list[Any], key: Callable[[Any], Any]) -> list[list[Any]]:
 
 def check_prompt_settings(s: Any) -> None:
     """--clip-skip, --prompt-syntax and --embedding, before anything loads."""
-    from sdcli.errors import SdcliError, about
     from sdcli.generation.embeddings import check_embeddings
 
     if s.clip_skip < 1:
@@ -200,10 +199,7 @@ def check_prompt_settings(s: Any) -> None:
     if s.clip_skip != 1 and s.prompt_syntax == PromptSyntax.plain.value:
         raise UsageError("--clip-skip needs --prompt-syntax a1111 (diffusers' own clip_skip does not work "
                          "with this transformers version)", setting="clip_skip")
-    try:
-        check_embeddings(s.embeddings, s.allow_pickle)
-    except SdcliError as exc:
-        raise about(exc, "embeddings")
+    check_embeddings(s.embeddings, s.allow_pickle)
     if s.prompt_syntax == PromptSyntax.a1111.value:
         for prompt in s.prompts:
             check_prompt_numbers(prompt, "the prompt", "prompts")
@@ -239,7 +235,7 @@ def check_prompt_editing(prompts: list[str], syntax: str, class_name: Optional[s
 def refuse_prompt_editing(class_name: str) -> None:
     raise UsageError(f"prompt editing ([from:to:when], [a|b]) needs a Stable Diffusion 1.x, 2.x or XL model, whose "
                      f"prompts sdcli encodes itself; {class_name} reads the text as it is (use --prompt-syntax plain "
-                     "to pass the brackets as text)")
+                     "to pass the brackets as text)", setting="prompts")
 
 
 def visible_text(prompt: str, syntax: str) -> str:

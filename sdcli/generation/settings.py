@@ -112,10 +112,11 @@ def check_lora_tensors(path: str) -> None:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                        raise DataError(f"--lora {file}: its tensor {key} holds NaN or infinite values")
+                        raise DataError(f"--lora {file}: its tensor {key} holds NaN or infinite values",
+                                        setting="loras")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise DataError(f"--lora {file} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}"
-                            ) from None
+            raise DataError(f"--lora {file} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}",
+                            setting="loras") from None
 
 
 def _loras_to_record(loras: list[tuple[str, float]]) -> list[dict[str, Any]]:
@@ -354,10 +355,7 @@ def check_settings(s: Settings) -> None:
     if s.scheduler is not None:
         from sdcli.schedule.samplers import get_spec
 
-        try:
-            get_spec(s.scheduler)
-        except SdcliError as exc:
-            raise about(exc, "scheduler")
+        get_spec(s.scheduler)
     if not s.allow_pickle:
         from sdcli.pipeline import pickled_only
 
