@@ -87,18 +87,19 @@ class Range:
             return "not be negative"
         return "be " + " and ".join(parts) if parts else "be a finite number"
 
-    def check(self, flag: str, value: Any) -> None:
-        """Raise UsageError naming ``flag`` unless ``value`` is a finite number within the range."""
+    def check(self, flag: str, value: Any, setting: str | None = None) -> None:
+        """Raise UsageError naming ``flag`` (and, as its ``setting``, the field) unless ``value`` is a finite
+        number within the range."""
         from sdcli.errors import UsageError
 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{flag} must be a number, got {value!r}")
+            raise UsageError(f"{flag} must be a number, got {value!r}", setting=setting)
         try:
             number = float(value)
         except OverflowError:  # an int past float's range
             number = math.inf if value > 0 else -math.inf
         if not math.isfinite(number):
-            raise UsageError(f"{flag} must be a finite number, got {value}")
+            raise UsageError(f"{flag} must be a finite number, got {value}", setting=setting)
         if isinstance(value, int):
             number = value  # compared exactly: as a float, 2^63 - 1 rounds up past a bound of 2^63 - 1
         low, high = self.low, self.high
@@ -106,7 +107,7 @@ class Range:
                 and (high is None or (number < high if "high" in self.open else number <= high)))
         if not fits:
             why = f" ({self.why})" if self.why else ""
-            raise UsageError(f"{flag} must {self.describe()}{why}, got {_num(value)}")
+            raise UsageError(f"{flag} must {self.describe()}{why}, got {_num(value)}", setting=setting)
 
 
 def _num(x: float) -> str:
@@ -139,9 +140,9 @@ def check_ranges(obj: Any) -> None:
     for d in declared(type(obj)):
         for what, item in numbers_in(d.flag, getattr(obj, d.name)):
             if d.opt.range is not None:
-                d.opt.range.check(what, item)
+                d.opt.range.check(what, item, d.name)
             elif isinstance(item, (int, float)) and not isinstance(item, bool):
-                _FINITE.check(what, item)
+                _FINITE.check(what, item, d.name)
 
 
 def check_setting(cls: type, name: str, value: Any) -> None:
@@ -150,7 +151,7 @@ def check_setting(cls: type, name: str, value: Any) -> None:
     d = next(d for d in declared(cls) if d.name == name)
     if d.opt.range is not None:
         for what, item in numbers_in(d.flag, value):
-            d.opt.range.check(what, item)
+            d.opt.range.check(what, item, name)
 
 
 def option(default: Any = dataclasses.MISSING, opt: Opt | None = None, /, **kw: Any) -> Any:
@@ -206,6 +207,19 @@ def declared(cls: type) -> list[Declared]:
     return [Declared(f, f.metadata["opt"], hints[f.name]) for f in dataclasses.fields(cls) if "opt" in f.metadata]
 
 
+def flags_of(cls: type) -> dict[str, tuple[str, ...]]:
+    """Each declared setting's command-line flags, the one messages use first: {"guidance": ("--guidance", "-g")};
+    none for a positional argument (the prompts)."""
+    return {d.name: () if d.opt.argument else tuple(dict.fromkeys((d.flag, *d.opt.flags))) for d in declared(cls)}
+
+
+def setting_of(cls: type, flag: str) -> str | None:
+    """The declared setting of ``cls`` a flag belongs to ("--guidance" or "-g" -> "guidance"); what follows
+    the flag is ignored ("--hires-upscaler latent"). None for a flag no setting declares."""
+    word = flag.split()[0] if flag.split() else flag
+    return next((name for name, flags in flags_of(cls).items() if word in flags), None)
+
+
 def by_role(cls: type, *roles: Role) -> list[Declared]:
     return [d for d in declared(cls) if d.opt.role in roles]
 
@@ -259,7 +273,12 @@ def from_cli(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             continue
         value = values[d.name]
         if d.opt.parse is not None:
-            value = d.opt.parse(value)
+            from sdcli.errors import SdcliError, about
+
+            try:
+                value = d.opt.parse(value)
+            except SdcliError as exc:  # a parser names the flag it reads; the error says which setting that is
+                raise about(exc, d.name)
         elif isinstance(value, Enum):
             value = value.value
         out[d.name] = value

@@ -7,20 +7,80 @@ Errors from the libraries underneath that are really the user's doing (a
 missing file, a corrupt checkpoint) are recognised by type in one table (`_table`,
 as huggingface_hub's CLI does) and translated by `friendly()`; code that words
 them for its own context (`sdcli.pipeline`, `sdcli.schedule`) asks `classify_chain`.
+
+An error about one setting says which (`SdcliError.setting`, the declared field's name) and words it as
+the command line does (`--guidance`); another front-end rewords it with `worded` (`cfg_scale`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from dataclasses import dataclass
+from typing import Mapping
 
 
 class SdcliError(Exception):
-    """Something the user can fix; the message says what."""
+    """Something the user can fix; the message says what.
+
+    ``setting`` is the declared setting the message is about (the field's name, "guidance"), None when it is
+    about no single one. The message names it as the command line does (--guidance); `worded` rewords it for
+    another front-end from the declarations, so library code raises one text for all of them.
+    """
 
     exit_code = 1
+
+    def __init__(self, *args: object, setting: str | None = None):
+        super().__init__(*args)
+        self.setting = setting  # in __dict__, so a pickled error (a worker process's) keeps it
+
+
+def about(exc: SdcliError, setting: str) -> SdcliError:
+    """``exc`` marked as about ``setting``, unless something nearer the cause already said which; for
+    code that knows the setting a helper it called was checking (a declared parser, a record reader)."""
+    if exc.setting is None:
+        exc.setting = setting
+    return exc
+
+
+def concerning(setting: str):
+    """Decorate a check whose every error is about ``setting`` (`about`): a helper deep inside it need not
+    know which setting its file or value came from."""
+    import functools
+
+    def decorate(check):
+        @functools.wraps(check)
+        def checked(*args, **kwargs):
+            try:
+                return check(*args, **kwargs)
+            except SdcliError as exc:
+                raise about(exc, setting)
+
+        return checked
+
+    return decorate
+
+
+def worded(exc: BaseException, names: Mapping[str, str], *declaring: type) -> str:
+    """``exc``'s message as a front-end other than the CLI says it: every command-line flag of a setting
+    in ``names`` (setting -> the front-end's name for it, {"guidance": "cfg_scale"}) replaced by that name.
+
+    The flags are the declarations' of the settings classes ``declaring`` (`sdcli.declare`), long and short
+    (--guidance, -g), matched as whole options (--guidance is not the start of --guidance-rescale); a flag
+    of a setting ``names`` leaves out, and any other text, is kept as it is.
+    """
+    from sdcli.declare import flags_of
+
+    spelled = {flag: names[name] for cls in declaring for name, flags in flags_of(cls).items() if name in names
+               for flag in flags}
+    text = str(exc)
+    if not spelled:
+        return text
+    longest_first = sorted(spelled, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, longest_first)) + r")(?![\w-])")
+    return pattern.sub(lambda m: spelled[m.group(1)], text)
 
 
 class UsageError(SdcliError):

@@ -1,11 +1,17 @@
 """Images in and out: the one loader every command reads pictures with, writing them
 safely, and the labelled grids that make diffusion visible (contact sheets,
-trajectory strips, the forward process of `inspect-schedule`)."""
+trajectory strips, the forward process of `inspect-schedule`).
+
+An input image is a path or, from Python, a PIL image already in memory (`ImageInput`); the
+loader treats both alike, so a picture gives the same pixels whichever way it comes.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,6 +21,31 @@ from sdcli.errors import DataError, OutputError
 # Pillow's own decompression-bomb threshold (~89 megapixels, a 9459x9459 image); anything larger
 # is refused from its header, before a pixel is decoded. (Pillow only warns up to twice this.)
 MAX_IMAGE_PIXELS = 89_478_485
+
+# A path (str or Path) or a PIL.Image.Image given in memory. Typed Any: reading the settings' declarations
+# must not import Pillow (`sdcli --help` stays instant).
+ImageInput = Any
+
+
+def in_memory(source: Any) -> bool:
+    """Whether ``source`` is a PIL image given in memory rather than a path to one."""
+    pil = sys.modules.get("PIL.Image")  # no PIL image exists before Pillow is imported
+    return pil is not None and isinstance(source, pil.Image)
+
+
+def named(source: ImageInput) -> str:
+    """How a message names an input image: its path, or what it is when it was given in memory."""
+    if in_memory(source):
+        return f"(a {source.width}x{source.height} {source.mode} image given in memory)"
+    return str(source)
+
+
+def check_input(source: ImageInput, what: str, setting: str | None = None) -> None:
+    """Refuse what is neither a path nor a PIL image (a numpy array, bytes), in one line naming ``what``."""
+    from sdcli.errors import UsageError
+
+    if not (in_memory(source) or isinstance(source, (str, os.PathLike))):
+        raise UsageError(f"{what} takes a file path or a PIL image, not {type(source).__name__}", setting=setting)
 
 
 # ---------------------------------------------------------------- reading
@@ -45,12 +76,19 @@ def _header(path: Path):
         raise _Unusable("not a format Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise _Unusable(" ".join(str(exc).split()) or type(exc).__name__) from None
-    w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS:
+    try:
+        _check_pixels(img.size)
+    except _Unusable:
         img.close()
+        raise
+    return img
+
+
+def _check_pixels(size: tuple[int, int]) -> None:
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
         raise _Unusable(f"refused: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
                         "(a decompression bomb?)", (w, h), refused=True)
-    return img
 
 
 def _decoded(path: Path):
@@ -59,17 +97,25 @@ def _decoded(path: Path):
     Decoding everything finds a truncated file now rather than mid-run; a pixel format that
     has no honest 8-bit reading (`_mode_problem`) is refused here too.
     """
+    img = _header(path)
+    try:
+        return _loaded(img)
+    except _Unusable:
+        img.close()
+        raise
+
+
+def _loaded(img):
+    """``img`` with every pixel decoded and its mode checked (`_mode_problem`); raises `_Unusable`.
+    An image given in memory comes through here too: one opened lazily may still be a truncated file."""
     from PIL import Image
 
-    img = _header(path)
     try:
         img.load()
         problem = _mode_problem(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        img.close()
         raise _Unusable(" ".join(str(exc).split()) or type(exc).__name__, img.size) from None
     if problem:
-        img.close()
         raise _Unusable(problem, img.size, refused=True)
     return img
 
@@ -131,46 +177,64 @@ def _rgb(img):
         raise _Unusable(f"refused: pixel mode {img.mode} cannot be made RGB ({exc})", img.size, refused=True) from None
 
 
-def open_image(path: Path | str, *, what: str = "--init-image"):
-    """The image at ``path`` as an upright RGB PIL image; a DataError naming ``what`` and the file otherwise.
+def open_image(source: ImageInput, *, what: str = "--init-image", setting: str | None = None):
+    """The image at ``source`` (a path, or a PIL image given in memory) as an upright RGB PIL image; a
+    DataError naming ``what`` (and, as its ``setting``, the field) and the file otherwise.
 
     Every command reads pictures through here: EXIF rotation applied, transparency
     flattened onto white, palette/greyscale/CMYK/16-bit made RGB, and anything over
-    `MAX_IMAGE_PIXELS` refused from its header before a pixel is decoded.
+    `MAX_IMAGE_PIXELS` refused from its header before a pixel is decoded. An image in memory
+    gets the same, and is left as it was given (the result is a new image).
     """
-    path = _existing(path, what)
+    check_input(source, what, setting)
     try:
+        if in_memory(source):
+            _check_pixels(source.size)
+            return _rgb(_loaded(source))
+        path = _existing(source, what, setting)
         with _decoded(path) as img:
             return _rgb(img)
     except _Unusable as exc:
-        raise DataError(_unusable_message(what, path, exc)) from None
+        raise DataError(_unusable_message(what, source, exc), setting=setting) from None
 
 
-def _existing(path: Path | str, what: str) -> Path:
+def _existing(path: Path | str, what: str, setting: str | None = None) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"{what} {path}: no such file")
+        raise DataError(f"{what} {path}: no such file", setting=setting)
     if path.is_dir():
-        raise DataError(f"{what} {path} is a folder, not an image")
+        raise DataError(f"{what} {path} is a folder, not an image", setting=setting)
     return path
 
 
-def _unusable_message(what: str, path: Path, exc: _Unusable) -> str:
-    return f"{what} {path}: {exc.detail if exc.refused else f'not a readable image ({exc.detail})'}"
+def _unusable_message(what: str, source: Any, exc: _Unusable) -> str:
+    where = named(source) if in_memory(source) else Path(source).expanduser()
+    return f"{what} {where}: {exc.detail if exc.refused else f'not a readable image ({exc.detail})'}"
 
 
-def image_size(path: Path | str, *, what: str = "--init-image") -> tuple[int, int]:
-    """The (width, height) ``path`` declares in its header, as stored (EXIF rotation not applied).
+def image_size(source: ImageInput, *, what: str = "--init-image", setting: str | None = None) -> tuple[int, int]:
+    """The (width, height) ``source`` declares in its header, as stored (EXIF rotation not applied); an image
+    in memory, its size.
 
     For planning before any pixel is decoded (`sdcli.memory`): the same DataError as `open_image`
     for a missing, unreadable or oversized file, so it is refused before a model loads.
     """
-    path = _existing(path, what)
+    check_input(source, what, setting)
     try:
+        if in_memory(source):
+            _check_pixels(source.size)
+            return source.size
+        path = _existing(source, what, setting)
         with _header(path) as img:
             return img.size
     except _Unusable as exc:
-        raise DataError(_unusable_message(what, path, exc)) from None
+        raise DataError(_unusable_message(what, source, exc), setting=setting) from None
+
+
+def pixels_sha256(image: Any) -> str:
+    """The sha256 of an RGB image as `open_image` returns it: its size, then its pixels row by row. What a
+    record holds for an image given in memory, which has no file to hash."""
+    return hashlib.sha256(f"{image.width}x{image.height}\n".encode() + image.convert("RGB").tobytes()).hexdigest()
 
 
 def check_image(path: Path) -> tuple[tuple[int, int], str | None]:

@@ -368,13 +368,13 @@ def _render_size(s: Any, arch: Arch, factor: int) -> tuple[int, int, int]:
     """
     init_pixels = 0
     # Without -W/-H a ControlNet text-to-image takes its size from its first control image.
-    source, what = getattr(s, "init_image", None), "--init-image"
+    source, what, setting = getattr(s, "init_image", None), "--init-image", "init_image"
     if not source and getattr(s, "controlnets", None) and getattr(s, "control_images", None):
-        source, what = s.control_images[0], "--control-image"
-    if source:
+        source, what, setting = s.control_images[0], "--control-image", "control_images"
+    if source:  # a path, or a PIL image given in memory
         from sdcli.images import image_size
 
-        iw, ih = image_size(source, what=what)
+        iw, ih = image_size(source, what=what, setting=setting)
         init_pixels = iw * ih
         if s.width and s.height:
             width, height = s.width, s.height

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcli import defaults
-from sdcli.errors import ModelError, UsageError
+from sdcli.errors import ModelError, UsageError, concerning
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
@@ -383,6 +383,7 @@ def load_pipeline(
     return Loaded(pipe=pipe, model=model, family=family_of(pipe), device=device, dtype=torch_dtype)
 
 
+@concerning("vae")
 def replace_vae(loaded: Loaded, source: str, cpu_offload: bool = False) -> None:
     """Put the VAE at ``source`` (a VAE folder or Hub id, or a pipeline's, whose vae/ is used) into the
     loaded pipeline, on its device and in its dtype; ModelError if it does not fit the model's latents."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +12,7 @@ from huggingface_hub import errors as hub
 from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 
+from conftest import one_error_line
 from sdcli.errors import DataError, ModelError, OutputError, SdcliError, classify, classify_chain, friendly
 
 
@@ -128,3 +131,109 @@ def test_pipeline_load_messages_come_from_the_chain():
     assert "not found in the local Hugging Face cache" in _load_message("a/b", wrapped(hub.OfflineModeIsEnabled("x")))
     assert _load_message("m", wrapped(SafetensorError("bad"))).startswith("corrupt weights in m:")
     assert _load_message("m", ValueError("something else")) == "cannot load m: something else"
+
+
+# Errors name the setting; each front-end words it -------------------------------------------------------
+
+
+def _api_names():
+    """A front-end's names for every generate setting: its own (snake_case) ones, guidance as `cfg_scale`."""
+    from sdcli.declare import declared
+    from sdcli.generation.settings import Settings
+
+    return {d.name: d.name for d in declared(Settings)} | {"guidance": "cfg_scale"}
+
+
+def test_worded_replaces_whole_flags_long_and_short_and_keeps_the_rest():
+    from sdcli.errors import UsageError, worded
+    from sdcli.generation.settings import Settings
+
+    exc = UsageError("--guidance 3 (-g) with --guidance-rescale 2 and --steps 4, not --from-metadata",
+                     setting="guidance")
+    assert worded(exc, {"guidance": "cfg_scale"}, Settings) == ("cfg_scale 3 (cfg_scale) with --guidance-rescale 2 "
+                                                               "and --steps 4, not --from-metadata")
+    assert worded(exc, {}, Settings) == str(exc)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(exc)).setting == "guidance"  # an error from a worker process keeps it
+
+
+def _flux(tmp_path_factory):
+    from sdcli.testing import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("flux") / "flux", "flux"))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    return _flux(tmp_path_factory)
+
+
+# (the model, command-line arguments, the setting the refusal is about): declared ranges, parsing, combinations,
+# a task's setting without its task, guidance, a family's rules; all before any weights load.
+ABOUT = [
+    ("sd", ["-g", "1001"], "guidance"),
+    ("sd", ["-g", "3,abc"], "guidance"),
+    ("sd", ["--steps", "0"], "steps"),
+    ("sd", ["-W", "20"], "width"),
+    ("sd", ["--seed", "1,2", "--num-images", "2"], "num_images"),
+    ("sd", ["--seed", str(2**63 - 2), "--num-images", "3"], "seeds"),
+    ("sd", ["--strength", "0.5"], "strength"),
+    ("sd", ["--init-image", "INIT", "--strength", "0.1", "--steps", "4"], "strength"),
+    ("sd", ["--init-image", "missing.png"], "init_image"),
+    ("sd", ["--mask", "INIT"], "mask"),
+    ("sd", ["--init-image", "INIT", "--mask", "BLACK"], "mask"),
+    ("sd", ["--init-image", "INIT", "--outpaint", "4,0,0,0"], "outpaint"),
+    ("sd", ["--hires-scale", "2", "--init-image", "INIT"], "hires_scale"),
+    ("sd", ["--control-start", "0.5"], "control_start"),
+    ("sd", ["-n", "blurry", "-g", "1"], "negative_prompt"),
+    ("sd", ["--init-image", "INIT", "--guidance-rescale", "0.5"], "guidance_rescale"),
+    ("sd", ["--clip-skip", "2", "--prompt-syntax", "plain"], "clip_skip"),
+    ("sd", ["--embedding", "missing.pt"], "embeddings"),
+    ("sd", ["--lora", "BAD"], "loras"),
+    ("sd", ["-s", "ddim", "--sigmas", "karras"], "sigmas"),
+    ("flux", ["--clip-skip", "2"], "clip_skip"),
+    ("flux", ["-s", "ddim"], "scheduler"),
+    ("flux", ["--prompt-syntax", "a1111", "--", "a (red:1.3) circle"], "prompt_syntax"),
+    ("flux", ["-g", "3"], "guidance"),
+    ("flux", ["--", "a [red:blue:0.5] circle"], "prompts"),
+]
+
+
+@pytest.mark.parametrize("model,args,setting", ABOUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_refusal_names_its_setting_the_cli_words_it_as_before_and_an_api_words_it_its_way(
+        cli, tiny_sd, tiny_flux, monkeypatch, tmp_path, model, args, setting):
+    from sdcli.declare import flags_of
+    from sdcli.errors import worded
+    from sdcli.generation.settings import Settings
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
+    Image.new("L", (16, 16), 0).save(tmp_path / "black.png")
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights")
+    args = [{"INIT": "init.png", "BLACK": "black.png", "BAD": "bad.safetensors"}.get(a, a) for a in args]
+    prompt = [] if "--" in args else ["a red circle"]
+    argv = ["generate", *prompt, "--model", tiny_flux if model == "flux" else tiny_sd, "--out", "o.png", *args]
+    monkeypatch.setenv("SDCLI_DEBUG", "1")  # the exception itself, not the line it becomes
+    exc = cli(*argv).exception
+    monkeypatch.delenv("SDCLI_DEBUG")
+    assert isinstance(exc, SdcliError) and exc.setting == setting, (type(exc), exc, getattr(exc, "setting", None))
+    assert one_error_line(cli(*argv)) == f"error: {exc}"  # the CLI's line: the library's text, flags and all
+    flags = flags_of(Settings)
+    assert any(flag in str(exc) for flag in flags[setting]) or not flags[setting]  # the prompts have no flag
+    api = worded(exc, _api_names(), Settings)
+    assert _api_names()[setting] in api
+    left = [f for fs in flags.values() for f in fs if re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", api)]
+    assert not left, api  # no command-line flag left for a setting the front-end names
+    assert not Path("o.png").exists()
+
+
+def test_every_setting_an_error_names_is_a_declared_one():
+    from sdcli.declare import declared
+    from sdcli.generation.settings import Settings
+
+    import sdcli
+
+    names = {d.name for d in declared(Settings)}
+    root = Path(sdcli.__file__).parent
+    found = {m for path in root.rglob("*.py") for m in re.findall(r'setting="(\w+)"', path.read_text())}
+    assert found and found <= names, found - names

@@ -228,6 +228,73 @@ def test_unreadable_missing_truncated(tmp_path):
     assert check_image(tmp_path / "fake.jpg") == ((0, 0), "unreadable (not a format Pillow can read)")
 
 
+# ---------------------------------------------------------------- images given in memory (from Python)
+
+
+def _rgba():
+    rgba = Image.new("RGBA", (30, 10), (255, 0, 0, 0))
+    rgba.paste((0, 255, 0, 255), (10, 0, 20, 10))
+    rgba.paste((0, 0, 0, 128), (20, 0, 30, 10))
+    return rgba
+
+
+def _exif_rotated():
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    stored.getexif()[0x0112] = 6  # "rotate 90° clockwise to view", on the image in memory
+    return stored
+
+
+def _palette_clear():
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette([0, 0, 0, 10, 20, 200] + [0] * 762)
+    p.paste(0, (0, 0, 4, 8))
+    p.info["transparency"] = 0
+    return p
+
+
+MADE_IN_MEMORY = {"rgba": _rgba, "exif-rotated": _exif_rotated, "palette-clear": _palette_clear,
+                  "sixteen": lambda: Image.fromarray(np.full((8, 8), 40000, np.uint16)),
+                  "grey-alpha": lambda: Image.new("LA", (8, 8), (0, 0))}
+
+
+@pytest.mark.parametrize("name", sorted(MADE_IN_MEMORY))
+def test_an_image_made_in_memory_reads_as_the_same_image_saved_as_png_and_read_back(tmp_path, name):
+    made = MADE_IN_MEMORY[name]()
+    before = (made.mode, made.size, made.tobytes())
+    made.save(tmp_path / "saved.png", exif=made.getexif())
+    ours = open_image(made)
+    assert ours.mode == "RGB" and np.array_equal(np.asarray(ours), np.asarray(open_image(tmp_path / "saved.png")))
+    assert ours.size == ((20, 40) if name == "exif-rotated" else made.size)  # upright in memory too
+    assert (made.mode, made.size, made.tobytes()) == before  # the caller's image is left as it was
+    assert images.image_size(made) == images.image_size(tmp_path / "saved.png")  # as stored, as a header says
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENTS))
+def test_a_file_opened_in_memory_reads_as_the_file_does(tmp_path, name):
+    write, _mode = GRADIENTS[name]
+    write(tmp_path / name)
+    with Image.open(tmp_path / name) as lazy:  # not yet decoded, as Image.open hands it over
+        assert np.array_equal(np.asarray(open_image(lazy)), np.asarray(open_image(tmp_path / name)))
+
+
+def test_an_image_in_memory_is_refused_as_its_file_would_be(monkeypatch):
+    nan = Image.fromarray(np.where(GRADIENT > 100, np.nan, GRADIENT).astype(np.float32))
+    with pytest.raises(DataError) as err:
+        open_image(nan, what="--mask", setting="mask")
+    assert str(err.value) == ("--mask (a 256x8 F image given in memory): refused: floating-point pixels include NaN "
+                              "or infinity; save it as 8- or 16-bit") and err.value.setting == "mask"
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
+    for read in (open_image, images.image_size):
+        with pytest.raises(DataError, match=r"^--init-image \(a 11x10 RGB image given in memory\): refused: 11x10 "
+                                            "pixels is over the 100-pixel limit"):
+            read(Image.new("RGB", (11, 10)))
+    from sdcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="^--control-image takes a file path or a PIL image, not ndarray$"):
+        open_image(np.zeros((8, 8, 3), np.uint8), what="--control-image")
+
+
 # ---------------------------------------------------------------- writing
 
 

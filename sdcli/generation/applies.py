@@ -64,12 +64,16 @@ RULES = (
 
 def check_family(s: Any, facts: Any) -> None:
     """Refuse, in one line, the first setting this model's family would ignore (`RULES`)."""
+    from sdcli.declare import setting_of
+    from sdcli.generation.settings import Settings
+
     model = facts.class_name or "this model"
     for rule in RULES:
         if facts.family.name in rule.families:
             given = rule.given(s)
             if given:
-                raise UsageError(f"{rule.flag}: " + rule.why.format(model=model, given=given))
+                raise UsageError(f"{rule.flag}: " + rule.why.format(model=model, given=given),
+                                 setting=setting_of(Settings, rule.flag))
 
 
 # What a task-scoped setting needs before it does anything (the tasks of `sdcli.generation.tasks`).
@@ -88,7 +92,7 @@ def check_task(s: Any, task: Any) -> None:
         if d.tasks and not running & set(d.tasks) and getattr(s, d.name) != d.default:
             # Every task that starts from an image needs --init-image first (--mask and --outpaint need it too).
             needs = NEEDS["img2img"] if "img2img" in d.tasks else " or ".join(NEEDS[t] for t in d.tasks if t in NEEDS)
-            raise UsageError(f"{d.flag} does nothing without {needs}")
+            raise UsageError(f"{d.flag} does nothing without {needs}", setting=d.name)
 
 
 def check_rescale(s: Any, facts: Any, task: Any) -> None:
@@ -98,7 +102,7 @@ def check_rescale(s: Any, facts: Any, task: Any) -> None:
     cls = task_pipeline_class(facts.class_name, task.name)
     if cls is not None and not takes(cls, "guidance_rescale"):
         raise UsageError(f"--guidance-rescale: {cls.__name__} has no guidance rescale (only the text-to-image "
-                         "pipelines do)")
+                         "pipelines do)", setting="guidance_rescale")
 
 
 def takes(cls: type, parameter: str) -> bool:

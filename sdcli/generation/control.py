@@ -14,7 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sdcli.errors import ModelError, UsageError
+from sdcli.errors import ModelError, SdcliError, UsageError, about
 
 # AUTOMATIC1111's and diffusers' documented Canny thresholds (of the 8-bit gradient magnitude).
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -80,24 +80,29 @@ def check_control(s: Any) -> None:
     from sdcli.images import image_size
 
     if not s.controlnets:
-        for given, flag in ((s.control_images, "--control-image"), (s.control_preprocess, "--control-preprocess"),
-                            (s.control_start != 0, "--control-start"), (s.control_end != 1, "--control-end")):
+        for given, flag, name in ((s.control_images, "--control-image", "control_images"),
+                                  (s.control_preprocess, "--control-preprocess", "control_preprocess"),
+                                  (s.control_start != 0, "--control-start", "control_start"),
+                                  (s.control_end != 1, "--control-end", "control_end")):
             if given:
-                raise UsageError(f"{flag} needs --controlnet (the ControlNet that reads the control image)")
+                raise UsageError(f"{flag} needs --controlnet (the ControlNet that reads the control image)",
+                                 setting=name)
         return
     n, images = len(s.controlnets), len(s.control_images)
     if images != n:
         raise UsageError(f"give one --control-image per --controlnet, in order: {n} ControlNet{'s' * (n > 1)} "
-                         f"but {images} control image{'s' * (images != 1)}")
+                         f"but {images} control image{'s' * (images != 1)}", setting="control_images")
     if len(s.control_preprocess) not in (0, 1, n):
         raise UsageError(f"--control-preprocess: give one for every ControlNet or one for each of the {n}, "
-                         f"not {len(s.control_preprocess)}")
+                         f"not {len(s.control_preprocess)}", setting="control_preprocess")
     if s.control_start >= s.control_end:
-        raise UsageError(f"--control-start {s.control_start:g} must be less than --control-end {s.control_end:g}")
+        raise UsageError(f"--control-start {s.control_start:g} must be less than --control-end {s.control_end:g}",
+                         setting="control_start")
     if Preprocess.canny.value in s.control_preprocess:
         _opencv()
-    for path in s.control_images:
-        image_size(path, what="--control-image")  # there, an image, and under the pixel cap
+    for source in s.control_images:
+        # there, an image, and under the pixel cap (a path, or a PIL image given in memory)
+        image_size(source, what="--control-image", setting="control_images")
 
 
 def controlnet_config(source: str) -> dict[str, Any] | None:
@@ -158,12 +163,15 @@ def check_family(s: Any) -> None:
     facts = model_facts(model, s.revision)
     if facts.family.denoiser != "unet":
         raise UsageError(f"--controlnet: {facts.class_name} is not a UNet model; sdcli runs ControlNets on "
-                         "SD 1.x, SD 2.x and SDXL")
+                         "SD 1.x, SD 2.x and SDXL", setting="controlnets")
     unet = _config(model, "unet/config.json", s.revision)
     for source, _scale in s.controlnets:
-        config = controlnet_config(source)
-        if unet is not None and config is not None:
-            check_fits(source, config, unet)
+        try:
+            config = controlnet_config(source)
+            if unet is not None and config is not None:
+                check_fits(source, config, unet)
+        except SdcliError as exc:
+            raise about(exc, "controlnets")
 
 
 # 3. Loading and control maps ----------------------------------------------------------------------
@@ -179,15 +187,18 @@ def load_controlnets(s: Any, pipe: Any) -> Any:
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise UsageError(f"--controlnet: {type(pipe).__name__} has no UNet; sdcli runs ControlNets on SD 1.x, "
-                         "SD 2.x and SDXL")
+                         "SD 2.x and SDXL", setting="controlnets")
     models = []
     for source, _scale in s.controlnets:
         try:
             model = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype,
                                                     use_safetensors=None if s.allow_pickle else True)
         except Exception as exc:  # noqa: BLE001 - any failure here is a ControlNet that cannot be used
-            raise ModelError(f"--controlnet {_load_message(source, exc)}") from exc
-        check_fits(source, dict(model.config), dict(unet.config))  # a single-file model has no config to read first
+            raise ModelError(f"--controlnet {_load_message(source, exc)}", setting="controlnets") from exc
+        try:  # checked again, loaded: a single-file model has no config to read first
+            check_fits(source, dict(model.config), dict(unet.config))
+        except SdcliError as exc:
+            raise about(exc, "controlnets")
         if getattr(pipe, "_offload_device", None) is None:  # offloaded pipelines place it themselves
             model.to(unet.device)
         models.append(model)
@@ -201,8 +212,8 @@ def control_maps(s: Any, size: tuple[int, int]) -> list[Any]:
     from sdcli.images import open_image
 
     maps = []
-    for path, module in zip(s.control_images, per_controlnet(s.control_preprocess, len(s.control_images))):
-        image = open_image(path, what="--control-image")
+    for source, module in zip(s.control_images, per_controlnet(s.control_preprocess, len(s.control_images))):
+        image = open_image(source, what="--control-image", setting="control_images")
         if image.size != size:  # what diffusers' control image processor would do: a Lanczos stretch
             image = image.resize(size, Image.LANCZOS)
         maps.append(canny(image) if module == Preprocess.canny.value else image)
@@ -222,7 +233,8 @@ def _opencv() -> Any:
     try:
         import cv2
     except ImportError:
-        raise UsageError(f"--control-preprocess canny needs OpenCV, which is not installed: {INSTALL}") from None
+        raise UsageError(f"--control-preprocess canny needs OpenCV, which is not installed: {INSTALL}",
+                         setting="control_preprocess") from None
     return cv2
 
 
@@ -230,10 +242,11 @@ def first_image_size(s: Any, factor: int) -> tuple[int, int]:
     """The output size a ControlNet text-to-image takes from its first control image: -W/-H where given,
     else the image's sides cut down to multiples of ``factor`` (as img2img does with its init image)."""
     from sdcli.errors import DataError
-    from sdcli.images import image_size
+    from sdcli.images import image_size, named
 
-    iw, ih = image_size(s.control_images[0], what="--control-image")
+    iw, ih = image_size(s.control_images[0], what="--control-image", setting="control_images")
     width, height = s.width or iw - iw % factor, s.height or ih - ih % factor
     if width < factor or height < factor:
-        raise DataError(f"--control-image: {s.control_images[0]} is too small ({iw}x{ih})")
+        raise DataError(f"--control-image: {named(s.control_images[0])} is too small ({iw}x{ih})",
+                        setting="control_images")
     return width, height

@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from sdcli.errors import DataError, ModelError, UsageError
+from sdcli.errors import DataError, ModelError, UsageError, concerning
 
 PICKLED = (".pt", ".bin", ".ckpt", ".pth")
 _A1111_KEYS = {"emb_params", "clip_l", "clip_g", "string_to_param"}
@@ -61,6 +61,7 @@ def _safetensors_keys(path: Path) -> list[str]:
         return []  # not readable as safetensors: loading says so in one line
 
 
+@concerning("embeddings")
 def check_embeddings(embeddings: list[tuple[str, str]], allow_pickle: bool) -> None:
     """Cheap checks before anything loads: tokens usable and distinct, pickles allowed."""
     seen: dict[str, str] = {}
@@ -217,6 +218,7 @@ def check_model_takes(embeddings: list[tuple[str, str]], class_name: str | None)
                      f"model; {why}")
 
 
+@concerning("embeddings")
 def check_embeddings_fit(embeddings: list[tuple[str, str]], allow_pickle: bool, model: str | None,
                          class_name: str | None, revision: str | None = None) -> None:
     """Before the model loads: its family takes embeddings, each file's vectors are usable, and (where the
@@ -259,6 +261,7 @@ def _refuse_width(what: str, width: int, expected: int) -> None:
                      "(the embedding was made for another model family)")
 
 
+@concerning("embeddings")
 def load_embeddings(pipe: Any, embeddings: list[tuple[str, str]], allow_pickle: bool) -> None:
     """Add each embedding's token to the pipeline's tokenizer(s) and its vectors to the text encoder(s)."""
     check_model_takes(embeddings, type(pipe).__name__)

@@ -275,10 +275,11 @@ class Engine:
                 setattr(s, name, mine)
                 continue
             flag = next(d.flag for d in declared(Settings) if d.name == name)
-            raise UsageError(f"{flag} {asked}: this engine was loaded with {mine!r}; load another engine for it")
+            raise UsageError(f"{flag} {asked}: this engine was loaded with {mine!r}; load another engine for it",
+                             setting=name)
         if s.loras and self.fused:
             raise UsageError("--lora: this engine was loaded with --compile and fused attention projections, "
-                             "which LoRAs cannot attach to; load it with fuse_qkv=False to serve LoRAs")
+                             "which LoRAs cannot attach to; load it with fuse_qkv=False to serve LoRAs", setting="loras")
         return plan(s, distributed=False, model_on_disk=self.on_disk, facts=self.facts)
 
     @contextlib.contextmanager
@@ -303,7 +304,7 @@ class Engine:
                 trained = scheduler.config.get("num_train_timesteps", 1000)
                 if s.steps > trained:
                     raise UsageError(f"--steps {s.steps}: this model was trained on {trained} timesteps, so a "
-                                     f"sampler can take at most {trained} steps")
+                                     f"sampler can take at most {trained} steps", setting="steps")
                 # 2. LoRAs the pipeline does not already carry, each its own adapter at its scale.
                 wanted = [lo for lo in s.loras if lo not in self.baked]
                 if wanted:

@@ -28,7 +28,7 @@ def settle_guidance(s: Any, facts: Any) -> None:
                    "for real classifier-free guidance against it")
         else:
             why = "at --guidance 1 there is no unconditional pass to steer away with; give another --guidance"
-        raise UsageError(f"--negative-prompt: {why}")
+        raise UsageError(f"--negative-prompt: {why}", setting="negative_prompt")
 
 
 def negative_applies(s: Any, kind: str, guidance: float) -> bool:
@@ -41,31 +41,36 @@ def negative_applies(s: Any, kind: str, guidance: float) -> bool:
 
 def _settle(s: Any, facts: Any, name: str) -> None:
     if facts.family.flow and any(s.guidance_rescale):
-        raise UsageError(f"--guidance-rescale: {name} has no guidance rescale (it belongs to the UNet pipelines)")
+        raise UsageError(f"--guidance-rescale: {name} has no guidance rescale (it belongs to the UNet pipelines)",
+                         setting="guidance_rescale")
     if facts.guidance == "cfg":
         if s.distilled_guidance is not None:
-            raise UsageError(f"--distilled-guidance: {name} has no guidance input; its --guidance is classifier-free")
+            raise UsageError(f"--distilled-guidance: {name} has no guidance input; its --guidance is classifier-free",
+                             setting="distilled_guidance")
         if s.true_cfg:
-            raise UsageError(f"--true-cfg: {name}'s --guidance is classifier-free guidance already")
+            raise UsageError(f"--true-cfg: {name}'s --guidance is classifier-free guidance already", setting="true_cfg")
         s.guidance = s.guidance or [defaults.GUIDANCE]
         return
     if facts.guidance == "none":
         if s.distilled_guidance is not None or s.true_cfg or any(g != 1 for g in s.guidance):
+            given = ("guidance" if any(g != 1 for g in s.guidance) else
+                     "distilled_guidance" if s.distilled_guidance is not None else "true_cfg")
             raise UsageError(f"{name} has no guidance input (a distilled model that needs none, like Flux-schnell): "
-                             "drop --guidance, --distilled-guidance and --true-cfg")
+                             "drop --guidance, --distilled-guidance and --true-cfg", setting=given)
         s.guidance = [1.0]
         return
     if s.true_cfg and not any(g > 1 for g in s.guidance):
-        raise UsageError("--true-cfg needs --guidance above 1: the classifier-free scale to apply")
+        raise UsageError("--true-cfg needs --guidance above 1: the classifier-free scale to apply", setting="true_cfg")
     if s.true_cfg and any(g < 1 for g in s.guidance):
         # diffusers' Flux runs true CFG only above 1; below, the image would be the unguided one.
         bad = next(g for g in s.guidance if g < 1)
-        raise UsageError(f"--guidance {bad:g}: with --true-cfg, {name} guides only above 1 (1 is unguided)")
+        raise UsageError(f"--guidance {bad:g}: with --true-cfg, {name} guides only above 1 (1 is unguided)",
+                         setting="guidance")
     if not s.true_cfg and any(g != 1 for g in s.guidance):
         bad = next(g for g in s.guidance if g != 1)
         raise UsageError(f"--guidance {bad:g}: {name}'s guidance is distilled into the model (--distilled-guidance, "
                          f"default {defaults.DISTILLED_GUIDANCE:g}), not classifier-free; add --true-cfg for real "
-                         "classifier-free guidance against the negative prompt")
+                         "classifier-free guidance against the negative prompt", setting="guidance")
     s.guidance = s.guidance or [1.0]
     if s.distilled_guidance is None:
         s.distilled_guidance = defaults.DISTILLED_GUIDANCE
@@ -86,7 +91,7 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
         elif values["guidance_rescale"]:
             # diffusers' img2img and inpainting pipelines have no rescale and would drop it without a word.
             raise UsageError(f"--guidance-rescale: {type(pipe).__name__} has no guidance rescale "
-                             "(only the text-to-image pipelines do)")
+                             "(only the text-to-image pipelines do)", setting="guidance_rescale")
         return out
     out = {"guidance_scale": s.distilled_guidance if s.distilled_guidance is not None else 1.0}
     if s.true_cfg:

@@ -16,22 +16,24 @@ from sdcli.errors import DataError
 ASPECT_TOLERANCE = 0.01  # a mask drawn on a resized copy of the image still fits
 
 
-def read_mask(path: str, image_size: tuple[int, int]):
-    """The mask at ``path`` as a black-and-white (L) image, checked against the image it is for.
+def read_mask(source: Any, image_size: tuple[int, int]):
+    """The mask at ``source`` (a path, or a PIL image given in memory) as a black-and-white (L) image, checked
+    against the image it is for.
 
     White (≥ 128) marks what to repaint, as in AUTOMATIC1111; any image mode is read
     (transparency flattens onto white). ``image_size`` is the init image's size as stored.
     """
-    from sdcli.images import open_image
+    from sdcli.images import named, open_image
 
-    mask = open_image(path, what="--mask").convert("L")
+    mask = open_image(source, what="--mask", setting="mask").convert("L")
     (mw, mh), (iw, ih) = mask.size, image_size
     if abs(mw * ih - mh * iw) > ASPECT_TOLERANCE * mw * ih:
-        raise DataError(f"--mask {path} is {mw}x{mh}, another aspect ratio than the {iw}x{ih} init image; "
-                        "draw the mask on the image itself (or a copy resized without cropping)")
+        raise DataError(f"--mask {named(source)} is {mw}x{mh}, another aspect ratio than the {iw}x{ih} init image; "
+                        "draw the mask on the image itself (or a copy resized without cropping)", setting="mask")
     mask = mask.point(lambda v: 255 if v >= 128 else 0)
     if mask.getextrema()[1] == 0:
-        raise DataError(f"--mask {path} is all black: nothing to repaint (white marks what to repaint)")
+        raise DataError(f"--mask {named(source)} is all black: nothing to repaint (white marks what to repaint)",
+                        setting="mask")
     return mask
 
 

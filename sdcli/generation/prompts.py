@@ -195,18 +195,18 @@ def check_prompt_settings(s: Any) -> None:
     from sdcli.generation.embeddings import check_embeddings
 
     if s.clip_skip < 1:
-        raise UsageError(f"--clip-skip must be at least 1 (1 is the last layer), got {s.clip_skip}")
+        raise UsageError(f"--clip-skip must be at least 1 (1 is the last layer), got {s.clip_skip}", setting="clip_skip")
     if s.clip_skip != 1 and s.prompt_syntax == PromptSyntax.plain.value:
         raise UsageError("--clip-skip needs --prompt-syntax a1111 (diffusers' own clip_skip does not work "
-                         "with this transformers version)")
+                         "with this transformers version)", setting="clip_skip")
     check_embeddings(s.embeddings, s.allow_pickle)
     if s.prompt_syntax == PromptSyntax.a1111.value:
         for prompt in s.prompts:
-            check_prompt_numbers(prompt, "the prompt")
-        check_prompt_numbers(s.negative_prompt or "", "--negative-prompt")
+            check_prompt_numbers(prompt, "the prompt", "prompts")
+        check_prompt_numbers(s.negative_prompt or "", "--negative-prompt", "negative_prompt")
 
 
-def check_prompt_numbers(prompt: str, what: str) -> None:
+def check_prompt_numbers(prompt: str, what: str, setting: str | None = None) -> None:
     """Nesting, weights and switch steps a prompt can be read with, before anything loads: a weight of nan, inf or
     1e300 would reach the model as NaN, and 3000 nested brackets would exhaust the parser's recursion."""
     try:
@@ -215,7 +215,7 @@ def check_prompt_numbers(prompt: str, what: str) -> None:
         parse_weights(prompt)
         parse_weights(every_word(prompt))  # weights as the edited texts show them (an edit's brackets gone)
     except UsageError as exc:
-        raise UsageError(f"{what}: {exc}") from None
+        raise UsageError(f"{what}: {exc}", setting=setting) from None
 
 
 def prompt_warnings(prompt: str, syntax: str) -> list[str]:
@@ -235,7 +235,7 @@ def check_prompt_editing(prompts: list[str], syntax: str, class_name: Optional[s
 def refuse_prompt_editing(class_name: str) -> None:
     raise UsageError(f"prompt editing ([from:to:when], [a|b]) needs a Stable Diffusion 1.x, 2.x or XL model, whose "
                      f"prompts sdcli encodes itself; {class_name} reads the text as it is (use --prompt-syntax plain "
-                     "to pass the brackets as text)")
+                     "to pass the brackets as text)", setting="prompts")
 
 
 def visible_text(prompt: str, syntax: str) -> str:

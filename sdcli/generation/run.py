@@ -131,7 +131,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
                              s.revision)
     for path, _scale in s.loras:
         check_lora_tensors(path)
-    if s.init_image:
+    if isinstance(s.init_image, (str, Path)):  # a PIL image given in memory has no path
         s.init_image = absolute_if_local(s.init_image)
     st = dist.state() if distributed else None
     seeds = dist.broadcast(resolve_seeds(s), st)  # a random seed is the main process's

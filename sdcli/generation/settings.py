@@ -20,11 +20,12 @@ from sdcli.declare import Range, Role, by_role, check_ranges, check_setting, dec
 from sdcli.generation.embeddings import (
     a1111_hashes, embeddings_from_record, embeddings_to_record, file_sha256, parse_embedding, ti_hashes,
 )
-from sdcli.errors import DataError, ModelError, UsageError
+from sdcli.errors import DataError, ModelError, SdcliError, UsageError, about
 from sdcli.generation.control import (
     Preprocess, a1111_units, controlnets_from_record, controlnets_to_record, parse_controlnet,
 )
 from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
+from sdcli.images import ImageInput, in_memory, open_image, pixels_sha256
 from sdcli.generation.prompts import PromptSyntax, check_prompt_settings
 from sdcli.generation.parsing import parse_float, parse_int, split_scale
 from sdcli.schedule.samplers import Sigmas
@@ -111,10 +112,11 @@ def check_lora_tensors(path: str) -> None:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                        raise DataError(f"--lora {file}: its tensor {key} holds NaN or infinite values")
+                        raise DataError(f"--lora {file}: its tensor {key} holds NaN or infinite values",
+                                        setting="loras")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise DataError(f"--lora {file} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}"
-                            ) from None
+            raise DataError(f"--lora {file} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}",
+                            setting="loras") from None
 
 
 def _loras_to_record(loras: list[tuple[str, float]]) -> list[dict[str, Any]]:
@@ -154,18 +156,29 @@ def _absolute_if_local(path: str) -> str:
     return absolute_if_local(path)
 
 
-def _file_to_record(path: str | None) -> dict[str, str] | None:
-    """An input image as a record holds it: where it was and what it held, so a replay can tell it changed."""
-    if path is None:
+def _file_to_record(source: ImageInput | None) -> dict[str, Any] | None:
+    """An input image as a record holds it: where it was and what it held, so a replay can tell it changed.
+
+    One given in memory (a PIL image, from Python) has no path: its record is ``{"path": null, "sha256":
+    <hash of its size and RGB pixels as sdcli reads them>, "size": [width, height]}``, which says what it
+    was but cannot be read back (`_file_from_record` asks for the image again).
+    """
+    if source is None:
         return None
-    return {"path": _absolute_if_local(path), "sha256": file_sha256(path)}
+    if in_memory(source):
+        image = open_image(source)
+        return {"path": None, "sha256": pixels_sha256(image), "size": [image.width, image.height]}
+    return {"path": _absolute_if_local(str(source)), "sha256": file_sha256(source)}
 
 
-def _file_from_record(value: dict[str, str] | str | None, flag: str) -> str | None:
+def _file_from_record(value: dict[str, Any] | str | None, flag: str) -> str | None:
     """The recorded input's path, if the file there still holds what the image was made from."""
     if value is None or isinstance(value, str):  # records before sdcli kept a hash
         return value
     path, recorded_hash = value["path"], value["sha256"]
+    if path is None:
+        raise DataError(f"{flag}: the image was made from an image given in memory, not a file; pass {flag} "
+                        "to remake it")
     if not Path(path).is_file():
         raise DataError(f"{flag} {path}: no such file, and the image was made from it")
     if file_sha256(path) != recorded_hash:
@@ -269,12 +282,12 @@ class Settings:
         [], help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.", flags=("--lora",),
         cli_type=list[str], parse=lambda specs: [parse_lora(s) for s in specs], to_record=_loras_to_record,
         from_record=_loras_from_record, show_default=False, range=Range(-100, 100))
-    init_image: Optional[str] = option(
+    init_image: Optional[ImageInput] = option(
         None, help="Start from this image (img2img; with --mask or --outpaint, inpainting).", cli_type=Path, parse=str,
         task=IMAGE_TASKS, to_record=_file_to_record, from_record=lambda v: _file_from_record(v, "--init-image"))
     strength: float = option(0.75, help="img2img and inpainting: how far to noise the init image, 0..1.",
                              task=IMAGE_TASKS, a1111="Denoising strength", range=Range(0, 1, open=("low",)))
-    mask: Optional[str] = option(
+    mask: Optional[ImageInput] = option(
         None, help="Inpainting: repaint where this image is white (any mode; resized to --init-image).", cli_type=Path,
         parse=str, task="inpaint", to_record=_file_to_record, from_record=lambda v: _file_from_record(v, "--mask"))
     mask_blur: int = option(4, help="Inpainting: feather the mask's edge by this many pixels (Gaussian σ).",
@@ -303,7 +316,7 @@ class Settings:
         "--control-image each.", flags=("--controlnet",), cli_type=list[str],
         parse=lambda specs: [parse_controlnet(s) for s in specs], task=CONTROL_TASK, to_record=controlnets_to_record,
         from_record=controlnets_from_record, show_default=False, range=Range(0, 100))  # the scales, as --lora's
-    control_images: list[str] = option(
+    control_images: list[ImageInput] = option(
         [], help="ControlNet: the control image of each --controlnet, in order (resized to the output; without "
         "-W/-H the first sets its size).", flags=("--control-image",), cli_type=list[Path],
         parse=lambda paths: [str(p) for p in paths], task=CONTROL_TASK,
@@ -341,11 +354,13 @@ def check_settings(s: Settings) -> None:
     """
     check_ranges(s)
     if not s.prompts:
-        raise UsageError("no prompt given: pass one or more prompts, --prompt-file or --from-metadata")
+        raise UsageError("no prompt given: pass one or more prompts, --prompt-file or --from-metadata",
+                         setting="prompts")
     if s.seeds and len(s.seeds) > 1 and s.num_images > 1:
-        raise UsageError("give either a list of seeds or --num-images, not both")
+        raise UsageError("give either a list of seeds or --num-images, not both", setting="num_images")
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
-        raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1")
+        raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1",
+                         setting="seeds")
     if s.scheduler is not None:
         from sdcli.schedule.samplers import get_spec
 
@@ -356,17 +371,17 @@ def check_settings(s: Settings) -> None:
         for path, _scale in s.loras:
             if pickled_only(path):
                 raise ModelError(f"--lora {path} holds pickled weights, which can run code when loaded; "
-                                 "convert it to .safetensors or pass --allow-pickle if you trust it")
+                                 "convert it to .safetensors or pass --allow-pickle if you trust it", setting="loras")
     check_prompt_settings(s)
 
 
 def check_size(s: Settings, factor: int) -> None:
-    for size, name in ((s.width, "--width"), (s.height, "--height")):
+    for size, name in ((s.width, "width"), (s.height, "height")):
         if size is not None and size % factor:
             lower, upper = size - size % factor, size - size % factor + factor
             raise UsageError(
-                f"{name} {size} is not a multiple of {factor} (what this model's VAE and pipeline need); "
-                f"try {lower or upper} or {upper}"
+                f"--{name} {size} is not a multiple of {factor} (what this model's VAE and pipeline need); "
+                f"try {lower or upper} or {upper}", setting=name
             )
 
 
@@ -448,28 +463,35 @@ def settings_from_record(record: dict[str, Any], replaced: set[str] = frozenset(
         if d.record_key not in record:
             if d.name in ESSENTIAL:
                 raise DataError(f"the record holds no {d.record_key} (nor does its parameters text), so the image "
-                                f"cannot be remade; give {d.flag}")
+                                f"cannot be remade; give {d.flag}", setting=d.name)
             if d.opt.unrecorded is not None:
                 setattr(s, d.name, d.opt.unrecorded)
             continue
-        value = record[d.record_key]
-        if d.opt.from_record is not None:
-            try:
-                value = d.opt.from_record(value)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                # What failed inside the reader (a missing key, a str where a dict goes) is ours, not the user's.
-                raise DataError(f"the record's {d.record_key} is {_shown(record[d.record_key])}, not in the form "
-                                f"sdcli writes for {d.flag}; the record is malformed") from None
-        else:
-            element = _element_type(d.type) if d.opt.role is SWEEP else d.type
-            value = _typed(value, element, d)
-            choices = d.opt.cli_type
-            if isinstance(choices, type) and issubclass(choices, Enum) and value is not None:
-                if value not in {c.value for c in choices}:
-                    raise DataError(f"the record's {d.record_key} is {_shown(value)}, not one of "
-                                    f"{', '.join(c.value for c in choices)} ({d.flag})")
+        try:
+            value = _from_record(d, record[d.record_key])
+        except SdcliError as exc:  # a reader names the flag; the error says which setting that is
+            raise about(exc, d.name)
         setattr(s, d.name, [value] if d.opt.role is SWEEP else value)
     return s
+
+
+def _from_record(d: Any, value: Any) -> Any:
+    """One declared setting's recorded value as the setting holds it; DataError naming its flag otherwise."""
+    if d.opt.from_record is not None:
+        try:
+            return d.opt.from_record(value)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            # What failed inside the reader (a missing key, a str where a dict goes) is ours, not the user's.
+            raise DataError(f"the record's {d.record_key} is {_shown(value)}, not in the form "
+                            f"sdcli writes for {d.flag}; the record is malformed") from None
+    element = _element_type(d.type) if d.opt.role is SWEEP else d.type
+    value = _typed(value, element, d)
+    choices = d.opt.cli_type
+    if isinstance(choices, type) and issubclass(choices, Enum) and value is not None:
+        if value not in {c.value for c in choices}:
+            raise DataError(f"the record's {d.record_key} is {_shown(value)}, not one of "
+                            f"{', '.join(c.value for c in choices)} ({d.flag})")
+    return value
 
 
 def _shown(value: Any) -> str:

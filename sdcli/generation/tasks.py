@@ -97,14 +97,24 @@ def task_pipeline(auto: Any, pipe: Any, **components: Any) -> Any:
 
 
 def refuse_without_init_image(s: Any) -> None:
-    for value, flag in ((s.mask, "--mask"), (s.outpaint, "--outpaint")):
+    for value, flag, setting in ((s.mask, "--mask", "mask"), (s.outpaint, "--outpaint", "outpaint")):
         if value is not None:
-            raise UsageError(f"{flag} needs --init-image (the picture to paint into)")
+            raise UsageError(f"{flag} needs --init-image (the picture to paint into)", setting=setting)
 
 
 def refuse_hires(s: Any) -> None:
     if s.hires_scale is not None:
-        raise UsageError("--hires-scale is a second pass after text-to-image; it does not combine with --init-image")
+        raise UsageError("--hires-scale is a second pass after text-to-image; it does not combine with --init-image",
+                         setting="hires_scale")
+
+
+def check_image_input(source: Any, flag: str, setting: str) -> None:
+    """An input image is a file that exists, or a PIL image given in memory; checked before any weights load."""
+    from sdcli.images import check_input, in_memory
+
+    check_input(source, flag, setting)
+    if not in_memory(source) and not Path(source).expanduser().is_file():
+        raise DataError(f"{flag}: no such file: {source}", setting=setting)
 
 
 class TextToImage(Task):
@@ -136,9 +146,8 @@ class ImageToImage(Task):
             # diffusers runs int(steps × strength) steps; zero would denoise nothing at all.
             raise UsageError(f"--strength {s.strength:g} with --steps {s.steps} leaves no denoising step "
                              f"(int({s.steps} × {s.strength:g}) = 0); use --strength {1 / s.steps:.3g} or more, "
-                             "or more --steps")
-        if not Path(s.init_image).is_file():
-            raise DataError(f"--init-image: no such file: {s.init_image}")
+                             "or more --steps", setting="strength")
+        check_image_input(s.init_image, "--init-image", "init_image")
 
     def passes(self, s: Any) -> list[int]:
         return [max(1, int(s.steps * s.strength))]
@@ -173,19 +182,19 @@ class Inpaint(ImageToImage):
     def check(self, s: Any) -> None:
         super().check(s)
         if s.mask is not None and s.outpaint is not None:
-            raise UsageError("give --mask or --outpaint, not both")
+            raise UsageError("give --mask or --outpaint, not both", setting="mask")
         if s.mask is not None:  # its aspect ratio and whether it marks anything, before the weights load
             from sdcli.generation.masks import read_mask
             from sdcli.images import open_image
 
-            read_mask(s.mask, open_image(s.init_image, what="--init-image").size)
+            read_mask(s.mask, open_image(s.init_image, what="--init-image", setting="init_image").size)
 
     def canvas(self, s: Any, factor: int) -> tuple[Any, Any, Any]:
         """(picture to paint into, mask of what to repaint, the init image as resized)."""
         from sdcli.generation.masks import read_mask
         from sdcli.images import open_image
 
-        stored = open_image(s.init_image, what="--init-image").size
+        stored = open_image(s.init_image, what="--init-image", setting="init_image").size
         image = load_init_image(s.init_image, s.width, s.height, factor)
         return image, read_mask(s.mask, stored), image
 
@@ -246,7 +255,7 @@ class HiresFix(Task):
         steps = s.hires_steps or s.steps
         if int(steps * s.hires_strength) < 1:
             raise UsageError(f"--hires-strength {s.hires_strength:g} with {steps} hires steps leaves no denoising step "
-                             f"(int({steps} × {s.hires_strength:g}) = 0); raise either")
+                             f"(int({steps} × {s.hires_strength:g}) = 0); raise either", setting="hires_strength")
         for size, flag in ((s.width, "--width"), (s.height, "--height")):
             if size:
                 self.upscaled(size, s.hires_scale, 8, flag)
@@ -256,7 +265,7 @@ class HiresFix(Task):
         big = int(size * scale) // factor * factor
         if big > MAX_SIDE:
             raise UsageError(f"--hires-scale {scale:g} takes the {flag.lstrip('-')} {size} to {big} pixels, past "
-                             f"the {MAX_SIDE}-pixel limit")
+                             f"the {MAX_SIDE}-pixel limit", setting="hires_scale")
         return big
 
     def passes(self, s: Any) -> list[int]:
@@ -299,17 +308,19 @@ class HiresFix(Task):
         return keep["second"](**second).images
 
 
-def load_init_image(path: str, width: int | None, height: int | None, factor: int):
-    """The init image upright and in RGB, resized to the asked size or cut down to a multiple of ``factor``."""
+def load_init_image(source: Any, width: int | None, height: int | None, factor: int):
+    """The init image (a path or a PIL image) upright and in RGB, resized to the asked size or cut down to a
+    multiple of ``factor``."""
     from PIL import Image
 
-    from sdcli.images import open_image
+    from sdcli.images import named, open_image
 
-    image = open_image(path, what="--init-image")
+    image = open_image(source, what="--init-image", setting="init_image")
     w = width or image.width - image.width % factor
     h = height or image.height - image.height % factor
     if w < factor or h < factor:
-        raise DataError(f"--init-image: {path} is too small ({image.width}x{image.height})")
+        raise DataError(f"--init-image: {named(source)} is too small ({image.width}x{image.height})",
+                        setting="init_image")
     return image.resize((w, h), Image.LANCZOS) if (w, h) != image.size else image
 
 
@@ -339,7 +350,8 @@ class WithControlNet(Task):
         check_control(s)  # refuses a control setting without --controlnet
         if s.hires_scale is not None:
             raise UsageError("--hires-scale does not combine with --controlnet (its second pass would need the control "
-                             "map again at the enlarged size); use --controlnet at the size you want")
+                             "map again at the enlarged size); use --controlnet at the size you want",
+                             setting="hires_scale")
         self.inner.check(s)
         check_family(s)
 

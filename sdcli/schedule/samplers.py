@@ -77,13 +77,13 @@ def get_spec(name: str) -> SchedulerSpec:
 
     key = name.strip().lower()
     if key not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
+        raise UsageError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}", setting="scheduler")
     spec = SCHEDULERS[key]
     # scipy is optional: importing it costs every run half a second, and only LMS uses it.
     missing = [pkg for pkg in spec.requires if importlib.util.find_spec(pkg) is None]
     if missing:
         raise UsageError(f"the {spec.name} sampler needs {', '.join(missing)}, which is not installed: "
-                         f"pip install {' '.join(missing)}")
+                         f"pip install {' '.join(missing)}", setting="scheduler")
     return spec
 
 
@@ -119,9 +119,9 @@ def sigma_overrides(cls: type, sigmas: str, sampler: str) -> dict[str, Any]:
     if flag not in inspect.signature(cls.__init__).parameters:
         # DDIM, DDPM, PLMS and Euler a step through timesteps, not a list of σ's they could respace.
         raise UsageError(f"--sigmas {sigmas}: the {sampler} sampler has no choice of σ spacing; use it with euler, "
-                         "heun, lms, dpm++2m, dpm2 or unipc, or leave --sigmas default")
+                         "heun, lms, dpm++2m, dpm2 or unipc, or leave --sigmas default", setting="sigmas")
     if sigmas == "beta" and importlib.util.find_spec("scipy") is None:
-        raise UsageError("--sigmas beta needs scipy, which is not installed: pip install scipy")
+        raise UsageError("--sigmas beta needs scipy, which is not installed: pip install scipy", setting="sigmas")
     # diffusers refuses more than one spacing at once, and a -karras sampler sets its own.
     return {f: f == flag for f in SIGMA_FLAGS.values()}
 
@@ -150,7 +150,8 @@ def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spaci
 
         if "timestep_spacing" not in inspect.signature(cls.__init__).parameters:
             # from_config would drop it without a word (flow-matching samplers have none).
-            raise UsageError(f"--timestep-spacing: the {sampler} sampler has no timestep spacing")
+            raise UsageError(f"--timestep-spacing: the {sampler} sampler has no timestep spacing",
+                             setting="timestep_spacing")
         overrides["timestep_spacing"] = timestep_spacing
     overrides.update(sigma_overrides(cls, sigmas, sampler))
     spaced = next((kind for kind, flag in SIGMA_FLAGS.items() if overrides.get(flag)), None)
@@ -160,7 +161,7 @@ def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spaci
             # Beta quantiles are spread linearly in σ: from σ_max ≈ 4519 all but the last steps are pure noise.
             raise UsageError(f"--sigmas beta spaces σ linearly up to σ_max, which a zero-terminal-SNR model has at "
                              f"about 4519 (pure noise), leaving no steps for the image; use --sigmas karras or "
-                             "exponential")
+                             "exponential", setting="sigmas")
         overrides.update(finite_terminal_betas(config))
         cls = _from_the_first_step(cls)
     return cls.from_config(config, **overrides)

@@ -191,6 +191,38 @@ def test_img2img_with_two_controlnets_round_trips_and_a_changed_control_image_is
     assert not (tmp_path / "b").exists()
 
 
+# Control images given in memory (from Python) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["txt2img", "img2img"])
+def test_control_images_in_memory_give_the_image_their_files_give(task, cli, tiny_sd, controlnets, control, init,
+                                                                  tmp_path):
+    from sdcli.commands.generate import run_generate
+    from sdcli.generation.settings import Settings
+
+    def settings(**images):
+        # Without -W/-H a text-to-image takes its size from the first control image, read in memory too.
+        return Settings(prompts=[PROMPT], model=tiny_sd, steps=2, seeds=[1], control_preprocess=["canny", "none"],
+                        controlnets=[(controlnets["sd1"], 1.0), (controlnets["sd1-b"], 0.5)], **images)
+
+    files = {"control_images": [str(control), str(init)], **({"init_image": str(init)} if task == "img2img" else {})}
+    given = {"control_images": [Image.open(control).convert("RGBA"), Image.open(init)],
+             **({"init_image": Image.open(init).convert("RGBA")} if task == "img2img" else {})}
+    (by_path,) = run_generate(settings(**files), out=tmp_path / "path.png", quiet=True)
+    (by_image,) = run_generate(settings(**given), out=tmp_path / "memory.png", quiet=True)
+    assert pixels(by_image).shape == (24, 32, 3) and np.array_equal(pixels(by_image), pixels(by_path))
+    record = record_of(by_image)
+    assert record["task"] == f"{task}+controlnet"
+    assert [(c["path"], c["size"]) for c in record["control_images"]] == [(None, [32, 24]), (None, [32, 24])]
+    line = one_error_line(cli("generate", "--from-metadata", by_image, "--out", tmp_path / "b.png"), 1)
+    first = "--init-image" if task == "img2img" else "--control-image"  # the first given in memory, as declared
+    assert line.startswith(f"error: {first}: the image was made from an image given in memory, not a file")
+    replaced = ["--control-image", control, "--control-image", init] + (["--init-image", init] if task == "img2img"
+                                                                        else [])
+    (again,) = paths_of(cli("generate", "--from-metadata", by_image, *replaced, "--out", tmp_path / "c.png"))
+    assert np.array_equal(pixels(again), pixels(by_image))
+
+
 # Sweeps, contact sheets, batches and trajectories ----------------------------------------------------
 
 

@@ -305,6 +305,65 @@ def test_a_changed_mask_or_init_image_is_refused_at_replay(cli, tiny_sd, init, m
     assert not (tmp_path / "b").exists()
 
 
+# Images given in memory (from Python) -------------------------------------------------------------
+
+
+def in_memory(path: Path, mode: str) -> Image.Image:
+    """The picture at ``path`` as a Python caller hands it over: a PIL image, in another mode than the file's."""
+    return Image.open(path).convert(mode)
+
+
+def made(s) -> list:
+    from sdcli.generation import Engine, plan
+
+    p = plan(s, distributed=False)  # the memory estimate reads the init image's size too
+    return list(Engine.load(s).images(s, p.jobs))
+
+
+@pytest.mark.parametrize("task,kw", [
+    ("img2img", {"strength": 0.7}),
+    ("inpaint", {"mask": "MASK", "mask_blur": 2}),
+    ("outpaint", {"outpaint": [8, 0, 0, 8]}),
+])
+def test_an_init_image_or_mask_in_memory_gives_the_image_its_file_gives(tiny_sd, init, mask, task, kw):
+    from sdcli.images import open_image, pixels_sha256
+
+    (by_path,) = made(settings(tiny_sd, init_image=str(init), **{k: str(mask) if v == "MASK" else v
+                                                                 for k, v in kw.items()}))
+    given = in_memory(init, "RGBA")  # opaque RGBA: flattened onto white, the same pixels
+    (by_image,) = made(settings(tiny_sd, init_image=given, **{k: in_memory(mask, "L") if v == "MASK" else v
+                                                             for k, v in kw.items()}))
+    assert by_image.record["task"] == task
+    assert np.array_equal(np.asarray(by_image.image), np.asarray(by_path.image))
+    # Recorded by what it held, not where it was (it was nowhere): JSON all the same.
+    assert by_image.record["init_image"] == {"path": None, "sha256": pixels_sha256(open_image(init)), "size": [32, 32]}
+    assert by_path.record["init_image"]["path"] == str(init.resolve())
+    if task == "inpaint":
+        assert by_image.record["mask"]["path"] is None and by_image.record["mask"]["sha256"] != \
+            by_image.record["init_image"]["sha256"]
+    json.loads(json.dumps(by_image.record, allow_nan=False))
+    from sdcli.generation.metadata import a1111_parameters
+
+    assert "None" not in a1111_parameters(by_image.record) and "null" not in a1111_parameters(by_image.record)
+
+
+@pytest.mark.parametrize("name,flag", [("init_image", "--init-image"), ("mask", "--mask")])
+def test_a_record_of_an_image_in_memory_replays_only_with_the_file_given(cli, tiny_sd, init, mask, tmp_path, name,
+                                                                         flag):
+    from sdcli.commands.generate import run_generate
+
+    files = {"init_image": init, "mask": mask}
+    given = {key: in_memory(path, "RGB") if key == name else str(path) for key, path in files.items()}
+    (image,) = run_generate(settings(tiny_sd, **given), out=tmp_path / "a.png", quiet=True)
+    line = one_error_line(cli("generate", "--from-metadata", image, "--out", tmp_path / "b.png"), 1)
+    assert line == (f"error: {flag}: the image was made from an image given in memory, not a file; pass {flag} to "
+                    "remake it")
+    assert not (tmp_path / "b.png").exists()
+    (again,) = paths_of(cli("generate", "--from-metadata", image, flag, files[name], "--out", tmp_path / "c.png"))
+    assert np.array_equal(pixels(again), pixels(image))
+    assert record_of(again)[name]["path"] == str(files[name].resolve())
+
+
 # Every mode with sweeps, contact sheets, trajectories and batches ----------------------------------
 
 
