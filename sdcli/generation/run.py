@@ -98,10 +98,11 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
 
     ``model_on_disk=False`` is for a pipeline already in memory whose weights are still to be
     written (finetune's validation images): its model is recorded as named, not looked up, and
-    ``facts`` (`sdcli.pipeline.facts_of(pipe)`) says what kind of model it is.
+    ``facts`` (`sdcli.families.facts_of(pipe)`) says what kind of model it is.
     """
     from sdcli import distributed as dist
-    from sdcli.pipeline import absolute_if_local, model_facts, resolve_model
+    from sdcli.families import model_facts
+    from sdcli.pipeline import absolute_if_local, resolve_model
     from sdcli.generation.applies import check_family, check_rescale, check_task
     from sdcli.generation.settings import check_lora_tensors
     from sdcli.generation.prompts import check_prompt_editing
@@ -288,7 +289,7 @@ def iter_images(
     from sdcli.generation.trajectory import StepRecorder, decode_latents
 
     from sdcli.generation.guidance import negative_applies
-    from sdcli.pipeline import facts_of
+    from sdcli.families import facts_of
 
     task = task_for(s)
     kind = facts_of(loaded.pipe).guidance

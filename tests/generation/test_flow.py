@@ -118,7 +118,7 @@ def test_a_lora_of_another_family_does_not_fit(cli, tiny_flow_models, tiny_sd, t
 def test_a_single_file_checkpoint_loads_as_its_family(tmp_path, key, expected):
     from safetensors.torch import save_file
 
-    from sdcli.pipeline import _single_file_class
+    from sdcli.families import single_file_class as _single_file_class
 
     path = tmp_path / "model.safetensors"
     save_file({key: torch.zeros(1)}, str(path))
