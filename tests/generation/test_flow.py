@@ -60,8 +60,7 @@ def test_flux_true_cfg_is_diffusers_true_cfg_scale(cli, tiny_flow_models, tmp_pa
     ("flux-schnell", ["-g", "3", "--true-cfg"], "no guidance input"),
     ("sd3", ["--distilled-guidance", "2"], "no guidance input"),
     ("sd3", ["--true-cfg"], "classifier-free guidance already"),
-    ("sd3", ["--guidance-rescale", "0.5"], "no guidance rescale"),
-])
+])  # --guidance-rescale, which no flow model has: tests/families/test_families.py
 def test_guidance_that_does_not_exist_on_a_model_is_refused(cli, tiny_flow_models, family, args, expected):
     result = cli("generate", "x", "--model", tiny_flow_models[family], "--steps", "1", "--out", "o", *args)
     assert expected in one_error_line(result, 2)
