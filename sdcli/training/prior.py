@@ -78,7 +78,8 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     settings = Settings(prompts=[cfg.class_prompt], model=cfg.model, revision=cfg.revision, variant=cfg.variant,
                         seeds=seeds, width=cfg.resolution, height=cfg.resolution, device=str(device))
     p = plan(settings, distributed=False, model_on_disk=False, facts=facts_of(pipe))
-    loaded = Loaded(pipe=pipe, model=settings.model, family=family.record_name(pipe), device=str(device), dtype=torch.float32)
+    loaded = Loaded(pipe=pipe, model=settings.model, family=family.record_name(pipe), device=str(device),
+                    dtype=torch.float32)
     slug = re.sub(r"[^a-z0-9]+", "-", cfg.class_prompt.lower()).strip("-")[:40] or "class"
     writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png", results=False)
     pipe.to(device)
