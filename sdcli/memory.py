@@ -6,7 +6,8 @@ The estimate counts what the request's size decides (latents, the UNet's activat
 attention, the VAE's decode, the pictures), not the weights, which the size does not change:
 it catches the impossible, and a request near the limit can still fail. Its constants were
 measured on CPU with diffusers 0.42 and Stable Diffusion 1.5's architecture (random weights,
-float32); each says what it stands for. ``SDCLI_MEMORY_CHECK=0`` skips the check.
+float32); each says what it stands for. A model's figures come from its family (`sdcli.families`:
+its ``arch``). ``SDCLI_MEMORY_CHECK=0`` skips the check.
 
 Pure arithmetic (`Arch`, `generation_need`, `strip_need`) is apart from what it is compared
 with (`available_bytes`), so tests can ask about any size without allocating it.
@@ -72,8 +73,9 @@ def _first(value: Any, default: int) -> int:
     return int(value) if isinstance(value, (int, float)) and value else default
 
 
-def arch_from_configs(unet: dict[str, Any], vae: dict[str, Any], pipeline_class: str = "") -> Arch:
-    """`Arch` from the configs' dicts (diffusers' names); a missing key keeps SD 1.5's value."""
+def unet_arch(unet: dict[str, Any], vae: dict[str, Any], upcast: bool = False) -> Arch:
+    """`Arch` of a UNet family from the configs' dicts (diffusers' names); a missing key keeps SD 1.5's value.
+    ``upcast``: the family's pipelines decode in float32 where the VAE asks (SDXL's force_upcast)."""
     d = Arch()
     vae_blocks = vae.get("block_out_channels") or [d.vae_channels] * 4
     down = unet.get("down_block_types")
@@ -88,12 +90,21 @@ def arch_from_configs(unet: dict[str, Any], vae: dict[str, Any], pipeline_class:
         latent_channels=_first(vae.get("latent_channels"), d.latent_channels),
         vae_channels=_first(vae_blocks, d.vae_channels),
         vae_tile=_first(vae.get("sample_size"), d.vae_tile),
-        vae_upcast="XL" in pipeline_class and vae.get("force_upcast", True) is not False,
+        vae_upcast=upcast and vae.get("force_upcast", True) is not False,
         unet_channels=_first(unet.get("block_out_channels"), d.unet_channels),
         attention_level=level,
         attention_heads=int(heads),
         sample_size=_first(unet.get("sample_size"), d.sample_size),
     )
+
+
+def arch_from_configs(denoiser: dict[str, Any], vae: dict[str, Any], pipeline_class: str = "") -> Arch:
+    """`Arch` of a ``pipeline_class`` model from its denoiser's and VAE's configs, as its family reads them
+    (`sdcli.families`); a UNet's with SD 1.5's values where no family claims the class."""
+    from sdcli.families import claimed_by
+
+    family = claimed_by(pipeline_class)
+    return family.arch(denoiser, vae) if family else unet_arch(denoiser, vae)
 
 
 def _config(model: str, name: str, revision: str | None) -> dict[str, Any]:
@@ -119,9 +130,12 @@ def model_arch(model: str, revision: str | None = None, vae: str | None = None) 
     vae_config = _config(model, "vae/config.json", revision)
     if vae and Path(vae).expanduser().is_dir():
         vae_config = _config(vae, "config.json", None) or vae_config
-    index = _config(model, "model_index.json", revision)
-    unet_config = _config(model, "unet/config.json", revision)
-    return arch_from_configs(unet_config, vae_config, str(index.get("_class_name", "")))
+    class_name = str(_config(model, "model_index.json", revision).get("_class_name", ""))
+    from sdcli.families import claimed_by
+
+    family = claimed_by(class_name)
+    denoiser = _config(model, f"{family.denoiser if family else 'unet'}/config.json", revision)
+    return arch_from_configs(denoiser, vae_config, class_name)
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -556,7 +570,7 @@ def check_training(cfg: Any, pipe: Any, family: Any, device: str) -> None:
     available = available_bytes(device)
     if available is None:
         return
-    arch = arch_from_configs(dict(getattr(denoiser, "config", {})), dict(pipe.vae.config))
+    arch = family.arch(dict(getattr(denoiser, "config", {})), dict(pipe.vae.config))
     options = dict(batch=cfg.batch_size, trained=trained, new=new, checkpointing=cfg.gradient_checkpointing,
                    nbytes=2 if cfg.mixed_precision in ("fp16", "bf16") else 4,
                    adam_bytes=ADAM_8BIT_BYTES if cfg.use_8bit_adam else ADAM_BYTES, ema=cfg.ema)

@@ -1,8 +1,8 @@
 """Find, load and place a diffusers pipeline: Hub id, local folder or single file.
 
 The pipeline class is whatever the model says it is (`model_index.json`, or
-the keys of a single-file checkpoint); we recognise its family (`FAMILIES`)
-to describe it and to pick sensible defaults, and refuse a class of none.
+the keys of a single-file checkpoint); its family (`sdcli.families`) says
+what it is, and a class of no family is refused before its weights load.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from sdcli import defaults
 from sdcli.errors import ModelError, UsageError, concerning
+from sdcli.families import denoiser, family_of, family_spec, pipe_family, single_file_class
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
@@ -139,75 +140,6 @@ def check_folder(path: Path) -> dict[str, Any]:
     return _read_json(index)
 
 
-@dataclass(frozen=True)
-class Family:
-    """What sdcli needs to know about a model family, as data: the denoiser's name, the size granularity,
-    whether it is trained by flow matching, and what its guidance knob is."""
-
-    name: str
-    pipelines: tuple[str, ...]  # prefixes of the diffusers pipeline class names (every task) of this family
-    denoiser: str = "unet"
-    patch: int = 1  # sizes are multiples of the VAE factor times this (SD3's patches, Flux's 2x2 packing)
-    flow: bool = False  # x_t = (1 − σ)·x_0 + σ·ε, predicting ε − x_0
-    guidance: str = "cfg"  # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev; "none" if absent)
-
-
-# Most specific first: StableDiffusionXL and StableDiffusion3 before StableDiffusion.
-FAMILIES = (
-    Family("sdxl", ("StableDiffusionXL",)),
-    Family("sd3", ("StableDiffusion3",), denoiser="transformer", patch=2, flow=True),
-    Family("flux", ("Flux",), denoiser="transformer", patch=2, flow=True, guidance="distilled"),
-    Family("sd", ("StableDiffusion",)),
-)
-
-
-SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines (diffusers' "
-             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included)")
-
-
-def _claims(family: Family, class_name: str) -> bool:
-    """A class of the family: its prefix, then no version digit (Flux2Pipeline is another model than Flux.1)."""
-    return any(class_name.startswith(prefix) and not class_name[len(prefix):][:1].isdigit()
-               for prefix in family.pipelines)
-
-
-def family_spec(class_name: str | None, what: str = "the pipeline") -> Family:
-    """The family of a pipeline class name; SD for None (no model_index.json: a single-file checkpoint, which
-    `_single_file_class` loads as an SD-family class). ModelError, naming ``what``, for a class no family claims:
-    its model is another architecture, and guessing one of ours would fail deep inside or run it wrongly."""
-    if class_name is None:
-        return FAMILIES[-1]
-    for family in FAMILIES:
-        if _claims(family, str(class_name)):
-            return family
-    raise ModelError(f"{what} is a {class_name}; {SUPPORTED}")
-
-
-def pipe_family(pipe: Any) -> Family:
-    """The family of a pipeline in memory: of its class, or of the first diffusers base class a family claims
-    (a library user's subclass of StableDiffusionPipeline is SD); ModelError naming its class for any other."""
-    for cls in type(pipe).__mro__:
-        if any(_claims(family, cls.__name__) for family in FAMILIES):
-            return family_spec(cls.__name__)
-    return family_spec(type(pipe).__name__)  # raises, naming the pipeline's own class
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a model is, read from its configs alone (no weights): enough to check a request before loading."""
-
-    class_name: str | None
-    family: Family
-    vae_factor: int
-    guidance: str  # the family's guidance knob, "none" for a distilled family without the input (Flux-schnell)
-
-    @property
-    def size_multiple(self) -> int:
-        """What width and height must be multiples of: the VAE factor times the patch, and never less than the 8
-        that diffusers' Stable Diffusion pipelines insist on."""
-        return max(8, self.vae_factor * self.family.patch)
-
-
 def _config(model: str, name: str, revision: str | None = None) -> dict[str, Any] | None:
     """One config file of a pipeline folder or Hub model, None where there is none (or the Hub cannot say)."""
     kind = local_kind(model)
@@ -222,34 +154,6 @@ def _config(model: str, name: str, revision: str | None = None) -> dict[str, Any
         except Exception:  # noqa: BLE001 - the real load reports the real error
             return None
     return None
-
-
-def model_facts(model: str, revision: str | None = None) -> ModelFacts:
-    if local_kind(model) == "folder":
-        check_folder(Path(model).expanduser())
-    index = _config(model, "model_index.json", revision) or {}
-    family = family_spec(index.get("_class_name"), f"--model {model}")
-    vae = _config(model, "vae/config.json", revision)
-    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
-    guidance = family.guidance
-    if guidance == "distilled":
-        transformer = _config(model, "transformer/config.json", revision) or {}
-        guidance = "distilled" if transformer.get("guidance_embeds", True) else "none"
-    return ModelFacts(index.get("_class_name"), family, factor, guidance)
-
-
-def facts_of(pipe: Any) -> ModelFacts:
-    """The same facts, of a pipeline already in memory."""
-    family = pipe_family(pipe)
-    guidance = family.guidance
-    if guidance == "distilled" and not pipe.transformer.config.get("guidance_embeds", True):
-        guidance = "none"
-    return ModelFacts(type(pipe).__name__, family, pipe.vae_scale_factor, guidance)
-
-
-def vae_scale_factor(model: str, revision: str | None = None) -> int:
-    """The VAE's downsampling factor, read from config only (no weights), 8 when unknown."""
-    return model_facts(model, revision).vae_factor
 
 
 @dataclass
@@ -271,44 +175,6 @@ class Loaded:
         """A short name for metadata: the Hub id, or the folder/file name."""
         kind = "hub" if not Path(self.model).expanduser().exists() else "path"
         return self.model if kind == "hub" else Path(self.model).expanduser().resolve().name
-
-
-def family_of(pipe: Any) -> str:
-    """sd1, sd2, sdxl, sd3 or flux: what records and messages call it (ModelError for another pipeline class)."""
-    family = pipe_family(pipe)
-    if family.name != "sd":
-        return family.name
-    unet = pipe.unet.config
-    if unet.get("cross_attention_dim") == 1024 or pipe.scheduler.config.get("prediction_type") == "v_prediction":
-        return "sd2"
-    return "sd1"
-
-
-def denoiser(pipe: Any) -> Any:
-    """The network that predicts the noise (or the velocity): the UNet, or the transformer of SD3 and Flux."""
-    return getattr(pipe, pipe_family(pipe).denoiser)
-
-
-def _single_file_class(path: Path):
-    import diffusers
-
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-        # Each family's checkpoint layout has blocks no other has (the names its original code gave them).
-        for marker, cls in SINGLE_FILE_MARKERS:
-            if any(marker in k for k in keys):
-                return getattr(diffusers, cls)
-    return diffusers.StableDiffusionPipeline
-
-
-SINGLE_FILE_MARKERS = (
-    ("conditioner.embedders.1", "StableDiffusionXLPipeline"),
-    ("joint_blocks.", "StableDiffusion3Pipeline"),  # SD3's MMDiT
-    ("double_blocks.", "FluxPipeline"),  # Flux's double-stream blocks
-)
 
 
 def load_pipeline(
@@ -345,7 +211,7 @@ def load_pipeline(
                                  "convert it to .safetensors or pass --allow-pickle if you trust it")
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 raise ModelError(f"{path} is not a checkpoint file (.safetensors, or .ckpt with --allow-pickle)")
-            pipe = _single_file_class(path).from_single_file(str(path), **common)
+            pipe = single_file_class(path).from_single_file(str(path), **common)
         else:
             if kind == "folder":
                 folder = Path(model).expanduser()

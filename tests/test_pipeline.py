@@ -101,7 +101,8 @@ def test_cpu_offload_is_refused_before_any_weights_load(tiny_sd, monkeypatch):
 @pytest.mark.parametrize("class_name", OTHER_PIPELINES)
 def test_a_pipeline_class_of_no_family_is_refused_by_name_before_its_weights_load(tiny_sd, tmp_path,
                                                                                  no_pipeline_loads, class_name):
-    from sdcli.pipeline import load_pipeline, model_facts
+    from sdcli.families import model_facts
+    from sdcli.pipeline import load_pipeline
 
     folder = as_other_pipeline(tiny_sd, tmp_path / "other", class_name)
     for call in (lambda: model_facts(str(folder)), lambda: load_pipeline(str(folder), device="cpu")):
@@ -120,7 +121,7 @@ def test_a_pipeline_class_of_no_family_is_refused_by_name_before_its_weights_loa
     ("FluxKontextPipeline", "flux"),
 ])
 def test_each_task_class_of_a_family_keeps_its_family(class_name, family):
-    from sdcli.pipeline import family_spec
+    from sdcli.families import family_spec
 
     assert family_spec(class_name).name == family
 
@@ -128,7 +129,7 @@ def test_each_task_class_of_a_family_keeps_its_family(class_name, family):
 def test_a_loaded_pipeline_of_no_family_is_refused_and_a_subclass_of_a_family_is_not(tiny_sd):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    from sdcli.pipeline import denoiser, facts_of, family_of, pipe_family
+    from sdcli.families import denoiser, facts_of, family_of, pipe_family
 
     sd = StableDiffusionPipeline.from_pretrained(tiny_sd)
 

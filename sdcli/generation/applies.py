@@ -1,79 +1,29 @@
-"""Which generate settings shape the image on which model family, and for which task: data, checked before loading.
+"""Which generate settings shape the image on which model family, and for which task: checked before loading.
 
 A setting the model would ignore must be refused, not recorded: an image's record names only what made it.
-The families are `sdcli.pipeline.FAMILIES`' names (sd, sdxl, sd3, flux); Flux-schnell is Flux without a
+Each family lists the settings it ignores (`sdcli.families`: its ``ignores``); Flux-schnell is Flux without a
 guidance input, which `sdcli.generation.guidance` handles with the rest of guidance (and the negative prompt,
 which only a guided pass reads). Prompt editing is refused by `sdcli.generation.prompts.check_prompt_editing`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sdcli.errors import UsageError
 
-FLOW = ("sd3", "flux")  # flow-matching families: diffusers encodes their prompts and samples with its flow sampler
-ENCODED_BY_SDCLI = "SD 1.x, 2.x and XL, whose prompts sdcli encodes itself"
-
-
-def uses_a1111_syntax(prompt: str) -> bool:
-    """Whether AUTOMATIC1111's syntax would change what ``prompt`` means: a weight, BREAK or an escape."""
-    from sdcli.generation.prompts import parse_weights
-
-    parsed = parse_weights(prompt)
-    return parsed.text != prompt or any(piece is None or piece[1] != 1 for piece in parsed.pieces)
-
-
-def _syntax_in(s: Any) -> str | None:
-    if s.prompt_syntax != "a1111":
-        return None
-    return next((p for p in [*s.prompts, s.negative_prompt] if p and uses_a1111_syntax(p)), None)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A setting that does nothing on ``families``: ``given`` says whether these settings ask for it."""
-
-    flag: str
-    families: tuple[str, ...]
-    given: Callable[[Any], Any]
-    why: str  # completes "{flag}: {model} ..." ({model} is the pipeline class)
-
-
-RULES = (
-    Rule("--clip-skip", FLOW, lambda s: s.clip_skip != 1,
-         f"{{model}} reads its prompts through diffusers' own encoders; clip skip works on {ENCODED_BY_SDCLI}"),
-    Rule("--prompt-syntax a1111", FLOW, _syntax_in,
-         "{model} reads prompts as plain text, so the weights, BREAK or escapes of {given!r} would reach it as "
-         f"literal characters (they work on {ENCODED_BY_SDCLI}); drop them, or pass --prompt-syntax plain to mean "
-         "them as text"),
-    Rule("--embedding", FLOW, lambda s: ", ".join(Path(path).name for path, _token in s.embeddings),
-         "{given}: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x or XL model, whose CLIP encoders "
-         "sdcli loads them into; {model} reads its prompts through diffusers' own encoders and would not read them"),
-    Rule("--scheduler", FLOW, lambda s: s.scheduler,
-         "sdcli's samplers are DDPM samplers (noise or v prediction); {model} is a flow-matching model and samples "
-         "with its own flow-matching Euler sampler (--sigmas respaces it)"),
-    Rule("--timestep-spacing", FLOW, lambda s: s.timestep_spacing,
-         "{model}'s flow-matching sampler has no timestep spacing (--sigmas respaces its σ's)"),
-    Rule("--hires-upscaler latent", ("flux",), lambda s: s.hires_scale is not None and s.hires_upscaler == "latent",
-         "{model} packs its latents into 2x2 patches, which sdcli does not enlarge; use --hires-upscaler lanczos"),
-)
-
 
 def check_family(s: Any, facts: Any) -> None:
-    """Refuse, in one line, the first setting this model's family would ignore (`RULES`)."""
+    """Refuse, in one line, the first setting this model's family would ignore (its ``ignores``)."""
     from sdcli.declare import setting_of
     from sdcli.generation.settings import Settings
 
     model = facts.class_name or "this model"
-    for rule in RULES:
-        if facts.family.name in rule.families:
-            given = rule.given(s)
-            if given:
-                raise UsageError(f"{rule.flag}: " + rule.why.format(model=model, given=given),
-                                 setting=setting_of(Settings, rule.flag))
+    for rule in facts.family.ignores:
+        given = rule.given(s)
+        if given:
+            raise UsageError(f"{rule.flag}: " + rule.why.format(model=model, given=given),
+                             setting=setting_of(Settings, rule.flag))
 
 
 # What a task-scoped setting needs before it does anything (the tasks of `sdcli.generation.tasks`).
@@ -96,8 +46,9 @@ def check_task(s: Any, task: Any) -> None:
 
 
 def check_rescale(s: Any, facts: Any, task: Any) -> None:
-    """--guidance-rescale on a task whose diffusers pipeline has none (SD 1.x/2.x img2img, most ControlNet ones)."""
-    if not any(s.guidance_rescale) or facts.family.name in FLOW or task.name in ("txt2img", "hires"):
+    """--guidance-rescale on a task whose diffusers pipeline has none (SD 1.x/2.x img2img, most ControlNet ones);
+    a family without it at all has refused it already (`check_family`)."""
+    if not any(s.guidance_rescale) or task.name in ("txt2img", "hires"):
         return
     cls = task_pipeline_class(facts.class_name, task.name)
     if cls is not None and not takes(cls, "guidance_rescale"):

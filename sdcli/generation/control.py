@@ -157,11 +157,12 @@ def check_fits(source: str, controlnet: dict[str, Any], unet: dict[str, Any]) ->
 
 def check_family(s: Any) -> None:
     """Every --controlnet is a ControlNet made for the model's UNet, by their configs alone (no weights load)."""
-    from sdcli.pipeline import _config, model_facts, resolve_model
+    from sdcli.families import model_facts
+    from sdcli.pipeline import _config, resolve_model
 
     model = resolve_model(s.model)
     facts = model_facts(model, s.revision)
-    if facts.family.denoiser != "unet":
+    if not facts.family.controlnet:
         raise UsageError(f"--controlnet: {facts.class_name} is not a UNet model; sdcli runs ControlNets on "
                          "SD 1.x, SD 2.x and SDXL", setting="controlnets")
     unet = _config(model, "unet/config.json", s.revision)

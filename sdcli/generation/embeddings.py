@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -138,8 +137,6 @@ def ti_hashes(value: list[dict[str, str]] | None) -> str | None:
 
 # Trained embeddings' values are a few tenths; past this a file is broken (and float16 overflows at 65504).
 VALUE_LIMIT = 1000.0
-# The pipelines whose text encoders take embeddings: Stable Diffusion 1.x/2.x (one CLIP) and XL (two).
-_TAKES_EMBEDDINGS = re.compile(r"StableDiffusion(?!3)[A-Z]")
 
 
 def read_vectors(path: str, allow_pickle: bool) -> dict[str, Any]:
@@ -203,17 +200,15 @@ def read_vectors(path: str, allow_pickle: bool) -> dict[str, Any]:
 
 
 def check_model_takes(embeddings: list[tuple[str, str]], class_name: str | None) -> None:
-    """Refuse embeddings on a pipeline whose text encoders cannot take them (SD3, Flux, others), in one line."""
-    if not embeddings or not class_name or _TAKES_EMBEDDINGS.match(class_name):
+    """Refuse embeddings on a pipeline whose text encoders cannot take them (its family has no
+    ``embedding_parts``: SD3, Flux, others), in one line."""
+    from sdcli.families import claimed_by
+
+    family = claimed_by(class_name)
+    if not embeddings or not class_name or (family and family.embedding_parts is not None):
         return
     name = Path(embeddings[0][0]).name
-    if class_name.startswith("StableDiffusion3"):
-        why = ("Stable Diffusion 3 reads prompts with three text encoders (two CLIPs and T5) and an embedding has "
-               "vectors for at most the two CLIPs")
-    elif class_name.startswith("Flux"):
-        why = "Flux reads prompts with T5 (and a CLIP for the pooled vector), and an embedding has no T5 vectors"
-    else:
-        why = f"{class_name} is not one"
+    why = family.no_embeddings if family and family.no_embeddings else f"{class_name} is not one"
     raise ModelError(f"--embedding {name}: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x or XL "
                      f"model; {why}")
 
@@ -223,13 +218,14 @@ def check_embeddings_fit(embeddings: list[tuple[str, str]], allow_pickle: bool, 
                          class_name: str | None, revision: str | None = None) -> None:
     """Before the model loads: its family takes embeddings, each file's vectors are usable, and (where the
     text encoders' configs can be read) as wide as the encoders they are for."""
+    from sdcli.families import family_spec
     from sdcli.pipeline import _config
 
     check_model_takes(embeddings, class_name)
     if not embeddings:
         return
-    sdxl = bool(class_name and class_name.startswith("StableDiffusionXL"))
-    folders = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"} if sdxl else {"": "text_encoder"}
+    folders = family_spec(class_name).embedding_parts  # a single-file model's (no class name) are SD's
+    sdxl = len(folders) > 1  # SDXL's clip_l and clip_g halves
     widths = {}
     for key, folder in folders.items():
         config = _config(model, f"{folder}/config.json", revision) if model else None

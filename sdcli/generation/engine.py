@@ -171,7 +171,7 @@ class Engine:
 
     def __init__(self, loaded: Any, load: dict[str, Any], *, fused: bool = False,
                  baked: list[tuple[str, float]] | None = None, on_disk: bool = True):
-        from sdcli.pipeline import facts_of
+        from sdcli.families import facts_of
 
         self.loaded = loaded
         self.load_values = load  # the at-load settings, as the engine was loaded with them

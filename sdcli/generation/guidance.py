@@ -12,7 +12,7 @@ from sdcli.errors import UsageError
 def settle_guidance(s: Any, facts: Any) -> None:
     """Check the guidance settings against the model's kind of guidance and fill in its defaults.
 
-    ``facts`` is `sdcli.pipeline.ModelFacts`: ``guidance`` is "cfg", "distilled" (Flux-dev) or "none"
+    ``facts`` is `sdcli.families.ModelFacts`: ``guidance`` is "cfg", "distilled" (Flux-dev) or "none"
     (Flux-schnell). In the design notes' terms, classifier-free guidance runs the model twice and
     extrapolates ε_uncond + g·(ε_cond − ε_uncond); a distilled model was trained to produce that result
     in one pass, from g given as an input.
@@ -40,9 +40,7 @@ def negative_applies(s: Any, kind: str, guidance: float) -> bool:
 
 
 def _settle(s: Any, facts: Any, name: str) -> None:
-    if facts.family.flow and any(s.guidance_rescale):
-        raise UsageError(f"--guidance-rescale: {name} has no guidance rescale (it belongs to the UNet pipelines)",
-                         setting="guidance_rescale")
+    # A family without guidance rescale has refused it already (its ``ignores``, `sdcli.generation.applies`).
     if facts.guidance == "cfg":
         if s.distilled_guidance is not None:
             raise UsageError(f"--distilled-guidance: {name} has no guidance input; its --guidance is classifier-free",
@@ -81,7 +79,7 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
     has it), or Flux's distilled guidance and, with --true-cfg, its real classifier-free scale."""
     import inspect
 
-    from sdcli.pipeline import pipe_family
+    from sdcli.families import pipe_family
 
     takes = inspect.signature(type(pipe).__call__).parameters
     if pipe_family(pipe).guidance != "distilled":

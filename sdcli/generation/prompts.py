@@ -26,6 +26,7 @@ from enum import Enum
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from sdcli.errors import UsageError
+from sdcli.families.base import TWO_CLIPS
 from sdcli.generation.prompt_editing import (
     check_nesting, every_word, excerpt, is_edited, iteration_steps, number_like, parse, steps_text, text_at,
 )
@@ -226,9 +227,14 @@ def prompt_warnings(prompt: str, syntax: str) -> list[str]:
 
 
 def check_prompt_editing(prompts: list[str], syntax: str, class_name: Optional[str]) -> None:
-    """Refuse prompt editing on a pipeline whose prompts diffusers encodes (SD3, Flux), before it loads."""
-    if (syntax == PromptSyntax.a1111.value and class_name and not re.match(_ENCODED_HERE, class_name)
-            and any(map(is_edited, prompts))):
+    """Refuse prompt editing on a pipeline whose prompts diffusers encodes (its family has no ``a1111`` encoder:
+    SD3, Flux), before it loads."""
+    from sdcli.families import claimed_by
+
+    if not (syntax == PromptSyntax.a1111.value and class_name and any(map(is_edited, prompts))):
+        return
+    family = claimed_by(class_name)
+    if family is None or family.a1111 is None:
         refuse_prompt_editing(class_name)
 
 
@@ -248,7 +254,7 @@ def visible_text(prompt: str, syntax: str) -> str:
 
 def reads_whole(pipe: Any, syntax: str) -> bool:
     """Whether prompts reach this pipeline in chunks (nothing cut), as opposed to diffusers' own encoding."""
-    return syntax == PromptSyntax.a1111.value and _family(pipe) is not None
+    return syntax == PromptSyntax.a1111.value and _layout(pipe) is not None
 
 
 def prepare_text_encoders(pipe: Any, s: Any) -> None:
@@ -267,18 +273,13 @@ def check_clip_skip(pipe: Any, clip_skip: int) -> None:
         raise UsageError(f"--clip-skip {clip_skip}: this model's text encoder has only {min(layers)} layers")
 
 
-# The pipeline classes whose prompts this module encodes: SD 1.x, 2.x and XL (not 3, whose third encoder is T5).
-_ENCODED_HERE = r"StableDiffusion[A-Z]"
+def _layout(pipe: Any) -> str | None:
+    """Which of this module's encoders reads the pipeline's prompts (its family's ``a1111``: ONE_CLIP or
+    TWO_CLIPS); None where diffusers encodes them (SD3, Flux)."""
+    from sdcli.families import pipe_family
 
-
-def _family(pipe: Any) -> str | None:
-    """'sdxl' or 'sd' for the CLIP-conditioned pipelines this module encodes for; None for others."""
-    name = type(pipe).__name__
-    if name.startswith("StableDiffusionXL") and getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    if re.match(_ENCODED_HERE, name) and getattr(pipe, "text_encoder", None) is not None:
-        return "sd"  # 1.x and 2.x (not 3, whose third encoder is T5)
-    return None
+    a1111 = pipe_family(pipe).a1111
+    return a1111(pipe) if a1111 else None
 
 
 class _Encoder:
@@ -363,14 +364,14 @@ def _final_norm(model: Any) -> Any:
     return getattr(model, "text_model", model).final_layer_norm
 
 
-def _layer_picker(family: str, model: Any, clip_skip: int) -> Callable[[Any], Any]:
+def _layer_picker(layout: str, model: Any, clip_skip: int) -> Callable[[Any], Any]:
     """Which hidden state the UNet sees, with clip skip in AUTOMATIC1111's numbering (1 = last layer).
 
     SD 1.x/2.x: the last layer after the final layer norm; clip skip N takes the N-th from the end
     and applies the same norm (as AUTOMATIC1111 and diffusers' clip_skip do). SDXL always reads the
     penultimate layer, un-normed; clip skip N goes N − 1 further back (diffusers' clip_skip for SDXL).
     """
-    if family == "sdxl":
+    if layout == TWO_CLIPS:
         return lambda out: out.hidden_states[-(clip_skip + 1)]
     if clip_skip == 1:
         return lambda out: out.last_hidden_state
@@ -396,21 +397,21 @@ class TextConditioning:
     def __init__(self, s: Any, pipe: Any, passes: Optional[list[int]] = None):
         self.pipe, self.negative = pipe, s.negative_prompt
         self.a1111 = s.prompt_syntax == PromptSyntax.a1111.value
-        self.family = _family(pipe) if self.a1111 else None
+        self.layout = _layout(pipe) if self.a1111 else None
         self.passes = passes or [s.steps]
         self._cache: dict[str, Encoded] = {}
-        if self.family is None:
+        if self.layout is None:
             return
         pairs = [(pipe.tokenizer, pipe.text_encoder, False)]
-        if self.family == "sdxl":
+        if self.layout == TWO_CLIPS:
             pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None), False),
                      (pipe.tokenizer_2, pipe.text_encoder_2, True)]
         pairs = [p for p in pairs if p[1] is not None]
         check_clip_skip(pipe, s.clip_skip)
-        self.encoders = [_Encoder(tok, model, _layer_picker(self.family, model, s.clip_skip), pooled)
+        self.encoders = [_Encoder(tok, model, _layer_picker(self.layout, model, s.clip_skip), pooled)
                          for tok, model, pooled in pairs]
         # SDXL leaves the unconditional branch at zero for an empty negative prompt (force_zeros_for_empty_prompt).
-        self.zero_negative = (self.family == "sdxl" and not s.negative_prompt
+        self.zero_negative = (self.layout == TWO_CLIPS and not s.negative_prompt
                               and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
 
     # Batches ---------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ class TextConditioning:
         guided = pipe.do_classifier_free_guidance
         stack = (lambda neg, pos: torch.cat([neg, pos])) if guided else (lambda neg, pos: pos)
         out = {"prompt_embeds": stack(kwargs.get("negative_prompt_embeds"), kwargs["prompt_embeds"])}
-        if self.family == "sdxl":
+        if self.layout == TWO_CLIPS:
             out["add_text_embeds"] = stack(kwargs.get("negative_pooled_prompt_embeds"), kwargs["pooled_prompt_embeds"])
         return out
 
@@ -456,7 +457,7 @@ class TextConditioning:
         """Split batches whose prompts take different numbers of chunks: padding one prompt to another's
         length would change its image, and an image must not depend on the company it was made in."""
         for batch in batches:
-            if self.family is None:
+            if self.layout is None:
                 yield batch
             else:
                 yield from split_runs(batch, lambda job: self.length(job.prompt, job.values["guidance"]))
@@ -464,7 +465,7 @@ class TextConditioning:
     def call_kwargs(self, prompts: list[str], guidance: float, step: int = 1, steps: Optional[int] = None,
                     ) -> dict[str, Any]:
         """The pipeline's text arguments for one batch, at ``step`` (1-based) of ``steps`` (the first pass's)."""
-        if self.family is None:
+        if self.layout is None:
             if self.edited(prompts):
                 refuse_prompt_editing(type(self.pipe).__name__)
             return {"prompt": prompts, "negative_prompt": [self.negative] * len(prompts) if self.negative else None}
@@ -474,7 +475,7 @@ class TextConditioning:
         chunks = max(self.length(p, guidance) for p in prompts)
         conds = [self.encode(text_at(p, step, steps)) for p in prompts]
         kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([self.padded(c, chunks) for c in conds])}
-        if self.family == "sdxl":
+        if self.layout == TWO_CLIPS:
             kwargs["pooled_prompt_embeds"] = torch.cat([c.pooled for c in conds])
         if guidance != 1:  # the unconditional branch runs (sdcli.generation.guidance): it needs its embeddings
             if self.zero_negative:
@@ -483,7 +484,7 @@ class TextConditioning:
             else:
                 neg = self.encode(text_at(self.negative, step, steps))
                 kwargs["negative_prompt_embeds"] = self.padded(neg, chunks).repeat(len(prompts), 1, 1)
-                if self.family == "sdxl":
+                if self.layout == TWO_CLIPS:
                     kwargs["negative_pooled_prompt_embeds"] = neg.pooled.repeat(len(prompts), 1)
         return kwargs
 

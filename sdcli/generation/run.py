@@ -96,13 +96,14 @@ def plan_jobs(s: Settings, seeds: list[int]) -> list[Job]:
 def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, facts: Any = None) -> Plan:
     """Check the settings, settle the model, seeds and jobs; raises before anything heavy loads.
 
-    ``facts`` (`sdcli.pipeline.facts_of(pipe)`) says what kind of model a loaded engine holds; without it
+    ``facts`` (`sdcli.families.facts_of(pipe)`) says what kind of model a loaded engine holds; without it
     they are read from the model's configs. ``model_on_disk=False`` is for a pipeline already in memory
     whose weights are still to be written (finetune's validation images): its model is recorded as
     named, not looked up.
     """
     from sdcli import distributed as dist
-    from sdcli.pipeline import absolute_if_local, model_facts, resolve_model
+    from sdcli.families import model_facts
+    from sdcli.pipeline import absolute_if_local, resolve_model
     from sdcli.generation.applies import check_family, check_rescale, check_task
     from sdcli.generation.settings import check_lora_tensors
     from sdcli.generation.prompts import check_prompt_editing

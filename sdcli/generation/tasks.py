@@ -50,9 +50,10 @@ class Prepared:
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
-    sample = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
-    sample = sample if isinstance(sample, int) else sample[0]
-    return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
+    """The model's own image size (width, height), as its family says."""
+    from sdcli.families import pipe_family
+
+    return pipe_family(pipe).default_size(pipe)
 
 
 class Task:

@@ -29,11 +29,11 @@ def closed_form_x0(scheduler: Any, model_output: Any, timestep: Any, sample: Any
 def decode_latents(pipe: Any, latents: Any, size: tuple[int, int] | None = None) -> list[Any]:
     """Latents -> PIL images through the pipeline's VAE (used for trajectory frames).
 
-    Flux works on 2x2-packed latents (B, tokens, 4·C); ``size`` (width, height in pixels) unpacks them.
+    Flux works on 2x2-packed latents (B, tokens, 4·C); ``size`` (width, height in pixels) unpacks them
+    (the family's ``unpack_latents``).
     """
+    from sdcli.families import pipe_family
     from sdcli.latents import decode
 
-    if latents.ndim == 3 and hasattr(pipe, "_unpack_latents"):
-        width, height = size
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = pipe_family(pipe).unpack_latents(pipe, latents, size)
     return pipe.image_processor.postprocess(decode(pipe.vae, latents).float(), output_type="pil")

@@ -3,8 +3,6 @@
 - `config`: every training setting in one dataclass, checked before any work.
 - `data`: finding images and captions, and turning an image into pixels.
 - `objective`: the maths of one training step (noise, target, weighting; DDPM and flow matching).
-- `families`: what differs per model family (SD 1/2, SDXL, SD3, Flux) as data: the denoiser, text
-  encoding, one prediction, sizes, how the LoRA is saved.
 - `inputs`: latents and text embeddings for a batch, computed live or from a cache.
 - `setup`: the accelerator, the pipeline, LoRA adapters, precision and placement.
 - `checkpoints`: atomic save, resume and pruning of training state.

@@ -22,7 +22,6 @@ from typing import Any, Callable
 from sdcli import defaults
 from sdcli.latents import scale
 from sdcli.training.data import Example, Item, load_rgb, shuffle_tags, to_pixels
-from sdcli.training.families import TrainingFamily
 
 
 @dataclass
@@ -34,11 +33,11 @@ class Batch:
 class TextEncoding:
     """Prompts to the denoiser's text conditioning, the way the pipeline itself encodes them.
 
-    What each family does is in `sdcli.training.families` (SD3 and Flux through their pipeline's own
+    What each family does is in its `sdcli.families` module (SD3 and Flux through their pipeline's own
     `encode_prompt`); this class adds the null prompt and lets training swap in prepared encoders.
     """
 
-    def __init__(self, pipe: Any, device: Any, family: TrainingFamily):
+    def __init__(self, pipe: Any, device: Any, family: Any):  # sdcli.families.Family
         self.pipe = pipe
         self.device = device
         self.family = family
@@ -78,7 +77,7 @@ class TrainingInputs:
         pipe: Any,
         examples: list[Example],
         *,
-        family: TrainingFamily | None = None,  # default: the pipeline's own
+        family: Any = None,  # sdcli.families.Family; default: the pipeline's own
         resolution: int | None = None,  # a square of this side for every example, unless ``sizes``
         sizes: list[tuple[int, int]] | None = None,  # (w, h) per example: its bucket
         center_crop: bool,
@@ -90,10 +89,9 @@ class TrainingInputs:
     ):
         self.vae = pipe.vae
         if family is None:
-            from sdcli.pipeline import family_of as pipeline_family
-            from sdcli.training.families import family_of
+            from sdcli.families import training_family
 
-            family = family_of(pipe, pipeline_family(pipe))
+            family = training_family(pipe)
         self.text = TextEncoding(pipe, device, family)
         self.examples = examples
         self.sizes = list(sizes) if sizes is not None else [(resolution, resolution)] * len(examples)

@@ -21,6 +21,9 @@ The UNet is named as kohya names it per family, which is also what every loader 
   ``layers_per_block``, which levels have attention), not from SDXL's numbers. (diffusers' loader would
   misread one layer SDXL does not have: the upsampler of an up level without attention.)
 
+What differs per model (the prefixes, SGM names or not, ss_base_model_version) is each family's
+``kohya`` layout (`sdcli.families`), looked up by the name records give the model (sd1, sd2, sdxl).
+
 Everything here is plain data in, plain data out; torch, peft and safetensors are imported only to
 build tensors and write the file.
 """
@@ -32,10 +35,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-FAMILIES = ("sd1", "sd2", "sdxl")  # UNet families with a kohya layout; SD3 and Flux LoRAs stay diffusers-only
 NETWORK_MODULE = "networks.lora"  # kohya's plain LoRA (LyCORIS and others name their own module)
-# kohya's ss_base_model_version (sd-scripts' model_util / sdxl_model_util)
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 # diffusers ResnetBlock2D -> LDM ResBlock
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -128,10 +128,16 @@ def text_encoder_name(path: str) -> str:
     return path if path.startswith(("text_model.", "text_projection")) else f"text_model.{path}"
 
 
-def _prefixes(family: str) -> dict[str, str]:
-    if family == "sdxl":
-        return {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    return {"unet": "lora_unet", "text_encoder": "lora_te"}
+def layout(family: str) -> Any:
+    """The kohya layout (`sdcli.families.base.KohyaLayout`) of the model records call ``family``; ValueError for
+    one without (SD3 and Flux LoRAs stay diffusers-only)."""
+    from sdcli.families import BY_NAME, kohya_layout
+
+    found = kohya_layout(family)
+    if found is None:
+        names = [name for name, f in BY_NAME.items() if name in f.kohya]
+        raise ValueError(f"no kohya LoRA layout for {family!r}; families: {', '.join(names)}")
+    return found
 
 
 # 2. Tensors -----------------------------------------------------------------------------------------
@@ -157,9 +163,8 @@ def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float]
     """
     import torch
 
-    if family not in FAMILIES:
-        raise ValueError(f"no kohya LoRA layout for {family!r}; families: {', '.join(FAMILIES)}")
-    prefixes = _prefixes(family)
+    found = layout(family)
+    prefixes = found.prefixes
     out: dict[str, Any] = {}
     for model, state in layers.items():
         if model not in prefixes:
@@ -173,7 +178,7 @@ def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float]
                 raise ValueError(f"{model} layer {path!r} has lora_{''.join(pair)} without its other half")
             if model != "unet":
                 path = text_encoder_name(path)
-            elif family == "sdxl":
+            elif found.sgm_unet:
                 path = unet_name(path, unet_config)
             name = f"{prefixes[model]}_{path.replace('.', '_')}"
             if f"{name}.alpha" in out:
@@ -197,10 +202,11 @@ def metadata(family: str, rank: int, alpha: float, output_name: str, v_predictio
     """
     from sdcli import __version__
 
-    version = BASE_MODEL_VERSIONS[family] + ("_v" if v_prediction and family != "sdxl" else "")
+    found = layout(family)
+    version = found.version + ("_v" if v_prediction and found.v_suffix else "")
     meta: dict[str, Any] = {
         "ss_network_module": NETWORK_MODULE, "ss_network_dim": int(rank), "ss_network_alpha": float(alpha),
-        "ss_base_model_version": version, "ss_v2": family == "sd2", "ss_v_parameterization": bool(v_prediction),
+        "ss_base_model_version": version, "ss_v2": found.v2, "ss_v_parameterization": bool(v_prediction),
         "ss_output_name": output_name,
         "ss_training_comment": f"sdcli {__version__} finetune; every setting is in training_settings.json",
     }

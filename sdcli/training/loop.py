@@ -67,7 +67,7 @@ class Run:
     say: Notes
     report: data.DataReport
     pipe: Any
-    family: Any  # sdcli.training.families.TrainingFamily
+    family: Any  # sdcli.families.Family
     noise_scheduler: Any  # DDPM's, or the flow-matching scheduler whose training σ's are drawn from
     inputs: Any  # TrainingInputs
     models: list[Any]  # as prepared by accelerate; the denoiser (UNet or transformer) first
@@ -85,11 +85,16 @@ class Run:
     fingerprint: str | None = None  # the base model's (`checkpoints.model_fingerprint`), recorded in checkpoints
 
     @property
+    def family_name(self) -> str:
+        """sd1, sd2, sdxl, sd3 or flux: what records call the model."""
+        return self.family.record_name(self.pipe)
+
+    @property
     def world(self) -> int:
         return self.accelerator.num_processes
 
     def checkpoint(self, step: int) -> Path:
-        state = {"step": step, "world_size": self.world, "config": self.cfg.to_json(), "family": self.family.name,
+        state = {"step": step, "world_size": self.world, "config": self.cfg.to_json(), "family": self.family_name,
                  "model_fingerprint": self.fingerprint}
         if self.accelerator.is_main_process:
             outputs.record_written(self.cfg.out, {checkpoints.DIRNAME})
@@ -142,7 +147,8 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     ``callback(StepInfo)`` runs after every optimizer step. Ctrl-C (SIGINT) stops after the
     current step, saves a checkpoint and raises KeyboardInterrupt.
     """
-    from sdcli.pipeline import absolute_if_local, local_kind, model_facts, resolve_device, resolve_model
+    from sdcli.families import model_facts
+    from sdcli.pipeline import absolute_if_local, local_kind, resolve_device, resolve_model
 
     # 1. Check inputs before anything heavy is loaded.
     cfg.check()
@@ -196,13 +202,14 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
     pipe, family = setup.load(cfg)
-    if cfg.lora and family.name in kohya.FAMILIES and cfg.lora_format == kohya.LoraFormat.both.value:
+    name = family.record_name(pipe)
+    if cfg.lora and name in family.kohya and cfg.lora_format == kohya.LoraFormat.both.value:
         # Named after OUT: a long --out name can make it too long only now the family is known.
         check_name_length(cfg.out / kohya.file_name(cfg.out), "--out")
     fingerprint = checkpoints.model_fingerprint(pipe)  # before any adapter: the base model as loaded
     if resume_dir is not None:
         # First, so a checkpoint of another model is called that, not a list of settings that differ.
-        checkpoints.check_same_model(resume_dir, checkpoints.read_state(resume_dir), cfg.model, family.name,
+        checkpoints.check_same_model(resume_dir, checkpoints.read_state(resume_dir), cfg.model, name,
                                      fingerprint)
     cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
     step = setup.bucket_sides(cfg, pipe, family)
@@ -243,11 +250,11 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     noise_scheduler = (flow_training_scheduler if family.flow else training_scheduler)(pipe.scheduler.config)
     trained = setup.make_trainable(pipe, family, cfg, accelerator.device)
     if resume_dir is not None:  # a checkpoint from before fingerprints: its weights must fit these models
-        checkpoints.check_fits(resume_dir, checkpoints.read_state(resume_dir), cfg.model, family.name, trained, cfg.lora)
+        checkpoints.check_fits(resume_dir, checkpoints.read_state(resume_dir), cfg.model, name, trained, cfg.lora)
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
     say(f"training {'LoRA rank %d' % cfg.rank if cfg.lora else 'the full ' + family.denoiser}"
         f"{' and the text encoder' if cfg.train_text_encoder else ''}: {sum(p.numel() for p in params):,} parameters, "
-        f"{family.name}, {_objective(cfg, family, noise_scheduler)}")
+        f"{name}, {_objective(cfg, family, noise_scheduler)}")
 
     # 5. Inputs: encode every image and caption once when nothing that makes them is trained.
     inputs = TrainingInputs(
@@ -517,7 +524,7 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
                               f"kept{then}") from exc
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {
-            "base_model": cfg.model, "family": run.family.name,
+            "base_model": cfg.model, "family": run.family_name,
             "prediction_type": "flow" if run.family.flow else run.noise_scheduler.config.prediction_type,
             "objective": _objective(cfg, run.family, run.noise_scheduler), "denoiser": run.family.denoiser,
             "method": "lora" if cfg.lora else "full", "steps": done.step, "world_size": run.world,
@@ -602,7 +609,7 @@ def _validate(run: Run, step: int) -> list[Path]:
             encoder.to(accelerator.device)
         try:
             with validation.evaluating(run.models, run.ema, run.params), accelerator.autocast():
-                paths = outputs.render_validation(pipe, run.family.name, accelerator.device, cfg, step,
+                paths = outputs.render_validation(pipe, run.family_name, accelerator.device, cfg, step,
                                                   run.family.guidance_of(pipe))
         finally:
             setup.park_frozen(pipe, run.inputs, accelerator.device)

@@ -183,9 +183,10 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
         kwargs[f"{name}_lora_adapter_metadata"] = metadata(encoder)
     into = Path(into or out)
     type(pipe).save_lora_weights(str(into), safe_serialization=True, **kwargs)
-    if family.name in kohya.FAMILIES and getattr(cfg, "lora_format", kohya.LoraFormat.both) == kohya.LoraFormat.both:
+    name = family.record_name(pipe)  # sd1, sd2, sdxl, ...: each has its own kohya layout, or none
+    if name in family.kohya and getattr(cfg, "lora_format", kohya.LoraFormat.both) == kohya.LoraFormat.both:
         models = dict(zip((key, "text_encoder", "text_encoder_2"), [denoiser, *text_encoders]))
-        kohya.save(into / kohya.file_name(out), family.name, models, denoiser.config, Path(out).resolve().name,
+        kohya.save(into / kohya.file_name(out), name, models, denoiser.config, Path(out).resolve().name,
                    v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction",
                    base_model=getattr(cfg, "model", None), cfg=cfg)
     return out / LORA_FILE

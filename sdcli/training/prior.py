@@ -73,7 +73,7 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     seeds = [data.mix_seed(cfg.seed, 5, first + i) % 2**32 for i in range(count)]
     settings = Settings(prompts=[cfg.class_prompt], model=cfg.model, revision=cfg.revision, variant=cfg.variant,
                         seeds=seeds, width=cfg.resolution, height=cfg.resolution, device=str(device))
-    engine = Engine.around(pipe, settings, family=family.name)
+    engine = Engine.around(pipe, settings, family=family.record_name(pipe))
     p = engine.plan(settings)
     slug = re.sub(r"[^a-z0-9]+", "-", cfg.class_prompt.lower()).strip("-")[:40] or "class"
     writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png")

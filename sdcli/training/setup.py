@@ -55,7 +55,8 @@ def auto_precision(cfg: FinetuneConfig, device: str) -> str:
 
 
 def _is_flow(cfg: FinetuneConfig) -> bool:
-    from sdcli.pipeline import local_kind, model_facts, resolve_model
+    from sdcli.families import model_facts
+    from sdcli.pipeline import local_kind, resolve_model
 
     model = resolve_model(cfg.model)
     return local_kind(model) != "file" and model_facts(model, cfg.revision).family.flow
@@ -98,14 +99,14 @@ def release(accelerator) -> None:
 def load(cfg: FinetuneConfig):
     """The pipeline and its training family; the settings the family's objective lacks are refused here,
     before anything is encoded or trained."""
+    from sdcli.families import training_family
     from sdcli.pipeline import load_pipeline
-    from sdcli.training.families import family_of
 
     # On the CPU in float32: accelerate places what trains, park_frozen the rest.
     loaded = load_pipeline(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
                            device="cpu", dtype="float32")
-    family = family_of(loaded.pipe, loaded.family)
-    cfg.settle_for(family.name, family.flow, family.guidance_of(loaded.pipe))
+    family = training_family(loaded.pipe)
+    cfg.settle_for(loaded.family, family.flow, family.guidance_of(loaded.pipe))
     return loaded.pipe, family
 
 

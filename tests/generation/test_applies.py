@@ -10,20 +10,7 @@ from PIL import Image
 
 from conftest import one_error_line, paths_of, pixels
 
-FLOW = ("sd3", "flux", "flux-schnell")
-# (args, what the one line names) for options that do nothing on any flow-matching model.
-NOT_ON_FLOW = [
-    (["--clip-skip", "2"], "--clip-skip"),
-    (["-s", "ddim"], "--scheduler"),
-    (["-s", "euler"], "--scheduler"),
-    (["-s", "dpm++2m-karras"], "--scheduler"),
-    (["--timestep-spacing", "trailing"], "--timestep-spacing"),
-    (["--prompt-syntax", "a1111", "--", "a (red:1.4) circle"], "--prompt-syntax a1111"),
-    (["--", "a red BREAK circle"], "--prompt-syntax a1111"),
-    (["--", "a (red) circle"], "--prompt-syntax a1111"),
-    (["--", "a \\(red\\) circle"], "--prompt-syntax a1111"),
-    (["--embedding", "EMBEDDING"], "--embedding"),
-]
+# The settings a model family ignores are refused by tests/families/test_families.py, family by family.
 
 
 def refused(cli, model, args, tmp_path):
@@ -37,18 +24,10 @@ def refused(cli, model, args, tmp_path):
     return line
 
 
-@pytest.mark.parametrize("family", FLOW)
-@pytest.mark.parametrize("args,flag", NOT_ON_FLOW, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_an_option_a_flow_model_would_ignore_is_refused_before_loading(cli, tiny_flow_models, tmp_path, family,
-                                                                       args, flag):
-    assert refused(cli, tiny_flow_models[family], args, tmp_path).startswith(f"error: {flag}")
-
-
 @pytest.mark.parametrize("family,args,expected", [
     ("flux", ["-n", "blurry"], "--negative-prompt"),  # distilled guidance reads no negative prompt
     ("flux", ["--true-cfg", "-g", "0.5,3", "-n", "blurry"], "--guidance 0.5"),  # diffusers' true CFG is off below 1
     ("flux-schnell", ["-n", "blurry"], "--negative-prompt"),
-    ("flux", ["--hires-scale", "2", "--hires-upscaler", "latent"], "--hires-upscaler latent"),
 ])
 def test_flux_options_without_effect_are_refused(cli, tiny_flow_models, tmp_path, family, args, expected):
     assert expected in refused(cli, tiny_flow_models[family], args, tmp_path)

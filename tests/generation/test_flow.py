@@ -60,8 +60,7 @@ def test_flux_true_cfg_is_diffusers_true_cfg_scale(cli, tiny_flow_models, tmp_pa
     ("flux-schnell", ["-g", "3", "--true-cfg"], "no guidance input"),
     ("sd3", ["--distilled-guidance", "2"], "no guidance input"),
     ("sd3", ["--true-cfg"], "classifier-free guidance already"),
-    ("sd3", ["--guidance-rescale", "0.5"], "no guidance rescale"),
-])
+])  # --guidance-rescale, which no flow model has: tests/families/test_families.py
 def test_guidance_that_does_not_exist_on_a_model_is_refused(cli, tiny_flow_models, family, args, expected):
     result = cli("generate", "x", "--model", tiny_flow_models[family], "--steps", "1", "--out", "o", *args)
     assert expected in one_error_line(result, 2)
@@ -118,7 +117,7 @@ def test_a_lora_of_another_family_does_not_fit(cli, tiny_flow_models, tiny_sd, t
 def test_a_single_file_checkpoint_loads_as_its_family(tmp_path, key, expected):
     from safetensors.torch import save_file
 
-    from sdcli.pipeline import _single_file_class
+    from sdcli.families import single_file_class as _single_file_class
 
     path = tmp_path / "model.safetensors"
     save_file({key: torch.zeros(1)}, str(path))

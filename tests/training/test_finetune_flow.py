@@ -15,7 +15,7 @@ from sdcli.errors import UsageError
 from sdcli.training import finetune
 from sdcli.training.checkpoints import checkpoint_dirs
 from sdcli.training.data import Item, discover
-from sdcli.training.families import FAMILIES
+from sdcli.families import BY_NAME as FAMILIES
 from sdcli.training.inputs import TextEncoding, TrainingInputs
 
 FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux"}

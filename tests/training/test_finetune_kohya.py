@@ -136,7 +136,7 @@ def test_text_encoder_layers_load_in_diffusers_to_the_same_image(tiny_models, tm
 
     from sdcli.training import outputs
     from sdcli.training.config import TEXT_ENCODER_LORA_TARGETS
-    from sdcli.training.families import FAMILIES
+    from sdcli.families import BY_NAME as FAMILIES
 
     pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
     torch.manual_seed(0)

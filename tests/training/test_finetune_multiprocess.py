@@ -88,7 +88,7 @@ def test_two_processes_share_the_validation_loss_and_log_the_whole_mean(tiny_sd,
 
     from sdcli.training import validation
     from sdcli.training.data import discover
-    from sdcli.training.families import FAMILIES
+    from sdcli.families import BY_NAME as FAMILIES
     from sdcli.training.inputs import TrainingInputs
     from sdcli.training.objective import training_scheduler
 

@@ -12,7 +12,7 @@ import torch
 from conftest import one_error_line
 from sdcli.training import finetune, validation
 from sdcli.training.data import Item, discover, hold_out, mix_seed
-from sdcli.training.families import FAMILIES
+from sdcli.families import BY_NAME as FAMILIES
 from sdcli.training.inputs import TrainingInputs
 
 QUICK = ("--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e-2", "--quiet")

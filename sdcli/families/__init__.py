@@ -1,0 +1,140 @@
+"""The model families sdcli knows, one module each, and how a model is matched to one.
+
+Each family module (`sd`, `sdxl`, `sd3`, `flux`) holds a `Family` (`sdcli.families.base`): what recognises
+its models, their sizes, latents and guidance, how their prompts are read, which settings do nothing on them,
+their memory figures, training hooks and LoRA layouts. Everything else in sdcli asks the family of a model
+(`family_spec` by class name before loading, `pipe_family` of a pipeline in memory) instead of testing names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdcli.errors import ModelError
+from sdcli.families import flux, sd, sd3, sdxl
+from sdcli.families.base import Family, KohyaLayout
+
+# Most specific first: StableDiffusionXL and StableDiffusion3 before StableDiffusion.
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, sd.FAMILY)
+# What a model without model_index.json (a single-file checkpoint) is taken for until it loads.
+SINGLE_FILE = sd.FAMILY
+# Each name a record gives a model (`Loaded.family`, finetune's "family"), to its family.
+BY_NAME: dict[str, Family] = {name: f for f in FAMILIES for name in (f.variants or (f.name,))}
+
+SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines (diffusers' "
+             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included)")
+
+
+# 1. Which family --------------------------------------------------------------------------------
+
+
+def claimed_by(class_name: str | None) -> Family | None:
+    """The family that claims a pipeline class name, None where none does."""
+    return next((f for f in FAMILIES if class_name and f.claims(str(class_name))), None)
+
+
+def unclaimed(class_name: str, what: str) -> Family:
+    """What a pipeline class no family claims gets: a ModelError naming ``what``. Its model is another
+    architecture, and guessing one of ours would fail deep inside or run it wrongly."""
+    raise ModelError(f"{what} is a {class_name}; {SUPPORTED}")
+
+
+def family_spec(class_name: str | None, what: str = "the pipeline") -> Family:
+    """The family of a pipeline class name; SD for None (no model_index.json: a single-file checkpoint, which
+    `single_file_class` loads as an SD-family class). `unclaimed` for a class no family claims."""
+    if class_name is None:
+        return SINGLE_FILE
+    return claimed_by(class_name) or unclaimed(str(class_name), what)
+
+
+def pipe_family(pipe: Any) -> Family:
+    """The family of a pipeline in memory: of its class, or of the first diffusers base class a family claims
+    (a library user's subclass of StableDiffusionPipeline is SD); `unclaimed`, naming its class, for any other."""
+    for cls in type(pipe).__mro__:
+        family = claimed_by(cls.__name__)
+        if family is not None:
+            return family
+    return unclaimed(type(pipe).__name__, "the pipeline")
+
+
+def family_of(pipe: Any) -> str:
+    """sd1, sd2, sdxl, sd3 or flux: what records and messages call it (ModelError for another pipeline class)."""
+    return pipe_family(pipe).record_name(pipe)
+
+
+def denoiser(pipe: Any) -> Any:
+    """The network that predicts the noise (or the velocity): the UNet, or the transformer of SD3 and Flux."""
+    return getattr(pipe, pipe_family(pipe).denoiser)
+
+
+def training_family(pipe: Any) -> Family:
+    """The family of a pipeline finetune is to train; ModelError for one it has no training hooks for."""
+    family = pipe_family(pipe)
+    if family.encode is None:
+        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux pipelines; this model is a "
+                         f"{type(pipe).__name__}")
+    return family
+
+
+def kohya_layout(name: str) -> KohyaLayout | None:
+    """The kohya LoRA layout of the model records call ``name`` (sd1, sd2, sdxl); None where it has none."""
+    family = BY_NAME.get(name)
+    return family.kohya.get(name) if family else None
+
+
+def single_file_class(path: Path):
+    """The diffusers pipeline class a single-file checkpoint loads as: the family whose markers its keys hold
+    (each family's original code named blocks no other has), SD's otherwise (and for pickled files, not read)."""
+    import diffusers
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        for family in FAMILIES:
+            if any(marker in k for marker in family.single_file_markers for k in keys):
+                return getattr(diffusers, family.single_file_class)
+    return getattr(diffusers, SINGLE_FILE.single_file_class)
+
+
+# 2. What a model is, before and after loading ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model is, read from its configs alone (no weights): enough to check a request before loading."""
+
+    class_name: str | None
+    family: Family
+    vae_factor: int
+    guidance: str  # the family's guidance knob, "none" for a distilled family without the input (Flux-schnell)
+
+    @property
+    def size_multiple(self) -> int:
+        """What width and height must be multiples of: the VAE factor times the patch, and never less than the 8
+        that diffusers' Stable Diffusion pipelines insist on."""
+        return max(8, self.vae_factor * self.family.patch)
+
+
+def model_facts(model: str, revision: str | None = None) -> ModelFacts:
+    from sdcli.pipeline import _config, check_folder, local_kind
+
+    if local_kind(model) == "folder":
+        check_folder(Path(model).expanduser())
+    index = _config(model, "model_index.json", revision) or {}
+    family = family_spec(index.get("_class_name"), f"--model {model}")
+    vae = _config(model, "vae/config.json", revision)
+    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
+    # Only a family whose guidance depends on the model reads its denoiser's config (a Hub download).
+    config = _config(model, f"{family.denoiser}/config.json", revision) if family.guidance_of_config else None
+    return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config))
+
+
+def facts_of(pipe: Any) -> ModelFacts:
+    """The same facts, of a pipeline already in memory."""
+    family = pipe_family(pipe)
+    return ModelFacts(type(pipe).__name__, family, pipe.vae_scale_factor, family.guidance_of(pipe))
+

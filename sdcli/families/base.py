@@ -1,0 +1,144 @@
+"""What a model family is to sdcli: plain data and a few hook functions (`Family`), and the pieces families share.
+
+A family module (`sd`, `sdxl`, `sd3`, `flux`) fills in one `Family`; the rest of sdcli asks it (through
+`sdcli.families`) instead of testing class names or family names. Defaults are a UNet family's, so a family
+states only where it differs. torch and diffusers are imported inside the hooks that need them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+# The layouts of sdcli's own AUTOMATIC1111 prompt encoder (`sdcli.generation.prompts`): one CLIP's last layer
+# (SD 1.x/2.x), or two CLIPs' penultimate layers side by side with the second one's pooled vector (SDXL).
+ONE_CLIP = "one-clip"
+TWO_CLIPS = "two-clips"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A setting that does nothing on a family: ``given`` says whether these settings ask for it (the value to
+    name, or something false), ``why`` completes "{flag}: ..." ({model} is the pipeline class, {given} the value)."""
+
+    flag: str
+    given: Callable[[Any], Any]
+    why: str
+
+
+@dataclass(frozen=True)
+class KohyaLayout:
+    """How kohya's sd-scripts name a LoRA of one model of the family (`sdcli.training.kohya`)."""
+
+    version: str  # ss_base_model_version
+    prefixes: Mapping[str, str]  # the model each LoRA part adapts ("unet", "text_encoder", ...) -> kohya's prefix
+    sgm_unet: bool = False  # the UNet named by Stability's SGM blocks (SDXL), not by diffusers' module paths
+    v_suffix: bool = True  # a v-prediction model's version gains "_v" (sd_v2_v)
+    v2: bool = False  # ss_v2
+
+
+def pipeline_default_size(pipe: Any) -> tuple[int, int]:
+    """The pipeline's own default image size in pixels: its default sample size (the UNet's, where the pipeline
+    does not say) times the VAE factor."""
+    sample = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    sample = sample if isinstance(sample, int) else sample[0]
+    return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
+
+
+def unet_sizes(pipe: Any) -> tuple[int, int, int | None]:
+    """Training sizes of a UNet: (native, multiple, largest or None) in pixels; every down level halves the side."""
+    f = pipe.vae_scale_factor
+    config = pipe.unet.config
+    return config.sample_size * f, f * 2 ** (len(config.block_out_channels) - 1), None
+
+
+def unet_conditioning(hidden: Any, pooled: Any, time_ids: Any) -> dict[str, Any]:
+    return {"encoder_hidden_states": hidden}
+
+
+def unet_arch(denoiser: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
+    from sdcli.memory import unet_arch as arch
+
+    return arch(dict(denoiser), dict(vae))
+
+
+def keep_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
+    return latents
+
+
+@dataclass(frozen=True, eq=False)  # a family is itself: compared and hashed by identity
+class Family:
+    """One model family. The sections follow the issue's list of what a family owns."""
+
+    # 1. Recognising the model
+    name: str  # sd, sdxl, sd3, flux
+    pipelines: tuple[str, ...]  # prefixes of its diffusers pipeline class names (every task)
+    single_file_markers: tuple[str, ...] = ()  # keys only its single-file checkpoints have
+    single_file_class: str = ""  # the pipeline class such a checkpoint loads as
+    variants: tuple[str, ...] = ()  # what records call its models, where not just ``name`` (sd1, sd2)
+    variant: Callable[[Any], str] | None = None  # pipe -> which of ``variants`` it is
+
+    # 2. Sizes and latents
+    denoiser: str = "unet"  # the pipeline attribute that predicts the noise or velocity
+    patch: int = 1  # sizes are multiples of the VAE factor times this (SD3's patches, Flux's 2x2 packing)
+    default_size: Callable[[Any], tuple[int, int]] = pipeline_default_size  # pipe -> (width, height)
+    flow: bool = False  # flow matching: x_t = (1 − σ)·x_0 + σ·ε, predicting ε − x_0 (else DDPM's ε or v)
+    unpack_latents: Callable[..., Any] = keep_latents  # (pipe, latents, (width, height)) -> (B, C, h, w)
+
+    # 3. Guidance
+    guidance: str = "cfg"  # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev)
+    guidance_of_config: Callable[[Mapping[str, Any]], str] | None = None  # denoiser config -> "distilled"/"none"
+
+    # 4. Prompts, embeddings, ControlNet
+    a1111: Callable[[Any], str | None] | None = None  # pipe -> ONE_CLIP/TWO_CLIPS; None: diffusers encodes
+    embedding_parts: Mapping[str, str] | None = None  # an embedding file's part -> the text encoder it goes to
+    no_embeddings: str = ""  # why the family takes no textual-inversion embeddings (embedding_parts None)
+    controlnet: bool = False  # sdcli runs diffusers' ControlNets on it
+
+    # 5. Which settings do nothing on it: refused in one line before loading (`sdcli.generation.applies`)
+    ignores: tuple[Rule, ...] = ()
+
+    # 6. Memory: (denoiser config, VAE config) -> `sdcli.memory.Arch`
+    arch: Callable[[Mapping[str, Any], Mapping[str, Any]], Any] = unet_arch
+
+    # 7. Training (`sdcli.training`); a family without ``encode`` cannot be fine-tuned
+    text_encoders: tuple[str, ...] = ()  # pipeline attributes, each with its tokenizer (text_encoder_2 -> tokenizer_2)
+    # (pipe, [(tokenizer, encoder)], prompts, device) -> (hidden states (B, L, D), pooled (B, D') or None)
+    encode: Callable[..., tuple[Any, Any]] | None = None
+    # (hidden, pooled, time_ids) -> the denoiser's keyword arguments besides the latents and the timestep
+    conditioning: Callable[..., dict[str, Any]] = unet_conditioning
+    # (pipe, model, noisy latents, timesteps on the scheduler's 0..T axis, cond, guidance) -> prediction like noisy;
+    # None: the UNet's own call
+    predict: Callable[..., Any] | None = None
+    sizes: Callable[[Any], tuple[int, int, int | None]] = unet_sizes  # pipe -> (native, multiple, largest or None)
+    zeros_for_empty_prompt: bool = False  # honours the pipeline's force_zeros_for_empty_prompt (SDXL)
+    peft_lora_names: bool = False  # save peft's key names, as diffusers' transformer LoRA scripts do
+
+    # 8. LoRA files: each variant's kohya layout (none: diffusers' format only)
+    kohya: Mapping[str, KohyaLayout] = field(default_factory=dict)
+
+    def claims(self, class_name: str) -> bool:
+        """A class of the family: its prefix, then no version digit (Flux2Pipeline is another model than Flux.1)."""
+        return any(class_name.startswith(prefix) and not class_name[len(prefix):][:1].isdigit()
+                   for prefix in self.pipelines)
+
+    def record_name(self, pipe: Any) -> str:
+        """What records and messages call this model: sd1 or sd2 for SD, the family's name otherwise."""
+        return self.variant(pipe) if self.variant else self.name
+
+    def guidance_for(self, config: Mapping[str, Any] | None) -> str:
+        """"cfg", "distilled" or "none" (a distilled family's model without the input: Flux-schnell), from the
+        denoiser's config where the family's guidance depends on it."""
+        return self.guidance_of_config(config or {}) if self.guidance_of_config else self.guidance
+
+    def guidance_of(self, pipe: Any) -> str:
+        return self.guidance_for(getattr(pipe, self.denoiser).config if self.guidance_of_config else None)
+
+    def encoders(self, pipe: Any) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs the pipeline has, in the order the family uses them."""
+        pairs = []
+        for name in self.text_encoders:
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                pairs.append((getattr(pipe, name.replace("text_encoder", "tokenizer"), None), encoder))
+        return pairs

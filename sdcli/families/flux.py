@@ -1,0 +1,95 @@
+"""Flux.1 (dev, schnell, Kontext, ...): a transformer trained by flow matching that sees 2x2 patches of the
+latent as tokens (packed to (B, tokens, 4·C)), reading prompts through T5 and a CLIP's pooled vector, which
+diffusers' pipeline encodes. Flux-dev has its guidance distilled into an input of the model (guidance_embeds);
+Flux-schnell has none. Flux.2 is another architecture (Flux2Pipeline), which this family does not claim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdcli.families import rules
+from sdcli.families.base import Family, Rule
+
+
+def guidance(transformer: Any) -> str:
+    return "distilled" if transformer.get("guidance_embeds", True) else "none"
+
+
+def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
+    """Packed latents (B, tokens, 4·C) back to (B, C, h, w), for an image of ``size`` (width, height) pixels."""
+    if latents.ndim != 3:
+        return latents
+    width, height = size
+    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+
+def arch(transformer, vae):
+    """Memory's figures were measured on SD 1.5's UNet; a transformer is estimated as that UNet until its own
+    are measured (the VAE is its own)."""
+    from sdcli.memory import unet_arch
+
+    return unet_arch({}, dict(vae))
+
+
+def encode(pipe, pairs, prompts, device):
+    hidden, pooled, _text_ids = pipe.encode_prompt(prompts, None, device=device)  # text_ids are zeros; see below
+    return hidden, pooled
+
+
+def conditioning(hidden, pooled, time_ids):
+    import torch
+
+    # FluxPipeline.encode_prompt's text_ids: one all-zero position per text token.
+    txt_ids = torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=hidden.dtype)
+    return {"encoder_hidden_states": hidden, "pooled_projections": pooled, "txt_ids": txt_ids}
+
+
+def predict(pipe, model, noisy, timesteps, cond, guidance):
+    """Flux sees 2x2 patches of the latent as tokens, with their (row, column) positions as img_ids, and
+    takes the timestep divided by 1000 (that is, σ), as FluxPipeline's loop and diffusers' Flux script do."""
+    import torch
+
+    b, c, h, w = noisy.shape
+    cls = type(pipe)
+    packed = cls._pack_latents(noisy, b, c, h, w)
+    img_ids = cls._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+    # Guidance-distilled Flux (dev) takes the guidance scale as an input; schnell has none.
+    g = None if guidance is None else torch.full((b,), float(guidance), device=noisy.device, dtype=torch.float32)
+    out = model(hidden_states=packed, timestep=timesteps.to(noisy.dtype) / 1000, guidance=g, img_ids=img_ids,
+                return_dict=False, **cond)[0]
+    f = pipe.vae_scale_factor
+    return cls._unpack_latents(out, h * f, w * f, f)
+
+
+def sizes(pipe):
+    f = pipe.vae_scale_factor
+    return pipe.default_sample_size * f, f * 2, None  # 2x2 packing
+
+
+FAMILY = Family(
+    name="flux",
+    pipelines=("Flux",),
+    single_file_markers=("double_blocks.",),  # the double-stream blocks
+    single_file_class="FluxPipeline",
+    denoiser="transformer",
+    patch=2,
+    flow=True,
+    unpack_latents=unpack_latents,
+    guidance="distilled",
+    guidance_of_config=guidance,
+    no_embeddings="Flux reads prompts with T5 (and a CLIP for the pooled vector), and an embedding has no T5 vectors",
+    ignores=(
+        *rules.DIFFUSERS_ENCODES_PROMPTS,
+        *rules.FLOW_SAMPLER,
+        Rule("--hires-upscaler latent", lambda s: s.hires_scale is not None and s.hires_upscaler == "latent",
+             "{model} packs its latents into 2x2 patches, which sdcli does not enlarge; use --hires-upscaler lanczos"),
+        *rules.NO_GUIDANCE_RESCALE,
+    ),
+    arch=arch,
+    text_encoders=("text_encoder", "text_encoder_2"),
+    encode=encode,
+    conditioning=conditioning,
+    predict=predict,
+    sizes=sizes,
+    peft_lora_names=True,
+)

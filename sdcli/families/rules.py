@@ -1,0 +1,56 @@
+"""Settings that do nothing on more than one family, as `Rule`s a family lists in its ``ignores``.
+
+A setting the model would ignore must be refused, not recorded: an image's record names only what made it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sdcli.families.base import Rule
+
+ENCODED_BY_SDCLI = "SD 1.x, 2.x and XL, whose prompts sdcli encodes itself"
+
+
+def uses_a1111_syntax(prompt: str) -> bool:
+    """Whether AUTOMATIC1111's syntax would change what ``prompt`` means: a weight, BREAK or an escape."""
+    from sdcli.generation.prompts import parse_weights
+
+    parsed = parse_weights(prompt)
+    return parsed.text != prompt or any(piece is None or piece[1] != 1 for piece in parsed.pieces)
+
+
+def _syntax_in(s: Any) -> str | None:
+    if s.prompt_syntax != "a1111":
+        return None
+    return next((p for p in [*s.prompts, s.negative_prompt] if p and uses_a1111_syntax(p)), None)
+
+
+# What only sdcli's own prompt encoder reads: nothing, on a family whose prompts diffusers encodes.
+DIFFUSERS_ENCODES_PROMPTS = (
+    Rule("--clip-skip", lambda s: s.clip_skip != 1,
+         f"{{model}} reads its prompts through diffusers' own encoders; clip skip works on {ENCODED_BY_SDCLI}"),
+    Rule("--prompt-syntax a1111", _syntax_in,
+         "{model} reads prompts as plain text, so the weights, BREAK or escapes of {given!r} would reach it as "
+         f"literal characters (they work on {ENCODED_BY_SDCLI}); drop them, or pass --prompt-syntax plain to mean "
+         "them as text"),
+    Rule("--embedding", lambda s: ", ".join(Path(path).name for path, _token in s.embeddings),
+         "{given}: textual-inversion embeddings need a Stable Diffusion 1.x, 2.x or XL model, whose CLIP encoders "
+         "sdcli loads them into; {model} reads its prompts through diffusers' own encoders and would not read them"),
+)
+
+# sdcli's samplers and their spacing: nothing, on a family that samples with its own flow-matching Euler sampler.
+FLOW_SAMPLER = (
+    Rule("--scheduler", lambda s: s.scheduler,
+         "sdcli's samplers are DDPM samplers (noise or v prediction); {model} is a flow-matching model and samples "
+         "with its own flow-matching Euler sampler (--sigmas respaces it)"),
+    Rule("--timestep-spacing", lambda s: s.timestep_spacing,
+         "{model}'s flow-matching sampler has no timestep spacing (--sigmas respaces its σ's)"),
+)
+
+# Guidance rescale belongs to diffusers' UNet pipelines.
+NO_GUIDANCE_RESCALE = (
+    Rule("--guidance-rescale", lambda s: any(s.guidance_rescale),
+         "{model} has no guidance rescale (it belongs to the UNet pipelines)"),
+)

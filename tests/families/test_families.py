@@ -1,0 +1,127 @@
+"""Model families (`sdcli.families`): each claims its own diffusers pipelines and no other's, the settings each
+ignores are refused before its weights load, and nothing outside the families tests a class or family name."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import one_error_line
+from sdcli.families import BY_NAME, FAMILIES, claimed_by, family_spec
+
+
+# 1. Which family claims which pipeline class ---------------------------------------------------------------
+
+
+def _diffusers_pipelines() -> list[tuple[str, str]]:
+    """(diffusers' model key, pipeline class name) of every task table AutoPipeline has: the key says which model
+    a class runs (stable-diffusion-xl-controlnet, flux-kontext, flux2, ...), independently of its class name."""
+    from diffusers.pipelines import auto_pipeline
+
+    return sorted({(key, cls.__name__) for table in auto_pipeline.SUPPORTED_TASKS_MAPPINGS
+                   for key, cls in table.items()})
+
+
+def _expected_family(key: str) -> str | None:
+    for prefix, family in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-3", "sd3"),
+                           ("stable-diffusion", "sd"), ("flux", "flux")):
+        if key == prefix or key.startswith(prefix + "-"):
+            return family
+    return None  # flux2, stable-audio, stable cascade, Qwen-Image, ...: no family of sdcli's
+
+
+@pytest.mark.parametrize("key,class_name", _diffusers_pipelines(), ids=lambda v: v)
+def test_each_diffusers_pipeline_is_claimed_by_its_own_family_only(key, class_name):
+    expected = _expected_family(key)
+    claimants = [f.name for f in FAMILIES if f.claims(class_name)]
+    assert claimed_by(class_name) is (None if expected is None else next(f for f in FAMILIES if f.name == expected))
+    # A family's prefix may also match a more specific family's classes (StableDiffusion ⊂ StableDiffusionXL):
+    # the registry's order puts the specific one first, so the claim above is the one that counts.
+    assert claimants[:1] == ([expected] if expected else [])
+
+
+def test_every_family_claims_some_diffusers_pipeline_and_names_its_records():
+    claimed = {claimed_by(name) for _key, name in _diffusers_pipelines()}
+    assert set(FAMILIES) <= claimed
+    assert set(BY_NAME) == {"sd1", "sd2", "sdxl", "sd3", "flux"}
+    assert family_spec(None).name == "sd"  # a single-file checkpoint is taken for SD until it loads
+
+
+# 2. What each family ignores is refused before loading ----------------------------------------------------------
+
+# How a user asks for each setting some family ignores (several ways where there are several).
+EXAMPLES = {
+    "--clip-skip": [["--clip-skip", "2"]],
+    "--prompt-syntax a1111": [["--prompt-syntax", "a1111", "--", "a (red:1.4) circle"], ["--", "a red BREAK circle"],
+                              ["--", "a (red) circle"], ["--", "a \\(red\\) circle"]],
+    "--embedding": [["--embedding", "EMBEDDING"]],
+    "--scheduler": [["-s", "ddim"], ["-s", "euler"], ["-s", "dpm++2m-karras"]],
+    "--timestep-spacing": [["--timestep-spacing", "trailing"]],
+    "--hires-upscaler latent": [["--hires-scale", "2", "--hires-upscaler", "latent"]],
+    "--guidance-rescale": [["--guidance-rescale", "0.5"]],
+}
+# What each family ignores, written out here (not read from the families) so that a rule dropped from a
+# family's list fails below: sdcli's prompt encoder and samplers do nothing on the flow-matching families.
+FLOW = {"--clip-skip", "--prompt-syntax a1111", "--embedding", "--scheduler", "--timestep-spacing",
+        "--guidance-rescale"}
+IGNORED = {"sd": set(), "sdxl": set(), "sd3": FLOW, "flux": FLOW | {"--hires-upscaler latent"}}
+# A tiny model of each family (flux twice: with a guidance input, and schnell-like without).
+MODELS = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flux-schnell": "flux"}
+CASES = [(model, flag, args) for model, family in MODELS.items() for flag in sorted(IGNORED[family])
+         for args in EXAMPLES[flag]]
+
+
+def test_each_family_lists_the_settings_it_ignores():
+    assert {f.name: {rule.flag for rule in f.ignores} for f in FAMILIES} == IGNORED
+    assert set(MODELS.values()) == set(IGNORED) and set(EXAMPLES) >= set().union(*IGNORED.values())
+
+
+@pytest.mark.parametrize("model,flag,args", CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_a_setting_its_family_ignores_is_refused_in_one_line_before_loading(cli, request, tmp_path,
+                                                                            no_pipeline_loads, model, flag, args):
+    path = request.getfixturevalue("tiny_models" if model in ("sd1", "sd2", "sdxl") else "tiny_flow_models")[model]
+    (tmp_path / "emb.safetensors").write_bytes(b"")
+    args = [str(tmp_path / "emb.safetensors") if a == "EMBEDDING" else a for a in args]
+    prompt = [] if "--" in args else ["a red circle"]
+    result = cli("generate", *prompt, "--model", path, "--steps", "2", "-W", "16", "-H", "16", "--out",
+                 tmp_path / "o.png", *args)
+    assert one_error_line(result, 2).startswith(f"error: {flag}: ")
+    assert no_pipeline_loads == [] and not (tmp_path / "o.png").exists()
+
+
+# 3. Nothing outside the families tests a class or family name ------------------------------------------------
+
+SOURCE = Path(__file__).resolve().parents[2] / "sdcli"
+OUTSIDE = [p for p in sorted(SOURCE.rglob("*.py"))
+           if SOURCE / "families" not in p.parents and p.name != "testing.py"]  # testing.py builds each family
+NAMES = {name for family in FAMILIES for name in (family.name, *family.variants)}
+
+
+def _code_strings(tree: ast.AST) -> list[ast.Constant]:
+    """The string literals of a module, its docstrings aside."""
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+@pytest.mark.parametrize("path", OUTSIDE, ids=lambda p: str(p.relative_to(SOURCE)))
+def test_no_module_outside_the_families_tests_a_class_or_family_name(path):
+    """A class name test is a literal that starts as a family's class prefix and goes on as a name or a regex
+    ("StableDiffusionXL", "FluxPipeline", r"StableDiffusion(?!3)[A-Z]"); prose ("Flux-dev: ...") is not. A family
+    name test compares with one of the names records give models ("sdxl", "sd1")."""
+    tree = ast.parse(path.read_text())
+    prefixes = {prefix for family in FAMILIES for prefix in family.pipelines}
+    for node in _code_strings(tree):
+        for prefix in prefixes:
+            assert not re.match(rf"\^?{prefix}(?:[\w\[(?]|$)", node.value), (
+                f"line {node.lineno}: {node.value!r} tests a class name; ask the family (sdcli.families)")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            compared = [c for side in (node.left, *node.comparators) for c in ast.walk(side)
+                        if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+            named = [c.value for c in compared if c.value in NAMES]
+            assert not named, f"line {node.lineno}: compares with {named[0]!r}; ask the family (sdcli.families)"
