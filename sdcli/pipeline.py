@@ -162,7 +162,9 @@ FAMILIES = (
 
 
 SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines (diffusers' "
-             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included)")
+             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included), "
+             "and with any other diffusers text-to-image pipeline (AutoPipelineForText2Image's) through its own "
+             "arguments")
 
 
 def _claims(family: Family, class_name: str) -> bool:
@@ -180,6 +182,12 @@ def family_spec(class_name: str | None, what: str = "the pipeline") -> Family:
     for family in FAMILIES:
         if _claims(family, str(class_name)):
             return family
+    # FAMILY HOOK (generic): a diffusers text-to-image class no family claims is driven through its signature.
+    from sdcli.families import generic
+
+    found = generic.family(str(class_name), what)
+    if found is not None:
+        return found
     raise ModelError(f"{what} is a {class_name}; {SUPPORTED}")
 
 
@@ -189,7 +197,9 @@ def pipe_family(pipe: Any) -> Family:
     for cls in type(pipe).__mro__:
         if any(_claims(family, cls.__name__) for family in FAMILIES):
             return family_spec(cls.__name__)
-    return family_spec(type(pipe).__name__)  # raises, naming the pipeline's own class
+    from sdcli.families import generic  # FAMILY HOOK (generic): as loaded, with its own denoiser and scheduler
+
+    return generic.pipe_family(pipe) or family_spec(type(pipe).__name__)  # raises, naming the pipeline's own class
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,10 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
         check_folder(Path(model).expanduser())
     index = _config(model, "model_index.json", revision) or {}
     family = family_spec(index.get("_class_name"), f"--model {model}")
+    if family.name == "generic":  # FAMILY HOOK (generic): its patch and scheduler, from the configs
+        from sdcli.families import generic
+
+        family = generic.with_configs(family, lambda name: _config(model, name, revision))
     vae = _config(model, "vae/config.json", revision)
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
     guidance = family.guidance
@@ -244,7 +258,7 @@ def facts_of(pipe: Any) -> ModelFacts:
     guidance = family.guidance
     if guidance == "distilled" and not pipe.transformer.config.get("guidance_embeds", True):
         guidance = "none"
-    return ModelFacts(type(pipe).__name__, family, pipe.vae_scale_factor, guidance)
+    return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), guidance)
 
 
 def vae_scale_factor(model: str, revision: str | None = None) -> int:

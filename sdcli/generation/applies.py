@@ -65,6 +65,10 @@ RULES = (
 def check_family(s: Any, facts: Any) -> None:
     """Refuse, in one line, the first setting this model's family would ignore (`RULES`)."""
     model = facts.class_name or "this model"
+    if facts.family.name == "generic":  # FAMILY HOOK (generic): what its __call__ takes decides
+        from sdcli.families import generic
+
+        return generic.check(s, facts)
     for rule in RULES:
         if facts.family.name in rule.families:
             given = rule.given(s)

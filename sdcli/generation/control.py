@@ -156,6 +156,10 @@ def check_family(s: Any) -> None:
 
     model = resolve_model(s.model)
     facts = model_facts(model, s.revision)
+    if facts.family.name == "generic":  # FAMILY HOOK (generic): refused with the rest of its settings
+        from sdcli.families import generic
+
+        return generic.check(s, facts)
     if facts.family.denoiser != "unet":
         raise UsageError(f"--controlnet: {facts.class_name} is not a UNet model; sdcli runs ControlNets on "
                          "SD 1.x, SD 2.x and SDXL")

@@ -317,6 +317,10 @@ def iter_images(
             callback_on_step_end=callback,
             **prepared.call,
         )
+        if loaded.family == "generic":  # FAMILY HOOK (generic): only what its __call__ takes
+            from sdcli.families import generic
+
+            kwargs = generic.call_kwargs(run_pipe, kwargs)
         if s.true_cfg and kwargs.get("negative_prompt") is None:
             # diffusers' Flux runs true CFG only with a negative prompt; without one, against the empty prompt.
             kwargs["negative_prompt"] = [""] * len(batch)

@@ -50,6 +50,12 @@ class Prepared:
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
+    from sdcli.pipeline import pipe_family
+
+    if pipe_family(pipe).name == "generic":  # FAMILY HOOK (generic): its default_sample_size or its denoiser's
+        from sdcli.families import generic
+
+        return generic.default_size(pipe)
     sample = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
     sample = sample if isinstance(sample, int) else sample[0]
     return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor

@@ -39,9 +39,14 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
                                                         if Path(name).expanduser().is_dir() else name)
         flow: dict[str, Any] = dict(shift=shift, resolution=resolution)
         if core.is_flow(config) and kind == "model":
-            from sdcli.pipeline import vae_scale_factor
+            from sdcli.pipeline import model_facts
 
-            flow["factor"] = 2 * vae_scale_factor(name, revision)  # SD3's 2x2 patches, Flux's 2x2 packing
+            facts = model_facts(name, revision)
+            if facts.family.name == "generic":  # FAMILY HOOK (generic): its pipeline's own shift, if any
+                from sdcli.families import generic
+
+                generic.check_flow_schedule(name, facts, config, shift)
+            flow["factor"] = 2 * facts.vae_factor  # SD3's 2x2 patches, Flux's 2x2 packing
         schedules.append(core.build(label, core.with_overrides(config, **(overrides or {})), scheduler, spacing,
                                     **flow))
     # 2. Describe them: the shortest schedule bounds the timesteps every compared schedule can show

@@ -148,7 +148,11 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     cfg.check()
     cfg.model = absolute_if_local(resolve_model(cfg.model))
     if local_kind(cfg.model) != "file":
-        model_facts(cfg.model, cfg.revision)  # a pipeline class of no family sdcli knows is refused here
+        facts = model_facts(cfg.model, cfg.revision)  # a pipeline class of no family sdcli knows is refused here
+        if facts.family.name == "generic":  # FAMILY HOOK (generic): generate drives it; there is nothing to train
+            from sdcli.families import generic
+
+            generic.refuse_training(cfg.model, facts)
     resume_dir = checkpoints.find_resume(cfg.resume, cfg.out) if cfg.resume else None
     if resume_dir is not None:
         checkpoints.check_unpickled(resume_dir, cfg.allow_pickle)  # a checkpoint that would unpickle: refused now
