@@ -172,12 +172,6 @@ def _trajectory_readable(fam: GenericFamily) -> bool:
     return _sampler_swaps(fam)
 
 
-def _given_a1111(s: Any) -> str | None:
-    from sdcli.generation.applies import _syntax_in
-
-    return _syntax_in(s)
-
-
 def refusals(s: Any, fam: GenericFamily, task_name: str) -> list[tuple[str, str]]:
     """(flag, why) for each setting given that this pipeline cannot honour, in the order the checks run.
     ``why`` completes "{flag}: {model} ..."."""
@@ -209,10 +203,13 @@ def refusals(s: Any, fam: GenericFamily, task_name: str) -> list[tuple[str, str]
     refuse("--clip-skip", s.clip_skip != 1, plain)
     refuse("--embedding", s.embeddings, "reads its prompts through diffusers' own encoders, which take no "
            "textual-inversion embeddings (they need SD 1.x, 2.x or XL)")
-    syntax = _given_a1111(s)
+    from sdcli.generation.applies import _syntax_in  # the same test RULES applies to the flow families
+
+    syntax = _syntax_in(s)
     refuse("--prompt-syntax a1111", syntax,
            f"reads prompts as plain text, so the weights, BREAK or escapes of {syntax!r} would reach it as literal "
-           "characters (they work on SD 1.x, 2.x and XL); drop them, or pass --prompt-syntax plain to mean them as text")
+           "characters (they work on SD 1.x, 2.x and XL); drop them, or pass --prompt-syntax plain to mean them as "
+           "text")
     # 3. Samplers, and what the sampler's x̂0 shows.
     swaps = _sampler_swaps(fam)
     own = f"samples with its own {fam.scheduler or 'scheduler'}, which sdcli's samplers do not replace"

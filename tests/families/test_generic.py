@@ -102,6 +102,20 @@ def test_a_setting_it_cannot_honour_is_one_line_before_loading(cli, tiny_generic
     assert no_pipeline_loads == [] and not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("class_name,args,expected", [
+    ("LatentConsistencyModelPipeline", ["-n", "blurry"], "--negative-prompt: LatentConsistencyModelPipeline takes no "
+                                                         "negative prompt"),
+    ("QwenImagePipeline", ["-n", "blurry"], "--negative-prompt: QwenImagePipeline reads its negative prompt through "
+                                            "true_cfg_scale"),
+    ("QwenImage21Pipeline", ["-g", "3"], "--guidance: QwenImage21Pipeline takes no guidance_scale"),
+])
+def test_what_another_class_s_signature_lacks_is_refused_by_its_option(cli, tiny_generic, tmp_path, no_pipeline_loads,
+                                                                       class_name, args, expected):
+    folder = as_other_pipeline(tiny_generic, tmp_path / "other", class_name)
+    assert one_error_line(generate(cli, folder, tmp_path / "o.png", *args), 2).startswith(f"error: {expected}")
+    assert no_pipeline_loads == []
+
+
 @pytest.mark.parametrize("scheduler,changes", [
     ("LCMScheduler", {"_class_name": "LCMScheduler"}),  # not one of sdcli's samplers
     ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),  # as Sana's
