@@ -389,3 +389,48 @@ def save_tiny_controlnet(path: str | Path, family: str = "sd1", seed: int = 0) -
     path = Path(path)
     build_tiny_controlnet(family, seed=seed).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A pipeline of a class no sdcli family file claims, for the generic family: PixArt-α (T5, a DiT, a VAE).
+
+GENERIC_CLASS = "PixArtAlphaPipeline"
+
+
+def build_tiny_generic_pipeline(seed: int = 0):
+    """A tiny random-weight PixArt-α pipeline: a 2-layer T5, a one-block PixArt transformer, a 4-level VAE.
+
+    PixArt snaps its size to aspect-ratio bins chosen by the transformer's sample_size (32: the 256-pixel
+    bins), so its 256x256 default is also the smallest square it renders; the VAE's factor 8 keeps that a
+    32x32 latent, 16x16 patches.
+    """
+    import tempfile
+
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_t5_tokenizer(Path(tmp) / "t5")
+    transformer = PixArtTransformer2DModel(
+        sample_size=32, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
+        in_channels=4, out_channels=8, cross_attention_dim=16, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, layers_per_block=1)
+    # PixArt-α's own sampler: DPM-Solver++ over a linear β schedule.
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=_t5_encoder(len(tokenizer)), vae=vae,
+                               transformer=transformer, scheduler=scheduler)
+
+
+def save_tiny_generic_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Save `build_tiny_generic_pipeline` as a diffusers folder; returns its path."""
+    path = Path(path)
+    build_tiny_generic_pipeline(seed).save_pretrained(str(path), safe_serialization=True)
+    return path

@@ -163,8 +163,9 @@ def train_config(data, out, model, **overrides):
     return FinetuneConfig(**settings)
 
 
-# Pipeline classes of no family sdcli knows: real diffusers ones of other models (Flux.2 included) and a user's own.
-OTHER_PIPELINES = ["QwenImagePipeline", "ZImagePipeline", "Flux2Pipeline", "PixArtSigmaPipeline", "MyOwnPipeline"]
+# Pipeline classes neither a family file nor the generic family takes: diffusers ones that make no image from text
+# (audio, video, image editing) and a user's own. Other diffusers text-to-image classes go to the generic family.
+OTHER_PIPELINES = ["AudioLDMPipeline", "TextToVideoSDPipeline", "QwenImageEditPipeline", "MyOwnPipeline"]
 
 
 def as_other_pipeline(source, folder, class_name: str) -> Path:

@@ -24,7 +24,9 @@ SINGLE_FILE = sd.FAMILY
 BY_NAME: dict[str, Family] = {name: f for f in FAMILIES for name in (f.variants or (f.name,))}
 
 SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines (diffusers' "
-             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included)")
+             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included), "
+             "and with any other diffusers text-to-image pipeline (AutoPipelineForText2Image's) through its own "
+             "arguments")
 
 
 # 1. Which family --------------------------------------------------------------------------------
@@ -36,8 +38,15 @@ def claimed_by(class_name: str | None) -> Family | None:
 
 
 def unclaimed(class_name: str, what: str) -> Family:
-    """What a pipeline class no family claims gets: a ModelError naming ``what``. Its model is another
-    architecture, and guessing one of ours would fail deep inside or run it wrongly."""
+    """What a pipeline class no family file claims gets: the generic family, for a diffusers text-to-image
+    pipeline whose __call__ sdcli can drive (`sdcli.families.generic`; ModelError naming what it lacks), else a
+    ModelError naming ``what``: its model is another architecture (audio, video, custom code), and guessing one of
+    ours would fail deep inside or run it wrongly."""
+    from sdcli.families import generic
+
+    found = generic.family(class_name, what)
+    if found is not None:
+        return found
     raise ModelError(f"{what} is a {class_name}; {SUPPORTED}")
 
 
@@ -52,11 +61,14 @@ def family_spec(class_name: str | None, what: str = "the pipeline") -> Family:
 def pipe_family(pipe: Any) -> Family:
     """The family of a pipeline in memory: of its class, or of the first diffusers base class a family claims
     (a library user's subclass of StableDiffusionPipeline is SD); `unclaimed`, naming its class, for any other."""
+    from sdcli.families import generic
+
     for cls in type(pipe).__mro__:
         family = claimed_by(cls.__name__)
         if family is not None:
             return family
-    return unclaimed(type(pipe).__name__, "the pipeline")
+    # The generic family as loaded: its own denoiser and scheduler.
+    return generic.pipe_family(pipe) or unclaimed(type(pipe).__name__, "the pipeline")
 
 
 def family_of(pipe: Any) -> str:
@@ -126,6 +138,8 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
         check_folder(Path(model).expanduser())
     index = _config(model, "model_index.json", revision) or {}
     family = family_spec(index.get("_class_name"), f"--model {model}")
+    if hasattr(family, "completed"):  # a family that reads its patch and scheduler off the configs (generic)
+        family = family.completed(lambda name: _config(model, name, revision))
     vae = _config(model, "vae/config.json", revision)
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
     # Only a family whose guidance depends on the model reads its denoiser's config (a Hub download).
@@ -136,5 +150,5 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
 def facts_of(pipe: Any) -> ModelFacts:
     """The same facts, of a pipeline already in memory."""
     family = pipe_family(pipe)
-    return ModelFacts(type(pipe).__name__, family, pipe.vae_scale_factor, family.guidance_of(pipe))
+    return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe))
 

@@ -97,6 +97,13 @@ class Family:
 
     # 5. Which settings do nothing on it: refused in one line before loading (`sdcli.generation.applies`)
     ignores: tuple[Rule, ...] = ()
+    # (settings, facts) -> None or UsageError: refusals that depend on the model, not only the family (the
+    # generic family asks its pipeline's __call__); run before ``ignores``
+    check: Callable[[Any, Any], None] | None = None
+    # (pipe, call kwargs) -> the kwargs its pipeline takes (the generic family drops what its __call__ lacks)
+    call: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
+    # (model, facts, scheduler config, --shift) -> None or ModelError: a schedule inspect-schedule cannot show
+    check_schedule: Callable[..., None] | None = None
 
     # 6. Memory: (denoiser config, VAE config) -> `sdcli.memory.Arch`
     arch: Callable[[Mapping[str, Any], Mapping[str, Any]], Any] = unet_arch

@@ -19,6 +19,8 @@ def check_family(s: Any, facts: Any) -> None:
     from sdcli.generation.settings import Settings
 
     model = facts.class_name or "this model"
+    if facts.family.check is not None:
+        facts.family.check(s, facts)
     for rule in facts.family.ignores:
         given = rule.given(s)
         if given:

@@ -162,6 +162,8 @@ def check_family(s: Any) -> None:
 
     model = resolve_model(s.model)
     facts = model_facts(model, s.revision)
+    if facts.family.check is not None:  # a model whose own refusals come first (the generic family's)
+        facts.family.check(s, facts)
     if not facts.family.controlnet:
         raise UsageError(f"--controlnet: {facts.class_name} is not a UNet model; sdcli runs ControlNets on "
                          "SD 1.x, SD 2.x and SDXL", setting="controlnets")

@@ -112,6 +112,8 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
             callback_on_step_end=callback,
             **prepared.call,
         )
+        if engine.facts.family.call is not None:  # only what its __call__ takes (the generic family)
+            kwargs = engine.facts.family.call(run_pipe, kwargs)
         if s.true_cfg and kwargs.get("negative_prompt") is None:
             # diffusers' Flux runs true CFG only with a negative prompt; without one, against the empty prompt.
             kwargs["negative_prompt"] = [""] * len(batch)

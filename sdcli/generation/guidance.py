@@ -18,6 +18,10 @@ def settle_guidance(s: Any, facts: Any) -> None:
     in one pass, from g given as an input.
     """
     name = facts.class_name or "this model"
+    if facts.guidance == "generic":  # a pipeline of no family file: its own default, diffusers' convention
+        from sdcli.families import generic
+
+        return generic.settle_guidance(s, facts)
     _settle(s, facts, name)
     # The negative prompt is read only by a guided pass: refuse it where no image of the run has one.
     if s.negative_prompt and not any(negative_applies(s, facts.guidance, g) for g in s.guidance):
@@ -36,6 +40,10 @@ def negative_applies(s: Any, kind: str, guidance: float) -> bool:
     branch for any scale but 1 (`use_formula_guidance`); Flux's true CFG, as diffusers runs it, only above 1."""
     if kind == "cfg":
         return guidance != 1
+    if kind == "generic":
+        from sdcli.families import generic
+
+        return generic.negative_applies(guidance)
     return kind == "distilled" and s.true_cfg and guidance > 1
 
 
@@ -82,6 +90,10 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
     from sdcli.families import pipe_family
 
     takes = inspect.signature(type(pipe).__call__).parameters
+    if pipe_family(pipe).guidance == "generic":  # what its signature takes
+        from sdcli.families import generic
+
+        return generic.guidance_kwargs(pipe, values)
     if pipe_family(pipe).guidance != "distilled":
         out = {"guidance_scale": values["guidance"]}
         if "guidance_rescale" in takes:
@@ -106,6 +118,10 @@ def use_formula_guidance(pipe: Any) -> None:
     """
     cls = type(pipe)
     if getattr(cls, "_sdcli_formula_guidance", False) or not hasattr(cls, "do_classifier_free_guidance"):
+        return
+    from sdcli.families import pipe_family
+
+    if pipe_family(pipe).guidance == "generic":  # guided as diffusers guides it, only above 1
         return
 
     def do_cfg(self) -> bool:

@@ -42,6 +42,8 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
             from sdcli.families import model_facts
 
             facts = model_facts(name, revision)
+            if facts.family.check_schedule is not None:  # a family that knows of a shift sdcli cannot compute
+                facts.family.check_schedule(name, facts, config, shift)
             flow["factor"] = facts.family.patch * facts.vae_factor  # a latent token's side in pixels
         schedules.append(core.build(label, core.with_overrides(config, **(overrides or {})), scheduler, spacing,
                                     **flow))

@@ -154,7 +154,12 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     cfg.check()
     cfg.model = absolute_if_local(resolve_model(cfg.model))
     if local_kind(cfg.model) != "file":
-        model_facts(cfg.model, cfg.revision)  # a pipeline class of no family sdcli knows is refused here
+        facts = model_facts(cfg.model, cfg.revision)  # a pipeline class of no family sdcli knows is refused here
+        if facts.family.encode is None:  # a family without training hooks (the generic one): refused before loading
+            from sdcli.errors import ModelError
+
+            raise ModelError(f"--model {cfg.model} is a {facts.class_name}, which sdcli generates with but cannot "
+                             "train; finetune trains Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines")
     resume_dir = checkpoints.find_resume(cfg.resume, cfg.out) if cfg.resume else None
     if resume_dir is not None:
         checkpoints.check_unpickled(resume_dir, cfg.allow_pickle)  # a checkpoint that would unpickle: refused now
