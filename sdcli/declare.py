@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import typing
 from enum import Enum
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional
 
 import typer
 
@@ -312,3 +313,21 @@ def command(cls: type, body: Callable[..., Any], *, exclude: tuple[str, ...] = (
 def given_on_command_line(ctx: Any, names: list[str]) -> set[str]:
     """Which of ``names`` the user typed (not defaults, not environment variables)."""
     return {n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+
+
+def worded(exc: BaseException, names: Mapping[str, str], *declaring: type) -> str:
+    """``exc``'s message as a front-end other than the CLI says it: every command-line flag of a setting
+    in ``names`` (setting -> the front-end's name for it, {"guidance": "cfg_scale"}) replaced by that name.
+
+    The flags are the declarations' of the settings classes ``declaring`` (`flags_of`), long and short
+    (--guidance, -g), matched as whole options (--guidance is not the start of --guidance-rescale); a flag
+    of a setting ``names`` leaves out, and any other text, is kept as it is.
+    """
+    spelled = {flag: names[name] for cls in declaring for name, flags in flags_of(cls).items() if name in names
+               for flag in flags}
+    text = str(exc)
+    if not spelled:
+        return text
+    longest_first = sorted(spelled, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, longest_first)) + r")(?![\w-])")
+    return pattern.sub(lambda m: spelled[m.group(1)], text)

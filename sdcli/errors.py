@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sys
 from dataclasses import dataclass
-from typing import Mapping
 
 
 class SdcliError(Exception):
@@ -61,26 +59,6 @@ def concerning(setting: str):
         return checked
 
     return decorate
-
-
-def worded(exc: BaseException, names: Mapping[str, str], *declaring: type) -> str:
-    """``exc``'s message as a front-end other than the CLI says it: every command-line flag of a setting
-    in ``names`` (setting -> the front-end's name for it, {"guidance": "cfg_scale"}) replaced by that name.
-
-    The flags are the declarations' of the settings classes ``declaring`` (`sdcli.declare`), long and short
-    (--guidance, -g), matched as whole options (--guidance is not the start of --guidance-rescale); a flag
-    of a setting ``names`` leaves out, and any other text, is kept as it is.
-    """
-    from sdcli.declare import flags_of
-
-    spelled = {flag: names[name] for cls in declaring for name, flags in flags_of(cls).items() if name in names
-               for flag in flags}
-    text = str(exc)
-    if not spelled:
-        return text
-    longest_first = sorted(spelled, key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, longest_first)) + r")(?![\w-])")
-    return pattern.sub(lambda m: spelled[m.group(1)], text)
 
 
 class UsageError(SdcliError):

@@ -15,7 +15,6 @@ with (`available_bytes`), so tests can ask about any size without allocating it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -96,46 +95,6 @@ def unet_arch(unet: dict[str, Any], vae: dict[str, Any], upcast: bool = False) -
         attention_heads=int(heads),
         sample_size=_first(unet.get("sample_size"), d.sample_size),
     )
-
-
-def arch_from_configs(denoiser: dict[str, Any], vae: dict[str, Any], pipeline_class: str = "") -> Arch:
-    """`Arch` of a ``pipeline_class`` model from its denoiser's and VAE's configs, as its family reads them
-    (`sdcli.families`); a UNet's with SD 1.5's values where no family claims the class."""
-    from sdcli.families import claimed_by
-
-    family = claimed_by(pipeline_class)
-    return family.arch(denoiser, vae) if family else unet_arch(denoiser, vae)
-
-
-def _config(model: str, name: str, revision: str | None) -> dict[str, Any]:
-    """A config file of a pipeline folder or Hub model as a dict; {} when it cannot be had (the load reports why)."""
-    try:
-        path = Path(model).expanduser()
-        if path.is_dir():
-            path = path / name
-        elif path.is_file():
-            return {}  # a single-file checkpoint carries no config
-        else:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(model, name, revision=revision))
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except Exception:  # noqa: BLE001 - a model without readable configs is estimated as SD 1.5
-        return {}
-
-
-def model_arch(model: str, revision: str | None = None, vae: str | None = None) -> Arch:
-    """``model``'s `Arch` from its configs alone (no weights); ``vae`` a replacement VAE folder, if any."""
-    vae_config = _config(model, "vae/config.json", revision)
-    if vae and Path(vae).expanduser().is_dir():
-        vae_config = _config(vae, "config.json", None) or vae_config
-    class_name = str(_config(model, "model_index.json", revision).get("_class_name", ""))
-    from sdcli.families import claimed_by
-
-    family = claimed_by(class_name)
-    denoiser = _config(model, f"{family.denoiser if family else 'unet'}/config.json", revision)
-    return arch_from_configs(denoiser, vae_config, class_name)
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -363,7 +322,7 @@ def _dtype_bytes(dtype: Any, device: str) -> int:
 
 
 def _device(name: Any) -> str:
-    from sdcli.pipeline import resolve_device
+    from sdcli.devices import resolve_device
 
     device = resolve_device(getattr(name, "value", name) or "auto")
     if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
@@ -409,11 +368,11 @@ def _render_size(s: Any, arch: Arch, factor: int) -> tuple[int, int, int]:
     return max(factor, width), max(factor, height), init_pixels
 
 
-def check_generation(s: Any) -> None:
-    """Refuse with a ResourceError a `generate` request (`Settings`) whose estimate exceeds what its device has free."""
+def check_generation(s: Any, arch: Arch) -> None:
+    """Refuse with a ResourceError a `generate` request (`Settings`) whose estimate exceeds what its device has free;
+    ``arch`` is its model's (`sdcli.families.model_arch`)."""
     if skipped():
         return
-    arch = model_arch(s.model, s.revision, getattr(s, "vae", None))
     factor = max(8, arch.vae_factor)
     width, height, init_pixels = _render_size(s, arch, factor)
     device = _device(s.device)
@@ -451,20 +410,20 @@ def check_generation(s: Any) -> None:
 
 
 def check_strip(image: Path, size: int, frames: int, rows: int,
-                fitted: Callable[[tuple[int, int], int], tuple[int, int]], vae_model: str | None = None,
-                revision: str | None = None, device: Any = "auto") -> None:
+                fitted: Callable[[tuple[int, int], int], tuple[int, int]], arch: Arch | None = None,
+                device: Any = "auto") -> None:
     """Refuse an inspect-schedule strip (``rows`` x ``frames`` tiles of ``image`` fitted in ``size``) that cannot fit.
 
-    ``fitted(stored size, size)`` is the strip's own rule for a tile's size. With ``vae_model`` (--latent)
-    the VAE's share is compared with the GPU's memory when it runs on one, and with RAM otherwise.
+    ``fitted(stored size, size)`` is the strip's own rule for a tile's size. With ``arch`` (--latent: the VAE's
+    model, `sdcli.families.model_arch`) the VAE's share is compared with the GPU's memory when it runs on one,
+    and with RAM otherwise.
     """
     from sdcli.images import image_size
 
     stored = image_size(image, what="--image")  # also refuses a missing, unreadable or oversized file now
     if skipped():
         return
-    arch = model_arch(vae_model, revision) if vae_model else None
-    device = _device(device) if vae_model else "cpu"
+    device = _device(device) if arch is not None else "cpu"
 
     def needs(side: int) -> dict[str, Need]:
         pixels, vae = strip_need(*fitted(stored, side), frames, rows, source_pixels=stored[0] * stored[1], vae=arch)

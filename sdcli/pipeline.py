@@ -7,20 +7,18 @@ what it is, and a class of no family is refused before its weights load.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdcli import defaults
+from sdcli.configs import (  # noqa: F401 - sdcli.pipeline is where callers find them
+    PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, _config, check_folder, local_kind,
+)
+from sdcli.devices import resolve_device, resolve_dtype  # noqa: F401
 from sdcli.errors import ModelError, UsageError, concerning
+from sdcli.progress import quiet_libraries  # noqa: F401
 from sdcli.families import denoiser, family_of, family_spec, pipe_family, single_file_class
-
-PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
-SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def pickled_only(path: str | Path) -> bool:
@@ -30,24 +28,6 @@ def pickled_only(path: str | Path) -> bool:
         return path.suffix.lower() in PICKLE_SUFFIXES
     return path.is_dir() and not any(path.rglob("*.safetensors")) and any(
         p.suffix.lower() in PICKLE_SUFFIXES for p in path.rglob("*"))
-
-
-def quiet_libraries() -> None:
-    """Silence the libraries' own progress bars and chatter; sdcli reports progress itself."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    # diffusers >= 0.36 renamed torch_dtype to dtype; we keep the name every supported version takes.
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
 
 
 def resolve_model(model: str | None) -> str:
@@ -67,93 +47,10 @@ def model_reference(model: str) -> str:
     return absolute_if_local(model)
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    device = getattr(device, "value", device)
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is available here")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: Apple MPS is not available here")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    dtype = getattr(dtype, "value", dtype)
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    if dtype == "float16" and device == "cpu":
-        raise UsageError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
-    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        # Pre-Ampere cards (T4, V100) emulate bfloat16 slowly or not at all.
-        raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name()} does not support it; use float16 or float32")
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-
-
-def local_kind(model: str) -> str:
-    """'folder', 'file' or 'hub' for a --model value; raises for paths that do not exist."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return "folder"
-    if path.is_file():
-        return "file"
-    # Hub ids are "name" or "owner/name"; anything else the user meant as a path.
-    looks_like_path = (
-        model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or path.suffix.lower() in SINGLE_FILE_SUFFIXES
-    )
-    if looks_like_path or not _HUB_ID.match(model):
-        raise ModelError(f"no such model file or folder: {model}")
-    return "hub"
-
-
 def absolute_if_local(path: str) -> str:
     """Local paths made absolute, so a record or a resume still works from another folder; Hub ids as they are."""
     p = Path(path).expanduser()
     return str(p.resolve()) if p.exists() else path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"unreadable config {path}: {exc}") from None
-
-
-def check_folder(path: Path) -> dict[str, Any]:
-    """Read model_index.json of a pipeline folder, or explain what the folder is instead."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        hint = ""
-        if any(path.glob("*lora*.safetensors")):
-            hint = " (it looks like LoRA weights: use --lora)"
-        elif (path / "config.json").is_file():
-            hint = " (it looks like a single model component, not a whole pipeline)"
-        raise ModelError(f"{path} is not a diffusers pipeline folder: no model_index.json{hint}")
-    return _read_json(index)
-
-
-def _config(model: str, name: str, revision: str | None = None) -> dict[str, Any] | None:
-    """One config file of a pipeline folder or Hub model, None where there is none (or the Hub cannot say)."""
-    kind = local_kind(model)
-    if kind == "folder":
-        path = Path(model).expanduser() / name
-        return _read_json(path) if path.is_file() else None
-    if kind == "hub":
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return _read_json(Path(hf_hub_download(model, name, revision=revision)))
-        except Exception:  # noqa: BLE001 - the real load reports the real error
-            return None
-    return None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 - `note` / `Notes`: one line for the user, unless quiet (or not the main process).
 - `progress_bar`: a rich bar for `generate` on a terminal; elsewhere plain lines with the time left.
+- `quiet_libraries`: the libraries' own bars and chatter off, so these are the only ones.
 - `TrainingProgress`: `finetune`'s bar with loss, steps per second and time left;
   where stderr is not a terminal (CI, `nohup`, a log file) a plain line every
   twentieth of the run instead, since a redrawn bar leaves nothing readable in a log.
@@ -140,3 +141,23 @@ def _clock(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and chatter; sdcli reports progress itself."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    # diffusers >= 0.36 renamed torch_dtype to dtype; we keep the name every supported version takes.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()

@@ -47,7 +47,7 @@ def _numeric_settings():
 @pytest.mark.parametrize("name", _numeric_settings())
 def test_every_numeric_setting_names_itself_when_out_of_range(name):
     from sdcli.declare import check_ranges, declared
-    from sdcli.errors import worded
+    from sdcli.declare import worded
     from sdcli.generation.settings import Settings
 
     d = next(d for d in declared(Settings) if d.name == name)

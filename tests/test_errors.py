@@ -145,7 +145,8 @@ def _api_names():
 
 
 def test_worded_replaces_whole_flags_long_and_short_and_keeps_the_rest():
-    from sdcli.errors import UsageError, worded
+    from sdcli.declare import worded
+    from sdcli.errors import UsageError
     from sdcli.generation.settings import Settings
 
     exc = UsageError("--guidance 3 (-g) with --guidance-rescale 2 and --steps 4, not --from-metadata",
@@ -204,7 +205,7 @@ ABOUT = [
 def test_a_refusal_names_its_setting_the_cli_words_it_as_before_and_an_api_words_it_its_way(
         cli, tiny_sd, tiny_flux, monkeypatch, tmp_path, model, args, setting):
     from sdcli.declare import flags_of
-    from sdcli.errors import worded
+    from sdcli.declare import worded
     from sdcli.generation.settings import Settings
 
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")

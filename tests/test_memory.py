@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from sdcli import memory
-from sdcli.memory import Arch, arch_from_configs, generation_need, largest_fit, strip_need, training_need
+from sdcli.families import arch_from_configs
+from sdcli.memory import Arch, generation_need, largest_fit, strip_need, training_need
 from conftest import one_error_line, paths_of
 from conftest import png_header_only
 
@@ -162,7 +163,9 @@ def test_arch_from_sdxl_like_configs():
 
 
 def test_tiny_model_arch_is_read_from_its_folder(tiny_sd):
-    arch = memory.model_arch(tiny_sd)
+    from sdcli.families import model_arch
+
+    arch = model_arch(tiny_sd)
     config = json.loads((Path(tiny_sd) / "unet" / "config.json").read_text())
     assert arch.vae_factor == 2 and arch.unet_channels == config["block_out_channels"][0] == 16
     assert arch.attention_level == 1 and arch.sample_size == 8

@@ -111,7 +111,7 @@ def python_blocks() -> list[tuple[int, str]]:
     """The README's Python blocks that run on the bundled model."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     return [(text[: m.start()].count("\n") + 1, m.group(2)) for m in FENCE.finditer(text)
-            if m.group(1) == "python" and 'sdcli.load("bundled:shapes"' in m.group(2)]
+            if m.group(1) == "python" and 'load("bundled:shapes"' in m.group(2)]
 
 
 @pytest.mark.parametrize("line,code", python_blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")

@@ -19,7 +19,7 @@ CASES = {
     "inspect-schedule": (["inspect-schedule", "--preset", "cosine"], "sdcli.schedule.core.describe",
                          ZeroDivisionError("division by zero")),
     "generate": (["generate", "a red circle", "--model", "{model}", "--steps", "1", "--out", "out"],
-                 "sdcli.generation.run.use_formula_guidance", KeyError("unet")),
+                 "sdcli.generation.guidance.use_formula_guidance", KeyError("unet")),
     "finetune": (["finetune", "--data", "{data}", "--model", "{model}", "--out", "run", "--max-steps", "1",
                   "--batch-size", "2", "--checkpoint-every", "0"], "sdcli.training.objective.step_loss",
                  RuntimeError("boom")),

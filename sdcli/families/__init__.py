@@ -132,7 +132,7 @@ class ModelFacts:
 
 
 def model_facts(model: str, revision: str | None = None) -> ModelFacts:
-    from sdcli.pipeline import _config, check_folder, local_kind
+    from sdcli.configs import _config, check_folder, local_kind
 
     if local_kind(model) == "folder":
         check_folder(Path(model).expanduser())
@@ -152,3 +152,50 @@ def facts_of(pipe: Any) -> ModelFacts:
     family = pipe_family(pipe)
     return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe))
 
+
+def arch_from_configs(denoiser: dict[str, Any], vae: dict[str, Any], pipeline_class: str = "") -> Any:
+    """`sdcli.memory.Arch` of a ``pipeline_class`` model from its denoiser's and VAE's configs, as its family
+    reads them; a UNet's with SD 1.5's values where no family file claims the class."""
+    from sdcli.memory import unet_arch
+
+    family = claimed_by(pipeline_class)
+    return family.arch(denoiser, vae) if family else unet_arch(denoiser, vae)
+
+
+def model_arch(model: str, revision: str | None = None, vae: str | None = None) -> Any:
+    """``model``'s `sdcli.memory.Arch` from its configs alone (no weights); ``vae`` a replacement VAE folder."""
+    from sdcli.configs import config_or_empty
+
+    vae_config = config_or_empty(model, "vae/config.json", revision)
+    if vae and Path(vae).expanduser().is_dir():
+        vae_config = config_or_empty(vae, "config.json", None) or vae_config
+    class_name = str(config_or_empty(model, "model_index.json", revision).get("_class_name", ""))
+    family = claimed_by(class_name)
+    denoiser = config_or_empty(model, f"{family.denoiser if family else 'unet'}/config.json", revision)
+    return arch_from_configs(denoiser, vae_config, class_name)
+
+
+# 3. diffusers' own task tables -----------------------------------------------------------------
+
+
+def takes(cls: type, parameter: str) -> bool:
+    import inspect
+
+    return parameter in inspect.signature(cls.__call__).parameters
+
+
+def task_pipeline_class(class_name: str | None, task_name: str) -> type | None:
+    """The diffusers pipeline class a task runs for a model, from diffusers' own task tables (no weights load);
+    None where they do not say."""
+    try:
+        from diffusers.pipelines import auto_pipeline as auto
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return None
+    inner, _, control = task_name.partition("+")
+    table = {"txt2img": auto.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, "img2img": auto.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+             "inpaint": auto.AUTO_INPAINT_PIPELINES_MAPPING, "outpaint": auto.AUTO_INPAINT_PIPELINES_MAPPING}[inner]
+    key = next((k for m in auto.SUPPORTED_TASKS_MAPPINGS for k, c in m.items() if c.__name__ == class_name), None)
+    if key is None:
+        return None
+    key = f"{key}-controlnet" if control and not key.endswith("-controlnet") else key
+    return table.get(key)

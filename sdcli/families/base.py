@@ -97,9 +97,10 @@ class Family:
 
     # 5. Which settings do nothing on it: refused in one line before loading (`sdcli.generation.applies`)
     ignores: tuple[Rule, ...] = ()
-    # (settings, facts) -> None or UsageError: refusals that depend on the model, not only the family (the
-    # generic family asks its pipeline's __call__); run before ``ignores``
-    check: Callable[[Any, Any], None] | None = None
+    # (settings, facts, task name, sdcli's sampler class names) -> [(flag, why)]: the settings this model cannot
+    # honour, where that depends on the model, not only the family (the generic family asks its pipeline's
+    # __call__); ``why`` completes "{flag}: {model} ...". Checked before ``ignores``.
+    check: Callable[[Any, Any, str, frozenset[str]], list[tuple[str, str]]] | None = None
     # (pipe, call kwargs) -> the kwargs its pipeline takes (the generic family drops what its __call__ lacks)
     call: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
     # (model, facts, scheduler config, --shift) -> None or ModelError: a schedule inspect-schedule cannot show

@@ -49,7 +49,7 @@ class GenericFamily(Family):
 
 
 def _diffusers_class(class_name: str) -> type | None:
-    from sdcli.pipeline import quiet_libraries  # inside: sdcli.pipeline imports the families
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()
     import diffusers
@@ -159,7 +159,7 @@ def is_generic(family_or_facts: Any) -> bool:
 # Settings, checked before loading ------------------------------------------------------------------------
 
 
-def _sampler_swaps(fam: GenericFamily) -> bool:
+def _sampler_swaps(fam: GenericFamily, samplers: frozenset[str]) -> bool:
     """Whether sdcli's samplers may replace this pipeline's scheduler: only where it already runs one of them.
 
     Then the pipeline was built for a DDPM-family (β-schedule) sampler behind diffusers' common scheduler calls,
@@ -168,21 +168,20 @@ def _sampler_swaps(fam: GenericFamily) -> bool:
     compute its own σ's or shifts: a swap would run the model wrongly. So would a DDPM-family class run on flow
     σ's (Sana's DPM-Solver with use_flow_sigmas): sdcli's samplers take noise or v predictions.
     """
-    from sdcli.schedule.samplers import SCHEDULERS
-
-    return not fam.flow and fam.scheduler in {spec.class_name for spec in SCHEDULERS.values()}
+    return not fam.flow and fam.scheduler in samplers
 
 
-def _trajectory_readable(fam: GenericFamily) -> bool:
+def _trajectory_readable(fam: GenericFamily, samplers: frozenset[str]) -> bool:
     """x̂0 at each step is read off the scheduler in closed form from its ᾱ's (`closed_form_x0`): sound for
     sdcli's own samplers, on latents the VAE decodes as they are (a transformer's patches packed into tokens
     are not)."""
-    return _sampler_swaps(fam)
+    return _sampler_swaps(fam, samplers)
 
 
-def refusals(s: Any, fam: GenericFamily, task_name: str) -> list[tuple[str, str]]:
+def check(s: Any, facts: Any, task_name: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
     """(flag, why) for each setting given that this pipeline cannot honour, in the order the checks run.
-    ``why`` completes "{flag}: {model} ..."."""
+    ``why`` completes "{flag}: {model} ..."; ``samplers`` are the classes of sdcli's samplers."""
+    fam = facts.family
     cls = _diffusers_class(fam.class_name)
     take = params(cls)
     out: list[tuple[str, str]] = []
@@ -211,20 +210,18 @@ def refusals(s: Any, fam: GenericFamily, task_name: str) -> list[tuple[str, str]
     refuse("--clip-skip", s.clip_skip != 1, plain)
     refuse("--embedding", s.embeddings, "reads its prompts through diffusers' own encoders, which take no "
            "textual-inversion embeddings (they need SD 1.x, 2.x or XL)")
-    from sdcli.families.rules import _syntax_in  # the same test the flow families refuse with
-
-    syntax = _syntax_in(s)
+    syntax = s.a1111_prompt()  # the same test the flow families refuse with (`sdcli.families.rules`)
     refuse("--prompt-syntax a1111", syntax,
            f"reads prompts as plain text, so the weights, BREAK or escapes of {syntax!r} would reach it as literal "
            "characters (they work on SD 1.x, 2.x and XL); drop them, or pass --prompt-syntax plain to mean them as "
            "text")
     # 3. Samplers, and what the sampler's x̂0 shows.
-    swaps = _sampler_swaps(fam)
+    swaps = _sampler_swaps(fam, samplers)
     own = f"samples with its own {fam.scheduler or 'scheduler'}, which sdcli's samplers do not replace"
     refuse("--scheduler", s.scheduler and not swaps, own)
     refuse("--timestep-spacing", s.timestep_spacing and not swaps, own)
     refuse("--sigmas", s.sigmas != "default" and not swaps, own)
-    refuse("--save-trajectory", s.save_trajectory and not _trajectory_readable(fam),
+    refuse("--save-trajectory", s.save_trajectory and not _trajectory_readable(fam, samplers),
            f"samples with {fam.scheduler or 'a scheduler'}, whose estimate of the clean image sdcli cannot read")
     # 4. Guidance of the families sdcli knows, and tasks the pipeline has no diffusers twin for.
     refuse("--true-cfg", s.true_cfg, "is driven through its own guidance_scale (--guidance); sdcli's --true-cfg is "
@@ -236,25 +233,12 @@ def refusals(s: Any, fam: GenericFamily, task_name: str) -> list[tuple[str, str]
     refuse("--hires-scale", s.hires_scale is not None, "has no hires fix in sdcli (it needs the family's latents)")
     inner = task_name.partition("+")[0]
     if inner != "txt2img":
-        from sdcli.generation.applies import task_pipeline_class
-        from sdcli.generation.tasks import IMAGE_TASKS
+        from sdcli.families import task_pipeline_class
 
         flag = {"inpaint": "--mask", "outpaint": "--outpaint"}.get(inner, "--init-image")
-        refuse(flag, inner in IMAGE_TASKS and task_pipeline_class(fam.class_name, inner) is None,
+        refuse(flag, inner in ("img2img", "inpaint", "outpaint") and task_pipeline_class(fam.class_name, inner) is None,
                f"has no {inner} pipeline in diffusers' AutoPipeline tables")
     return out
-
-
-def check(s: Any, facts: Any) -> None:
-    """Refuse, in one line naming the option, the first setting this pipeline cannot honour (`refusals`)."""
-    from sdcli.declare import setting_of
-    from sdcli.generation.settings import Settings
-    from sdcli.generation.tasks import task_for
-
-    found = refusals(s, facts.family, task_for(s).name)
-    if found:
-        flag, why = found[0]
-        raise UsageError(f"{flag}: {facts.class_name} {why}", setting=setting_of(Settings, flag.split()[0]))
 
 
 def settle_guidance(s: Any, facts: Any) -> None:

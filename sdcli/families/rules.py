@@ -6,32 +6,17 @@ A setting the model would ignore must be refused, not recorded: an image's recor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sdcli.families.base import Rule
 
 ENCODED_BY_SDCLI = "SD 1.x, 2.x and XL, whose prompts sdcli encodes itself"
 
 
-def uses_a1111_syntax(prompt: str) -> bool:
-    """Whether AUTOMATIC1111's syntax would change what ``prompt`` means: a weight, BREAK or an escape."""
-    from sdcli.generation.prompts import parse_weights
-
-    parsed = parse_weights(prompt)
-    return parsed.text != prompt or any(piece is None or piece[1] != 1 for piece in parsed.pieces)
-
-
-def _syntax_in(s: Any) -> str | None:
-    if s.prompt_syntax != "a1111":
-        return None
-    return next((p for p in [*s.prompts, s.negative_prompt] if p and uses_a1111_syntax(p)), None)
-
-
 # What only sdcli's own prompt encoder reads: nothing, on a family whose prompts diffusers encodes.
 DIFFUSERS_ENCODES_PROMPTS = (
     Rule("--clip-skip", lambda s: s.clip_skip != 1,
          f"{{model}} reads its prompts through diffusers' own encoders; clip skip works on {ENCODED_BY_SDCLI}"),
-    Rule("--prompt-syntax a1111", _syntax_in,
+    Rule("--prompt-syntax a1111", lambda s: s.a1111_prompt(),
          "{model} reads prompts as plain text, so the weights, BREAK or escapes of {given!r} would reach it as "
          f"literal characters (they work on {ENCODED_BY_SDCLI}); drop them, or pass --prompt-syntax plain to mean "
          "them as text"),

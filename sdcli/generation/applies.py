@@ -11,16 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 from sdcli.errors import UsageError
+from sdcli.families import takes, task_pipeline_class
 
 
-def check_family(s: Any, facts: Any) -> None:
-    """Refuse, in one line, the first setting this model's family would ignore (its ``ignores``)."""
+def check_family(s: Any, facts: Any, task: str = "txt2img") -> None:
+    """Refuse, in one line, the first setting this model would not honour: what its own check finds (the generic
+    family asks its pipeline's __call__), then what its family ignores (its ``ignores``)."""
     from sdcli.declare import setting_of
     from sdcli.generation.settings import Settings
+    from sdcli.schedule.samplers import SCHEDULERS
 
     model = facts.class_name or "this model"
     if facts.family.check is not None:
-        facts.family.check(s, facts)
+        samplers = frozenset(spec.class_name for spec in SCHEDULERS.values())
+        for flag, why in facts.family.check(s, facts, task, samplers)[:1]:
+            raise UsageError(f"{flag}: {model} {why}", setting=setting_of(Settings, flag.split()[0]))
     for rule in facts.family.ignores:
         given = rule.given(s)
         if given:
@@ -56,26 +61,3 @@ def check_rescale(s: Any, facts: Any, task: Any) -> None:
     if cls is not None and not takes(cls, "guidance_rescale"):
         raise UsageError(f"--guidance-rescale: {cls.__name__} has no guidance rescale (only the text-to-image "
                          "pipelines do)", setting="guidance_rescale")
-
-
-def takes(cls: type, parameter: str) -> bool:
-    import inspect
-
-    return parameter in inspect.signature(cls.__call__).parameters
-
-
-def task_pipeline_class(class_name: str | None, task_name: str) -> type | None:
-    """The diffusers pipeline class a task runs for a model, from diffusers' own task tables (no weights load);
-    None where they do not say."""
-    try:
-        from diffusers.pipelines import auto_pipeline as auto
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return None
-    inner, _, control = task_name.partition("+")
-    table = {"txt2img": auto.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, "img2img": auto.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
-             "inpaint": auto.AUTO_INPAINT_PIPELINES_MAPPING, "outpaint": auto.AUTO_INPAINT_PIPELINES_MAPPING}[inner]
-    key = next((k for m in auto.SUPPORTED_TASKS_MAPPINGS for k, c in m.items() if c.__name__ == class_name), None)
-    if key is None:
-        return None
-    key = f"{key}-controlnet" if control and not key.endswith("-controlnet") else key
-    return table.get(key)

@@ -107,7 +107,7 @@ def check_control(s: Any) -> None:
 
 def controlnet_config(source: str) -> dict[str, Any] | None:
     """A ControlNet's config.json (None for a Hub id the cache cannot answer); ModelError for what is not one."""
-    from sdcli.pipeline import _config, _read_json, local_kind
+    from sdcli.configs import _config, _read_json, local_kind
 
     try:
         kind = local_kind(source)
@@ -162,8 +162,6 @@ def check_family(s: Any) -> None:
 
     model = resolve_model(s.model)
     facts = model_facts(model, s.revision)
-    if facts.family.check is not None:  # a model whose own refusals come first (the generic family's)
-        facts.family.check(s, facts)
     if not facts.family.controlnet:
         raise UsageError(f"--controlnet: {facts.class_name} is not a UNet model; sdcli runs ControlNets on "
                          "SD 1.x, SD 2.x and SDXL", setting="controlnets")

@@ -9,10 +9,34 @@ cancelled request between two steps, and guards against NaN images. All of it ap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from sdcli import __version__
 from sdcli.errors import SdcliError
+
+
+@dataclass
+class Step:
+    """One denoising step of one batch, as every listener sees it.
+
+    ``index`` counts the steps of the whole request (hires fix's second pass continues the count) and
+    ``total`` is their number; ``timestep`` is the model's timestep and ``sigma`` the noise level of
+    ``latents`` after the step (None for a scheduler without σ's); ``x0`` is the model's estimate of the
+    clean latents at this step, only when the request asked for it (trajectories, previews).
+    """
+
+    index: int
+    total: int
+    timestep: float
+    sigma: float | None
+    latents: Any
+    x0: Any
+    images: int  # images in the batch
+
+
+class Cancelled(SdcliError):
+    """A request stopped by its ``cancel`` between two steps (raised inside the pipeline, caught by the engine)."""
 
 
 def base_record(s: Any, task: Any, loaded: Any, pipe: Any, width: int, height: int) -> dict[str, Any]:
@@ -63,7 +87,6 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
     import numpy as np
     import torch
 
-    from sdcli.generation.engine import Cancelled, Step
     from sdcli.generation.guidance import guidance_kwargs, negative_applies
     from sdcli.generation.prompts import TextConditioning
     from sdcli.generation.run import Generated

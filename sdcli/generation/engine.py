@@ -24,34 +24,11 @@ import contextlib
 import copy
 import dataclasses
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sdcli.errors import ModelError, SdcliError, UsageError
-
-
-@dataclass
-class Step:
-    """One denoising step of one batch, as every listener sees it.
-
-    ``index`` counts the steps of the whole request (hires fix's second pass continues the count) and
-    ``total`` is their number; ``timestep`` is the model's timestep and ``sigma`` the noise level of
-    ``latents`` after the step (None for a scheduler without σ's); ``x0`` is the model's estimate of the
-    clean latents at this step, only when the request asked for it (trajectories, previews).
-    """
-
-    index: int
-    total: int
-    timestep: float
-    sigma: float | None
-    latents: Any
-    x0: Any
-    images: int  # images in the batch
-
-
-class Cancelled(SdcliError):
-    """A request stopped by its ``cancel`` between two steps (raised inside the pipeline, caught by the engine)."""
+from sdcli.generation.denoise import Cancelled, Step
 
 
 def _listener(on_step: Callable[[Step], None] | None) -> Callable[[Step], None]:

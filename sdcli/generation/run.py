@@ -118,12 +118,14 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     if facts is not None:
         check_size(s, facts.size_multiple)
     if model_on_disk:
+        from sdcli.families import model_arch
         from sdcli.memory import check_generation
 
-        check_generation(s)  # refuses, in one line, a size that would outgrow memory once the weights load
+        # Refuses, in one line, a size that would outgrow memory once the weights load.
+        check_generation(s, model_arch(s.model, s.revision, s.vae))
     if facts is not None:
         check_prompt_editing([*s.prompts, s.negative_prompt], s.prompt_syntax, facts.class_name)
-        check_family(s, facts)
+        check_family(s, facts, task.name)
         check_rescale(s, facts, task)
         settle_guidance(s, facts)
         from sdcli.generation.embeddings import check_embeddings_fit

@@ -333,6 +333,20 @@ class Settings:
     save_trajectory: bool = option(
         False, help="Also save the predicted clean image at every step (strip PNG + GIF).", role=RUNTIME)
 
+    def a1111_prompt(self) -> str | None:
+        """The first prompt (or the negative prompt) that AUTOMATIC1111's syntax reads otherwise than plain text
+        (a weight, BREAK or an escape), under --prompt-syntax a1111; None where there is none. A family whose
+        prompts diffusers encodes refuses such a prompt (`sdcli.families.rules`)."""
+        from sdcli.generation.prompts import parse_weights
+
+        if self.prompt_syntax != "a1111":
+            return None
+        for prompt in [*self.prompts, self.negative_prompt]:
+            parsed = parse_weights(prompt) if prompt else None
+            if parsed and (parsed.text != prompt or any(p is None or p[1] != 1 for p in parsed.pieces)):
+                return prompt
+        return None
+
 
 RUNTIME_FIELDS = tuple(d.name for d in by_role(Settings, RUNTIME))
 

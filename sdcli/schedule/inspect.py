@@ -55,9 +55,11 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
             info["training"] = profile(schedule)
 
     if image is not None:  # a strip that cannot fit in memory is refused before any file is written
+        from sdcli.families import model_arch
         from sdcli.memory import check_strip
 
-        check_strip(image, size, len(timesteps), len(schedules), report.fitted_size, latent_model, revision, device)
+        arch = model_arch(latent_model, revision) if latent_model else None
+        check_strip(image, size, len(timesteps), len(schedules), report.fitted_size, arch, device)
 
     # 3. Files
     outputs: dict[str, str] = {}

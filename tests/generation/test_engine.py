@@ -145,9 +145,9 @@ def test_a_request_for_another_model_or_device_is_refused_in_one_line(tiny_model
 
 
 def test_the_python_api_loads_once_and_generates_many(tmp_path):
-    import sdcli
+    from sdcli.api import load
 
-    engine = sdcli.load("bundled:shapes", device="cpu")
+    engine = load("bundled:shapes", device="cpu")
     made = engine.generate("a red circle", seeds=[1, 2], steps=2, guidance=3)
     assert [m.record["seed"] for m in made] == [1, 2] and made[0].record["guidance"] == 3.0
     assert made[0].image.size == (64, 64) and made[0].record["model"] == "bundled:shapes"

@@ -1,0 +1,89 @@
+"""A model as it lies on disk or on the Hub, read without loading any weights: what a --model value names
+(a folder, a file or a Hub id), a pipeline folder's model_index.json, and any one of its config files.
+
+The families (`sdcli.families`) read what a model is from these; `sdcli.pipeline` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from sdcli.errors import ModelError
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def local_kind(model: str) -> str:
+    """'folder', 'file' or 'hub' for a --model value; raises for paths that do not exist."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    # Hub ids are "name" or "owner/name"; anything else the user meant as a path.
+    looks_like_path = (
+        model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or path.suffix.lower() in SINGLE_FILE_SUFFIXES
+    )
+    if looks_like_path or not _HUB_ID.match(model):
+        raise ModelError(f"no such model file or folder: {model}")
+    return "hub"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"unreadable config {path}: {exc}") from None
+
+
+def check_folder(path: Path) -> dict[str, Any]:
+    """Read model_index.json of a pipeline folder, or explain what the folder is instead."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        hint = ""
+        if any(path.glob("*lora*.safetensors")):
+            hint = " (it looks like LoRA weights: use --lora)"
+        elif (path / "config.json").is_file():
+            hint = " (it looks like a single model component, not a whole pipeline)"
+        raise ModelError(f"{path} is not a diffusers pipeline folder: no model_index.json{hint}")
+    return _read_json(index)
+
+
+def _config(model: str, name: str, revision: str | None = None) -> dict[str, Any] | None:
+    """One config file of a pipeline folder or Hub model, None where there is none (or the Hub cannot say)."""
+    kind = local_kind(model)
+    if kind == "folder":
+        path = Path(model).expanduser() / name
+        return _read_json(path) if path.is_file() else None
+    if kind == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return _read_json(Path(hf_hub_download(model, name, revision=revision)))
+        except Exception:  # noqa: BLE001 - the real load reports the real error
+            return None
+    return None
+
+
+def config_or_empty(model: str, name: str, revision: str | None) -> dict[str, Any]:
+    """A config file of a pipeline folder or Hub model as a dict; {} when it cannot be had (for estimates, which
+    fall back to SD 1.5's figures; the load reports why)."""
+    try:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            path = path / name
+        elif path.is_file():
+            return {}  # a single-file checkpoint carries no config
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, name, revision=revision))
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except Exception:  # noqa: BLE001 - a model without readable configs is estimated as SD 1.5
+        return {}
