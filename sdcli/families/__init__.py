@@ -123,6 +123,7 @@ class ModelFacts:
     family: Family
     vae_factor: int
     guidance: str  # the family's guidance knob, "none" for a distilled family without the input (Flux-schnell)
+    scheduler: str | None = None  # the class of the scheduler it comes with (model_index.json), where it says
 
     @property
     def size_multiple(self) -> int:
@@ -144,13 +145,16 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
     # Only a family whose guidance depends on the model reads its denoiser's config (a Hub download).
     config = _config(model, f"{family.denoiser}/config.json", revision) if family.guidance_of_config else None
-    return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config))
+    scheduler = (index.get("scheduler") or [None, None])[-1]
+    return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config),
+                      scheduler if isinstance(scheduler, str) else None)
 
 
 def facts_of(pipe: Any) -> ModelFacts:
     """The same facts, of a pipeline already in memory."""
     family = pipe_family(pipe)
-    return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe))
+    return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe),
+                      type(getattr(pipe, "scheduler", None)).__name__)
 
 
 def arch_from_configs(denoiser: dict[str, Any], vae: dict[str, Any], pipeline_class: str = "") -> Any:

@@ -198,6 +198,7 @@ def check(s: Any, facts: Any, task_name: str, samplers: frozenset[str]) -> list[
     refuse("--guidance", any(g != 1 for g in s.guidance) and "guidance_scale" not in take, "takes no guidance_scale")
     refuse("--width", s.width and "width" not in take, "takes no width: it makes images at its own size")
     refuse("--height", s.height and "height" not in take, "takes no height: it makes images at its own size")
+    refuse("--eta", s.eta and "eta" not in take, "takes no eta")
     refuse("--guidance-rescale", any(s.guidance_rescale) and "guidance_rescale" not in take,
            "has no guidance rescale")
     bad = next((g for g in s.guidance if g < 1), None)

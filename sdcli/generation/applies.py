@@ -61,3 +61,19 @@ def check_rescale(s: Any, facts: Any, task: Any) -> None:
     if cls is not None and not takes(cls, "guidance_rescale"):
         raise UsageError(f"--guidance-rescale: {cls.__name__} has no guidance rescale (only the text-to-image "
                          "pipelines do)", setting="guidance_rescale")
+
+
+def check_eta(s: Any, facts: Any) -> None:
+    """--eta on a sampler whose step has no η (of sdcli's, only DDIM's has one): the image would not change.
+    The sampler is --scheduler's, else the one the model comes with; a single-file model's is checked as it
+    loads (`sdcli.generation.engine`)."""
+    if not s.eta:
+        return
+    from sdcli.schedule.samplers import get_spec, takes_eta
+
+    if facts.family.flow:
+        raise UsageError(f"--eta: {facts.class_name} samples by flow matching, which has no η (DDIM's)", setting="eta")
+    name = get_spec(s.scheduler).class_name if s.scheduler else facts.scheduler
+    if name is not None and not takes_eta(name):
+        sampler = f"--scheduler {s.scheduler}" if s.scheduler else f"this model's {name}"
+        raise UsageError(f"--eta: {sampler} has no η (it belongs to DDIM: add --scheduler ddim)", setting="eta")

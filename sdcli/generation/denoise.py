@@ -129,6 +129,7 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
         kwargs: dict[str, Any] = dict(
             **text.call_kwargs(prompts, first["guidance"]),
             num_inference_steps=s.steps,
+            **({"eta": s.eta} if s.eta else {}),  # DDIM's η; 0, the pipelines' default, is not passed
             **guidance_kwargs(s, run_pipe, first),
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
             output_type="np",

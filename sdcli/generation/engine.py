@@ -263,7 +263,7 @@ class Engine:
     def request(self, s: Any, *, x0: bool = False) -> Iterator[Any]:
         """The pipeline as request ``s`` needs it (sampler, LoRAs, embeddings), put back as it was afterwards."""
         from sdcli.generation.prompts import prepare_text_encoders
-        from sdcli.schedule.samplers import make_scheduler
+        from sdcli.schedule.samplers import make_scheduler, takes_eta
 
         pipe = self.pipe
         loaded_scheduler = pipe.scheduler
@@ -278,6 +278,9 @@ class Engine:
                 else:
                     scheduler = copy.deepcopy(loaded_scheduler)
                 pipe.scheduler = _tapped(scheduler) if x0 else scheduler
+                if s.eta and not takes_eta(type(scheduler).__name__):  # a single file's sampler, known only now
+                    raise UsageError(f"--eta: this model's {type(scheduler).__name__} has no η (it belongs to DDIM: "
+                                     "add --scheduler ddim)", setting="eta")
                 trained = scheduler.config.get("num_train_timesteps", 1000)
                 if s.steps > trained:
                     raise UsageError(f"--steps {s.steps}: this model was trained on {trained} timesteps, so a "

@@ -104,7 +104,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     from sdcli import distributed as dist
     from sdcli.families import model_facts
     from sdcli.pipeline import absolute_if_local, resolve_model
-    from sdcli.generation.applies import check_family, check_rescale, check_task
+    from sdcli.generation.applies import check_eta, check_family, check_rescale, check_task
     from sdcli.generation.settings import check_lora_tensors
     from sdcli.generation.prompts import check_prompt_editing
 
@@ -127,6 +127,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
         check_prompt_editing([*s.prompts, s.negative_prompt], s.prompt_syntax, facts.class_name)
         check_family(s, facts, task.name)
         check_rescale(s, facts, task)
+        check_eta(s, facts)
         settle_guidance(s, facts)
         from sdcli.generation.embeddings import check_embeddings_fit
 

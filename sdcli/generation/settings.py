@@ -250,6 +250,8 @@ class Settings:
         False, help="Flux: real classifier-free guidance at --guidance, against the negative prompt (two passes a "
         "step).", flags=("--true-cfg",), a1111="True CFG", to_a1111=lambda on: "True" if on else None)
     scheduler: Optional[str] = option(None, options.SCHEDULER)
+    eta: float = option(0.0, help="DDIM's η: 0 is deterministic DDIM, 1 draws as much fresh noise each step as DDPM "
+                        "(samplers that take it: ddim).", a1111="Eta DDIM", range=Range(0, 1))
     timestep_spacing: Optional[str] = option(None, options.SPACING, a1111="Timestep spacing")
     seeds: Optional[list[int]] = option(
         None, help="Seed, or a comma list of seeds. Default: random, printed.", flags=("--seed",), role=SWEEP,

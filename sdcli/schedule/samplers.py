@@ -225,3 +225,13 @@ def describe() -> list[dict[str, str]]:
          "description": s.description}
         for s in SCHEDULERS.values()
     ]
+
+
+def takes_eta(class_name: str) -> bool:
+    """Whether the diffusers scheduler class ``class_name`` takes DDIM's η in its step (unknown classes: no)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    return cls is not None and "eta" in inspect.signature(cls.step).parameters

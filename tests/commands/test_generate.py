@@ -302,3 +302,42 @@ def test_bundled_model_names_the_words_it_never_saw(cli, tiny_models, monkeypatc
     assert "has never seen 'elephant'" in result.stderr
     other = cli("generate", "a red elephant", "--model", tiny_models["sd2"], "--steps", "1", "--seed", "1")
     assert other.exit_code == 0 and "never seen" not in other.stderr  # only the bundled toy warns
+
+
+def test_eta_gives_plain_diffusers_ddim_image_and_replays(cli, tiny_sd, tmp_path):
+    import diffusers
+    import torch
+
+    from sdcli.schedule.samplers import make_scheduler
+
+    common = ["a red circle", "--model", tiny_sd, "--steps", "3", "--seed", "2", "--scheduler", "ddim",
+              "--prompt-syntax", "plain"]
+    (path,) = paths_of(cli("generate", *common, "--eta", "0.8", "--out", tmp_path / "a.png"))
+    (zero,) = paths_of(cli("generate", *common, "--out", tmp_path / "b.png"))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    theirs = pipe("a red circle", num_inference_steps=3, eta=0.8, generator=torch.Generator("cpu").manual_seed(2),
+                  output_type="np").images[0]
+    assert np.array_equal(pixels(path), np.round(theirs * 255).astype(np.int16))
+    assert not np.array_equal(pixels(path), pixels(zero))  # η draws fresh noise each step: another image
+    record = json.loads(Image.open(path).info["sdcli"])
+    assert record["eta"] == 0.8 and "Eta DDIM: 0.8" in Image.open(path).info["parameters"]
+    assert "Eta" not in Image.open(zero).info["parameters"]  # 0, the default, as A1111 leaves it out
+    (again,) = paths_of(cli("generate", "--from-metadata", path, "--out", tmp_path / "c.png"))
+    assert np.array_equal(pixels(again), pixels(path))
+
+
+@pytest.mark.parametrize("model,args,says", [
+    ("sd1", ["--scheduler", "euler"], "--eta: --scheduler euler has no η"),
+    ("sd1", [], "--eta: this model's PNDMScheduler has no η"),  # the sampler it comes with
+    ("flux", [], "--eta: FluxPipeline samples by flow matching, which has no η"),
+])
+def test_eta_on_a_sampler_without_it_is_refused_before_loading(cli, tiny_models, tiny_flow_models, tmp_path,
+                                                              no_pipeline_loads, model, args, says):
+    from conftest import one_error_line
+
+    path = {**tiny_models, **tiny_flow_models}[model]
+    line = one_error_line(cli("generate", "x", "--model", path, "--eta", "0.5", *args, "--out", tmp_path / "o"), 2)
+    assert line.startswith(f"error: {says}")
+    assert not (tmp_path / "o").exists()
