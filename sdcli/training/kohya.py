@@ -24,6 +24,9 @@ The UNet is named as kohya names it per family, which is also what every loader 
 What differs per model (the prefixes, SGM names or not, ss_base_model_version) is each family's
 ``kohya`` layout (`sdcli.families`), looked up by the name records give the model (sd1, sd2, sdxl).
 
+DoRA, LoHa and LoKr (`sdcli.adapters`) go in the same names with LyCORIS's tensors (``.dora_scale``,
+``.hada_w1_a``..., ``.lokr_w1``...), as kohya's sd-scripts write them with ``--network_module lycoris.kohya``.
+
 Everything here is plain data in, plain data out; torch, peft and safetensors are imported only to
 build tensors and write the file.
 """
@@ -162,7 +165,7 @@ def _split(key: str) -> tuple[str, str]:
     for suffix, name in _HALVES:
         if key.endswith(suffix):
             return key[: -len(suffix)], name
-    raise ValueError(f"not a LoRA, DoRA, LoHa or LoKr weight: {key!r}")
+    raise ValueError(f"not a LoRA weight (nor DoRA, LoHa or LoKr): {key!r}")
 
 
 def _kind(names) -> str:
@@ -212,7 +215,8 @@ def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float]
             kind = _kind(params)
             missing = [alts[0] for alts in _COMPLETE[kind] if not any(a in params for a in alts)]
             if missing:
-                raise ValueError(f"{model} layer {path!r} has {', '.join(sorted(params))} without {missing[0]}")
+                raise ValueError(f"{model} layer {path!r} has {', '.join(sorted(params))} without its other half "
+                                 f"({missing[0]})")
             if model != "unet":
                 path = text_encoder_name(path)
             elif found.sgm_unet:
