@@ -299,7 +299,8 @@ def main() -> None:
         model = args.model or small_pipeline(work)
         make = make_mixed_data if args.mixed_aspect else make_data
         data = args.data or make(work / "data", args.images, args.resolution or 128)
-        pair = ("buckets", "square") if args.mixed_aspect else ADAPTERS if args.adapters else ("sdcli", "reference")
+        pair = (("buckets", "square") if args.mixed_aspect else ADAPTERS if args.adapters
+                else ("sdcli", "reference"))
         results: dict[str, list[dict]] = {which: [] for which in pair}
         for run in range(args.runs):
             for which in pair[::-1] if run % 2 else pair:  # interleaved
