@@ -26,6 +26,11 @@ pixel count (128x128, 64x256 and 256x64 at 128 px), so the difference is the cos
 themselves: per-example latents stacked each step, one size a batch. It also counts the images the
 VAE encodes before the first step and during training, to show the cache is still built once.
 Target: buckets cost under 5 % in images/s.
+
+    python benchmarks/finetune_bench.py --adapters              # DoRA, LoHa, LoKr against LoRA
+
+trains sdcli with each --adapter (lora, dora, loha, lokr) on the same data, interleaved, and prints each
+one's images/s and its ratio to LoRA's from the same run.
 """
 
 from __future__ import annotations
@@ -156,7 +161,10 @@ def rates(stamps: list[tuple[float, float]], batch: int, skip: int = 2) -> dict:
     return {"images_per_s": batch / statistics.median(wall), "cpu_s_per_image": statistics.median(cpu) / batch}
 
 
-def run_sdcli(args, buckets: bool = True) -> dict:
+ADAPTERS = ("lora", "dora", "loha", "lokr")
+
+
+def run_sdcli(args, buckets: bool = True, adapter: str = "lora") -> dict:
     from sdcli.training import FinetuneConfig, finetune
 
     stamps: list[tuple[float, float]] = []
@@ -173,7 +181,7 @@ def run_sdcli(args, buckets: bool = True) -> dict:
         FinetuneConfig(data=args.data, out=Path(args.work) / f"sdcli-{os.getpid()}", model=args.model,
                        resolution=args.resolution, batch_size=args.batch_size, max_steps=args.steps,
                        lora=args.method == "lora", checkpoint_every=0, quiet=True, seed=0, device=args.device,
-                       buckets=buckets),
+                       buckets=buckets, adapter=adapter),
         callback=on_step,
     )
     return {**rates(stamps, args.batch_size), "peak_mb": peak_memory_mb(),
@@ -254,6 +262,8 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     if args.child == "reference":
         record = run_reference(args)
+    elif args.child in ADAPTERS:
+        record = run_sdcli(args, adapter=args.child)
     else:
         record = run_sdcli(args, buckets=args.child != "square")
     print("RESULT " + json.dumps(record))
@@ -274,7 +284,10 @@ def main() -> None:
     parser.add_argument("--json", help="Also write the results here.")
     parser.add_argument("--mixed-aspect", action="store_true",
                         help="Compare aspect-ratio buckets with square crops on mixed-aspect images instead.")
-    parser.add_argument("--child", choices=["sdcli", "reference", "buckets", "square"], help=argparse.SUPPRESS)
+    parser.add_argument("--adapters", action="store_true",
+                        help="Compare --adapter dora, loha and lokr with lora instead.")
+    parser.add_argument("--child", choices=["sdcli", "reference", "buckets", "square", *ADAPTERS],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -286,7 +299,8 @@ def main() -> None:
         model = args.model or small_pipeline(work)
         make = make_mixed_data if args.mixed_aspect else make_data
         data = args.data or make(work / "data", args.images, args.resolution or 128)
-        pair = ("buckets", "square") if args.mixed_aspect else ("sdcli", "reference")
+        pair = (("buckets", "square") if args.mixed_aspect else ADAPTERS if args.adapters
+                else ("sdcli", "reference"))
         results: dict[str, list[dict]] = {which: [] for which in pair}
         for run in range(args.runs):
             for which in pair[::-1] if run % 2 else pair:  # interleaved
@@ -310,6 +324,19 @@ def main() -> None:
 
     if args.mixed_aspect:
         mixed_summary(args, results, med)
+        return
+    if args.adapters:
+        # CPU time per image is the steadier figure on a shared machine; both are LoRA's speed over this one's.
+        summary = {name: {"images_per_s": med(name, "images_per_s"),
+                          "ratio_to_lora": med(name, "images_per_s") / med("lora", "images_per_s"),
+                          "cpu_ratio_to_lora": med("lora", "cpu_s_per_image") / med(name, "cpu_s_per_image")}
+                   for name in ADAPTERS}
+        for name, row in summary.items():
+            print(f"{name:6s} {row['images_per_s']:8.2f} img/s  {row['ratio_to_lora']:.2f}x LoRA by wall clock, "
+                  f"{row['cpu_ratio_to_lora']:.2f}x by CPU time")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"batch_size": args.batch_size, "steps": args.steps,
+                                                   "runs": args.runs, **summary, "runs_detail": results}, indent=2))
         return
 
     summary = {

@@ -63,6 +63,8 @@ def _tapped(scheduler: Any) -> Any:
 def load_loras(pipe: Any, loras: list[tuple[str, float]], allow_pickle: bool = False) -> list[str]:
     """Load each LoRA as its own adapter (safetensors only, unless ``allow_pickle``) and set their scales;
     returns the adapter names. Adapters the pipeline had already stay, and stay active."""
+    from sdcli.adapters import load_lycoris
+    from sdcli.families import pipe_family
     from sdcli.generation.settings import lora_files
 
     had = _adapters(pipe)
@@ -75,8 +77,10 @@ def load_loras(pipe: Any, loras: list[tuple[str, float]], allow_pickle: bool = F
         if weight_name is None and not lora_files(path):
             raise ModelError(f"--lora {path}: the folder holds no LoRA weights")
         try:
-            pipe.load_lora_weights(where, weight_name=weight_name, adapter_name=name,
-                                   use_safetensors=None if allow_pickle else True)
+            # LoHa, LoKr and kohya's DoRA, which diffusers' pipeline loaders refuse or drop, go in through peft.
+            if not load_lycoris(pipe, pipe_family(pipe), path, name):
+                pipe.load_lora_weights(where, weight_name=weight_name, adapter_name=name,
+                                       use_safetensors=None if allow_pickle else True)
         except Exception as exc:  # noqa: BLE001 - any failure here means the LoRA does not fit
             msg = " ".join(str(exc).split())[:300]
             raise ModelError(f"LoRA {path} does not fit this model: {msg}") from exc

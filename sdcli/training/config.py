@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sdcli import defaults, options
+from sdcli.adapters import Adapter
 from sdcli.declare import Range, Role, by_role, check_ranges, option
 from sdcli.errors import UsageError
 from sdcli.training.kohya import LoraFormat
@@ -177,6 +178,10 @@ class FinetuneConfig:
     lora: bool = option(
         True, help="Train LoRA adapters (small file) or the whole UNet or transformer (a full pipeline folder).",
         flags=("--lora/--full",), panel=TRAIN)
+    adapter: str = option(
+        Adapter.lora.value, help="What --lora trains (peft): lora, dora (LoRA with a trained magnitude per output "
+        "row), loha (Hadamard product of two low-rank pairs) or lokr (Kronecker product).", panel=TRAIN,
+        cli_type=Adapter)
     rank: int = option(4, help="LoRA rank.", panel=TRAIN, range=Range(1))
     lora_alpha: Optional[float] = option(
         None, help="LoRA alpha (scale = alpha / rank). Default: the rank.", panel=TRAIN, show_default=False, range=Range(0, 10_000, open=('low',)))
@@ -281,6 +286,10 @@ class FinetuneConfig:
         self.lr_scheduler = _choice(LrScheduler, self.lr_scheduler, "--lr-scheduler")
         self.mixed_precision = _choice(MixedPrecision, self.mixed_precision, "--mixed-precision")
         self.lora_format = _choice(LoraFormat, self.lora_format, "--lora-format")
+        self.adapter = _choice(Adapter, self.adapter, "--adapter")
+        if self.adapter != Adapter.lora.value and not self.lora:
+            raise UsageError(f"--adapter {self.adapter} is a kind of adapter, which --full does not train "
+                             "(it trains every weight); drop one of them")
         self._check_flow_options()
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")

@@ -24,12 +24,16 @@ The UNet is named as kohya names it per family, which is also what every loader 
 What differs per model (the prefixes, SGM names or not, ss_base_model_version) is each family's
 ``kohya`` layout (`sdcli.families`), looked up by the name records give the model (sd1, sd2, sdxl).
 
+DoRA, LoHa and LoKr (`sdcli.adapters`) go in the same names with LyCORIS's tensors (``.dora_scale``,
+``.hada_w1_a``..., ``.lokr_w1``...), as kohya's sd-scripts write them with ``--network_module lycoris.kohya``.
+
 Everything here is plain data in, plain data out; torch, peft and safetensors are imported only to
 build tensors and write the file.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from enum import Enum
 from pathlib import Path
@@ -44,10 +48,23 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
 _TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
         "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-# Where a LoRA key's module path ends, and which half it is: peft's names, then diffusers' two spellings.
-_HALVES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
-           (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
-           (".lora_linear_layer.up.weight", "up"))
+# Where a LoRA key's module path ends, and what kohya calls that tensor: peft's names, then diffusers' two
+# spellings; DoRA's magnitude is LyCORIS's dora_scale; LoHa's and LoKr's tensors keep their (LyCORIS) names.
+_HALVES = ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
+           (".lora.down.weight", "lora_down.weight"), (".lora.up.weight", "lora_up.weight"),
+           (".lora_linear_layer.down.weight", "lora_down.weight"), (".lora_linear_layer.up.weight", "lora_up.weight"),
+           (".lora_magnitude_vector.weight", "dora_scale"), (".lora_magnitude_vector", "dora_scale"),
+           *((f".{name}", name) for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                             "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                             "lokr_t2")))
+# What each adapter's layer must hold, as alternatives (LoKr's factors are whole or a product of two).
+_COMPLETE = {
+    "lora": [("lora_down.weight",), ("lora_up.weight",)],
+    "loha": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
+    "lokr": [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")],
+}
+NETWORK_MODULES = {"lora": NETWORK_MODULE, "dora": "lycoris.kohya", "loha": "lycoris.kohya",
+                   "lokr": "lycoris.kohya"}
 
 
 class LoraFormat(str, Enum):
@@ -144,22 +161,43 @@ def layout(family: str) -> Any:
 
 
 def _split(key: str) -> tuple[str, str]:
-    """(module path, "down" or "up") of one LoRA key of peft's or diffusers' state dict."""
-    for suffix, half in _HALVES:
+    """(module path, kohya's name for the tensor) of one adapter key of peft's or diffusers' state dict."""
+    for suffix, name in _HALVES:
         if key.endswith(suffix):
-            return key[: -len(suffix)], half
-    raise ValueError(f"not a LoRA weight: {key!r} (only lora_A/lora_B, or diffusers' lora.down/lora.up)")
+            return key[: -len(suffix)], name
+    raise ValueError(f"not a LoRA weight (nor DoRA, LoHa or LoKr): {key!r}")
+
+
+def _kind(names) -> str:
+    return "loha" if any(n.startswith("hada_") for n in names) else "lokr" if any(
+        n.startswith("lokr_") for n in names) else "lora"
+
+
+def _lyco_tensors(params: dict[str, Any], alpha: float, rank: int | None) -> dict[str, Any]:
+    """One layer's tensors as LyCORIS stores them: DoRA's magnitude as dora_scale (out, 1, ...), as LyCORIS's
+    wd_on_output keeps it; a LoKr with no decomposed factor has no alpha scaling in LyCORIS (AUTOMATIC1111 and
+    ComfyUI apply it at 1), so peft's alpha / r goes into its first factor."""
+    out = {name: tensor.contiguous() for name, tensor in params.items()}
+    if "dora_scale" in out:
+        down = out["lora_down.weight"]
+        out["dora_scale"] = out["dora_scale"].reshape(-1, *[1] * (down.ndim - 1)).contiguous()
+    if _kind(out) == "lokr" and "lokr_w1_b" not in out and "lokr_w2_b" not in out:
+        if rank is None:
+            raise ValueError("a LoKr with whole factors needs its peft rank (ranks=) for its scale")
+        out["lokr_w1"] = (out["lokr_w1"] * (alpha / rank)).contiguous()
+    return out
 
 
 def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float], unet_config: Mapping[str, Any],
-            family: str) -> dict[str, Any]:
-    """The kohya state dict of a LoRA: ``<name>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` per layer.
+            family: str, ranks: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The kohya state dict of an adapter: per layer ``<name>.lora_down.weight``, ``.lora_up.weight`` (and
+    ``.dora_scale`` for DoRA), or LyCORIS's ``.hada_w1_a``... (LoHa) or ``.lokr_w1``... (LoKr), and ``.alpha``.
 
-    ``layers`` maps "unet", "text_encoder" (and "text_encoder_2" on SDXL) to that model's LoRA state dict,
+    ``layers`` maps "unet", "text_encoder" (and "text_encoder_2" on SDXL) to that model's adapter state dict,
     keyed the way peft's ``get_peft_model_state_dict`` or diffusers' files key it (no model prefix);
-    ``alphas`` gives each model's LoRA alpha, as the scale alpha / rank means in all three tools;
-    ``unet_config`` (the UNet's config) numbers SDXL's blocks. The tensors are the same objects, made
-    contiguous; each alpha is a 0-dim float32 tensor, as kohya stores it.
+    ``alphas`` gives each model's alpha, as the scale alpha / rank means in all three tools (``ranks``: each
+    model's peft rank, which a LoKr with whole factors needs); ``unet_config`` (the UNet's config) numbers
+    SDXL's blocks. Each alpha is a 0-dim float32 tensor, as kohya stores it.
     """
     import torch
 
@@ -169,13 +207,16 @@ def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float]
     for model, state in layers.items():
         if model not in prefixes:
             raise ValueError(f"{family} has no {model!r} for a kohya LoRA; models: {', '.join(prefixes)}")
-        halves: dict[str, dict[str, Any]] = {}
+        per_layer: dict[str, dict[str, Any]] = {}
         for key, tensor in state.items():
-            path, half = _split(key)
-            halves.setdefault(path, {})[half] = tensor
-        for path, pair in halves.items():
-            if set(pair) != {"down", "up"}:
-                raise ValueError(f"{model} layer {path!r} has lora_{''.join(pair)} without its other half")
+            path, name = _split(key)
+            per_layer.setdefault(path, {})[name] = tensor
+        for path, params in per_layer.items():
+            kind = _kind(params)
+            missing = [alts[0] for alts in _COMPLETE[kind] if not any(a in params for a in alts)]
+            if missing:
+                raise ValueError(f"{model} layer {path!r} has {', '.join(sorted(params))} without its other half "
+                                 f"({missing[0]})")
             if model != "unet":
                 path = text_encoder_name(path)
             elif found.sgm_unet:
@@ -183,8 +224,9 @@ def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float]
             name = f"{prefixes[model]}_{path.replace('.', '_')}"
             if f"{name}.alpha" in out:
                 raise ValueError(f"two {model} layers are both named {name}")
-            out[f"{name}.lora_down.weight"] = pair["down"].contiguous()
-            out[f"{name}.lora_up.weight"] = pair["up"].contiguous()
+            rank = ranks[model] if ranks is not None else None
+            for key, tensor in _lyco_tensors(params, float(alphas[model]), rank).items():
+                out[f"{name}.{key}"] = tensor
             out[f"{name}.alpha"] = torch.tensor(float(alphas[model]), dtype=torch.float32)
     return out
 
@@ -193,7 +235,8 @@ def convert(layers: Mapping[str, Mapping[str, Any]], alphas: Mapping[str, float]
 
 
 def metadata(family: str, rank: int, alpha: float, output_name: str, v_prediction: bool = False,
-             base_model: str | None = None, training: Mapping[str, Any] | None = None) -> dict[str, str]:
+             base_model: str | None = None, training: Mapping[str, Any] | None = None,
+             adapter: str = "lora") -> dict[str, str]:
     """kohya's ``ss_*`` metadata (strings, as safetensors stores them) for what sdcli knows of a run.
 
     AUTOMATIC1111 tells the family by ``ss_base_model_version`` (sdxl_...) and ``ss_v2``, and shows
@@ -205,11 +248,14 @@ def metadata(family: str, rank: int, alpha: float, output_name: str, v_predictio
     found = layout(family)
     version = found.version + ("_v" if v_prediction and found.v_suffix else "")
     meta: dict[str, Any] = {
-        "ss_network_module": NETWORK_MODULE, "ss_network_dim": int(rank), "ss_network_alpha": float(alpha),
+        "ss_network_module": NETWORK_MODULES[adapter], "ss_network_dim": int(rank), "ss_network_alpha": float(alpha),
         "ss_base_model_version": version, "ss_v2": found.v2, "ss_v_parameterization": bool(v_prediction),
         "ss_output_name": output_name,
         "ss_training_comment": f"sdcli {__version__} finetune; every setting is in training_settings.json",
     }
+    if adapter != "lora":  # LyCORIS's own record of what it trained
+        algo = {"dora": "lora", "loha": "loha", "lokr": "lokr"}[adapter]
+        meta["ss_network_args"] = json.dumps({"algo": algo, **({"dora_wd": "True"} if adapter == "dora" else {})})
     if base_model:
         meta["ss_sd_model_name"] = base_model
     meta.update(training or {})
@@ -250,7 +296,10 @@ def training_fields(cfg: Any) -> dict[str, Any]:
 
 
 def peft_alpha(config: Any) -> float:
-    """The alpha that gives peft's scale as alpha / rank (rsLoRA scales by alpha / sqrt(rank))."""
+    """The alpha that gives peft's scale as alpha / rank (rsLoRA scales by alpha / sqrt(rank); LoHa and LoKr
+    name it alpha)."""
+    if not hasattr(config, "lora_alpha"):
+        return float(config.alpha)
     return config.lora_alpha * math.sqrt(config.r) if getattr(config, "use_rslora", False) else config.lora_alpha
 
 
@@ -260,18 +309,20 @@ def save(path: Path, family: str, models: Mapping[str, Any], unet_config: Mappin
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from sdcli.adapters import kind_of
+
     configs = {name: model.peft_config["default"] for name, model in models.items()}
     for name, config in configs.items():
         if config.rank_pattern or config.alpha_pattern:
             raise ValueError(f"{name}: a LoRA with per-layer ranks or alphas has no single ss_network_dim/alpha")
     layers = {name: get_peft_model_state_dict(model) for name, model in models.items()}
     alphas = {name: peft_alpha(config) for name, config in configs.items()}
-    tensors = convert(layers, alphas, unet_config, family)
+    tensors = convert(layers, alphas, unet_config, family, ranks={name: c.r for name, c in configs.items()})
     first = configs["unet"] if "unet" in configs else next(iter(configs.values()))
     if base_model and Path(base_model).exists():
         base_model = Path(base_model).resolve().name  # as kohya does: a file or folder by its name; a Hub id whole
     meta = metadata(family, first.r, peft_alpha(first), output_name, v_prediction, base_model,
-                    training_fields(cfg) if cfg is not None else None)
+                    training_fields(cfg) if cfg is not None else None, adapter=kind_of(first).value)
     save_file(tensors, str(path), metadata=meta)
     return path
 

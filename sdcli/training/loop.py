@@ -257,7 +257,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     if resume_dir is not None:  # a checkpoint from before fingerprints: its weights must fit these models
         checkpoints.check_fits(resume_dir, checkpoints.read_state(resume_dir), cfg.model, name, trained, cfg.lora)
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
-    say(f"training {'LoRA rank %d' % cfg.rank if cfg.lora else 'the full ' + family.denoiser}"
+    kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[cfg.adapter]
+    say(f"training {f'{kind} rank {cfg.rank}' if cfg.lora else 'the full ' + family.denoiser}"
         f"{' and the text encoder' if cfg.train_text_encoder else ''}: {sum(p.numel() for p in params):,} parameters, "
         f"{name}, {_objective(cfg, family, noise_scheduler)}")
 

@@ -167,10 +167,13 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    plain = getattr(cfg, "adapter", "lora") == "lora"
+
     def layers(model, peft_names=False):
         # diffusers' transformer LoRA scripts save peft's names as they are; its UNet scripts convert them.
+        # DoRA's magnitudes, LoHa's and LoKr's tensors keep peft's names, which diffusers' loaders read.
         state = get_peft_model_state_dict(model)
-        return state if peft_names else convert_state_dict_to_diffusers(state)
+        return state if peft_names or not plain else convert_state_dict_to_diffusers(state)
 
     def metadata(model):
         return model.peft_config["default"].to_dict()
@@ -221,13 +224,20 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
     cfg = record["config"]
     lora = cfg["lora"]
     base = record["base_model"]
-    what = (f"LoRA (rank {cfg['rank']}, alpha {cfg['lora_alpha']:g})" if lora
+    kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[cfg.get("adapter") or "lora"]
+    what = (f"{kind} (rank {cfg['rank']}, alpha {cfg['lora_alpha']:g})" if lora
             else f"full {record.get('denoiser', 'unet')} fine-tune")
     if cfg["train_text_encoder"]:
         what += " with the text encoder"
+    adapter = cfg.get("adapter") or "lora"
+    loads = {"loha": "# plain diffusers has no LoHa loader: use sdcli, AUTOMATIC1111, Forge or ComfyUI",
+             "lokr": f"pipe.{record.get('denoiser', 'unet')}.load_lora_adapter(\"{out}\", "
+                     f"weight_name=\"{LORA_FILE}\", prefix=\"{record.get('denoiser', 'unet')}\")"
+                     "  # LoKr: the model's loader, not pipe.load_lora_weights"}
     use = (
         f"sdcli generate --model {base} --lora {out} \"your prompt\"\n\n"
-        f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"{out}\")"
+        f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{base}\")\n"
+        + loads.get(adapter, f"pipe.load_lora_weights(\"{out}\")")
         if lora else
         f"sdcli generate --model {out} \"your prompt\"\n\n"
         f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{out}\")"

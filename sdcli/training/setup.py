@@ -194,9 +194,9 @@ def make_trainable(pipe, family, cfg: FinetuneConfig, device) -> list[Any]:
 
 
 def add_lora(model, cfg: FinetuneConfig, targets, what: str) -> None:
-    from peft import LoraConfig
+    from sdcli.adapters import peft_config
 
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    config = peft_config(cfg.adapter, cfg.rank, cfg.alpha, targets)
     try:
         model.add_adapter(config)
     except ValueError as exc:
