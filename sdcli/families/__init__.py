@@ -132,12 +132,14 @@ class ModelFacts:
 
 
 def model_facts(model: str, revision: str | None = None) -> ModelFacts:
-    from sdcli.pipeline import _config, check_folder, local_kind
+    from sdcli.pipeline import _config, _family_before_load, check_folder, local_kind
 
     if local_kind(model) == "folder":
         check_folder(Path(model).expanduser())
     index = _config(model, "model_index.json", revision) or {}
     family = family_spec(index.get("_class_name"), f"--model {model}")
+    if Path(model).suffix.lower() == ".gguf":  # a GGUF denoiser alone: its family from its header
+        family = _family_before_load(model, revision)
     if hasattr(family, "completed"):  # a family that reads its patch and scheduler off the configs (generic)
         family = family.completed(lambda name: _config(model, name, revision))
     vae = _config(model, "vae/config.json", revision)

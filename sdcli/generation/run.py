@@ -119,6 +119,13 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
         check_size(s, facts.size_multiple)
     if model_on_disk:
         from sdcli.memory import check_generation
+        from sdcli.pipeline import resolve_device
+        from sdcli.quantize import check_cache, check_load
+
+        # The at-load modes (quantization, GGUF, storage, offload) refused here, before the memory estimate that
+        # counts them; --quantize recorded with its backend named, as it runs on this device.
+        s.quantize = check_load(vars(s), resolve_device(s.device), facts.family, s.model)
+        check_cache(s.step_cache, facts.family, s.model)
 
         check_generation(s)  # refuses, in one line, a size that would outgrow memory once the weights load
     if facts is not None:
