@@ -239,8 +239,8 @@ def check_gguf(path: str, family: Any, model: str, flag: str) -> GgufFacts:
                          + (f" (architecture {facts.architecture})" if facts.architecture else ""),
                          setting="denoiser_file")
     if theirs is not family:
-        raise ModelError(f"{flag} {path}: the file holds a {theirs.name} model's {theirs.denoiser}, and --model "
-                         f"{model} is {family.name}; give a GGUF made from this model's family",
+        raise ModelError(f"{flag} {path}: the file holds a {theirs.denoiser} of the {theirs.name} family, and --model "
+                         f"{model} is of the {family.name} family; give a GGUF made from a {family.name} model",
                          setting="denoiser_file")
     return facts
 
