@@ -40,6 +40,12 @@ DREAMBOOTH = "DreamBooth"
 RECORDED, RUNTIME = Role.RECORDED, Role.RUNTIME
 
 
+def _parse_quantize(text):
+    from sdcli.quantize import parse_quantize
+
+    return parse_quantize(text)
+
+
 class LrScheduler(str, Enum):
     """Learning-rate schedules by their diffusers.optimization names."""
 
@@ -178,6 +184,8 @@ class FinetuneConfig:
         True, help="Train LoRA adapters (small file) or the whole UNet or transformer (a full pipeline folder).",
         flags=("--lora/--full",), panel=TRAIN)
     rank: int = option(4, help="LoRA rank.", panel=TRAIN, range=Range(1))
+    # QLoRA: the frozen base quantized (sdcli.quantize), the LoRA trained and saved in float32.
+    quantize: Optional[str] = option(None, options.QUANTIZE, parse=_parse_quantize, panel=TRAIN)
     lora_alpha: Optional[float] = option(
         None, help="LoRA alpha (scale = alpha / rank). Default: the rank.", panel=TRAIN, show_default=False, range=Range(0, 10_000, open=('low',)))
     lora_targets: tuple[str, ...] = option(
@@ -284,6 +292,7 @@ class FinetuneConfig:
         self._check_flow_options()
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")
+        self._check_quantize()
         self._check_validation()
         self._check_class_data()
         self._check_apart()
@@ -292,6 +301,26 @@ class FinetuneConfig:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 raise UsageError("--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
+
+    def _check_quantize(self) -> None:
+        """QLoRA: a LoRA on a quantized frozen base. Full fine-tuning would update the quantized weights themselves,
+        which no backend trains; the mode is checked against the device here, before anything loads, and kept
+        with its backend named."""
+        if not self.quantize:
+            return
+        from sdcli.pipeline import resolve_device
+        from sdcli.quantize import check_mode
+
+        self.quantize = _parse_quantize(self.quantize)
+        if not self.lora:
+            raise UsageError(f"--quantize {self.quantize} with --full: full fine-tuning of quantized weights is not "
+                             "supported; train a LoRA (--lora) on the quantized model, or drop --quantize",
+                             setting="quantize")
+        mode = check_mode(self.quantize, resolve_device(self.device))
+        if not mode.trainable:
+            raise UsageError(f"--quantize {self.quantize}: peft cannot train a LoRA on {mode.backend}'s {mode.kind}; "
+                             "use int8-weight, fp8 or nf4", setting="quantize")
+        self.quantize = mode.spec
 
     def _check_validation(self) -> None:
         from sdcli.generation.prompts import check_prompt_numbers

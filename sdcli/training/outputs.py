@@ -225,6 +225,8 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
             else f"full {record.get('denoiser', 'unet')} fine-tune")
     if cfg["train_text_encoder"]:
         what += " with the text encoder"
+    if cfg.get("quantize"):  # QLoRA: the LoRA itself is float32 and loads on the unquantized model as well
+        what += f", trained on the base quantized with {cfg['quantize']}"
     use = (
         f"sdcli generate --model {base} --lora {out} \"your prompt\"\n\n"
         f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"{out}\")"
