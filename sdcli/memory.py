@@ -150,10 +150,15 @@ class Params:
 
     linear: int
     other: int
+    castable: int = 0  # linear weights float8 storage casts: not in norms or embeddings (diffusers skips those)
+
+
+# diffusers' layerwise casting leaves these modules in the compute dtype (`DEFAULT_SKIP_MODULES_PATTERN`).
+_KEPT_BY_CASTING = ("pos_embed", "patch_embed", "norm", "proj_in", "proj_out")
 
 
 def _header_params(files: list[Path]) -> Params:
-    linear = other = 0
+    linear = other = castable = 0
     for file in files:
         try:
             with open(file, "rb") as f:
@@ -167,9 +172,11 @@ def _header_params(files: list[Path]) -> Params:
             n = math.prod(info.get("shape") or [1])
             if len(info.get("shape") or []) == 2 and name.endswith("weight"):
                 linear += n
+                module = name.rsplit(".", 1)[0]
+                castable += 0 if any(k in module for k in _KEPT_BY_CASTING) else n
             else:
                 other += n
-    return Params(linear, other)
+    return Params(linear, other, castable)
 
 
 def model_params(model: str) -> dict[str, Params]:
@@ -200,8 +207,12 @@ def weights_bytes(params: dict[str, Params], *, nbytes: int, denoiser: str = "un
             sizes[name] = denoiser_file_bytes
             continue
         quantized = quantize is not None and (name == denoiser or (quantize_text_encoder and name in text_encoders))
-        per_weight = quantize.bytes_per_weight if quantized else (1 if storage_float8 and name == denoiser else nbytes)
-        sizes[name] = int(p.linear * per_weight + p.other * nbytes)
+        if quantized:
+            sizes[name] = int(p.linear * quantize.bytes_per_weight + p.other * nbytes)
+        elif storage_float8 and name == denoiser:
+            sizes[name] = int(p.castable + (p.linear - p.castable + p.other) * nbytes)
+        else:
+            sizes[name] = (p.linear + p.other) * nbytes
     if offload in ("sequential", "group"):
         return 0
     if offload == "model":

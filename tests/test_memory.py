@@ -95,7 +95,8 @@ def test_weights_per_mode():
     from sdcli.memory import Params, weights_bytes
     from sdcli.quantize import resolve
 
-    params = {"transformer": Params(10**9, 10**7), "text_encoder_2": Params(10**8, 0), "vae": Params(0, 10**7)}
+    params = {"transformer": Params(10**9, 10**7, castable=10**9), "text_encoder_2": Params(10**8, 0),
+              "vae": Params(0, 10**7)}
     kw = dict(nbytes=2, denoiser="transformer", text_encoders=("text_encoder_2",))
     plain = weights_bytes(params, **kw)
     assert plain == 2 * (10**9 + 10**7 + 10**8 + 10**7)
