@@ -57,16 +57,6 @@ def peft_config(kind: str, rank: int, alpha: float, targets) -> Any:
                       use_dora=kind is Adapter.dora)
 
 
-def kind_of(config: Any) -> Adapter:
-    """The adapter a peft config trains."""
-    name = type(config).__name__
-    if name == "LoHaConfig":
-        return Adapter.loha
-    if name == "LoKrConfig":
-        return Adapter.lokr
-    return Adapter.dora if getattr(config, "use_dora", False) else Adapter.lora
-
-
 def param_of(key: str) -> tuple[str, str] | None:
     """(module key, LyCORIS parameter name) for a LoHa, LoKr or DoRA-magnitude key; None for others."""
     module, _, last = key.rpartition(".")
@@ -100,7 +90,7 @@ def _targets(pipe: Any, family: Any) -> dict[str, tuple[str, str]]:
     and kohya's underscore names under each prefix (SGM block names for SDXL's UNet)."""
     import torch
 
-    from sdcli.training import kohya
+    from sdcli import kohya
 
     layouts = list(family.kohya.values())
     names: dict[str, tuple[str, str]] = {}

@@ -1,17 +1,20 @@
 """A model as it lies on disk or on the Hub, read without loading any weights: what a --model value names
-(a folder, a file or a Hub id), a pipeline folder's model_index.json, and any one of its config files.
+(a folder, a file or a Hub id), a pipeline folder's model_index.json, any one of its config files, and a
+GGUF file's header.
 
 The families (`sdcli.families`) read what a model is from these; `sdcli.pipeline` loads it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdcli.errors import ModelError
+from sdcli.errors import ModelError, UsageError
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
@@ -87,3 +90,48 @@ def config_or_empty(model: str, name: str, revision: str | None) -> dict[str, An
         return data if isinstance(data, dict) else {}
     except Exception:  # noqa: BLE001 - a model without readable configs is estimated as SD 1.5
         return {}
+
+
+# GGUF files (a denoiser quantized, as ComfyUI-GGUF and stable-diffusion.cpp share them): their header alone.
+
+
+def model_is_gguf(model: str | None) -> bool:
+    return bool(model) and Path(str(model)).suffix.lower() == ".gguf"
+
+
+@dataclass(frozen=True)
+class GgufFacts:
+    architecture: str | None  # general.architecture, where the file says (ComfyUI-GGUF and llama.cpp write it)
+    names: tuple[str, ...]  # tensor names
+    types: tuple[str, ...]  # their GGML types, each once: Q8_0, Q4_K, F32, ...
+    nbytes: int  # the file's size
+
+
+def read_gguf(path: str | Path, flag: str) -> GgufFacts:
+    """What a GGUF file holds, from its header alone; UsageError for no gguf package, ModelError for a file that is
+    not one or is cut short (a tensor's data past the end of the file)."""
+    path = Path(path).expanduser()
+    if importlib.util.find_spec("gguf") is None:
+        raise UsageError(f"{flag} {path.name}: reading GGUF files needs gguf, which is not installed (pip install gguf)")
+    if not path.is_file():
+        raise ModelError(f"{flag} {path}: no such file")
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        tensors = list(reader.tensors)
+        cut = next((t.name for t in tensors if int(t.data_offset) + int(t.n_bytes) > size), None)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the header: not a whole GGUF file
+        raise ModelError(f"{flag} {path}: not a readable GGUF file (truncated or corrupt: "
+                         f"{' '.join(str(exc).split())[:120] or type(exc).__name__})") from None
+    if cut is not None or not tensors:
+        raise ModelError(f"{flag} {path}: the GGUF file is truncated (" +
+                         (f"tensor {cut} runs past its end)" if cut else "it holds no tensors)"))
+    arch = reader.fields.get("general.architecture")
+    try:
+        architecture = str(arch.contents()) if arch is not None else None
+    except Exception:  # noqa: BLE001 - an odd metadata value: the tensor names still tell
+        architecture = None
+    return GgufFacts(architecture, tuple(t.name for t in tensors),
+                     tuple(dict.fromkeys(t.tensor_type.name for t in tensors)), size)

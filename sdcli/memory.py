@@ -3,8 +3,10 @@
 Without this, `generate --width 100000 --height 100000` or `inspect-schedule --size 100000`
 grows until the kernel kills the process: no message, and no exit code a script can read.
 The estimate counts what the request's size decides (latents, the UNet's activations and
-attention, the VAE's decode, the pictures), not the weights, which the size does not change:
-it catches the impossible, and a request near the limit can still fail. Its constants were
+attention, the VAE's decode, the pictures) and, for a local pipeline folder, its weights as
+each quantization, storage and offload mode holds them (`weights_bytes`, from the safetensors
+headers): it catches the impossible, names the --quantize that would make a request fit, and a
+request near the limit can still fail. Its constants were
 measured on CPU with diffusers 0.42 and Stable Diffusion 1.5's architecture (random weights,
 float32); each says what it stands for. A model's figures come from its family (`sdcli.families`:
 its ``arch``). ``SDCLI_MEMORY_CHECK=0`` skips the check.
@@ -15,6 +17,7 @@ with (`available_bytes`), so tests can ask about any size without allocating it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -97,6 +100,88 @@ def unet_arch(unet: dict[str, Any], vae: dict[str, Any], upcast: bool = False) -
     )
 
 
+# ---------------------------------------------------------------- the weights
+
+
+@dataclass(frozen=True)
+class Params:
+    """One model of a pipeline, from its safetensors headers: the weights of linear layers (2-D, what quantization
+    and float8 storage shrink) and every other parameter (convolutions, norms, biases)."""
+
+    linear: int
+    other: int
+    castable: int = 0  # linear weights float8 storage casts: not in norms or embeddings (diffusers skips those)
+
+
+# diffusers' layerwise casting leaves these modules in the compute dtype (`DEFAULT_SKIP_MODULES_PATTERN`).
+_KEPT_BY_CASTING = ("pos_embed", "patch_embed", "norm", "proj_in", "proj_out")
+
+
+def _header_params(files: list[Path]) -> Params:
+    linear = other = castable = 0
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError):
+            continue
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            n = math.prod(info.get("shape") or [1])
+            if len(info.get("shape") or []) == 2 and name.endswith("weight"):
+                linear += n
+                module = name.rsplit(".", 1)[0]
+                castable += 0 if any(k in module for k in _KEPT_BY_CASTING) else n
+            else:
+                other += n
+    return Params(linear, other, castable)
+
+
+def model_params(model: str) -> dict[str, Params]:
+    """Each model of a local pipeline folder (its model_index.json's names), counted from the safetensors headers
+    alone; {} for a Hub id or a single file, whose weights are not on disk to count (their weights go uncounted)."""
+    from sdcli.configs import config_or_empty
+
+    folder = Path(model).expanduser()
+    index = config_or_empty(model, "model_index.json", None) if folder.is_dir() else {}
+    found = {}
+    for name, value in index.items():
+        if isinstance(value, list) and (folder / name).is_dir():
+            files = sorted((folder / name).glob("*.safetensors"))
+            if files:
+                found[name] = _header_params(files)
+    return found
+
+
+def weights_bytes(params: dict[str, Params], *, nbytes: int, denoiser: str = "unet",
+                  text_encoders: tuple[str, ...] = (), quantize: Any = None, quantize_text_encoder: bool = False,
+                  denoiser_file_bytes: int | None = None, storage_float8: bool = False, offload: str | None = None
+                  ) -> int:
+    """The bytes the weights hold on the device: each model's linear weights at ``quantize``'s bytes a weight
+    (`sdcli.quantize.Mode`) where it quantizes them, one byte with float8 storage, ``nbytes`` otherwise; a GGUF
+    denoiser its file's size. Offloaded, only what is on the GPU at once: the largest model (model offload), or
+    next to nothing (sequential and group offloading move a layer at a time)."""
+    sizes = {}
+    for name, p in params.items():
+        if name == denoiser and denoiser_file_bytes is not None:
+            sizes[name] = denoiser_file_bytes
+            continue
+        quantized = quantize is not None and (name == denoiser or (quantize_text_encoder and name in text_encoders))
+        if quantized:
+            sizes[name] = int(p.linear * quantize.bytes_per_weight + p.other * nbytes)
+        elif storage_float8 and name == denoiser:
+            sizes[name] = int(p.castable + (p.linear - p.castable + p.other) * nbytes)
+        else:
+            sizes[name] = (p.linear + p.other) * nbytes
+    if offload in ("sequential", "group"):
+        return 0
+    if offload == "model":
+        return max(sizes.values(), default=0)
+    return sum(sizes.values())
+
+
 # ---------------------------------------------------------------- the arithmetic
 
 
@@ -118,12 +203,14 @@ def generation_need(
     attention_slicing: bool = False,
     streams: bool = True,
     init_pixels: int = 0,
+    weights: int = 0,
 ) -> Need:
     """The peak memory of generating ``batch`` images of width x height with ``arch``'s model.
 
     ``guidance``: classifier-free guidance doubles the UNet's batch. ``nbytes``: 2 for float16 and
     bfloat16, 4 for float32. ``streams``: torch's scaled_dot_product_attention never materialises
     the scores here (`sdpa_streams`). ``init_pixels``: the init image's own size, for img2img.
+    ``weights``: the bytes of the weights on the device through every phase (`weights_bytes`).
     """
     f = arch.vae_factor
     lat_h, lat_w = math.ceil(height / f), math.ceil(width / f)
@@ -160,9 +247,10 @@ def generation_need(
         "VAE decode": vae,
         "decoded images": batch * width * height * IMAGE_BYTES,
         "init image": init_pixels * LOAD_BYTES,
+        "weights": weights,
     }
-    # The phases follow one another; only the latents live through all of them.
-    peak = latents + max(unet + scores, vae + terms["decoded images"], terms["init image"])
+    # The phases follow one another; only the latents (and the weights) live through all of them.
+    peak = weights + latents + max(unet + scores, vae + terms["decoded images"], terms["init image"])
     return Need(peak, {k: v for k, v in terms.items() if v})
 
 
@@ -368,9 +456,10 @@ def _render_size(s: Any, arch: Arch, factor: int) -> tuple[int, int, int]:
     return max(factor, width), max(factor, height), init_pixels
 
 
-def check_generation(s: Any, arch: Arch) -> None:
+def check_generation(s: Any, arch: Arch, family: Any = None) -> None:
     """Refuse with a ResourceError a `generate` request (`Settings`) whose estimate exceeds what its device has free;
-    ``arch`` is its model's (`sdcli.families.model_arch`)."""
+    ``arch`` is its model's (`sdcli.families.model_arch`), ``family`` its family (whose denoiser and text encoders
+    quantization shrinks; without it the weights go uncounted)."""
     if skipped():
         return
     factor = max(8, arch.vae_factor)
@@ -383,9 +472,10 @@ def check_generation(s: Any, arch: Arch) -> None:
     guidance = s.guidance or [7.5]  # unset: the classifier-free default
     images = max(1, len(s.prompts) * len(guidance) * max(1, len(s.guidance_rescale)) * per_seed)
     nbytes = _dtype_bytes(s.dtype, device)
+    weighed = _weighing(s, device, nbytes, family)
     options = dict(batch=min(s.batch_size, images), guidance=any(g != 1 for g in guidance), nbytes=nbytes,
                    vae_tiling=s.vae_tiling, attention_slicing=s.attention_slicing,
-                   streams=sdpa_streams(device, nbytes), init_pixels=init_pixels)
+                   streams=sdpa_streams(device, nbytes), init_pixels=init_pixels, weights=weighed())
 
     def need(w: int, h: int, **changes: Any) -> Need:
         return generation_need(arch, w, h, **{**options, **changes})
@@ -402,11 +492,43 @@ def check_generation(s: Any, arch: Arch) -> None:
             lower = need(width, height, **changes).total
             if lower < asked.total:
                 helps.append(f"{flag} needs {human(lower)}")
-    # 2. The largest size of the same shape that fits as asked.
+    # 2. Without quantization: the first --quantize (least rounding first) that makes it fit.
+    if not getattr(s, "quantize", None) and not getattr(s, "denoiser_file", None):
+        from sdcli import quantize as q
+
+        for kind in ("int8-weight", "nf4", "int4-weight"):
+            mode = q.resolve(kind, device)
+            if mode.cuda_only and not device.startswith("cuda"):
+                continue
+            lower = need(width, height, weights=weighed(mode)).total
+            if lower <= available:
+                helps.insert(0, f"--quantize {kind} needs {human(lower)}")
+                break
+    # 3. The largest size of the same shape that fits as asked.
     fit = largest_fit(lambda w, h: need(w, h).total, width, height, factor, available)
     helps.append(f"about {fit[0]}x{fit[1]} fits as asked" if fit else "no size fits as asked")
     batch = f" x{options['batch']} at once" if options["batch"] > 1 else ""
     refuse(f"generating {width}x{height}{batch}", asked, device, available, helps)
+
+
+def _weighing(s: Any, device: str, nbytes: int, family: Any) -> Callable[..., int]:
+    """mode -> the weights' bytes on ``device`` for request ``s`` (its own --quantize when no mode is given)."""
+    from sdcli import quantize as q
+
+    params = model_params(s.model) if s.model and family is not None else {}
+    spec, file = getattr(s, "quantize", None), getattr(s, "denoiser_file", None)
+    own = q.resolve(spec, device) if spec else None
+    offload = getattr(s, "offload", None) or ("model" if getattr(s, "cpu_offload", False) else None)
+
+    def weighed(mode: Any = None) -> int:
+        if not params or family is None:
+            return 0
+        return weights_bytes(params, nbytes=nbytes, denoiser=family.denoiser, text_encoders=family.text_encoders,
+                             quantize=mode or own, quantize_text_encoder=getattr(s, "quantize_text_encoder", False),
+                             denoiser_file_bytes=Path(file).stat().st_size if file and Path(file).is_file() else None,
+                             storage_float8=bool(getattr(s, "storage_dtype", None)), offload=offload)
+
+    return weighed
 
 
 def check_strip(image: Path, size: int, frames: int, rows: int,

@@ -86,3 +86,9 @@ Quiet = alias(QUIET, bool, "--quiet")
 Json = Annotated[bool, typer.Option("--json", help="Print JSON records on stdout instead of plain lines.")]
 Overwrite = alias(OVERWRITE, bool, "--overwrite")
 OutPath = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder or file.")]
+# Big models on small cards (sdcli.quantize): decided when the model loads, recorded with what it makes.
+QUANTIZE = Opt("Quantize the denoiser's weights: int8-weight (torchao, runs on the CPU), int8 or nf4 (bitsandbytes, "
+               "CUDA), fp8 or int4-weight (torchao, CUDA); BACKEND:MODE names the backend (torchao:int8-weight).",
+               show_default=False)
+QUANTIZE_TEXT_ENCODER = Opt("With --quantize: quantize the text encoders too (T5 is most of Flux's and SD3's).",
+                            flags=("--quantize-text-encoder",))

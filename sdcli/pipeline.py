@@ -18,7 +18,7 @@ from sdcli.configs import (  # noqa: F401 - sdcli.pipeline is where callers find
 from sdcli.devices import resolve_device, resolve_dtype  # noqa: F401
 from sdcli.errors import ModelError, UsageError, concerning
 from sdcli.progress import quiet_libraries  # noqa: F401
-from sdcli.families import denoiser, family_of, family_spec, pipe_family, single_file_class
+from sdcli.families import denoiser, family_before_load, family_of, gguf_family, pipe_family, single_file_class
 
 
 def pickled_only(path: str | Path) -> bool:
@@ -83,25 +83,47 @@ def load_pipeline(
     device: str = "auto",
     dtype: str = "auto",
     cpu_offload: bool = False,
+    quantize: str | None = None,
+    quantize_text_encoder: bool = False,
+    denoiser_file: str | None = None,
+    storage_dtype: str | None = None,
+    offload: str | None = None,
 ) -> Loaded:
     """Load ``model`` as a diffusers pipeline, on ``device`` in ``dtype``; raises ModelError.
 
     With ``cpu_offload`` the weights stay in CPU memory and each model moves to the GPU only
     while it runs (diffusers' model offload), so the whole pipeline never has to fit at once.
+    ``quantize``, ``quantize_text_encoder``, ``denoiser_file`` (a GGUF denoiser), ``storage_dtype`` and
+    ``offload`` are the modes of `sdcli.quantize`, each checked before any weights load.
     """
+    from sdcli import quantize as q
+
     model = resolve_model(model)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if cpu_offload and not device.startswith("cuda"):
         raise UsageError("--cpu-offload needs a CUDA device")
     kind = local_kind(model)
+    gguf_model = kind == "file" and q.model_is_gguf(model)
+    family = None if kind == "file" and not gguf_model else family_before_load(model, revision)
+    modes = dict(quantize=quantize, quantize_text_encoder=quantize_text_encoder, denoiser_file=denoiser_file,
+                 storage_dtype=storage_dtype, offload=offload, cpu_offload=cpu_offload)
+    if kind == "file" and not gguf_model and (quantize or denoiser_file):
+        flag = "--quantize" if quantize else "--transformer"
+        raise UsageError(f"{flag} with the single-file checkpoint {Path(model).name}: give a diffusers pipeline folder "
+                         "(or Hub id) as --model", setting="quantize" if quantize else "denoiser_file")
+    spec = q.check_load(modes, device, family, model, gguf_family) if (family is not None or not gguf_model) else \
+        q.check_load({**modes, "denoiser_file": None}, device)
+    mode = q.resolve(spec, device) if spec else None
     quiet_libraries()
     import diffusers
 
     # Safetensors only, unless the user accepts pickle's risk; never remote code.
     common: dict[str, Any] = {"torch_dtype": torch_dtype}
     try:
-        if kind == "file":
+        if gguf_model:
+            pipe = _load_gguf_model(Path(model).expanduser(), family, mode, quantize_text_encoder, torch_dtype)
+        elif kind == "file":
             path = Path(model).expanduser()
             if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
                 raise ModelError(f"{path.name} holds pickled weights, which can run code when loaded; "
@@ -118,10 +140,19 @@ def load_pipeline(
                 ):
                     raise ModelError(f"{model} holds only pickled weights, which can run code when loaded; "
                                      "pass --allow-pickle if you trust it")
-            # Another family's pipeline is refused before its weights load, not half-run as Stable Diffusion.
-            family_spec((_config(model, "model_index.json", revision) or {}).get("_class_name"), f"--model {model}")
+            # Another family's pipeline was refused before its weights load (`family_before_load`), not half-run.
+            where = str(Path(model).expanduser()) if kind == "folder" else model
+            if mode is not None:
+                encoders = family.text_encoders if quantize_text_encoder else ()
+                common["quantization_config"] = q.quantization_config(
+                    mode, None if denoiser_file else family.denoiser, encoders, torch_dtype)
+            if denoiser_file:
+                index = _config(model, "model_index.json", revision) or {}
+                class_name = (index.get(family.denoiser) or [None, None])[1]
+                common[family.denoiser] = q.load_gguf_denoiser(denoiser_file, where, family.denoiser, class_name,
+                                                               torch_dtype)
             pipe = diffusers.DiffusionPipeline.from_pretrained(
-                str(Path(model).expanduser()) if kind == "folder" else model,
+                where,
                 revision=revision,
                 variant=variant,
                 use_safetensors=None if allow_pickle else True,
@@ -139,11 +170,37 @@ def load_pipeline(
         raise ModelError(message) from exc
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    if cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
+    if storage_dtype:
+        q.apply_storage(denoiser(pipe), storage_dtype, torch_dtype)
+    if offload or cpu_offload:
+        q.apply_offload(pipe, offload or "model", device)
     else:
         pipe.to(device)
     return Loaded(pipe=pipe, model=model, family=family_of(pipe), device=device, dtype=torch_dtype)
+
+
+def _load_gguf_model(path: Path, family: Any, mode: Any, quantize_text_encoder: bool, dtype: Any) -> Any:
+    """A pipeline around a GGUF denoiser given as --model: the rest of it (and the denoiser's config) from the Hub
+    model diffusers takes the file's tensors for, as for a single-file checkpoint."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+
+    from sdcli import quantize as q
+
+    checkpoint = load_single_file_checkpoint(str(path))
+    repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+    index = _config(repo, "model_index.json")
+    if not index or not index.get(family.denoiser):
+        raise ModelError(f"--model {path.name}: a GGUF file holds only the {family.denoiser}; the rest of the pipeline "
+                         f"comes from {repo} on the Hugging Face Hub (the model diffusers takes it for), which is not "
+                         f"cached here (offline?); give a {family.name} pipeline folder as --model and the file as "
+                         f"--{family.denoiser}")
+    common: dict[str, Any] = {"torch_dtype": dtype}
+    if mode is not None:
+        common["quantization_config"] = q.quantization_config(
+            mode, None, family.text_encoders if quantize_text_encoder else (), dtype)
+    common[family.denoiser] = q.load_gguf_denoiser(checkpoint, repo, family.denoiser, index[family.denoiser][1], dtype)
+    return diffusers.DiffusionPipeline.from_pretrained(repo, use_safetensors=True, trust_remote_code=False, **common)
 
 
 @concerning("vae")

@@ -145,12 +145,17 @@ def _clock(seconds: float) -> str:
 
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and chatter; sdcli reports progress itself."""
+    import logging
     import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torchao, where installed (--quantize), logs each CUDA kernel library it cannot load on a CPU-only torch, and
+    # torch a deprecation for each of torchao's enums: nothing a user can act on.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     # diffusers >= 0.36 renamed torch_dtype to dtype; we keep the name every supported version takes.
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")

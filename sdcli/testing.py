@@ -434,3 +434,33 @@ def save_tiny_generic_pipeline(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     build_tiny_generic_pipeline(seed).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GGUF files of a tiny pipeline's denoiser, as ComfyUI-GGUF users have them for real models.
+
+
+def save_tiny_gguf(model_path: str | Path, out: str | Path, qtype: str = "Q8_0", denoiser: str = "transformer",
+                   architecture: str | None = None) -> Path:
+    """Write the ``denoiser`` weights of the saved pipeline at ``model_path`` as a GGUF file: every 2-D weight whose
+    rows split into ``qtype``'s blocks quantized to it (Q8_0, Q4_0, Q5_1, ... whatever the gguf package can write;
+    it writes no K-quants), the rest float32, in diffusers' tensor names (which diffusers loads unconverted)."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    block, _size = gguf.GGML_QUANT_SIZES[kind]
+    weights = load_file(str(Path(model_path) / denoiser / "diffusion_pytorch_model.safetensors"))
+    writer = gguf.GGUFWriter(str(out), arch=architecture or "unknown")
+    for name, tensor in weights.items():
+        array = tensor.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out)

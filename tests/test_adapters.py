@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcli.training import kohya
+from sdcli import kohya
 
 QUICK = ("--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--rank", "4", "--lora-alpha", "2")
 PROMPT = "a red circle"

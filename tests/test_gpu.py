@@ -120,3 +120,25 @@ def test_prompt_editing_swaps_float16_embeddings_on_the_card(cli, tiny_sd, tmp_p
     assert np.array_equal(run("a [red:blue:0] circle", "start"), blue)
     middle = run("a [red:blue:0.5] circle", "middle")
     assert not np.array_equal(middle, red) and not np.array_equal(middle, blue)
+
+
+# Big models on small cards: the CUDA-only modes of sdcli.quantize, on the tiny Flux (its linear layers are what they
+# quantize); each must make the tiny model's image, close to the unquantized one, and record how it was made.
+
+
+@pytest.mark.parametrize("extra,key,value", [
+    (("--quantize", "nf4"), "quantize", "bitsandbytes:nf4"),
+    (("--quantize", "int8"), "quantize", "bitsandbytes:int8"),
+    (("--quantize", "fp8"), "quantize", "torchao:fp8"),
+    (("--quantize", "int4-weight"), "quantize", "torchao:int4-weight"),
+    (("--offload", "model"), "dtype", "bfloat16"),
+    (("--offload", "sequential"), "dtype", "bfloat16"),
+    (("--offload", "group"), "dtype", "bfloat16"),
+])
+def test_cuda_modes_make_the_image(cli, tiny_flow_models, tmp_path, extra, key, value):
+    args = ("generate", "a red circle", "--model", tiny_flow_models["flux"], "--steps", "2", "-W", "16", "-H", "16",
+            "--seed", "1", "--dtype", "bfloat16")
+    plain, _ = _image(cli(*args, "--out", tmp_path / "a.png"))
+    made, record = _image(cli(*args, *extra, "--out", tmp_path / "b.png"))
+    assert record[key] == value
+    assert np.abs(made - plain).max() <= 40

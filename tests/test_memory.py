@@ -76,6 +76,54 @@ def test_init_image_size_is_what_is_estimated(cli, tiny_sd, tmp_path, monkeypatc
     assert line.startswith("error: generating 64x32 needs about ")  # the init image's own size, with no --width
 
 
+def test_a_request_that_fits_only_quantized_names_the_quantize_that_fits(cli, tiny_flow_models, monkeypatch, tmp_path):
+    """A FLUX-size transformer (12 billion linear weights) read as the tiny Flux folder's: 20 GB free holds it in
+    int8 (12 GB) but not in float32 (48 GB); with the --quantize named, the same request passes the check."""
+    from sdcli.memory import Params
+
+    flux = tiny_flow_models["flux"]
+    real = memory.model_params
+    monkeypatch.setattr(memory, "model_params", lambda model: {**real(model), "transformer": Params(12 * 10**9, 0)})
+    free(monkeypatch, 20 * GB)
+    args = ("generate", "a", "--model", flux, "--steps", "1", "-W", "16", "-H", "16", "--seed", "1")
+    line = one_error_line(cli(*args, "-o", tmp_path / "a.png"), 1)
+    assert "(the weights: 44.7 GB)" in line and "--quantize int8-weight needs 11." in line
+    pytest.importorskip("torchao")
+    assert len(paths_of(cli(*args, "--quantize", "int8-weight", "-o", tmp_path / "b.png"))) == 1
+
+
+def test_weights_per_mode():
+    from sdcli.memory import Params, weights_bytes
+    from sdcli.quantize import resolve
+
+    params = {"transformer": Params(10**9, 10**7, castable=10**9), "text_encoder_2": Params(10**8, 0),
+              "vae": Params(0, 10**7)}
+    kw = dict(nbytes=2, denoiser="transformer", text_encoders=("text_encoder_2",))
+    plain = weights_bytes(params, **kw)
+    assert plain == 2 * (10**9 + 10**7 + 10**8 + 10**7)
+    int8 = weights_bytes(params, quantize=resolve("int8-weight", "cpu"), **kw)
+    nf4 = weights_bytes(params, quantize=resolve("nf4", "cuda"), **kw)
+    assert int8 == pytest.approx(plain - 10**9, rel=0.01) and nf4 < int8 - 4 * 10**8
+    both = weights_bytes(params, quantize=resolve("int8-weight", "cpu"), quantize_text_encoder=True, **kw)
+    assert both == pytest.approx(int8 - 10**8, rel=0.01)
+    assert weights_bytes(params, storage_float8=True, **kw) == pytest.approx(int8, rel=0.01)
+    assert weights_bytes(params, denoiser_file_bytes=5 * 10**8, **kw) == plain - 2 * (10**9 + 10**7) + 5 * 10**8
+    assert weights_bytes(params, offload="model", **kw) == 2 * (10**9 + 10**7)  # the largest model at a time
+    assert weights_bytes(params, offload="sequential", **kw) == 0
+
+
+def test_weights_are_counted_from_the_folders_headers(tiny_flow_models):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    found = memory.model_params(tiny_flow_models["flux"])
+    model = FluxTransformer2DModel.from_pretrained(tiny_flow_models["flux"], subfolder="transformer")
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert found["transformer"].linear == linear
+    assert found["transformer"].linear + found["transformer"].other == sum(p.numel() for p in model.parameters())
+    assert set(found) >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
+
+
 # ---------------------------------------------------------------- inspect-schedule
 
 

@@ -112,6 +112,33 @@ def single_file_class(path: Path):
     return getattr(diffusers, SINGLE_FILE.single_file_class)
 
 
+def family_before_load(model: str, revision: str | None) -> Family:
+    """The family of a pipeline folder or Hub id from its model_index.json; of a GGUF file from its header."""
+    from sdcli.configs import _config, model_is_gguf, read_gguf
+
+    if model_is_gguf(model):
+        facts = read_gguf(model, "--model")
+        family = gguf_family(facts)
+        if family is None:
+            raise ModelError(f"--model {model}: its tensors are no model sdcli knows"
+                             + (f" (architecture {facts.architecture})" if facts.architecture else ""))
+        return family
+    return family_spec((_config(model, "model_index.json", revision) or {}).get("_class_name"), f"--model {model}")
+
+
+def gguf_family(facts: Any) -> Family | None:
+    """The family whose denoiser a GGUF file holds: named by its architecture metadata, else recognised by its
+    tensor names (each family's ``gguf_markers``, the most specific family first); None where none is."""
+    if facts.architecture:
+        for family in FAMILIES:
+            if facts.architecture in (family.name, *family.variants):
+                return family
+    for family in FAMILIES:
+        if family.gguf_markers and any(m in n for m in family.gguf_markers for n in facts.names):
+            return family
+    return None
+
+
 # 2. What a model is, before and after loading ------------------------------------------------------
 
 
@@ -139,6 +166,8 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
         check_folder(Path(model).expanduser())
     index = _config(model, "model_index.json", revision) or {}
     family = family_spec(index.get("_class_name"), f"--model {model}")
+    if Path(model).suffix.lower() == ".gguf":  # a GGUF denoiser alone: its family from its header
+        family = family_before_load(model, revision)
     if hasattr(family, "completed"):  # a family that reads its patch and scheduler off the configs (generic)
         family = family.completed(lambda name: _config(model, name, revision))
     vae = _config(model, "vae/config.json", revision)

@@ -28,7 +28,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class KohyaLayout:
-    """How kohya's sd-scripts name a LoRA of one model of the family (`sdcli.training.kohya`)."""
+    """How kohya's sd-scripts name a LoRA of one model of the family (`sdcli.kohya`)."""
 
     version: str  # ss_base_model_version
     prefixes: Mapping[str, str]  # the model each LoRA part adapts ("unet", "text_encoder", ...) -> kohya's prefix
@@ -124,6 +124,14 @@ class Family:
 
     # 8. LoRA files: each variant's kohya layout (none: diffusers' format only)
     kohya: Mapping[str, KohyaLayout] = field(default_factory=dict)
+
+    # 9. Big models on small cards (`sdcli.quantize`): the step caches diffusers has hooks for on its denoiser
+    # (--cache: first-block, taylorseer, mag), the name of diffusers' calibrated MagCache ratios for it
+    # (`diffusers.hooks.mag_cache`), and the tensor names that mark its denoiser in a GGUF file, in diffusers'
+    # naming or the original one (none: no GGUF denoiser loads into it)
+    caches: tuple[str, ...] = ()
+    mag_ratios: str = ""
+    gguf_markers: tuple[str, ...] = ()
 
     def claims(self, class_name: str) -> bool:
         """A class of the family: its prefix, then no version digit (Flux2Pipeline is another model than Flux.1)."""

@@ -92,4 +92,7 @@ FAMILY = Family(
     predict=predict,
     sizes=sizes,
     peft_lora_names=True,
+    caches=("first-block", "taylorseer", "mag"),
+    mag_ratios="FLUX_MAG_RATIOS",
+    gguf_markers=("double_blocks.", "single_transformer_blocks."),
 )

@@ -44,4 +44,5 @@ FAMILY = Family(
     text_encoders=("text_encoder",),
     encode=encode,
     kohya={"sd1": KohyaLayout("sd_v1", _PREFIXES), "sd2": KohyaLayout("sd_v2", _PREFIXES, v2=True)},
+    gguf_markers=("input_blocks.", "down_blocks."),  # after SDXL, whose UNet has them too
 )

@@ -58,4 +58,5 @@ FAMILY = Family(
     predict=predict,
     sizes=sizes,
     peft_lora_names=True,
+    gguf_markers=("joint_blocks.", "pos_embed.proj."),  # before Flux, whose diffusers names share the rest
 )

@@ -56,4 +56,5 @@ FAMILY = Family(
     zeros_for_empty_prompt=True,
     kohya={"sdxl": KohyaLayout("sdxl_base_v1-0", {"unet": "lora_unet", "text_encoder": "lora_te1",
                                                   "text_encoder_2": "lora_te2"}, sgm_unet=True, v_suffix=False)},
+    gguf_markers=("label_emb.", "add_embedding."),  # the pooled text and size conditioning
 )

@@ -175,11 +175,14 @@ class Engine:
         from sdcli.generation.guidance import use_formula_guidance
         from sdcli.generation.settings import Settings, at_load
         from sdcli.pipeline import apply_runtime_options, load_pipeline, replace_vae
+        from sdcli.quantize import canonical
 
         s = settings if settings is not None else Settings(**values)
         fuse = (not s.loras) if fuse_qkv is None else fuse_qkv
         loaded = load_pipeline(s.model, revision=s.revision, variant=s.variant, allow_pickle=s.allow_pickle,
-                               device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload)
+                               device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload, quantize=s.quantize,
+                               quantize_text_encoder=s.quantize_text_encoder, denoiser_file=s.denoiser_file,
+                               storage_dtype=s.storage_dtype, offload=s.offload)
         pipe = loaded.pipe
         threads.apply(s.threads, loaded.device)
         if s.vae:
@@ -191,7 +194,7 @@ class Engine:
         )
         use_formula_guidance(pipe)
         values = {name: getattr(s, name) for name in at_load()}
-        values.update(model=loaded.model, device=loaded.device)
+        values.update(model=loaded.model, device=loaded.device, quantize=canonical(s.quantize, loaded.device))
         return cls(loaded, values, fused=bool(s.compile and fuse and hasattr(pipe, "fuse_qkv_projections")))
 
     @classmethod
@@ -255,6 +258,9 @@ class Engine:
             if name == "model" and _same_model(asked, mine):
                 setattr(s, name, mine)
                 continue
+            if name == "quantize" and _same_quantization(asked, mine, self.device):
+                setattr(s, name, mine)
+                continue
             flag = next(d.flag for d in declared(Settings) if d.name == name)
             raise UsageError(f"{flag} {asked}: this engine was loaded with {mine!r}; load another engine for it",
                              setting=name)
@@ -272,6 +278,7 @@ class Engine:
         pipe = self.pipe
         loaded_scheduler = pipe.scheduler
         names: list[str] = []
+        cached = None
         had = _adapters(pipe)
         active = list(pipe.get_active_adapters()) if had else []
         with self._lock, (_own_text_encoders(pipe) if s.embeddings else contextlib.nullcontext()):
@@ -295,8 +302,12 @@ class Engine:
                     names = load_loras(pipe, wanted, allow_pickle=s.allow_pickle)
                 # 3. Embeddings into the request's own tokenizers; clip skip checked against the encoders.
                 prepare_text_encoders(pipe, s)
+                # 4. The step cache: hooks on the denoiser for this request only.
+                cached = _enable_cache(pipe, s, self.facts.family)
                 yield pipe
             finally:
+                if cached is not None:
+                    cached.disable_cache()
                 remove_loras(pipe, names, had, active)
                 pipe.scheduler = loaded_scheduler
 
@@ -352,6 +363,28 @@ class Engine:
             request = dataclasses.replace(request, **values)
         p = self.plan(request)
         return list(self.run(p, on_step=on_step, cancel=cancel))
+
+
+def _enable_cache(pipe: Any, s: Any, family: Any) -> Any:
+    """Turn on the request's --cache on the denoiser (`sdcli.quantize.cache_config`); the denoiser, to turn it off
+    after, or None. A cache's state is per image: diffusers' pipelines reset it after each call."""
+    if not s.step_cache:
+        return None
+    from sdcli.generation.tasks import task_for
+    from sdcli.quantize import cache_config
+
+    model = getattr(pipe, family.denoiser)
+    model.enable_cache(cache_config(s.step_cache, family, max(s.steps, *task_for(s).passes(s))))
+    return model
+
+
+def _same_quantization(asked: str | None, mine: str | None, device: str) -> bool:
+    from sdcli.quantize import canonical
+
+    try:
+        return canonical(asked, device) == mine
+    except SdcliError:
+        return False
 
 
 def _same_model(asked: str, mine: str) -> bool:

@@ -118,11 +118,18 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     if facts is not None:
         check_size(s, facts.size_multiple)
     if model_on_disk:
-        from sdcli.families import model_arch
+        from sdcli.families import gguf_family, model_arch
         from sdcli.memory import check_generation
+        from sdcli.pipeline import resolve_device
+        from sdcli.quantize import check_cache, check_load
+
+        # The at-load modes (quantization, GGUF, storage, offload) refused here, before the memory estimate that
+        # counts them; --quantize recorded with its backend named, as it runs on this device.
+        s.quantize = check_load(vars(s), resolve_device(s.device), facts.family, s.model, gguf_family)
+        check_cache(s.step_cache, facts.family, s.model)
 
         # Refuses, in one line, a size that would outgrow memory once the weights load.
-        check_generation(s, model_arch(s.model, s.revision, s.vae))
+        check_generation(s, model_arch(s.model, s.revision, s.vae), facts.family)
     if facts is not None:
         check_prompt_editing([*s.prompts, s.negative_prompt], s.prompt_syntax, facts.class_name)
         check_family(s, facts, task.name)

@@ -28,6 +28,7 @@ from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
 from sdcli.images import ImageInput, in_memory, open_image, pixels_sha256
 from sdcli.generation.prompts import PromptSyntax, check_prompt_settings
 from sdcli.generation.parsing import parse_float, parse_int, split_scale
+from sdcli.quantize import Offload, StorageDtype, parse_cache, parse_quantize
 from sdcli.schedule.samplers import Sigmas
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
@@ -279,6 +280,26 @@ class Settings:
         defaults.COMPILE_MODE, help="With --compile, on CUDA: torch.compile's mode (reduce-overhead adds CUDA graphs; "
         "max-autotune tries kernels for minutes first).", cli_type=options.CompileMode, role=RUNTIME, at_load=True)
     channels_last: Optional[bool] = option(None, options.CHANNELS_LAST, at_load=True)
+    # Big models on small cards (sdcli.quantize): the record keeps --quantize with its backend named.
+    quantize: Optional[str] = option(None, options.QUANTIZE, parse=parse_quantize, at_load=True, a1111="Quantization")
+    quantize_text_encoder: bool = option(False, options.QUANTIZE_TEXT_ENCODER, at_load=True)
+    denoiser_file: Optional[str] = option(
+        None, help="The denoiser from this file instead of --model's: a GGUF file (Q8_0, Q6_K, Q4_K, ... as "
+        "ComfyUI-GGUF users have them); --model is the base pipeline it goes into.", flags=("--transformer", "--unet"),
+        cli_type=Path, parse=lambda p: str(Path(p).expanduser()), to_record=lambda v: v and _absolute_if_local(v),
+        a1111="Denoiser file", to_a1111=lambda v: Path(v).name, at_load=True, show_default=False)
+    storage_dtype: Optional[str] = option(
+        None, help="Store the denoiser's weights in float8, each layer cast up to --dtype only while it runs "
+        "(about half the weight memory of bfloat16).", cli_type=StorageDtype, a1111="Storage dtype", at_load=True,
+        show_default=False)
+    offload: Optional[str] = option(
+        None, help="CUDA: keep weights in CPU memory, moving each model (model), each layer (sequential: least "
+        "memory, slowest) or groups of layers on a stream (group) to the GPU as they run.", cli_type=Offload,
+        role=RUNTIME, at_load=True, show_default=False)
+    step_cache: Optional[str] = option(
+        None, help="Reuse the denoiser's work between steps: first-block[:THRESHOLD] (default 0.05), taylorseer or "
+        "mag; faster, slightly different images (Flux).", flags=("--cache",), parse=parse_cache, a1111="Step cache",
+        show_default=False)
     # The range of a (path, scale) setting is its scales': past ±100 a LoRA is a typo that overflows the weights.
     loras: list[tuple[str, float]] = option(
         [], help="LoRA weights as PATH[:SCALE] (diffusers format); repeatable.", flags=("--lora",),

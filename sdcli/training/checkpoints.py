@@ -96,6 +96,8 @@ def model_fingerprint(pipe: Any) -> str:
         if not isinstance(module, torch.nn.Module):
             continue
         for key, tensor in module.state_dict().items():
+            if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "dequantize"):
+                tensor = tensor.dequantize()  # a quantized weight (QLoRA's base) has no flat view of its own
             sample = tensor.detach().flatten()[:8].to("cpu", torch.float64)
             h.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
             h.update(sample.numpy().tobytes())

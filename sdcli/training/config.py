@@ -20,7 +20,7 @@ from sdcli import defaults, options
 from sdcli.adapters import Adapter
 from sdcli.declare import Range, Role, by_role, check_ranges, option
 from sdcli.errors import UsageError
-from sdcli.training.kohya import LoraFormat
+from sdcli.kohya import LoraFormat
 from sdcli.training.objective import (TimestepSampling, WeightingScheme, check_ddpm_weighting, check_sampling_shape,
                                       refuse_ddpm_weighting)
 
@@ -39,6 +39,12 @@ DREAMBOOTH = "DreamBooth"
 # RUNTIME: when to stop, what to report and where, or how fast a step runs (memory layout,
 # compilation; the same parameter names either way); a resumed run may change it.
 RECORDED, RUNTIME = Role.RECORDED, Role.RUNTIME
+
+
+def _parse_quantize(text):
+    from sdcli.quantize import parse_quantize
+
+    return parse_quantize(text)
 
 
 class LrScheduler(str, Enum):
@@ -183,6 +189,8 @@ class FinetuneConfig:
         "row), loha (Hadamard product of two low-rank pairs) or lokr (Kronecker product).", panel=TRAIN,
         cli_type=Adapter)
     rank: int = option(4, help="LoRA rank.", panel=TRAIN, range=Range(1))
+    # QLoRA: the frozen base quantized (sdcli.quantize), the LoRA trained and saved in float32.
+    quantize: Optional[str] = option(None, options.QUANTIZE, parse=_parse_quantize, panel=TRAIN)
     lora_alpha: Optional[float] = option(
         None, help="LoRA alpha (scale = alpha / rank). Default: the rank.", panel=TRAIN, show_default=False, range=Range(0, 10_000, open=('low',)))
     lora_targets: tuple[str, ...] = option(
@@ -293,6 +301,7 @@ class FinetuneConfig:
         self._check_flow_options()
         if self.max_steps is not None and self.epochs is not None:
             raise UsageError("give --max-steps or --epochs, not both")
+        self._check_quantize()
         self._check_validation()
         self._check_class_data()
         self._check_apart()
@@ -301,6 +310,26 @@ class FinetuneConfig:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 raise UsageError("--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
+
+    def _check_quantize(self) -> None:
+        """QLoRA: a LoRA on a quantized frozen base. Full fine-tuning would update the quantized weights themselves,
+        which no backend trains; the mode is checked against the device here, before anything loads, and kept
+        with its backend named."""
+        if not self.quantize:
+            return
+        from sdcli.pipeline import resolve_device
+        from sdcli.quantize import check_mode
+
+        self.quantize = _parse_quantize(self.quantize)
+        if not self.lora:
+            raise UsageError(f"--quantize {self.quantize} with --full: full fine-tuning of quantized weights is not "
+                             "supported; train a LoRA (--lora) on the quantized model, or drop --quantize",
+                             setting="quantize")
+        mode = check_mode(self.quantize, resolve_device(self.device))
+        if not mode.trainable:
+            raise UsageError(f"--quantize {self.quantize}: peft cannot train a LoRA on {mode.backend}'s {mode.kind}; "
+                             "use int8-weight, fp8 or nf4", setting="quantize")
+        self.quantize = mode.spec
 
     def _check_validation(self) -> None:
         from sdcli.generation.prompts import check_prompt_numbers

@@ -190,7 +190,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     from diffusers.optimization import get_scheduler
 
     from sdcli.images import check_name_length
-    from sdcli.training import kohya
+    from sdcli import kohya
     from sdcli.training.inputs import TrainingInputs
     from sdcli.training.objective import flow_training_scheduler, training_scheduler
 

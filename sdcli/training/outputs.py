@@ -3,7 +3,7 @@
 LoRA runs write `pytorch_lora_weights.safetensors` through the pipeline class's
 own `save_lora_weights`, so `pipe.load_lora_weights(OUT)` reads it with no
 sdcli code; SD 1.x/2.x and SDXL LoRA runs also write OUT/<OUT's name>.safetensors in the
-kohya layout AUTOMATIC1111 and ComfyUI read (`sdcli.training.kohya`); full runs write a complete
+kohya layout AUTOMATIC1111 and ComfyUI read (`sdcli.kohya`); full runs write a complete
 pipeline folder with `save_pretrained`.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from sdcli import __version__
 from sdcli.errors import OutputError
 from sdcli.locks import FolderLock
-from sdcli.training import kohya
+from sdcli import kohya
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SETTINGS_FILE = "training_settings.json"
@@ -229,6 +229,8 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
             else f"full {record.get('denoiser', 'unet')} fine-tune")
     if cfg["train_text_encoder"]:
         what += " with the text encoder"
+    if cfg.get("quantize"):  # QLoRA: the LoRA itself is float32 and loads on the unquantized model as well
+        what += f", trained on the base quantized with {cfg['quantize']}"
     adapter = cfg.get("adapter") or "lora"
     loads = {"loha": "# plain diffusers has no LoHa loader: use sdcli, AUTOMATIC1111, Forge or ComfyUI",
              "lokr": f"pipe.{record.get('denoiser', 'unet')}.load_lora_adapter(\"{out}\", "

@@ -102,9 +102,17 @@ def load(cfg: FinetuneConfig):
     from sdcli.families import training_family
     from sdcli.pipeline import load_pipeline
 
-    # On the CPU in float32: accelerate places what trains, park_frozen the rest.
+    # On the CPU in float32: accelerate places what trains, park_frozen the rest. A base quantized by a CUDA-only
+    # backend (bitsandbytes) is quantized as it loads onto the GPU it trains on.
+    device = "cpu"
+    if cfg.quantize:
+        from sdcli.pipeline import resolve_device
+        from sdcli.quantize import resolve
+
+        trains_on = resolve_device(cfg.device)
+        device = trains_on if resolve(cfg.quantize, trains_on).cuda_only else "cpu"
     loaded = load_pipeline(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
-                           device="cpu", dtype="float32")
+                           device=device, dtype="float32", quantize=cfg.quantize)
     family = training_family(loaded.pipe)
     cfg.settle_for(loaded.family, family.flow, family.guidance_of(loaded.pipe))
     return loaded.pipe, family
@@ -185,7 +193,12 @@ def make_trainable(pipe, family, cfg: FinetuneConfig, device) -> list[Any]:
     # Frozen denoiser weights may live in the training precision (half the memory); what trains stays float32.
     # The VAE and text encoder stay float32: they run once into the cache, and the SDXL VAE overflows in fp16.
     frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    denoiser.to(device, dtype=frozen_dtype if cfg.lora else torch.float32)
+    from sdcli.quantize import is_quantized
+
+    if is_quantized(denoiser):  # QLoRA: the base stays as quantized; only its LoRA layers are float32
+        denoiser.to(device)
+    else:
+        denoiser.to(device, dtype=frozen_dtype if cfg.lora else torch.float32)
     cast_training_params(trained, dtype=torch.float32)
     pipe.vae.to(device)
     for encoder in encoders:

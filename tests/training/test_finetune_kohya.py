@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcli.training import kohya
+from sdcli import kohya
 
 QUICK = ("--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e-2")
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -274,7 +274,7 @@ def test_kohya_file_is_named_after_out(tmp_path):
 
 def test_bucket_and_caption_settings_are_in_kohyas_metadata(tmp_path):
     from sdcli.training import FinetuneConfig
-    from sdcli.training.kohya import training_fields
+    from sdcli.kohya import training_fields
 
     cfg = FinetuneConfig(data=tmp_path, out=tmp_path / "o", buckets=True, min_bucket=256, max_bucket=1024,
                          upscale=False, shuffle_captions=True, keep_tokens=1, caption_extension=".caption")

@@ -303,13 +303,21 @@ def peft_alpha(config: Any) -> float:
     return config.lora_alpha * math.sqrt(config.r) if getattr(config, "use_rslora", False) else config.lora_alpha
 
 
+def adapter_kind(config: Any) -> str:
+    """The adapter a peft config trains: lora, dora, loha or lokr (`sdcli.adapters.Adapter`'s values)."""
+    name = type(config).__name__
+    if name == "LoHaConfig":
+        return "loha"
+    if name == "LoKrConfig":
+        return "lokr"
+    return "dora" if getattr(config, "use_dora", False) else "lora"
+
+
 def save(path: Path, family: str, models: Mapping[str, Any], unet_config: Mapping[str, Any], output_name: str,
          v_prediction: bool = False, base_model: str | None = None, cfg: Any = None) -> Path:
     """Write the kohya file of peft-adapted ``models`` ({"unet": unet, "text_encoder": ..., ...}) to ``path``."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-
-    from sdcli.adapters import kind_of
 
     configs = {name: model.peft_config["default"] for name, model in models.items()}
     for name, config in configs.items():
@@ -322,7 +330,7 @@ def save(path: Path, family: str, models: Mapping[str, Any], unet_config: Mappin
     if base_model and Path(base_model).exists():
         base_model = Path(base_model).resolve().name  # as kohya does: a file or folder by its name; a Hub id whole
     meta = metadata(family, first.r, peft_alpha(first), output_name, v_prediction, base_model,
-                    training_fields(cfg) if cfg is not None else None, adapter=kind_of(first).value)
+                    training_fields(cfg) if cfg is not None else None, adapter=adapter_kind(first))
     save_file(tensors, str(path), metadata=meta)
     return path
 
