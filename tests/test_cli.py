@@ -29,7 +29,7 @@ def test_every_command_is_registered():
     # A command module left out of sdcli.commands.COMMANDS must fail here, not skip quietly above.
     from sdcli.cli import app
 
-    assert sorted(c.name for c in app.registered_commands) == ["finetune", "generate", "inspect-schedule", "schedulers"]
+    assert sorted(c.name for c in app.registered_commands) == ["finetune", "generate", "inspect-schedule", "schedulers", "serve"]
 
 
 def test_version_and_module_entry_point():
