@@ -11,7 +11,8 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "matplotlib
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["schedulers", "--help"],
-                                  ["inspect-schedule", "--help"], ["finetune", "--help"]])
+                                  ["inspect-schedule", "--help"], ["finetune", "--help"],
+                                  ["serve", "--help"]])
 def test_help_imports_no_heavy_library(argv):
     code = (
         "import sys\n"

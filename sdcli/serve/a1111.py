@@ -8,6 +8,7 @@ as A1111 ignores fields it does not know; the ones a client might expect to matt
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Optional
 
@@ -222,4 +223,81 @@ def router(server: Any) -> Any:
         server.worker.interrupt(skip=True)
         return {}
 
+    @api.get("/sd-models")
+    async def sd_models() -> Any:
+        # Names only: a client never learns (or sends) a path on the server.
+        return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
+                for name in server.models.names]
+
+    @api.get("/options")
+    async def get_options() -> Any:
+        return {"sd_model_checkpoint": server.models.current, "CLIP_stop_at_last_layers": 1,
+                "samples_format": "png", "sd_checkpoint_hash": None}
+
+    @api.post("/options")
+    async def set_options(request: Request) -> Any:
+        options = await json_object(request)
+        notes = request.state.notes = []
+        asked = options.pop("sd_model_checkpoint", None)
+        if asked is not None:
+            name = server.models.lookup(asked, "sd_model_checkpoint")
+            job = server.worker.submit(lambda job: server.models.use(name), f"load {name}")
+            await asyncio.wrap_future(job.future)
+        if options:
+            notes.append(f"options ignored: {', '.join(sorted(map(str, options)))}")
+        return None
+
+    @api.get("/samplers")
+    async def samplers() -> Any:
+        from sdcli.schedule.samplers import SCHEDULERS
+
+        return [{"name": name, "aliases": [s.name for s in SCHEDULERS.values() if s.a1111 == name], "options": {}}
+                for name in a1111_samplers()]
+
+    @api.get("/schedulers")
+    async def schedulers() -> Any:
+        return [{"name": key, "label": key.capitalize(), "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for key in SCHEDULES]
+
+    @api.get("/loras")
+    async def loras() -> Any:
+        return [{"name": name, "alias": name, "path": name, "metadata": {}} for name in server.models.loras()]
+
+    @api.get("/upscalers")
+    async def upscalers() -> Any:
+        # hires fix's pixel upscaler; A1111 lists its latent modes apart (/latent-upscale-modes).
+        return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+    @api.get("/latent-upscale-modes")
+    async def latent_modes() -> Any:
+        return [{"name": "Latent"}]
+
+    @api.get("/scripts")
+    async def scripts() -> Any:
+        return {"txt2img": [], "img2img": []}
+
+    @api.post("/png-info")
+    async def png_info(request: Request) -> Any:
+        from sdcli.generation.metadata import A1111_KEY, parse_a1111
+        from sdcli.serve.server import image_from_base64
+
+        body = await json_object(request)
+        image = image_from_base64(body.get("image"), "image", server.config.max_pixels)
+        text = image.info.get(A1111_KEY, "")
+        items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != A1111_KEY}
+        return {"info": text, "items": items, "parameters": parse_a1111(text) if text else {}}
+
     return api
+
+
+async def json_object(request: Any) -> dict[str, Any]:
+    """The body as a JSON object; a one-line 422 otherwise (as FastAPI answers a malformed model)."""
+    from fastapi import HTTPException
+
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError as exc:
+        raise HTTPException(422, f"the body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, f"the body must be a JSON object, not {type(body).__name__}")
+    return body

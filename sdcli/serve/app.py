@@ -65,14 +65,14 @@ def _validation_detail(exc: Any) -> str:
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})"
     where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "query", "form"))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where or "the body"}: {first.get('msg', 'invalid')}{more}"
+    return f"{where or 'the body'}: {first.get('msg', 'invalid')}{more}"
 
 
 class _Logged:
     """Plain ASGI: one stderr line per request, and a one-line 500 for what no handler expected."""
 
-    def __init__(self, app: Any):
-        self.app = app
+    def __init__(self, app: Any, log: Callable[[str], None]):
+        self.app, self.log = app, log
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -108,7 +108,7 @@ class _Logged:
                 scope["state"]["error"] = detail
         notes = scope["state"].get("notes") or []
         error = scope["state"].get("error")
-        say(f"{scope.get('method', '')} {path} {status[0]} {time.perf_counter() - t0:.2f}s"
+        self.log(f"{scope.get('method', '')} {path} {status[0]} {time.perf_counter() - t0:.2f}s"
             + (f" ({error})" if error else "") + "".join(f"; {note}" for note in notes))
 
 
@@ -158,7 +158,7 @@ def create_app(server: Any) -> Any:
     app.include_router(a1111.router(server), prefix="/sdapi/v1")
     app.include_router(openai.router(server), prefix="/v1")
     return _Logged(Guard(app, users=server.config.users, api_key=server.config.api_key,
-                         max_body=server.config.max_body))
+                         max_body=server.config.max_body), server.say)
 
 
 def start(config: ServeConfig, log: Callable[[str], None] = say) -> Any:

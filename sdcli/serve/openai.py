@@ -13,7 +13,7 @@ import re
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from sdcli.errors import UsageError
@@ -111,6 +111,34 @@ def router(server: Any) -> Any:
         request.state.notes = notes
         s, model = settings_of(body, server, notes)
         return answer(await server.generate(request, model, s, "generations"))
+
+    @api.post("/images/edits")
+    async def edits(request: Request) -> Any:
+        from pydantic import ValidationError
+        from fastapi.exceptions import RequestValidationError
+
+        from sdcli.serve.server import image_from_bytes
+
+        notes: list[str] = []
+        request.state.notes = notes
+        form = await request.form()
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        try:
+            body = Generation.model_validate(fields)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        uploads = {k: v for k, v in form.multi_items() if not isinstance(v, str)}
+        image = uploads.get("image") or uploads.get("image[]")
+        if image is None:
+            raise UsageError("image: an edit needs the image to edit, as a file upload", setting="init_image")
+        if len([k for k in form.keys() if k in ("image", "image[]")]) > 1:
+            notes.append("image: only the first is used")
+        limit = server.config.max_pixels
+        picture = image_from_bytes(await image.read(), "image", limit)
+        mask = uploads.get("mask")
+        picture, repaint = edit_inputs(picture, image_from_bytes(await mask.read(), "mask", limit) if mask else None)
+        s, model = settings_of(body, server, notes, image=picture, mask=repaint)
+        return answer(await server.generate(request, model, s, "edits"))
 
     @api.get("/models")
     async def models() -> Any:
