@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from sdcli.errors import SdcliError, friendly, worded
 from sdcli.serve.config import ServeConfig
-from sdcli.serve.security import BodyTooLarge, Guard, error_body, send_json
+from sdcli.serve.security import Guard, error_body, send_json
 
 # How each API calls sdcli's settings, for the errors the engine raises (it names --guidance; A1111 cfg_scale).
 A1111_NAMES = {
@@ -68,6 +68,11 @@ def _validation_detail(exc: Any) -> str:
     return f"{where or 'the body'}: {first.get('msg', 'invalid')}{more}"
 
 
+def unexpected_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"unexpected {type(exc).__name__}" + (f": {text}" if text else "") + " (a bug in sdcli serve)"
+
+
 class _Logged:
     """Plain ASGI: one stderr line per request, and a one-line 500 for what no handler expected."""
 
@@ -90,22 +95,11 @@ class _Logged:
             await self.app(scope, receive, sent)
         except ClientGone:
             status[0] = 499  # nginx's "client closed request": nobody is there to read an answer
-        except BodyTooLarge as exc:
-            if not status[0]:
-                status[0] = 413
-                await send_json(send, 413, error_body(path, 413, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug must cost one request one line, not the server
-            err = friendly(exc)  # a foreign error that means bad input (an unreadable image, say)
-            if err is not None and not status[0]:
-                status[0] = 400
-                scope["state"]["error"] = _one_line(err, path)
-                await send_json(send, 400, error_body(path, 400, scope["state"]["error"]))
-            elif not status[0]:
+            if not status[0]:  # raised outside the app (its own handler answers what it raises)
                 status[0] = 500
-                text = (str(exc).strip().splitlines() or [""])[0][:200]
-                detail = f"unexpected {type(exc).__name__}" + (f": {text}" if text else "") + " (a bug in sdcli serve)"
-                await send_json(send, 500, error_body(path, 500, detail))
-                scope["state"]["error"] = detail
+                scope["state"]["error"] = unexpected_line(exc)
+                await send_json(send, 500, error_body(path, 500, scope["state"]["error"]))
         notes = scope["state"].get("notes") or []
         error = scope["state"].get("error")
         self.log(f"{scope.get('method', '')} {path} {status[0]} {time.perf_counter() - t0:.2f}s"
@@ -150,6 +144,15 @@ def create_app(server: Any) -> Any:
         status = _status_of(exc)
         return answer(request, status, _one_line(exc, request.url.path), param=names.get(exc.setting or ""),
                       code="model_not_found" if status == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:
+        # Starlette's outermost middleware calls this, sends its answer and re-raises for the server's log:
+        # `_Logged` takes the exception there, the answer already sent.
+        err = friendly(exc)  # a foreign error that means bad input (an unreadable image, say)
+        if err is not None:
+            return answer(request, 400, _one_line(err, request.url.path))
+        return answer(request, 500, unexpected_line(exc))
 
     @app.get("/", include_in_schema=False)
     async def page() -> Any:

@@ -2,7 +2,7 @@
 
 `Guard` is plain ASGI around the app: the credentials (`--api-auth`'s HTTP basic, `--api-key`'s bearer
 token, either one accepted) compared in constant time, and a body over `--max-body` refused from its
-Content-Length, or, when it comes chunked without one, as soon as it grows past the bound.
+Content-Length, or, when it comes chunked without one, as soon as it grows past the bound (before the app reads it).
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ import base64
 import binascii
 import hmac
 from typing import Any
-
-
-class BodyTooLarge(Exception):
-    """A chunked body grew past --max-body while a handler read it (`sdcli.serve.app` answers 413)."""
 
 
 def error_body(path: str, status: int, detail: str, param: str | None = None, code: str | None = None) -> dict:
@@ -83,14 +79,21 @@ class Guard:
             if size > self.max_body:
                 return await send_json(send, 413, error_body(path, 413, too_large))
             return await self.app(scope, receive, send)
-        seen = [0]
-
-        async def counted() -> Any:
+        # Chunked, with no length to judge by: read it here, up to the bound, and hand the app what was read.
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > self.max_body:
-                    raise BodyTooLarge(too_large)
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away mid-body
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_body:
+                return await send_json(send, 413, error_body(path, 413, too_large))
+            if not message.get("more_body"):
+                break
+        replayed = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        return await self.app(scope, counted, send)
+        async def replay() -> Any:
+            return replayed.pop() if replayed else await receive()
+
+        return await self.app(scope, replay, send)
