@@ -69,7 +69,9 @@ class Server:
                 job.stop.set()
                 job.skip.set()
                 job.future.cancel()
-                raise asyncio.CancelledError("the client disconnected")
+                from sdcli.serve.app import ClientGone
+
+                raise ClientGone("the client disconnected")
 
     def _run(self, job: Any, model: Optional[str], s: Any) -> Made:
         """In the worker: the request's jobs batch by batch, so /skip can end one batch and the next still runs."""

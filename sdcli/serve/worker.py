@@ -9,8 +9,8 @@ than letting clients pile up behind a slow model.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,7 +53,8 @@ class Worker:
     def __init__(self, models: Any, max_queue: int = 16):
         self.models = models
         self.max_queue = max_queue
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._queue: collections.deque = collections.deque()  # waiting jobs, first in first out
+        self._changed = threading.Condition()
         self.current: Optional[Job] = None
         self.finished = 0  # jobs run so far (A1111's job_no)
         self.want_preview = threading.Event()  # someone watches /progress: decode x̂0 at the next step
@@ -66,13 +67,22 @@ class Worker:
     def submit(self, work: Callable[[Job], Any], label: str) -> Job:
         """Queue ``work``; `Busy` at once when --max-queue jobs are already waiting."""
         job = Job(work, label, timestamp=time.strftime("%Y%m%d%H%M%S"))
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            waiting = self._queue.qsize() + (self.current is not None)
-            raise Busy(f"the server is busy: {self.max_queue} requests are waiting already; try again shortly",
-                       retry_after=max(1, round(waiting * self.seconds_per_job))) from None
+        with self._changed:
+            self._drop_abandoned()
+            if len(self._queue) >= self.max_queue:
+                waiting = len(self._queue) + (self.current is not None)
+                raise Busy(f"the server is busy: {self.max_queue} requests are waiting already; try again shortly",
+                           retry_after=max(1, round(waiting * self.seconds_per_job)))
+            self._queue.append(job)
+            self._changed.notify()
         return job
+
+    def _drop_abandoned(self) -> None:
+        """Forget the waiting jobs whose clients left: they hold no place in the queue."""
+        kept = [job for job in self._queue if job is _STOP or not job.stop.is_set()]
+        if len(kept) != len(self._queue):
+            self._queue.clear()
+            self._queue.extend(kept)
 
     def call(self, work: Callable[[Job], Any], label: str, timeout: float | None = None) -> Any:
         """Run ``work`` on the worker and wait for it (start-up, from a thread that is not the event loop)."""
@@ -80,7 +90,9 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        with self._changed:
+            self._drop_abandoned()
+            return len(self._queue)
 
     def interrupt(self, skip: bool = False) -> None:
         """Stop the running job at its next step (skip: only its batch under way; the next batch runs)."""
@@ -95,14 +107,18 @@ class Worker:
         if job is not None:
             job.stop.set()
             job.skip.set()
-        self._queue.put(_STOP)
+        with self._changed:
+            self._queue.append(_STOP)
+            self._changed.notify()
         self._thread.join(timeout=30)
 
     # The worker's side ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._queue))
+                job = self._queue.popleft()
             if job is _STOP:
                 return
             if job.stop.is_set() or not job.future.set_running_or_notify_cancel():
