@@ -23,7 +23,8 @@ def serve_cmd(
         "--model", "-m", help="Model to serve (Hub id, folder or .safetensors file); repeat to offer several, the "
         "first loaded (clients switch with sd_model_checkpoint or model). Default: $SDCLI_MODEL, else the bundled "
         "one.", show_default=False)] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on; 127.0.0.1 answers this machine only.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        help="Interface to listen on; 127.0.0.1 answers this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (A1111's is 7860).", min=0, max=65535)] = 7860,
     listen: Annotated[bool, typer.Option("--listen", help="Listen on all interfaces (0.0.0.0); needs --api-auth or "
                                          "--api-key, or --insecure.")] = False,
@@ -40,7 +41,8 @@ def serve_cmd(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait behind the running one; more get 503.",
                                            min=1)] = 16,
     max_body: Annotated[int, typer.Option(help="Largest request body, in MB.", min=1)] = 50,
-    max_pixels: Annotated[int, typer.Option(help="Largest image, width × height, asked for or sent.", min=64)] = 2048 * 2048,
+    max_pixels: Annotated[int, typer.Option(
+        help="Largest image, width × height, asked for or sent.", min=64)] = 2048 * 2048,
     max_steps: Annotated[int, typer.Option(help="Most denoising steps a request may ask for.", min=1)] = 150,
     max_batch: Annotated[int, typer.Option(help="Most images one request may ask for.", min=1)] = 8,
     device: options.DeviceOpt = options.Device.auto,

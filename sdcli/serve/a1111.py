@@ -141,7 +141,8 @@ def settings_of(body: Txt2Img, server: Any, notes: list[str]) -> tuple[Any, Opti
         values["init_image"] = image_from_base64(body.init_images[0], "init_images[0]", max_pixels)
         values["strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
         if body.mask:
-            values["mask"] = mask_from(image_from_base64(body.mask, "mask", max_pixels), bool(body.inpainting_mask_invert))
+            mask = image_from_base64(body.mask, "mask", max_pixels)
+            values["mask"] = mask_from(mask, invert=bool(body.inpainting_mask_invert))
             values["mask_blur"] = body.mask_blur
             if body.inpainting_fill != 1 or body.inpaint_full_res:
                 notes.append("inpainting_fill and inpaint_full_res ignored (sdcli repaints the masked part of the "

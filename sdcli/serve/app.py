@@ -63,6 +63,8 @@ def _validation_detail(exc: Any) -> str:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})"
+    if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+        return "the body must be a JSON object (sent with Content-Type: application/json)"
     where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "query", "form"))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where or 'the body'}: {first.get('msg', 'invalid')}{more}"

@@ -41,6 +41,7 @@ def parse_users(text: str) -> dict[str, str]:
     for part in text.split(","):
         user, sep, password = part.strip().partition(":")
         if not sep or not user or not password:
-            raise UsageError(f"--api-auth: {part.strip()!r} is not USER:PASSWORD (give USER:PASSWORD[,USER2:PASSWORD2])")
+            raise UsageError(f"--api-auth: {part.strip()!r} is not USER:PASSWORD "
+                             "(give USER:PASSWORD[,USER2:PASSWORD2])")
         users[user] = password
     return users
