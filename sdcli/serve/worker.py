@@ -124,16 +124,19 @@ class Worker:
             if job.stop.is_set() or not job.future.set_running_or_notify_cancel():
                 continue  # its client left while it waited
             self.current, job.started = job, time.monotonic()
+            result, error = None, None
             try:
                 result = job.work(job)
             except BaseException as exc:  # noqa: BLE001 - the handler awaiting the future words it
-                job.future.set_exception(exc)
+                error = exc
+            # Idle again before the answer goes out: a client that asks /progress right after sees no job.
+            self.seconds_per_job = 0.7 * self.seconds_per_job + 0.3 * (time.monotonic() - job.started)
+            self.current = None
+            self.finished += 1
+            if error is not None:
+                job.future.set_exception(error)
             else:
                 job.future.set_result(result)
-            finally:
-                self.seconds_per_job = 0.7 * self.seconds_per_job + 0.3 * (time.monotonic() - job.started)
-                self.current = None
-                self.finished += 1
 
     def on_step(self, job: Job, step: Any, offset: int, size: tuple[int, int]) -> None:
         """A denoising step of ``job`` (its ``offset`` steps before this batch): progress, and a preview of
