@@ -16,6 +16,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["serve.fixtures"]  # the serve tests' server (tests/serve/fixtures.py)
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -11,7 +11,8 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "matplotlib
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["schedulers", "--help"],
-                                  ["inspect-schedule", "--help"], ["finetune", "--help"]])
+                                  ["inspect-schedule", "--help"], ["finetune", "--help"],
+                                  ["serve", "--help"]])
 def test_help_imports_no_heavy_library(argv):
     code = (
         "import sys\n"
@@ -29,7 +30,7 @@ def test_every_command_is_registered():
     # A command module left out of sdcli.commands.COMMANDS must fail here, not skip quietly above.
     from sdcli.cli import app
 
-    assert sorted(c.name for c in app.registered_commands) == ["finetune", "generate", "inspect-schedule", "schedulers"]
+    assert sorted(c.name for c in app.registered_commands) == ["finetune", "generate", "inspect-schedule", "schedulers", "serve"]
 
 
 def test_version_and_module_entry_point():

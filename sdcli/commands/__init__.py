@@ -12,6 +12,7 @@ COMMANDS = [
     ("sdcli.commands.finetune", "finetune_cmd", "finetune"),
     ("sdcli.commands.inspect_schedule", "inspect_schedule_cmd", "inspect-schedule"),
     ("sdcli.commands.schedulers", "schedulers_cmd", "schedulers"),
+    ("sdcli.commands.serve", "serve_cmd", "serve"),
 ]
 
 

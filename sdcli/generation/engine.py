@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -49,6 +50,9 @@ def _tapped(scheduler: Any) -> Any:
 
     cls = type(scheduler)
 
+    # wraps: a pipeline passes `generator` (and `eta`) to step only if step's signature names them, so the tap
+    # keeps the original's signature; without it an ancestral sampler drew its noise off the seed.
+    @functools.wraps(cls.step)
     def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
         out = cls.step(self, model_output, timestep, sample, *args, return_dict=True, **kwargs)
         x0 = getattr(out, "pred_original_sample", None)

@@ -113,6 +113,17 @@ def test_every_step_reaches_the_callback_with_x0_when_asked(tiny_sd):
     assert made.image.size == (24, 24)  # tiny sd makes 16x16; hires 1.5x
 
 
+@pytest.mark.parametrize("sampler", ["euler-ancestral", "dpm2-ancestral", "ddpm", "dpm++2m-sde-karras"])
+def test_asking_for_x0_leaves_a_stochastic_sampler_on_its_seed(tiny_sd, sampler):
+    # A pipeline passes the generator to a scheduler's step only if the step's signature names it: the tap that
+    # keeps x̂0 (trajectories, a server's preview) must not hide it, or the noise comes from the global RNG.
+    engine = Engine.load(Settings(model=tiny_sd))
+    s = Settings(prompts=["a red circle"], steps=2, seeds=[3], scheduler=sampler)
+    (plain,) = engine.images(s, engine.plan(s).jobs)
+    (tapped,) = engine.images(s, engine.plan(s).jobs, x0=True)
+    assert np.array_equal(_pixels(tapped), _pixels(plain))
+
+
 def test_a_request_that_fails_leaves_the_pipeline_as_it_was(tiny_sd, inputs, tmp_path):
     from sdcli.errors import ModelError
 

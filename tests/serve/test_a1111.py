@@ -1,0 +1,121 @@
+"""AUTOMATIC1111's API driven by the real `webuiapi` client: the same images `sdcli generate` makes, models,
+options, progress with a live x̂0 preview, and interrupt."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import paths_of, pixels
+from PIL import Image, ImageDraw
+
+
+def _rgb(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# Each: the A1111 request's fields, and the `sdcli generate` flags that ask for the same images.
+SAME = {
+    "euler-a": (dict(sampler_name="Euler a", scheduler="automatic"), ["--scheduler", "euler-ancestral"]),
+    "dpm-karras-batch": (dict(sampler_name="DPM++ 2M", scheduler="Karras", batch_size=2),
+                         ["--scheduler", "dpm++2m-karras", "--num-images", "2", "--batch-size", "2"]),
+    "old-name-lora": (dict(sampler_name="DPM++ 2M Karras", prompt="a red circle <lora:style:0.8>"),
+                      ["--scheduler", "dpm++2m-karras", "--lora", "{lora}:0.8"]),
+}
+
+
+@pytest.mark.parametrize("case", SAME)
+def test_txt2img_makes_what_sdcli_generate_makes(served, lora_dir, cli, tmp_path, case):
+    fields, flags = SAME[case]
+    request = dict(prompt="a red circle", negative_prompt="blue", seed=7, steps=2, cfg_scale=5.0, width=32,
+                   height=24) | fields
+    result = served.webui().txt2img(**request)
+    flags = [f.format(lora=lora_dir / served.lora) for f in flags]
+    paths = paths_of(cli("generate", "a red circle", "-n", "blue", "--model", served.models["sd1"], "--seed", "7",
+                         "--steps", "2", "-g", "5", "-W", "32", "-H", "24", *flags, "--out", tmp_path))
+    assert len(result.images) == len(paths)
+    for image, path in zip(result.images, paths):
+        assert np.array_equal(_rgb(image), pixels(path))
+        written = Image.open(path).info
+        assert image.info["parameters"] == written["parameters"]
+        assert json.loads(image.info["sdcli"]) == json.loads(written["sdcli"])
+    assert result.info["all_seeds"] == [7, 8][: len(paths)]
+    assert result.info["infotexts"] == [image.info["parameters"] for image in result.images]
+
+
+def test_img2img_with_a_mask_repaints_only_the_mask(served, cli, tmp_path):
+    init = Image.new("RGB", (32, 32), (200, 30, 30))
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((8, 8, 23, 23), fill=255)
+    result = served.webui().img2img(images=[init], mask_image=mask, mask_blur=0, prompt="a blue square", seed=3,
+                                    steps=2, cfg_scale=7.5, width=32, height=32, denoising_strength=0.9,
+                                    sampler_name="Euler")
+    (image,) = result.images
+    record = json.loads(image.info["sdcli"])
+    assert record["task"] == "inpaint" and image.size == (32, 32)
+    out = _rgb(image)
+    assert (out[:6, :6] == (200, 30, 30)).all()  # outside the mask: the init image
+    assert not (out[12:20, 12:20] == (200, 30, 30)).all()
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    (path,) = paths_of(cli("generate", "a blue square", "--model", served.models["sd1"], "--init-image",
+                           tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--mask-blur", "0", "--strength",
+                           "0.9", "--seed", "3", "--steps", "2", "-g", "7.5", "-W", "32", "-H", "32", "--scheduler",
+                           "euler", "--out", tmp_path / "out"))
+    assert np.array_equal(out, pixels(path))
+
+
+def test_models_options_and_switching(on_first_model):
+    import gc
+    import weakref
+
+    served = on_first_model
+    api = served.webui()
+    assert [m["title"] for m in api.get_sd_models()] == ["sd1", "sd2"]
+    assert api.util_get_current_model() == "sd1"
+    old = weakref.ref(served.server.models.engine.pipe)
+    api.set_options({"sd_model_checkpoint": "sd2"})
+    assert api.util_get_current_model() == "sd2"
+    gc.collect()
+    assert old() is None  # the first model's pipeline was freed: never two loaded at once
+    (image,) = api.txt2img(prompt="a red circle", seed=1, steps=1, width=32, height=32).images
+    assert json.loads(image.info["sdcli"])["model"] == served.models["sd2"]
+
+
+def test_listings_name_samplers_schedulers_and_loras(served):
+    api = served.webui()
+    samplers = [s["name"] for s in api.get_samplers()]
+    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers)
+    assert [s["name"] for s in served.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras", "exponential",
+                                                                              "beta"]
+    assert [lo["name"] for lo in api.get_loras()] == [served.lora]
+
+
+def test_progress_shows_the_denoising_live_and_interrupt_stops_it(served):
+    api = served.webui()
+    answer = {}
+    run = threading.Thread(target=lambda: answer.update(result=api.txt2img(
+        prompt="a red circle", seed=1, steps=60, n_iter=4, width=32, height=32)))
+    t0 = time.monotonic()
+    run.start()
+    seen = None
+    while time.monotonic() - t0 < 30:
+        progress = api.get_progress()
+        if progress["state"]["sampling_step"] >= 2 and progress["current_image"]:
+            seen = progress
+            break
+        time.sleep(0.05)
+    assert seen is not None, "no preview while denoising"
+    assert 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 240 and seen["eta_relative"] > 0
+    preview = Image.open(__import__("io").BytesIO(__import__("base64").b64decode(seen["current_image"])))
+    assert preview.size == (32, 32)
+    api.interrupt()
+    run.join(30)
+    result = answer["result"]
+    assert result.info["interrupted"] is True and len(result.images) < 4
+    assert api.get_progress()["state"]["job"] == ""
+    # The next request runs whole.
+    assert len(api.txt2img(prompt="a red circle", seed=1, steps=1, width=32, height=32).images) == 1
