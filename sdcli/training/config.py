@@ -121,6 +121,17 @@ class FinetuneConfig:
         False, help="Shuffle each caption's comma-separated tags every step (captions are then encoded every step).",
         flags=("--shuffle-captions",), panel=DATA)
     keep_tokens: int = option(0, help="With --shuffle-captions: keep the first N tags in place.", panel=DATA, range=Range(0))
+    # Masked loss. The mask folder may move between a run and its resume, as --data may.
+    masks: Optional[Path] = option(
+        None, help="Folder of loss masks laid out as --data (DIR/sub/name.png for sub/name.jpg; or a `mask` column "
+        "in metadata): the loss counts where a mask is white, --unmasked-weight where it is black.", panel=DATA,
+        role=RUNTIME, show_default=False)
+    alpha_mask: bool = option(
+        False, help="Use each image's alpha channel as its loss mask (where --masks has none).",
+        flags=("--alpha-mask",), panel=DATA)
+    unmasked_weight: float = option(
+        0.0, help="Loss weight of the masked-out (black) part of a loss mask; 1: masks change nothing.", panel=DATA,
+        range=Range(0, 1))
 
     # DreamBooth prior preservation (Ruiz et al. 2023). The class folder may move between a run and its resume,
     # as --data may; what it holds is fixed by --num-class-images and the class prompt, which a resume keeps.
@@ -348,7 +359,8 @@ class FinetuneConfig:
     def _check_apart(self) -> None:
         """--data folders are read with their subfolders: a validation or class folder inside one (or holding one)
         would have its images trained on as instance data, or score the model on what it trained on."""
-        for flag, other in (("--validation-data", self.validation_data), ("--class-data", self.class_data)):
+        for flag, other in (("--validation-data", self.validation_data), ("--class-data", self.class_data),
+                            ("--masks", self.masks)):
             if other is None:
                 continue
             mine = Path(other).resolve()
@@ -369,6 +381,11 @@ class FinetuneConfig:
         given = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
         if not given:
             raise UsageError("--data is missing: give a folder of captioned images")
+        if self.masks is not None:
+            self.masks = Path(self.masks).expanduser()
+            if not self.masks.is_dir():
+                what = "is a file, not a folder" if self.masks.exists() else "does not exist"
+                raise UsageError(f"--masks {self.masks} {what}")
         self.data = [str(spec) for spec in given]
         for spec in self.data:
             parse_data(spec)  # raises on a bad repeat count
@@ -448,6 +465,7 @@ class FinetuneConfig:
         record["out"] = str(self.out)
         record["validation_data"] = str(self.validation_data) if self.validation_data is not None else None
         record["class_data"] = str(self.class_data) if self.class_data is not None else None
+        record["masks"] = str(self.masks) if self.masks is not None else None
         record["lora_targets"] = list(self.lora_targets)
         record["learning_rate"] = self.lr
         record["lora_alpha"] = self.alpha if self.lora else None

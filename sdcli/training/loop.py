@@ -202,7 +202,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 3. Data: every image opened once; what cannot train is skipped (or stops the run) here.
     report = data.discover(cfg.data_sources, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say,
-                           caption_extension=cfg.caption_extension)
+                           caption_extension=cfg.caption_extension, masks=cfg.masks, alpha_mask=cfg.alpha_mask)
     report, held_out = validation.select(cfg, report, warn=say)
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
@@ -267,7 +267,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         pipe, report.examples, family=family, sizes=layout.sizes, center_crop=cfg.center_crop,
         device=accelerator.device,
         cache_latents=cfg.cache and cfg.center_crop, cache_text=cfg.cache and not cfg.train_text_encoder,
-        shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens,
+        shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens, unmasked_weight=cfg.unmasked_weight,
     )
     t_cache = time.perf_counter()
     if inputs.cache_latents or inputs.cache_text:
@@ -284,7 +284,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         # Centre crops in their buckets, so a held-out latent is one fixed thing: cached whenever --cache is on.
         held_out.inputs = TrainingInputs(
             pipe, held_out.examples, family=family, sizes=held_out.sizes, center_crop=True,
-            device=accelerator.device, cache_latents=cfg.cache, cache_text=inputs.cache_text)
+            device=accelerator.device, cache_latents=cfg.cache, cache_text=inputs.cache_text,
+            unmasked_weight=cfg.unmasked_weight)
         if cfg.cache:
             held_out.inputs.build_cache(False, batch_size=cfg.batch_size)
     if classes is not None:
@@ -461,7 +462,7 @@ def _step_loss(run: Run, denoiser, batch, generator):
     if not run.family.flow:
         return objective.step_loss(denoiser, run.noise_scheduler, batch.latents, batch.cond, generator,
                                    noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
-                                   debiased=cfg.debiased_loss, snr_floor=cfg.debiased_snr_floor)
+                                   debiased=cfg.debiased_loss, snr_floor=cfg.debiased_snr_floor, mask=batch.weights)
 
     def predict(noisy, timesteps):
         return run.family.predict(run.pipe, denoiser, noisy, timesteps, batch.cond, cfg.distilled_guidance)
@@ -469,7 +470,8 @@ def _step_loss(run: Run, denoiser, batch, generator):
     # The shape options are set only for the sampling they shape (cfg.settle_for), and read only by it.
     return objective.flow_step_loss(predict, run.noise_scheduler, batch.latents, generator,
                                     sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
-                                    logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, weighting=cfg.weighting_scheme)
+                                    logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, weighting=cfg.weighting_scheme,
+                                    mask=batch.weights)
 
 
 def _objective(cfg: FinetuneConfig, family, scheduler) -> str:
