@@ -75,6 +75,16 @@ def _comma_tuple(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
+def _resolutions(text: str) -> int | tuple[int, ...]:
+    """``--resolution 512`` or ``512,768,1024``: one size (an int, as before lists) or several (a tuple)."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(re.fullmatch(r"[+-]?\d+", part) for part in parts):
+        raise UsageError(f"--resolution takes whole numbers of pixels, one or a comma list (512,768,1024), "
+                         f"got {text!r}")
+    sides = tuple(int(part) for part in parts)
+    return sides[0] if len(sides) == 1 else sides
+
+
 @dataclass
 class FinetuneConfig:
     """What `sdcli finetune` does; each field is one of the command's options."""
@@ -99,9 +109,10 @@ class FinetuneConfig:
     allow_empty_captions: bool = option(
         False, help="Train images without a caption as the null prompt instead of stopping.",
         flags=("--allow-empty-captions",), panel=DATA)
-    resolution: Optional[int] = option(
+    resolution: Optional[int | tuple[int, ...]] = option(
         None, help="Training size in pixels: the square's side, and with buckets the area (its square) each bucket "
-        "has at most. Default: the model's native size.", panel=DATA, show_default=False, range=Range(8, MAX_SIDE))
+        "has at most; a comma list (512,768,1024) trains every image at each. Default: the model's native size.",
+        panel=DATA, show_default=False, range=Range(8, MAX_SIDE), cli_type=str, parse=_resolutions)
     buckets: bool = option(
         True, help="Aspect-ratio buckets: train each image at the model's area in the shape nearest its own "
         "(--no-buckets: crop every image square).", flags=("--buckets/--no-buckets",), panel=DATA)
@@ -280,6 +291,12 @@ class FinetuneConfig:
         return 1e-4 if self.lora else 1e-5
 
     @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Each --resolution (none before the model's native one is filled in, when none was given)."""
+        r = self.resolution
+        return () if r is None else tuple(r) if isinstance(r, (list, tuple)) else (r,)
+
+    @property
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
@@ -397,6 +414,14 @@ class FinetuneConfig:
             raise UsageError(f"--caption-extension must be a file extension like .txt or .caption, "
                              f"got {self.caption_extension!r}")
         self.caption_extension = ext
+        if isinstance(self.resolution, (list, tuple)):
+            sides = self.resolutions
+            if len(set(sides)) < len(sides):
+                raise UsageError(f"--resolution {','.join(map(str, sides))} names a size twice")
+            if not self.upscale:
+                raise UsageError("--no-upscale with several --resolution sizes is not supported: an image too small "
+                                 "for one size would train at the others only")
+            self.resolution = sides[0] if len(sides) == 1 else sides
         for flag, value in (("--min-bucket", self.min_bucket), ("--max-bucket", self.max_bucket)):
             if value is not None and not self.buckets:
                 raise UsageError(f"{flag} sizes the aspect-ratio buckets, which --no-buckets turns off")

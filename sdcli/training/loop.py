@@ -216,17 +216,18 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         # First, so a checkpoint of another model is called that, not a list of settings that differ.
         checkpoints.check_same_model(resume_dir, checkpoints.read_state(resume_dir), cfg.model, name,
                                      fingerprint)
-    cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
+    sides = tuple(setup.resolution_for(r, pipe, family) for r in (cfg.resolutions or (None,)))
+    cfg.resolution = sides[0] if len(sides) == 1 else sides
     step = setup.bucket_sides(cfg, pipe, family)
     # What cannot fit (a step in memory, the weights on disk) is refused before anything is encoded or trained.
     from sdcli.memory import check_training
 
     check_training(cfg, pipe, family, str(accelerator.device))
-    layout = buckets.assign(report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
-                            upscale=cfg.upscale, strict=cfg.strict, warn=say)
+    layout, examples = buckets.assign_each(report, cfg.resolutions, step, cfg.min_bucket, cfg.max_bucket,
+                                           enabled=cfg.buckets, upscale=cfg.upscale, strict=cfg.strict, warn=say)
     if held_out is not None:
         validation.lay_out(held_out, lambda held: buckets.assign(
-            held, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets, upscale=cfg.upscale,
+            held, max(cfg.resolutions), step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets, upscale=cfg.upscale,
             strict=cfg.strict, warn=say))
     if resume_dir is not None:
         _same_run(cfg, resume_dir)  # every setting is settled: refuse a different run before anything is encoded
@@ -236,9 +237,10 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         made = prior.fill(cfg, pipe, family, accelerator.device, accelerator.is_main_process)
         accelerator.wait_for_everyone()
         classes = prior.load(cfg, *made, warn=say)
-        classes.layout = buckets.assign(classes.report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket,
-                                        enabled=cfg.buckets, upscale=cfg.upscale, strict=cfg.strict, warn=say)
-    for line in report.lines(None if cfg.buckets else cfg.resolution):
+        classes.layout, classes.examples = buckets.assign_each(
+            classes.report, cfg.resolutions, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
+            upscale=cfg.upscale, strict=cfg.strict, warn=say)
+    for line in report.lines(None if cfg.buckets else max(cfg.resolutions)):
         say(line)
     for line in layout.lines():
         say(line)
@@ -264,7 +266,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 5. Inputs: encode every image and caption once when nothing that makes them is trained.
     inputs = TrainingInputs(
-        pipe, report.examples, family=family, sizes=layout.sizes, center_crop=cfg.center_crop,
+        pipe, examples, family=family, sizes=layout.sizes, center_crop=cfg.center_crop,
         device=accelerator.device,
         cache_latents=cfg.cache and cfg.center_crop, cache_text=cfg.cache and not cfg.train_text_encoder,
         shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens, unmasked_weight=cfg.unmasked_weight,
@@ -291,7 +293,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     if classes is not None:
         # The class prompt is never dropped nor shuffled (`sdcli.training.prior`); its latents cache like the rest.
         classes.inputs = TrainingInputs(
-            pipe, classes.report.examples, family=family, sizes=classes.layout.sizes, center_crop=cfg.center_crop,
+            pipe, classes.examples, family=family, sizes=classes.layout.sizes, center_crop=cfg.center_crop,
             device=accelerator.device, cache_latents=inputs.cache_latents, cache_text=inputs.cache_text)
         if inputs.cache_latents or inputs.cache_text:
             classes.inputs.build_cache(cfg.flip, batch_size=cfg.batch_size)
