@@ -132,6 +132,9 @@ class FinetuneConfig:
         False, help="Shuffle each caption's comma-separated tags every step (captions are then encoded every step).",
         flags=("--shuffle-captions",), panel=DATA)
     keep_tokens: int = option(0, help="With --shuffle-captions: keep the first N tags in place.", panel=DATA, range=Range(0))
+    captions_from: Optional[Path] = option(
+        None, help="A jsonl of several captions per image ({\"file_name\": ..., \"captions\": [...]}, names "
+        "relative to it): each step trains one, drawn from --seed.", panel=DATA, role=RUNTIME, show_default=False)
     # Masked loss. The mask folder may move between a run and its resume, as --data may.
     masks: Optional[Path] = option(
         None, help="Folder of loss masks laid out as --data (DIR/sub/name.png for sub/name.jpg; or a `mask` column "
@@ -398,6 +401,11 @@ class FinetuneConfig:
         given = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
         if not given:
             raise UsageError("--data is missing: give a folder of captioned images")
+        if self.captions_from is not None:
+            self.captions_from = Path(self.captions_from).expanduser()
+            if not self.captions_from.is_file():
+                what = "is a folder, not a file" if self.captions_from.is_dir() else "does not exist"
+                raise UsageError(f"--captions-from {self.captions_from} {what}")
         if self.masks is not None:
             self.masks = Path(self.masks).expanduser()
             if not self.masks.is_dir():
@@ -491,6 +499,7 @@ class FinetuneConfig:
         record["validation_data"] = str(self.validation_data) if self.validation_data is not None else None
         record["class_data"] = str(self.class_data) if self.class_data is not None else None
         record["masks"] = str(self.masks) if self.masks is not None else None
+        record["captions_from"] = str(self.captions_from) if self.captions_from is not None else None
         record["lora_targets"] = list(self.lora_targets)
         record["learning_rate"] = self.lr
         record["lora_alpha"] = self.alpha if self.lora else None

@@ -45,6 +45,7 @@ class Example:
     repeats: int = 1  # times an epoch, from --data DIR:N
     mask: Path | None = None  # its loss mask (--masks, a metadata `mask` column, or with `alpha` the image itself)
     alpha: bool = False  # --alpha-mask: the mask is ``mask``'s alpha channel
+    captions: list[str] | None = None  # --captions-from with several for this image: one drawn per step
 
 
 @dataclass
@@ -123,6 +124,7 @@ def discover(
     caption_extension: str = ".txt",
     masks: Path | None = None,
     alpha_mask: bool = False,
+    captions_from: Path | None = None,
 ) -> DataReport:
     """Every usable image under ``root`` with its caption; raises DataError for what cannot train.
 
@@ -141,20 +143,26 @@ def discover(
             source.root = source.root.absolute()
     common = sources[0].root if len(sources) == 1 else Path(os.path.commonpath([s.root for s in sources]))
     report = DataReport(root=common, examples=[], sources=sources)
+    several = read_captions_from(captions_from) if captions_from is not None else {}
     for source in sources:
         before, skipped = len(report.examples), len(report.skipped)
         _discover_one(report, source, caption_column, strict, allow_empty_captions, warn, caption_extension,
-                      masks, alpha_mask)
+                      masks, alpha_mask, several)
         source.images = len(report.examples) - before
         if not source.images:
             unreadable = len(report.skipped) - skipped
             why = f" ({unreadable} unreadable)" if unreadable else ""
             raise DataError(f"no usable images (png, jpg, webp) in {source.root}{why}")
+    found = {Path(os.path.normpath(e.path.absolute())) for e in report.examples}
+    for image in several:
+        if image not in found:
+            raise DataError(f"--captions-from {captions_from} names {image}, which is no image in --data")
     return report
 
 
 def _discover_one(report: DataReport, source: Source, caption_column: str, strict: bool, allow_empty_captions: bool,
-                  warn, caption_extension: str, masks: Path | None = None, alpha_mask: bool = False) -> None:
+                  warn, caption_extension: str, masks: Path | None = None, alpha_mask: bool = False,
+                  several: dict[Path, list[str]] | None = None) -> None:
     root = source.root
 
     def skip(path: Path, why: str) -> None:
@@ -200,6 +208,9 @@ def _discover_one(report: DataReport, source: Source, caption_column: str, stric
             skip(path, problem)
             continue
         caption, origin = _caption_for(path, listed, usable, caption_extension, root)
+        options = (several or {}).get(Path(os.path.normpath(path.absolute())))
+        if options:  # --captions-from wins: its first caption stands for the image in reports
+            caption, origin = options[0], "--captions-from"
         if caption is not None and "\0" in caption:
             # A NUL byte is no text a tokenizer should see, and one usually means a binary or mis-encoded file.
             sidecar = _sidecar(path, caption_extension).name
@@ -215,10 +226,39 @@ def _discover_one(report: DataReport, source: Source, caption_column: str, stric
                 )
             origin = "none"
         report.caption_sources[origin] += 1
-        example = Example(path=path, caption=caption, size=size, repeats=source.repeats)
+        example = Example(path=path, caption=caption, size=size, repeats=source.repeats,
+                          captions=list(options) if options and len(options) > 1 else None)
         if masks is not None or alpha_mask or mask_column:
             find_mask(report, example, source.root, masks, alpha_mask, mask_column)
         report.examples.append(example)
+
+
+def read_captions_from(path: Path) -> dict[Path, list[str]]:
+    """--captions-from FILE.jsonl: each line {"file_name": ..., "captions": [...]} (or "text", a string or a
+    list), ``file_name`` relative to the file as metadata's is; several captions per image, one drawn each
+    step (`epoch_batches`). A line that is no such object is a DataError naming the file and line."""
+    path = Path(path)
+    where = f"--captions-from {path}"
+    out: dict[Path, list[str]] = {}
+    for number, line in enumerate(read_text(path, path.parent).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        captions = row.get("captions", row.get("text")) if isinstance(row, dict) else None
+        captions = [captions] if isinstance(captions, str) else captions
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if (not isinstance(name, str) or not name or not isinstance(captions, list) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise DataError(f"{where} line {number}: expected {{\"file_name\": ..., \"captions\": [\"...\", ...]}} "
+                            "with at least one non-empty caption")
+        image = Path(os.path.normpath(path.absolute().parent / name))
+        if image in out:
+            raise DataError(f"{where} line {number}: {name} is listed twice")
+        out[image] = [c.strip() for c in captions]
+    return out
 
 
 MASK_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")  # png first: a lossless mask where several exist
@@ -509,6 +549,7 @@ class Item:
     drop: bool = False
     crop: tuple[float, float] = (0.5, 0.5)  # where a random crop sits, as fractions
     tags: int | None = None  # with --shuffle-captions: the seed of this sample's tag order
+    pick: int | None = None  # with --captions-from: the seed of which of the image's captions this sample trains
 
 
 def mix_seed(*parts: int) -> int:
@@ -520,7 +561,7 @@ def mix_seed(*parts: int) -> int:
 
 
 def epoch_batches(groups: Sequence[Sequence[int]], epoch: int, seed: int, flip: bool, uncond_prob: float,
-                  batch: int, shuffle_tags: bool = False) -> list[list[Item]]:
+                  batch: int, shuffle_tags: bool = False, several_captions: bool = False) -> list[list[Item]]:
     """The global batches of one epoch: each group (the example indices of one bucket, an example
     repeated as often as it counts) shuffled and cut into batches of ``batch``, every sample with its flip,
     caption dropout, crop and tag order drawn, and the batches of all groups in a shuffled order.
@@ -532,6 +573,8 @@ def epoch_batches(groups: Sequence[Sequence[int]], epoch: int, seed: int, flip: 
     import torch
 
     gen = torch.Generator().manual_seed(mix_seed(seed, 1, epoch))
+    # Which caption each sample trains: a stream of its own, so runs without --captions-from draw as before.
+    picks = torch.Generator().manual_seed(mix_seed(seed, 6, epoch)) if several_captions else None
     batches: list[list[Item]] = []
     for members in groups:
         n = len(members)
@@ -540,8 +583,9 @@ def epoch_batches(groups: Sequence[Sequence[int]], epoch: int, seed: int, flip: 
         drops = (torch.rand(n, generator=gen) < uncond_prob).tolist()
         crops = torch.rand(n, 2, generator=gen).tolist()
         tags = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist() if shuffle_tags else [None] * n
-        items = [Item(members[i], bool(f), bool(d), (c[0], c[1]), t)
-                 for i, f, d, c, t in zip(order, flips, drops, crops, tags)]
+        chosen = torch.randint(0, 2**31 - 1, (n,), generator=picks).tolist() if picks is not None else [None] * n
+        items = [Item(members[i], bool(f), bool(d), (c[0], c[1]), t, k)
+                 for i, f, d, c, t, k in zip(order, flips, drops, crops, tags, chosen)]
         batches += [[items[(start + j) % n] for j in range(batch)] for start in range(0, n, batch)]
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 

@@ -126,11 +126,14 @@ class TrainingInputs:
             # The null prompt first, so a dropped caption is index 0 whatever the captions are.
             self.prompts, self.prompt_index, seen = [defaults.NULL_PROMPT], [], {defaults.NULL_PROMPT: 0}
             for ex in self.examples:
-                caption = ex.caption if ex.caption is not None else defaults.NULL_PROMPT
-                if caption not in seen:
-                    seen[caption] = len(self.prompts)
-                    self.prompts.append(caption)
-                self.prompt_index.append(seen[caption])
+                ids = []
+                for caption in ex.captions or [ex.caption if ex.caption is not None else defaults.NULL_PROMPT]:
+                    if caption not in seen:
+                        seen[caption] = len(self.prompts)
+                        self.prompts.append(caption)
+                    ids.append(seen[caption])
+                # One id, or with --captions-from one per caption of the image (the step's draw picks one).
+                self.prompt_index.append(ids[0] if len(ids) == 1 else ids)
         total = (n * len(variants) if self.cache_latents else 0) + (len(self.prompts) if self.cache_text else 0)
         done = 0
         with torch.no_grad():
@@ -203,7 +206,7 @@ class TrainingInputs:
         import torch
 
         if self.cache_text:
-            ids = torch.tensor([0 if it.drop else self.prompt_index[it.index] for it in items])
+            ids = torch.tensor([0 if it.drop else _picked(self.prompt_index[it.index], it) for it in items])
             hidden = self.hidden[ids].to(self.device)
             pooled = self.pooled[ids].to(self.device) if self.pooled is not None else None
         else:
@@ -216,7 +219,8 @@ class TrainingInputs:
     def prompt_of(self, item: Item) -> str:
         """The caption this item trains on: its own (its tags in the item's order with --shuffle-captions),
         or the null prompt when dropped or missing."""
-        caption = self.examples[item.index].caption
+        example = self.examples[item.index]
+        caption = _picked(example.captions, item) if example.captions else example.caption
         if item.drop or caption is None:
             return defaults.NULL_PROMPT
         if self.shuffle_captions and item.tags is not None:
@@ -243,3 +247,10 @@ class TrainingInputs:
             # where in it (resized to cover the bucket) the crop sits.
             time_ids.append(torch.tensor([image.height, image.width, top, left, h, w], dtype=torch.float32))
         return torch.stack(pixels), torch.stack(time_ids), (torch.stack(masks) if masks else None)
+
+
+def _picked(options, item: Item):
+    """The one of an image's several captions (or their cache ids) ``item`` trains on; a single one as it is."""
+    if not isinstance(options, list):
+        return options
+    return options[(item.pick or 0) % len(options)]

@@ -85,6 +85,11 @@ class Run:
     fingerprint: str | None = None  # the base model's (`checkpoints.model_fingerprint`), recorded in checkpoints
 
     @property
+    def several_captions(self) -> bool:
+        """Whether any image has several captions (--captions-from), so each sample draws one."""
+        return any(e.captions for e in self.report.examples)
+
+    @property
     def family_name(self) -> str:
         """sd1, sd2, sdxl, sd3 or flux: what records call the model."""
         return self.family.record_name(self.pipe)
@@ -202,7 +207,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 3. Data: every image opened once; what cannot train is skipped (or stops the run) here.
     report = data.discover(cfg.data_sources, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say,
-                           caption_extension=cfg.caption_extension, masks=cfg.masks, alpha_mask=cfg.alpha_mask)
+                           caption_extension=cfg.caption_extension, masks=cfg.masks, alpha_mask=cfg.alpha_mask,
+                           captions_from=cfg.captions_from)
     report, held_out = validation.select(cfg, report, warn=say)
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
@@ -367,7 +373,8 @@ def _train(run: Run, callback) -> Trained:
                 epoch, k = divmod(micro, run.per_epoch)
                 if plan is None or plan[0] != epoch:
                     plan = (epoch, data.epoch_batches(groups, epoch, cfg.seed, cfg.flip, cfg.uncond_prob,
-                                                      cfg.batch_size * world, cfg.shuffle_captions))
+                                                      cfg.batch_size * world, cfg.shuffle_captions,
+                                                      several_captions=run.several_captions))
                 items = data.rank_share(plan[1][k], cfg.batch_size, rank)
                 generator = torch.Generator(accelerator.device).manual_seed(data.mix_seed(cfg.seed, 2, rank, micro))
                 class_items = None
