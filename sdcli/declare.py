@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import math
 import re
+import types
 import typing
 from enum import Enum
 from typing import Annotated, Any, Callable, Mapping, Optional
@@ -232,8 +233,9 @@ def _cli_type(d: Declared) -> Any:
     return d.opt.cli_type if d.opt.cli_type is not None else d.type
 
 
-def parameter(d: Declared) -> inspect.Parameter:
-    """The Typer parameter of a declared field, its default the declared one as the command line spells it."""
+def parameter(d: Declared, optional: bool = False) -> inspect.Parameter:
+    """The Typer parameter of a declared field, its default the declared one as the command line spells it;
+    ``optional``: not required on the command line even without a default (a settings file may give it)."""
     o = d.opt
     cli_type = _cli_type(d)
     kwargs: dict[str, Any] = {"help": o.help, "show_default": o.show_default}
@@ -245,8 +247,10 @@ def parameter(d: Declared) -> inspect.Parameter:
         if o.envvar:
             kwargs.update(envvar=o.envvar, show_envvar=False)
         info = typer.Option(*(o.flags or (d.flag,)), **kwargs)
-    if d.default is dataclasses.MISSING:  # required: Typer says so before anything runs
+    if d.default is dataclasses.MISSING and not optional:  # required: Typer says so before anything runs
         default: Any = inspect.Parameter.empty
+    elif d.default is dataclasses.MISSING:
+        default = None
     else:
         default = _spelled(d.default, cli_type)
     if default is None:
@@ -286,18 +290,20 @@ def from_cli(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def command(cls: type, body: Callable[..., Any], *, exclude: tuple[str, ...] = ()) -> Callable[..., Any]:
+def command(cls: type, body: Callable[..., Any], *, exclude: tuple[str, ...] = (),
+            optional: tuple[str, ...] = ()) -> Callable[..., Any]:
     """A Typer command taking ``body``'s own parameters plus every option declared on ``cls``.
 
     ``body`` receives its own parameters by name and the declared ones, parsed, as ``values``
-    (only those given); ``body`` must take ``values`` as a keyword.
+    (only those given); ``body`` must take ``values`` as a keyword. The ``optional`` ones are not
+    required on the command line even without a default: ``body`` sees to them (a settings file gives them).
     """
     own = [p for name, p in inspect.signature(body, eval_str=True).parameters.items() if name != "values"]
     first = [p for p in own if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name == "ctx"]
     rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in first]
     decl = [d for d in declared(cls) if d.name not in exclude]
     arguments = [parameter(d) for d in decl if d.opt.argument]
-    options = [parameter(d) for d in decl if not d.opt.argument]
+    options = [parameter(d, d.name in optional) for d in decl if not d.opt.argument]
     names = {d.name for d in decl}
 
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -331,3 +337,150 @@ def worded(exc: BaseException, names: Mapping[str, str], *declaring: type) -> st
     longest_first = sorted(spelled, key=len, reverse=True)
     pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, longest_first)) + r")(?![\w-])")
     return pattern.sub(lambda m: spelled[m.group(1)], text)
+
+
+# ---------------------------------------------------------------- settings files
+
+
+def file_keys(cls: type) -> dict[str, str]:
+    """The keys a settings file (``--config``) may use for each declared field, mapped to the field: its name
+    (``learning_rate``), as the flag spells it (``learning-rate``), and each other long flag (``lr``,
+    ``validation_prompt``; ``--center-crop/--random-crop`` gives ``center_crop``)."""
+    keys: dict[str, str] = {}
+    for d in declared(cls):
+        if d.opt.argument:
+            continue
+        spelled = [d.name] + [f.split("/")[0].lstrip("-") for f in (d.opt.flags or (d.flag,))
+                              if f.split("/")[0].startswith("--")]
+        for key in spelled:
+            keys.setdefault(key.replace("-", "_"), d.name)
+    return keys
+
+
+def nearest_key(key: str, known: Any) -> str:
+    """`` (did you mean 'x'?)`` for the known key nearest ``key`` (difflib), or nothing when none is near."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key).replace("-", "_"), list(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def from_file_values(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Setting values of ``cls`` from a settings file's ``values`` (parsed TOML, YAML or JSON), by field name.
+
+    The keys and types come from the declarations, as the command line's do: an unknown key is a UsageError
+    naming the nearest known one; a value of the wrong type one naming the key and the type it needs. A
+    string where the command line takes a string parses as the flag's value does ("to_q,to_k"); None (JSON's
+    null) is "not set". The ranges and the rest are the settings object's own checks, run afterwards.
+    """
+    from sdcli.errors import UsageError
+
+    keys, by_name = file_keys(cls), {d.name: d for d in declared(cls)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = keys.get(str(key).replace("-", "_"))
+        if name is None:
+            raise UsageError(f"{where}: unknown key {key!r}{nearest_key(key, by_name)}")
+        if name in out:
+            raise UsageError(f"{where}: {key!r} sets {name}, which another key already set")
+        if value is None:
+            continue
+        out[name] = _file_value(by_name[name], value, f"{where}: {key}")
+    return out
+
+
+def _file_value(d: Declared, value: Any, label: str) -> Any:
+    from sdcli.errors import SdcliError, UsageError, about
+
+    cli_type = _cli_type(d)
+    if d.opt.parse is not None and isinstance(value, str) and cli_type is str:
+        try:
+            return d.opt.parse(value)
+        except SdcliError as exc:
+            raise about(exc, d.name)
+    if isinstance(cli_type, type) and issubclass(cli_type, Enum):
+        choices = [c.value for c in cli_type]
+        if value not in choices:
+            raise UsageError(f"{label} must be one of {', '.join(map(repr, choices))}, got {value!r}", setting=d.name)
+        return value
+    typed = _as_type(d.type, value)
+    if typed is _WRONG:
+        raise UsageError(f"{label} must be {_type_words(d.type)}, got {type(value).__name__} {value!r}",
+                         setting=d.name)
+    return typed
+
+
+_WRONG = object()
+
+
+def _as_type(annotation: Any, value: Any) -> Any:
+    """``value`` as ``annotation`` wants it (an int where a float goes, a string where a path goes, a list
+    where a tuple goes), or _WRONG."""
+    from pathlib import Path
+
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in (a for a in args if a is not type(None)):
+            typed = _as_type(arg, value)
+            if typed is not _WRONG:
+                return typed
+        return _WRONG
+    if origin in (list, tuple):
+        items = [value] if isinstance(value, str) and origin is list else value
+        if not isinstance(items, (list, tuple)):
+            return _WRONG
+        typed = [_as_type(args[0] if args else Any, v) for v in items]
+        return _WRONG if _WRONG in typed else (tuple(typed) if origin is tuple else typed)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if annotation is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _WRONG
+    if annotation is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _WRONG
+    if annotation is str:
+        return value if isinstance(value, str) else _WRONG
+    if annotation is Path:
+        return Path(value) if isinstance(value, str) else _WRONG
+    return value
+
+
+def _type_words(annotation: Any) -> str:
+    """A type as a sentence says it: "a whole number", "a list of strings", ..."""
+    from pathlib import Path
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return f"a list of {_type_words(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    if args and origin is not None:
+        return " or ".join(_type_words(a) for a in args)
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+            Path: "a path (a string)"}.get(annotation, f"a {getattr(annotation, '__name__', annotation)}")
+
+
+def toml_text(values: dict[str, Any], tables: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """``values`` (strings, numbers, booleans, paths and lists of them; None left out, as TOML has no null)
+    as TOML, then each of ``tables`` as an array of tables. tomllib reads it back to the same values."""
+    lines = [f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None]
+    for name, rows in (tables or {}).items():
+        for row in rows:
+            lines += ["", f"[[{name}]]"] + [f"{key} = {_toml_value(v)}" for key, v in row.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # JSON's string escapes (\" \\ \n \uXXXX ...) are TOML's basic-string escapes.
+    return json.dumps(str(value), ensure_ascii=False)

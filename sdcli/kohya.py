@@ -282,7 +282,7 @@ def training_fields(cfg: Any) -> dict[str, Any]:
     if cfg.buckets and cfg.max_bucket:
         fields["ss_max_bucket_reso"] = cfg.max_bucket
     if cfg.resolution:
-        fields["ss_resolution"] = (cfg.resolution, cfg.resolution)
+        fields["ss_resolution"] = (max(cfg.resolutions), max(cfg.resolutions))
     if cfg.snr_gamma is not None:
         fields["ss_min_snr_gamma"] = cfg.snr_gamma
     if cfg.debiased_loss:

@@ -655,19 +655,20 @@ def check_training(cfg: Any, pipe: Any, family: Any, device: str) -> None:
     options = dict(batch=cfg.batch_size, trained=trained, new=new, checkpointing=cfg.gradient_checkpointing,
                    nbytes=2 if cfg.mixed_precision in ("fp16", "bf16") else 4,
                    adam_bytes=ADAM_8BIT_BYTES if cfg.use_8bit_adam else ADAM_BYTES, ema=cfg.ema)
-    need = training_need(arch, cfg.resolution, **options)
+    side = max(cfg.resolutions)  # several --resolution sizes: the largest decides
+    need = training_need(arch, side, **options)
     if need.total <= available:
         return
     helps = []
-    one = training_need(arch, cfg.resolution, **{**options, "batch": 1}).total
+    one = training_need(arch, side, **{**options, "batch": 1}).total
     if cfg.batch_size > 1 and one < need.total:
         helps.append(f"--batch-size 1 needs {human(one)}")
     if not cfg.gradient_checkpointing:
-        lower = training_need(arch, cfg.resolution, **{**options, "checkpointing": True}).total
+        lower = training_need(arch, side, **{**options, "checkpointing": True}).total
         if lower < need.total:
             helps.append(f"--gradient-checkpointing needs {human(lower)}")
-    fit = largest_fit(lambda w, h: training_need(arch, w, **options).total, cfg.resolution, cfg.resolution,
+    fit = largest_fit(lambda w, h: training_need(arch, w, **options).total, side, side,
                       arch.vae_factor, available)
     helps.append(f"about --resolution {fit[0]} fits" if fit else "no --resolution fits")
-    refuse(f"training at {cfg.resolution}x{cfg.resolution}" + (f" x{cfg.batch_size} a step" if cfg.batch_size > 1
-                                                                 else ""), need, device, available, helps)
+    refuse(f"training at {side}x{side}" + (f" x{cfg.batch_size} a step" if cfg.batch_size > 1 else ""), need,
+           device, available, helps)

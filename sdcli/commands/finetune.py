@@ -9,18 +9,44 @@ which tests and Python users call directly. Runs unchanged under
 from __future__ import annotations
 
 import json as jsonlib
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
 
 from sdcli import options
-from sdcli.declare import command
+from sdcli.declare import command, declared, given_on_command_line
+from sdcli.errors import UsageError
 from sdcli.training.config import FinetuneConfig
 
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", help="Settings from a TOML or YAML file (keys: the options' names; [[datasets]] tables) or a run's "
+    "training_settings.json; options typed here win.", show_default=False)]
+PrintConfig = Annotated[bool, typer.Option(
+    "--print-config", help="Print the effective settings as TOML (for --config) and stop.")]
 
-def _finetune(json: options.Json = False, *, values: dict[str, Any]) -> None:
+
+def _finetune(ctx: typer.Context, config: ConfigFile = None, print_config: PrintConfig = False,
+              json: options.Json = False, *, values: dict[str, Any]) -> None:
     """Fine-tune a pipeline on captioned images; writes LoRA weights or a full pipeline to --out."""
     from sdcli.training import finetune
 
-    result = finetune(FinetuneConfig(**values))
+    if config is not None:
+        from sdcli.training import config_file
+
+        typed = given_on_command_line(ctx, [d.name for d in declared(FinetuneConfig)])
+        values = config_file.merge(values, config_file.read(config), typed)
+    for name in ("data", "out"):  # not required of the command line alone: a --config may give them
+        if not values.get(name):
+            raise UsageError(f"Missing option '--{name}' (give it, or {name} in a --config file)", setting=name)
+    cfg = FinetuneConfig(**values)
+    if print_config:
+        from sdcli.training.config_file import effective
+
+        cfg.check()
+        print(effective(cfg), end="")
+        return
+    result = finetune(cfg)
     if result.world_size > 1 and not _is_main():
         return  # one answer on stdout, from the main process
     if json:
@@ -40,4 +66,4 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-finetune_cmd = command(FinetuneConfig, _finetune)
+finetune_cmd = command(FinetuneConfig, _finetune, optional=("data", "out"))

@@ -75,6 +75,7 @@ class Layout:
     upscale: bool
     upscaled: int = 0  # examples enlarged to cover their size
     own: int = 0  # examples with a bucket of their own size (--no-upscale)
+    resolutions: tuple[int, ...] = ()  # several --resolution sizes: each example is laid out once at each
 
     def groups(self) -> list[list[int]]:
         """Example indices by size (sizes in sorted order), each listed as often as it repeats."""
@@ -98,8 +99,10 @@ class Layout:
         if not self.enabled:
             return [f"buckets: off, every image cropped to {self.resolution}x{self.resolution}"]
         own = f", {self.own} of their own size (--no-upscale)" if self.own else ""
-        out = [f"buckets: {len(rows)} sizes in use of {len(self.offered)} offered{own} (area up to "
-               f"{self.resolution}x{self.resolution}, sides {self.min_side}-{self.max_side} in steps of {self.step})",
+        areas = ", ".join(f"{r}x{r}" for r in (self.resolutions or (self.resolution,)))
+        each = " each image at" if self.resolutions else ""
+        out = [f"buckets: {len(rows)} sizes in use of {len(self.offered)} offered{own} ({each}area up to "
+               f"{areas}, sides {self.min_side}-{self.max_side} in steps of {self.step})",
                f"  {'size':>9}  {'images':>6}  {'per epoch':>9}  mean aspect error"]
         for row in rows:
             w, h = row["size"]
@@ -111,7 +114,7 @@ class Layout:
 
     def record(self) -> dict[str, Any]:
         """What training_settings.json keeps."""
-        return {"enabled": self.enabled, "resolution": self.resolution, "step": self.step,
+        return {"enabled": self.enabled, "resolution": list(self.resolutions) or self.resolution, "step": self.step,
                 "min_side": self.min_side, "max_side": self.max_side, "upscale": self.upscale,
                 "offered": [list(s) for s in self.offered], "table": self.table()}
 
@@ -155,3 +158,23 @@ def assign(report: DataReport, resolution: int, step: int, min_side: int | None 
         upscaled=sum(1 for ex, (w, h), _ in chosen if w > ex.size[0] or h > ex.size[1]),
         own=sum(1 for _, _, own in chosen if own),
     )
+
+
+def assign_each(report: DataReport, resolutions: tuple[int, ...], step: int, min_side: int | None = None,
+                max_side: int | None = None, *, enabled: bool = True, upscale: bool = True, strict: bool = False,
+                warn: Callable[[str], None] | None = None) -> tuple[Layout, list[Any]]:
+    """(the layout, the examples it lays out) at each of several ``resolutions`` (ai-toolkit's
+    ``resolution: [512, 768, 1024]``): every example once at each size, in its bucket there, so an epoch sees
+    each image at each size; each batch is still one bucket (`data.epoch_batches`). One size: `assign`."""
+    if len(resolutions) == 1:
+        return assign(report, resolutions[0], step, min_side, max_side, enabled=enabled, upscale=upscale,
+                      strict=strict, warn=warn), report.examples
+    layouts = [assign(report, r, step, min_side, max_side, enabled=enabled, upscale=upscale, strict=strict,
+                      warn=warn) for r in resolutions]  # upscaling on (config.check): no example is dropped
+    first = layouts[0]
+    combined = Layout(
+        sizes=[s for lay in layouts for s in lay.sizes], repeats=[n for lay in layouts for n in lay.repeats],
+        errors=[e for lay in layouts for e in lay.errors], offered=sorted({s for lay in layouts for s in lay.offered}),
+        enabled=enabled, resolution=max(resolutions), step=step, min_side=first.min_side, max_side=first.max_side,
+        upscale=upscale, upscaled=sum(lay.upscaled for lay in layouts), resolutions=tuple(resolutions))
+    return combined, report.examples * len(resolutions)

@@ -81,6 +81,16 @@ def _comma_tuple(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
+def _resolutions(text: str) -> int | tuple[int, ...]:
+    """``--resolution 512`` or ``512,768,1024``: one size (an int, as before lists) or several (a tuple)."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(re.fullmatch(r"[+-]?\d+", part) for part in parts):
+        raise UsageError(f"--resolution takes whole numbers of pixels, one or a comma list (512,768,1024), "
+                         f"got {text!r}")
+    sides = tuple(int(part) for part in parts)
+    return sides[0] if len(sides) == 1 else sides
+
+
 @dataclass
 class FinetuneConfig:
     """What `sdcli finetune` does; each field is one of the command's options."""
@@ -105,9 +115,10 @@ class FinetuneConfig:
     allow_empty_captions: bool = option(
         False, help="Train images without a caption as the null prompt instead of stopping.",
         flags=("--allow-empty-captions",), panel=DATA)
-    resolution: Optional[int] = option(
+    resolution: Optional[int | tuple[int, ...]] = option(
         None, help="Training size in pixels: the square's side, and with buckets the area (its square) each bucket "
-        "has at most. Default: the model's native size.", panel=DATA, show_default=False, range=Range(8, MAX_SIDE))
+        "has at most; a comma list (512,768,1024) trains every image at each. Default: the model's native size.",
+        panel=DATA, show_default=False, range=Range(8, MAX_SIDE), cli_type=str, parse=_resolutions)
     buckets: bool = option(
         True, help="Aspect-ratio buckets: train each image at the model's area in the shape nearest its own "
         "(--no-buckets: crop every image square).", flags=("--buckets/--no-buckets",), panel=DATA)
@@ -127,6 +138,20 @@ class FinetuneConfig:
         False, help="Shuffle each caption's comma-separated tags every step (captions are then encoded every step).",
         flags=("--shuffle-captions",), panel=DATA)
     keep_tokens: int = option(0, help="With --shuffle-captions: keep the first N tags in place.", panel=DATA, range=Range(0))
+    captions_from: Optional[Path] = option(
+        None, help="A jsonl of several captions per image ({\"file_name\": ..., \"captions\": [...]}, names "
+        "relative to it): each step trains one, drawn from --seed.", panel=DATA, role=RUNTIME, show_default=False)
+    # Masked loss. The mask folder may move between a run and its resume, as --data may.
+    masks: Optional[Path] = option(
+        None, help="Folder of loss masks laid out as --data (DIR/sub/name.png for sub/name.jpg; or a `mask` column "
+        "in metadata): the loss counts where a mask is white, --unmasked-weight where it is black.", panel=DATA,
+        role=RUNTIME, show_default=False)
+    alpha_mask: bool = option(
+        False, help="Use each image's alpha channel as its loss mask (where --masks has none).",
+        flags=("--alpha-mask",), panel=DATA)
+    unmasked_weight: float = option(
+        0.0, help="Loss weight of the masked-out (black) part of a loss mask; 1: masks change nothing.", panel=DATA,
+        range=Range(0, 1))
 
     # DreamBooth prior preservation (Ruiz et al. 2023). The class folder may move between a run and its resume,
     # as --data may; what it holds is fixed by --num-class-images and the class prompt, which a resume keeps.
@@ -277,6 +302,12 @@ class FinetuneConfig:
         return 1e-4 if self.lora else 1e-5
 
     @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Each --resolution (none before the model's native one is filled in, when none was given)."""
+        r = self.resolution
+        return () if r is None else tuple(r) if isinstance(r, (list, tuple)) else (r,)
+
+    @property
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
@@ -377,7 +408,8 @@ class FinetuneConfig:
     def _check_apart(self) -> None:
         """--data folders are read with their subfolders: a validation or class folder inside one (or holding one)
         would have its images trained on as instance data, or score the model on what it trained on."""
-        for flag, other in (("--validation-data", self.validation_data), ("--class-data", self.class_data)):
+        for flag, other in (("--validation-data", self.validation_data), ("--class-data", self.class_data),
+                            ("--masks", self.masks)):
             if other is None:
                 continue
             mine = Path(other).resolve()
@@ -398,6 +430,16 @@ class FinetuneConfig:
         given = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
         if not given:
             raise UsageError("--data is missing: give a folder of captioned images")
+        if self.captions_from is not None:
+            self.captions_from = Path(self.captions_from).expanduser()
+            if not self.captions_from.is_file():
+                what = "is a folder, not a file" if self.captions_from.is_dir() else "does not exist"
+                raise UsageError(f"--captions-from {self.captions_from} {what}")
+        if self.masks is not None:
+            self.masks = Path(self.masks).expanduser()
+            if not self.masks.is_dir():
+                what = "is a file, not a folder" if self.masks.exists() else "does not exist"
+                raise UsageError(f"--masks {self.masks} {what}")
         self.data = [str(spec) for spec in given]
         for spec in self.data:
             parse_data(spec)  # raises on a bad repeat count
@@ -409,6 +451,14 @@ class FinetuneConfig:
             raise UsageError(f"--caption-extension must be a file extension like .txt or .caption, "
                              f"got {self.caption_extension!r}")
         self.caption_extension = ext
+        if isinstance(self.resolution, (list, tuple)):
+            sides = self.resolutions
+            if len(set(sides)) < len(sides):
+                raise UsageError(f"--resolution {','.join(map(str, sides))} names a size twice")
+            if not self.upscale:
+                raise UsageError("--no-upscale with several --resolution sizes is not supported: an image too small "
+                                 "for one size would train at the others only")
+            self.resolution = sides[0] if len(sides) == 1 else sides
         for flag, value in (("--min-bucket", self.min_bucket), ("--max-bucket", self.max_bucket)):
             if value is not None and not self.buckets:
                 raise UsageError(f"{flag} sizes the aspect-ratio buckets, which --no-buckets turns off")
@@ -477,6 +527,8 @@ class FinetuneConfig:
         record["out"] = str(self.out)
         record["validation_data"] = str(self.validation_data) if self.validation_data is not None else None
         record["class_data"] = str(self.class_data) if self.class_data is not None else None
+        record["masks"] = str(self.masks) if self.masks is not None else None
+        record["captions_from"] = str(self.captions_from) if self.captions_from is not None else None
         record["lora_targets"] = list(self.lora_targets)
         record["learning_rate"] = self.lr
         record["lora_alpha"] = self.alpha if self.lora else None

@@ -43,6 +43,9 @@ class Example:
     caption: str | None  # None: no caption, trained as the null prompt
     size: tuple[int, int]  # (width, height) as stored
     repeats: int = 1  # times an epoch, from --data DIR:N
+    mask: Path | None = None  # its loss mask (--masks, a metadata `mask` column, or with `alpha` the image itself)
+    alpha: bool = False  # --alpha-mask: the mask is ``mask``'s alpha channel
+    captions: list[str] | None = None  # --captions-from with several for this image: one drawn per step
 
 
 @dataclass
@@ -62,6 +65,8 @@ class DataReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
     ignored: Counter = field(default_factory=Counter)  # suffix of files that are not images
     sources: list[Source] = field(default_factory=list)
+    masks: Counter = field(default_factory=Counter)  # "--masks", "metadata", "alpha", "none": where masks came from
+    resized_masks: list[str] = field(default_factory=list)  # masks of another size than their image, resized to it
 
     def name(self, path: Path) -> str:
         """``path`` as messages name it."""
@@ -96,6 +101,15 @@ class DataReport:
         if self.ignored:
             kinds = ", ".join(f"{suffix or '(none)'} ×{c}" for suffix, c in self.ignored.most_common())
             out.append(f"  ignored {sum(self.ignored.values())} files that are not png/jpg/webp: {kinds}")
+        if self.masks:
+            shown = ", ".join(f"{count} from {src}" for src, count in self.masks.most_common() if src != "none")
+            unmasked = self.masks.get("none", 0)
+            out.append(f"  loss masks: {shown or 'none'}" + (f"; {unmasked} without, trained on every pixel"
+                                                           if unmasked else ""))
+        if self.resized_masks:
+            named = ", ".join(self.resized_masks[:3]) + (", ..." if len(self.resized_masks) > 3 else "")
+            out.append(f"  note: {len(self.resized_masks)} mask{'s' * (len(self.resized_masks) != 1)} of another size "
+                       f"than their image resized to it: {named}")
         for rel, why in self.skipped:
             out.append(f"  skipped {rel}: {why}")
         return out
@@ -108,11 +122,15 @@ def discover(
     allow_empty_captions: bool = False,
     warn=None,
     caption_extension: str = ".txt",
+    masks: Path | None = None,
+    alpha_mask: bool = False,
+    captions_from: Path | None = None,
 ) -> DataReport:
     """Every usable image under ``root`` with its caption; raises DataError for what cannot train.
 
     ``root`` is a folder, or several as (folder, repeats) pairs. ``warn(message)`` is called for
-    each skipped image as it is found.
+    each skipped image as it is found. Loss masks (`find_mask`) are looked for when ``masks`` (a folder
+    mirroring the data's), ``alpha_mask`` or a metadata ``mask`` column asks for them.
     """
     sources = [Source(Path(r).expanduser(), n) for r, n in ([(root, 1)] if isinstance(root, (str, Path)) else root)]
     for source in sources:
@@ -125,19 +143,26 @@ def discover(
             source.root = source.root.absolute()
     common = sources[0].root if len(sources) == 1 else Path(os.path.commonpath([s.root for s in sources]))
     report = DataReport(root=common, examples=[], sources=sources)
+    several = read_captions_from(captions_from) if captions_from is not None else {}
     for source in sources:
         before, skipped = len(report.examples), len(report.skipped)
-        _discover_one(report, source, caption_column, strict, allow_empty_captions, warn, caption_extension)
+        _discover_one(report, source, caption_column, strict, allow_empty_captions, warn, caption_extension,
+                      masks, alpha_mask, several)
         source.images = len(report.examples) - before
         if not source.images:
             unreadable = len(report.skipped) - skipped
             why = f" ({unreadable} unreadable)" if unreadable else ""
             raise DataError(f"no usable images (png, jpg, webp) in {source.root}{why}")
+    found = {Path(os.path.normpath(e.path.absolute())) for e in report.examples}
+    for image in several:
+        if image not in found:
+            raise DataError(f"--captions-from {captions_from} names {image}, which is no image in --data")
     return report
 
 
 def _discover_one(report: DataReport, source: Source, caption_column: str, strict: bool, allow_empty_captions: bool,
-                  warn, caption_extension: str) -> None:
+                  warn, caption_extension: str, masks: Path | None = None, alpha_mask: bool = False,
+                  several: dict[Path, list[str]] | None = None) -> None:
     root = source.root
 
     def skip(path: Path, why: str) -> None:
@@ -157,13 +182,17 @@ def _discover_one(report: DataReport, source: Source, caption_column: str, stric
             files.append(p)
     # 2. Captions from metadata files, keyed by the image path they name.
     listed: dict[Path, tuple[str | None, str]] = {}
+    mask_column: dict[Path, Path] = {}
     for meta in (p for p in files if p.name in METADATA_NAMES):
-        for image, caption in _read_metadata(meta, root, caption_column):
+        for image, caption, mask in _read_metadata(meta, root, caption_column):
             if image in listed:
                 raise DataError(f"{report.name(image)} is listed twice in metadata ({report.name(meta)})")
             listed[image] = (caption, meta.name)
-    # 3. Image files.
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            if mask is not None:
+                mask_column[image] = mask
+    # 3. Image files (not the loss masks the metadata names: a mask kept beside its image is no training image).
+    named_masks = set(mask_column.values())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and Path(os.path.normpath(p)) not in named_masks]
     for p in files:
         if (p.suffix.lower() not in IMAGE_SUFFIXES and p.name not in METADATA_NAMES
                 and not p.name.endswith(caption_extension)):
@@ -179,6 +208,9 @@ def _discover_one(report: DataReport, source: Source, caption_column: str, stric
             skip(path, problem)
             continue
         caption, origin = _caption_for(path, listed, usable, caption_extension, root)
+        options = (several or {}).get(Path(os.path.normpath(path.absolute())))
+        if options:  # --captions-from wins: its first caption stands for the image in reports
+            caption, origin = options[0], "--captions-from"
         if caption is not None and "\0" in caption:
             # A NUL byte is no text a tokenizer should see, and one usually means a binary or mis-encoded file.
             sidecar = _sidecar(path, caption_extension).name
@@ -194,7 +226,71 @@ def _discover_one(report: DataReport, source: Source, caption_column: str, stric
                 )
             origin = "none"
         report.caption_sources[origin] += 1
-        report.examples.append(Example(path=path, caption=caption, size=size, repeats=source.repeats))
+        example = Example(path=path, caption=caption, size=size, repeats=source.repeats,
+                          captions=list(options) if options and len(options) > 1 else None)
+        if masks is not None or alpha_mask or mask_column:
+            find_mask(report, example, source.root, masks, alpha_mask, mask_column)
+        report.examples.append(example)
+
+
+def read_captions_from(path: Path) -> dict[Path, list[str]]:
+    """--captions-from FILE.jsonl: each line {"file_name": ..., "captions": [...]} (or "text", a string or a
+    list), ``file_name`` relative to the file as metadata's is; several captions per image, one drawn each
+    step (`epoch_batches`). A line that is no such object is a DataError naming the file and line."""
+    path = Path(path)
+    where = f"--captions-from {path}"
+    out: dict[Path, list[str]] = {}
+    for number, line in enumerate(read_text(path, path.parent).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        captions = row.get("captions", row.get("text")) if isinstance(row, dict) else None
+        captions = [captions] if isinstance(captions, str) else captions
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if (not isinstance(name, str) or not name or not isinstance(captions, list) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise DataError(f"{where} line {number}: expected {{\"file_name\": ..., \"captions\": [\"...\", ...]}} "
+                            "with at least one non-empty caption")
+        image = Path(os.path.normpath(path.absolute().parent / name))
+        if image in out:
+            raise DataError(f"{where} line {number}: {name} is listed twice")
+        out[image] = [c.strip() for c in captions]
+    return out
+
+
+MASK_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")  # png first: a lossless mask where several exist
+
+
+def find_mask(report: DataReport, example: Example, root: Path, masks: Path | None, alpha_mask: bool,
+              listed: dict[Path, Path]) -> None:
+    """Give ``example`` its loss mask: the metadata's ``mask`` column first, then --masks DIR (the image's
+    path under its --data folder, with any image suffix), then --alpha-mask (the image's own alpha). An
+    image with none trains on every pixel. A mask that cannot be read is a DataError naming it (training on
+    a mask that is not there would weigh the loss wrongly, silently); one of another size than its image is
+    resized to it, and named in a note (`DataReport.lines`)."""
+    key = Path(os.path.normpath(example.path))
+    path, origin = listed.get(key), "metadata"
+    if path is None and masks is not None:
+        rel = example.path.relative_to(root).with_suffix("")
+        candidates = [masks / rel.with_name(rel.name + suffix) for suffix in MASK_SUFFIXES]
+        path, origin = next((c for c in candidates if c.is_file()), None), "--masks"
+    if path is None and alpha_mask:
+        example.mask, example.alpha = example.path, True
+        report.masks["alpha"] += 1
+        return
+    if path is None:
+        report.masks["none"] += 1
+        return
+    size, problem = check_image(path) if path.is_file() else ((0, 0), "no such file")
+    if problem:
+        raise DataError(f"the loss mask {report.name(path)} of {report.name(example.path)} cannot be used: {problem}")
+    if size != example.size:
+        report.resized_masks.append(f"{path.name} ({size[0]}x{size[1]} for {example.size[0]}x{example.size[1]})")
+    example.mask = path
+    report.masks[origin] += 1
 
 
 def long_captions(report: DataReport, tokenizer: Any) -> str | None:
@@ -280,7 +376,9 @@ def read_text(path: Path, root: Path) -> str:
                         "cannot be decoded; save it as UTF-8") from None
 
 
-def _read_metadata(meta: Path, root: Path, column: str) -> Iterator[tuple[Path, str | None]]:
+def _read_metadata(meta: Path, root: Path, column: str) -> Iterator[tuple[Path, str | None, Path | None]]:
+    """(image, caption, loss mask) for each row; a ``mask`` column names the mask relative to the file, as
+    ``file_name`` names the image (empty: none)."""
     rows: list[tuple[int, dict[str, Any]]] = []
     text = read_text(meta, root)
     if meta.suffix == ".jsonl":
@@ -315,7 +413,8 @@ def _read_metadata(meta: Path, root: Path, column: str) -> Iterator[tuple[Path, 
             raise DataError(f"{_rel(meta, root)} line {number}: file_name {name!r} points outside --data {root}")
         caption = row.get(column)
         caption = str(caption).strip() if caption is not None else ""
-        yield target, (caption or None)
+        mask = str(row.get("mask") or "").strip()
+        yield target, (caption or None), (Path(os.path.normpath(base / mask)) if mask else None)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -396,6 +495,47 @@ def to_pixels(image, target: int | tuple[int, int], center: bool = True, flip: b
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
 
+def load_mask(path: Path, alpha: bool = False):
+    """A loss mask as a greyscale PIL image (white: the loss counts, black: it does not): the file's
+    luminance, or with ``alpha`` its alpha channel (an image without one: all white). Upright by EXIF."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if alpha:
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+            return img.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", img.size, 255)
+        return img.convert("L")
+
+
+def to_mask(mask, image_size: tuple[int, int], target: tuple[int, int], center: bool = True, flip: bool = False,
+            frac: tuple[float, float] = (0.5, 0.5)):
+    """A float tensor (1, h, w) in [0, 1]: ``mask`` resized to its image's size (where it differs), then
+    resized, cropped and mirrored exactly as `to_pixels` does the image, so it covers the same pixels."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if mask.size != tuple(image_size):
+        mask = mask.resize(tuple(image_size), Image.BILINEAR)
+    tw, th = _wh(target)
+    (rw, rh), (top, left) = crop_box(mask.size, (tw, th), center, frac)
+    img = mask.resize((rw, rh), Image.BILINEAR).crop((left, top, left + tw, top + th))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None].contiguous()
+
+
+def latent_weights(masks, latent_hw: tuple[int, int], unmasked_weight: float):
+    """Per-latent-pixel loss weights (B, 1, h, w) from pixel masks (B, 1, H, W): each mask averaged over the
+    pixels a latent pixel covers (area interpolation: the VAE's factor divides H and W), then
+    w = m + W·(1 − m), so a masked-out pixel keeps ``unmasked_weight`` W."""
+    import torch.nn.functional as F
+
+    m = F.interpolate(masks.float(), size=tuple(latent_hw), mode="area")
+    return m + unmasked_weight * (1 - m)
+
+
 # ---------------------------------------------------------------------------
 # Epochs: order and augmentation
 
@@ -409,6 +549,7 @@ class Item:
     drop: bool = False
     crop: tuple[float, float] = (0.5, 0.5)  # where a random crop sits, as fractions
     tags: int | None = None  # with --shuffle-captions: the seed of this sample's tag order
+    pick: int | None = None  # with --captions-from: the seed of which of the image's captions this sample trains
 
 
 def mix_seed(*parts: int) -> int:
@@ -420,7 +561,7 @@ def mix_seed(*parts: int) -> int:
 
 
 def epoch_batches(groups: Sequence[Sequence[int]], epoch: int, seed: int, flip: bool, uncond_prob: float,
-                  batch: int, shuffle_tags: bool = False) -> list[list[Item]]:
+                  batch: int, shuffle_tags: bool = False, several_captions: bool = False) -> list[list[Item]]:
     """The global batches of one epoch: each group (the example indices of one bucket, an example
     repeated as often as it counts) shuffled and cut into batches of ``batch``, every sample with its flip,
     caption dropout, crop and tag order drawn, and the batches of all groups in a shuffled order.
@@ -432,6 +573,8 @@ def epoch_batches(groups: Sequence[Sequence[int]], epoch: int, seed: int, flip: 
     import torch
 
     gen = torch.Generator().manual_seed(mix_seed(seed, 1, epoch))
+    # Which caption each sample trains: a stream of its own, so runs without --captions-from draw as before.
+    picks = torch.Generator().manual_seed(mix_seed(seed, 6, epoch)) if several_captions else None
     batches: list[list[Item]] = []
     for members in groups:
         n = len(members)
@@ -440,8 +583,9 @@ def epoch_batches(groups: Sequence[Sequence[int]], epoch: int, seed: int, flip: 
         drops = (torch.rand(n, generator=gen) < uncond_prob).tolist()
         crops = torch.rand(n, 2, generator=gen).tolist()
         tags = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist() if shuffle_tags else [None] * n
-        items = [Item(members[i], bool(f), bool(d), (c[0], c[1]), t)
-                 for i, f, d, c, t in zip(order, flips, drops, crops, tags)]
+        chosen = torch.randint(0, 2**31 - 1, (n,), generator=picks).tolist() if picks is not None else [None] * n
+        items = [Item(members[i], bool(f), bool(d), (c[0], c[1]), t, k)
+                 for i, f, d, c, t, k in zip(order, flips, drops, crops, tags, chosen)]
         batches += [[items[(start + j) % n] for j in range(batch)] for start in range(0, n, batch)]
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 

@@ -21,13 +21,14 @@ from typing import Any, Callable
 
 from sdcli import defaults
 from sdcli.latents import scale
-from sdcli.training.data import Example, Item, load_rgb, shuffle_tags, to_pixels
+from sdcli.training.data import Example, Item, latent_weights, load_mask, load_rgb, shuffle_tags, to_mask, to_pixels
 
 
 @dataclass
 class Batch:
     latents: Any  # (B, C, h, w), already scaled for the denoiser (`sdcli.latents.scale`)
     cond: dict[str, Any]  # keyword arguments for the denoiser besides the latents and the timestep
+    weights: Any = None  # (B, 1, h, w) per-latent-pixel loss weights from the loss masks; None: no masks
 
 
 class TextEncoding:
@@ -86,6 +87,7 @@ class TrainingInputs:
         cache_text: bool,
         shuffle_captions: bool = False,
         keep_tokens: int = 0,
+        unmasked_weight: float = 0.0,  # the loss weight where a loss mask is black (`data.latent_weights`)
     ):
         self.vae = pipe.vae
         if family is None:
@@ -100,8 +102,11 @@ class TrainingInputs:
         self.cache_latents = cache_latents
         self.cache_text = cache_text and not shuffle_captions
         self.shuffle_captions, self.keep_tokens = shuffle_captions, keep_tokens
-        # Filled by build_cache, on the CPU: per example, its latent moments [flipped] (C, h, w) and SDXL
-        # micro-conditioning [flipped] (6,); prompt ids.
+        self.masked = any(ex.mask is not None for ex in examples)
+        self.unmasked_weight = unmasked_weight
+        # Filled by build_cache, on the CPU: per example, its latent moments [flipped] (C, h, w), SDXL
+        # micro-conditioning [flipped] (6,) and loss weights [flipped] (1, h, w); prompt ids.
+        self.weights: list[Any] | None = None
         self.mean: list[Any] | None = None
         self.std: list[Any] | None = None
         self.time_ids: list[Any] | None = None
@@ -121,16 +126,19 @@ class TrainingInputs:
             # The null prompt first, so a dropped caption is index 0 whatever the captions are.
             self.prompts, self.prompt_index, seen = [defaults.NULL_PROMPT], [], {defaults.NULL_PROMPT: 0}
             for ex in self.examples:
-                caption = ex.caption if ex.caption is not None else defaults.NULL_PROMPT
-                if caption not in seen:
-                    seen[caption] = len(self.prompts)
-                    self.prompts.append(caption)
-                self.prompt_index.append(seen[caption])
+                ids = []
+                for caption in ex.captions or [ex.caption if ex.caption is not None else defaults.NULL_PROMPT]:
+                    if caption not in seen:
+                        seen[caption] = len(self.prompts)
+                        self.prompts.append(caption)
+                    ids.append(seen[caption])
+                # One id, or with --captions-from one per caption of the image (the step's draw picks one).
+                self.prompt_index.append(ids[0] if len(ids) == 1 else ids)
         total = (n * len(variants) if self.cache_latents else 0) + (len(self.prompts) if self.cache_text else 0)
         done = 0
         with torch.no_grad():
             if self.cache_latents:
-                self.mean, self.std, self.time_ids = [None] * n, [None] * n, [None] * n
+                self.mean, self.std, self.time_ids, self.weights = [None] * n, [None] * n, [None] * n, [None] * n
                 # One bucket at a time: a VAE batch is one tensor, so its images must share a size.
                 by_size: dict[tuple[int, int], list[int]] = {}
                 for index, size in enumerate(self.sizes):
@@ -140,9 +148,11 @@ class TrainingInputs:
                         chunk = members[start:start + batch_size]
                         moments = []
                         for mirrored in variants:
-                            pixels, time_ids = self._pixels([Item(i, flip=mirrored) for i in chunk])
+                            pixels, time_ids, masks = self._pixels([Item(i, flip=mirrored) for i in chunk])
                             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-                            moments.append((dist.mean.float().cpu(), dist.std.float().cpu(), time_ids))
+                            weights = (latent_weights(masks, dist.mean.shape[-2:], self.unmasked_weight)
+                                       if masks is not None else None)
+                            moments.append((dist.mean.float().cpu(), dist.std.float().cpu(), time_ids, weights))
                             done += len(chunk)
                             if progress:
                                 progress(done, total)
@@ -150,6 +160,8 @@ class TrainingInputs:
                             self.mean[index] = torch.stack([m[0][j] for m in moments])
                             self.std[index] = torch.stack([m[1][j] for m in moments])
                             self.time_ids[index] = torch.stack([m[2][j] for m in moments])
+                            if self.masked:
+                                self.weights[index] = torch.stack([m[3][j] for m in moments])
             if self.cache_text:
                 hidden, pooled = [], []
                 for start in range(0, len(self.prompts), batch_size):
@@ -174,23 +186,27 @@ class TrainingInputs:
             mean = torch.stack([self.mean[it.index][int(it.flip)] for it in items]).to(self.device)
             std = torch.stack([self.std[it.index][int(it.flip)] for it in items]).to(self.device)
             time_ids = torch.stack([self.time_ids[it.index][int(it.flip)] for it in items])
+            weights = (torch.stack([self.weights[it.index][int(it.flip)] for it in items]).to(self.device)
+                       if self.masked else None)
         else:
-            pixels, time_ids = self._pixels(items)
+            pixels, time_ids, masks = self._pixels(items)
             with torch.no_grad():
                 dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
+            weights = (latent_weights(masks, mean.shape[-2:], self.unmasked_weight).to(self.device)
+                       if masks is not None else None)
         # A fresh draw from the latent distribution, as latent_dist.sample() would, scaled for the denoiser.
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = scale(self.vae, mean + std * eps)
         hidden, pooled = self._text(items)
         cond = self.text.family.conditioning(hidden, pooled, time_ids.to(self.device, hidden.dtype))
-        return Batch(latents=latents, cond=cond)
+        return Batch(latents=latents, cond=cond, weights=weights)
 
     def _text(self, items: list[Item]):
         import torch
 
         if self.cache_text:
-            ids = torch.tensor([0 if it.drop else self.prompt_index[it.index] for it in items])
+            ids = torch.tensor([0 if it.drop else _picked(self.prompt_index[it.index], it) for it in items])
             hidden = self.hidden[ids].to(self.device)
             pooled = self.pooled[ids].to(self.device) if self.pooled is not None else None
         else:
@@ -203,7 +219,8 @@ class TrainingInputs:
     def prompt_of(self, item: Item) -> str:
         """The caption this item trains on: its own (its tags in the item's order with --shuffle-captions),
         or the null prompt when dropped or missing."""
-        caption = self.examples[item.index].caption
+        example = self.examples[item.index]
+        caption = _picked(example.captions, item) if example.captions else example.caption
         if item.drop or caption is None:
             return defaults.NULL_PROMPT
         if self.shuffle_captions and item.tags is not None:
@@ -211,16 +228,29 @@ class TrainingInputs:
         return caption
 
     def _pixels(self, items: list[Item]):
-        """Pixels (B, 3, h, w) and SDXL micro-conditioning (B, 6) for ``items``, which share one size."""
+        """Pixels (B, 3, h, w), SDXL micro-conditioning (B, 6) and, when any example has a loss mask, the masks
+        (B, 1, h, w; all ones for one without) cropped and mirrored as the pixels are, for ``items``, which
+        share one size."""
         import torch
 
-        pixels, time_ids = [], []
+        pixels, time_ids, masks = [], [], []
         for it in items:
-            image = load_rgb(self.examples[it.index].path)
+            example = self.examples[it.index]
+            image = load_rgb(example.path)
             w, h = self.sizes[it.index]
             px, (top, left) = to_pixels(image, (w, h), self.center_crop, it.flip, it.crop)
             pixels.append(px)
+            if self.masked:
+                masks.append(to_mask(load_mask(example.mask, example.alpha), image.size, (w, h), self.center_crop,
+                                     it.flip, it.crop) if example.mask is not None else torch.ones(1, h, w))
             # (original h, w, crop top, crop left, target h, w), as SDXL was trained: the image's real size and
             # where in it (resized to cover the bucket) the crop sits.
             time_ids.append(torch.tensor([image.height, image.width, top, left, h, w], dtype=torch.float32))
-        return torch.stack(pixels), torch.stack(time_ids)
+        return torch.stack(pixels), torch.stack(time_ids), (torch.stack(masks) if masks else None)
+
+
+def _picked(options, item: Item):
+    """The one of an image's several captions (or their cache ids) ``item`` trains on; a single one as it is."""
+    if not isinstance(options, list):
+        return options
+    return options[(item.pick or 0) % len(options)]

@@ -85,6 +85,11 @@ class Run:
     fingerprint: str | None = None  # the base model's (`checkpoints.model_fingerprint`), recorded in checkpoints
 
     @property
+    def several_captions(self) -> bool:
+        """Whether any image has several captions (--captions-from), so each sample draws one."""
+        return any(e.captions for e in self.report.examples)
+
+    @property
     def family_name(self) -> str:
         """sd1, sd2, sdxl, sd3 or flux: what records call the model."""
         return self.family.record_name(self.pipe)
@@ -202,7 +207,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 3. Data: every image opened once; what cannot train is skipped (or stops the run) here.
     report = data.discover(cfg.data_sources, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say,
-                           caption_extension=cfg.caption_extension)
+                           caption_extension=cfg.caption_extension, masks=cfg.masks, alpha_mask=cfg.alpha_mask,
+                           captions_from=cfg.captions_from)
     report, held_out = validation.select(cfg, report, warn=say)
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
@@ -216,17 +222,18 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         # First, so a checkpoint of another model is called that, not a list of settings that differ.
         checkpoints.check_same_model(resume_dir, checkpoints.read_state(resume_dir), cfg.model, name,
                                      fingerprint)
-    cfg.resolution = setup.resolution_for(cfg.resolution, pipe, family)
+    sides = tuple(setup.resolution_for(r, pipe, family) for r in (cfg.resolutions or (None,)))
+    cfg.resolution = sides[0] if len(sides) == 1 else sides
     step = setup.bucket_sides(cfg, pipe, family)
     # What cannot fit (a step in memory, the weights on disk) is refused before anything is encoded or trained.
     from sdcli.memory import check_training
 
     check_training(cfg, pipe, family, str(accelerator.device))
-    layout = buckets.assign(report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
-                            upscale=cfg.upscale, strict=cfg.strict, warn=say)
+    layout, examples = buckets.assign_each(report, cfg.resolutions, step, cfg.min_bucket, cfg.max_bucket,
+                                           enabled=cfg.buckets, upscale=cfg.upscale, strict=cfg.strict, warn=say)
     if held_out is not None:
         validation.lay_out(held_out, lambda held: buckets.assign(
-            held, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets, upscale=cfg.upscale,
+            held, max(cfg.resolutions), step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets, upscale=cfg.upscale,
             strict=cfg.strict, warn=say))
     if resume_dir is not None:
         _same_run(cfg, resume_dir)  # every setting is settled: refuse a different run before anything is encoded
@@ -236,9 +243,10 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         made = prior.fill(cfg, pipe, family, accelerator.device, accelerator.is_main_process)
         accelerator.wait_for_everyone()
         classes = prior.load(cfg, *made, warn=say)
-        classes.layout = buckets.assign(classes.report, cfg.resolution, step, cfg.min_bucket, cfg.max_bucket,
-                                        enabled=cfg.buckets, upscale=cfg.upscale, strict=cfg.strict, warn=say)
-    for line in report.lines(None if cfg.buckets else cfg.resolution):
+        classes.layout, classes.examples = buckets.assign_each(
+            classes.report, cfg.resolutions, step, cfg.min_bucket, cfg.max_bucket, enabled=cfg.buckets,
+            upscale=cfg.upscale, strict=cfg.strict, warn=say)
+    for line in report.lines(None if cfg.buckets else max(cfg.resolutions)):
         say(line)
     for line in layout.lines():
         say(line)
@@ -264,10 +272,10 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
 
     # 5. Inputs: encode every image and caption once when nothing that makes them is trained.
     inputs = TrainingInputs(
-        pipe, report.examples, family=family, sizes=layout.sizes, center_crop=cfg.center_crop,
+        pipe, examples, family=family, sizes=layout.sizes, center_crop=cfg.center_crop,
         device=accelerator.device,
         cache_latents=cfg.cache and cfg.center_crop, cache_text=cfg.cache and not cfg.train_text_encoder,
-        shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens,
+        shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens, unmasked_weight=cfg.unmasked_weight,
     )
     t_cache = time.perf_counter()
     if inputs.cache_latents or inputs.cache_text:
@@ -284,13 +292,14 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
         # Centre crops in their buckets, so a held-out latent is one fixed thing: cached whenever --cache is on.
         held_out.inputs = TrainingInputs(
             pipe, held_out.examples, family=family, sizes=held_out.sizes, center_crop=True,
-            device=accelerator.device, cache_latents=cfg.cache, cache_text=inputs.cache_text)
+            device=accelerator.device, cache_latents=cfg.cache, cache_text=inputs.cache_text,
+            unmasked_weight=cfg.unmasked_weight)
         if cfg.cache:
             held_out.inputs.build_cache(False, batch_size=cfg.batch_size)
     if classes is not None:
         # The class prompt is never dropped nor shuffled (`sdcli.training.prior`); its latents cache like the rest.
         classes.inputs = TrainingInputs(
-            pipe, classes.report.examples, family=family, sizes=classes.layout.sizes, center_crop=cfg.center_crop,
+            pipe, classes.examples, family=family, sizes=classes.layout.sizes, center_crop=cfg.center_crop,
             device=accelerator.device, cache_latents=inputs.cache_latents, cache_text=inputs.cache_text)
         if inputs.cache_latents or inputs.cache_text:
             classes.inputs.build_cache(cfg.flip, batch_size=cfg.batch_size)
@@ -364,7 +373,8 @@ def _train(run: Run, callback) -> Trained:
                 epoch, k = divmod(micro, run.per_epoch)
                 if plan is None or plan[0] != epoch:
                     plan = (epoch, data.epoch_batches(groups, epoch, cfg.seed, cfg.flip, cfg.uncond_prob,
-                                                      cfg.batch_size * world, cfg.shuffle_captions))
+                                                      cfg.batch_size * world, cfg.shuffle_captions,
+                                                      several_captions=run.several_captions))
                 items = data.rank_share(plan[1][k], cfg.batch_size, rank)
                 generator = torch.Generator(accelerator.device).manual_seed(data.mix_seed(cfg.seed, 2, rank, micro))
                 class_items = None
@@ -461,7 +471,7 @@ def _step_loss(run: Run, denoiser, batch, generator):
     if not run.family.flow:
         return objective.step_loss(denoiser, run.noise_scheduler, batch.latents, batch.cond, generator,
                                    noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
-                                   debiased=cfg.debiased_loss, snr_floor=cfg.debiased_snr_floor)
+                                   debiased=cfg.debiased_loss, snr_floor=cfg.debiased_snr_floor, mask=batch.weights)
 
     def predict(noisy, timesteps):
         return run.family.predict(run.pipe, denoiser, noisy, timesteps, batch.cond, cfg.distilled_guidance)
@@ -469,7 +479,8 @@ def _step_loss(run: Run, denoiser, batch, generator):
     # The shape options are set only for the sampling they shape (cfg.settle_for), and read only by it.
     return objective.flow_step_loss(predict, run.noise_scheduler, batch.latents, generator,
                                     sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
-                                    logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, weighting=cfg.weighting_scheme)
+                                    logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, weighting=cfg.weighting_scheme,
+                                    mask=batch.weights)
 
 
 def _objective(cfg: FinetuneConfig, family, scheduler) -> str:

@@ -165,18 +165,26 @@ def ddpm_loss_weights(snr, prediction_type: str, *, snr_gamma: float | None = No
     return None
 
 
-def diffusion_loss(prediction, target, weights=None):
-    """Plain MSE, computed in float32; ``weights`` (one per sample) rescale each sample's mean error."""
+def diffusion_loss(prediction, target, weights=None, mask=None):
+    """Plain MSE, computed in float32; ``weights`` (one per sample) rescale each sample's mean error.
+
+    ``mask`` (B, 1, h, w), the loss masks' per-latent-pixel weights (`sdcli.training.data.latent_weights`),
+    multiplies each squared error before the mean, as kohya's masked loss does: loss = mean over samples b of
+    s_b · mean over (c, y, x) of m[b, y, x] · (prediction − target)², so a masked-out latent pixel contributes
+    its weight's share and no more (the mean is not renormalised by the mask's area)."""
     import torch.nn.functional as F
 
-    if weights is None:
+    if weights is None and mask is None:
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights.float()).mean()
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if mask is not None:
+        squared = squared * mask.float()
+    per_sample = squared.mean(dim=tuple(range(1, squared.ndim)))
+    return (per_sample * weights.float()).mean() if weights is not None else per_sample.mean()
 
 
 def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float = 0.0, snr_gamma: float | None = None,
-              debiased: bool = False, snr_floor: float | None = None):
+              debiased: bool = False, snr_floor: float | None = None, mask=None):
     """One training step's loss: noise x_0 to a random t in one jump, predict, regress.
 
     ``cond`` holds ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``.
@@ -184,11 +192,11 @@ def step_loss(unet, scheduler, latents, cond, generator, *, noise_offset: float 
     noise = sample_noise(latents, generator, noise_offset)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, latents.device)
     return ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, snr_gamma=snr_gamma, debiased=debiased,
-                     snr_floor=snr_floor)
+                     snr_floor=snr_floor, mask=mask)
 
 
 def ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, *, snr_gamma: float | None = None,
-              debiased: bool = False, snr_floor: float | None = None):
+              debiased: bool = False, snr_floor: float | None = None, mask=None):
     """The loss at given noise and timesteps: x_t by the scheduler's `add_noise`, MSE onto ε or v, weighted
     per sample by `ddpm_loss_weights`. `step_loss` draws them; validation fixes them (`validation_timesteps`)."""
     from diffusers.training_utils import compute_snr
@@ -200,7 +208,7 @@ def ddpm_loss(unet, scheduler, latents, cond, noise, timesteps, *, snr_gamma: fl
     if snr_gamma is not None or debiased:
         weights = ddpm_loss_weights(compute_snr(scheduler, timesteps), scheduler.config.prediction_type,
                                     snr_gamma=snr_gamma, debiased=debiased, snr_floor=snr_floor)
-    return diffusion_loss(prediction, target, weights)
+    return diffusion_loss(prediction, target, weights, mask)
 
 
 def validation_timesteps(scheduler, count: int, device="cpu"):
@@ -253,7 +261,7 @@ def flow_training_scheduler(config: dict[str, Any]):
 
 
 def flow_step_loss(predict, scheduler, latents, generator, *, sampling: str = "uniform", logit_mean: float = 0.0,
-                   logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none"):
+                   logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none", mask=None):
     """One flow-matching step's loss (Lipman et al. 2023; Esser et al. 2024): draw σ, jump x_0 to
     x_t = (1 − σ)·x_0 + σ·ε, and regress ``predict(x_t, timesteps)`` onto the velocity ε − x_0 with plain
     MSE, each sample weighted by the scheme (none: all 1).
@@ -264,17 +272,17 @@ def flow_step_loss(predict, scheduler, latents, generator, *, sampling: str = "u
     u = sample_flow_u(latents.shape[0], sampling, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
                       generator=generator, device=latents.device)
     sigmas, timesteps = flow_sigmas(scheduler, u)
-    return flow_loss(predict, latents, noise, sigmas, timesteps, weighting=weighting)
+    return flow_loss(predict, latents, noise, sigmas, timesteps, weighting=weighting, mask=mask)
 
 
-def flow_loss(predict, latents, noise, sigmas, timesteps, *, weighting: str = "none"):
+def flow_loss(predict, latents, noise, sigmas, timesteps, *, weighting: str = "none", mask=None):
     """The loss at given noise and σ: x_t = (1 − σ)·x_0 + σ·ε, MSE onto ε − x_0, weighted by the scheme.
     `flow_step_loss` draws them; validation fixes them (`validation_sigmas`)."""
     s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
     noisy = (1 - s) * latents + s * noise
     prediction = predict(noisy, timesteps)
     weights = None if weighting == "none" else flow_loss_weights(weighting, sigmas)
-    return diffusion_loss(prediction, noise - latents, weights)
+    return diffusion_loss(prediction, noise - latents, weights, mask)
 
 
 def validation_sigmas(scheduler, count: int, device="cpu"):

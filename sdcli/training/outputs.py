@@ -364,7 +364,7 @@ def render_validation(pipe: Any, family: str, device: Any, cfg: Any, step: int, 
         prompts=list(cfg.validation_prompts), model=cfg.model if cfg.lora else str(out),
         revision=cfg.revision if cfg.lora else None, variant=cfg.variant if cfg.lora else None,
         loras=[(str(out), 1.0)] if cfg.lora else [], steps=cfg.validation_steps, seeds=[cfg.seed],
-        width=cfg.resolution, height=cfg.resolution, device=str(device))
+        width=max(cfg.resolutions), height=max(cfg.resolutions), device=str(device))
     if cfg.validation_guidance is not None:
         if guidance == "distilled":
             settings.distilled_guidance = cfg.validation_guidance

@@ -32,7 +32,8 @@ class ClassImages:
     generated: int
     reused: int
     layout: Any = None  # buckets.Layout
-    inputs: Any = None  # TrainingInputs over report.examples
+    inputs: Any = None  # TrainingInputs over examples
+    examples: list[Any] | None = None  # report.examples as laid out: once per --resolution size
     per_epoch: int = 0  # global class batches in one pass over the class images
 
     def line(self, weight: float, prompt: str) -> str:
@@ -72,7 +73,8 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     # Seeds past those of the images already there, so topping up a folder never repeats an image.
     seeds = [data.mix_seed(cfg.seed, 5, first + i) % 2**32 for i in range(count)]
     settings = Settings(prompts=[cfg.class_prompt], model=cfg.model, revision=cfg.revision, variant=cfg.variant,
-                        seeds=seeds, width=cfg.resolution, height=cfg.resolution, device=str(device))
+                        seeds=seeds, width=max(cfg.resolutions), height=max(cfg.resolutions),
+                        device=str(device))
     engine = Engine.around(pipe, settings, family=family.record_name(pipe))
     p = engine.plan(settings)
     slug = re.sub(r"[^a-z0-9]+", "-", cfg.class_prompt.lower()).strip("-")[:40] or "class"

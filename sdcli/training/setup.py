@@ -136,17 +136,18 @@ def bucket_sides(cfg: FinetuneConfig, pipe, family) -> int:
     _, step, largest = family.sizes(pipe)
     if not cfg.buckets:
         return step
-    res = cfg.resolution
+    # With several --resolution sizes, the sides span them all: half the smallest to twice the largest.
+    low, res = min(cfg.resolutions), max(cfg.resolutions)
     longest = largest // step * step if largest is not None else None
     if cfg.min_bucket is None:
-        cfg.min_bucket = max(step, res // 2 // step * step)
+        cfg.min_bucket = max(step, low // 2 // step * step)
     if cfg.max_bucket is None:
         cfg.max_bucket = res * 2 if longest is None else max(res, min(res * 2, longest))
     for flag, value in (("--min-bucket", cfg.min_bucket), ("--max-bucket", cfg.max_bucket)):
         if value % step:
             raise UsageError(f"{flag} {value} must be a multiple of {step} for this model (as --resolution must)")
-    if cfg.min_bucket > res:
-        raise UsageError(f"--min-bucket {cfg.min_bucket} is larger than --resolution {res}: no bucket would have "
+    if cfg.min_bucket > low:
+        raise UsageError(f"--min-bucket {cfg.min_bucket} is larger than --resolution {low}: no bucket would have "
                          "the model's area")
     if cfg.max_bucket < res:
         raise UsageError(f"--max-bucket {cfg.max_bucket} is smaller than --resolution {res}: not even the square "

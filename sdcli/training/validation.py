@@ -99,7 +99,7 @@ def loss_function(cfg, family, pipe, scheduler, denoiser) -> Callable[[Any, Any,
     if not family.flow:
         def ddpm(batch, noise, timesteps):
             return objective.ddpm_loss(denoiser, scheduler, batch.latents, batch.cond, noise, timesteps,
-                                       snr_gamma=cfg.snr_gamma, debiased=cfg.debiased_loss,
+                                       snr_gamma=cfg.snr_gamma, debiased=cfg.debiased_loss, mask=batch.weights,
                                        snr_floor=cfg.debiased_snr_floor)
         return ddpm
 
@@ -109,7 +109,8 @@ def loss_function(cfg, family, pipe, scheduler, denoiser) -> Callable[[Any, Any,
         def predict(noisy, t):
             return family.predict(pipe, denoiser, noisy, t, batch.cond, cfg.distilled_guidance)
 
-        return objective.flow_loss(predict, batch.latents, noise, sigmas, timesteps, weighting=cfg.weighting_scheme)
+        return objective.flow_loss(predict, batch.latents, noise, sigmas, timesteps, weighting=cfg.weighting_scheme,
+                                   mask=batch.weights)
     return flow
 
 

@@ -325,3 +325,48 @@ def test_config_from_python_takes_a_path_or_a_list():
     assert many.to_json()["data"] == ["photos", "closeups:4"]
     with pytest.raises(UsageError, match="--data closeups:0"):
         FinetuneConfig(data=["closeups:0"], out=Path("o")).check()
+
+
+def test_several_resolutions_train_each_image_at_each_and_resume_bit_identically(tiny_sd, tmp_path, make_images,
+                                                                                make_config):
+    import signal
+
+    from safetensors.torch import load_file
+
+    from sdcli.training import finetune
+
+    data = tmp_path / "data"
+    make_images(data / "square", n=2)
+    make_images(data / "wide", n=2, size=(24, 16))
+    # Four batches of 2 an epoch (each image at 8 and at 16 px), so the resumed steps cross into epoch 1.
+    settings = dict(resolution=(8, 16), max_steps=5, batch_size=2, flip=True, uncond_prob=0.3, checkpoint_every=0,
+                    seed=3)
+    whole = finetune(make_config(data, tmp_path / "whole", tiny_sd, **settings))
+    record = json.loads((tmp_path / "whole" / "training_settings.json").read_text())
+    assert record["config"]["resolution"] == [8, 16] and record["buckets"]["resolution"] == [8, 16]
+    table = {tuple(row["size"]): row["per_epoch"] for row in record["buckets"]["table"]}
+    assert sum(table.values()) == 8  # 4 images at 2 sizes
+    assert any(w * h <= 64 for w, h in table) and any(w * h > 64 for w, h in table)
+
+    def press_ctrl_c(info):
+        if info.step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(make_config(data, tmp_path / "split", tiny_sd, **settings), callback=press_ctrl_c)
+    resumed = finetune(make_config(data, tmp_path / "split", tiny_sd, resume="latest", **settings))
+    assert resumed.losses == whole.losses[3:]  # stopped after step 3, where the stop was seen
+    a, b = (load_file(str(tmp_path / run / "pytorch_lora_weights.safetensors")) for run in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value,extra,expected", [
+    ("8,8", [], "--resolution 8,8 names a size twice"),
+    ("8,x", [], "--resolution takes whole numbers of pixels, one or a comma list (512,768,1024), got '8,x'"),
+    ("8,99999", [], "--resolution must be between 8 and 16384, got 99999"),
+    ("8,16", ["--no-upscale"], "--no-upscale with several --resolution sizes is not supported"),
+])
+def test_a_resolution_list_is_checked_before_loading(cli, dataset, tmp_path, no_pipeline_loads, value, extra, expected):
+    result = cli("finetune", "--data", dataset, "--out", tmp_path / "o", "--resolution", value, *extra)
+    assert expected in one_error_line(result, 2)
+    assert not no_pipeline_loads

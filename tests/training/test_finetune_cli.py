@@ -30,9 +30,10 @@ def test_every_declared_setting_is_an_option_of_finetune_with_its_help():
     for d in declared(FinetuneConfig):
         assert d.name in params, d.name
         assert params[d.name].help == d.opt.help
-    # Every field is declared, and the command adds only how it prints its result, never a second spelling.
+    # Every field is declared, and the command adds only how it prints its result and where its settings come
+    # from (a --config file, whose keys are the same declarations), never a second spelling.
     assert [d.name for d in declared(FinetuneConfig)] == [f.name for f in dataclasses.fields(FinetuneConfig)]
-    assert set(params) - {d.name for d in declared(FinetuneConfig)} == {"json"}
+    assert set(params) - {d.name for d in declared(FinetuneConfig)} == {"json", "config", "print_config"}
 
 
 def test_missing_out_is_a_usage_error_naming_it(cli, tmp_path):
