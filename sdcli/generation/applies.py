@@ -21,6 +21,11 @@ def check_family(s: Any, facts: Any) -> None:
     model = facts.class_name or "this model"
     if facts.family.check is not None:
         facts.family.check(s, facts)
+    takes = facts.family.references(facts.class_name or "")
+    if len(s.reference_images) > takes:
+        why = (f"{model} takes at most {takes} reference image{'s' if takes > 1 else ''}" if takes else
+               f"{model} takes no reference images (editing models such as Qwen-Image-Edit do)")
+        raise UsageError(f"--reference-image: {why}", setting="reference_images")
     for rule in facts.family.ignores:
         given = rule.given(s)
         if given:
