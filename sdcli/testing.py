@@ -484,12 +484,26 @@ def _qwen_vl_encoder(tokenizer):
 
 
 def _qwen_processor(tokenizer):
-    """Qwen2-VL's processor over the tiny tokenizer: images in 28-pixel cells, at most 64 of them (the editing
-    pipelines show the text encoder their 1024-pixel input at this size)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    """Qwen2-VL's processor over the tiny tokenizer, images in 28-pixel cells, at most 64 of them (the editing
+    pipelines show the text encoder their 1024-pixel input at this size). Without torchvision, transformers
+    cannot build Qwen2-VL's video processor, which an image editor never calls: then the processor is made
+    without one (it runs in memory; a folder saved from it names a class `from_pretrained` cannot find)."""
+    from transformers import ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
-    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 28 * 28)
-    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=_CHATML)
+    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=64 * 28 * 28)
+    try:
+        return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=_CHATML)
+    except (ImportError, AttributeError):
+        pass
+
+    class ImagesOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids([self.image_token,
+                                                                                         self.video_token])
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImagesOnlyProcessor(image_processor=images, tokenizer=tokenizer, chat_template=_CHATML)
 
 
 def build_tiny_new_flow_pipeline(family: str = "chroma", seed: int = 0):
