@@ -106,8 +106,9 @@ def test_qwen_image_edit_is_diffusers_edit_with_its_reference_images(model, coun
     images = [Image.new("RGB", (40, 32), colour) for colour in ("red", "blue")[:count]]
     engine = Engine.around(pipe, Settings(model=model, device="cpu"), family="qwenimage")
     (made,) = engine.generate("a red circle", seeds=[3], steps=2, reference_images=images, guidance=[1.0])
-    theirs = pipe("a red circle", image=images if count > 1 else images[0], num_inference_steps=2, true_cfg_scale=1.0,
-                  width=32, height=32, output_type="np", generator=[torch.Generator("cpu").manual_seed(3)]).images[0]
+    theirs = pipe(prompt="a red circle", image=images if count > 1 else images[0], num_inference_steps=2,
+                  true_cfg_scale=1.0, width=32, height=32, output_type="np",
+                  generator=[torch.Generator("cpu").manual_seed(3)]).images[0]
     assert made.image.size == (32, 32)
     assert np.abs(np.asarray(made.image, np.int16) - np.round(theirs * 255)).max() <= 1
     assert made.record["task"] == "edit" and len(made.record["reference_images"]) == count
