@@ -144,13 +144,58 @@ def against_diffusers(model: str, steps: int, runs: int, size: int | None = None
             "ratio": round(o / d, 4)}
 
 
+# The newer flow families' tiny pipelines (`sdcli.testing.build_tiny_new_flow_pipeline`), each called as its model
+# card guides it: (sdcli's --guidance, diffusers' arguments).
+FAMILY_CALLS = {"chroma": (3.0, {"guidance_scale": 3.0}), "zimage": (4.0, {"guidance_scale": 4.0}),
+                "zimage-turbo": (1.0, {"guidance_scale": 0.0}),
+                "qwenimage": (4.0, {"true_cfg_scale": 4.0, "negative_prompt": [" "]})}
+
+
+def family_against_diffusers(family: str, folder: Path, steps: int, runs: int, size: int = 32) -> dict:
+    """`against_diffusers` for a tiny Chroma, Z-Image or Qwen-Image pipeline, with its own guidance argument."""
+    import torch
+
+    from sdcli.generation import Engine, Settings, plan
+    from sdcli.testing import save_tiny_new_flow_pipeline
+
+    model = str(save_tiny_new_flow_pipeline(folder / family, family))
+    guidance, theirs = FAMILY_CALLS[family]
+    s = Settings(prompts=["a red circle"], model=model, steps=steps, guidance=[guidance], seeds=[0], width=size,
+                 height=size)
+    jobs = plan(s, distributed=False).jobs
+    loaded = Engine.load(s)
+    pipe = loaded.pipe
+
+    def direct() -> None:
+        pipe(prompt=["a red circle"], num_inference_steps=steps, width=size, height=size, output_type="np",
+             generator=[torch.Generator("cpu").manual_seed(0)], **theirs)
+
+    def ours() -> None:
+        list(loaded.images(s, jobs, on_step=lambda n: None))
+
+    direct(), ours()  # warm-up
+    t_direct, t_ours = [], []
+    for _ in range(runs):  # interleaved so drift hits both alike
+        t0 = time.perf_counter(); direct(); t_direct.append(time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
+    d, o = statistics.median(t_direct), statistics.median(t_ours)
+    return {"family": family, "diffusers_seconds": round(d, 4), "sdcli_seconds": round(o, 4), "ratio": round(o / d, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--family", action="append", choices=sorted(FAMILY_CALLS),
+                        help="Only compare sdcli with diffusers on this family's tiny pipeline (repeatable).")
     parser.add_argument("--model")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.family:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [family_against_diffusers(f, Path(tmp), args.steps, args.runs) for f in args.family]
+        print(json.dumps(rows, indent=2))
+        return
 
     help_s = command_time(["--help"], args.runs)
     png_s = shell_to_png_time(args.runs)

@@ -463,4 +463,170 @@ def save_tiny_gguf(model_path: str | Path, out: str | Path, qtype: str = "Q8_0",
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# Chroma, Z-Image and Qwen-Image (and Qwen-Image-Edit / Edit-Plus), as small as their pipelines allow, with their
+# text encoders (T5; Qwen3; Qwen2.5-VL) and a Qwen2 tokenizer built here. 32x32 images: 16 latent tokens.
+
+NEW_FLOW_FAMILIES = ("chroma", "zimage", "zimage-turbo", "qwenimage", "qwenimage-edit", "qwenimage-edit-plus")
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+# ChatML, as Qwen's own template writes a conversation (Z-Image formats its prompts with it).
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_qwen_tokenizer(folder: str | Path):
+    """A Qwen2 tokenizer: byte-level BPE over the 256 bytes alone (no merges: every text tokenizes, a byte a
+    token), Qwen's special tokens and a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(_bytes_to_unicode().values()))}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    qwen = Qwen2Tokenizer(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>")
+    qwen.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIALS[1:])})
+    qwen.chat_template = _CHATML
+    qwen.save_pretrained(str(folder))
+    return Qwen2Tokenizer.from_pretrained(str(folder))
+
+
+def _qwen_vl_encoder(tokenizer):
+    """A 2-layer Qwen2.5-VL (text and vision towers 16 wide) whose special token ids are the tokenizer's."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = dict(zip(_QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(_QWEN_SPECIALS))))
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen_processor(tokenizer):
+    """Qwen2-VL's processor over the tiny tokenizer, images in 28-pixel cells, at most 64 of them (the editing
+    pipelines show the text encoder their 1024-pixel input at this size). Without torchvision, transformers
+    cannot build Qwen2-VL's video processor, which an image editor never calls: then the processor is made
+    without one (it runs in memory; a folder saved from it names a class `from_pretrained` cannot find)."""
+    from transformers import ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=64 * 28 * 28)
+    try:
+        return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=_CHATML)
+    except (ImportError, AttributeError):
+        pass
+
+    class ImagesOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids([self.image_token,
+                                                                                         self.video_token])
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImagesOnlyProcessor(image_processor=images, tokenizer=tokenizer, chat_template=_CHATML)
+
+
+def build_tiny_new_flow_pipeline(family: str = "chroma", seed: int = 0):
+    """A tiny random-weight Chroma, Z-Image (base or Turbo) or Qwen-Image (or -Edit, -Edit-Plus) pipeline.
+
+    Each is built from configs under ``seed``, as diffusers' own tests build theirs, with a 32-pixel default size.
+    Z-Image-Turbo differs from Z-Image only by its scheduler's shift (3 against 6), as the real ones do.
+    """
+    import tempfile
+
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()
+    import diffusers
+    import torch
+
+    if family not in NEW_FLOW_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(NEW_FLOW_FAMILIES)}")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = (write_t5_tokenizer(Path(tmp) / "t5") if family == "chroma"
+                     else write_qwen_tokenizer(Path(tmp) / "qwen"))
+    if family == "chroma":
+        transformer = diffusers.ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32,
+            approximator_layers=1, approximator_num_channels=16)
+        # Flux's resolution-dependent shift, as Chroma1-HD's scheduler config has it.
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096)
+        pipe = diffusers.ChromaPipeline(transformer=transformer, scheduler=scheduler, vae=_flow_vae(0.1159, 0.3611),
+                                        text_encoder=_t5_encoder(len(tokenizer)).eval(), tokenizer=tokenizer)
+        pipe.default_sample_size = 16  # 32 pixels (the class hard-codes 128 latents)
+        return pipe
+    if family.startswith("zimage"):
+        from transformers import Qwen3Config, Qwen3Model
+
+        transformer = diffusers.ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+            axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+        with torch.no_grad():  # allocated with torch.empty: fixed, as diffusers' tests fix them
+            transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+            transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+        encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                         max_position_embeddings=512)).eval()
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0 if family == "zimage-turbo" else 6.0)
+        return diffusers.ZImagePipeline(transformer=transformer, scheduler=scheduler, vae=_flow_vae(0.1159, 0.3611),
+                                        text_encoder=encoder, tokenizer=tokenizer)
+    transformer = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                           temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                           latents_std=[1.5, 0.8, 1.0, 1.2])
+    # Qwen-Image's resolution-dependent shift, as its scheduler config has it (exponential time shift).
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    parts = dict(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=_qwen_vl_encoder(tokenizer),
+                 tokenizer=tokenizer)
+    if family == "qwenimage":
+        pipe = diffusers.QwenImagePipeline(**parts)
+    else:
+        cls = diffusers.QwenImageEditPlusPipeline if family.endswith("plus") else diffusers.QwenImageEditPipeline
+        pipe = cls(processor=_qwen_processor(tokenizer), **parts)
+    pipe.default_sample_size = 8  # 32 pixels through the VAE's factor 4
+    return pipe
+
+
+def save_tiny_new_flow_pipeline(path: str | Path, family: str = "chroma", seed: int = 0) -> Path:
+    """Save `build_tiny_new_flow_pipeline` as a diffusers folder; returns its path."""
+    path = Path(path)
+    build_tiny_new_flow_pipeline(family, seed).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def save_random_transformer_lora(model_path: str | Path, out: str | Path, rank: int = 4, seed: int = 0,
+                                 targets: tuple[str, ...] = ("to_q", "to_k", "to_v")) -> Path:
+    """Write a LoRA with random (non-zero) weights for the transformer of the pipeline at ``model_path``, in the
+    diffusers format its pipeline's `load_lora_weights` reads (peft's key names under ``transformer.``)."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(str(model_path))
+    pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op LoRA); make it do something
+                param.normal_(0, 0.5)
+    type(pipe).save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 safe_serialization=True)
     return Path(out)

@@ -13,18 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from sdcli.errors import ModelError
-from sdcli.families import flux, sd, sd3, sdxl
+from sdcli.families import chroma, flux, qwenimage, sd, sd3, sdxl, zimage
 from sdcli.families.base import Family, KohyaLayout
 
 # Most specific first: StableDiffusionXL and StableDiffusion3 before StableDiffusion.
-FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, sd.FAMILY)
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, chroma.FAMILY, zimage.FAMILY, qwenimage.FAMILY,
+                                sd.FAMILY)
 # What a model without model_index.json (a single-file checkpoint) is taken for until it loads.
 SINGLE_FILE = sd.FAMILY
 # Each name a record gives a model (`Loaded.family`, finetune's "family"), to its family.
 BY_NAME: dict[str, Family] = {name: f for f in FAMILIES for name in (f.variants or (f.name,))}
 
-SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines (diffusers' "
-             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included), "
+SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1, Chroma, Z-Image and Qwen-Image "
+             "pipelines (diffusers' StableDiffusion*, StableDiffusionXL*, StableDiffusion3*, Flux*, Chroma*, ZImage* "
+             "and QwenImage* classes, Flux.2 not included), "
              "and with any other diffusers text-to-image pipeline (AutoPipelineForText2Image's) through its own "
              "arguments")
 
@@ -171,9 +173,11 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
     if hasattr(family, "completed"):  # a family that reads its patch and scheduler off the configs (generic)
         family = family.completed(lambda name: _config(model, name, revision))
     vae = _config(model, "vae/config.json", revision)
-    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
-    # Only a family whose guidance depends on the model reads its denoiser's config (a Hub download).
-    config = _config(model, f"{family.denoiser}/config.json", revision) if family.guidance_of_config else None
+    factor = family.vae_factor(vae) if vae else 8
+    # Only a family whose guidance depends on the model reads the config it depends on (a Hub download).
+    where = family.guidance_config or family.denoiser
+    name = "scheduler/scheduler_config.json" if where == "scheduler" else f"{where}/config.json"
+    config = _config(model, name, revision) if family.guidance_of_config else None
     scheduler = (index.get("scheduler") or [None, None])[-1]
     return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config),
                       scheduler if isinstance(scheduler, str) else None)

@@ -66,6 +66,40 @@ def keep_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
     return latents
 
 
+def vae_decode(pipe: Any, latents: Any) -> Any:
+    """Latents (B, C, h, w) as the denoiser sees them -> pixels (B, 3, H, W) in about [−1, 1]."""
+    from sdcli.latents import decode
+
+    return decode(pipe.vae, latents)
+
+
+def block_factor(vae: Mapping[str, Any]) -> int:
+    """The VAE's downsampling factor from its config: every level but the last halves the side."""
+    return 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def no_references(class_name: str) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A pipeline's own guidance argument, which --guidance sets as the model defines it (guidance kind "own").
+
+    At or below ``unguided`` the pipeline runs one pass a step and reads no negative prompt; above it, it
+    guides against the negative prompt. ``null_negative`` is what a guided pass is given where the user gave
+    no negative prompt: the model card's, for a pipeline that guides only with one (Qwen-Image's " ").
+    """
+
+    argument: str  # the __call__ argument: guidance_scale, true_cfg_scale
+    default: float  # the model card's value
+    unguided: float = 1.0
+    null_negative: str | None = None
+
+    def guides(self, value: float) -> bool:
+        return value > self.unguided
+
+
 @dataclass(frozen=True, eq=False)  # a family is itself: compared and hashed by identity
 class Family:
     """One model family. The sections follow the issue's list of what a family owns."""
@@ -84,10 +118,19 @@ class Family:
     default_size: Callable[[Any], tuple[int, int]] = pipeline_default_size  # pipe -> (width, height)
     flow: bool = False  # flow matching: x_t = (1 − σ)·x_0 + σ·ε, predicting ε − x_0 (else DDPM's ε or v)
     unpack_latents: Callable[..., Any] = keep_latents  # (pipe, latents, (width, height)) -> (B, C, h, w)
+    decode: Callable[[Any, Any], Any] = vae_decode  # (pipe, unpacked latents) -> pixels, for trajectory frames
+    vae_factor: Callable[[Mapping[str, Any]], int] = block_factor  # VAE config -> its downsampling factor
+    # The diffusers class each task runs, where AutoPipeline's tables have none for the family ("img2img": ...)
+    task_classes: Mapping[str, str] = field(default_factory=dict)
+    # class name -> how many reference images (--reference-image) its pipeline takes: 0 none (an editing model's)
+    references: Callable[[str], int] = no_references
 
     # 3. Guidance
-    guidance: str = "cfg"  # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev)
-    guidance_of_config: Callable[[Mapping[str, Any]], str] | None = None  # denoiser config -> "distilled"/"none"
+    # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev); "own": the pipeline's ``knob``
+    guidance: str = "cfg"
+    guidance_of_config: Callable[[Mapping[str, Any]], str] | None = None  # a config -> "distilled"/"none"/...
+    guidance_config: str = ""  # the component whose config guidance_of_config reads ("": the denoiser's)
+    knob: Knob | None = None  # guidance "own": the pipeline's own guidance argument (`Knob`)
 
     # 4. Prompts, embeddings, ControlNet
     a1111: Callable[[Any], str | None] | None = None  # pipe -> ONE_CLIP/TWO_CLIPS; None: diffusers encodes
@@ -148,7 +191,9 @@ class Family:
         return self.guidance_of_config(config or {}) if self.guidance_of_config else self.guidance
 
     def guidance_of(self, pipe: Any) -> str:
-        return self.guidance_for(getattr(pipe, self.denoiser).config if self.guidance_of_config else None)
+        if not self.guidance_of_config:
+            return self.guidance
+        return self.guidance_for(getattr(pipe, self.guidance_config or self.denoiser).config)
 
     def encoders(self, pipe: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs the pipeline has, in the order the family uses them."""

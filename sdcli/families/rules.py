@@ -39,3 +39,22 @@ NO_GUIDANCE_RESCALE = (
     Rule("--guidance-rescale", lambda s: any(s.guidance_rescale),
          "{model} has no guidance rescale (it belongs to the UNet pipelines)"),
 )
+
+# Flux.1's guidance switches: nothing, on a family whose --guidance is its pipeline's own argument (`Knob`).
+OWN_GUIDANCE = (
+    Rule("--true-cfg", lambda s: s.true_cfg,
+         "{model}'s --guidance is its own classifier-free guidance already (--true-cfg is Flux.1's)"),
+    Rule("--distilled-guidance", lambda s: s.distilled_guidance is not None,
+         "{model} has no distilled guidance input; its --guidance is its own classifier-free guidance"),
+)
+
+# The image tasks sdcli runs on the newer flow families: img2img (and hires fix's lanczos pass, which is one),
+# not yet inpainting, outpainting or a latent upscale of their latents.
+IMG2IMG_ONLY = (
+    Rule("--mask", lambda s: s.mask is not None,
+         "sdcli runs text-to-image and img2img on {model}, not yet inpainting"),
+    Rule("--outpaint", lambda s: s.outpaint is not None,
+         "sdcli runs text-to-image and img2img on {model}, not yet outpainting"),
+    Rule("--hires-upscaler latent", lambda s: s.hires_scale is not None and s.hires_upscaler == "latent",
+         "sdcli does not enlarge {model}'s latents; use --hires-upscaler lanczos"),
+)

@@ -26,6 +26,11 @@ def check_family(s: Any, facts: Any, task: str = "txt2img") -> None:
         samplers = frozenset(spec.class_name for spec in SCHEDULERS.values())
         for flag, why in facts.family.check(s, facts, task, samplers)[:1]:
             raise UsageError(f"{flag}: {model} {why}", setting=setting_of(Settings, flag.split()[0]))
+    takes = facts.family.references(facts.class_name or "")
+    if len(s.reference_images) > takes:
+        why = (f"{model} takes at most {takes} reference image{'s' if takes > 1 else ''}" if takes else
+               f"{model} takes no reference images (editing models such as Qwen-Image-Edit do)")
+        raise UsageError(f"--reference-image: {why}", setting="reference_images")
     for rule in facts.family.ignores:
         given = rule.given(s)
         if given:

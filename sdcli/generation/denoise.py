@@ -95,7 +95,7 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
 
     loaded = engine.loaded
     task = task_for(s)
-    kind = engine.facts.guidance
+    kind, knob = engine.facts.guidance, engine.facts.family.knob
     # 1. The task's pipeline, size and shared arguments; what every image records.
     prepared = task.prepare(s, loaded.pipe)
     run_pipe = prepared.pipe
@@ -136,7 +136,7 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
             callback_on_step_end=callback,
             **prepared.call,
         )
-        if engine.facts.family.call is not None:  # only what its __call__ takes (the generic family)
+        if engine.facts.family.call is not None:  # the family's last word on its call (the generic one trims it)
             kwargs = engine.facts.family.call(run_pipe, kwargs)
         if s.true_cfg and kwargs.get("negative_prompt") is None:
             # diffusers' Flux runs true CFG only with a negative prompt; without one, against the empty prompt.
@@ -153,6 +153,6 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
             for k, frame in enumerate(decode_latents(run_pipe, x0, (prepared.width, prepared.height))):
                 frames_per_image[k].append(frame)
         # An image whose pass read no negative prompt (guidance 1 in a sweep) does not record one.
-        unread = {} if negative_applies(s, kind, first["guidance"]) else {"negative_prompt": ""}
+        unread = {} if negative_applies(s, kind, first["guidance"], knob) else {"negative_prompt": ""}
         for job, image, trajectory in zip(batch, images, frames_per_image):
             yield Generated(image=image, record={**base, **job.values, **unread}, job=job, trajectory=trajectory)

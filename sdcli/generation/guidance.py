@@ -23,10 +23,14 @@ def settle_guidance(s: Any, facts: Any) -> None:
 
         return generic.settle_guidance(s, facts)
     _settle(s, facts, name)
+    knob = facts.family.knob
     # The negative prompt is read only by a guided pass: refuse it where no image of the run has one.
-    if s.negative_prompt and not any(negative_applies(s, facts.guidance, g) for g in s.guidance):
+    if s.negative_prompt and not any(negative_applies(s, facts.guidance, g, knob) for g in s.guidance):
         if facts.guidance == "none":
             why = f"{name} has no guidance (a distilled model that needs none), so nothing reads a negative prompt"
+        elif facts.guidance == "own":
+            why = (f"{name} guides only above --guidance {knob.unguided:g}, so at "
+                   f"{', '.join(f'{g:g}' for g in s.guidance)} nothing reads a negative prompt")
         elif facts.guidance == "distilled":
             why = (f"{name}'s distilled guidance reads no negative prompt; add --true-cfg and --guidance above 1 "
                    "for real classifier-free guidance against it")
@@ -35,11 +39,14 @@ def settle_guidance(s: Any, facts: Any) -> None:
         raise UsageError(f"--negative-prompt: {why}", setting="negative_prompt")
 
 
-def negative_applies(s: Any, kind: str, guidance: float) -> bool:
+def negative_applies(s: Any, kind: str, guidance: float, knob: Any = None) -> bool:
     """Whether an image at ``guidance`` reads the negative prompt: classifier-free guidance runs its unconditional
-    branch for any scale but 1 (`use_formula_guidance`); Flux's true CFG, as diffusers runs it, only above 1."""
+    branch for any scale but 1 (`use_formula_guidance`); Flux's true CFG, as diffusers runs it, only above 1; a
+    family's own guidance argument above its unguided value (`sdcli.families.base.Knob`)."""
     if kind == "cfg":
         return guidance != 1
+    if kind == "own":
+        return knob.guides(guidance)
     if kind == "generic":
         from sdcli.families import generic
 
@@ -48,7 +55,11 @@ def negative_applies(s: Any, kind: str, guidance: float) -> bool:
 
 
 def _settle(s: Any, facts: Any, name: str) -> None:
-    # A family without guidance rescale has refused it already (its ``ignores``, `sdcli.generation.applies`).
+    # A family without guidance rescale has refused it already (its ``ignores``, `sdcli.generation.applies`),
+    # and one with its own guidance argument has refused Flux's --true-cfg and --distilled-guidance.
+    if facts.guidance == "own":
+        s.guidance = s.guidance or [facts.family.knob.default]
+        return
     if facts.guidance == "cfg":
         if s.distilled_guidance is not None:
             raise UsageError(f"--distilled-guidance: {name} has no guidance input; its --guidance is classifier-free",
@@ -90,7 +101,11 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
     from sdcli.families import pipe_family
 
     takes = inspect.signature(type(pipe).__call__).parameters
-    if pipe_family(pipe).guidance == "generic":  # what its signature takes
+    family = pipe_family(pipe)
+    if family.knob is not None:  # its own argument; a model of the family without guidance gets its unguided value
+        unguided = family.guidance_of(pipe) == "none"
+        return {family.knob.argument: family.knob.unguided if unguided else values["guidance"]}
+    if family.guidance == "generic":  # what its signature takes
         from sdcli.families import generic
 
         return generic.guidance_kwargs(pipe, values)
@@ -121,7 +136,8 @@ def use_formula_guidance(pipe: Any) -> None:
         return
     from sdcli.families import pipe_family
 
-    if pipe_family(pipe).guidance == "generic":  # guided as diffusers guides it, only above 1
+    family = pipe_family(pipe)
+    if family.guidance == "generic" or family.knob is not None:  # guided as its pipeline guides it
         return
 
     def do_cfg(self) -> bool:

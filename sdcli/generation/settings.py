@@ -24,7 +24,7 @@ from sdcli.errors import DataError, ModelError, SdcliError, UsageError, about
 from sdcli.generation.control import (
     Preprocess, a1111_units, controlnets_from_record, controlnets_to_record, parse_controlnet,
 )
-from sdcli.generation.tasks import CONTROL_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
+from sdcli.generation.tasks import CONTROL_TASK, EDIT_TASK, IMAGE_TASKS, MAX_SIDE, Upscaler
 from sdcli.images import ImageInput, in_memory, open_image, pixels_sha256
 from sdcli.generation.prompts import PromptSyntax, check_prompt_settings
 from sdcli.generation.parsing import parse_float, parse_int, split_scale
@@ -353,6 +353,11 @@ class Settings:
                                   task=CONTROL_TASK, range=Range(0, 1, why="a fraction of the steps"))
     control_end: float = option(1.0, help="ControlNet: the fraction of the steps done when it stops acting.",
                                 task=CONTROL_TASK, range=Range(0, 1, why="a fraction of the steps"))
+    reference_images: list[ImageInput] = option(
+        [], help="Editing models (Qwen-Image-Edit, -Edit-Plus): an image to edit or follow; repeatable.",
+        flags=("--reference-image",), cli_type=list[Path], parse=lambda paths: [str(p) for p in paths],
+        task=EDIT_TASK, to_record=lambda paths: [_file_to_record(p) for p in paths],
+        from_record=lambda values: [_file_from_record(v, "--reference-image") for v in values], show_default=False)
     save_trajectory: bool = option(
         False, help="Also save the predicted clean image at every step (strip PNG + GIF).", role=RUNTIME)
 

@@ -23,6 +23,8 @@ from sdcli.errors import DataError, UsageError
 IMAGE_TASKS = ("img2img", "inpaint", "outpaint")
 # ControlNets steer any of them ("img2img+controlnet"); the settings declared with this task record them.
 CONTROL_TASK = "controlnet"
+# An editing model's input images (--reference-image): the settings declared with this task record them.
+EDIT_TASK = "edit"
 MAX_SIDE = 4096  # pixels; past this a hires pass is a typo, not a picture
 
 
@@ -89,9 +91,15 @@ class Task:
 def task_pipeline(auto: Any, pipe: Any, **components: Any) -> Any:
     """``pipe``'s weights in the diffusers pipeline class ``auto`` picks for this task (no copy is made),
     with any further ``components`` (a ControlNet)."""
+    import diffusers
+
+    from sdcli.families import pipe_family
     from sdcli.generation.guidance import use_formula_guidance
 
-    task_pipe = auto.from_pipe(pipe, **components)
+    # A family whose task pipeline AutoPipeline's tables lack names it (Chroma's img2img).
+    task = {"AutoPipelineForImage2Image": "img2img", "AutoPipelineForInpainting": "inpaint"}.get(auto.__name__)
+    own = pipe_family(pipe).task_classes.get(task)
+    task_pipe = (getattr(diffusers, own) if own else auto).from_pipe(pipe, **components)
     task_pipe.set_progress_bar_config(disable=True)
     use_formula_guidance(task_pipe)
     return task_pipe
@@ -392,8 +400,44 @@ class WithControlNet(Task):
         return self.inner.finish(prepared, images)
 
 
+class Edit(Task):
+    """An editing model (Qwen-Image-Edit, -Edit-Plus) makes its image from the prompt and its reference images,
+    which its own pipeline takes as ``image``; the family says how many it reads (`Family.references`, checked
+    with the model's other refusals). Without -W/-H the size keeps the last image's aspect ratio at the model's
+    default area, rounded to 32 pixels, as diffusers' editing pipelines compute it."""
+
+    name = EDIT_TASK
+
+    def applies(self, s: Any) -> bool:
+        return bool(s.reference_images)
+
+    def check(self, s: Any) -> None:
+        refuse_without_init_image(s)
+        for flag, given in (("--init-image", s.init_image is not None), ("--hires-scale", s.hires_scale is not None)):
+            if given:
+                raise UsageError(f"{flag} does not combine with --reference-image: an editing model makes its image "
+                                 "from its reference images", setting=flag[2:].replace("-", "_"))
+        for source in s.reference_images:
+            check_image_input(source, "--reference-image", "reference_images")
+
+    def prepare(self, s: Any, pipe: Any) -> Prepared:
+        import math
+
+        from sdcli.images import open_image
+
+        images = [open_image(source, what="--reference-image", setting="reference_images").convert("RGB")
+                  for source in s.reference_images]
+        dw, dh = default_size(pipe)
+        ratio = images[-1].width / images[-1].height
+        wide = math.sqrt(dw * dh * ratio)
+        width = s.width or round(wide / 32) * 32
+        height = s.height or round((s.width or wide) / ratio / 32) * 32
+        return Prepared(pipe, width, height, {"image": images if len(images) > 1 else images[0], "width": width,
+                                              "height": height})
+
+
 # Most specific first: the first that applies runs.
-TASKS: tuple[Task, ...] = (Inpaint(), Outpaint(), ImageToImage(), HiresFix(), TextToImage())
+TASKS: tuple[Task, ...] = (Edit(), Inpaint(), Outpaint(), ImageToImage(), HiresFix(), TextToImage())
 
 
 def task_for(s: Any) -> Task:

@@ -33,7 +33,7 @@ def decode_latents(pipe: Any, latents: Any, size: tuple[int, int] | None = None)
     (the family's ``unpack_latents``).
     """
     from sdcli.families import pipe_family
-    from sdcli.latents import decode
 
-    latents = pipe_family(pipe).unpack_latents(pipe, latents, size)
-    return pipe.image_processor.postprocess(decode(pipe.vae, latents).float(), output_type="pil")
+    family = pipe_family(pipe)
+    pixels = family.decode(pipe, family.unpack_latents(pipe, latents, size))
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")

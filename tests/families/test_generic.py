@@ -105,8 +105,8 @@ def test_a_setting_it_cannot_honour_is_one_line_before_loading(cli, tiny_generic
 @pytest.mark.parametrize("class_name,args,expected", [
     ("LatentConsistencyModelPipeline", ["-n", "blurry"], "--negative-prompt: LatentConsistencyModelPipeline takes no "
                                                          "negative prompt"),
-    ("QwenImagePipeline", ["-n", "blurry"], "--negative-prompt: QwenImagePipeline reads its negative prompt through "
-                                            "true_cfg_scale"),
+    ("QwenImage21Pipeline", ["-n", "blurry"], "--negative-prompt: QwenImage21Pipeline reads its negative prompt "
+                                              "through true_cfg_scale"),
     ("QwenImage21Pipeline", ["-g", "3"], "--guidance: QwenImage21Pipeline takes no guidance_scale"),
 ])
 def test_what_another_class_s_signature_lacks_is_refused_by_its_option(cli, tiny_generic, tmp_path, no_pipeline_loads,
@@ -169,9 +169,9 @@ def test_inspect_schedule_shows_its_schedule_or_refuses_a_shift_only_its_pipelin
     assert result.exit_code == 0, result.stderr
     assert strict_json(result.stdout)["name"] == "pixart"
     # A flow-matching model whose σ's shift with the image size, as its own pipeline computes it.
-    folder = as_other_pipeline(tiny_flow_models["flux"], tmp_path / "qwen", "QwenImagePipeline")
+    folder = as_other_pipeline(tiny_flow_models["flux"], tmp_path / "qwen", "QwenImage21Pipeline")
     line = one_error_line(cli("inspect-schedule", "--model", folder, "--format", "json"), 1)
-    assert "QwenImagePipeline shifts its flow-matching schedule by the image size" in line
+    assert "QwenImage21Pipeline shifts its flow-matching schedule by the image size" in line
     result = cli("inspect-schedule", "--model", folder, "--shift", "3", "--format", "json")
     assert result.exit_code == 0, result.stderr
 

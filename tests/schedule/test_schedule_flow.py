@@ -53,6 +53,29 @@ def test_flux_shift_comes_from_the_token_count_as_diffusers_computes_it():
     assert large > small  # more tokens, more shift: the same t is noisier
 
 
+@pytest.mark.parametrize("preset,module,mu_applies", [
+    ("chroma", "chroma.pipeline_chroma", True),
+    ("qwen-image", "qwenimage.pipeline_qwenimage", True),
+    ("z-image", "z_image.pipeline_z_image", False),  # a static shift: the μ its pipeline computes goes unused
+    ("z-image-turbo", "z_image.pipeline_z_image", False),
+])
+def test_each_family_preset_shifts_as_its_pipeline_computes_it(preset, module, mu_applies):
+    import importlib
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    calculate_shift = importlib.import_module(f"diffusers.pipelines.{module}").calculate_shift
+    config = S.preset_config(preset)
+    info = S.describe(flow(preset, **({"resolution": (1024, 768)} if mu_applies else {})), [999], 8)
+    # Each pipeline's μ: linear in the latent's 2x2 tokens, between its scheduler config's bounds.
+    mu = calculate_shift(64 * 48, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    reference = FlowMatchEulerDiscreteScheduler.from_config(config)
+    reference.set_timesteps(8, mu=mu)
+    assert info["sampling_sigmas"] == pytest.approx(reference.sigmas.tolist())
+    assert (info["shift_mu"] == pytest.approx(mu)) if mu_applies else info["shift"] == config["shift"]
+
+
 def test_q_sample_is_the_flow_forward_process_diffusers_adds_noise_with():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

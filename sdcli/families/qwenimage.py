@@ -1,0 +1,100 @@
+"""Qwen-Image (20B) and its editing models, Qwen-Image-Edit and -Edit-Plus: an MMDiT trained by flow matching on
+2x2 patches of a Wan-style video VAE's latent (one frame, normalised by per-channel means and deviations rather
+than a scale), reading prompts through Qwen2.5-VL, which diffusers' pipeline encodes (the editing models show it
+their input images too).
+
+Its guidance is real classifier-free guidance, diffusers' ``true_cfg_scale`` (model card: 4, 50 steps), run only
+against a negative prompt: without one the model card passes " ", and so does sdcli. The editing models take
+their input images as ``image`` (`--reference-image`: one for Edit, several for Edit-Plus) and run no img2img.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from sdcli.families import rules
+from sdcli.families.base import Family, Knob
+
+KNOB = Knob("true_cfg_scale", default=4.0, null_negative=" ")
+STEPS = 50  # the model card's
+EDIT = "QwenImageEdit"  # Edit and Edit-Plus (and their inpainting twin)
+
+
+def references(class_name: str) -> int:
+    """Edit reads one input image; Edit-Plus several (its model card shows up to 3, diffusers takes a list)."""
+    if class_name.startswith(EDIT + "Plus"):
+        return 3
+    return 1 if class_name.startswith(EDIT) else 0
+
+
+def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
+    """Packed latents (B, tokens, 4·C) back to the VAE's one-frame video latents (B, C, 1, h, w)."""
+    if latents.ndim != 3:
+        return latents
+    width, height = size
+    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+
+def decode(pipe: Any, latents: Any) -> Any:
+    """As QwenImagePipeline decodes: undo the per-channel normalisation, decode, keep the one frame."""
+    import torch
+
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+    with torch.no_grad():
+        return vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+
+
+def vae_factor(vae: Mapping[str, Any]) -> int:
+    """The Wan-style VAE halves the image once per temporal-downsampling entry (QwenImagePipeline's factor)."""
+    return 2 ** len(vae.get("temperal_downsample", [False, True, True]))
+
+
+def arch(transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
+    """Memory's figures were measured on SD 1.5's UNet; the transformer is estimated as that UNet until its own
+    are measured, the VAE by its latent channels and factor."""
+    from sdcli.memory import unet_arch
+
+    levels = 1 + len(vae.get("temperal_downsample", [False, True, True]))
+    base = vae.get("base_dim", 96)
+    return unet_arch({}, {"latent_channels": vae.get("z_dim", 16), "block_out_channels": [base] * levels})
+
+
+def call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A guided batch without a negative prompt gets the model card's " " (Qwen-Image guides only against one)."""
+    value = kwargs.get(KNOB.argument)
+    if value is not None and KNOB.guides(value) and kwargs.get("negative_prompt") is None:
+        kwargs = {**kwargs, "negative_prompt": [KNOB.null_negative] * len(kwargs["prompt"])}
+    return kwargs
+
+
+def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
+    """An editing model starts from its reference images, not from --init-image (diffusers gives it no strength)."""
+    if s.init_image is not None and references(facts.class_name or ""):
+        return [("--init-image", "edits its --reference-image, and has no img2img (no strength); pass the picture "
+                                 "as --reference-image")]
+    return []
+
+
+FAMILY = Family(
+    name="qwenimage",
+    pipelines=("QwenImage",),  # QwenImage21Pipeline is another model (a digit follows): the generic family's
+    denoiser="transformer",
+    patch=2,
+    flow=True,
+    unpack_latents=unpack_latents,
+    decode=decode,
+    vae_factor=vae_factor,
+    references=references,
+    guidance="own",
+    knob=KNOB,
+    no_embeddings="Qwen-Image reads prompts with Qwen2.5-VL, and an embedding has vectors for CLIP encoders only",
+    ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
+             *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),
+    check=check,
+    call=call,
+    arch=arch,
+)

@@ -1,0 +1,120 @@
+"""Qwen-Image and Qwen-Image-Edit: their own family file (guidance as true_cfg_scale against a negative prompt,
+" " when none is given, as the model card does; a Wan-style VAE's latents for trajectories; --reference-image for
+the editing models), equal to plain diffusers on a tiny random Qwen-Image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import one_error_line, paths_of, pixels
+from newflow import generate, new_flow_model, plain_diffusers  # noqa: F401 - fixtures
+
+SIZE = ["-W", "32", "-H", "32"]
+
+
+@pytest.fixture(scope="module")
+def qwen(new_flow_model):
+    return new_flow_model("qwenimage")
+
+
+@pytest.mark.parametrize("args,theirs", [
+    ([], {"true_cfg_scale": 4.0, "negative_prompt": " "}),  # the model card's 4, against " "
+    (["-g", "2.5", "-n", "blurry"], {"true_cfg_scale": 2.5, "negative_prompt": "blurry"}),
+    (["-g", "1"], {"true_cfg_scale": 1.0}),  # unguided: one pass a step
+])
+def test_qwen_image_generates_as_plain_diffusers_and_replays(generate, qwen, plain_diffusers, args, theirs):
+    (out,) = paths_of(generate(qwen, *SIZE, *args))
+    assert np.abs(pixels(out) - plain_diffusers(qwen, width=32, height=32, **theirs)).max() <= 1
+    record = json.loads(Image.open(out).info["sdcli"])
+    assert record["model_family"] == "qwenimage" and record["guidance"] == theirs["true_cfg_scale"]
+    (again,) = paths_of(generate(qwen, "--from-metadata", out, name="again.png"))
+    assert np.array_equal(pixels(again), pixels(out))
+
+
+def test_qwen_image_img2img_is_diffusers_qwen_img2img(generate, qwen, plain_diffusers, tmp_path):
+    start = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    start.save(tmp_path / "start.png")
+    (out,) = paths_of(generate(qwen, "--init-image", tmp_path / "start.png", "--strength", "0.6"))
+    theirs = plain_diffusers(qwen, "QwenImageImg2ImgPipeline", image=start, strength=0.6, true_cfg_scale=4.0,
+                             negative_prompt=" ", width=32, height=32)
+    assert np.abs(pixels(out) - theirs).max() <= 1
+
+
+def test_a_qwen_image_lora_loads_as_diffusers_loads_it(generate, qwen, plain_diffusers, tmp_path):
+    from sdcli.testing import save_random_transformer_lora
+
+    lora = save_random_transformer_lora(qwen, tmp_path / "lora", targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                                   "add_k_proj", "add_v_proj", "to_add_out"))
+    (out,) = paths_of(generate(qwen, *SIZE, "-g", "1", "--lora", lora))
+    theirs = plain_diffusers(qwen, lora=str(lora), true_cfg_scale=1.0, width=32, height=32)
+    assert np.abs(pixels(out) - theirs).max() <= 1
+    assert np.abs(pixels(out) - plain_diffusers(qwen, true_cfg_scale=1.0, width=32, height=32)).max() > 2
+
+
+def test_qwen_image_trajectory_decodes_its_own_latents(qwen):
+    from sdcli import api as sdcli
+
+    (made,) = sdcli.load(qwen).generate("a red circle", seeds=[3], steps=2, width=32, height=32, guidance=[1.0],
+                                        save_trajectory=True)
+    # Unpacked from 2x2 tokens and un-normalised by the VAE's means and deviations, the last x̂0 is the image.
+    assert np.abs(np.asarray(made.trajectory[-1], np.int16) - np.asarray(made.image, np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--true-cfg", "-g", "3"], "--true-cfg"),
+    (["-g", "1", "-n", "blurry"], "--negative-prompt"),
+    (["--reference-image", "ref.png"], "--reference-image"),  # Qwen-Image is no editing model
+    (["--embedding", "ref.png"], "--embedding"),
+    (["--hires-scale", "2", "--hires-upscaler", "latent"], "--hires-upscaler"),
+])
+def test_what_qwen_image_lacks_is_refused_before_loading(generate, qwen, no_pipeline_loads, tmp_path, args, flag):
+    Image.new("RGB", (32, 32)).save(tmp_path / "ref.png")
+    line = one_error_line(generate(qwen, *SIZE, *args), 2)
+    assert flag in line and not no_pipeline_loads
+
+
+def test_an_editing_model_refuses_more_reference_images_than_it_reads_and_an_init_image(generate, qwen, tmp_path):
+    # A Qwen-Image folder named as Qwen-Image-Edit: refused from its configs, before any weights load.
+    import shutil
+
+    edit = tmp_path / "edit"
+    shutil.copytree(qwen, edit)
+    index = json.loads((edit / "model_index.json").read_text())
+    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPipeline"}))
+    Image.new("RGB", (32, 32)).save(tmp_path / "ref.png")
+    two = one_error_line(generate(edit, "--reference-image", tmp_path / "ref.png", "--reference-image",
+                                  tmp_path / "ref.png"), 2)
+    assert "--reference-image" in two and "at most 1" in two
+    assert "--init-image" in one_error_line(generate(edit, "--init-image", tmp_path / "ref.png"), 2)
+
+
+@pytest.mark.parametrize("model,count", [("qwenimage-edit", 1), ("qwenimage-edit-plus", 2)])
+def test_qwen_image_edit_is_diffusers_edit_with_its_reference_images(model, count, monkeypatch):
+    import torch
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit, pipeline_qwenimage_edit_plus as plus
+
+    # diffusers' editing pipelines size their inputs by pixel areas made for 1024x1024 models (minutes on the CPU
+    # for a tiny one); a thousandth of each area (32x32 at least), for sdcli's run and plain diffusers' alike.
+    for module in (edit, plus):
+        monkeypatch.setattr(module, "calculate_dimensions",
+                            lambda area, ratio, full=module.calculate_dimensions: full(max(area // 1024, 32 * 32), ratio))
+
+    from sdcli.generation.engine import Engine
+    from sdcli.generation.settings import Settings
+    from sdcli.testing import build_tiny_new_flow_pipeline
+
+    pipe = build_tiny_new_flow_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    images = [Image.new("RGB", (40, 32), colour) for colour in ("red", "blue")[:count]]
+    engine = Engine.around(pipe, Settings(model=model, device="cpu"), family="qwenimage")
+    (made,) = engine.generate("a red circle", seeds=[3], steps=2, reference_images=images, guidance=[1.0])
+    theirs = pipe(prompt="a red circle", image=images if count > 1 else images[0], num_inference_steps=2,
+                  true_cfg_scale=1.0, width=32, height=32, output_type="np",
+                  generator=[torch.Generator("cpu").manual_seed(3)]).images[0]
+    assert made.image.size == (32, 32)
+    assert np.abs(np.asarray(made.image, np.int16) - np.round(theirs * 255)).max() <= 1
+    assert made.record["task"] == "edit" and len(made.record["reference_images"]) == count
