@@ -31,7 +31,7 @@ def serve_cmd(
     api_auth: Annotated[Optional[str], typer.Option(help="HTTP basic credentials as USER:PASS[,USER2:PASS2] (as "
                                                     "A1111's flag).", show_default=False)] = None,
     api_key: Annotated[Optional[str], typer.Option(help="A key clients send as a bearer token (what OpenAI clients "
-                                                   "send as their API key).", envvar="SDCLI_API_KEY",
+                                                   "send as their API key; a browser, as the password).", envvar="SDCLI_API_KEY",
                                                    show_envvar=False, show_default=False)] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow --listen without credentials (anyone who can "
                                            "reach the port can use the model).")] = False,

@@ -180,18 +180,25 @@ def write_contact_sheets(written: list[dict[str, Any]], writer: ImageWriter, swe
     """Per prompt: sweep values across, seeds down, the adherence/variety trade-off in one picture."""
     from PIL import Image
 
-    from sdcli.images import labelled_grid, save_png
+    from sdcli.images import save_png
 
-    keys = [d.record_key for d in swept]
     prompts = list(dict.fromkeys(w["prompt"] for w in written))
     for i, prompt in enumerate(prompts):
-        mine = [w for w in written if w["prompt"] == prompt]
-        columns = list(dict.fromkeys(tuple(w[k] for k in keys) for w in mine))
-        seeds = list(dict.fromkeys(w["seed"] for w in mine))
-        cell = {(tuple(w[k] for k in keys), w["seed"]): w["path"] for w in mine}
-        rows = [[Image.open(cell[(c, s)]) for c in columns] for s in seeds]
-        names = {"guidance": "g", "guidance_rescale": "φ"}
-        cols = [" ".join(f"{names.get(k, k)}={v:g}" for k, v in zip(keys, c)) for c in columns]
-        sheet = labelled_grid(rows, cols, [f"seed {s}" for s in seeds], title=prompt[:80])
+        sheet = contact_sheet([(w, Image.open(w["path"])) for w in written if w["prompt"] == prompt], swept)
         path = save_png(sheet, writer.sheet(i), overwrite=writer.overwrite)
         writer.emit(path, {"kind": "contact_sheet", "prompt": prompt})
+
+
+def contact_sheet(cells: list[tuple[dict[str, Any], Any]], swept: list[Any]) -> Any:
+    """One prompt's contact sheet from its (job values, image) cells: the values of the ``swept`` axes
+    (`Plan.swept`) across, seeds down (`sdcli serve`'s page makes its sweeps with this too)."""
+    from sdcli.images import labelled_grid
+
+    keys = [d.record_key for d in swept]
+    columns = list(dict.fromkeys(tuple(v[k] for k in keys) for v, _ in cells))
+    seeds = list(dict.fromkeys(v["seed"] for v, _ in cells))
+    cell = {(tuple(v[k] for k in keys), v["seed"]): image for v, image in cells}
+    rows = [[cell[(c, s)] for c in columns] for s in seeds]
+    names = {"guidance": "g", "guidance_rescale": "φ"}
+    cols = [" ".join(f"{names.get(k, k)}={v:g}" for k, v in zip(keys, c)) for c in columns]
+    return labelled_grid(rows, cols, [f"seed {s}" for s in seeds], title=cells[0][0]["prompt"][:80])

@@ -211,7 +211,9 @@ def router(server: Any) -> Any:
             "state": {"skipped": p["skipped"], "interrupted": p["interrupted"], "stopping_generation": False,
                       "job": p["job"] or "", "job_count": worker.waiting + running, "job_timestamp": p["timestamp"],
                       "job_no": worker.finished, "sampling_step": p["step"], "sampling_steps": p["steps"]},
-            "current_image": None if skip_current_image else p["preview"], "textinfo": None,
+            # textinfo says what the preview shows ("x̂0 at step 3/20, σ 4.07"): sdcli's page captions it so.
+            "current_image": None if skip_current_image else p["preview"],
+            "textinfo": None if skip_current_image else p["preview_at"],
         }
 
     @api.post("/interrupt")

@@ -113,10 +113,10 @@ def create_app(server: Any) -> Any:
     """The app over a running `sdcli.serve.server.Server` (its worker started, a model loaded or loading)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from sdcli.serve import a1111, openai
+    from sdcli.serve import a1111, openai, page
     from sdcli.serve.worker import Busy
 
     app = FastAPI(title="sdcli", docs_url="/docs", redoc_url=None)
@@ -157,10 +157,7 @@ def create_app(server: Any) -> Any:
             return answer(request, 400, _one_line(err, request.url.path))
         return answer(request, 500, unexpected_line(exc))
 
-    @app.get("/", include_in_schema=False)
-    async def page() -> Any:
-        return Response("sdcli serve: the APIs are under /sdapi/v1 and /v1 (see /docs)\n", media_type="text/plain")
-
+    app.include_router(page.router(server))
     app.include_router(a1111.router(server), prefix="/sdapi/v1")
     app.include_router(openai.router(server), prefix="/v1")
     return _Logged(Guard(app, users=server.config.users, api_key=server.config.api_key,
@@ -192,7 +189,8 @@ def serve(config: ServeConfig) -> None:
     server = start(config)
     try:
         where = f"http://{config.host}:{config.port}"
-        say(f"serving {server.models.current} on {where} (A1111 API: {where}/sdapi/v1, OpenAI API: {where}/v1)")
+        say(f"serving {server.models.current} on {where} (the page: {where}/, A1111 API: {where}/sdapi/v1, "
+            f"OpenAI API: {where}/v1)")
         uvicorn.run(create_app(server), host=config.host, port=config.port, log_level="warning", access_log=False)
     finally:
         server.worker.close()

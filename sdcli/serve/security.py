@@ -1,8 +1,9 @@
 """Who may call the server, and how much they may send: checked before a request reaches a handler.
 
 `Guard` is plain ASGI around the app: the credentials (`--api-auth`'s HTTP basic, `--api-key`'s bearer
-token, either one accepted) compared in constant time, and a body over `--max-body` refused from its
-Content-Length, or, when it comes chunked without one, as soon as it grows past the bound (before the app reads it).
+token, either one accepted; the key also as a basic-auth password, which is how a browser's login prompt
+sends it) compared in constant time, and a body over `--max-body` refused from its Content-Length, or, when
+it comes chunked without one, as soon as it grows past the bound (before the app reads it).
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ class Guard:
         value = value.strip()
         if scheme.lower() == "bearer" and self.api_key:
             return hmac.compare_digest(value.encode(), self.api_key.encode())
-        if scheme.lower() == "basic" and self.users:
+        if scheme.lower() == "basic":
             try:
                 user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
             except (binascii.Error, ValueError):
                 return False
             expected = self.users.get(user)
             matches = hmac.compare_digest(password.encode(), (expected or "").encode())
-            return bool(sep) and expected is not None and matches
+            # The key as the password, whatever the user name: how a browser's login prompt sends it to the page.
+            is_key = bool(self.api_key) and hmac.compare_digest(password.encode(), (self.api_key or "").encode())
+            return bool(sep) and ((expected is not None and matches) or is_key)
         return False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -63,7 +66,9 @@ class Guard:
         headers = dict(scope.get("headers") or [])
         path = scope.get("path", "")
         if not self.allowed(headers):
-            challenge = 'Basic realm="sdcli"' if self.users else 'Bearer realm="sdcli"'
+            # Basic: every server with credentials takes it (--api-key's key as the password), and a browser
+            # asks for it at once, so the page (GET /) opens behind either kind.
+            challenge = 'Basic realm="sdcli"'
             detail = "wrong or missing credentials: " + " or ".join(
                 what for what, on in (("HTTP basic auth (--api-auth)", self.users), ("a bearer API key", self.api_key))
                 if on)

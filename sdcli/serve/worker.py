@@ -41,6 +41,7 @@ class Job:
     started: float = 0.0
     step_started: float = 0.0
     preview: Optional[str] = None  # base64 PNG of the last decoded x̂0
+    preview_at: str = ""  # which step of its image that x̂0 is from, and its noise level σ
     timestamp: str = ""
 
 
@@ -145,6 +146,9 @@ class Worker:
         if step.x0 is not None and self.want_preview.is_set():
             self.want_preview.clear()
             job.preview = preview_png(self.models.engine.pipe, step.x0[:1], size)
+            sigma = noise_level(self.models.engine.pipe.scheduler, step)
+            sigma = "" if sigma is None else f", σ {sigma:.3g}"
+            job.preview_at = f"x̂0 at step {step.index + 1}/{step.total}{sigma}"
 
     # What /progress says ------------------------------------------------------------------------------
 
@@ -152,13 +156,26 @@ class Worker:
         job = self.current
         if job is None or not job.total:
             return {"progress": 0.0, "eta_relative": 0.0, "job": None, "step": 0, "steps": 0, "preview": None,
-                    "interrupted": False, "skipped": False, "timestamp": ""}
+                    "preview_at": None, "interrupted": False, "skipped": False, "timestamp": ""}
         fraction = min(1.0, job.done / job.total)
         elapsed = time.monotonic() - job.started
         eta = elapsed / fraction - elapsed if fraction > 0 else self.seconds_per_job
         return {"progress": fraction, "eta_relative": max(0.0, eta), "job": job.label, "step": job.done,
-                "steps": job.total, "preview": job.preview, "interrupted": job.stop.is_set(),
+                "steps": job.total, "preview": job.preview, "preview_at": job.preview_at or None,
+                "interrupted": job.stop.is_set(),
                 "skipped": job.skip.is_set() and not job.stop.is_set(), "timestamp": job.timestamp}
+
+
+def noise_level(scheduler: Any, step: Any) -> Optional[float]:
+    """σ of a step: the scheduler's own, else that of its timestep from ᾱ_t, √((1 − ᾱ)/ᾱ), for schedulers
+    that keep ᾱ's rather than σ's (DDIM, PNDM): the same scale, so a preview reads alike under any sampler."""
+    if step.sigma is not None:
+        return float(step.sigma)
+    alpha_bar = getattr(scheduler, "alphas_cumprod", None)
+    if alpha_bar is None or not 0 <= int(step.timestep) < len(alpha_bar):
+        return None
+    a = float(alpha_bar[int(step.timestep)])
+    return ((1 - a) / a) ** 0.5
 
 
 def preview_png(pipe: Any, x0: Any, size: tuple[int, int]) -> Optional[str]:

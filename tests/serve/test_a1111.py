@@ -4,6 +4,7 @@ options, progress with a live x̂0 preview, and interrupt."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -110,6 +111,9 @@ def test_progress_shows_the_denoising_live_and_interrupt_stops_it(served):
         time.sleep(0.05)
     assert seen is not None, "no preview while denoising"
     assert 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 240 and seen["eta_relative"] > 0
+    # What the preview shows, in sdcli's words: its image's step and noise level (PNDM keeps ᾱ's: σ from them).
+    step, sigma = re.fullmatch(r"x̂0 at step (\d+)/60, σ (\d+(?:\.\d+)?)", seen["textinfo"]).groups()
+    assert int(step) >= 1 and 0 < float(sigma) < 200
     preview = Image.open(__import__("io").BytesIO(__import__("base64").b64decode(seen["current_image"])))
     assert preview.size == (32, 32)
     api.interrupt()
