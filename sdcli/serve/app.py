@@ -17,6 +17,7 @@ from sdcli.declare import worded
 from sdcli.errors import SdcliError, friendly
 from sdcli.serve.config import ServeConfig
 from sdcli.serve.security import Guard, error_body, send_json
+from sdcli.serve.server import ClientGone
 
 # How each API calls sdcli's settings, for the errors the engine raises (it names --guidance; A1111 cfg_scale).
 A1111_NAMES = {
@@ -33,10 +34,6 @@ OPENAI_NAMES = {
     "num_images": "n", "batch_size": "n", "init_image": "image", "mask": "mask", "strength": "strength",
     "model": "model", "loras": "<lora:NAME:WEIGHT>",
 }
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request waited or ran (its job is dropped)."""
 
 
 def say(text: str) -> None:

@@ -13,6 +13,10 @@ from typing import Any, Callable, Optional
 from sdcli.errors import DataError, UsageError
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request waited or ran (its job is dropped)."""
+
+
 @dataclass
 class Made:
     """A finished generation: its images (`Generated`, in job order), plan and the model that made them."""
@@ -69,8 +73,6 @@ class Server:
                 job.stop.set()
                 job.skip.set()
                 job.future.cancel()
-                from sdcli.serve.app import ClientGone
-
                 raise ClientGone("the client disconnected")
 
     def _run(self, job: Any, model: Optional[str], s: Any) -> Made:
