@@ -36,6 +36,16 @@ def tiny_flow_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_models(tmp_path_factory):
+    """Paths of tiny saved FLUX.2 pipelines (flux2: dev; klein: base, CFG; klein-distilled) and FLUX.1 Kontext."""
+    from sdcli.testing import FLUX2_KINDS, save_tiny_flux2_pipeline, save_tiny_kontext_pipeline
+
+    root = tmp_path_factory.mktemp("flux2-models")
+    models = {kind: str(save_tiny_flux2_pipeline(root / kind, kind)) for kind in FLUX2_KINDS}
+    return {**models, "kontext": str(save_tiny_kontext_pipeline(root / "kontext"))}
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_models):
     return tiny_models["sd1"]
 

@@ -8,23 +8,24 @@ their memory figures, training hooks and LoRA layouts. Everything else in sdcli 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdcli.errors import ModelError
-from sdcli.families import flux, sd, sd3, sdxl
+from sdcli.families import flux, flux2, sd, sd3, sdxl
 from sdcli.families.base import Family, KohyaLayout
 
 # Most specific first: StableDiffusionXL and StableDiffusion3 before StableDiffusion.
-FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, sd.FAMILY)
+# FLUX.2 before Flux.1: its single-file checkpoints hold Flux.1's block names too.
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux2.FAMILY, flux.FAMILY, sd.FAMILY)
 # What a model without model_index.json (a single-file checkpoint) is taken for until it loads.
 SINGLE_FILE = sd.FAMILY
 # Each name a record gives a model (`Loaded.family`, finetune's "family"), to its family.
 BY_NAME: dict[str, Family] = {name: f for f in FAMILIES for name in (f.variants or (f.name,))}
 
-SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines (diffusers' "
-             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3* and Flux* classes, Flux.2 not included), "
+SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1 and FLUX.2 pipelines (diffusers' "
+             "StableDiffusion*, StableDiffusionXL*, StableDiffusion3*, Flux* and Flux2* classes), "
              "and with any other diffusers text-to-image pipeline (AutoPipelineForText2Image's) through its own "
              "arguments")
 
@@ -85,7 +86,7 @@ def training_family(pipe: Any) -> Family:
     """The family of a pipeline finetune is to train; ModelError for one it has no training hooks for."""
     family = pipe_family(pipe)
     if family.encode is None:
-        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux pipelines; this model is a "
+        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux.1 pipelines; this model is a "
                          f"{type(pipe).__name__}")
     return family
 
@@ -108,6 +109,10 @@ def single_file_class(path: Path):
             keys = list(f.keys())
         for family in FAMILIES:
             if any(marker in k for marker in family.single_file_markers for k in keys):
+                if not family.single_file_class:
+                    raise ModelError(f"--model {path} is a {family.name} single-file checkpoint, which diffusers "
+                                     "loads only as a transformer, not as a pipeline; use the model's diffusers "
+                                     "folder or Hub id")
                 return getattr(diffusers, family.single_file_class)
     return getattr(diffusers, SINGLE_FILE.single_file_class)
 
@@ -123,6 +128,12 @@ class ModelFacts:
     family: Family
     vae_factor: int
     guidance: str  # the family's guidance knob, "none" for a distilled family without the input (Flux-schnell)
+    defaults: dict[str, float] = field(default_factory=dict)  # the model card's steps/guidance (`Family.defaults`)
+
+    @property
+    def references(self) -> int:
+        """How many --reference-image the model takes (0: none)."""
+        return self.family.references(self.class_name)
 
     @property
     def size_multiple(self) -> int:
@@ -142,13 +153,18 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
         family = family.completed(lambda name: _config(model, name, revision))
     vae = _config(model, "vae/config.json", revision)
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
-    # Only a family whose guidance depends on the model reads its denoiser's config (a Hub download).
-    config = _config(model, f"{family.denoiser}/config.json", revision) if family.guidance_of_config else None
-    return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config))
+    # Only a family whose guidance or defaults depend on the model reads its denoiser's config (a Hub download).
+    config = None
+    if family.guidance_of_config or family.defaults:
+        config = {**index, **(_config(model, f"{family.denoiser}/config.json", revision) or {}),
+                  "pipeline_class": index.get("_class_name")}
+    return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config), family.defaults_for(config))
 
 
 def facts_of(pipe: Any) -> ModelFacts:
     """The same facts, of a pipeline already in memory."""
     family = pipe_family(pipe)
-    return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe))
+    config = family.config_of(pipe) if family.defaults else None
+    return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe),
+                      family.defaults_for(config))
 

@@ -87,13 +87,20 @@ class Family:
 
     # 3. Guidance
     guidance: str = "cfg"  # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev)
-    guidance_of_config: Callable[[Mapping[str, Any]], str] | None = None  # denoiser config -> "distilled"/"none"
+    # config -> "cfg"/"distilled"/"none"; config is the denoiser's config over the pipeline's (model_index.json),
+    # with the pipeline's class name as "pipeline_class"
+    guidance_of_config: Callable[[Mapping[str, Any]], str] | None = None
+    # config (as above) -> the model card's defaults where they differ from sdcli's: "steps", "guidance",
+    # "distilled_guidance" (`sdcli.generation.run.settle_defaults`, `sdcli.generation.guidance`)
+    defaults: Callable[[Mapping[str, Any]], Mapping[str, float]] | None = None
 
     # 4. Prompts, embeddings, ControlNet
     a1111: Callable[[Any], str | None] | None = None  # pipe -> ONE_CLIP/TWO_CLIPS; None: diffusers encodes
     embedding_parts: Mapping[str, str] | None = None  # an embedding file's part -> the text encoder it goes to
     no_embeddings: str = ""  # why the family takes no textual-inversion embeddings (embedding_parts None)
     controlnet: bool = False  # sdcli runs diffusers' ControlNets on it
+    # pipeline class name -> how many --reference-image it takes (editing models: FLUX.1 Kontext, FLUX.2); 0: none
+    references: Callable[[str | None], int] = lambda class_name: 0
 
     # 5. Which settings do nothing on it: refused in one line before loading (`sdcli.generation.applies`)
     ignores: tuple[Rule, ...] = ()
@@ -139,7 +146,15 @@ class Family:
         return self.guidance_of_config(config or {}) if self.guidance_of_config else self.guidance
 
     def guidance_of(self, pipe: Any) -> str:
-        return self.guidance_for(getattr(pipe, self.denoiser).config if self.guidance_of_config else None)
+        return self.guidance_for(self.config_of(pipe) if self.guidance_of_config else None)
+
+    def config_of(self, pipe: Any) -> dict[str, Any]:
+        """What ``guidance_of_config`` and ``defaults`` read, of a pipeline in memory: its denoiser's config over
+        its own (model_index.json's), with the pipeline's class name as ``pipeline_class``."""
+        return {**dict(pipe.config), **dict(getattr(pipe, self.denoiser).config), "pipeline_class": type(pipe).__name__}
+
+    def defaults_for(self, config: Mapping[str, Any] | None) -> dict[str, float]:
+        return dict(self.defaults(config or {})) if self.defaults else {}
 
     def encoders(self, pipe: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs the pipeline has, in the order the family uses them."""

@@ -19,6 +19,11 @@ def check_family(s: Any, facts: Any) -> None:
     from sdcli.generation.settings import Settings
 
     model = facts.class_name or "this model"
+    if s.reference_images and len(s.reference_images) > facts.references:
+        most = facts.references
+        why = "takes no reference images (editing models do: FLUX.1 Kontext, FLUX.2)" if not most else \
+            f"takes {most} reference image{'s' if most > 1 else ''}, not {len(s.reference_images)}"
+        raise UsageError(f"--reference-image: {model} {why}", setting="reference_images")
     if facts.family.check is not None:
         facts.family.check(s, facts)
     for rule in facts.family.ignores:
@@ -30,7 +35,7 @@ def check_family(s: Any, facts: Any) -> None:
 
 # What a task-scoped setting needs before it does anything (the tasks of `sdcli.generation.tasks`).
 NEEDS = {"img2img": "--init-image", "inpaint": "--mask", "outpaint": "--outpaint", "hires": "--hires-scale",
-         "controlnet": "--controlnet"}
+         "controlnet": "--controlnet", "edit": "--reference-image"}
 
 
 def check_task(s: Any, task: Any) -> None:

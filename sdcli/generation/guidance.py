@@ -55,7 +55,7 @@ def _settle(s: Any, facts: Any, name: str) -> None:
                              setting="distilled_guidance")
         if s.true_cfg:
             raise UsageError(f"--true-cfg: {name}'s --guidance is classifier-free guidance already", setting="true_cfg")
-        s.guidance = s.guidance or [defaults.GUIDANCE]
+        s.guidance = s.guidance or [facts.defaults.get("guidance", defaults.GUIDANCE)]
         return
     if facts.guidance == "none":
         if s.distilled_guidance is not None or s.true_cfg or any(g != 1 for g in s.guidance):
@@ -79,7 +79,7 @@ def _settle(s: Any, facts: Any, name: str) -> None:
                          "classifier-free guidance against the negative prompt", setting="guidance")
     s.guidance = s.guidance or [1.0]
     if s.distilled_guidance is None:
-        s.distilled_guidance = defaults.DISTILLED_GUIDANCE
+        s.distilled_guidance = facts.defaults.get("distilled_guidance", defaults.DISTILLED_GUIDANCE)
 
 
 def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]:

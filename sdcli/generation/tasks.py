@@ -23,6 +23,8 @@ from sdcli.errors import DataError, UsageError
 IMAGE_TASKS = ("img2img", "inpaint", "outpaint")
 # ControlNets steer any of them ("img2img+controlnet"); the settings declared with this task record them.
 CONTROL_TASK = "controlnet"
+# Editing models (FLUX.1 Kontext, FLUX.2) made from reference images; the settings declared with it record them.
+EDIT_TASK = "edit"
 MAX_SIDE = 4096  # pixels; past this a hires pass is a typo, not a picture
 
 
@@ -309,6 +311,46 @@ class HiresFix(Task):
         return keep["second"](**second).images
 
 
+class Edit(TextToImage):
+    """An editing model's text-to-image with reference images (--reference-image) to edit or follow: its
+    pipeline's ``image`` input, one image or a list as the family's ``references`` allows. Without -W/-H the
+    first reference sets the size, shrunk to the model's default area where larger (as FLUX.2's pipeline caps its
+    references) and cut to the model's multiple."""
+
+    name = EDIT_TASK
+
+    def applies(self, s: Any) -> bool:
+        return bool(s.reference_images)
+
+    def check(self, s: Any) -> None:
+        for value, flag, setting in ((s.init_image, "--init-image", "init_image"),
+                                     (s.hires_scale, "--hires-scale", "hires_scale")):
+            if value is not None:
+                raise UsageError(f"{flag} does not combine with --reference-image: an editing model is given the "
+                                 "image to edit as a reference", setting=setting)
+        refuse_without_init_image(s)
+        for source in s.reference_images:
+            check_image_input(source, "--reference-image", "reference_images")
+
+    def prepare(self, s: Any, pipe: Any) -> Prepared:
+        from sdcli.families import facts_of
+        from sdcli.images import open_image
+
+        facts = facts_of(pipe)
+        images = [open_image(source, what="--reference-image", setting="reference_images").convert("RGB")
+                  for source in s.reference_images]
+        width, height = s.width, s.height
+        if not (width and height):
+            w, h = images[0].size
+            dw, dh = default_size(pipe)
+            shrink = min(1.0, (dw * dh / (w * h)) ** 0.5)
+            m = facts.size_multiple
+            width = width or max(m, int(w * shrink) // m * m)
+            height = height or max(m, int(h * shrink) // m * m)
+        image = images if facts.references > 1 else images[0]
+        return Prepared(pipe, width, height, {"image": image, "width": width, "height": height})
+
+
 def load_init_image(source: Any, width: int | None, height: int | None, factor: int):
     """The init image (a path or a PIL image) upright and in RGB, resized to the asked size or cut down to a
     multiple of ``factor``."""
@@ -393,7 +435,7 @@ class WithControlNet(Task):
 
 
 # Most specific first: the first that applies runs.
-TASKS: tuple[Task, ...] = (Inpaint(), Outpaint(), ImageToImage(), HiresFix(), TextToImage())
+TASKS: tuple[Task, ...] = (Edit(), Inpaint(), Outpaint(), ImageToImage(), HiresFix(), TextToImage())
 
 
 def task_for(s: Any) -> Task:

@@ -27,10 +27,10 @@ def _diffusers_pipelines() -> list[tuple[str, str]]:
 
 def _expected_family(key: str) -> str | None:
     for prefix, family in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-3", "sd3"),
-                           ("stable-diffusion", "sd"), ("flux", "flux")):
+                           ("stable-diffusion", "sd"), ("flux2", "flux2"), ("flux", "flux")):
         if key == prefix or key.startswith(prefix + "-"):
             return family
-    return None  # flux2, stable-audio, stable cascade, Qwen-Image, ...: no family of sdcli's
+    return None  # stable-audio, stable cascade, Qwen-Image, ...: no family of sdcli's
 
 
 @pytest.mark.parametrize("key,class_name", _diffusers_pipelines(), ids=lambda v: v)
@@ -46,7 +46,7 @@ def test_each_diffusers_pipeline_is_claimed_by_its_own_family_only(key, class_na
 def test_every_family_claims_some_diffusers_pipeline_and_names_its_records():
     claimed = {claimed_by(name) for _key, name in _diffusers_pipelines()}
     assert set(FAMILIES) <= claimed
-    assert set(BY_NAME) == {"sd1", "sd2", "sdxl", "sd3", "flux"}
+    assert set(BY_NAME) == {"sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "flux2-klein"}
     assert family_spec(None).name == "sd"  # a single-file checkpoint is taken for SD until it loads
 
 
@@ -62,14 +62,21 @@ EXAMPLES = {
     "--timestep-spacing": [["--timestep-spacing", "trailing"]],
     "--hires-upscaler latent": [["--hires-scale", "2", "--hires-upscaler", "latent"]],
     "--guidance-rescale": [["--guidance-rescale", "0.5"]],
+    "--true-cfg": [["--true-cfg", "-g", "3"]],
+    "--init-image": [["--init-image", "IMAGE"], ["--init-image", "IMAGE", "--strength", "0.5"]],
+    "--hires-scale": [["--hires-scale", "2"]],
 }
 # What each family ignores, written out here (not read from the families) so that a rule dropped from a
 # family's list fails below: sdcli's prompt encoder and samplers do nothing on the flow-matching families.
 FLOW = {"--clip-skip", "--prompt-syntax a1111", "--embedding", "--scheduler", "--timestep-spacing",
         "--guidance-rescale"}
-IGNORED = {"sd": set(), "sdxl": set(), "sd3": FLOW, "flux": FLOW | {"--hires-upscaler latent"}}
-# A tiny model of each family (flux twice: with a guidance input, and schnell-like without).
-MODELS = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flux-schnell": "flux"}
+IGNORED = {"sd": set(), "sdxl": set(), "sd3": FLOW, "flux": FLOW | {"--hires-upscaler latent"},
+           "flux2": FLOW | {"--true-cfg", "--init-image", "--hires-scale"}}
+# A tiny model of each family (flux twice: with a guidance input, and schnell-like without; FLUX.2-dev and Klein).
+MODELS = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flux-schnell": "flux",
+          "flux2": "flux2", "klein": "flux2"}
+FIXTURES = {"sd": "tiny_models", "sdxl": "tiny_models", "sd3": "tiny_flow_models", "flux": "tiny_flow_models",
+            "flux2": "tiny_flux2_models"}
 CASES = [(model, flag, args) for model, family in MODELS.items() for flag in sorted(IGNORED[family])
          for args in EXAMPLES[flag]]
 
@@ -82,9 +89,13 @@ def test_each_family_lists_the_settings_it_ignores():
 @pytest.mark.parametrize("model,flag,args", CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_a_setting_its_family_ignores_is_refused_in_one_line_before_loading(cli, request, tmp_path,
                                                                             no_pipeline_loads, model, flag, args):
-    path = request.getfixturevalue("tiny_models" if model in ("sd1", "sd2", "sdxl") else "tiny_flow_models")[model]
+    from PIL import Image
+
+    path = request.getfixturevalue(FIXTURES[MODELS[model]])[model]
     (tmp_path / "emb.safetensors").write_bytes(b"")
-    args = [str(tmp_path / "emb.safetensors") if a == "EMBEDDING" else a for a in args]
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
+    files = {"EMBEDDING": str(tmp_path / "emb.safetensors"), "IMAGE": str(tmp_path / "in.png")}
+    args = [files.get(a, a) for a in args]
     prompt = [] if "--" in args else ["a red circle"]
     result = cli("generate", *prompt, "--model", path, "--steps", "2", "-W", "16", "-H", "16", "--out",
                  tmp_path / "o.png", *args)
