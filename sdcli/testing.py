@@ -602,7 +602,8 @@ def save_random_transformer_lora(model_path: str | Path, out: str | Path, rank: 
     from peft.utils import get_peft_model_state_dict
 
     pipe = DiffusionPipeline.from_pretrained(str(model_path))
-    pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v"]))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"]  # FLUX.2's single blocks fuse theirs
+    pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in pipe.transformer.named_parameters():

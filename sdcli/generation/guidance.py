@@ -90,11 +90,12 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
     from sdcli.families import pipe_family
 
     takes = inspect.signature(type(pipe).__call__).parameters
-    if pipe_family(pipe).guidance == "generic":  # what its signature takes
+    kind = pipe_family(pipe).guidance_of(pipe)  # the model's own (FLUX.2 Klein guides by CFG, FLUX.2-dev not)
+    if kind == "generic":  # what its signature takes
         from sdcli.families import generic
 
         return generic.guidance_kwargs(pipe, values)
-    if pipe_family(pipe).guidance != "distilled":
+    if kind != "distilled":
         out = {"guidance_scale": values["guidance"]}
         if "guidance_rescale" in takes:
             out["guidance_rescale"] = values["guidance_rescale"]

@@ -111,8 +111,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     check_settings(s)
     task = task_for(s)
     unsettled = s.steps is None
-    if not unsettled:  # the checks that count steps wait for the model's default steps
-        task.check(s)
+    task.check(s)  # without --steps, what counts steps is checked again below, at the model's default
     check_task(s, task)
     if model_on_disk:
         s.model = absolute_if_local(resolve_model(s.model))

@@ -145,7 +145,7 @@ class ImageToImage(Task):
 
     def check(self, s: Any) -> None:
         refuse_hires(s)  # --strength's range is declared with it (sdcli.generation.settings)
-        if int(s.steps * s.strength) < 1:
+        if s.steps is not None and int(s.steps * s.strength) < 1:  # None: checked again once the model's is known
             # diffusers runs int(steps × strength) steps; zero would denoise nothing at all.
             raise UsageError(f"--strength {s.strength:g} with --steps {s.steps} leaves no denoising step "
                              f"(int({s.steps} × {s.strength:g}) = 0); use --strength {1 / s.steps:.3g} or more, "
@@ -256,7 +256,7 @@ class HiresFix(Task):
     def check(self, s: Any) -> None:
         refuse_without_init_image(s)  # the ranges of --hires-scale, -strength and -steps are declared with them
         steps = s.hires_steps or s.steps
-        if int(steps * s.hires_strength) < 1:
+        if steps is not None and int(steps * s.hires_strength) < 1:  # None: checked once the model's is known
             raise UsageError(f"--hires-strength {s.hires_strength:g} with {steps} hires steps leaves no denoising step "
                              f"(int({steps} × {s.hires_strength:g}) = 0); raise either", setting="hires_strength")
         for size, flag in ((s.width, "--width"), (s.height, "--height")):

@@ -1,0 +1,216 @@
+"""FLUX.2, FLUX.2 Klein (`sdcli.families.flux2`) and FLUX.1 Kontext's reference image (`sdcli.families.flux`):
+the same images as plain diffusers, each model's own guidance and defaults, reference images, LoRAs, trajectories,
+replay, and what each model lacks refused in one line before loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import one_error_line, paths_of, pixels
+
+# The guidance each tiny model runs at by default, as plain diffusers takes it (guidance_scale).
+DEFAULT_SCALE = {"flux2": 4.0, "klein": 4.0, "klein-distilled": 1.0, "kontext": 2.5}
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """Two reference pictures of different sizes (FLUX.2 takes sides of 64 pixels and more)."""
+    folder = tmp_path_factory.mktemp("refs")
+    paths = []
+    for i, size in enumerate(((80, 64), (64, 72))):
+        array = np.random.RandomState(i).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(folder / f"ref{i}.png")
+        paths.append(folder / f"ref{i}.png")
+    return paths
+
+
+def diffusers_image(path, size=16, **kw):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    if "negative" in kw:  # Klein takes its negative prompt as embeddings only
+        kw["negative_prompt_embeds"] = pipe.encode_prompt(kw.pop("negative"))[0]
+    if "lora" in kw:
+        pipe.load_lora_weights(str(kw.pop("lora")))
+    image = pipe(prompt="a red circle", num_inference_steps=2, height=size, width=size, output_type="np",
+                 generator=[torch.Generator("cpu").manual_seed(3)], **kw).images[0]
+    return np.round(image * 255).astype(np.int16)
+
+
+def sdcli_image(cli, path, tmp_path, *args, name="x.png", size=16):
+    result = cli("generate", "a red circle", "--model", path, "--steps", "2", "--seed", "3", "-W", size, "-H", size,
+                 "--out", tmp_path / name, *args)
+    return paths_of(result)[0]
+
+
+def record_of(path):
+    return json.loads(Image.open(path).info["sdcli"])
+
+
+# 1. Text to image, as diffusers makes it, at each model's own guidance ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flux2", "klein", "klein-distilled"])
+def test_txt2img_equals_plain_diffusers_at_the_models_own_guidance(cli, tiny_flux2_models, tmp_path, kind):
+    out = sdcli_image(cli, tiny_flux2_models[kind], tmp_path)
+    record = record_of(out)
+    assert record["model_family"] == ("flux2" if kind == "flux2" else "flux2-klein")
+    # FLUX.2-dev's guidance is distilled (its guidance_scale is an input); Klein base's is CFG; distilled, none.
+    assert (record["distilled_guidance"], record["guidance"]) == {
+        "flux2": (4.0, 1.0), "klein": (None, 4.0), "klein-distilled": (None, 1.0)}[kind]
+    assert np.abs(pixels(out) - diffusers_image(tiny_flux2_models[kind], guidance_scale=DEFAULT_SCALE[kind])).max() <= 1
+
+
+def test_klein_guides_against_its_negative_prompt_as_diffusers_does(cli, tiny_flux2_models, tmp_path):
+    path = tiny_flux2_models["klein"]
+    out = sdcli_image(cli, path, tmp_path, "-g", "3", "-n", "blurry")
+    assert np.abs(pixels(out) - diffusers_image(path, guidance_scale=3.0, negative="blurry")).max() <= 1
+    plain = sdcli_image(cli, path, tmp_path, "-g", "3", name="plain.png")
+    assert np.abs(pixels(out) - pixels(plain)).max() > 0  # the negative prompt is read
+
+
+def test_defaults_come_from_each_model_card(tiny_flux2_models, tiny_flow_models):
+    from sdcli.generation import Settings, plan
+
+    def planned(path):
+        s = plan(Settings(prompts=["x"], model=path), distributed=False).settings
+        return s.steps, s.guidance, s.distilled_guidance
+
+    assert planned(tiny_flux2_models["flux2"]) == (50, [1.0], 4.0)
+    assert planned(tiny_flux2_models["klein"]) == (50, [4.0], None)
+    assert planned(tiny_flux2_models["klein-distilled"]) == (4, [1.0], None)
+    assert planned(tiny_flux2_models["kontext"]) == (28, [1.0], 2.5)
+    assert planned(tiny_flow_models["flux"]) == (25, [1.0], 3.5)  # FLUX.1-dev keeps sdcli's
+
+
+# 2. Reference images -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flux2", "klein"])
+def test_reference_images_are_the_pipelines_image_input(cli, tiny_flux2_models, tmp_path, refs, kind):
+    path = tiny_flux2_models[kind]
+    out = sdcli_image(cli, path, tmp_path, "--reference-image", refs[0], "--reference-image", refs[1])
+    record = record_of(out)
+    assert record["task"] == "edit" and [r["path"] for r in record["reference_images"]] == [str(p) for p in refs]
+    theirs = diffusers_image(path, guidance_scale=DEFAULT_SCALE[kind], image=[Image.open(p) for p in refs])
+    assert np.abs(pixels(out) - theirs).max() <= 1
+    assert np.abs(pixels(out) - diffusers_image(path, guidance_scale=DEFAULT_SCALE[kind])).max() > 0
+
+
+def test_kontext_edits_its_reference_at_the_size_asked(cli, tiny_flux2_models, tmp_path, refs):
+    path = tiny_flux2_models["kontext"]
+    out = sdcli_image(cli, path, tmp_path, "--reference-image", refs[0], size=32)
+    assert Image.open(out).size == (32, 32) and record_of(out)["distilled_guidance"] == 2.5
+    # diffusers' Kontext rescales the asked size to max_area; sdcli asks for the size's own area.
+    theirs = diffusers_image(path, size=32, guidance_scale=2.5, image=Image.open(refs[0]), max_area=32 * 32)
+    assert np.abs(pixels(out) - theirs).max() <= 1
+
+
+def test_without_a_size_the_first_reference_sets_it(cli, tiny_flux2_models, tmp_path, refs):
+    result = cli("generate", "x", "--model", tiny_flux2_models["klein-distilled"], "--steps", "1", "--seed", "1",
+                 "--reference-image", refs[1], "--out", tmp_path / "o.png")
+    assert Image.open(paths_of(result)[0]).size == (64, 72)  # 64x72 is a multiple of the tiny model's 8
+
+
+def test_an_edit_replays_from_its_metadata(cli, tiny_flux2_models, tmp_path, refs):
+    from test_settings import assert_round_trip
+
+    out = sdcli_image(cli, tiny_flux2_models["klein"], tmp_path, "--reference-image", refs[0], "-g", "2", "-n", "dull")
+    assert_round_trip(cli, out, tmp_path)
+
+
+# 3. What a model lacks, refused in one line before loading -----------------------------------------------------
+
+
+@pytest.mark.parametrize("model,args,expected", [
+    ("sd1", ["--reference-image", "REF"], "--reference-image: StableDiffusionPipeline takes no reference images"),
+    ("flux", ["--reference-image", "REF"], "--reference-image: FluxPipeline takes no reference images"),
+    ("kontext", ["--reference-image", "REF", "--reference-image", "REF"], "--reference-image: FluxKontextPipeline takes 1 reference image, not 2"),
+    ("kontext", ["--init-image", "REF"], "--init-image: FluxKontextPipeline has no img2img"),
+    ("flux2", ["--reference-image", "REF", "--init-image", "REF"], "--init-image does not combine with"),
+    ("flux2", ["-n", "blurry"], "--negative-prompt: Flux2Pipeline's guidance is distilled"),
+    ("flux2", ["-g", "3"], "--guidance 3: Flux2Pipeline's guidance is distilled"),
+    ("klein", ["--distilled-guidance", "3"], "--distilled-guidance: Flux2KleinPipeline has no guidance input"),
+    ("klein-distilled", ["-g", "3"], "Flux2KleinPipeline has no guidance input"),
+    ("klein-distilled", ["-n", "blurry"], "--negative-prompt: Flux2KleinPipeline has no guidance"),
+])
+def test_what_a_model_lacks_is_refused_in_one_line_before_loading(cli, request, tmp_path, no_pipeline_loads, refs,
+                                                                   model, args, expected):
+    fixture = {"sd1": "tiny_models", "flux": "tiny_flow_models"}.get(model, "tiny_flux2_models")
+    path = request.getfixturevalue(fixture)[model]
+    args = [str(refs[0]) if a == "REF" else a for a in args]
+    result = cli("generate", "a red circle", "--model", path, "--out", tmp_path / "o.png", *args)
+    assert one_error_line(result, 2).startswith(f"error: {expected}")
+    assert no_pipeline_loads == [] and not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("size,expected", [((32, 96), "needs both sides at least 64 pixels"),
+                                           ((640, 64), "takes aspect ratios up to 8:1")])
+def test_a_reference_flux2_would_reject_is_refused_by_name(cli, tiny_flux2_models, tmp_path, no_pipeline_loads,
+                                                            size, expected):
+    Image.new("RGB", size).save(tmp_path / "small.png")
+    result = cli("generate", "x", "--model", tiny_flux2_models["flux2"], "--reference-image", tmp_path / "small.png")
+    line = one_error_line(result)
+    assert line.startswith(f"error: --reference-image {tmp_path / 'small.png'} is {size[0]}x{size[1]}")
+    assert expected in line and no_pipeline_loads == []
+
+
+def test_a_flux2_single_file_is_refused_naming_what_diffusers_loads(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "flux2-dev.safetensors"
+    save_file({"single_stream_modulation.lin.weight": torch.zeros(2, 2), "double_blocks.0.img_mod.lin.weight":
+               torch.zeros(2, 2)}, str(path))
+    result = cli("generate", "x", "--model", path, "--steps", "1", "--out", tmp_path / "o.png")
+    assert "is a flux2 single-file checkpoint, which diffusers loads only as a transformer" in one_error_line(result)
+
+
+# 4. LoRAs, trajectories, memory --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfyui"])
+def test_a_lora_gives_diffusers_load_lora_weights_image(cli, tiny_flux2_models, tmp_path, layout):
+    from safetensors.torch import load_file, save_file
+
+    from sdcli.testing import save_random_transformer_lora
+
+    path = tiny_flux2_models["klein"]
+    lora = save_random_transformer_lora(path, tmp_path / "lora") / "pytorch_lora_weights.safetensors"
+    if layout == "comfyui":  # ComfyUI's and ai-toolkit's prefix, diffusers' block names
+        renamed = {k.replace("transformer.", "diffusion_model.", 1): v for k, v in load_file(str(lora)).items()}
+        lora = tmp_path / "comfy.safetensors"
+        save_file(renamed, str(lora))
+    out = sdcli_image(cli, path, tmp_path, "--lora", lora)
+    theirs = diffusers_image(path, guidance_scale=4.0, lora=tmp_path / "lora")
+    assert np.abs(pixels(out) - theirs).max() <= 1
+    assert np.abs(pixels(out) - diffusers_image(path, guidance_scale=4.0)).max() > 2  # the LoRA does something
+
+
+@pytest.mark.parametrize("kind", ["flux2", "kontext"])
+def test_the_trajectory_unpacks_to_the_image(tiny_flux2_models, refs, kind):
+    # x̂0 = x_t − σ·v on the packed tokens; the last step goes to σ = 0 by the same v, so the last frame,
+    # unpacked (FLUX.2: batch-norm statistics undone, 2x2 patches unfolded) and decoded, is the image itself.
+    from sdcli.generation import Engine, Settings, plan
+
+    size = 32 if kind == "kontext" else 16
+    s = Settings(prompts=["a red circle"], model=tiny_flux2_models[kind], steps=3, seeds=[1], width=size,
+                 height=size, save_trajectory=True, reference_images=[str(refs[0])])
+    p = plan(s, distributed=False)
+    (item,) = Engine.load(s).images(s, p.jobs)
+    frames = [np.asarray(f, np.int16) for f in item.trajectory]
+    assert len(frames) == 3 and frames[-1].shape == (size, size, 3)
+    assert np.abs(frames[-1] - np.asarray(item.image, np.int16)).max() <= 1
+    assert np.abs(frames[0] - frames[-1]).max() > 2
+
+
+def test_the_memory_estimate_reads_the_transformer(tiny_flux2_models):
+    from sdcli.memory import model_arch
+
+    arch = model_arch(tiny_flux2_models["flux2"])
+    assert (arch.vae_factor, arch.attention_heads, arch.unet_channels, arch.attention_level) == (2, 2, 8, 1)
