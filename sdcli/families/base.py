@@ -111,6 +111,9 @@ class Family:
     call: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
     # (model, facts, scheduler config, --shift) -> None or ModelError: a schedule inspect-schedule cannot show
     check_schedule: Callable[..., None] | None = None
+    # (scheduler config, image tokens, steps) -> (μ, the σ's its pipeline gives the sampler): a resolution-dependent
+    # shift its pipeline computes its own way (FLUX.2); None: Flux.1's, from the token count (`sdcli.schedule.core`)
+    schedule_shift: Callable[[Mapping[str, Any], int, int], tuple[float, list[float] | None]] | None = None
 
     # 6. Memory: (denoiser config, VAE config) -> `sdcli.memory.Arch`
     arch: Callable[[Mapping[str, Any], Mapping[str, Any]], Any] = unet_arch

@@ -62,6 +62,19 @@ def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any
     return type(pipe)._unpatchify_latents(grid * std + mean)
 
 
+def schedule_shift(config: Mapping[str, Any], tokens: int, steps: int) -> tuple[float, list[float]]:
+    """μ as the FLUX.2 pipelines compute it (an empirical fit in the token count and the number of steps, not
+    Flux.1's line in the token count), and the σ's they give the sampler: 1 down to 1/steps, evenly."""
+    import numpy as np
+
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()  # the pipeline module imports transformers' image processors, which chatter
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    return compute_empirical_mu(image_seq_len=tokens, num_steps=steps), list(np.linspace(1.0, 1 / steps, steps))
+
+
 def arch(transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
     """Memory's figures were measured on SD 1.5's UNet; the transformer is estimated as a UNet whose first level
     has its width per latent pixel (a token covers 2x2 of them) and attends there with its heads."""
@@ -139,6 +152,7 @@ FAMILY = Family(
     ),
     check=check,
     call=call,
+    schedule_shift=schedule_shift,
     references=references,
     arch=arch,
     text_encoders=("text_encoder",),

@@ -214,3 +214,42 @@ def test_the_memory_estimate_reads_the_transformer(tiny_flux2_models):
 
     arch = model_arch(tiny_flux2_models["flux2"])
     assert (arch.vae_factor, arch.attention_heads, arch.unet_channels, arch.attention_level) == (2, 2, 8, 1)
+
+
+# 5. inspect-schedule: μ and σ's as the FLUX.2 pipelines compute them --------------------------------------------
+
+
+def pipeline_sigmas(path, size, steps):
+    """The σ's the FLUX.2 pipeline's own scheduler ran (its last call leaves them on the scheduler)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(prompt="x", num_inference_steps=steps, height=size, width=size, output_type="latent")
+    return [float(s) for s in pipe.scheduler.sigmas]
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_inspect_schedule_shifts_a_flux2_model_as_its_pipeline_does(cli, tiny_flux2_models, steps):
+    from conftest import strict_json
+
+    path = tiny_flux2_models["klein-distilled"]
+    result = cli("inspect-schedule", "--model", path, "--resolution", "32x32", "--steps", steps, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    info = strict_json(result.stdout)
+    assert info["sampling_sigmas"] == pytest.approx(pipeline_sigmas(path, 32, steps), abs=1e-6)
+    assert info["resolution"] == [32, 32]
+
+
+def test_the_flux2_preset_uses_the_flux2_rule_not_flux1s(cli):
+    from conftest import strict_json
+
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    infos = {}
+    for preset in ("flux", "flux2"):
+        result = cli("inspect-schedule", "--preset", preset, "--resolution", "1024x1024", "--steps", "28", "--format",
+                     "json")
+        infos[preset] = strict_json(result.stdout)
+    assert infos["flux2"]["shift_mu"] == pytest.approx(compute_empirical_mu(64 * 64, 28))
+    assert infos["flux2"]["shift_mu"] != pytest.approx(infos["flux"]["shift_mu"])
