@@ -37,7 +37,8 @@ def diffusers_image(path, size=16, **kw):
     if "negative" in kw:  # Klein takes its negative prompt as embeddings only
         kw["negative_prompt_embeds"] = pipe.encode_prompt(kw.pop("negative"))[0]
     if "lora" in kw:
-        pipe.load_lora_weights(str(kw.pop("lora")))
+        lora = kw.pop("lora")
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     image = pipe(prompt="a red circle", num_inference_steps=2, height=size, width=size, output_type="np",
                  generator=[torch.Generator("cpu").manual_seed(3)], **kw).images[0]
     return np.round(image * 255).astype(np.int16)
@@ -174,21 +175,38 @@ def test_a_flux2_single_file_is_refused_naming_what_diffusers_loads(cli, tmp_pat
 # 4. LoRAs, trajectories, memory --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "comfyui"])
-def test_a_lora_gives_diffusers_load_lora_weights_image(cli, tiny_flux2_models, tmp_path, layout):
+# kohya's names of two FLUX.2 layers whose diffusers twins are one module each (BFL's original block names).
+KOHYA = {"transformer.transformer_blocks.0.attn.to_out.0": "lora_unet_double_blocks_0_img_attn_proj",
+         "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj": "lora_unet_single_blocks_0_linear1"}
+
+
+def relaid(lora, layout, folder):
+    """The diffusers-format LoRA file ``lora`` in another layout people share FLUX.2 LoRAs in."""
     from safetensors.torch import load_file, save_file
 
+    weights = load_file(str(lora))
+    if layout == "comfyui":  # ComfyUI's and ai-toolkit's prefix, diffusers' block names
+        out = {k.replace("transformer.", "diffusion_model.", 1): v for k, v in weights.items()}
+    else:  # kohya's sd-scripts: lora_down/lora_up and an alpha per module
+        out = {}
+        for module, name in KOHYA.items():
+            out[f"{name}.lora_down.weight"] = weights[f"{module}.lora_A.weight"]
+            out[f"{name}.lora_up.weight"] = weights[f"{module}.lora_B.weight"]
+            out[f"{name}.alpha"] = torch.tensor(float(out[f"{name}.lora_down.weight"].shape[0]))
+    save_file(out, str(folder / f"{layout}.safetensors"))
+    return folder / f"{layout}.safetensors"
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfyui", "kohya"])
+def test_a_lora_gives_diffusers_load_lora_weights_image(cli, tiny_flux2_models, tmp_path, layout):
     from sdcli.testing import save_random_transformer_lora
 
     path = tiny_flux2_models["klein"]
     lora = save_random_transformer_lora(path, tmp_path / "lora") / "pytorch_lora_weights.safetensors"
-    if layout == "comfyui":  # ComfyUI's and ai-toolkit's prefix, diffusers' block names
-        renamed = {k.replace("transformer.", "diffusion_model.", 1): v for k, v in load_file(str(lora)).items()}
-        lora = tmp_path / "comfy.safetensors"
-        save_file(renamed, str(lora))
+    if layout != "diffusers":
+        lora = relaid(lora, layout, tmp_path)
     out = sdcli_image(cli, path, tmp_path, "--lora", lora)
-    theirs = diffusers_image(path, guidance_scale=4.0, lora=tmp_path / "lora")
-    assert np.abs(pixels(out) - theirs).max() <= 1
+    assert np.abs(pixels(out) - diffusers_image(path, guidance_scale=4.0, lora=lora)).max() <= 1
     assert np.abs(pixels(out) - diffusers_image(path, guidance_scale=4.0)).max() > 2  # the LoRA does something
 
 
