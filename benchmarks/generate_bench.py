@@ -144,13 +144,73 @@ def against_diffusers(model: str, steps: int, runs: int, size: int | None = None
             "ratio": round(o / d, 4)}
 
 
+def tiny_family_against_diffusers(model: str, steps: int, runs: int, call: dict, size: int = 32, **settings) -> dict:
+    """Median seconds of sdcli's generation path and of the same pipeline's own call, interleaved, for a tiny
+    pipeline of a family with its own guidance (``call``: what diffusers is given; ``settings``: sdcli's)."""
+    import torch
+
+    from sdcli.generation import Engine, Settings, plan
+
+    s = Settings(prompts=["a red circle"], model=model, steps=steps, seeds=[0], width=size, height=size, **settings)
+    jobs = plan(s, distributed=False).jobs
+    loaded = Engine.load(s)
+    pipe = loaded.pipe
+
+    def direct() -> None:
+        pipe(prompt="a red circle", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
+             output_type="np", width=size, height=size, **call)
+
+    def ours() -> None:
+        list(loaded.images(s, jobs, on_step=lambda n: None))
+
+    direct(), ours()  # warm-up
+    t_direct, t_ours = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter(); direct(); t_direct.append(time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
+    d, o = statistics.median(t_direct), statistics.median(t_ours)
+    return {"diffusers_seconds": round(d, 4), "sdcli_seconds": round(o, 4), "ratio": round(o / d, 4)}
+
+
+def flux2_families(folder: Path, steps: int, runs: int) -> dict:
+    """FLUX.2-dev, Klein (base, CFG; step-distilled) and FLUX.1 Kontext editing a reference, each tiny."""
+    import numpy as np
+    from PIL import Image
+
+    from sdcli.testing import save_tiny_flux2_pipeline, save_tiny_kontext_pipeline
+
+    ref = folder / "ref.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 80, 3), dtype=np.uint8)).save(ref)
+    out = {}
+    for kind, scale in (("flux2", 4.0), ("klein", 4.0), ("klein-distilled", 1.0)):
+        model = str(save_tiny_flux2_pipeline(folder / kind, kind))
+        out[kind] = tiny_family_against_diffusers(model, steps, runs, {"guidance_scale": scale})
+        out[f"{kind}-edit"] = tiny_family_against_diffusers(
+            model, steps, runs, {"guidance_scale": scale, "image": [Image.open(ref)]}, reference_images=[str(ref)])
+    kontext = str(save_tiny_kontext_pipeline(folder / "kontext"))
+    out["kontext-edit"] = tiny_family_against_diffusers(
+        kontext, steps, runs, {"guidance_scale": 2.5, "image": Image.open(ref), "max_area": 32 * 32},
+        reference_images=[str(ref)])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--flux2", action="store_true",
+                        help="only FLUX.2, FLUX.2 Klein and FLUX.1 Kontext, each tiny, against their own pipelines")
     args = parser.parse_args()
+    if args.flux2:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = flux2_families(Path(tmp), args.steps, args.runs)
+        for k, v in found.items():
+            print(f"{k:22} {v}")
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=2))
+        return
 
     help_s = command_time(["--help"], args.runs)
     png_s = shell_to_png_time(args.runs)
