@@ -19,6 +19,7 @@ KLEIN = "Flux2Klein"
 # Flux2ImageProcessor.check_image_input's limits, checked before loading.
 MIN_REFERENCE_SIDE = 64
 MAX_REFERENCE_RATIO = 8
+MAX_REFERENCES = 10
 
 
 def variant(pipe: Any) -> str:
@@ -89,8 +90,9 @@ def arch(transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
 
 
 def references(class_name: str | None) -> int:
-    """How many --reference-image the pipeline takes: any number (the pipeline caps their area itself)."""
-    return 1_000
+    """How many --reference-image the pipelines take: up to 10, Black Forest Labs' limit for FLUX.2 (each is
+    another image's worth of tokens; the pipeline caps each one's area at a megapixel)."""
+    return MAX_REFERENCES
 
 
 def check(s: Any, facts: Any) -> None:

@@ -22,7 +22,8 @@ def check_family(s: Any, facts: Any) -> None:
     if s.reference_images and len(s.reference_images) > facts.references:
         most = facts.references
         why = "takes no reference images (editing models do: FLUX.1 Kontext, FLUX.2)" if not most else \
-            f"takes {most} reference image{'s' if most > 1 else ''}, not {len(s.reference_images)}"
+            f"takes {'at most ' if most > 1 else ''}{most} reference image{'s' if most > 1 else ''}, not " \
+            f"{len(s.reference_images)}"
         raise UsageError(f"--reference-image: {model} {why}", setting="reference_images")
     if facts.family.check is not None:
         facts.family.check(s, facts)
