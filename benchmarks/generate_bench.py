@@ -144,6 +144,34 @@ def against_diffusers(model: str, steps: int, runs: int, size: int | None = None
             "ratio": round(o / d, 4)}
 
 
+def tiny_family_against_diffusers(model: str, steps: int, runs: int, call: dict, size: int = 32, **settings) -> dict:
+    """Median seconds of sdcli's generation path and of the same pipeline's own call, interleaved, for a tiny
+    pipeline of a family with its own guidance (``call``: what diffusers is given; ``settings``: sdcli's)."""
+    import torch
+
+    from sdcli.generation import Engine, Settings, plan
+
+    s = Settings(prompts=["a red circle"], model=model, steps=steps, seeds=[0], width=size, height=size, **settings)
+    jobs = plan(s, distributed=False).jobs
+    loaded = Engine.load(s)
+    pipe = loaded.pipe
+
+    def direct() -> None:
+        pipe(prompt="a red circle", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
+             output_type="np", width=size, height=size, **call)
+
+    def ours() -> None:
+        list(loaded.images(s, jobs, on_step=lambda n: None))
+
+    direct(), ours()  # warm-up
+    t_direct, t_ours = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter(); direct(); t_direct.append(time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
+    d, o = statistics.median(t_direct), statistics.median(t_ours)
+    return {"diffusers_seconds": round(d, 4), "sdcli_seconds": round(o, 4), "ratio": round(o / d, 4)}
+
+
 # The newer flow families' tiny pipelines (`sdcli.testing.build_tiny_new_flow_pipeline`), each called as its model
 # card guides it: (sdcli's --guidance, diffusers' arguments).
 FAMILY_CALLS = {"chroma": (3.0, {"guidance_scale": 3.0}), "zimage": (4.0, {"guidance_scale": 4.0}),
@@ -151,50 +179,60 @@ FAMILY_CALLS = {"chroma": (3.0, {"guidance_scale": 3.0}), "zimage": (4.0, {"guid
                 "qwenimage": (4.0, {"true_cfg_scale": 4.0, "negative_prompt": [" "]})}
 
 
-def family_against_diffusers(family: str, folder: Path, steps: int, runs: int, size: int = 32) -> dict:
-    """`against_diffusers` for a tiny Chroma, Z-Image or Qwen-Image pipeline, with its own guidance argument."""
-    import torch
-
-    from sdcli.generation import Engine, Settings, plan
+def family_against_diffusers(family: str, folder: Path, steps: int, runs: int) -> dict:
+    """`tiny_family_against_diffusers` for a tiny Chroma, Z-Image or Qwen-Image pipeline, with its own guidance."""
     from sdcli.testing import save_tiny_new_flow_pipeline
 
     model = str(save_tiny_new_flow_pipeline(folder / family, family))
     guidance, theirs = FAMILY_CALLS[family]
-    s = Settings(prompts=["a red circle"], model=model, steps=steps, guidance=[guidance], seeds=[0], width=size,
-                 height=size)
-    jobs = plan(s, distributed=False).jobs
-    loaded = Engine.load(s)
-    pipe = loaded.pipe
+    return {"family": family, **tiny_family_against_diffusers(model, steps, runs, theirs, guidance=[guidance])}
 
-    def direct() -> None:
-        pipe(prompt=["a red circle"], num_inference_steps=steps, width=size, height=size, output_type="np",
-             generator=[torch.Generator("cpu").manual_seed(0)], **theirs)
 
-    def ours() -> None:
-        list(loaded.images(s, jobs, on_step=lambda n: None))
+def flux2_families(folder: Path, steps: int, runs: int) -> dict:
+    """FLUX.2-dev, Klein (base, CFG; step-distilled) and FLUX.1 Kontext editing a reference, each tiny."""
+    import numpy as np
+    from PIL import Image
 
-    direct(), ours()  # warm-up
-    t_direct, t_ours = [], []
-    for _ in range(runs):  # interleaved so drift hits both alike
-        t0 = time.perf_counter(); direct(); t_direct.append(time.perf_counter() - t0)  # noqa: E702
-        t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)  # noqa: E702
-    d, o = statistics.median(t_direct), statistics.median(t_ours)
-    return {"family": family, "diffusers_seconds": round(d, 4), "sdcli_seconds": round(o, 4), "ratio": round(o / d, 4)}
+    from sdcli.testing import save_tiny_flux2_pipeline, save_tiny_kontext_pipeline
+
+    ref = folder / "ref.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 80, 3), dtype=np.uint8)).save(ref)
+    out = {}
+    for kind, scale in (("flux2", 4.0), ("klein", 4.0), ("klein-distilled", 1.0)):
+        model = str(save_tiny_flux2_pipeline(folder / kind, kind))
+        out[kind] = tiny_family_against_diffusers(model, steps, runs, {"guidance_scale": scale})
+        out[f"{kind}-edit"] = tiny_family_against_diffusers(
+            model, steps, runs, {"guidance_scale": scale, "image": [Image.open(ref)]}, reference_images=[str(ref)])
+    kontext = str(save_tiny_kontext_pipeline(folder / "kontext"))
+    out["kontext-edit"] = tiny_family_against_diffusers(
+        kontext, steps, runs, {"guidance_scale": 2.5, "image": Image.open(ref), "max_area": 32 * 32},
+        reference_images=[str(ref)])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", action="append", choices=sorted(FAMILY_CALLS),
-                        help="Only compare sdcli with diffusers on this family's tiny pipeline (repeatable).")
     parser.add_argument("--model")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--family", action="append", choices=sorted(FAMILY_CALLS),
+                        help="Only compare sdcli with diffusers on this family's tiny pipeline (repeatable).")
+    parser.add_argument("--flux2", action="store_true",
+                        help="only FLUX.2, FLUX.2 Klein and FLUX.1 Kontext, each tiny, against their own pipelines")
     args = parser.parse_args()
     if args.family:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [family_against_diffusers(f, Path(tmp), args.steps, args.runs) for f in args.family]
         print(json.dumps(rows, indent=2))
+        return
+    if args.flux2:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = flux2_families(Path(tmp), args.steps, args.runs)
+        for k, v in found.items():
+            print(f"{k:22} {v}")
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=2))
         return
 
     help_s = command_time(["--help"], args.runs)

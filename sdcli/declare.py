@@ -16,6 +16,7 @@ Only Typer and the standard library are imported here, so `--help` stays instant
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import re
@@ -205,8 +206,14 @@ class Declared:
 
 def declared(cls: type) -> list[Declared]:
     """The declared fields of a settings dataclass, in declaration order."""
+    return list(_declared(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _declared(cls: type) -> tuple[Declared, ...]:
+    # Resolving the type hints costs milliseconds, and every image's record asks again: once per class.
     hints = typing.get_type_hints(cls)
-    return [Declared(f, f.metadata["opt"], hints[f.name]) for f in dataclasses.fields(cls) if "opt" in f.metadata]
+    return tuple(Declared(f, f.metadata["opt"], hints[f.name]) for f in dataclasses.fields(cls) if "opt" in f.metadata)
 
 
 def flags_of(cls: type) -> dict[str, tuple[str, ...]]:

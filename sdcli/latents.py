@@ -17,9 +17,10 @@ from typing import Any
 
 
 def latent_scale(vae: Any) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of ``vae``; the shift is 0 for VAEs without one."""
+    """(scaling_factor, shift_factor) of ``vae``; the shift is 0 for VAEs without one, the scale 1 for VAEs
+    without one (FLUX.2's, whose pipeline normalises latents by the VAE's batch-norm statistics instead)."""
     config = vae.config
-    return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+    return float(getattr(config, "scaling_factor", None) or 1.0), float(getattr(config, "shift_factor", None) or 0.0)
 
 
 def scale(vae: Any, z: Any) -> Any:

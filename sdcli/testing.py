@@ -630,3 +630,161 @@ def save_random_transformer_lora(model_path: str | Path, out: str | Path, rank: 
     type(pipe).save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
                                  safe_serialization=True)
     return Path(out)
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLUX.2 (Mistral-type text encoder), FLUX.2 Klein (Qwen3) and FLUX.1 Kontext, for `sdcli.families.flux2`
+# and the Kontext side of `sdcli.families.flux`.
+
+FLUX2_KINDS = ("flux2", "klein", "klein-distilled")  # FLUX.2-dev; Klein base (CFG); Klein step-distilled (none)
+# The FLUX.2 pipelines read the text encoder's hidden states at these layers (their defaults), so the tiny
+# encoders need that many layers: thin ones, so 30 layers stay cheap.
+_FLUX2_LAYERS = {"flux2": 30, "klein": 27, "klein-distilled": 27}
+_FLUX2_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                        max_image_seq_len=4096, time_shift_type="exponential")  # as FLUX.2-dev's scheduler_config
+_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ m.content[0].text }}"
+    "[/SYSTEM_PROMPT]{% else %}[INST]{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% else %}[IMG]"
+    "{% endif %}{% endfor %}[/INST]{% endif %}{% endfor %}")
+_QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def _byte_vocab(specials: list[str]) -> dict[str, int]:
+    """A byte-level BPE vocabulary: the special tokens, then every byte (so any text tokenizes, byte by byte)."""
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in _bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    return vocab
+
+
+def write_mistral_tokenizer(folder: str | Path, max_length: int = 512):
+    """A byte-level tokenizer with Mistral's special tokens and a chat template of Mistral-Small's shape (system
+    prompt, [INST] text [/INST]). FLUX.2's real tokenizer is a PixtralProcessor, which needs torchvision to build;
+    the pipeline reads only its chat template and tokenizer, which a tokenizer alone has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "[IMG]", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    bpe = Tokenizer(models.BPE(vocab=_byte_vocab(specials), merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", model_max_length=max_length, chat_template=_MISTRAL_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": specials[5:]})
+    tok.save_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def write_qwen3_tokenizer(folder: str | Path, max_length: int = 512):
+    """A byte-level Qwen2 tokenizer with Qwen3's chat markers and a chat template that honours enable_thinking."""
+    from transformers import AutoTokenizer, Qwen2TokenizerFast
+
+    tok = Qwen2TokenizerFast(vocab=_byte_vocab([]), merges=[], model_max_length=max_length)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = _QWEN_TEMPLATE
+    tok.save_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _mistral3_encoder(vocab_size: int, layers: int):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": vocab_size, "hidden_size": 16, "intermediate_size": 24,
+                     "max_position_embeddings": 1024, "num_attention_heads": 2, "num_hidden_layers": layers,
+                     "num_key_value_heads": 1, "head_dim": 8, "sliding_window": None, "bos_token_id": 2,
+                     "eos_token_id": 3, "pad_token_id": 4},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 24, "image_size": 30, "patch_size": 6, "num_channels": 3},
+        bos_token_id=2, eos_token_id=3, pad_token_id=4, image_token_index=1, image_seq_length=4,
+        vision_feature_layer=-1)
+    return Mistral3ForConditionalGeneration(config)
+
+
+def _qwen3_encoder(vocab_size: int, layers: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab_size, hidden_size=16, intermediate_size=24,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=8, max_position_embeddings=1024))
+
+
+def build_tiny_flux2_pipeline(kind: str = "flux2", seed: int = 0):
+    """A tiny random-weight FLUX.2 pipeline: ``flux2`` (dev: a Mistral3 text encoder, guidance distilled into
+    the transformer), ``klein`` (a Qwen3 encoder, classifier-free guidance) or ``klein-distilled`` (step-
+    distilled Klein: no guidance). The VAE halves the image and FLUX.2 patches its latent 2x2 into channels, so
+    16x16 images are 4x4 tokens; its batch-norm statistics are random, so unnormalising them matters."""
+    import tempfile
+
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel,
+    )
+
+    if kind not in FLUX2_KINDS:
+        raise ValueError(f"unknown FLUX.2 kind {kind!r}; choose from {', '.join(FLUX2_KINDS)}")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "flux2":
+            tokenizer = write_mistral_tokenizer(Path(tmp) / "tok")
+            text_encoder = _mistral3_encoder(len(tokenizer), _FLUX2_LAYERS[kind])
+        else:
+            tokenizer = write_qwen3_tokenizer(Path(tmp) / "tok")
+            text_encoder = _qwen3_encoder(len(tokenizer), _FLUX2_LAYERS[kind])
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=kind == "flux2")  # three hidden layers of 16 side by side: 48
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 8), layers_per_block=1, latent_channels=2,
+        norm_num_groups=2, sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.5)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER)
+    parts = dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    if kind == "flux2":
+        return Flux2Pipeline(**parts)
+    return Flux2KleinPipeline(**parts, is_distilled=kind == "klein-distilled")
+
+
+def save_tiny_flux2_pipeline(path: str | Path, kind: str = "flux2", seed: int = 0) -> Path:
+    """Save `build_tiny_flux2_pipeline` as a diffusers folder; returns its path."""
+    path = Path(path)
+    build_tiny_flux2_pipeline(kind, seed).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def build_tiny_kontext_pipeline(seed: int = 0):
+    """A tiny random-weight FLUX.1 Kontext pipeline: the tiny Flux-dev's encoders and transformer, with a VAE
+    that shrinks 8x (Kontext resizes its reference image to about a megapixel, which a 2x VAE would make 65,536
+    tokens)."""
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from diffusers import AutoencoderKL, FluxKontextPipeline
+
+    flux = build_tiny_flow_pipeline("flux", seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(4, 4, 4, 4), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=2, sample_size=32, layers_per_block=1, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    parts = {k: v for k, v in flux.components.items() if k != "vae"}
+    return FluxKontextPipeline(**parts, vae=vae)
+
+
+def save_tiny_kontext_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Save `build_tiny_kontext_pipeline` as a diffusers folder; returns its path."""
+    path = Path(path)
+    build_tiny_kontext_pipeline(seed).save_pretrained(str(path), safe_serialization=True)
+    return path

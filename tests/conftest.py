@@ -38,6 +38,16 @@ def tiny_flow_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_models(tmp_path_factory):
+    """Paths of tiny saved FLUX.2 pipelines (flux2: dev; klein: base, CFG; klein-distilled) and FLUX.1 Kontext."""
+    from sdcli.testing import FLUX2_KINDS, save_tiny_flux2_pipeline, save_tiny_kontext_pipeline
+
+    root = tmp_path_factory.mktemp("flux2-models")
+    models = {kind: str(save_tiny_flux2_pipeline(root / kind, kind)) for kind in FLUX2_KINDS}
+    return {**models, "kontext": str(save_tiny_kontext_pipeline(root / "kontext"))}
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_models):
     return tiny_models["sd1"]
 
@@ -167,7 +177,7 @@ def train_config(data, out, model, **overrides):
 
 # Pipeline classes neither a family file nor the generic family takes: diffusers ones that make no image from text
 # (audio, video, image editing) and a user's own. Other diffusers text-to-image classes go to the generic family.
-OTHER_PIPELINES = ["AudioLDMPipeline", "TextToVideoSDPipeline", "QwenImageEditPipeline", "MyOwnPipeline"]
+OTHER_PIPELINES = ["AudioLDMPipeline", "TextToVideoSDPipeline", "AudioLDM2Pipeline", "MyOwnPipeline"]
 
 
 def as_other_pipeline(source, folder, class_name: str) -> Path:

@@ -107,7 +107,7 @@ def test_a_pipeline_class_of_no_family_is_refused_by_name_before_its_weights_loa
     folder = as_other_pipeline(tiny_sd, tmp_path / "other", class_name)
     for call in (lambda: model_facts(str(folder)), lambda: load_pipeline(str(folder), device="cpu")):
         with pytest.raises(ModelError, match="^" + re.escape(f"--model {folder} is a {class_name}; sdcli works with "
-                                                             "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines")):
+                                                             "Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1, FLUX.2, Chroma")):
             call()
     assert no_pipeline_loads == []
 
@@ -118,7 +118,7 @@ def test_a_pipeline_class_of_no_family_is_refused_by_name_before_its_weights_loa
     ("StableDiffusionControlNetInpaintPipeline", "sd"), ("StableDiffusionXLPipeline", "sdxl"),
     ("StableDiffusionXLControlNetImg2ImgPipeline", "sdxl"), ("StableDiffusion3Pipeline", "sd3"),
     ("StableDiffusion3InpaintPipeline", "sd3"), ("FluxPipeline", "flux"), ("FluxImg2ImgPipeline", "flux"),
-    ("FluxKontextPipeline", "flux"),
+    ("FluxKontextPipeline", "flux"), ("Flux2Pipeline", "flux2"), ("Flux2KleinPipeline", "flux2"),
 ])
 def test_each_task_class_of_a_family_keeps_its_family(class_name, family):
     from sdcli.families import family_spec

@@ -8,25 +8,26 @@ their memory figures, training hooks and LoRA layouts. Everything else in sdcli 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdcli.errors import ModelError
-from sdcli.families import chroma, flux, qwenimage, sd, sd3, sdxl, zimage
+from sdcli.families import chroma, flux, flux2, qwenimage, sd, sd3, sdxl, zimage
 from sdcli.families.base import Family, KohyaLayout
 
 # Most specific first: StableDiffusionXL and StableDiffusion3 before StableDiffusion.
-FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, chroma.FAMILY, zimage.FAMILY, qwenimage.FAMILY,
-                                sd.FAMILY)
+# FLUX.2 before Flux.1: its single-file checkpoints hold Flux.1's block names too.
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux2.FAMILY, flux.FAMILY, chroma.FAMILY, zimage.FAMILY,
+                                qwenimage.FAMILY, sd.FAMILY)
 # What a model without model_index.json (a single-file checkpoint) is taken for until it loads.
 SINGLE_FILE = sd.FAMILY
 # Each name a record gives a model (`Loaded.family`, finetune's "family"), to its family.
 BY_NAME: dict[str, Family] = {name: f for f in FAMILIES for name in (f.variants or (f.name,))}
 
-SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1, Chroma, Z-Image and Qwen-Image "
-             "pipelines (diffusers' StableDiffusion*, StableDiffusionXL*, StableDiffusion3*, Flux*, Chroma*, ZImage* "
-             "and QwenImage* classes, Flux.2 not included), "
+SUPPORTED = ("sdcli works with Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1, FLUX.2, Chroma, Z-Image and Qwen-Image "
+             "pipelines (diffusers' StableDiffusion*, StableDiffusionXL*, StableDiffusion3*, Flux*, Flux2*, Chroma*, "
+             "ZImage* and QwenImage* classes), "
              "and with any other diffusers text-to-image pipeline (AutoPipelineForText2Image's) through its own "
              "arguments")
 
@@ -87,7 +88,7 @@ def training_family(pipe: Any) -> Family:
     """The family of a pipeline finetune is to train; ModelError for one it has no training hooks for."""
     family = pipe_family(pipe)
     if family.encode is None:
-        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux pipelines; this model is a "
+        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux.1 pipelines; this model is a "
                          f"{type(pipe).__name__}")
     return family
 
@@ -110,6 +111,10 @@ def single_file_class(path: Path):
             keys = list(f.keys())
         for family in FAMILIES:
             if any(marker in k for marker in family.single_file_markers for k in keys):
+                if not family.single_file_class:
+                    raise ModelError(f"--model {path} is a {family.name} single-file checkpoint, which diffusers "
+                                     "loads only as a transformer, not as a pipeline; use the model's diffusers "
+                                     "folder or Hub id")
                 return getattr(diffusers, family.single_file_class)
     return getattr(diffusers, SINGLE_FILE.single_file_class)
 
@@ -153,6 +158,12 @@ class ModelFacts:
     vae_factor: int
     guidance: str  # the family's guidance knob, "none" for a distilled family without the input (Flux-schnell)
     scheduler: str | None = None  # the class of the scheduler it comes with (model_index.json), where it says
+    defaults: dict[str, float] = field(default_factory=dict)  # the model card's steps/guidance (`Family.defaults`)
+
+    @property
+    def references(self) -> int:
+        """How many --reference-image the model takes (0: none)."""
+        return self.family.references(self.class_name)
 
     @property
     def size_multiple(self) -> int:
@@ -174,20 +185,24 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
         family = family.completed(lambda name: _config(model, name, revision))
     vae = _config(model, "vae/config.json", revision)
     factor = family.vae_factor(vae) if vae else 8
-    # Only a family whose guidance depends on the model reads the config it depends on (a Hub download).
-    where = family.guidance_config or family.denoiser
-    name = "scheduler/scheduler_config.json" if where == "scheduler" else f"{where}/config.json"
-    config = _config(model, name, revision) if family.guidance_of_config else None
+    # Only a family whose guidance or defaults depend on the model reads the config they depend on (a Hub
+    # download): ``guidance_config``'s (the denoiser's where "") over the pipeline's.
+    config = None
+    if family.guidance_of_config or family.defaults:
+        where = family.guidance_config or family.denoiser
+        name = "scheduler/scheduler_config.json" if where == "scheduler" else f"{where}/config.json"
+        config = {**index, **(_config(model, name, revision) or {}), "pipeline_class": index.get("_class_name")}
     scheduler = (index.get("scheduler") or [None, None])[-1]
     return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config),
-                      scheduler if isinstance(scheduler, str) else None)
+                      scheduler if isinstance(scheduler, str) else None, family.defaults_for(config))
 
 
 def facts_of(pipe: Any) -> ModelFacts:
     """The same facts, of a pipeline already in memory."""
     family = pipe_family(pipe)
+    config = family.config_of(pipe) if family.defaults else None
     return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe),
-                      type(getattr(pipe, "scheduler", None)).__name__)
+                      type(getattr(pipe, "scheduler", None)).__name__, family.defaults_for(config))
 
 
 def arch_from_configs(denoiser: dict[str, Any], vae: dict[str, Any], pipeline_class: str = "") -> Any:

@@ -78,7 +78,7 @@ def block_factor(vae: Mapping[str, Any]) -> int:
     return 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
-def no_references(class_name: str) -> int:
+def no_references(class_name: str | None) -> int:
     return 0
 
 
@@ -122,15 +122,24 @@ class Family:
     vae_factor: Callable[[Mapping[str, Any]], int] = block_factor  # VAE config -> its downsampling factor
     # The diffusers class each task runs, where AutoPipeline's tables have none for the family ("img2img": ...)
     task_classes: Mapping[str, str] = field(default_factory=dict)
-    # class name -> how many reference images (--reference-image) its pipeline takes: 0 none (an editing model's)
-    references: Callable[[str], int] = no_references
+    # pipeline class name -> how many --reference-image it takes (editing models: FLUX.1 Kontext, FLUX.2,
+    # Qwen-Image-Edit); 0: none
+    references: Callable[[str | None], int] = no_references
+    # (pipe, reference images, asked width, asked height) -> the size an edit makes where -W/-H leave it open, as the
+    # family's pipeline computes it (None: the first reference's, shrunk to the model's default area)
+    edit_size: Callable[..., tuple[int, int]] | None = None
 
     # 3. Guidance
     # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev); "own": the pipeline's ``knob``
     guidance: str = "cfg"
-    guidance_of_config: Callable[[Mapping[str, Any]], str] | None = None  # a config -> "distilled"/"none"/...
+    # config -> "cfg"/"distilled"/"none"; config is ``guidance_config``'s (the denoiser's where "") over the
+    # pipeline's (model_index.json), with the pipeline's class name as "pipeline_class"
+    guidance_of_config: Callable[[Mapping[str, Any]], str] | None = None
     guidance_config: str = ""  # the component whose config guidance_of_config reads ("": the denoiser's)
     knob: Knob | None = None  # guidance "own": the pipeline's own guidance argument (`Knob`)
+    # config (as above) -> the model card's defaults where they differ from sdcli's: "steps", "guidance",
+    # "distilled_guidance" (`sdcli.generation.run.settle_defaults`, `sdcli.generation.guidance`)
+    defaults: Callable[[Mapping[str, Any]], Mapping[str, float]] | None = None
 
     # 4. Prompts, embeddings, ControlNet
     a1111: Callable[[Any], str | None] | None = None  # pipe -> ONE_CLIP/TWO_CLIPS; None: diffusers encodes
@@ -142,12 +151,16 @@ class Family:
     ignores: tuple[Rule, ...] = ()
     # (settings, facts, task name, sdcli's sampler class names) -> [(flag, why)]: the settings this model cannot
     # honour, where that depends on the model, not only the family (the generic family asks its pipeline's
-    # __call__); ``why`` completes "{flag}: {model} ...". Checked before ``ignores``.
+    # __call__); ``why`` completes "{flag}: {model} ...". Checked before ``ignores``. What is wrong with an input file
+    # rather than the command line it may raise itself (a DataError).
     check: Callable[[Any, Any, str, frozenset[str]], list[tuple[str, str]]] | None = None
     # (pipe, call kwargs) -> the kwargs its pipeline takes (the generic family drops what its __call__ lacks)
     call: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
     # (model, facts, scheduler config, --shift) -> None or ModelError: a schedule inspect-schedule cannot show
     check_schedule: Callable[..., None] | None = None
+    # (scheduler config, image tokens, steps) -> (μ, the σ's its pipeline gives the sampler): a resolution-dependent
+    # shift its pipeline computes its own way (FLUX.2); None: Flux.1's, from the token count (`sdcli.schedule.core`)
+    schedule_shift: Callable[[Mapping[str, Any], int, int], tuple[float, list[float] | None]] | None = None
 
     # 6. Memory: (denoiser config, VAE config) -> `sdcli.memory.Arch`
     arch: Callable[[Mapping[str, Any], Mapping[str, Any]], Any] = unet_arch
@@ -191,9 +204,17 @@ class Family:
         return self.guidance_of_config(config or {}) if self.guidance_of_config else self.guidance
 
     def guidance_of(self, pipe: Any) -> str:
-        if not self.guidance_of_config:
-            return self.guidance
-        return self.guidance_for(getattr(pipe, self.guidance_config or self.denoiser).config)
+        return self.guidance_for(self.config_of(pipe) if self.guidance_of_config else None)
+
+    def config_of(self, pipe: Any) -> dict[str, Any]:
+        """What ``guidance_of_config`` and ``defaults`` read, of a pipeline in memory: its ``guidance_config``
+        component's config (the denoiser's) over its own (model_index.json's), with the pipeline's class name as
+        ``pipeline_class``."""
+        part = getattr(pipe, self.guidance_config or self.denoiser)
+        return {**dict(pipe.config), **dict(part.config), "pipeline_class": type(pipe).__name__}
+
+    def defaults_for(self, config: Mapping[str, Any] | None) -> dict[str, float]:
+        return dict(self.defaults(config or {})) if self.defaults else {}
 
     def encoders(self, pipe: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs the pipeline has, in the order the family uses them."""

@@ -46,6 +46,7 @@ FAMILY = Family(
     task_classes={"img2img": "ChromaImg2ImgPipeline"},
     guidance="own",
     knob=KNOB,
+    defaults=lambda config: {"steps": STEPS},
     no_embeddings="Chroma reads prompts with T5 alone, and an embedding has no T5 vectors",
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
              *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),

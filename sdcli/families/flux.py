@@ -1,18 +1,51 @@
 """Flux.1 (dev, schnell, Kontext, ...): a transformer trained by flow matching that sees 2x2 patches of the
 latent as tokens (packed to (B, tokens, 4·C)), reading prompts through T5 and a CLIP's pooled vector, which
 diffusers' pipeline encodes. Flux-dev has its guidance distilled into an input of the model (guidance_embeds);
-Flux-schnell has none. Flux.2 is another architecture (Flux2Pipeline), which this family does not claim."""
+Flux-schnell has none. Kontext (FluxKontextPipeline) edits one reference image (--reference-image); diffusers
+has no img2img for it. Flux.2 is another architecture (Flux2Pipeline: `sdcli.families.flux2`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from sdcli.families import rules
 from sdcli.families.base import Family, Rule
 
+KONTEXT = "FluxKontext"
+
 
 def guidance(transformer: Any) -> str:
     return "distilled" if transformer.get("guidance_embeds", True) else "none"
+
+
+def is_kontext(class_name: str | None) -> bool:
+    return bool(class_name) and str(class_name).startswith(KONTEXT)
+
+
+def card_defaults(config: Mapping[str, Any]) -> dict[str, float]:
+    """FLUX.1 Kontext [dev]'s card: 28 steps at distilled guidance 2.5 (the other Flux.1 models keep sdcli's)."""
+    return {"steps": 28, "distilled_guidance": 2.5} if is_kontext(config.get("pipeline_class")) else {}
+
+
+def references(class_name: str | None) -> int:
+    """Kontext edits one reference image; the other Flux.1 pipelines take none."""
+    return 1 if is_kontext(class_name) else 0
+
+
+def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
+    """Kontext's image input is its reference image; diffusers has no img2img (nor so a hires pass) for it."""
+    if not is_kontext(facts.class_name):
+        return []
+    return [(flag, "has no img2img in diffusers; give it the image to edit with --reference-image")
+            for value, flag in ((s.init_image, "--init-image"), (s.hires_scale, "--hires-scale")) if value is not None]
+
+
+def call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Kontext rescales the asked size to ``max_area`` (a megapixel by default): asking for the size's own area
+    makes the size asked for, the one the image records."""
+    if is_kontext(type(pipe).__name__) and kwargs.get("width") and kwargs.get("height"):
+        return {**kwargs, "max_area": kwargs["width"] * kwargs["height"]}
+    return kwargs
 
 
 def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
@@ -77,6 +110,8 @@ FAMILY = Family(
     unpack_latents=unpack_latents,
     guidance="distilled",
     guidance_of_config=guidance,
+    defaults=card_defaults,
+    references=references,
     no_embeddings="Flux reads prompts with T5 (and a CLIP for the pooled vector), and an embedding has no T5 vectors",
     ignores=(
         *rules.DIFFUSERS_ENCODES_PROMPTS,
@@ -85,6 +120,8 @@ FAMILY = Family(
              "{model} packs its latents into 2x2 patches, which sdcli does not enlarge; use --hires-upscaler lanczos"),
         *rules.NO_GUIDANCE_RESCALE,
     ),
+    check=check,
+    call=call,
     arch=arch,
     text_encoders=("text_encoder", "text_encoder_2"),
     encode=encode,

@@ -305,8 +305,8 @@ def default_size(pipe: Any) -> tuple[int, int]:
 def check_flow_schedule(model: str, facts: Any, config: dict[str, Any], shift: float | None) -> None:
     """inspect-schedule on a generic flow-matching model: a static shift is the scheduler config's alone, but a
     resolution-dependent one is computed by each pipeline in its own way (its token count, its constants), which
-    sdcli knows for Flux.1 and SD3 only."""
+    sdcli knows for SD3, Flux.1 and FLUX.2 only."""
     if config.get("use_dynamic_shifting") and shift is None:
         raise ModelError(f"--model {model}: {facts.class_name} shifts its flow-matching schedule by the image size "
-                         "as its own pipeline computes it, which sdcli knows for SD3 and Flux.1 only; pass --shift "
-                         "to inspect it at a static shift")
+                         "as its own pipeline computes it, which sdcli knows for SD3, Flux.1 and FLUX.2 only; pass "
+                         "--shift to inspect it at a static shift")

@@ -13,14 +13,14 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob
+from sdcli.families.base import Family, Knob, pipeline_default_size
 
 KNOB = Knob("true_cfg_scale", default=4.0, null_negative=" ")
 STEPS = 50  # the model card's
 EDIT = "QwenImageEdit"  # Edit and Edit-Plus (and their inpainting twin)
 
 
-def references(class_name: str) -> int:
+def references(class_name: str | None) -> int:
     """Edit reads one input image; Edit-Plus several (its model card shows up to 3, diffusers takes a list)."""
     if class_name.startswith(EDIT + "Plus"):
         return 3
@@ -71,6 +71,17 @@ def call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def edit_size(pipe: Any, images: list[Any], width: int | None, height: int | None) -> tuple[int, int]:
+    """The size diffusers' Qwen-Image-Edit pipelines make where -W/-H leave it open: the last image's aspect ratio
+    at the model's default area, rounded to 32 pixels."""
+    import math
+
+    dw, dh = pipeline_default_size(pipe)
+    ratio = images[-1].width / images[-1].height
+    wide = math.sqrt(dw * dh * ratio)
+    return width or round(wide / 32) * 32, height or round((width or wide) / ratio / 32) * 32
+
+
 def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
     """An editing model starts from its reference images, not from --init-image (diffusers gives it no strength)."""
     if s.init_image is not None and references(facts.class_name or ""):
@@ -89,8 +100,10 @@ FAMILY = Family(
     decode=decode,
     vae_factor=vae_factor,
     references=references,
+    edit_size=edit_size,
     guidance="own",
     knob=KNOB,
+    defaults=lambda config: {"steps": STEPS},
     no_embeddings="Qwen-Image reads prompts with Qwen2.5-VL, and an embedding has vectors for CLIP encoders only",
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
              *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),

@@ -51,6 +51,7 @@ FAMILY = Family(
     guidance_of_config=guidance,
     guidance_config="scheduler",
     knob=KNOB,
+    defaults=lambda config: {"steps": TURBO_STEPS if guidance(config) == "none" else STEPS},
     no_embeddings="Z-Image reads prompts with Qwen3, and an embedding has vectors for CLIP encoders only",
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
              *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),

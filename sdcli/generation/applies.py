@@ -22,15 +22,16 @@ def check_family(s: Any, facts: Any, task: str = "txt2img") -> None:
     from sdcli.schedule.samplers import SCHEDULERS
 
     model = facts.class_name or "this model"
+    if s.reference_images and len(s.reference_images) > facts.references:
+        most = facts.references
+        why = "takes no reference images (editing models do: FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit)" if not most else \
+            f"takes {'at most ' if most > 1 else ''}{most} reference image{'s' if most > 1 else ''}, not " \
+            f"{len(s.reference_images)}"
+        raise UsageError(f"--reference-image: {model} {why}", setting="reference_images")
     if facts.family.check is not None:
         samplers = frozenset(spec.class_name for spec in SCHEDULERS.values())
         for flag, why in facts.family.check(s, facts, task, samplers)[:1]:
             raise UsageError(f"{flag}: {model} {why}", setting=setting_of(Settings, flag.split()[0]))
-    takes = facts.family.references(facts.class_name or "")
-    if len(s.reference_images) > takes:
-        why = (f"{model} takes at most {takes} reference image{'s' if takes > 1 else ''}" if takes else
-               f"{model} takes no reference images (editing models such as Qwen-Image-Edit do)")
-        raise UsageError(f"--reference-image: {why}", setting="reference_images")
     for rule in facts.family.ignores:
         given = rule.given(s)
         if given:
@@ -40,7 +41,7 @@ def check_family(s: Any, facts: Any, task: str = "txt2img") -> None:
 
 # What a task-scoped setting needs before it does anything (the tasks of `sdcli.generation.tasks`).
 NEEDS = {"img2img": "--init-image", "inpaint": "--mask", "outpaint": "--outpaint", "hires": "--hires-scale",
-         "controlnet": "--controlnet"}
+         "controlnet": "--controlnet", "edit": "--reference-image"}
 
 
 def check_task(s: Any, task: Any) -> None:

@@ -297,7 +297,7 @@ class Engine:
                     raise UsageError(f"--eta: this model's {type(scheduler).__name__} has no η (it belongs to DDIM: "
                                      "add --scheduler ddim)", setting="eta")
                 trained = scheduler.config.get("num_train_timesteps", 1000)
-                if s.steps > trained:
+                if s.steps is not None and s.steps > trained:  # None: a request not yet planned
                     raise UsageError(f"--steps {s.steps}: this model was trained on {trained} timesteps, so a "
                                      f"sampler can take at most {trained} steps", setting="steps")
                 # 2. LoRAs the pipeline does not already carry, each its own adapter at its scale.

@@ -66,7 +66,7 @@ def _settle(s: Any, facts: Any, name: str) -> None:
                              setting="distilled_guidance")
         if s.true_cfg:
             raise UsageError(f"--true-cfg: {name}'s --guidance is classifier-free guidance already", setting="true_cfg")
-        s.guidance = s.guidance or [defaults.GUIDANCE]
+        s.guidance = s.guidance or [facts.defaults.get("guidance", defaults.GUIDANCE)]
         return
     if facts.guidance == "none":
         if s.distilled_guidance is not None or s.true_cfg or any(g != 1 for g in s.guidance):
@@ -90,7 +90,7 @@ def _settle(s: Any, facts: Any, name: str) -> None:
                          "classifier-free guidance against the negative prompt", setting="guidance")
     s.guidance = s.guidance or [1.0]
     if s.distilled_guidance is None:
-        s.distilled_guidance = defaults.DISTILLED_GUIDANCE
+        s.distilled_guidance = facts.defaults.get("distilled_guidance", defaults.DISTILLED_GUIDANCE)
 
 
 def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -102,14 +102,14 @@ def guidance_kwargs(s: Any, pipe: Any, values: dict[str, Any]) -> dict[str, Any]
 
     takes = inspect.signature(type(pipe).__call__).parameters
     family = pipe_family(pipe)
+    kind = family.guidance_of(pipe)  # the model's own (FLUX.2 Klein guides by CFG, FLUX.2-dev not)
     if family.knob is not None:  # its own argument; a model of the family without guidance gets its unguided value
-        unguided = family.guidance_of(pipe) == "none"
-        return {family.knob.argument: family.knob.unguided if unguided else values["guidance"]}
-    if family.guidance == "generic":  # what its signature takes
+        return {family.knob.argument: family.knob.unguided if kind == "none" else values["guidance"]}
+    if kind == "generic":  # what its signature takes
         from sdcli.families import generic
 
         return generic.guidance_kwargs(pipe, values)
-    if pipe_family(pipe).guidance != "distilled":
+    if kind != "distilled":
         out = {"guidance_scale": values["guidance"]}
         if "guidance_rescale" in takes:
             out["guidance_rescale"] = values["guidance_rescale"]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from sdcli import defaults
 from sdcli.errors import UsageError
 from sdcli.families.base import TWO_CLIPS
 from sdcli.generation.prompt_editing import (
@@ -398,7 +399,7 @@ class TextConditioning:
         self.pipe, self.negative = pipe, s.negative_prompt
         self.a1111 = s.prompt_syntax == PromptSyntax.a1111.value
         self.layout = _layout(pipe) if self.a1111 else None
-        self.passes = passes or [s.steps]
+        self.passes = passes or [s.steps or defaults.STEPS]  # unplanned settings: sdcli's default steps
         self._cache: dict[str, Encoded] = {}
         if self.layout is None:
             return

@@ -110,11 +110,15 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
 
     check_settings(s)
     task = task_for(s)
-    task.check(s)
+    unsettled = s.steps is None
+    task.check(s)  # without --steps, what counts steps is checked again below, at the model's default
     check_task(s, task)
     if model_on_disk:
         s.model = absolute_if_local(resolve_model(s.model))
         facts = facts or model_facts(s.model, s.revision)
+    settle_defaults(s, facts)
+    if unsettled:
+        task.check(s)
     if facts is not None:
         check_size(s, facts.size_multiple)
     if model_on_disk:
@@ -149,6 +153,12 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
     if st is not None and s.device == "auto":
         s.device = str(st.device)
     return Plan(settings=s, task=task, seeds=seeds, jobs=plan_jobs(s, seeds), state=st)
+
+
+def settle_defaults(s: Settings, facts: Any) -> None:
+    """Fill in --steps: the model card's (its family's ``defaults``), else sdcli's."""
+    if s.steps is None:
+        s.steps = int((facts.defaults if facts is not None else {}).get("steps", defaults.STEPS))
 
 
 # 2. What the prompts lose on this model ---------------------------------------------------------------

@@ -234,18 +234,20 @@ class Settings:
     revision: Optional[str] = option(None, options.REVISION, at_load=True)
     variant: Optional[str] = option(None, options.VARIANT, at_load=True)
     allow_pickle: bool = option(False, options.ALLOW_PICKLE)
-    steps: int = option(defaults.STEPS, help="Denoising steps.", a1111="Steps", range=Range(1))
+    steps: Optional[int] = option(
+        None, help=f"Denoising steps. Default: the model card's (FLUX.2 50, FLUX.2 Klein distilled 4), else "
+        f"{defaults.STEPS}.", a1111="Steps", range=Range(1), show_default=False)
     guidance: list[float] = option(
-        [], help="Classifier-free guidance scale, or a comma list to sweep (1,3,7.5,12). Default: 7.5; on Flux 1 "
-        "(its guidance is distilled: see --distilled-guidance and --true-cfg).",
+        [], help="Classifier-free guidance scale, or a comma list to sweep (1,3,7.5,12). Default: 7.5 (FLUX.2 Klein "
+        "base 4); on Flux 1 and FLUX.2-dev (their guidance is distilled: see --distilled-guidance).",
         flags=("--guidance", "-g"), role=SWEEP, cli_type=str, parse=lambda t: parse_floats(t, "--guidance"),
         a1111="CFG scale", label="g", show_default=False, range=Range(0, 1000))
     guidance_rescale: list[float] = option(
         [0.0], help="Guidance rescale φ in [0, 1] (Lin et al. 2023), or a comma list.", role=SWEEP, cli_type=str,
         parse=lambda t: parse_floats(t, "--guidance-rescale"), a1111="CFG Rescale phi", label="r", range=Range(0, 1))
     distilled_guidance: Optional[float] = option(
-        None, help="Flux-dev: the guidance it was distilled with, an input of the model rather than classifier-free "
-        f"guidance. Default: {defaults.DISTILLED_GUIDANCE:g}.", a1111="Distilled CFG Scale", show_default=False,
+        None, help="Flux-dev, Kontext and FLUX.2-dev: the guidance it was distilled with, an input of the model rather "
+        f"than classifier-free guidance. Default: {defaults.DISTILLED_GUIDANCE:g} (Kontext 2.5, FLUX.2 4).", a1111="Distilled CFG Scale", show_default=False,
         range=Range(0, 1000))
     true_cfg: bool = option(
         False, help="Flux: real classifier-free guidance at --guidance, against the negative prompt (two passes a "
@@ -354,9 +356,10 @@ class Settings:
     control_end: float = option(1.0, help="ControlNet: the fraction of the steps done when it stops acting.",
                                 task=CONTROL_TASK, range=Range(0, 1, why="a fraction of the steps"))
     reference_images: list[ImageInput] = option(
-        [], help="Editing models (Qwen-Image-Edit, -Edit-Plus): an image to edit or follow; repeatable.",
-        flags=("--reference-image",), cli_type=list[Path], parse=lambda paths: [str(p) for p in paths],
-        task=EDIT_TASK, to_record=lambda paths: [_file_to_record(p) for p in paths],
+        [], help="An editing model's image to edit or follow (FLUX.1 Kontext: one; FLUX.2: several; Qwen-Image-Edit: "
+        "one, -Edit-Plus: up to three); repeatable. Without -W/-H they set the size.", flags=("--reference-image",),
+        cli_type=list[Path], parse=lambda paths: [str(p) for p in paths], task=EDIT_TASK,
+        to_record=lambda paths: [_file_to_record(p) for p in paths],
         from_record=lambda values: [_file_from_record(v, "--reference-image") for v in values], show_default=False)
     save_trajectory: bool = option(
         False, help="Also save the predicted clean image at every step (strip PNG + GIF).", role=RUNTIME)

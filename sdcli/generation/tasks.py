@@ -23,7 +23,8 @@ from sdcli.errors import DataError, UsageError
 IMAGE_TASKS = ("img2img", "inpaint", "outpaint")
 # ControlNets steer any of them ("img2img+controlnet"); the settings declared with this task record them.
 CONTROL_TASK = "controlnet"
-# An editing model's input images (--reference-image): the settings declared with this task record them.
+# Editing models (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit) made from reference images; the settings declared with it
+# record them.
 EDIT_TASK = "edit"
 MAX_SIDE = 4096  # pixels; past this a hires pass is a typo, not a picture
 
@@ -151,7 +152,7 @@ class ImageToImage(Task):
 
     def check(self, s: Any) -> None:
         refuse_hires(s)  # --strength's range is declared with it (sdcli.generation.settings)
-        if int(s.steps * s.strength) < 1:
+        if s.steps is not None and int(s.steps * s.strength) < 1:  # None: checked again once the model's is known
             # diffusers runs int(steps × strength) steps; zero would denoise nothing at all.
             raise UsageError(f"--strength {s.strength:g} with --steps {s.steps} leaves no denoising step "
                              f"(int({s.steps} × {s.strength:g}) = 0); use --strength {1 / s.steps:.3g} or more, "
@@ -262,7 +263,7 @@ class HiresFix(Task):
     def check(self, s: Any) -> None:
         refuse_without_init_image(s)  # the ranges of --hires-scale, -strength and -steps are declared with them
         steps = s.hires_steps or s.steps
-        if int(steps * s.hires_strength) < 1:
+        if steps is not None and int(steps * s.hires_strength) < 1:  # None: checked once the model's is known
             raise UsageError(f"--hires-strength {s.hires_strength:g} with {steps} hires steps leaves no denoising step "
                              f"(int({steps} × {s.hires_strength:g}) = 0); raise either", setting="hires_strength")
         for size, flag in ((s.width, "--width"), (s.height, "--height")):
@@ -315,6 +316,49 @@ class HiresFix(Task):
         second.update(image=image, strength=keep["strength"], num_inference_steps=keep["steps"],
                       generator=[torch.Generator(g.device).manual_seed(g.initial_seed()) for g in kwargs["generator"]])
         return keep["second"](**second).images
+
+
+class Edit(TextToImage):
+    """An editing model's text-to-image with reference images (--reference-image) to edit or follow: its
+    pipeline's ``image`` input, one image or a list as the family's ``references`` allows. Without -W/-H the size
+    is the family's ``edit_size`` (Qwen-Image-Edit: the last image's aspect ratio at the model's default area), or
+    the first reference's, shrunk to the model's default area where larger (as FLUX.2's pipeline caps its
+    references) and cut to the model's multiple."""
+
+    name = EDIT_TASK
+
+    def applies(self, s: Any) -> bool:
+        return bool(s.reference_images)
+
+    def check(self, s: Any) -> None:
+        for value, flag, setting in ((s.init_image, "--init-image", "init_image"),
+                                     (s.hires_scale, "--hires-scale", "hires_scale")):
+            if value is not None:
+                raise UsageError(f"{flag} does not combine with --reference-image: an editing model is given the "
+                                 "image to edit as a reference", setting=setting)
+        refuse_without_init_image(s)
+        for source in s.reference_images:
+            check_image_input(source, "--reference-image", "reference_images")
+
+    def prepare(self, s: Any, pipe: Any) -> Prepared:
+        from sdcli.families import facts_of
+        from sdcli.images import open_image
+
+        facts = facts_of(pipe)
+        images = [open_image(source, what="--reference-image", setting="reference_images").convert("RGB")
+                  for source in s.reference_images]
+        width, height = s.width, s.height
+        if not (width and height) and facts.family.edit_size is not None:  # as the family's own pipeline sizes it
+            width, height = facts.family.edit_size(pipe, images, width, height)
+        elif not (width and height):
+            w, h = images[0].size
+            dw, dh = default_size(pipe)
+            shrink = min(1.0, (dw * dh / (w * h)) ** 0.5)
+            m = facts.size_multiple
+            width = width or max(m, int(w * shrink) // m * m)
+            height = height or max(m, int(h * shrink) // m * m)
+        image = images if facts.references > 1 else images[0]
+        return Prepared(pipe, width, height, {"image": image, "width": width, "height": height})
 
 
 def load_init_image(source: Any, width: int | None, height: int | None, factor: int):
@@ -398,42 +442,6 @@ class WithControlNet(Task):
 
     def finish(self, prepared: Prepared, images: list[Any]) -> list[Any]:
         return self.inner.finish(prepared, images)
-
-
-class Edit(Task):
-    """An editing model (Qwen-Image-Edit, -Edit-Plus) makes its image from the prompt and its reference images,
-    which its own pipeline takes as ``image``; the family says how many it reads (`Family.references`, checked
-    with the model's other refusals). Without -W/-H the size keeps the last image's aspect ratio at the model's
-    default area, rounded to 32 pixels, as diffusers' editing pipelines compute it."""
-
-    name = EDIT_TASK
-
-    def applies(self, s: Any) -> bool:
-        return bool(s.reference_images)
-
-    def check(self, s: Any) -> None:
-        refuse_without_init_image(s)
-        for flag, given in (("--init-image", s.init_image is not None), ("--hires-scale", s.hires_scale is not None)):
-            if given:
-                raise UsageError(f"{flag} does not combine with --reference-image: an editing model makes its image "
-                                 "from its reference images", setting=flag[2:].replace("-", "_"))
-        for source in s.reference_images:
-            check_image_input(source, "--reference-image", "reference_images")
-
-    def prepare(self, s: Any, pipe: Any) -> Prepared:
-        import math
-
-        from sdcli.images import open_image
-
-        images = [open_image(source, what="--reference-image", setting="reference_images").convert("RGB")
-                  for source in s.reference_images]
-        dw, dh = default_size(pipe)
-        ratio = images[-1].width / images[-1].height
-        wide = math.sqrt(dw * dh * ratio)
-        width = s.width or round(wide / 32) * 32
-        height = s.height or round((s.width or wide) / ratio / 32) * 32
-        return Prepared(pipe, width, height, {"image": images if len(images) > 1 else images[0], "width": width,
-                                              "height": height})
 
 
 # Most specific first: the first that applies runs.

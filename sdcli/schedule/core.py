@@ -80,6 +80,7 @@ class Preset:
     name: str
     config: dict[str, Any]  # a scheduler_config.json as the model ships it
     description: str
+    family: str = ""  # the model family whose pipeline shifts it by its own rule (`Family.schedule_shift`)
 
 
 PRESETS: dict[str, Preset] = {
@@ -137,6 +138,12 @@ PRESETS: dict[str, Preset] = {
                {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                 "use_dynamic_shifting": False},
                "Z-Image-Turbo (Tongyi-MAI 2025), step-distilled: flow matching, static shift 3"),
+        Preset("flux2",
+               {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                "max_image_seq_len": 4096, "time_shift_type": "exponential"},
+               "Black Forest Labs 2025 (FLUX.2, Klein): flow matching, shift from the token count and the steps",
+               family="flux2"),
     ]
 }
 # Flow-matching presets describe a model whose VAE downsamples 8x and whose transformer sees 2x2 patches.
@@ -182,6 +189,7 @@ class Schedule:
     sampler: Any  # the scheduler inference steps with
     scheduler_name: str | None = None  # the --scheduler friendly name, if one was given
     shift: dict[str, Any] | None = None  # flow matching: {"shift": s} or {"mu": μ, "resolution": [W, H], "shift": e^μ}
+    sampling_sigmas: list[float] | None = None  # the σ's its pipeline gives the sampler (before μ), where it does
 
     @property
     def num_train_timesteps(self) -> int:
@@ -381,11 +389,14 @@ def build(
     shift: float | None = None,
     resolution: tuple[int, int] | None = None,
     factor: int = FLOW_PRESET_FACTOR,
+    shift_rule: Any = None,
+    steps: int | None = None,
 ) -> Schedule:
     """Build the forward process and the sampler from ``config`` (the sampler named, or the config's own).
 
     ``shift`` (a static shift) and ``resolution`` (for a resolution-dependent one, its tokens being
-    (W/factor)·(H/factor)) apply to flow-matching schedules only.
+    (W/factor)·(H/factor)) apply to flow-matching schedules only. ``shift_rule`` is the model family's own
+    resolution-dependent shift (`sdcli.families.base.Family.schedule_shift`), at ``steps`` sampling steps.
     """
     from diffusers import DDPMScheduler
 
@@ -393,7 +404,7 @@ def build(
 
     _quiet_diffusers()
     if is_flow(config):
-        return _build_flow(label, config, scheduler, timestep_spacing, shift, resolution, factor)
+        return _build_flow(label, config, scheduler, timestep_spacing, shift, resolution, factor, shift_rule, steps)
     if shift is not None or resolution is not None:
         flag = "--shift" if shift is not None else "--resolution"
         raise UsageError(f"{flag} is an option of flow-matching schedules (sd3, flux); {label} is a DDPM (β) schedule")
@@ -423,7 +434,8 @@ def build(
 
 
 def _build_flow(label: str, config: dict[str, Any], scheduler: str | None, timestep_spacing: str | None,
-                shift: float | None, resolution: tuple[int, int] | None, factor: int) -> Schedule:
+                shift: float | None, resolution: tuple[int, int] | None, factor: int, shift_rule: Any = None,
+                steps: int | None = None) -> Schedule:
     """A flow-matching schedule: one diffusers scheduler is both the forward process and the sampler."""
     import diffusers
 
@@ -439,12 +451,16 @@ def _build_flow(label: str, config: dict[str, Any], scheduler: str | None, times
         cfg.update(shift=shift, use_dynamic_shifting=False)  # a static shift replaces a resolution-dependent one
     # 2. The shift: static, or μ from the image's token count
     mu, info = None, {"shift": float(cfg.get("shift", 1.0)), "mu": None, "resolution": None}
+    sigmas = None
     if cfg.get("use_dynamic_shifting"):
         width, height = resolution or DEFAULT_FLOW_RESOLUTION
         if width % factor or height % factor or width <= 0 or height <= 0:
             raise UsageError(f"--resolution {width}x{height}: both sides must be positive multiples of {factor} "
                              "(the VAE's factor times the transformer's patch size)")
-        mu = flow_mu(cfg, (width, height), factor)
+        if shift_rule is not None:  # the family's pipeline computes μ its own way (FLUX.2: from the steps too)
+            mu, sigmas = shift_rule(cfg, (height // factor) * (width // factor), steps)
+        else:
+            mu = flow_mu(cfg, (width, height), factor)
         info = {"shift": math.exp(mu), "mu": mu, "resolution": [width, height]}
     elif resolution is not None:
         raise UsageError(f"--resolution sets a resolution-dependent shift (Flux); {label} has a static shift of "
@@ -455,7 +471,7 @@ def _build_flow(label: str, config: dict[str, Any], scheduler: str | None, times
     except AttributeError:
         raise ModelError(f"{label}: diffusers has no scheduler class {cfg.get('_class_name')!r}") from None
     return Schedule(label=label, config=cfg, process=flow_process(sampler, mu), forward=sampler, sampler=sampler,
-                    shift=info)
+                    shift=info, sampling_sigmas=sigmas)
 
 
 # ---------------------------------------------------------------- what is shown
@@ -515,8 +531,12 @@ def sampling(schedule: Schedule, steps: int) -> dict[str, Any]:
         raise UsageError(f"--steps {steps}: must be between 1 and the {T} training timesteps")
     sampler = schedule.sampler
     mu = (schedule.shift or {}).get("mu")
+    sigmas = schedule.sampling_sigmas
     try:
-        sampler.set_timesteps(steps, **({"mu": mu} if mu is not None else {}))
+        if sigmas is not None:  # the σ's the model's pipeline passes (built for these steps), shifted by μ
+            sampler.set_timesteps(sigmas=sigmas, mu=mu)
+        else:
+            sampler.set_timesteps(steps, **({"mu": mu} if mu is not None else {}))
     except ValueError as exc:  # e.g. a spacing a sampler cannot do at this many steps
         raise UsageError(f"--steps {steps}: {type(sampler).__name__} refuses it: {' '.join(str(exc).split())[:200]}") from None
     raw = [float(t) for t in sampler.timesteps]

@@ -37,7 +37,7 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
         # Folders by their name, so a table of long paths stays readable; Hub ids as given.
         label = name.lower() if kind == "preset" else (Path(name).expanduser().resolve().name
                                                         if Path(name).expanduser().is_dir() else name)
-        flow: dict[str, Any] = dict(shift=shift, resolution=resolution)
+        flow: dict[str, Any] = dict(shift=shift, resolution=resolution, steps=steps)
         if core.is_flow(config) and kind == "model":
             from sdcli.families import model_facts
 
@@ -45,6 +45,11 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
             if facts.family.check_schedule is not None:  # a family that knows of a shift sdcli cannot compute
                 facts.family.check_schedule(name, facts, config, shift)
             flow["factor"] = facts.family.patch * facts.vae_factor  # a latent token's side in pixels
+            flow["shift_rule"] = facts.family.schedule_shift
+        elif core.is_flow(config) and core.PRESETS[name.strip().lower()].family:
+            from sdcli.families import BY_NAME
+
+            flow["shift_rule"] = BY_NAME[core.PRESETS[name.strip().lower()].family].schedule_shift
         schedules.append(core.build(label, core.with_overrides(config, **(overrides or {})), scheduler, spacing,
                                     **flow))
     # 2. Describe them: the shortest schedule bounds the timesteps every compared schedule can show

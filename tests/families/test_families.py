@@ -29,11 +29,11 @@ def _diffusers_pipelines() -> list[tuple[str, str]]:
 
 def _expected_family(key: str) -> str | None:
     for prefix, family in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-3", "sd3"),
-                           ("stable-diffusion", "sd"), ("flux", "flux"), ("chroma", "chroma"), ("z-image", "zimage"),
-                           ("qwenimage", "qwenimage")):
+                           ("stable-diffusion", "sd"), ("flux2", "flux2"), ("flux", "flux"), ("chroma", "chroma"),
+                           ("z-image", "zimage"), ("qwenimage", "qwenimage")):
         if key == prefix or key.startswith(prefix + "-"):
             return family
-    return None  # flux2, qwenimage21, stable-audio, stable cascade, ...: no family of sdcli's
+    return None  # qwenimage21, stable-audio, stable cascade, ...: no family of sdcli's
 
 
 @pytest.mark.parametrize("key,class_name", _diffusers_pipelines(), ids=lambda v: v)
@@ -49,7 +49,7 @@ def test_each_diffusers_pipeline_is_claimed_by_its_own_family_only(key, class_na
 def test_every_family_claims_some_diffusers_pipeline_and_names_its_records():
     claimed = {claimed_by(name) for _key, name in _diffusers_pipelines()}
     assert set(FAMILIES) <= claimed
-    assert set(BY_NAME) == {"sd1", "sd2", "sdxl", "sd3", "flux", "chroma", "zimage", "qwenimage"}
+    assert set(BY_NAME) == {"sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "chroma", "zimage", "qwenimage"}
     assert family_spec(None).name == "sd"  # a single-file checkpoint is taken for SD until it loads
 
 
@@ -69,6 +69,8 @@ EXAMPLES = {
     "--distilled-guidance": [["--distilled-guidance", "2"]],
     "--mask": [["--init-image", "IMAGE", "--mask", "IMAGE"]],
     "--outpaint": [["--init-image", "IMAGE", "--outpaint", "8,8,8,8"]],
+    "--init-image": [["--init-image", "IMAGE"], ["--init-image", "IMAGE", "--strength", "0.5"]],
+    "--hires-scale": [["--hires-scale", "2"]],
 }
 # What each family ignores, written out here (not read from the families) so that a rule dropped from a
 # family's list fails below: sdcli's prompt encoder and samplers do nothing on the flow-matching families.
@@ -76,11 +78,14 @@ FLOW = {"--clip-skip", "--prompt-syntax a1111", "--embedding", "--scheduler", "-
         "--guidance-rescale"}
 # Chroma, Z-Image and Qwen-Image guide through their own argument, and run img2img but not yet inpainting.
 OWN = FLOW | {"--true-cfg", "--distilled-guidance", "--mask", "--outpaint", "--hires-upscaler latent"}
-IGNORED = {"sd": set(), "sdxl": set(), "sd3": FLOW, "flux": FLOW | {"--hires-upscaler latent"}, "chroma": OWN,
-           "zimage": OWN, "qwenimage": OWN}
-# A tiny model of each family (flux twice: with a guidance input, and schnell-like without).
+IGNORED = {"sd": set(), "sdxl": set(), "sd3": FLOW, "flux": FLOW | {"--hires-upscaler latent"},
+           "flux2": FLOW | {"--true-cfg", "--init-image", "--hires-scale"}, "chroma": OWN, "zimage": OWN,
+           "qwenimage": OWN}
+# A tiny model of each family (flux twice: with a guidance input, and schnell-like without; FLUX.2-dev and Klein).
 MODELS = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flux-schnell": "flux",
-          "chroma": "chroma", "zimage": "zimage", "qwenimage": "qwenimage"}
+          "flux2": "flux2", "klein": "flux2", "chroma": "chroma", "zimage": "zimage", "qwenimage": "qwenimage"}
+FIXTURES = {"sd": "tiny_models", "sdxl": "tiny_models", "sd3": "tiny_flow_models", "flux": "tiny_flow_models",
+            "flux2": "tiny_flux2_models"}
 CASES = [(model, flag, args) for model, family in MODELS.items() for flag in sorted(IGNORED[family])
          for args in EXAMPLES[flag]]
 
@@ -93,12 +98,12 @@ def test_each_family_lists_the_settings_it_ignores():
 @pytest.mark.parametrize("model,flag,args", CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_a_setting_its_family_ignores_is_refused_in_one_line_before_loading(cli, request, tmp_path,
                                                                             no_pipeline_loads, model, flag, args):
-    if model in ("chroma", "zimage", "qwenimage"):
-        path = request.getfixturevalue("new_flow_model")(model)
+    if MODELS[model] in FIXTURES:
+        path = request.getfixturevalue(FIXTURES[MODELS[model]])[model]
     else:
-        path = request.getfixturevalue("tiny_models" if model in ("sd1", "sd2", "sdxl") else "tiny_flow_models")[model]
+        path = request.getfixturevalue("new_flow_model")(model)
     (tmp_path / "emb.safetensors").write_bytes(b"")
-    Image.new("RGB", (16, 16), "white").save(tmp_path / "white.png")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "white.png")
     files = {"EMBEDDING": tmp_path / "emb.safetensors", "IMAGE": tmp_path / "white.png"}
     args = [str(files[a]) if a in files else a for a in args]
     prompt = [] if "--" in args else ["a red circle"]

@@ -1,0 +1,162 @@
+"""FLUX.2 (dev) and FLUX.2 Klein: flow-matching transformers that see the VAE's latent patched 2x2 into channels
+(packed to (B, tokens, 4·C), normalised by the VAE's batch-norm statistics), reading prompts through the hidden
+states of a language model that diffusers' pipeline encodes: Mistral Small 3 (FLUX.2-dev) or Qwen3 (Klein).
+
+Guidance, as each model has it: FLUX.2-dev has its guidance distilled into an input of the transformer
+(``guidance_scale`` of Flux2Pipeline: sdcli's --distilled-guidance, no negative prompt); Klein's base models run
+classifier-free guidance against a negative prompt (--guidance); its step-distilled models (``is_distilled``) take
+none. Both take reference images (``image``: --reference-image), diffusers has no img2img for either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from sdcli.families import rules
+from sdcli.families.base import Family, Rule
+
+KLEIN = "Flux2Klein"
+# Flux2ImageProcessor.check_image_input's limits, checked before loading.
+MIN_REFERENCE_SIDE = 64
+MAX_REFERENCE_RATIO = 8
+MAX_REFERENCES = 10
+
+
+def variant(pipe: Any) -> str:
+    return "flux2-klein" if type(pipe).__name__.startswith(KLEIN) else "flux2"
+
+
+def guidance(config: Mapping[str, Any]) -> str:
+    """From the transformer's config over the pipeline's model_index: a guidance input (dev), or Klein's CFG,
+    none where Klein is step-distilled."""
+    if config.get("guidance_embeds", True):
+        return "distilled"
+    return "none" if config.get("is_distilled") else "cfg"
+
+
+def card_defaults(config: Mapping[str, Any]) -> dict[str, float]:
+    """The model cards' settings: FLUX.2-dev 50 steps at guidance 4; Klein base 50 steps at CFG 4; step-
+    distilled Klein 4 steps, unguided."""
+    kind = guidance(config)
+    if kind == "distilled":
+        return {"steps": 50, "distilled_guidance": 4.0}
+    if kind == "cfg":
+        return {"steps": 50, "guidance": 4.0}
+    return {"steps": 4}
+
+
+def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
+    """Packed latents (B, tokens, 4·C) of a ``size`` (width, height) image back to the VAE's raw latents
+    (B, C, h, w): the token grid, the batch-norm statistics undone, the 2x2 patches unfolded, as the pipeline
+    does before decoding."""
+    import torch
+
+    if latents.ndim != 3:
+        return latents
+    width, height = size
+    side = pipe.vae_scale_factor * 2
+    b, _tokens, c = latents.shape
+    grid = latents.permute(0, 2, 1).reshape(b, c, height // side, width // side)
+    bn = pipe.vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1).to(grid.device, grid.dtype)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(grid.device, grid.dtype)
+    return type(pipe)._unpatchify_latents(grid * std + mean)
+
+
+def schedule_shift(config: Mapping[str, Any], tokens: int, steps: int) -> tuple[float, list[float]]:
+    """μ as the FLUX.2 pipelines compute it (an empirical fit in the token count and the number of steps, not
+    Flux.1's line in the token count), and the σ's they give the sampler: 1 down to 1/steps, evenly."""
+    import numpy as np
+
+    from sdcli.pipeline import quiet_libraries
+
+    quiet_libraries()  # the pipeline module imports transformers' image processors, which chatter
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    return compute_empirical_mu(image_seq_len=tokens, num_steps=steps), list(np.linspace(1.0, 1 / steps, steps))
+
+
+def arch(transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
+    """Memory's figures were measured on SD 1.5's UNet; the transformer is estimated as a UNet whose first level
+    has its width per latent pixel (a token covers 2x2 of them) and attends there with its heads."""
+    import dataclasses
+
+    from sdcli.memory import unet_arch
+
+    heads = int(transformer.get("num_attention_heads", 48))
+    width = heads * int(transformer.get("attention_head_dim", 128))
+    return dataclasses.replace(unet_arch({}, dict(vae)), unet_channels=max(1, width // 4), attention_level=1,
+                               attention_heads=heads, sample_size=128)
+
+
+def references(class_name: str | None) -> int:
+    """How many --reference-image the pipelines take: up to 10, Black Forest Labs' limit for FLUX.2 (each is
+    another image's worth of tokens; the pipeline caps each one's area at a megapixel)."""
+    return MAX_REFERENCES
+
+
+def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
+    """A negative prompt on FLUX.2-dev, and reference images the pipeline would reject
+    (Flux2ImageProcessor.check_image_input, a DataError), refused by name before loading."""
+    from sdcli.errors import DataError
+    from sdcli.images import image_size, named
+
+    if s.negative_prompt and facts.guidance == "distilled":
+        return [("--negative-prompt", "has its guidance distilled into the model (--distilled-guidance), which "
+                                      "reads no negative prompt")]
+    for source in s.reference_images:
+        w, h = image_size(source, what="--reference-image", setting="reference_images")
+        if min(w, h) < MIN_REFERENCE_SIDE:
+            raise DataError(f"--reference-image {named(source)} is {w}x{h}; {facts.class_name} needs both sides "
+                            f"at least {MIN_REFERENCE_SIDE} pixels", setting="reference_images")
+        if max(w / h, h / w) > MAX_REFERENCE_RATIO:
+            raise DataError(f"--reference-image {named(source)} is {w}x{h}; {facts.class_name} takes aspect ratios "
+                            f"up to {MAX_REFERENCE_RATIO}:1", setting="reference_images")
+    return []
+
+
+def call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The batch's call as the FLUX.2 pipelines take it: FLUX.2-dev has no negative prompt (sdcli refused one);
+    Klein takes its negative prompt as embeddings only, which its own encoder makes here (its default is "")."""
+    out = dict(kwargs)
+    negative = out.pop("negative_prompt", None)
+    if negative and type(pipe).__name__.startswith(KLEIN) and out.get("guidance_scale", 1) != 1:
+        out["negative_prompt_embeds"] = pipe.encode_prompt(negative, device=pipe._execution_device)[0]
+    return out
+
+
+FAMILY = Family(
+    name="flux2",
+    pipelines=("Flux2",),
+    single_file_markers=("single_stream_modulation.",),  # FLUX.2's shared modulation (Flux.1 has none)
+    single_file_class="",  # diffusers loads only its transformer from one file, not the pipeline
+    variants=("flux2", "flux2-klein"),
+    variant=variant,
+    denoiser="transformer",
+    patch=2,
+    flow=True,
+    unpack_latents=unpack_latents,
+    guidance="distilled",
+    guidance_of_config=guidance,
+    defaults=card_defaults,
+    no_embeddings="FLUX.2 reads prompts through a language model's hidden states, which take no embeddings",
+    ignores=(
+        *rules.DIFFUSERS_ENCODES_PROMPTS,
+        *rules.FLOW_SAMPLER,
+        *rules.NO_GUIDANCE_RESCALE,
+        Rule("--true-cfg", lambda s: s.true_cfg,
+             "{model} has no true classifier-free guidance in diffusers; FLUX.2-dev's guidance is distilled "
+             "(--distilled-guidance), FLUX.2 Klein base's is --guidance"),
+        Rule("--init-image", lambda s: s.init_image is not None,
+             "{model} has no img2img in diffusers: its input images are references to follow, not a start to "
+             "denoise from; pass them with --reference-image"),
+        Rule("--hires-scale", lambda s: s.hires_scale is not None,
+             "{model} has no img2img in diffusers, which hires fix's second pass needs"),
+    ),
+    check=check,
+    call=call,
+    schedule_shift=schedule_shift,
+    references=references,
+    arch=arch,
+    text_encoders=("text_encoder",),
+)
