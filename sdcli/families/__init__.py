@@ -87,8 +87,8 @@ def training_family(pipe: Any) -> Family:
     """The family of a pipeline finetune is to train; ModelError for one it has no training hooks for."""
     family = pipe_family(pipe)
     if family.encode is None:
-        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux pipelines; this model is a "
-                         f"{type(pipe).__name__}")
+        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3, Flux, Chroma, Z-Image and Qwen-Image "
+                         f"pipelines; this model is a {type(pipe).__name__}")
     return family
 
 
