@@ -251,7 +251,12 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
         f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{out}\")"
     )
     kohya_file = out / kohya.file_name(out)
-    if lora and os.path.isfile(kohya_file):  # False, not ENAMETOOLONG, when OUT's name leaves no room for it
+    from sdcli.families import kohya_layout
+
+    if lora and os.path.isfile(kohya_file) and kohya_layout(record["family"]) is None:  # ComfyUI's layout only
+        use += (f"\n\n# ComfyUI: copy {kohya_file.name} into models/loras/ and load it with a LoraLoaderModelOnly "
+                "node")
+    elif lora and os.path.isfile(kohya_file):  # False, not ENAMETOOLONG, when OUT's name leaves no room for it
         use += (f"\n\n# AUTOMATIC1111 or ComfyUI: copy {kohya_file.name} into models/Lora/ (ComfyUI: models/loras/)"
                 f"\n# and write <lora:{kohya_file.stem}:1> in the prompt")
     tags = ["text-to-image", "diffusers", "sdcli"] + (["lora"] if lora else [])

@@ -149,6 +149,8 @@ def test_the_lora_is_generate_loras_image_in_plain_diffusers_and_in_comfyuis_lay
                   - theirs).max() <= 1
     settings = json.loads((out / "training_settings.json").read_text())
     assert settings["family"] == name and settings["prediction_type"] == "flow"
+    card = (out / "README.md").read_text()
+    assert "ComfyUI: copy style.safetensors into models/loras/" in card and "AUTOMATIC1111" not in card
 
 
 def test_zimage_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(new_flow_model, dataset, tmp_path,
