@@ -27,6 +27,9 @@ What differs per model (the prefixes, SGM names or not, ss_base_model_version) i
 DoRA, LoHa and LoKr (`sdcli.adapters`) go in the same names with LyCORIS's tensors (``.dora_scale``,
 ``.hada_w1_a``..., ``.lokr_w1``...), as kohya's sd-scripts write them with ``--network_module lycoris.kohya``.
 
+Chroma, Z-Image and Qwen-Image LoRAs are read by ComfyUI under diffusers' own module paths with a prefix per
+family (``transformer.``, ``diffusion_model.``), each layer's ``.alpha`` beside it: `save_prefixed`.
+
 Everything here is plain data in, plain data out; torch, peft and safetensors are imported only to
 build tensors and write the file.
 """
@@ -332,6 +335,53 @@ def save(path: Path, family: str, models: Mapping[str, Any], unet_config: Mappin
     meta = metadata(family, first.r, peft_alpha(first), output_name, v_prediction, base_model,
                     training_fields(cfg) if cfg is not None else None, adapter=adapter_kind(first))
     save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def save_prefixed(path: Path, prefix: str, model: Any, family: str, output_name: str, base_model: str | None = None,
+                  cfg: Any = None) -> Path:
+    """Write the LoRA of a peft-adapted transformer in the layout ComfyUI loads for a family whose LoRAs it maps
+    by diffusers' module paths under ``prefix`` (`sdcli.families.Family.comfy_lora_prefix`)::
+
+        diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight   (Qwen-Image; Z-Image: layers.0.attention...)
+        diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight
+        diffusion_model.transformer_blocks.0.attn.to_q.alpha           (0-dim float32)
+
+    ComfyUI reads peft's ``lora_A``/``lora_B`` names and scales by the ``.alpha`` beside them (diffusers' own file
+    keeps alpha in its metadata, which ComfyUI does not read). DoRA, LoHa and LoKr keep LyCORIS's tensor names, as
+    `convert` writes them. The ``ss_*`` metadata is kohya's, for the tools that show it.
+    """
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("a LoRA with per-layer ranks or alphas has no single ss_network_dim/alpha")
+    alpha = float(peft_alpha(config))
+    per_layer: dict[str, dict[str, Any]] = {}
+    for key, tensor in get_peft_model_state_dict(model).items():
+        module, name = _split(key)
+        per_layer.setdefault(module, {})[name] = tensor
+    peft_halves = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+    tensors: dict[str, Any] = {}
+    for module, params in per_layer.items():
+        for name, tensor in _lyco_tensors(params, alpha, config.r).items():
+            tensors[f"{prefix}{module}.{peft_halves.get(name, name)}"] = tensor
+        tensors[f"{prefix}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    if base_model and Path(base_model).exists():
+        base_model = Path(base_model).resolve().name
+    from sdcli import __version__
+
+    kind = adapter_kind(config)
+    meta: dict[str, Any] = {
+        "ss_network_module": NETWORK_MODULES[kind], "ss_network_dim": int(config.r), "ss_network_alpha": alpha,
+        "ss_base_model_version": family, "ss_output_name": output_name,
+        "ss_training_comment": f"sdcli {__version__} finetune; every setting is in training_settings.json",
+        **({"ss_sd_model_name": base_model} if base_model else {}),
+        **(training_fields(cfg) if cfg is not None else {}),
+    }
+    save_file(tensors, str(path), metadata={key: str(value) for key, value in meta.items()})
     return path
 
 

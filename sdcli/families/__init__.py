@@ -88,8 +88,8 @@ def training_family(pipe: Any) -> Family:
     """The family of a pipeline finetune is to train; ModelError for one it has no training hooks for."""
     family = pipe_family(pipe)
     if family.encode is None:
-        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3 and Flux.1 pipelines; this model is a "
-                         f"{type(pipe).__name__}")
+        raise ModelError(f"finetune supports Stable Diffusion 1.x, 2.x, XL, 3, Flux.1, Chroma, Z-Image and Qwen-Image "
+                         f"pipelines; this model is a {type(pipe).__name__}")
     return family
 
 

@@ -62,6 +62,33 @@ def unet_arch(denoiser: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
     return arch(dict(denoiser), dict(vae))
 
 
+def vae_posterior(vae: Any, pixels: Any) -> tuple[Any, Any]:
+    """Pixels (B, 3, H, W) in [−1, 1] -> the VAE's latent distribution, its mean and std (B, C, h, w), raw."""
+    dist = vae.encode(pixels).latent_dist
+    return dist.mean, dist.std
+
+
+def vae_scale(vae: Any, z: Any) -> Any:
+    """Raw VAE latents -> the latents the denoiser works on (`sdcli.latents.scale`)."""
+    from sdcli.latents import scale
+
+    return scale(vae, z)
+
+
+def padded_tokens(embeds: list[Any]) -> tuple[Any, Any]:
+    """Per-prompt token embeddings of different lengths (L_i, D) -> (B, L, D) padded with zeros after each
+    prompt, and its token mask (B, L), true on the prompt's own tokens."""
+    import torch
+
+    longest = max(e.shape[0] for e in embeds)
+    hidden = embeds[0].new_zeros(len(embeds), longest, embeds[0].shape[-1])
+    mask = torch.zeros(len(embeds), longest, dtype=torch.bool, device=embeds[0].device)
+    for i, e in enumerate(embeds):
+        hidden[i, :e.shape[0]] = e
+        mask[i, :e.shape[0]] = True
+    return hidden, mask
+
+
 def keep_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
     return latents
 
@@ -177,9 +204,17 @@ class Family:
     sizes: Callable[[Any], tuple[int, int, int | None]] = unet_sizes  # pipe -> (native, multiple, largest or None)
     zeros_for_empty_prompt: bool = False  # honours the pipeline's force_zeros_for_empty_prompt (SDXL)
     peft_lora_names: bool = False  # save peft's key names, as diffusers' transformer LoRA scripts do
+    # ``encode``'s second tensor is the prompt's token mask (B, L), not a pooled vector: its prompts encode to
+    # different lengths, which a cache pads (masked) to its longest
+    text_mask: bool = False
+    posterior: Callable[[Any, Any], tuple[Any, Any]] = vae_posterior  # (VAE, pixels) -> latent mean, std (raw)
+    scale_latents: Callable[[Any, Any], Any] = vae_scale  # (VAE, raw latents) -> the denoiser's latents
 
     # 8. LoRA files: each variant's kohya layout (none: diffusers' format only)
     kohya: Mapping[str, KohyaLayout] = field(default_factory=dict)
+    # Where ComfyUI reads LoRAs under diffusers' module paths: the prefix its loader maps them from for this
+    # family ("diffusion_model.", "transformer."); finetune writes that file beside diffusers' ("": none)
+    comfy_lora_prefix: str = ""
 
     # 9. Big models on small cards (`sdcli.quantize`): the step caches diffusers has hooks for on its denoiser
     # (--cache: first-block, taylorseer, mag), the name of diffusers' calibrated MagCache ratios for it
@@ -193,6 +228,15 @@ class Family:
         """A class of the family: its prefix, then no version digit (Flux2Pipeline is another model than Flux.1)."""
         return any(class_name.startswith(prefix) and not class_name[len(prefix):][:1].isdigit()
                    for prefix in self.pipelines)
+
+    @property
+    def null_prompt(self) -> str:
+        """What the model's unguided branch reads where no negative prompt is given: the model card's (the
+        knob's ``null_negative``, Qwen-Image's " ") or the empty prompt. finetune drops captions to it."""
+        from sdcli.defaults import NULL_PROMPT
+
+        knob = self.knob
+        return knob.null_negative if knob is not None and knob.null_negative is not None else NULL_PROMPT
 
     def record_name(self, pipe: Any) -> str:
         """What records and messages call this model: sd1 or sd2 for SD, the family's name otherwise."""

@@ -6,6 +6,12 @@ their input images too).
 Its guidance is real classifier-free guidance, diffusers' ``true_cfg_scale`` (model card: 4, 50 steps), run only
 against a negative prompt: without one the model card passes " ", and so does sdcli. The editing models take
 their input images as ``image`` (`--reference-image`: one for Edit, several for Edit-Plus) and run no img2img.
+
+Training follows diffusers' Qwen-Image LoRA script: flow matching on the unshifted σ's (the shift is
+resolution-dependent, applied at sampling), latents normalised by the VAE's per-channel means and deviations,
+packed 2x2 with their shapes, Qwen2.5-VL's tokens with their mask, the timestep on 0..1. Dropped captions train
+" ", what guidance reads without a negative prompt. ComfyUI's Qwen-Image has diffusers' module names, and its
+LoRA loader reads them under ``diffusion_model.`` (diffusers' own loader converts that layout back).
 """
 
 from __future__ import annotations
@@ -46,6 +52,56 @@ def decode(pipe: Any, latents: Any) -> Any:
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
     with torch.no_grad():
         return vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+
+
+def posterior(vae: Any, pixels: Any) -> tuple[Any, Any]:
+    """The video VAE sees an image as one frame: (B, 3, H, W) -> the latent mean and std (B, C, h, w)."""
+    dist = vae.encode(pixels.unsqueeze(2)).latent_dist
+    return dist.mean[:, :, 0], dist.std[:, :, 0]
+
+
+def scale_latents(vae: Any, z: Any) -> Any:
+    """Raw latents normalised per channel by the VAE's means and deviations, as QwenImagePipeline does."""
+    import torch
+
+    shape = (1, vae.config.z_dim, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(z)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(z)
+    return (z - mean) / std
+
+
+def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any, Any]:
+    """Qwen2.5-VL's tokens of the chat-formatted prompts, padded to the longest, and their mask."""
+    import torch
+
+    hidden, mask = pipe.encode_prompt(prompts, device=device)
+    if mask is None:  # every prompt as long as the longest: the pipeline drops the all-true mask
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    return hidden, mask
+
+
+def conditioning(hidden: Any, mask: Any, time_ids: Any) -> dict[str, Any]:
+    return {"encoder_hidden_states": hidden, "text_mask": mask}
+
+
+def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, Any], guidance: Any) -> Any:
+    """As QwenImagePipeline's loop: 2x2-packed latents with their shapes, the text cut to the batch's longest
+    prompt with its mask (none where every token is real, as the pipeline passes it), the timestep on 0..1."""
+    b, c, h, w = noisy.shape
+    cls = type(pipe)
+    mask = cond["text_mask"].bool()
+    longest = int(mask.sum(dim=1).max())
+    hidden, mask = cond["encoder_hidden_states"][:, :longest], mask[:, :longest]
+    out = model(hidden_states=cls._pack_latents(noisy, b, c, h, w), timestep=timesteps.to(noisy.dtype) / 1000,
+                guidance=None, encoder_hidden_states_mask=None if mask.all() else mask,
+                encoder_hidden_states=hidden, img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+    f = pipe.vae_scale_factor
+    return cls._unpack_latents(out, h * f, w * f, f)[:, :, 0]
+
+
+def sizes(pipe: Any) -> tuple[int, int, int | None]:
+    f = pipe.vae_scale_factor
+    return pipe.default_sample_size * f, f * 2, None  # 2x2 packing
 
 
 def vae_factor(vae: Mapping[str, Any]) -> int:
@@ -110,4 +166,14 @@ FAMILY = Family(
     check=check,
     call=call,
     arch=arch,
+    text_encoders=("text_encoder",),
+    encode=encode,
+    conditioning=conditioning,
+    predict=predict,
+    sizes=sizes,
+    peft_lora_names=True,
+    text_mask=True,
+    posterior=posterior,
+    scale_latents=scale_latents,
+    comfy_lora_prefix="diffusion_model.",
 )

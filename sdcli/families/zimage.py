@@ -5,6 +5,11 @@ Z-Image guides as its model defines it: diffusers' ``guidance_scale`` g extrapol
 0 is unguided and the negative prompt is read above 0 (model card: 4, 50 steps). Z-Image-Turbo is step-distilled
 (model card: 9 steps, guidance 0) and takes no guidance; the two share every config but the scheduler's static
 shift, 3 for Turbo against the base model's 6, which is how sdcli tells them apart.
+
+Training follows diffusers' Z-Image LoRA script: flow matching on the scheduler's σ's, which carry its static
+shift; the transformer sees each latent as a one-frame list entry, each prompt's own tokens, and the reversed
+timestep (1 − σ), and predicts x_0 − ε, so its output is negated. ComfyUI runs Z-Image as its Lumina 2 model,
+whose LoRA loader maps diffusers' module paths (to_q/to_k/to_v into its fused qkv) under ``diffusion_model.``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob
+from sdcli.families.base import Family, Knob, padded_tokens
 
 KNOB = Knob("guidance_scale", default=4.0, unguided=0.0)
 STEPS = 50  # the base model's card
@@ -38,6 +43,31 @@ def arch(transformer: Any, vae: Any) -> Any:
     return unet_arch({}, dict(vae))
 
 
+def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any, Any]:
+    """Qwen3's tokens of each chat-formatted prompt, as long as that prompt (padded to the longest, masked)."""
+    embeds, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+    return padded_tokens(embeds)
+
+
+def conditioning(hidden: Any, mask: Any, time_ids: Any) -> dict[str, Any]:
+    return {"encoder_hidden_states": hidden, "text_mask": mask}
+
+
+def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, Any], guidance: Any) -> Any:
+    """As ZImagePipeline's loop: lists of one-frame latents and of each prompt's own tokens, the timestep as
+    (1000 − t) / 1000, and the output negated (the model predicts x_0 − ε)."""
+    import torch
+
+    tokens = [h[m] for h, m in zip(cond["encoder_hidden_states"], cond["text_mask"].bool())]
+    latents = list(noisy.unsqueeze(2).unbind(dim=0))
+    out = model(latents, (1000 - timesteps.to(noisy.dtype)) / 1000, tokens, return_dict=False)[0]
+    return -torch.stack([o.float() for o in out], dim=0).squeeze(2).to(noisy.dtype)
+
+
+def sizes(pipe: Any) -> tuple[int, int, int | None]:
+    return default_size(pipe)[0], pipe.vae_scale_factor * 2, None  # 2x2 patches
+
+
 FAMILY = Family(
     name="zimage",
     pipelines=("ZImage",),
@@ -56,4 +86,12 @@ FAMILY = Family(
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
              *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),
     arch=arch,
+    text_encoders=("text_encoder",),
+    encode=encode,
+    conditioning=conditioning,
+    predict=predict,
+    sizes=sizes,
+    peft_lora_names=True,
+    text_mask=True,
+    comfy_lora_prefix="diffusion_model.",
 )

@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sdcli import defaults
-from sdcli.latents import scale
 from sdcli.training.data import Example, Item, latent_weights, load_mask, load_rgb, shuffle_tags, to_mask, to_pixels
 
 
@@ -46,7 +44,7 @@ class TextEncoding:
         # SDXL pipelines with force_zeros_for_empty_prompt use all-zero embeddings as the
         # unconditional branch when no negative prompt is given (as `sdcli generate` does):
         # the null prompt must train that same conditioning. SD3's and Flux's pipelines encode the
-        # empty prompt instead, which the plain path already does.
+        # empty prompt instead, which the plain path already does (Qwen-Image's its model card's " ").
         self.zero_null = family.zeros_for_empty_prompt and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
 
     @property
@@ -61,7 +59,7 @@ class TextEncoding:
         """(hidden states (B, L, D), pooled (B, D') or None, as the family has it)."""
         hidden, pooled = self.family.encode(self.pipe, self.pairs, prompts, self.device)
         if self.zero_null:
-            keep = [p != defaults.NULL_PROMPT for p in prompts]
+            keep = [p != self.family.null_prompt for p in prompts]
             import torch
 
             mask = torch.tensor(keep, device=hidden.device, dtype=hidden.dtype)
@@ -124,10 +122,11 @@ class TrainingInputs:
         variants = (False, True) if flip else (False,)
         if self.cache_text:
             # The null prompt first, so a dropped caption is index 0 whatever the captions are.
-            self.prompts, self.prompt_index, seen = [defaults.NULL_PROMPT], [], {defaults.NULL_PROMPT: 0}
+            null = self.text.family.null_prompt
+            self.prompts, self.prompt_index, seen = [null], [], {null: 0}
             for ex in self.examples:
                 ids = []
-                for caption in ex.captions or [ex.caption if ex.caption is not None else defaults.NULL_PROMPT]:
+                for caption in ex.captions or [ex.caption if ex.caption is not None else null]:
                     if caption not in seen:
                         seen[caption] = len(self.prompts)
                         self.prompts.append(caption)
@@ -149,10 +148,10 @@ class TrainingInputs:
                         moments = []
                         for mirrored in variants:
                             pixels, time_ids, masks = self._pixels([Item(i, flip=mirrored) for i in chunk])
-                            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-                            weights = (latent_weights(masks, dist.mean.shape[-2:], self.unmasked_weight)
+                            mean, std = self.text.family.posterior(self.vae, pixels.to(self.device, self.vae.dtype))
+                            weights = (latent_weights(masks, mean.shape[-2:], self.unmasked_weight)
                                        if masks is not None else None)
-                            moments.append((dist.mean.float().cpu(), dist.std.float().cpu(), time_ids, weights))
+                            moments.append((mean.float().cpu(), std.float().cpu(), time_ids, weights))
                             done += len(chunk)
                             if progress:
                                 progress(done, total)
@@ -173,6 +172,8 @@ class TrainingInputs:
                     done += len(chunk)
                     if progress:
                         progress(done, total)
+                if self.text.family.text_mask:  # prompts of different lengths: each chunk padded to the longest
+                    hidden, pooled = _pad_tokens(hidden), _pad_tokens(pooled)
                 self.hidden = torch.cat(hidden)
                 self.pooled = torch.cat(pooled) if pooled else None
 
@@ -191,13 +192,13 @@ class TrainingInputs:
         else:
             pixels, time_ids, masks = self._pixels(items)
             with torch.no_grad():
-                dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()
+                mean, std = self.text.family.posterior(self.vae, pixels.to(self.device, self.vae.dtype))
+            mean, std = mean.float(), std.float()
             weights = (latent_weights(masks, mean.shape[-2:], self.unmasked_weight).to(self.device)
                        if masks is not None else None)
         # A fresh draw from the latent distribution, as latent_dist.sample() would, scaled for the denoiser.
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        latents = scale(self.vae, mean + std * eps)
+        latents = self.text.family.scale_latents(self.vae, mean + std * eps)
         hidden, pooled = self._text(items)
         cond = self.text.family.conditioning(hidden, pooled, time_ids.to(self.device, hidden.dtype))
         return Batch(latents=latents, cond=cond, weights=weights)
@@ -222,7 +223,7 @@ class TrainingInputs:
         example = self.examples[item.index]
         caption = _picked(example.captions, item) if example.captions else example.caption
         if item.drop or caption is None:
-            return defaults.NULL_PROMPT
+            return self.text.family.null_prompt
         if self.shuffle_captions and item.tags is not None:
             return shuffle_tags(caption, self.keep_tokens, item.tags)
         return caption
@@ -247,6 +248,15 @@ class TrainingInputs:
             # where in it (resized to cover the bucket) the crop sits.
             time_ids.append(torch.tensor([image.height, image.width, top, left, h, w], dtype=torch.float32))
         return torch.stack(pixels), torch.stack(time_ids), (torch.stack(masks) if masks else None)
+
+
+def _pad_tokens(chunks: list[Any]) -> list[Any]:
+    """Chunks of token embeddings (B, L, D) or token masks (B, L) padded with zeros to the longest L: masked
+    tokens, which the family's denoiser call ignores."""
+    import torch.nn.functional as F
+
+    longest = max(c.shape[1] for c in chunks)
+    return [F.pad(c, (0, 0) * (c.ndim - 2) + (0, longest - c.shape[1])) for c in chunks]
 
 
 def _picked(options, item: Item):

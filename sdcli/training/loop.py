@@ -164,7 +164,13 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
             from sdcli.errors import ModelError
 
             raise ModelError(f"--model {cfg.model} is a {facts.class_name}, which sdcli generates with but cannot "
-                             "train; finetune trains Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 pipelines")
+                             "train; finetune trains Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1, Chroma, Z-Image "
+                             "and Qwen-Image pipelines")
+        if facts.family.references(facts.class_name or ""):  # an editing model learns from (reference, result) pairs
+            from sdcli.errors import ModelError
+
+            raise ModelError(f"--model {cfg.model} is a {facts.class_name}, an editing model, which learns from "
+                             "reference images finetune does not take; train its text-to-image model instead")
     resume_dir = checkpoints.find_resume(cfg.resume, cfg.out) if cfg.resume else None
     if resume_dir is not None:
         checkpoints.check_unpickled(resume_dir, cfg.allow_pickle)  # a checkpoint that would unpickle: refused now
@@ -214,7 +220,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
     pipe, family = setup.load(cfg)
     name = family.record_name(pipe)
-    if cfg.lora and name in family.kohya and cfg.lora_format == kohya.LoraFormat.both.value:
+    tool_file = name in family.kohya or family.comfy_lora_prefix  # the kohya or ComfyUI copy beside diffusers'
+    if cfg.lora and tool_file and cfg.lora_format == kohya.LoraFormat.both.value:
         # Named after OUT: a long --out name can make it too long only now the family is known.
         check_name_length(cfg.out / kohya.file_name(cfg.out), "--out")
     fingerprint = checkpoints.model_fingerprint(pipe)  # before any adapter: the base model as loaded

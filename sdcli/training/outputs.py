@@ -3,7 +3,8 @@
 LoRA runs write `pytorch_lora_weights.safetensors` through the pipeline class's
 own `save_lora_weights`, so `pipe.load_lora_weights(OUT)` reads it with no
 sdcli code; SD 1.x/2.x and SDXL LoRA runs also write OUT/<OUT's name>.safetensors in the
-kohya layout AUTOMATIC1111 and ComfyUI read (`sdcli.kohya`); full runs write a complete
+kohya layout AUTOMATIC1111 and ComfyUI read (`sdcli.kohya`), and Chroma, Z-Image and Qwen-Image LoRA runs
+the layout ComfyUI reads for them (`kohya.save_prefixed`); full runs write a complete
 pipeline folder with `save_pretrained`.
 """
 
@@ -161,7 +162,8 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
     Through the pipeline class's own `save_lora_weights` (``unet_lora_layers`` for a UNet,
     ``transformer_lora_layers`` for SD3 and Flux), so its `load_lora_weights` finds every key. For SD
     1.x/2.x and SDXL, unless ``cfg.lora_format`` is diffusers, the same weights also go to
-    OUT/<OUT's name>.safetensors in the kohya layout, with ``cfg``'s settings in its ss_* metadata.
+    OUT/<OUT's name>.safetensors in the kohya layout, with ``cfg``'s settings in its ss_* metadata; for a
+    family with a ``comfy_lora_prefix`` (Chroma, Z-Image, Qwen-Image), in the layout ComfyUI loads for it.
     ``into``: the folder written to (`staged`), if not OUT itself.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -187,11 +189,15 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
     into = Path(into or out)
     type(pipe).save_lora_weights(str(into), safe_serialization=True, **kwargs)
     name = family.record_name(pipe)  # sd1, sd2, sdxl, ...: each has its own kohya layout, or none
-    if name in family.kohya and getattr(cfg, "lora_format", kohya.LoraFormat.both) == kohya.LoraFormat.both:
+    both = getattr(cfg, "lora_format", kohya.LoraFormat.both) == kohya.LoraFormat.both
+    if name in family.kohya and both:
         models = dict(zip((key, "text_encoder", "text_encoder_2"), [denoiser, *text_encoders]))
         kohya.save(into / kohya.file_name(out), name, models, denoiser.config, Path(out).resolve().name,
                    v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction",
                    base_model=getattr(cfg, "model", None), cfg=cfg)
+    elif family.comfy_lora_prefix and both:
+        kohya.save_prefixed(into / kohya.file_name(out), family.comfy_lora_prefix, denoiser, name,
+                            Path(out).resolve().name, base_model=getattr(cfg, "model", None), cfg=cfg)
     return out / LORA_FILE
 
 
@@ -245,7 +251,12 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
         f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{out}\")"
     )
     kohya_file = out / kohya.file_name(out)
-    if lora and os.path.isfile(kohya_file):  # False, not ENAMETOOLONG, when OUT's name leaves no room for it
+    from sdcli.families import kohya_layout
+
+    if lora and os.path.isfile(kohya_file) and kohya_layout(record["family"]) is None:  # ComfyUI's layout only
+        use += (f"\n\n# ComfyUI: copy {kohya_file.name} into models/loras/ and load it with a LoraLoaderModelOnly "
+                "node")
+    elif lora and os.path.isfile(kohya_file):  # False, not ENAMETOOLONG, when OUT's name leaves no room for it
         use += (f"\n\n# AUTOMATIC1111 or ComfyUI: copy {kohya_file.name} into models/Lora/ (ComfyUI: models/loras/)"
                 f"\n# and write <lora:{kohya_file.stem}:1> in the prompt")
     tags = ["text-to-image", "diffusers", "sdcli"] + (["lora"] if lora else [])

@@ -1,0 +1,197 @@
+"""finetune on Chroma, Z-Image and Qwen-Image (tiny random pipelines): each model's own transformer call and
+objective, dropped captions to its null prompt, the LoRA plain diffusers loads and `generate --lora` uses, the
+layout ComfyUI loads for each, exact resume, a full fine-tune, and editing models refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import one_error_line, paths_of, pixels
+from families.newflow import generate, new_flow_model, plain_diffusers  # noqa: F401 - fixtures (tests/families)
+from sdcli.families import BY_NAME as FAMILIES
+from sdcli.training import finetune
+from sdcli.training.checkpoints import checkpoint_dirs
+from sdcli.training.data import Item, discover
+from sdcli.training.inputs import TextEncoding, TrainingInputs
+
+NAMES = ["chroma", "zimage", "qwenimage"]
+# What each family's generate does without a -g: plain diffusers' arguments for the same image.
+GUIDED = {"chroma": {"guidance_scale": 3.0}, "zimage": {"guidance_scale": 4.0},
+          "qwenimage": {"true_cfg_scale": 4.0, "negative_prompt": " "}}
+# One pass a step, as training's prediction is.
+UNGUIDED = {"chroma": {"guidance_scale": 1.0}, "zimage": {"guidance_scale": 0.0}, "qwenimage": {"true_cfg_scale": 1.0}}
+# The module paths ComfyUI's LoRA loader maps for each family (comfy/lora.py, model_lora_keys_unet), for the
+# default targets (to_q, to_k, to_v, to_out.0), each under its prefix:
+COMFY = {
+    # Chroma is ComfyUI's Flux class: diffusers' Flux paths under transformer. (utils.flux_to_diffusers)
+    "chroma": r"transformer\.(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"
+              r"|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))",
+    # Z-Image is ComfyUI's Lumina 2 class: utils.z_image_to_diffusers's paths under diffusion_model.
+    "zimage": r"diffusion_model\.(layers|noise_refiner|context_refiner)\.\d+\.attention\.(to_q|to_k|to_v|to_out\.0)",
+    # ComfyUI's Qwen-Image has diffusers' module names: every one, under diffusion_model.
+    "qwenimage": r"diffusion_model\.transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)",
+}
+
+
+def _pipe(path):
+    from sdcli.pipeline import load_pipeline
+
+    return load_pipeline(path, device="cpu").pipe
+
+
+def _denoiser_latents(family, pipe, latents, size):
+    """Latents as the pipeline holds them -> (B, C, h, w), as training holds them."""
+    latents = family.unpack_latents(pipe, latents, size)
+    return latents[:, :, 0] if latents.ndim == 5 else latents
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_training_prediction_is_the_velocity_the_pipeline_steps_with(new_flow_model, name):
+    """The pipeline's last Euler step takes x_1 to x_1 − σ_1·v; training's prediction at (x_1, t_1) is that v:
+    the text encoding, mask, packing, timestep axis and sign of each model's own call, at once."""
+    pipe = _pipe(new_flow_model(name))
+    family = FAMILIES[name]
+    seen = []
+    with torch.no_grad():
+        final = pipe("a red circle", num_inference_steps=2, width=16, height=16, output_type="latent",
+                     generator=torch.Generator().manual_seed(0), **UNGUIDED[name],
+                     callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or {}).images
+        x1, final = (_denoiser_latents(family, pipe, x, (16, 16)) for x in (seen[0], final))
+        sigma, t = pipe.scheduler.sigmas[1], pipe.scheduler.timesteps[1:2]
+        assert 0 < sigma < 1
+        hidden, mask = TextEncoding(pipe, "cpu", family).encode(["a red circle"])
+        v = family.predict(pipe, pipe.transformer, x1, t, family.conditioning(hidden, mask, None), None)
+    torch.testing.assert_close(x1 - sigma * v, final, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropped_captions_train_the_family_null_prompt_and_the_cache_changes_nothing(new_flow_model, tmp_path,
+                                                                                   make_images, name):
+    from sdcli.training.objective import flow_step_loss, flow_training_scheduler
+
+    make_images(tmp_path / "data", n=2, size=(24, 16))
+    examples = discover(tmp_path / "data").examples
+    pipe = _pipe(new_flow_model(name))
+    family = FAMILIES[name]
+    # What guidance reads without a negative prompt: the model card's " " for Qwen-Image, "" for the others.
+    assert family.null_prompt == (" " if name == "qwenimage" else "")
+
+    def inputs(cached):
+        made = TrainingInputs(pipe, examples, family=family, resolution=16, center_crop=True, device="cpu",
+                              cache_latents=cached, cache_text=cached)
+        if cached:
+            made.build_cache(flip=True, batch_size=1)  # one prompt a chunk: the cache pads them to one length
+        return made
+
+    items = [Item(0, drop=True), Item(1, flip=True)]
+    cached, live = (inputs(c).batch(items, torch.Generator().manual_seed(3)) for c in (True, False))
+    text = TextEncoding(pipe, "cpu", family)
+    with torch.no_grad():
+        (null, null_mask), (caption, caption_mask) = text.encode([family.null_prompt]), text.encode(
+            [examples[1].caption])
+        empty, empty_mask = text.encode([""])
+    if name == "qwenimage":  # " " is its own prompt there, not the empty one
+        assert empty_mask.sum() != null_mask.sum() or not torch.equal(empty, null)
+    for batch in (cached, live):
+        hidden, mask = batch.cond["encoder_hidden_states"], batch.cond["text_mask"] > 0
+        for row, (theirs, their_mask) in enumerate(((null, null_mask), (caption, caption_mask))):
+            torch.testing.assert_close(mask[row].sum(), (their_mask[0] > 0).sum())
+            torch.testing.assert_close(hidden[row][mask[row]], theirs[0][their_mask[0] > 0])
+    torch.testing.assert_close(cached.latents, live.latents, rtol=1e-5, atol=1e-5)
+
+    scheduler = flow_training_scheduler(pipe.scheduler.config)
+
+    def loss(batch):
+        def predict(noisy, timesteps):
+            return family.predict(pipe, pipe.transformer, noisy, timesteps, batch.cond, None)
+
+        with torch.no_grad():
+            return flow_step_loss(predict, scheduler, batch.latents, torch.Generator().manual_seed(5),
+                                  sampling="logit-normal", weighting="cosmap")
+
+    torch.testing.assert_close(loss(cached), loss(live), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_lora_is_generate_loras_image_in_plain_diffusers_and_in_comfyuis_layout(cli, generate, new_flow_model,
+                                                                                   plain_diffusers, dataset, tmp_path,
+                                                                                   name):
+    folder, out = new_flow_model(name), tmp_path / "style"
+    trained = cli("finetune", "--data", dataset, "--model", folder, "--out", out, "--resolution", "16",
+                  "--max-steps", "2", "--batch-size", "2", "--lr", "3e-2", "--rank", "4", "--lora-alpha", "8",
+                  "--checkpoint-every", "0", "--quiet")
+    assert trained.exit_code == 0, trained.stderr
+    diffusers_file, comfy_file = out / "pytorch_lora_weights.safetensors", out / "style.safetensors"
+    assert all(k.startswith("transformer.") for k in load_file(str(diffusers_file)))
+
+    (made,) = paths_of(generate(folder, "-W", "16", "-H", "16", "--lora", out))
+    theirs = plain_diffusers(folder, lora=str(out), width=16, height=16, **GUIDED[name])
+    assert np.abs(pixels(made) - theirs).max() <= 1
+    assert np.abs(theirs - plain_diffusers(folder, width=16, height=16, **GUIDED[name])).max() > 2
+
+    # ComfyUI's layout: peft's halves and kohya's alpha beside them, on the modules its loader maps for the family.
+    tensors = load_file(str(comfy_file))
+    stems = {re.sub(r"\.(lora_A\.weight|lora_B\.weight|alpha)$", "", k) for k in tensors}
+    assert len(tensors) == 3 * len(stems) and all(re.fullmatch(COMFY[name], s) for s in stems)
+    prefix = FAMILIES[name].comfy_lora_prefix
+    assert {s.removeprefix(prefix) for s in stems} == {re.sub(r"^transformer\.|\.lora_[AB]\.weight$", "", k)
+                                                         for k in load_file(str(diffusers_file))}
+    assert all(float(tensors[f"{s}.alpha"]) == 8.0 for s in stems)
+    # diffusers' own loader reads that layout back (its converters for Z-Image and Qwen-Image, Flux's for Chroma).
+    assert np.abs(plain_diffusers(folder, lora=str(comfy_file), width=16, height=16, **GUIDED[name])
+                  - theirs).max() <= 1
+    settings = json.loads((out / "training_settings.json").read_text())
+    assert settings["family"] == name and settings["prediction_type"] == "flow"
+    card = (out / "README.md").read_text()
+    assert "ComfyUI: copy style.safetensors into models/loras/" in card and "AUTOMATIC1111" not in card
+
+
+def test_zimage_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(new_flow_model, dataset, tmp_path,
+                                                                               make_config):
+    model = new_flow_model("zimage")
+    settings = dict(resolution=16, max_steps=3, batch_size=2, uncond_prob=0.5, timestep_sampling="logit-normal",
+                    checkpoint_every=0, seed=5)
+    whole = finetune(make_config(dataset, tmp_path / "whole", model, **settings))
+
+    def press_ctrl_c(info):
+        if info.step == 1:
+            signal.raise_signal(signal.SIGINT)  # the loop stops after the next step and checkpoints
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(make_config(dataset, tmp_path / "split", model, **settings), callback=press_ctrl_c)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["checkpoint-000002"]
+    resumed = finetune(make_config(dataset, tmp_path / "split", model, resume="latest", **settings))
+    assert resumed.steps == whole.steps == 3 and resumed.losses == whole.losses[2:]
+    a = load_file(str(tmp_path / "whole" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "split" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_qwenimage_fine_tune_is_a_pipeline_folder_with_a_trained_transformer(new_flow_model, dataset, tmp_path,
+                                                                                 make_config):
+    from diffusers import DiffusionPipeline, QwenImagePipeline
+
+    model, out = new_flow_model("qwenimage"), tmp_path / "full"
+    finetune(make_config(dataset, out, model, resolution=16, lora=False, max_steps=1, learning_rate=1e-2))
+    original, trained = DiffusionPipeline.from_pretrained(model), DiffusionPipeline.from_pretrained(str(out))
+    assert isinstance(trained, QwenImagePipeline)
+    changed = [not torch.equal(a, b) for a, b in zip(trained.transformer.parameters(),
+                                                     original.transformer.parameters())]
+    assert any(changed)
+    for a, b in zip(trained.text_encoder.parameters(), original.text_encoder.parameters()):
+        assert torch.equal(a, b)  # the text encoder is never trained
+
+
+def test_an_editing_model_is_refused_in_one_line_before_loading(cli, new_flow_model, dataset, tmp_path,
+                                                               no_pipeline_loads):
+    result = cli("finetune", "--data", dataset, "--model", new_flow_model("qwenimage-edit"), "--out",
+                 tmp_path / "out", "--max-steps", "1", "--quiet")
+    assert "QwenImageEditPipeline, an editing model" in one_error_line(result)
+    assert no_pipeline_loads == [] and not (tmp_path / "out").exists()
