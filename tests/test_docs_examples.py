@@ -50,7 +50,7 @@ MODELS = {
     "./FLUX.1-dev": "flux", "black-forest-labs/FLUX.1-schnell": "flux-schnell",
 }
 CONTROLNETS = {"lllyasviel/control_v11p_sd15_canny": "sd1"}
-# A part of a command -> why it cannot run here. The rest of its block is left out too (it may read its output).
+# A part of a command -> why that command cannot run here.
 SKIP = {
     "--quantize nf4": "bitsandbytes' nf4 needs CUDA",
     "--cpu-offload": "CUDA only (refused elsewhere, as the docs say)",
@@ -129,12 +129,11 @@ def all_blocks() -> list[Block]:
             if key in seen:  # the README repeats a page's example: run it once
                 continue
             seen.add(key)
-            for i, step in enumerate(block.steps):
-                reason = next((why for part, why in SKIP.items() if part in step.command), None)
-                if reason:
-                    block.skipped = f"{step.command[:60]}…: {reason}"
-                    block.steps = block.steps[:i]
-                    break
+            # A command that cannot run here is left out; the docs' blocks keep such commands independent.
+            kept = [s for s in block.steps if not any(part in s.command for part in SKIP)]
+            block.skipped = "; ".join(f"{s.command[:60]}…: {why}" for s in block.steps for part, why in SKIP.items()
+                                      if part in s.command) or None
+            block.steps = kept
             blocks.append(block)
     return blocks
 
