@@ -463,6 +463,7 @@ def save_tiny_gguf(model_path: str | Path, out: str | Path, qtype: str = "Q8_0",
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return Path(out)
 
 
 # Chroma, Z-Image and Qwen-Image (and Qwen-Image-Edit / Edit-Plus), as small as their pipelines allow, with their

@@ -165,6 +165,11 @@ def test_each_compile_mode_sets_its_inductor_options_and_only_those(tiny_sd, mon
     # Restored by hand at the end: monkeypatch would delete them on undo (it reads a module's own __dict__, where
     # torch keeps no config values), which hides them from every later compile in this process.
     own = {key: getattr(inductor, key) for key in COMPILE_MODES["max-autotune"]["inductor"]}
+    # What sdcli takes for inductor's own values is read when it first sets them; an earlier test's import may
+    # have changed them since (torchao sets some), so it reads them afresh here.
+    import sdcli.pipeline
+
+    monkeypatch.setattr(sdcli.pipeline, "_INDUCTOR_DEFAULTS", {})
     try:
         _check_compile_modes(tiny_sd, monkeypatch, own)
     finally:
