@@ -33,6 +33,20 @@ def test_bad_options_are_refused_before_work(cli, tiny_sd, args, expected):
     assert not Path("o").exists() or not any(Path("o").iterdir())
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--sampler", "dpmpp_sde"], "error: unknown scheduler 'dpmpp_sde'; choose from: ddim,"),
+    (["-s", "DPM++ SDE Karras"], "error: unknown scheduler 'DPM++ SDE Karras'"),
+    (["--sigmas", "kl_optimal"], "error: --sigmas 'kl_optimal': diffusers has no such schedule"),
+    (["--sigmas", "Align Your Steps"], "error: --sigmas 'Align Your Steps': diffusers has no such schedule"),
+    (["--sigmas", "normal", "--timestep-spacing", "trailing"],
+     "error: --sigmas normal spaces the timesteps as --timestep-spacing linspace does, not trailing"),
+])
+def test_sampler_names_no_diffusers_sampler_has_are_one_usage_line_before_loading(cli, tiny_sd, no_pipeline_loads,
+                                                                                   args, expected):
+    assert one_error_line(cli("generate", "x", "--model", tiny_sd, *args), 2).startswith(expected)
+    assert no_pipeline_loads == []
+
+
 def test_out_with_another_image_suffix_is_refused_not_made_a_folder(cli, tiny_sd):
     assert "sdcli writes PNG files" in one_error_line(cli("generate", "x", "--model", tiny_sd, "--out", "pic.jpg"))
     assert not Path("pic.jpg").exists()
