@@ -168,7 +168,9 @@ def _root(
 ) -> None:
     """Text-to-image diffusion from the command line. Set SDCLI_DEBUG=1 for tracebacks."""
     from sdcli import threads
+    from sdcli.progress import quiet_libraries
 
+    quiet_libraries(imports=False)  # before any command imports a library that logs on import (torchao)
     threads.mark()  # how busy the other processes are is measured over start-up (sdcli.threads)
 
 

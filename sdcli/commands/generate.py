@@ -67,7 +67,8 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
     p = plan(settings)
     writer = ImageWriter(out, p, overwrite=overwrite, announce=lambda path, record: emit(path, record, json))
     s, say = p.settings, Notes(not quiet and p.is_main)
-    # 2. Load the model (the slow part).
+    # 2. Load the model (the slow part: minutes for a big one, so a log says what the run waits for).
+    say(f"loading {s.model}")
     t0 = time.perf_counter()
     engine = Engine.load(s)
     loaded = f"loaded {engine.describe()} in {time.perf_counter() - t0:.1f}s"

@@ -289,6 +289,10 @@ def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_termi
     assert lines[0].startswith("denoising 1/3 ") and lines[-1].startswith("denoising 3/3 ")
     assert all(re.fullmatch(r"denoising \d/3  [\d.]+ (s/step|steps/s)  eta \d+:\d\d:\d\d", line) for line in lines)
     assert "denoising" not in result.stdout
+    # Loading a big model takes minutes: a log says so before, and how long after.
+    said = result.stderr.splitlines()
+    loading = said.index(f"loading {Path(tiny_sd).resolve()}")
+    assert said[loading + 1].startswith("loaded ") and said.index(lines[0]) > loading
     assert "denoising" not in cli("generate", "a dog", "--model", tiny_sd, "--steps", "2", "-q").stderr
 
 

@@ -199,6 +199,22 @@ def test_lora_for_another_architecture_does_not_fit(cli, tiny_sd, loras):
     assert "does not fit this model" in line
 
 
+def test_a_lora_for_another_model_is_sdclis_one_line_not_the_libraries_log(tiny_sd, loras, tmp_path):
+    # diffusers logged 66 lines of its own before sdcli's one line (its handler writes to the real stderr, so only
+    # a process of its own shows them); SDCLI_DEBUG=1 lets them through with the traceback.
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "sdcli", "generate", "x", "--model", tiny_sd, "--steps", "1",
+                          "--lora", loras["sdxl"], "--out", str(tmp_path)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "SDCLI_DEBUG": ""})
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0] == f"loading {Path(tiny_sd).resolve()}", res.stderr  # sdcli's own note
+    assert lines[1].startswith(f"error: LoRA {loras['sdxl']} does not fit this model")
+
+
 def test_memory_options_keep_the_image(cli, tiny_sd, tmp_path):
     def image(*extra):
         result = cli("generate", "x", "--model", tiny_sd, "--steps", "2", "--seed", "5", "--out", tmp_path, *extra)
