@@ -261,7 +261,8 @@ class HiresFix(Task):
 
     def check(self, s: Any) -> None:
         refuse_without_init_image(s)  # the ranges of --hires-scale, -strength and -steps are declared with them
-        steps = s.hires_steps or s.steps
+        # The second pass runs --steps unless told otherwise; recorded as the number it runs, as A1111 writes it.
+        s.hires_steps = steps = s.hires_steps or s.steps
         if int(steps * s.hires_strength) < 1:
             raise UsageError(f"--hires-strength {s.hires_strength:g} with {steps} hires steps leaves no denoising step "
                              f"(int({steps} × {s.hires_strength:g}) = 0); raise either", setting="hires_strength")

@@ -542,9 +542,11 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
                     if last else "")
             raise OutputError(f"cannot write the trained weights to {cfg.out}: {why}; nothing half-written was "
                               f"kept{then}") from exc
+        from sdcli.pipeline import model_reference
+
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {
-            "base_model": cfg.model, "family": run.family_name,
+            "base_model": model_reference(cfg.model), "family": run.family_name,  # bundled:shapes, not its path
             "prediction_type": "flow" if run.family.flow else run.noise_scheduler.config.prediction_type,
             "objective": _objective(cfg, run.family, run.noise_scheduler), "denoiser": run.family.denoiser,
             "method": "lora" if cfg.lora else "full", "steps": done.step, "world_size": run.world,
