@@ -34,6 +34,25 @@ class Notes:
         note(not self.enabled, message)
 
 
+SLOW = 10.0  # seconds a step may take before `while_slow` says what the run waits for
+
+
+@contextlib.contextmanager
+def while_slow(say: Callable[[str], None], message: str, seconds: float | None = None) -> Iterator[None]:
+    """Say ``message`` if the block is still running after ``seconds`` (default `SLOW`): loading a big model
+    takes minutes, and a log said nothing meanwhile; a quick load, and an error soon after it, stay one line."""
+    import threading
+
+    timer = threading.Timer(SLOW if seconds is None else seconds, say, (message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a message already on its way is out before whatever follows
+
+
 @contextlib.contextmanager
 def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; the bar lives on stderr so stdout stays for results."""

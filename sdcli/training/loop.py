@@ -26,7 +26,7 @@ from sdcli import threads
 from sdcli.errors import OutputError, SdcliError, UsageError
 from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
-from sdcli.progress import Counted, Notes, TrainingProgress
+from sdcli.progress import Counted, Notes, TrainingProgress, while_slow
 
 
 @dataclass
@@ -212,8 +212,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     report, held_out = validation.select(cfg, report, warn=say)
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
-    say(f"loading {cfg.model}")  # minutes for a big model: a log says what the run is waiting for
-    pipe, family = setup.load(cfg)
+    with while_slow(say, f"loading {cfg.model} ..."):  # minutes for a big model: a log says what the run waits for
+        pipe, family = setup.load(cfg)
     name = family.record_name(pipe)
     if cfg.lora and name in family.kohya and cfg.lora_format == kohya.LoraFormat.both.value:
         # Named after OUT: a long --out name can make it too long only now the family is known.

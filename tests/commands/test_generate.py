@@ -278,10 +278,11 @@ def test_subprocess_prints_paths_on_stdout_and_notes_on_stderr(tiny_sd, tmp_path
     assert "loaded" in res.stderr
 
 
-def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_terminal(cli, tiny_sd):
+def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_terminal(cli, tiny_sd, monkeypatch):
     # A 4096x4096 image on a CPU ran for minutes without a word in a log: the bar was drawn on terminals only.
     import re
 
+    monkeypatch.setattr("sdcli.progress.SLOW", 0.0)  # every load as slow as a big model's: it says so
     result = cli("generate", "a dog", "--model", tiny_sd, "--steps", "3", "--seed", "2")
     assert result.exit_code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("denoising ")]
@@ -291,7 +292,7 @@ def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_termi
     assert "denoising" not in result.stdout
     # Loading a big model takes minutes: a log says so before, and how long after.
     said = result.stderr.splitlines()
-    loading = said.index(f"loading {Path(tiny_sd).resolve()}")
+    loading = said.index(f"loading {Path(tiny_sd).resolve()} ...")
     assert said[loading + 1].startswith("loaded ") and said.index(lines[0]) > loading
     assert "denoising" not in cli("generate", "a dog", "--model", tiny_sd, "--steps", "2", "-q").stderr
 
