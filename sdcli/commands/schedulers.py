@@ -8,7 +8,7 @@ from sdcli.options import Json
 
 
 def schedulers_cmd(json: Json = False) -> None:
-    """List the samplers --scheduler accepts (sdcli's, AUTOMATIC1111's and ComfyUI's names) and the σ spacings --sigmas accepts."""
+    """List the sampler names --scheduler takes (sdcli's, AUTOMATIC1111's, ComfyUI's) and --sigmas' spacings."""
     from sdcli.schedule.samplers import describe, describe_sigmas
 
     rows, spacings = describe(), describe_sigmas()
