@@ -7,6 +7,7 @@ imported here so `sdcli --help` stays instant (a test keeps it so).
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from typing import Any
 
@@ -87,11 +88,33 @@ def _whole_option_names() -> None:
     rich_utils.Table = WholeNames
 
 
+# What rich reads as a markup tag: `[red:blue:0.5]` in a help text is a prompt, not a style (rich.markup's rule).
+_TAG = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+
+
+def _as_written(command: Any, ctx: Any) -> None:
+    """Show each option's help as written and each flag as a flag, in --help and so in docs/cli.md.
+
+    Typer renders help texts as rich markup, so `editing [red:blue:0.5] and [red|blue]` lost its examples
+    (`editing  and `); the brackets are escaped instead. And Typer 0.2x gives a flag a `<bool>` type, as if
+    it took a value: a flag's type column is left empty (an empty metavar), as click's own help does.
+    """
+    for param in command.get_params(ctx):
+        if getattr(param, "sdcli_as_written", False):
+            continue
+        param.sdcli_as_written = True
+        if getattr(param, "help", None):
+            param.help = _TAG.sub(lambda m: f"{m.group(1)}{m.group(1)}\\{m.group(2)}", param.help)
+        if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+            param.metavar = ""
+
+
 class _Command(TyperCommand):
-    """A Typer command whose --help keeps option names whole."""
+    """A Typer command whose --help keeps option names whole and shows its help texts as written."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _whole_option_names()
+        _as_written(self, ctx)
         return super().format_help(ctx, formatter)
 
 
@@ -100,6 +123,7 @@ class _Group(TyperGroup):
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _whole_option_names()
+        _as_written(self, ctx)
         return super().format_help(ctx, formatter)
 
     def invoke(self, ctx: Any) -> Any:
@@ -144,7 +168,9 @@ def _root(
 ) -> None:
     """Text-to-image diffusion from the command line. Set SDCLI_DEBUG=1 for tracebacks."""
     from sdcli import threads
+    from sdcli.progress import quiet_libraries
 
+    quiet_libraries(imports=False)  # before any command imports a library that logs on import (torchao)
     threads.mark()  # how busy the other processes are is measured over start-up (sdcli.threads)
 
 

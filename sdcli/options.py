@@ -63,8 +63,9 @@ DTYPE = Opt("Weights precision: auto is float16 on cuda, float32 elsewhere.", fl
             role=Role.RUNTIME)
 CHANNELS_LAST = Opt("UNet in channels-last memory format. Default: on CUDA with --compile.",
                     flags=("--channels-last/--no-channels-last",), role=Role.RUNTIME, show_default=False)
-SCHEDULER = Opt("Sampler by friendly name (ddim, euler, dpm++2m-karras, ...); 'list' lists them. Default: the model's own.",
-                flags=("--scheduler", "-s"))
+SCHEDULER = Opt("Sampler by name: sdcli's (euler-ancestral, dpm++2m-karras, ...), AUTOMATIC1111's (\"Euler a\", "
+                "\"DPM++ 2M Karras\") or ComfyUI's (euler_ancestral, dpmpp_2m); 'list' lists them. Default: the model's own.",
+                flags=("--scheduler", "-s", "--sampler"))
 SPACING = Opt("How sampling timesteps are spread over training ones.", flags=("--timestep-spacing",),
               cli_type=TimestepSpacing)
 

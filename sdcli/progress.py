@@ -34,6 +34,25 @@ class Notes:
         note(not self.enabled, message)
 
 
+SLOW = 10.0  # seconds a step may take before `while_slow` says what the run waits for
+
+
+@contextlib.contextmanager
+def while_slow(say: Callable[[str], None], message: str, seconds: float | None = None) -> Iterator[None]:
+    """Say ``message`` if the block is still running after ``seconds`` (default `SLOW`): loading a big model
+    takes minutes, and a log said nothing meanwhile; a quick load, and an error soon after it, stay one line."""
+    import threading
+
+    timer = threading.Timer(SLOW if seconds is None else seconds, say, (message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a message already on its way is out before whatever follows
+
+
 @contextlib.contextmanager
 def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; the bar lives on stderr so stdout stays for results."""
@@ -79,6 +98,30 @@ class PlainProgress:
             per_step = (now - self.t0) / self.done
             print(f"{self.label} {min(self.done, self.total)}/{self.total}  {_per(per_step)}  "
                   f"eta {_clock(per_step * max(0, self.total - self.done))}", file=sys.stderr, flush=True)
+
+
+class Counted:
+    """Progress of code that counts its own work as ``progress(done, total)`` (`TrainingInputs.build_cache`):
+    `progress_bar`'s bar or plain lines, begun at the first count and ended at the last."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label, self.enabled, self.bar, self.advance, self.done = label, enabled, None, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        if self.advance is None:
+            self.bar = progress_bar(self.label, total)
+            self.advance = self.bar.__enter__()
+        self.advance(done - self.done)
+        self.done = done
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _per(seconds: float) -> str:
@@ -143,26 +186,49 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def quiet_libraries() -> None:
-    """Silence the libraries' own progress bars and chatter; sdcli reports progress itself."""
+# The libraries whose own log lines and warnings sdcli says in its words instead (a LoRA for another model
+# printed 66 lines of diffusers' log before sdcli's one line saying so).
+LIBRARIES = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "torchao", "bitsandbytes", "gguf",
+             "torch.utils._pytree", "xformers")
+
+
+def quiet_libraries(imports: bool = True) -> None:
+    """Silence the libraries' own progress bars, log lines and warnings; sdcli reports progress and errors itself.
+
+    ``imports=False`` imports nothing, so every command runs it at start, before any library loads (the
+    environment variables and logger levels hold for what imports later); with ``imports`` diffusers' and
+    transformers' own switches are set too (diffusers' bars ignore the environment). With SDCLI_DEBUG=1 the
+    libraries speak as they would on their own.
+    """
     import logging
     import os
     import warnings
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from sdcli.errors import debug_enabled
+
+    debug = debug_enabled()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # torchao, where installed (--quantize), logs each CUDA kernel library it cannot load on a CPU-only torch, and
-    # torch a deprecation for each of torchao's enums: nothing a user can act on.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    if not debug:
+        # Read when diffusers and transformers import; "critical" keeps out the ERROR lines they log about a
+        # failure sdcli then reports in one line of its own.
+        for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(var, "critical")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    level = logging.WARNING if debug else logging.CRITICAL
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(level)
+    if not debug:
+        for name in LIBRARIES:
+            warnings.filterwarnings("ignore", module=name.replace(".", r"\.") + r"(\.|$)")
+        # diffusers >= 0.36 renamed torch_dtype to dtype; we keep the name every supported version takes.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        if imports:
+            import importlib
 
-    # diffusers >= 0.36 renamed torch_dtype to dtype; we keep the name every supported version takes.
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
+            importlib.import_module(module)
+        lib = sys.modules.get(module)
+        if lib is not None:
+            lib.set_verbosity(level)
+            lib.disable_progress_bar()

@@ -26,6 +26,25 @@ def test_help_imports_no_heavy_library(argv):
     assert "HEAVY []" in out
 
 
+@pytest.mark.parametrize("command", ["generate", "finetune", "inspect-schedule", "schedulers", "serve"])
+def test_help_shows_each_help_text_as_written_and_flags_as_flags(cli, command):
+    # Typer reads help as rich markup: --prompt-syntax's `[red:blue:0.5] and [red|blue]` came out `and ,`; and a
+    # flag had a `<bool>` type, as if it took a value.
+    import re
+
+    import typer.main
+
+    from sdcli.cli import app
+
+    result = cli(command, "--help", env={"COLUMNS": "2000", "TERMINAL_WIDTH": "2000"})
+    assert result.exit_code == 0
+    shown = " ".join(" ".join(line.strip("│ ").split()) for line in result.stdout.splitlines())
+    params = typer.main.get_command(app).commands[command].params
+    written = [part for p in params for part in re.findall(r"\[[^\]]*\]+", p.help or "")]
+    assert all(part in shown for part in written), [part for part in written if part not in shown]
+    assert "<bool>" not in result.stdout and any(getattr(p, "is_flag", False) for p in params)
+
+
 def test_every_command_is_registered():
     # A command module left out of sdcli.commands.COMMANDS must fail here, not skip quietly above.
     from sdcli.cli import app

@@ -61,15 +61,16 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
     from sdcli.generation.engine import Engine
     from sdcli.generation.outputs import ImageWriter, emit
     from sdcli.generation.run import plan
-    from sdcli.progress import Notes, progress_bar
+    from sdcli.progress import Notes, progress_bar, while_slow
 
     # 1. Everything that needs no weights: the plan and where its files go.
     p = plan(settings)
     writer = ImageWriter(out, p, overwrite=overwrite, announce=lambda path, record: emit(path, record, json))
     s, say = p.settings, Notes(not quiet and p.is_main)
-    # 2. Load the model (the slow part).
+    # 2. Load the model (the slow part: minutes for a big one, so a log says what the run waits for).
     t0 = time.perf_counter()
-    engine = Engine.load(s)
+    with while_slow(say, f"loading {s.model} ..."):
+        engine = Engine.load(s)
     loaded = f"loaded {engine.describe()} in {time.perf_counter() - t0:.1f}s"
 
     def ready() -> None:  # the request's LoRAs and embeddings are in too: the model is ready as asked

@@ -146,6 +146,7 @@ def inspect_schedule_cmd(
     every: Annotated[Optional[int], typer.Option(help="Show every Nth training timestep (and T−1).")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps whose timesteps are listed.")] = defaults.STEPS,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="How stdout shows the schedule.")] = OutputFormat.table,
+    json_: Annotated[bool, typer.Option("--json", help="The same as --format json, as the other commands spell it.")] = False,
     plot: Annotated[Optional[Path], typer.Option(
         help="Write α_t, σ_t and log-SNR against t to this .png (.svg, .pdf).")] = None,
     image: Annotated[Optional[Path], typer.Option(
@@ -165,12 +166,16 @@ def inspect_schedule_cmd(
     from sdcli.schedule import report
     from sdcli.training import profile
 
-    fmt = format.value
+    if json_ and given_on_command_line(ctx, ["format"]) and format is not OutputFormat.json:
+        raise UsageError(f"--json and --format {format.value} ask for two formats; give one")
+    fmt = "json" if json_ else format.value
     # 1. Lists instead of a schedule
     if preset is not None and preset.strip().lower() == "list":
         rows = sched.presets_table()
+        # The columns as wide as their longest cell: sd3's FlowMatchEulerDiscreteScheduler pushed its row out.
+        name, cls = (max(len(r[key]) for r in rows) for key in ("name", "class"))
         print(json.dumps(rows, indent=2, ensure_ascii=False) if fmt == "json" else
-              "\n".join(f"{r['name']:<17} {r['class']:<23} {r['description']}" for r in rows))
+              "\n".join(f"{r['name']:<{name}}  {r['class']:<{cls}}  {r['description']}" for r in rows))
         return
     if scheduler is not None and scheduler.strip().lower() == "list":
         from sdcli.commands.schedulers import schedulers_cmd

@@ -51,7 +51,7 @@ def base_record(s: Any, task: Any, loaded: Any, pipe: Any, width: int, height: i
         "width": width,
         "height": height,
         "sampler": spec.a1111,
-        "schedule_type": schedule_type(pipe.scheduler),
+        "schedule_type": schedule_type(pipe.scheduler, s.sigmas),
         "prediction_type": loaded.prediction_type,
         "model_name": loaded.model_name,
         "model_family": loaded.family,

@@ -156,9 +156,12 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
 
 
 def settle_defaults(s: Settings, facts: Any) -> None:
-    """Fill in --steps: the model card's (its family's ``defaults``), else sdcli's."""
+    """Fill in --steps: the model card's (its family's ``defaults``), else sdcli's; and hires fix's second pass's."""
     if s.steps is None:
         s.steps = int((facts.defaults if facts is not None else {}).get("steps", defaults.STEPS))
+    if s.hires_scale is not None and s.hires_steps is None:
+        # The second pass runs --steps unless told otherwise; recorded as the number it runs, as A1111 writes it.
+        s.hires_steps = s.steps
 
 
 # 2. What the prompts lose on this model ---------------------------------------------------------------

@@ -29,7 +29,7 @@ from sdcli.images import ImageInput, in_memory, open_image, pixels_sha256
 from sdcli.generation.prompts import PromptSyntax, check_prompt_settings
 from sdcli.generation.parsing import parse_float, parse_int, split_scale
 from sdcli.quantize import Offload, StorageDtype, parse_cache, parse_quantize
-from sdcli.schedule.samplers import Sigmas
+from sdcli.schedule.samplers import sigmas_of
 
 RECORDED, RUNTIME, SWEEP = Role.RECORDED, Role.RUNTIME, Role.SWEEP
 # AUTOMATIC1111 writes these first, in this order; the rest follow in declaration order.
@@ -240,7 +240,7 @@ class Settings:
     guidance: list[float] = option(
         [], help="Classifier-free guidance scale, or a comma list to sweep (1,3,7.5,12). Default: 7.5 (FLUX.2 Klein "
         "base 4); on Flux 1 and FLUX.2-dev (their guidance is distilled: see --distilled-guidance).",
-        flags=("--guidance", "-g"), role=SWEEP, cli_type=str, parse=lambda t: parse_floats(t, "--guidance"),
+        flags=("--guidance", "-g", "--cfg"), role=SWEEP, cli_type=str, parse=lambda t: parse_floats(t, "--guidance"),
         a1111="CFG scale", label="g", show_default=False, range=Range(0, 1000))
     guidance_rescale: list[float] = option(
         [0.0], help="Guidance rescale φ in [0, 1] (Lin et al. 2023), or a comma list.", role=SWEEP, cli_type=str,
@@ -334,8 +334,11 @@ class Settings:
         None, help="Replace the model's VAE: a VAE folder or Hub id (or a pipeline's, whose vae/ is used).",
         to_record=lambda v: v and _absolute_if_local(v), a1111="VAE", to_a1111=lambda v: Path(v).name, at_load=True)
     # Recorded as "sigmas"; AUTOMATIC1111's "Schedule type" is read off the scheduler that ran (base_record).
-    sigmas: str = option("default", help="σ spacing, for the samplers that have one (euler, heun, lms, dpm, unipc).",
-                         cli_type=Sigmas)
+    sigmas: str = option(
+        "default", help="σ spacing, for the samplers that have one (euler, heun, lms, dpm, unipc): default, karras, "
+        "exponential, beta; or ComfyUI's timestep schedules normal, simple, sgm_uniform, ddim_uniform. "
+        "AUTOMATIC1111's schedule types (Automatic, Karras, SGM Uniform, ...) name them too.",
+        cli_type=str, parse=sigmas_of, from_record=sigmas_of)
     controlnets: list[tuple[str, float]] = option(
         [], help="ControlNet as PATH_OR_HUB_ID[:SCALE] (a diffusers ControlNet folder or Hub id); repeatable, one "
         "--control-image each.", flags=("--controlnet",), cli_type=list[str],
@@ -406,10 +409,13 @@ def check_settings(s: Settings) -> None:
     if s.seeds and s.seeds[0] + s.num_images - 1 >= 2**63:
         raise UsageError(f"--seed {s.seeds[0]} with --num-images {s.num_images} runs past the largest seed, 2^63-1",
                          setting="seeds")
-    if s.scheduler is not None:
-        from sdcli.schedule.samplers import get_spec
+    from sdcli.schedule.samplers import check_spacings, get_spec, settle
 
+    # AUTOMATIC1111's and ComfyUI's names become sdcli's, so a record says "euler-ancestral" however it was asked.
+    s.scheduler, s.sigmas = settle(s.scheduler, s.sigmas)
+    if s.scheduler is not None:
         get_spec(s.scheduler)
+    check_spacings(s.sigmas, s.timestep_spacing)
     if not s.allow_pickle:
         from sdcli.pipeline import pickled_only
 

@@ -59,39 +59,22 @@ class Img2Img(Txt2Img):
     resize_mode: int = 0
 
 
-# A1111's "Schedule type" names of sdcli's σ spacings ("Automatic": the sampler's own).
-SCHEDULES = {"automatic": "default", "karras": "karras", "exponential": "exponential", "beta": "beta"}
-
-
 def sampler_of(sampler_name: Optional[str], scheduler: Optional[str]) -> tuple[Optional[str], str]:
-    """(sdcli sampler, σ spacing) for A1111's ``sampler_name`` and ``scheduler``.
-
-    ``sampler_name`` is A1111's name ("Euler a", "DPM++ 2M"; the older "DPM++ 2M Karras" carries its schedule)
-    or sdcli's own ("euler-ancestral"); none keeps the model's own sampler.
+    """(sdcli sampler, σ spacing) for A1111's ``sampler_name`` and ``scheduler``, read with the one table of names
+    `sdcli generate -s` reads (`sdcli.schedule.samplers`): A1111's names ("Euler a", "DPM++ 2M"; the older
+    "DPM++ 2M Karras" carries its schedule), ComfyUI's or sdcli's own; none keeps the model's own sampler.
     """
-    from sdcli.schedule.samplers import SCHEDULERS
+    from sdcli.schedule.samplers import resolve, sigmas_of
 
-    key = (scheduler or "automatic").strip().lower()
-    if key not in SCHEDULES:
-        raise UsageError(f"scheduler {scheduler!r}: not one of {', '.join(SCHEDULES)}", setting="sigmas")
-    sigmas = SCHEDULES[key]
+    sigmas = sigmas_of(scheduler or "automatic", "scheduler")
     name = (sampler_name or "").strip()
     if not name or name.lower() == "automatic":
         return None, sigmas
-    if name.lower() in SCHEDULERS:
-        return name.lower(), sigmas
-    base = name
-    for schedule in ("karras", "exponential"):
-        if name.lower().endswith(" " + schedule):
-            base, sigmas = name[: -len(schedule) - 1].strip(), (schedule if sigmas == "default" else sigmas)
-    candidates = [spec for spec in SCHEDULERS.values() if spec.a1111.lower() == base.lower()]
-    if not candidates:
+    try:
+        spec, sigmas = resolve(name, sigmas)
+    except UsageError:
         raise UsageError(f"sampler_name {name!r}: not a sampler this server has; choose from: "
-                         f"{', '.join(a1111_samplers())}", setting="scheduler")
-    wanted = "automatic" if sigmas == "default" else sigmas
-    spec = next((c for c in candidates if c.schedule_type.lower() == wanted), candidates[0])
-    if spec.schedule_type.lower() == sigmas:
-        sigmas = "default"  # the sampler spaces its σ's so itself (dpm++2m-karras)
+                         f"{', '.join(a1111_samplers())}", setting="scheduler") from None
     return spec.name, sigmas
 
 
@@ -259,8 +242,10 @@ def router(server: Any) -> Any:
 
     @api.get("/schedulers")
     async def schedulers() -> Any:
-        return [{"name": key, "label": key.capitalize(), "aliases": None, "default_rho": -1,
-                 "need_inner_model": False} for key in SCHEDULES]
+        from sdcli.schedule.samplers import SIGMA_NAMES
+
+        return [{"name": a1111.lower().replace(" ", "_"), "label": a1111, "aliases": [key], "default_rho": -1,
+                 "need_inner_model": False} for key, a1111 in SIGMA_NAMES.items()]
 
     @api.get("/loras")
     async def loras() -> Any:

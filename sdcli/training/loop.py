@@ -26,7 +26,7 @@ from sdcli import threads
 from sdcli.errors import OutputError, SdcliError, UsageError
 from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
-from sdcli.progress import Notes, TrainingProgress
+from sdcli.progress import Counted, Notes, TrainingProgress, while_slow
 
 
 @dataclass
@@ -218,7 +218,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     report, held_out = validation.select(cfg, report, warn=say)
 
     # 4. Model: frozen VAE and text encoder, LoRA or the full denoiser; options its objective lacks are refused.
-    pipe, family = setup.load(cfg)
+    with while_slow(say, f"loading {cfg.model} ..."):  # minutes for a big model: a log says what the run waits for
+        pipe, family = setup.load(cfg)
     name = family.record_name(pipe)
     tool_file = name in family.kohya or family.comfy_lora_prefix  # the kohya or ComfyUI copy beside diffusers'
     if cfg.lora and tool_file and cfg.lora_format == kohya.LoraFormat.both.value:
@@ -288,7 +289,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     if inputs.cache_latents or inputs.cache_text:
         # Every process builds the whole cache: each may see any example in a later epoch. In batches
         # of the training batch size, so building it never needs more memory than a training step.
-        inputs.build_cache(cfg.flip, batch_size=cfg.batch_size)
+        inputs.build_cache(cfg.flip, batch_size=cfg.batch_size, progress=Counted("caching", say.enabled))
         what = " and ".join(w for w, on in (("latents", inputs.cache_latents), ("text embeddings", inputs.cache_text)) if on)
         say(f"cached {what} in {time.perf_counter() - t_cache:.1f}s")
     if cfg.cache and not inputs.cache_latents:
@@ -302,14 +303,16 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
             device=accelerator.device, cache_latents=cfg.cache, cache_text=inputs.cache_text,
             unmasked_weight=cfg.unmasked_weight)
         if cfg.cache:
-            held_out.inputs.build_cache(False, batch_size=cfg.batch_size)
+            held_out.inputs.build_cache(False, batch_size=cfg.batch_size,
+                                        progress=Counted("caching held-out", say.enabled))
     if classes is not None:
         # The class prompt is never dropped nor shuffled (`sdcli.training.prior`); its latents cache like the rest.
         classes.inputs = TrainingInputs(
             pipe, classes.examples, family=family, sizes=classes.layout.sizes, center_crop=cfg.center_crop,
             device=accelerator.device, cache_latents=inputs.cache_latents, cache_text=inputs.cache_text)
         if inputs.cache_latents or inputs.cache_text:
-            classes.inputs.build_cache(cfg.flip, batch_size=cfg.batch_size)
+            classes.inputs.build_cache(cfg.flip, batch_size=cfg.batch_size,
+                                       progress=Counted("caching class images", say.enabled))
         classes.per_epoch = data.batches_per_epoch(classes.layout.groups(), cfg.batch_size * world)
     cache_seconds = time.perf_counter() - t_cache
     setup.park_frozen(pipe, inputs, accelerator.device)
@@ -546,9 +549,11 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
                     if last else "")
             raise OutputError(f"cannot write the trained weights to {cfg.out}: {why}; nothing half-written was "
                               f"kept{then}") from exc
+        from sdcli.pipeline import model_reference
+
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
         record = {
-            "base_model": cfg.model, "family": run.family_name,
+            "base_model": model_reference(cfg.model), "family": run.family_name,  # bundled:shapes, not its path
             "prediction_type": "flow" if run.family.flow else run.noise_scheduler.config.prediction_type,
             "objective": _objective(cfg, run.family, run.noise_scheduler), "denoiser": run.family.denoiser,
             "method": "lora" if cfg.lora else "full", "steps": done.step, "world_size": run.world,

@@ -242,9 +242,14 @@ def write_model_card(out: Path, record: dict[str, Any]) -> Path:
              "lokr": f"pipe.{record.get('denoiser', 'unet')}.load_lora_adapter(\"{out}\", "
                      f"weight_name=\"{LORA_FILE}\", prefix=\"{record.get('denoiser', 'unet')}\")"
                      "  # LoKr: the model's loader, not pipe.load_lora_weights"}
+    from sdcli import defaults
+
+    # The bundled model by name: its path is this machine's install, and the package knows where it is.
+    base_in_diffusers = ("BUNDLED_MODEL  # from sdcli.defaults import BUNDLED_MODEL" if base == defaults.BUNDLED_NAME
+                         else f"\"{base}\"")
     use = (
         f"sdcli generate --model {base} --lora {out} \"your prompt\"\n\n"
-        f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained(\"{base}\")\n"
+        f"# or in diffusers\npipe = DiffusionPipeline.from_pretrained({base_in_diffusers})\n"
         + loads.get(adapter, f"pipe.load_lora_weights(\"{out}\")")
         if lora else
         f"sdcli generate --model {out} \"your prompt\"\n\n"
@@ -340,7 +345,8 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
               for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
-    ax.plot(steps, smooth, color="#c33", linewidth=1.6, label=f"mean of last {window}")
+    if window > 1:  # a mean of one step is the loss itself: a short run's legend said "mean of last 1"
+        ax.plot(steps, smooth, color="#c33", linewidth=1.6, label=f"mean of the last {window} steps")
     if val_steps:
         ax.plot(val_steps, val_losses, color="#26a", linewidth=1.6, marker="o", markersize=3,
                 label="validation (held out, fixed noise)")

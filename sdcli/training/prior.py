@@ -67,6 +67,7 @@ def fill(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, is_main: bool
 def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: int, count: int) -> list[Path]:
     from sdcli.generation import Engine, Settings
     from sdcli.generation.outputs import ImageWriter
+    from sdcli.progress import note, progress_bar
 
     folder = Path(cfg.class_data)
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,13 +82,17 @@ def _generate(cfg: FinetuneConfig, pipe: Any, family: Any, device: Any, first: i
     writer = ImageWriter(folder, p, name=lambda job: f"{first + job.index:05d}-{slug}.png")
     pipe.to(device)
     written = []
+    note(cfg.quiet, f"generating {count} class image{'s' * (count != 1)} of {cfg.class_prompt!r} in {folder}")
+    total = len(p.share()) * p.task.denoising_steps(p.settings)
     try:
-        for item in engine.run(p, extra_record={"finetune_class_image": {"class_prompt": cfg.class_prompt}}):
-            path = writer.write(item)
-            # The sidecar after the image: a run stopped between the two leaves an image that `load` still
-            # captions with the class prompt, and no caption without its image.
-            path.with_name(path.stem + cfg.caption_extension).write_text(cfg.class_prompt + "\n")
-            written.append(path)
+        with progress_bar("class images", total=total, disable=cfg.quiet) as advance:
+            for item in engine.run(p, on_step=lambda step: advance(step.images),
+                                   extra_record={"finetune_class_image": {"class_prompt": cfg.class_prompt}}):
+                path = writer.write(item)
+                # The sidecar after the image: a run stopped between the two leaves an image that `load` still
+                # captions with the class prompt, and no caption without its image.
+                path.with_name(path.stem + cfg.caption_extension).write_text(cfg.class_prompt + "\n")
+                written.append(path)
     finally:
         pipe.to("cpu")
     writer.finish()

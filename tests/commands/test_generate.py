@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,8 +222,52 @@ def test_every_named_scheduler_runs(cli, tiny_sd, name):
 def test_scheduler_list(cli):
     result = cli("generate", "--scheduler", "list")
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert {"ddim", "euler-ancestral", "dpm++2m-karras", "unipc"} <= set(names)
+    cells = [re.split(r"\s{2,}", line) for line in result.stdout.splitlines() if line.strip()]
+    rows = {row[0]: row[1:3] for row in cells}
+    assert {"ddim", "euler-ancestral", "dpm++2m-karras", "unipc"} <= set(rows)
+    # AUTOMATIC1111's and ComfyUI's names beside sdcli's, as the README's table promised
+    assert rows["name"] == ["AUTOMATIC1111", "ComfyUI"] and rows["--sigmas"] == ["AUTOMATIC1111", "ComfyUI"]
+    assert rows["euler-ancestral"] == ["Euler a", "euler_ancestral"]
+    assert rows["dpm++2m-karras"] == ["DPM++ 2M Karras", "dpmpp_2m + karras"]
+    assert rows["sgm_uniform"] == ["SGM Uniform", "sgm_uniform"]
+    listed = json.loads(cli("schedulers", "--json").stdout)
+    assert {"name": "euler-ancestral", "a1111": "Euler a", "comfyui": ["euler_ancestral"]}.items() <= next(
+        r for r in listed["samplers"] if r["name"] == "euler-ancestral").items()
+
+
+# The same image whichever vocabulary names the sampler: (AUTOMATIC1111's or ComfyUI's words, sdcli's).
+SAME_SAMPLER = {
+    "a1111": (["-s", "Euler a"], ["-s", "euler-ancestral"]),
+    "a1111-karras": (["--sampler", "DPM++ 2M Karras"], ["-s", "dpm++2m-karras"]),
+    "a1111-schedule-type": (["-s", "DPM++ 2M", "--sigmas", "Karras"], ["-s", "dpm++2m-karras"]),
+    "comfyui": (["-s", "dpmpp_2m", "--sigmas", "karras"], ["-s", "dpm++2m-karras"]),
+    "a1111-lms-karras": (["-s", "LMS Karras"], ["-s", "lms", "--sigmas", "karras"]),
+    "comfyui-sgm-uniform": (["-s", "euler", "--sigmas", "sgm_uniform"], ["-s", "euler", "--sigmas", "SGM Uniform"]),
+}
+
+
+@pytest.mark.parametrize("case", SAME_SAMPLER)
+def test_a1111_and_comfyui_sampler_names_make_sdclis_image(cli, tiny_sd, case):
+    theirs, ours = SAME_SAMPLER[case]
+    common = ["generate", "x", "--model", tiny_sd, "--steps", "2", "--seed", "1", "--cfg", "5"]
+    (a,) = paths_of(cli(*common, *theirs, "--out", "a.png"))
+    (b,) = paths_of(cli(*common, *ours, "--out", "b.png"))
+    assert np.array_equal(pixels(a), pixels(b))
+    assert Image.open(a).info["parameters"] == Image.open(b).info["parameters"]
+    assert json.loads(Image.open(a).info["sdcli"]) == json.loads(Image.open(b).info["sdcli"])
+    assert json.loads(Image.open(a).info["sdcli"])["guidance"] == 5.0  # --cfg is --guidance
+    (again,) = paths_of(cli("generate", "--from-metadata", a, "--out", "again.png"))
+    assert np.array_equal(pixels(again), pixels(a))
+
+
+def test_a_comfyui_timestep_schedule_is_the_timestep_spacing_and_recorded(cli, tiny_sd):
+    common = ["generate", "x", "--model", tiny_sd, "--steps", "3", "--seed", "1", "-s", "euler"]
+    (comfy,) = paths_of(cli(*common, "--sigmas", "normal", "--out", "a.png"))
+    (spaced,) = paths_of(cli(*common, "--timestep-spacing", "linspace", "--out", "b.png"))
+    (own,) = paths_of(cli(*common, "--out", "c.png"))
+    assert np.array_equal(pixels(comfy), pixels(spaced))
+    assert np.abs(pixels(comfy) - pixels(own)).max() > 0  # the tiny model's own spacing is leading
+    assert "Schedule type: Normal" in Image.open(comfy).info["parameters"]
 
 
 def test_subprocess_prints_paths_on_stdout_and_notes_on_stderr(tiny_sd, tmp_path):
@@ -233,10 +278,11 @@ def test_subprocess_prints_paths_on_stdout_and_notes_on_stderr(tiny_sd, tmp_path
     assert "loaded" in res.stderr
 
 
-def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_terminal(cli, tiny_sd):
+def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_terminal(cli, tiny_sd, monkeypatch):
     # A 4096x4096 image on a CPU ran for minutes without a word in a log: the bar was drawn on terminals only.
     import re
 
+    monkeypatch.setattr("sdcli.progress.SLOW", 0.0)  # every load as slow as a big model's: it says so
     result = cli("generate", "a dog", "--model", tiny_sd, "--steps", "3", "--seed", "2")
     assert result.exit_code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("denoising ")]
@@ -244,6 +290,10 @@ def test_progress_is_plain_lines_with_time_left_on_stderr_when_it_is_not_a_termi
     assert lines[0].startswith("denoising 1/3 ") and lines[-1].startswith("denoising 3/3 ")
     assert all(re.fullmatch(r"denoising \d/3  [\d.]+ (s/step|steps/s)  eta \d+:\d\d:\d\d", line) for line in lines)
     assert "denoising" not in result.stdout
+    # Loading a big model takes minutes: a log says so before, and how long after.
+    said = result.stderr.splitlines()
+    loading = said.index(f"loading {Path(tiny_sd).resolve()} ...")
+    assert said[loading + 1].startswith("loaded ") and said.index(lines[0]) > loading
     assert "denoising" not in cli("generate", "a dog", "--model", tiny_sd, "--steps", "2", "-q").stderr
 
 

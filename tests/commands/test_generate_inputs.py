@@ -33,6 +33,20 @@ def test_bad_options_are_refused_before_work(cli, tiny_sd, args, expected):
     assert not Path("o").exists() or not any(Path("o").iterdir())
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--sampler", "dpmpp_sde"], "error: unknown scheduler 'dpmpp_sde'; choose from: ddim,"),
+    (["-s", "DPM++ SDE Karras"], "error: unknown scheduler 'DPM++ SDE Karras'"),
+    (["--sigmas", "kl_optimal"], "error: --sigmas 'kl_optimal': diffusers has no such schedule"),
+    (["--sigmas", "Align Your Steps"], "error: --sigmas 'Align Your Steps': diffusers has no such schedule"),
+    (["--sigmas", "normal", "--timestep-spacing", "trailing"],
+     "error: --sigmas normal spaces the timesteps as --timestep-spacing linspace does, not trailing"),
+])
+def test_sampler_names_no_diffusers_sampler_has_are_one_usage_line_before_loading(cli, tiny_sd, no_pipeline_loads,
+                                                                                   args, expected):
+    assert one_error_line(cli("generate", "x", "--model", tiny_sd, *args), 2).startswith(expected)
+    assert no_pipeline_loads == []
+
+
 def test_out_with_another_image_suffix_is_refused_not_made_a_folder(cli, tiny_sd):
     assert "sdcli writes PNG files" in one_error_line(cli("generate", "x", "--model", tiny_sd, "--out", "pic.jpg"))
     assert not Path("pic.jpg").exists()
@@ -183,6 +197,21 @@ def test_lora_matches_plain_diffusers(cli, tiny_sd, loras, tmp_path):
 def test_lora_for_another_architecture_does_not_fit(cli, tiny_sd, loras):
     line = one_error_line(cli("generate", "x", "--model", tiny_sd, "--steps", "1", "--lora", loras["sdxl"]))
     assert "does not fit this model" in line
+
+
+def test_a_lora_for_another_model_is_sdclis_one_line_not_the_libraries_log(tiny_sd, loras, tmp_path):
+    # diffusers logged 66 lines of its own before sdcli's one line (its handler writes to the real stderr, so only
+    # a process of its own shows them); SDCLI_DEBUG=1 lets them through with the traceback.
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "sdcli", "generate", "x", "--model", tiny_sd, "--steps", "1",
+                          "--lora", loras["sdxl"], "--out", str(tmp_path)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "SDCLI_DEBUG": ""})
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: LoRA {loras['sdxl']} does not fit this model"), res.stderr
 
 
 def test_memory_options_keep_the_image(cli, tiny_sd, tmp_path):

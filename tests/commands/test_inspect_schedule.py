@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,15 @@ def test_json_is_strict_and_has_the_documented_keys(cli):
         assert r["signal_scale"] ** 2 + r["noise_scale"] ** 2 == pytest.approx(1.0, abs=1e-12)
     assert last["signal_scale"] == 0.0 and last["noise_scale"] == 1.0
     assert doc["warnings"] == []
+
+
+@pytest.mark.parametrize("args", [["--preset", "sdxl", "--scheduler", "Euler a", "--steps", "3"],
+                                  ["--preset", "list"], ["--scheduler", "list"]])
+def test_json_is_format_json_as_the_other_commands_spell_it(cli, args):
+    as_json = ok(cli("inspect-schedule", *args, "--json")).stdout
+    assert as_json == ok(cli("inspect-schedule", *args, "--format", "json", "--json")).stdout
+    assert as_json == ok(cli("inspect-schedule", *args, "--format", "json")).stdout
+    strict_json(as_json)
 
 
 def test_csv_round_trips_minus_infinity(cli):
@@ -256,6 +266,9 @@ def test_env_model_does_not_fight_an_explicit_preset(cli, tiny_models, monkeypat
 def test_lists(cli):
     presets = ok(cli("inspect-schedule", "--preset", "list")).stdout
     assert all(name in presets for name in ("ddpm-linear", "cosine", "stable-diffusion", "zero-snr"))
+    # Each column starts at the same place on every line (sd3's FlowMatchEulerDiscreteScheduler pushed its row out).
+    starts = {re.match(r"(\S+\s+)(\S+\s+)", line).span(2) for line in presets.splitlines()}
+    assert len(starts) == 1, starts
     assert "dpm++2m-karras" in ok(cli("inspect-schedule", "--scheduler", "list")).stdout
     assert [r["name"] for r in strict_json(ok(cli("inspect-schedule", "--preset", "list", "--format", "json")).stdout)]
 
@@ -268,6 +281,7 @@ def test_lists(cli):
     (["--preset", "cosine", "--every", "0"], 2, "--every must be at least 1, got 0"),
     (["--preset", "cosine", "--steps", "0"], 2, "--steps 0"),
     (["--preset", "cosine", "--scheduler", "nope"], 2, "unknown scheduler 'nope'"),
+    (["--preset", "cosine", "--json", "--format", "csv"], 2, "--json and --format csv ask for two formats"),
     (["--preset", "cosine", "--latent", "--image", "{photo}", "--out", "x.png"], 2, "--latent needs --model"),
     (["--preset", "cosine", "--image", "{photo}"], 2, "--image needs --out"),
     (["--preset", "cosine", "--out", "x.png"], 2, "give --image too"),

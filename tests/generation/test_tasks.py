@@ -163,14 +163,17 @@ def test_hires_second_pass_is_diffusers_img2img_on_the_enlarged_first_pass(upsca
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
-def test_hires_is_recorded_as_automatic1111_writes_it(cli, tiny_sd):
+@pytest.mark.parametrize("steps,hires_steps", [(["--hires-steps", "3"], 3), ([], 2)])
+def test_hires_is_recorded_as_automatic1111_writes_it(cli, tiny_sd, steps, hires_steps):
+    # Without --hires-steps the second pass runs --steps: recorded so, not left out as if it had none.
     (out,) = paths_of(cli("generate", PROMPT, "--model", tiny_sd, "--steps", "2", "--seed", "1", "-W", "16", "-H", "16",
-                          "--hires-scale", "1.5", "--hires-steps", "3", "--hires-strength", "0.4"))
+                          "--hires-scale", "1.5", *steps, "--hires-strength", "0.5"))
     assert Image.open(out).size == (24, 24)
     params = Image.open(out).info["parameters"]
-    for text in ("Size: 16x16", "Hires upscale: 1.5", "Hires steps: 3", "Hires upscaler: Lanczos",
-                 "Denoising strength: 0.4"):
+    for text in ("Size: 16x16", "Hires upscale: 1.5", f"Hires steps: {hires_steps}", "Hires upscaler: Lanczos",
+                 "Denoising strength: 0.5"):
         assert text in params
+    assert json.loads(Image.open(out).info["sdcli"])["hires_steps"] == hires_steps
 
 
 # --vae and --sigmas ------------------------------------------------------------------------------

@@ -90,8 +90,8 @@ def test_listings_name_samplers_schedulers_and_loras(served):
     api = served.webui()
     samplers = [s["name"] for s in api.get_samplers()]
     assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers)
-    assert [s["name"] for s in served.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras", "exponential",
-                                                                              "beta"]
+    assert [s["name"] for s in served.get("/sdapi/v1/schedulers").json()] == [
+        "automatic", "karras", "exponential", "beta", "normal", "simple", "sgm_uniform", "ddim"]
     assert [lo["name"] for lo in api.get_loras()] == [served.lora]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,7 +100,12 @@ def test_class_images_are_generated_once_with_records_and_reused(tiny_sd, datase
                     quiet=False)
     first = finetune(make_config(dataset, tmp_path / "one", tiny_sd, **settings))
     assert first.steps == 2
-    assert "(3 generated, 0 reused)" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "(3 generated, 0 reused)" in said
+    # stderr is not a terminal here: the class images and the cache say how far they are, as training does.
+    assert f"generating 3 class images of 'a photo of a shape' in {classes}" in said
+    assert re.search(r"^class images 1/\d+  .*  eta \d+:\d\d:\d\d$", said, re.M)
+    assert re.search(r"^caching (\d+)/\1  .*  eta 0:00:00$", said, re.M)
     images = sorted(classes.glob("*.png"))
     assert len(images) == 3
     for image in images:

@@ -378,3 +378,19 @@ def test_threads_option_reaches_torch_and_the_default_leaves_busy_cores_alone(cl
     assert set_threads == [3, 1]
     assert "--threads must be between 1 and 1024, got 0" in one_error_line(cli(*args, "--out", tmp_path / "c",
                                                                                 "--threads", "0"), 2)
+
+
+def test_the_model_card_names_the_bundled_model_as_bundled_shapes(tiny_sd, dataset, tmp_path, make_config,
+                                                                   monkeypatch):
+    # Its install path differs on every machine (the card showed .../site-packages/sdcli/models/shapes).
+    from pathlib import Path
+
+    from sdcli import defaults
+
+    monkeypatch.setattr(defaults, "BUNDLED_MODEL", Path(tiny_sd))  # the tiny model stands in for the bundled one
+    out = tmp_path / "lora"
+    finetune(make_config(dataset, out, tiny_sd, rank=4, max_steps=1))
+    card = (out / "README.md").read_text()
+    assert f"sdcli generate --model bundled:shapes --lora {out}" in card and "base_model: bundled:shapes" in card
+    assert str(tiny_sd) not in card
+    assert json.loads((out / "training_settings.json").read_text())["base_model"] == "bundled:shapes"

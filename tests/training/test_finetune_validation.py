@@ -248,7 +248,8 @@ def test_loss_plot_draws_the_validation_loss(tmp_path):
         outputs.plot_loss(tmp_path / "loss.csv", tmp_path / "loss.png")
     finally:
         plt.Figure.savefig = real_savefig
-    assert [line.get_label() for line in lines][-1].startswith("validation")
+    # Six steps: no running mean of one step beside the loss (the legend said "mean of last 1").
+    assert [line.get_label() for line in lines] == ["loss", "validation (held out, fixed noise)"]
     assert list(lines[-1].get_xdata()) == [3, 6]
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
