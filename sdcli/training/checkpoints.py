@@ -193,8 +193,9 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         write_tree(tmp, f"{RNG_STEM}_{accelerator.process_index}", _rng_state(accelerator))  # each its own
+        whole = _parts_state(parts, accelerator)  # every process: under FSDP gathering the shards is collective
         if main:
-            _write_parts(tmp, parts, accelerator)
+            _write_parts(tmp, whole)
             (tmp / STATE_FILE).write_text(json.dumps({**state, "format": FORMAT}, indent=2))
         accelerator.wait_for_everyone()
         if main:
@@ -216,23 +217,33 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
     return final
 
 
-def _write_parts(folder: Path, parts: Parts, accelerator) -> None:
-    from safetensors.torch import save_file
+def _parts_state(parts: Parts, accelerator) -> dict[str, Any]:
+    """What `_write_parts` writes: model files by name, then the optimizer, schedule, scaler and EMA state,
+    each whole (gathered from every process's shard under FSDP, so the files are the same either way)."""
+    from sdcli.training import sharding
 
+    state: dict[str, Any] = {}
     for i, model in enumerate(parts.models):
         raw = _raw(accelerator, model)
-        if parts.trainable_only:
-            trainable = {name for name, p in raw.named_parameters() if p.requires_grad}
-            weights = {k: v for k, v in raw.state_dict().items() if k in trainable}
-        else:
-            weights = raw.state_dict()
-        save_file(_unshared(weights), str(folder / _model_file(i)))
-    write_tree(folder, "optimizer", parts.optimizer.state_dict())
-    write_tree(folder, "scheduler", parts.lr_scheduler.state_dict())
+        trainable = {name for name, p in raw.named_parameters() if p.requires_grad} if parts.trainable_only else None
+        state[_model_file(i)] = sharding.model_state(raw, trainable)
+    state["optimizer"] = sharding.gathered(parts.optimizer.state_dict())
+    state["scheduler"] = parts.lr_scheduler.state_dict()
     if accelerator.scaler is not None:
-        write_tree(folder, "scaler", accelerator.scaler.state_dict())
+        state["scaler"] = accelerator.scaler.state_dict()
     if parts.ema is not None:
-        write_tree(folder, "ema", parts.ema.state_dict())
+        state["ema"] = sharding.gathered(parts.ema.state_dict())
+    return state
+
+
+def _write_parts(folder: Path, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    for name, tree in state.items():
+        if name.endswith(".safetensors"):
+            save_file(_unshared(tree), str(folder / name))
+        else:
+            write_tree(folder, name, tree)
 
 
 def _raw(accelerator, model):
@@ -378,11 +389,15 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
     try:
         from safetensors.torch import load_file
 
+        from sdcli.training import sharding
+
+        # Whole tensors on every process; under FSDP each keeps its shard of them (no message is sent).
         for i, model in enumerate(parts.models):
             name = _model_file(i)
-            _raw(accelerator, model).load_state_dict(load_file(str(path / name)), strict=not parts.trainable_only)
+            sharding.load_model_state(_raw(accelerator, model), load_file(str(path / name)),
+                                      strict=not parts.trainable_only)
         name = "optimizer.json"
-        parts.optimizer.load_state_dict(read_tree(path, "optimizer"))
+        parts.optimizer.load_state_dict(sharding.shard_optimizer_state(read_tree(path, "optimizer"), parts.optimizer))
         name = "scheduler.json"
         parts.lr_scheduler.load_state_dict(read_tree(path, "scheduler"))
         if accelerator.scaler is not None and (path / "scaler.json").exists():
@@ -390,7 +405,8 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
             accelerator.scaler.load_state_dict(read_tree(path, "scaler"))
         if parts.ema is not None:
             name = "ema.json"
-            parts.ema.load_state_dict(read_tree(path, "ema"))
+            parts.ema.load_state_dict(sharding.shard_ema_state(read_tree(path, "ema"),
+                                                               sharding.optimizer_params(parts.optimizer)))
             parts.ema.to(accelerator.device)  # loaded on the CPU; the EMA steps where the parameters are
         name = f"{RNG_STEM}_{accelerator.process_index}.json"
         _set_rng_state(accelerator, read_tree(path, f"{RNG_STEM}_{accelerator.process_index}"))

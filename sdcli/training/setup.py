@@ -33,7 +33,7 @@ def make_accelerator(cfg: FinetuneConfig):
     # --log-with: accelerate's trackers, writing under OUT/logs (opened by `trackers.start` once set-up passed).
     logging = dict(log_with=cfg.trackers, project_dir=str(cfg.out / LOGS_DIR)) if cfg.trackers else {}
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation,
             cpu=cpu,
@@ -43,6 +43,11 @@ def make_accelerator(cfg: FinetuneConfig):
         )
     except ValueError as exc:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None
+    if cpu:
+        from sdcli.training import sharding
+
+        sharding.enable_on_cpu(accelerator)  # FSDP from accelerate's config, which it applies on GPUs only
+    return accelerator
 
 
 def auto_precision(cfg: FinetuneConfig, device: str) -> str:
