@@ -157,6 +157,7 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
 
     # 1. Check inputs before anything heavy is loaded.
     cfg.check()
+    sharding.check(cfg)  # accelerate's FSDP/DeepSpeed config: what cannot shard is refused before loading
     cfg.model = absolute_if_local(resolve_model(cfg.model))
     if local_kind(cfg.model) != "file":
         facts = model_facts(cfg.model, cfg.revision)  # a pipeline class of no family sdcli knows is refused here
@@ -171,7 +172,6 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
     outputs.check_out(cfg.out, cfg.overwrite, resuming=resume_dir is not None, writes=outputs.names_written(cfg))
     if cfg.device != "auto":
         resolve_device(cfg.device)
-    sharding.check(cfg)  # accelerate's FSDP/DeepSpeed config: what cannot shard is refused before loading
     # One lock for the whole run, taken by the main process (RANK 0 under torchrun/accelerate).
     lock = outputs.lock_out(cfg.out) if os.environ.get("RANK", "0") == "0" else None
 
