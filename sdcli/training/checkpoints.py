@@ -222,17 +222,18 @@ def _parts_state(parts: Parts, accelerator) -> dict[str, Any]:
     each whole (gathered from every process's shard under FSDP, so the files are the same either way)."""
     from sdcli.training import sharding
 
+    keep = accelerator.is_main_process  # the others take part in gathering and keep nothing
     state: dict[str, Any] = {}
     for i, model in enumerate(parts.models):
         raw = _raw(accelerator, model)
         trainable = {name for name, p in raw.named_parameters() if p.requires_grad} if parts.trainable_only else None
-        state[_model_file(i)] = sharding.model_state(raw, trainable)
-    state["optimizer"] = sharding.gathered(parts.optimizer.state_dict())
+        state[_model_file(i)] = sharding.model_state(raw, trainable, keep)
+    state["optimizer"] = sharding.gathered(parts.optimizer.state_dict(), keep)
     state["scheduler"] = parts.lr_scheduler.state_dict()
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
     if parts.ema is not None:
-        state["ema"] = sharding.gathered(parts.ema.state_dict())
+        state["ema"] = sharding.gathered(parts.ema.state_dict(), keep)
     return state
 
 

@@ -635,7 +635,7 @@ def _validate(run: Run, step: int) -> list[Path]:
     paths: list[Path] = []
     # Under FSDP the main process renders with a plain copy of the denoiser gathered from every shard.
     with validation.evaluating(run.models, run.ema, run.params), \
-            sharding.plain_copy(accelerator, accelerator.unwrap_model(run.models[0])) as denoiser:
+            sharding.plain_copy(accelerator, accelerator.unwrap_model(run.models[0]), accelerator.device) as denoiser:
         if accelerator.is_main_process:
             outputs.record_written(cfg.out, {outputs.VALIDATION_DIR})
             pipe.vae.to(accelerator.device)

@@ -8,7 +8,8 @@ the full tensors, gathered here on every process and written by the main one, an
 a plain copy of the denoiser gathered onto the main process and saved in diffusers' layout.
 
 DeepSpeed is accelerate's other sharding backend; its engine keeps its own optimizer and checkpoint format
-(pickles), which sdcli's exact, pickle-free resume cannot read, and it does not run on a CPU: refused here.
+(pickles), which sdcli's exact, pickle-free resume cannot read, and accelerate does not turn it on on a CPU:
+refused here, in one line.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def check(cfg: Any) -> None:
          "accelerate's FSDP2 shards one model per run, and this trains the text encoder too"),
         (bool(cfg.quantize), f"--quantize {cfg.quantize}", "a quantized base cannot be sharded; train it on one GPU"),
         (cfg.use_8bit_adam, "--use-8bit-adam", "bitsandbytes' optimizer cannot step sharded parameters"),
-        (cfg.compile, "--compile", "not with sdcli's FSDP runs yet"),
+        (cfg.compile, "--compile", "accelerate compiles the model before sharding it, which sdcli does not "
+                                  "support yet; drop --compile"),
     ]
     for on, flag, why in refused:
         if on:
@@ -64,7 +66,10 @@ def enable_on_cpu(accelerator: Any) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)  # as accelerate does on a GPU
+    accelerator.state.fsdp_plugin = plugin
     # Each AcceleratorState() accelerate makes later copies PartialState's fields over its own: both say FSDP.
     # (Its collectives treat FSDP as they treat MULTI_CPU; a barrier naming the rank works on gloo as well.)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -96,10 +101,19 @@ def _walk(tree: Any, leaf: Callable[[Any], Any]) -> Any:
     return leaf(tree)
 
 
-def gathered(tree: Any) -> Any:
-    """``tree`` (a state dict, an optimizer's or an EMA's state) with every sharded tensor gathered whole.
-    A collective: every process calls it with the same tree, and dicts keep their order on each."""
-    return _walk(tree, lambda v: v.full_tensor() if _is_dtensor(v) else v)
+def gathered(tree: Any, keep: bool = True) -> Any:
+    """``tree`` (a state dict, an optimizer's or an EMA's state) with every sharded tensor gathered whole, onto
+    the CPU one tensor at a time (a GPU never holds more than one whole tensor), where ``keep`` (the process
+    that writes), and None elsewhere. A collective: every process calls it with the same tree, and dicts keep
+    their order on each."""
+
+    def leaf(value):
+        if not _is_dtensor(value):
+            return value
+        whole = value.full_tensor()
+        return whole.cpu() if keep else None
+
+    return _walk(tree, leaf)
 
 
 def shard_like(full: Any, like: Any) -> Any:
@@ -107,15 +121,18 @@ def shard_like(full: Any, like: Any) -> Any:
     message is sent. A plain ``like`` returns ``full`` as it is."""
     if not _is_dtensor(like) or not hasattr(full, "shape") or tuple(full.shape) != tuple(like.shape):
         return full
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    cut = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    # The shard is a view of the whole tensor: a copy of its own lets the whole one go.
+    return DTensor.from_local(cut.to_local().clone(), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
 
 
-def model_state(model: Any, names: set[str] | None) -> dict[str, Any]:
-    """The model's state dict (only ``names``, if given), whole on every process."""
+def model_state(model: Any, names: set[str] | None, keep: bool = True) -> dict[str, Any]:
+    """The model's state dict (only ``names``, if given), whole on the CPU where ``keep``."""
     state = model.state_dict()
-    return gathered({k: v for k, v in state.items() if names is None or k in names})
+    return gathered({k: v for k, v in state.items() if names is None or k in names}, keep)
 
 
 def load_model_state(model: Any, full: dict[str, Any], strict: bool) -> None:
@@ -144,10 +161,10 @@ def shard_ema_state(state: dict[str, Any], params: list[Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def plain_copy(accelerator: Any, model: Any) -> Iterator[Any]:
+def plain_copy(accelerator: Any, model: Any, device: Any = "cpu") -> Iterator[Any]:
     """The model itself when nothing is sharded; under FSDP, on the main process a plain (unsharded) copy of
-    it with the weights gathered whole, and None on the others. Every process must enter it. The copy is
-    built on the meta device and takes the gathered tensors as they are, so it costs one set of weights."""
+    it on ``device`` with the weights gathered whole, and None on the others. Every process must enter it.
+    The copy is built on the meta device and takes the gathered tensors as they are: one set of weights."""
     if not is_sharded(model):
         yield model
         return
@@ -155,7 +172,7 @@ def plain_copy(accelerator: Any, model: Any) -> Iterator[Any]:
     from accelerate import init_empty_weights
     from torch.distributed.fsdp import FSDPModule
 
-    full = model_state(model, None)
+    full = model_state(model, None, keep=accelerator.is_main_process)
     if not accelerator.is_main_process:
         del full
         yield None
@@ -167,8 +184,8 @@ def plain_copy(accelerator: Any, model: Any) -> Iterator[Any]:
         peft = getattr(model, "peft_config", None)
         if peft:
             copy.add_adapter(peft["default"])
-    copy.load_state_dict({k: v.to("cpu") for k, v in full.items()}, strict=True, assign=True)
-    copy.to(accelerator.device)
+    copy.load_state_dict(full, strict=True, assign=True)
+    copy.to(device)
     copy.train(model.training)
     for a, b in zip(model.parameters(), copy.parameters()):
         b.requires_grad_(a.requires_grad)
