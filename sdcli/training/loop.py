@@ -2,8 +2,8 @@
 
 accelerate owns devices, mixed precision, gradient accumulation and the
 process group (so `accelerate launch` / `torchrun` run the same code on many
-GPUs); peft owns LoRA; diffusers owns the noise schedule, EMA and the lr
-schedules. What is ours: which data a step sees (`sdcli.training.data`), the
+GPUs, sharded by FSDP2 when accelerate's config says so: `sdcli.training.sharding`);
+peft owns LoRA; diffusers owns the noise schedule, EMA and the lr schedules. What is ours: which data a step sees (`sdcli.training.data`), the
 objective (`sdcli.training.objective`), the cache (`sdcli.training.inputs`)
 and checkpoints that resume exactly (`sdcli.training.checkpoints`).
 
