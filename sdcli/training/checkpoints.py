@@ -24,6 +24,7 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,11 +315,57 @@ def write_tree(folder: Path, stem: str, tree: Any) -> None:
     (Path(folder) / f"{stem}.json").write_text(text)
 
 
-def read_tree(folder: Path, stem: str) -> Any:
+def read_tree(folder: Path, stem: str, lazy: bool = False) -> Any:
+    """What `write_tree` wrote. ``lazy``: each tensor a `Deferred`, read from the file when taken, so a process
+    that keeps only its shard of each (FSDP) never holds the whole file."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(folder) / f"{stem}.safetensors"))
+    file = str(Path(folder) / f"{stem}.safetensors")
+    tensors = LazyTensors(file) if lazy else load_file(file)
     return _decode(json.loads((Path(folder) / f"{stem}.json").read_text()), tensors)
+
+
+class Deferred:
+    """One tensor of a safetensors file, read by `take`."""
+
+    __slots__ = ("_file", "_key")
+
+    def __init__(self, file: Any, key: str):
+        self._file, self._key = file, key
+
+    def take(self) -> Any:
+        return self._file.get_tensor(self._key)
+
+
+class LazyTensors(Mapping):
+    """A safetensors file's tensors by name, each read when asked for; ``deferred``: as `Deferred`s."""
+
+    def __init__(self, file: str, deferred: bool = True):
+        from safetensors import safe_open
+
+        self._file, self._deferred = safe_open(file, framework="pt"), deferred
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._file.keys():
+            raise KeyError(key)
+        return Deferred(self._file, key) if self._deferred else self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._file.keys())
+
+    def __len__(self) -> int:
+        return len(self._file.keys())
+
+
+def taken(tree: Any) -> Any:
+    """``tree`` with every `Deferred` read."""
+    if isinstance(tree, Deferred):
+        return tree.take()
+    if isinstance(tree, dict):
+        return {k: taken(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(taken(v) for v in tree)
+    return tree
 
 
 def _encode(value: Any, tensors: dict[str, Any]) -> Any:
@@ -388,17 +435,17 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
         return
     name = ""
     try:
-        from safetensors.torch import load_file
-
         from sdcli.training import sharding
 
-        # Whole tensors on every process; under FSDP each keeps its shard of them (no message is sent).
+        # Every process reads the whole tensors, one at a time; under FSDP each keeps only its shard of each
+        # (no message is sent), so no process holds a whole file.
         for i, model in enumerate(parts.models):
             name = _model_file(i)
-            sharding.load_model_state(_raw(accelerator, model), load_file(str(path / name)),
+            sharding.load_model_state(_raw(accelerator, model), LazyTensors(str(path / name), deferred=False),
                                       strict=not parts.trainable_only)
         name = "optimizer.json"
-        parts.optimizer.load_state_dict(sharding.shard_optimizer_state(read_tree(path, "optimizer"), parts.optimizer))
+        parts.optimizer.load_state_dict(taken(sharding.shard_optimizer_state(read_tree(path, "optimizer", lazy=True),
+                                                                             parts.optimizer)))
         name = "scheduler.json"
         parts.lr_scheduler.load_state_dict(read_tree(path, "scheduler"))
         if accelerator.scaler is not None and (path / "scaler.json").exists():
@@ -406,8 +453,8 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
             accelerator.scaler.load_state_dict(read_tree(path, "scaler"))
         if parts.ema is not None:
             name = "ema.json"
-            parts.ema.load_state_dict(sharding.shard_ema_state(read_tree(path, "ema"),
-                                                               sharding.optimizer_params(parts.optimizer)))
+            parts.ema.load_state_dict(taken(sharding.shard_ema_state(read_tree(path, "ema", lazy=True),
+                                                                     sharding.optimizer_params(parts.optimizer))))
             parts.ema.to(accelerator.device)  # loaded on the CPU; the EMA steps where the parameters are
         name = f"{RNG_STEM}_{accelerator.process_index}.json"
         _set_rng_state(accelerator, read_tree(path, f"{RNG_STEM}_{accelerator.process_index}"))

@@ -118,7 +118,12 @@ def gathered(tree: Any, keep: bool = True) -> Any:
 
 def shard_like(full: Any, like: Any) -> Any:
     """``full`` cut the way ``like`` (a sharded parameter) is cut; every process holds ``full``, so no
-    message is sent. A plain ``like`` returns ``full`` as it is."""
+    message is sent. A plain ``like`` returns ``full`` as it is. ``full`` may be a checkpoint's tensor not
+    read yet (`sdcli.training.checkpoints.Deferred`): read here, so only the shard outlives this call."""
+    from sdcli.training.checkpoints import Deferred
+
+    if isinstance(full, Deferred):
+        full = full.take()
     if not _is_dtensor(like) or not hasattr(full, "shape") or tuple(full.shape) != tuple(like.shape):
         return full
     from torch.distributed.tensor import DTensor, distribute_tensor
