@@ -7,9 +7,9 @@ writes is still one thing, whatever the launch: checkpoints in format 2 (`sdcli.
 the full tensors, gathered here on every process and written by the main one, and the trained weights are
 a plain copy of the denoiser gathered onto the main process and saved in diffusers' layout.
 
-DeepSpeed is accelerate's other sharding backend; its engine keeps its own optimizer and checkpoint format
-(pickles), which sdcli's exact, pickle-free resume cannot read, and accelerate does not turn it on on a CPU:
-refused here, in one line.
+DeepSpeed is accelerate's other sharding backend; its ZeRO optimizer keeps its state in its own partitioned
+layout (and accelerate's `save_state` writes it as pickles), which sdcli's exact, pickle-free checkpoints do
+not save or restore yet: refused here, in one line, before anything loads.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def check(cfg: Any) -> None:
         return
     if backend == "deepspeed":
         raise UsageError("accelerate's config asks for DeepSpeed (distributed_type: DEEPSPEED), which sdcli does not "
-                         "train with: its checkpoints are pickles sdcli's exact resume cannot read; use "
-                         "distributed_type: FSDP with fsdp_version: 2 (see the README's multi-GPU section)")
+                         "train with yet: its ZeRO optimizer keeps its state in its own partitioned layout, which "
+                         "sdcli's checkpoints cannot save and resume exactly; use distributed_type: FSDP with "
+                         "fsdp_version: 2 (see the README's multi-GPU section)")
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
         raise UsageError(f"accelerate's config asks for FSDP version {version}; sdcli shards with FSDP2: set "
