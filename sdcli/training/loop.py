@@ -3,9 +3,10 @@
 accelerate owns devices, mixed precision, gradient accumulation and the
 process group (so `accelerate launch` / `torchrun` run the same code on many
 GPUs, sharded by FSDP2 when accelerate's config says so: `sdcli.training.sharding`);
-peft owns LoRA; diffusers owns the noise schedule, EMA and the lr schedules. What is ours: which data a step sees (`sdcli.training.data`), the
-objective (`sdcli.training.objective`), the cache (`sdcli.training.inputs`)
-and checkpoints that resume exactly (`sdcli.training.checkpoints`).
+peft owns LoRA; diffusers owns the noise schedule, EMA and the lr schedules.
+What is ours: which data a step sees (`sdcli.training.data`), the objective
+(`sdcli.training.objective`), the cache (`sdcli.training.inputs`) and
+checkpoints that resume exactly (`sdcli.training.checkpoints`).
 
 Every random draw in a step comes from a generator seeded by (seed, rank,
 micro-step), and the data order from (seed, epoch): a run stopped at step k and
@@ -630,7 +631,8 @@ def _resume(cfg: FinetuneConfig, accelerator, path: Path, say, parts: checkpoint
 
 
 def _validate(run: Run, step: int) -> list[Path]:
-    """Render the validation prompts on the main process (EMA weights if any); the others wait."""
+    """Render the validation prompts on the main process (EMA weights if any); the others wait (under FSDP,
+    after helping to gather the denoiser)."""
     cfg, accelerator, pipe = run.cfg, run.accelerator, run.pipe
     paths: list[Path] = []
     # Under FSDP the main process renders with a plain copy of the denoiser gathered from every shard.
