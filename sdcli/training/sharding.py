@@ -59,6 +59,14 @@ def check(cfg: Any) -> None:
             raise UsageError(f"{flag} with FSDP (accelerate's distributed_type: FSDP): {why}")
 
 
+def shards() -> int:
+    """Into how many shards FSDP will cut each trained tensor: the number of processes, or 1 without FSDP2."""
+    from sdcli.distributed import world_size
+
+    fsdp2 = requested() == "fsdp" and os.environ.get("FSDP_VERSION", "1") == "2"
+    return world_size() if fsdp2 else 1
+
+
 def enable_on_cpu(accelerator: Any) -> None:
     """accelerate turns FSDP on for GPUs only; on the CPU (gloo) FSDP2 works too, so the state accelerate
     would have built on a GPU is set here: the plugin it reads from the same variables, and the type."""
