@@ -31,6 +31,14 @@ Target: buckets cost under 5 % in images/s.
 
 trains sdcli with each --adapter (lora, dora, loha, lokr) on the same data, interleaved, and prints each
 one's images/s and its ratio to LoRA's from the same run.
+
+    python benchmarks/finetune_bench.py --fsdp --method full    # FSDP2 against plain data parallel
+
+launches `sdcli finetune` with `accelerate launch` on 2 processes (CPU: gloo) twice, interleaved: with an
+accelerate config of distributed_type FSDP (fsdp_version 2: weights, gradients and optimizer state
+sharded) and with plain data parallel (DDP: every process holds everything). Prints each one's training
+images/s (from loss.csv, steps after the first two), the largest process's peak memory, and FSDP's ratio
+to DDP from the same run. FSDP pays an all-gather per layer per forward and backward for holding half.
 """
 
 from __future__ import annotations
@@ -256,6 +264,57 @@ def run_reference(args) -> dict:
             "total_s": time.perf_counter() - t0, "final_loss": loss.item()}
 
 
+LAUNCH_CONFIGS = {
+    # MULTI_GPU is accelerate's DDP launcher, which starts gloo processes on a CPU; a MULTI_CPU config starts one.
+    "ddp": "distributed_type: MULTI_GPU\n",
+    "fsdp": "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+            "  fsdp_reshard_after_forward: true\n",
+}
+
+
+def run_launched(args, which: str, work: Path, run: int) -> dict:
+    """`accelerate launch` on 2 processes with ``which``'s config; images/s from the run's loss.csv."""
+    config = work / f"{which}.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\nnum_processes: 2\nnum_machines: 1\nmachine_rank: 0\n"
+                      "mixed_precision: 'no'\n"
+                      + LAUNCH_CONFIGS[which])
+    out = work / f"{which}-{run}"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "sdcli",
+           "finetune", "--data", args.data, "--model", args.model, "--out", str(out), "--quiet",
+           "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--checkpoint-every", "0",
+           "--seed", "0", "--device", args.device, *(["--full"] if args.method == "full" else []),
+           *(["--resolution", str(args.resolution)] if args.resolution else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    # Through a fresh wrapper process, whose children's peak RSS is this run's alone (the largest worker's).
+    wrapper = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+               "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+               "print(json.dumps([p.returncode, u.ru_maxrss, u.ru_utime + u.ru_stime]))")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
+    code, maxrss_kb, cpu = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else (1, 0, 0)
+    if code or proc.returncode:
+        sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
+    rows = [line.split(",") for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    elapsed = [float(r[5]) for r in rows]
+    images = args.batch_size * 2 * (len(elapsed) - 2)
+    return {"images_per_s": images / (elapsed[-1] - elapsed[1]), "final_loss": float(rows[-1][2]),
+            "peak_mb": maxrss_kb / 1024, "cpu_s_per_image": cpu / (args.batch_size * 2 * len(elapsed))}
+
+
+def fsdp_summary(args, results: dict[str, list[dict]], med) -> None:
+    summary = {"method": args.method, "batch_size_per_process": args.batch_size, "processes": 2, "steps": args.steps,
+               "runs": args.runs, **{f"{w}_{k}": med(w, k) for w in ("fsdp", "ddp")
+                                     for k in ("images_per_s", "peak_mb", "final_loss")}, "runs_detail": results}
+    summary["speed_ratio"] = summary["fsdp_images_per_s"] / summary["ddp_images_per_s"]
+    print(f"{'':6s} {'images/s':>9s} {'peak MB':>8s} {'final loss':>10s}")
+    for which in ("fsdp", "ddp"):
+        print(f"{which:6s} {summary[which + '_images_per_s']:9.2f} {summary[which + '_peak_mb']:8.0f} "
+              f"{summary[which + '_final_loss']:10.5f}")
+    print(f"FSDP2 runs at {summary['speed_ratio']:.2f}x plain data parallel's images/s "
+          f"(2 processes, {args.method}, batch {args.batch_size} each)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
 def child(args) -> None:
     import torch
 
@@ -286,6 +345,8 @@ def main() -> None:
                         help="Compare aspect-ratio buckets with square crops on mixed-aspect images instead.")
     parser.add_argument("--adapters", action="store_true",
                         help="Compare --adapter dora, loha and lokr with lora instead.")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="Compare FSDP2 with plain data parallel, 2 processes under accelerate launch, instead.")
     parser.add_argument("--child", choices=["sdcli", "reference", "buckets", "square", *ADAPTERS],
                         help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -300,10 +361,17 @@ def main() -> None:
         make = make_mixed_data if args.mixed_aspect else make_data
         data = args.data or make(work / "data", args.images, args.resolution or 128)
         pair = (("buckets", "square") if args.mixed_aspect else ADAPTERS if args.adapters
-                else ("sdcli", "reference"))
+                else ("fsdp", "ddp") if args.fsdp else ("sdcli", "reference"))
         results: dict[str, list[dict]] = {which: [] for which in pair}
         for run in range(args.runs):
             for which in pair[::-1] if run % 2 else pair:  # interleaved
+                if args.fsdp:
+                    args.model, args.data = model, data
+                    results[which].append(run_launched(args, which, work, run))
+                    last = results[which][-1]
+                    print(f"run {run + 1} {which:4s} {last['images_per_s']:7.2f} img/s  peak {last['peak_mb']:6.0f} MB",
+                          file=sys.stderr)
+                    continue
                 cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", data, "--work", tmp,
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--method", args.method,
                        "--device", args.device, "--threads", str(args.threads)]
@@ -324,6 +392,9 @@ def main() -> None:
 
     if args.mixed_aspect:
         mixed_summary(args, results, med)
+        return
+    if args.fsdp:
+        fsdp_summary(args, results, med)
         return
     if args.adapters:
         # CPU time per image is the steadier figure on a shared machine; both are LoRA's speed over this one's.

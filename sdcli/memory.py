@@ -652,6 +652,11 @@ def check_training(cfg: Any, pipe: Any, family: Any, device: str) -> None:
     if available is None:
         return
     arch = family.arch(dict(getattr(denoiser, "config", {})), dict(pipe.vae.config))
+    from sdcli.training.sharding import shards
+
+    # Under FSDP each process holds its shard of what trains: its weights, gradients and optimizer state.
+    n = shards()
+    trained, new = -(-trained // n), -(-new // n)
     options = dict(batch=cfg.batch_size, trained=trained, new=new, checkpointing=cfg.gradient_checkpointing,
                    nbytes=2 if cfg.mixed_precision in ("fp16", "bf16") else 4,
                    adam_bytes=ADAM_8BIT_BYTES if cfg.use_8bit_adam else ADAM_BYTES, ema=cfg.ema)

@@ -302,3 +302,34 @@ def one_error_line_after_notes(result, code):
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == errors[0]
     return errors[0]
+
+
+@pytest.mark.parametrize("env, shards", [({}, 1), ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, 2)],
+                         ids=["data-parallel", "fsdp2"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_memory_counts_one_shard_of_what_trains_under_fsdp(tiny_sd, tmp_path, monkeypatch, env, shards,
+                                                                    lora):
+    """accelerate's FSDP2 config on 2 processes: each holds half of the trained weights, gradients and Adam state,
+    so the step estimate counts half (a full fine-tune that fits only sharded is not refused)."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdcli.families import training_family
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    family = training_family(pipe)
+    cfg = SimpleNamespace(lora=lora, lora_targets=["to_k", "to_q", "to_v", "to_out.0"], rank=4,
+                          train_text_encoder=False, lora_format="diffusers", checkpoint_every=0, keep_checkpoints=1,
+                          out=tmp_path / "out", batch_size=1, gradient_checkpointing=False, mixed_precision="no",
+                          use_8bit_adam=False, ema=False, resolutions=(16,))
+    seen = []
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 50)
+    monkeypatch.setattr(memory, "training_need", lambda *a, **kw: seen.append(kw) or memory.Need(0, {}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    memory.check_training(cfg, pipe, family, "cpu")
+    whole = (sum(4 * (i + o) for _, i, o in memory.lora_layers(pipe.unet, tuple(cfg.lora_targets))) if lora
+             else sum(p.numel() for p in pipe.unet.parameters()))
+    assert seen[0]["trained"] == -(-whole // shards)

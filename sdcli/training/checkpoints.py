@@ -24,6 +24,7 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,8 +194,9 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         write_tree(tmp, f"{RNG_STEM}_{accelerator.process_index}", _rng_state(accelerator))  # each its own
+        whole = _parts_state(parts, accelerator)  # every process: under FSDP gathering the shards is collective
         if main:
-            _write_parts(tmp, parts, accelerator)
+            _write_parts(tmp, whole)
             (tmp / STATE_FILE).write_text(json.dumps({**state, "format": FORMAT}, indent=2))
         accelerator.wait_for_everyone()
         if main:
@@ -216,23 +218,34 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
     return final
 
 
-def _write_parts(folder: Path, parts: Parts, accelerator) -> None:
-    from safetensors.torch import save_file
+def _parts_state(parts: Parts, accelerator) -> dict[str, Any]:
+    """What `_write_parts` writes: model files by name, then the optimizer, schedule, scaler and EMA state,
+    each whole (gathered from every process's shard under FSDP, so the files are the same either way)."""
+    from sdcli.training import sharding
 
+    keep = accelerator.is_main_process  # the others take part in gathering and keep nothing
+    state: dict[str, Any] = {}
     for i, model in enumerate(parts.models):
         raw = _raw(accelerator, model)
-        if parts.trainable_only:
-            trainable = {name for name, p in raw.named_parameters() if p.requires_grad}
-            weights = {k: v for k, v in raw.state_dict().items() if k in trainable}
-        else:
-            weights = raw.state_dict()
-        save_file(_unshared(weights), str(folder / _model_file(i)))
-    write_tree(folder, "optimizer", parts.optimizer.state_dict())
-    write_tree(folder, "scheduler", parts.lr_scheduler.state_dict())
+        trainable = {name for name, p in raw.named_parameters() if p.requires_grad} if parts.trainable_only else None
+        state[_model_file(i)] = sharding.model_state(raw, trainable, keep)
+    state["optimizer"] = sharding.gathered(parts.optimizer.state_dict(), keep)
+    state["scheduler"] = parts.lr_scheduler.state_dict()
     if accelerator.scaler is not None:
-        write_tree(folder, "scaler", accelerator.scaler.state_dict())
+        state["scaler"] = accelerator.scaler.state_dict()
     if parts.ema is not None:
-        write_tree(folder, "ema", parts.ema.state_dict())
+        state["ema"] = sharding.gathered(parts.ema.state_dict(), keep)
+    return state
+
+
+def _write_parts(folder: Path, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    for name, tree in state.items():
+        if name.endswith(".safetensors"):
+            save_file(_unshared(tree), str(folder / name))
+        else:
+            write_tree(folder, name, tree)
 
 
 def _raw(accelerator, model):
@@ -302,11 +315,57 @@ def write_tree(folder: Path, stem: str, tree: Any) -> None:
     (Path(folder) / f"{stem}.json").write_text(text)
 
 
-def read_tree(folder: Path, stem: str) -> Any:
+def read_tree(folder: Path, stem: str, lazy: bool = False) -> Any:
+    """What `write_tree` wrote. ``lazy``: each tensor a `Deferred`, read from the file when taken, so a process
+    that keeps only its shard of each (FSDP) never holds the whole file."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(folder) / f"{stem}.safetensors"))
+    file = str(Path(folder) / f"{stem}.safetensors")
+    tensors = LazyTensors(file) if lazy else load_file(file)
     return _decode(json.loads((Path(folder) / f"{stem}.json").read_text()), tensors)
+
+
+class Deferred:
+    """One tensor of a safetensors file, read by `take`."""
+
+    __slots__ = ("_file", "_key")
+
+    def __init__(self, file: Any, key: str):
+        self._file, self._key = file, key
+
+    def take(self) -> Any:
+        return self._file.get_tensor(self._key)
+
+
+class LazyTensors(Mapping):
+    """A safetensors file's tensors by name, each read when asked for; ``deferred``: as `Deferred`s."""
+
+    def __init__(self, file: str, deferred: bool = True):
+        from safetensors import safe_open
+
+        self._file, self._deferred = safe_open(file, framework="pt"), deferred
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._file.keys():
+            raise KeyError(key)
+        return Deferred(self._file, key) if self._deferred else self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._file.keys())
+
+    def __len__(self) -> int:
+        return len(self._file.keys())
+
+
+def taken(tree: Any) -> Any:
+    """``tree`` with every `Deferred` read."""
+    if isinstance(tree, Deferred):
+        return tree.take()
+    if isinstance(tree, dict):
+        return {k: taken(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(taken(v) for v in tree)
+    return tree
 
 
 def _encode(value: Any, tensors: dict[str, Any]) -> Any:
@@ -376,13 +435,17 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
         return
     name = ""
     try:
-        from safetensors.torch import load_file
+        from sdcli.training import sharding
 
+        # Every process reads the whole tensors, one at a time; under FSDP each keeps only its shard of each
+        # (no message is sent), so no process holds a whole file.
         for i, model in enumerate(parts.models):
             name = _model_file(i)
-            _raw(accelerator, model).load_state_dict(load_file(str(path / name)), strict=not parts.trainable_only)
+            sharding.load_model_state(_raw(accelerator, model), LazyTensors(str(path / name), deferred=False),
+                                      strict=not parts.trainable_only)
         name = "optimizer.json"
-        parts.optimizer.load_state_dict(read_tree(path, "optimizer"))
+        parts.optimizer.load_state_dict(taken(sharding.shard_optimizer_state(read_tree(path, "optimizer", lazy=True),
+                                                                             parts.optimizer)))
         name = "scheduler.json"
         parts.lr_scheduler.load_state_dict(read_tree(path, "scheduler"))
         if accelerator.scaler is not None and (path / "scaler.json").exists():
@@ -390,7 +453,8 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
             accelerator.scaler.load_state_dict(read_tree(path, "scaler"))
         if parts.ema is not None:
             name = "ema.json"
-            parts.ema.load_state_dict(read_tree(path, "ema"))
+            parts.ema.load_state_dict(taken(sharding.shard_ema_state(read_tree(path, "ema", lazy=True),
+                                                                     sharding.optimizer_params(parts.optimizer))))
             parts.ema.to(accelerator.device)  # loaded on the CPU; the EMA steps where the parameters are
         name = f"{RNG_STEM}_{accelerator.process_index}.json"
         _set_rng_state(accelerator, read_tree(path, f"{RNG_STEM}_{accelerator.process_index}"))

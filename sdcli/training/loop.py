@@ -2,10 +2,11 @@
 
 accelerate owns devices, mixed precision, gradient accumulation and the
 process group (so `accelerate launch` / `torchrun` run the same code on many
-GPUs); peft owns LoRA; diffusers owns the noise schedule, EMA and the lr
-schedules. What is ours: which data a step sees (`sdcli.training.data`), the
-objective (`sdcli.training.objective`), the cache (`sdcli.training.inputs`)
-and checkpoints that resume exactly (`sdcli.training.checkpoints`).
+GPUs, sharded by FSDP2 when accelerate's config says so: `sdcli.training.sharding`);
+peft owns LoRA; diffusers owns the noise schedule, EMA and the lr schedules.
+What is ours: which data a step sees (`sdcli.training.data`), the objective
+(`sdcli.training.objective`), the cache (`sdcli.training.inputs`) and
+checkpoints that resume exactly (`sdcli.training.checkpoints`).
 
 Every random draw in a step comes from a generator seeded by (seed, rank,
 micro-step), and the data order from (seed, epoch): a run stopped at step k and
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 from sdcli import threads
 from sdcli.errors import OutputError, SdcliError, UsageError
-from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, trackers, validation
+from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, sharding, trackers, validation
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.progress import Counted, Notes, TrainingProgress, while_slow
 
@@ -157,6 +158,7 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
 
     # 1. Check inputs before anything heavy is loaded.
     cfg.check()
+    sharding.check(cfg)  # accelerate's FSDP/DeepSpeed config: what cannot shard is refused before loading
     cfg.model = absolute_if_local(resolve_model(cfg.model))
     if local_kind(cfg.model) != "file":
         facts = model_facts(cfg.model, cfg.revision)  # a pipeline class of no family sdcli knows is refused here
@@ -327,6 +329,8 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
                                  num_training_steps=max_steps * world)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     models, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
+    # FSDP replaces each parameter by its shard (a new tensor): the loop, EMA and clipping use those.
+    params = [p for model in models for p in model.parameters() if p.requires_grad]
     if cfg.train_text_encoder:
         inputs.text.use(models[1:])
         if held_out is not None:
@@ -418,7 +422,7 @@ def _train(run: Run, callback) -> Trained:
                 # The weights' norm rides along: a finite loss can still step the weights to inf or NaN (the loss
                 # is measured before the update), and the last step's update is what would be written.
                 flag = torch.tensor(float(stop.requested), device=loss.device)
-                weights = [p.detach() for p in run.params]
+                weights = [sharding.local(p).detach() for p in run.params]  # this process's shard under FSDP
                 norm = torch.nn.utils.get_total_norm(weights, float("inf")).to(loss.device, torch.float32)  # max |w|
                 total_loss, stops, weights_norm = accelerator.reduce(
                     torch.stack([torch.stack(running).mean(), flag, norm]), "sum").tolist()
@@ -531,24 +535,16 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
     per_rank = accelerator.gather(torch.tensor([done.samples_seen], device=accelerator.device)).tolist()
     run.say(f"samples per process: {', '.join(map(str, per_rank))} (world size {run.world})")
     weights = cfg.out / (outputs.LORA_FILE if cfg.lora else "model_index.json")
+    if run.ema is not None:
+        run.ema.copy_to(run.params)  # on every process: under FSDP each holds its shard of the average
+    # Past DDP and torch.compile's wrapper, so saved names are the model's own; under FSDP a plain copy of the
+    # denoiser, gathered onto the main process (None on the others), so one file in diffusers' layout is written.
+    raw = [getattr(m, "_orig_mod", m) for m in map(accelerator.unwrap_model, run.models)]
+    with sharding.plain_copy(accelerator, raw[0]) as denoiser:
+        raw[0] = denoiser
+        if accelerator.is_main_process:
+            weights = _save(run, raw)
     if accelerator.is_main_process:
-        if run.ema is not None:
-            run.ema.copy_to(run.params)
-        # Past DDP and torch.compile's wrapper, so saved names are the model's own.
-        raw = [getattr(m, "_orig_mod", m) for m in map(accelerator.unwrap_model, run.models)]
-        try:
-            with outputs.staged(cfg.out) as stage:
-                weights = (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out, cfg, into=stage)
-                           if cfg.lora else outputs.save_full(run.pipe, cfg.out, into=stage))
-        except Exception as exc:
-            why = outputs.disk_failure(exc)
-            if why is None:
-                raise
-            last = checkpoints.checkpoint_dirs(cfg.out)
-            then = (f"; the training is saved in {last[-1]}: continue with --resume latest once it can be written"
-                    if last else "")
-            raise OutputError(f"cannot write the trained weights to {cfg.out}: {why}; nothing half-written was "
-                              f"kept{then}") from exc
         from sdcli.pipeline import model_reference
 
         logged = outputs.read_losses(cfg.out / outputs.LOSS_FILE)[1]
@@ -557,6 +553,7 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
             "prediction_type": "flow" if run.family.flow else run.noise_scheduler.config.prediction_type,
             "objective": _objective(cfg, run.family, run.noise_scheduler), "denoiser": run.family.denoiser,
             "method": "lora" if cfg.lora else "full", "steps": done.step, "world_size": run.world,
+            "distributed": accelerator.distributed_type.value,
             "samples_per_rank": per_rank, "final_loss": logged[-1] if logged else None,
             "data": {"images": len(run.report.examples), "skipped": [list(s) for s in run.report.skipped],
                      "captions": dict(run.report.caption_sources),
@@ -582,6 +579,24 @@ def _finish(run: Run, done: Trained) -> FinetuneResult:
         images_per_s=ran * images_per_step / done.seconds if done.seconds > 0 and ran else 0.0,
         checkpoints=done.saved, validation_images=done.rendered, val_losses=done.val_losses,
     )
+
+
+def _save(run: Run, raw: list[Any]) -> Path:
+    """The trained weights into OUT (``raw``: the plain models, the denoiser first), all or nothing."""
+    cfg = run.cfg
+    try:
+        with outputs.staged(cfg.out) as stage, sharding.swapped(run.pipe, run.family.denoiser, raw[0]):
+            return (outputs.save_lora(run.pipe, run.family, raw[0], raw[1:], cfg.out, cfg, into=stage)
+                    if cfg.lora else outputs.save_full(run.pipe, cfg.out, into=stage))
+    except Exception as exc:
+        why = outputs.disk_failure(exc)
+        if why is None:
+            raise
+        last = checkpoints.checkpoint_dirs(cfg.out)
+        then = (f"; the training is saved in {last[-1]}: continue with --resume latest once it can be written"
+                if last else "")
+        raise OutputError(f"cannot write the trained weights to {cfg.out}: {why}; nothing half-written was "
+                          f"kept{then}") from exc
 
 
 def _validation_record(run: Run, loss_file: Path) -> dict[str, Any] | None:
@@ -628,20 +643,25 @@ def _resume(cfg: FinetuneConfig, accelerator, path: Path, say, parts: checkpoint
 
 
 def _validate(run: Run, step: int) -> list[Path]:
-    """Render the validation prompts on the main process (EMA weights if any); the others wait."""
+    """Render the validation prompts on the main process (EMA weights if any); the others wait (under FSDP,
+    after helping to gather the denoiser)."""
     cfg, accelerator, pipe = run.cfg, run.accelerator, run.pipe
     paths: list[Path] = []
-    if accelerator.is_main_process:
-        outputs.record_written(cfg.out, {outputs.VALIDATION_DIR})
-        pipe.vae.to(accelerator.device)
-        for encoder in run.inputs.text.encoders:
-            encoder.to(accelerator.device)
-        try:
-            with validation.evaluating(run.models, run.ema, run.params), accelerator.autocast():
-                paths = outputs.render_validation(pipe, run.family_name, accelerator.device, cfg, step,
-                                                  run.family.guidance_of(pipe))
-        finally:
-            setup.park_frozen(pipe, run.inputs, accelerator.device)
-        trackers.log_images(accelerator, cfg, step, paths)
+    # Under FSDP the main process renders with a plain copy of the denoiser gathered from every shard.
+    with validation.evaluating(run.models, run.ema, run.params), \
+            sharding.plain_copy(accelerator, accelerator.unwrap_model(run.models[0]), accelerator.device) as denoiser:
+        if accelerator.is_main_process:
+            outputs.record_written(cfg.out, {outputs.VALIDATION_DIR})
+            pipe.vae.to(accelerator.device)
+            for encoder in run.inputs.text.encoders:
+                encoder.to(accelerator.device)
+            try:
+                with sharding.swapped(pipe, run.family.denoiser, getattr(denoiser, "_orig_mod", denoiser)), \
+                        accelerator.autocast():
+                    paths = outputs.render_validation(pipe, run.family_name, accelerator.device, cfg, step,
+                                                      run.family.guidance_of(pipe))
+            finally:
+                setup.park_frozen(pipe, run.inputs, accelerator.device)
+            trackers.log_images(accelerator, cfg, step, paths)
     accelerator.wait_for_everyone()
     return paths

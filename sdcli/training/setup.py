@@ -33,7 +33,7 @@ def make_accelerator(cfg: FinetuneConfig):
     # --log-with: accelerate's trackers, writing under OUT/logs (opened by `trackers.start` once set-up passed).
     logging = dict(log_with=cfg.trackers, project_dir=str(cfg.out / LOGS_DIR)) if cfg.trackers else {}
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation,
             cpu=cpu,
@@ -43,6 +43,11 @@ def make_accelerator(cfg: FinetuneConfig):
         )
     except ValueError as exc:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None
+    if cpu:
+        from sdcli.training import sharding
+
+        sharding.enable_on_cpu(accelerator)  # FSDP from accelerate's config, which it applies on GPUs only
+    return accelerator
 
 
 def auto_precision(cfg: FinetuneConfig, device: str) -> str:
@@ -196,10 +201,15 @@ def make_trainable(pipe, family, cfg: FinetuneConfig, device) -> list[Any]:
     frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     from sdcli.quantize import is_quantized
 
+    from sdcli.training.sharding import shards
+
+    # Under FSDP the denoiser stays where it loaded (the CPU): sharding moves each process's shard to its device,
+    # so no GPU ever holds the whole of it.
+    placed = device if shards() == 1 else None
     if is_quantized(denoiser):  # QLoRA: the base stays as quantized; only its LoRA layers are float32
         denoiser.to(device)
     else:
-        denoiser.to(device, dtype=frozen_dtype if cfg.lora else torch.float32)
+        denoiser.to(placed, dtype=frozen_dtype if cfg.lora else torch.float32)
     cast_training_params(trained, dtype=torch.float32)
     pipe.vae.to(device)
     for encoder in encoders:

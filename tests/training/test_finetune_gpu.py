@@ -66,3 +66,38 @@ def test_buckets_train_in_fp16_with_channels_last(tiny_sd, tmp_path, make_images
     assert record["config"]["mixed_precision"] == "fp16" and record["config"]["channels_last"] is True
     assert len(record["buckets"]["table"]) == 3
     assert all(math.isfinite(loss) for loss in result.losses), result.losses
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs two GPUs (NCCL takes one process per GPU)")
+@pytest.mark.parametrize("method", [["--full"], []], ids=["full", "lora"])
+def test_fsdp2_on_two_gpus_in_bf16_trains_and_resumes_exactly(method, tiny_sd, tmp_path, make_images):
+    """accelerate's FSDP2 config on two GPUs with bf16 mixed precision (the LoRA's frozen base in bf16 beside its
+    float32 layers): a run resumed from step 1 ends where the uninterrupted one did."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    make_images(data, n=4)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\nnum_processes: 2\nnum_machines: 1\nmachine_rank: 0\n"
+                      "mixed_precision: bf16\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out, again = tmp_path / "out", tmp_path / "again"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "sdcli",
+           "finetune", "--data", str(data), "--model", tiny_sd, "--out", str(out), *method, "--max-steps", "2",
+           "--batch-size", "1", "--checkpoint-every", "1", "--ema", "--validation-prompt", "a red circle",
+           "--validation-steps", "2", "--validation-every", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "world size 2, FSDP" in run.stderr and "mixed precision bf16" in run.stderr
+    resume = [*cmd[: cmd.index("--out") + 1], str(again), *cmd[cmd.index("--out") + 2:],
+              "--resume", str(out / "checkpoints" / "checkpoint-000001")]
+    run = subprocess.run(resume, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    name = "unet/diffusion_pytorch_model.safetensors" if method else "pytorch_lora_weights.safetensors"
+    a, b = load_file(str(out / name)), load_file(str(again / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
