@@ -34,14 +34,14 @@ class Server:
     worker: Any  # sdcli.serve.worker.Worker
     say: Callable[[str], None] = field(default=lambda text: None)
 
-    def check_limits(self, *, width: Optional[int], height: Optional[int], steps: int, images: int,
+    def check_limits(self, *, width: Optional[int], height: Optional[int], steps: Optional[int], images: int,
                      names: dict[str, str]) -> None:
         """The server's own bounds (--max-pixels, --max-steps, --max-batch), each naming the request's field."""
         c = self.config
         if width and height and width > 0 and height > 0 and width * height > c.max_pixels:
             raise UsageError(f"{names['size']} {width}x{height}: over this server's limit of {c.max_pixels} pixels "
                              "(--max-pixels)")
-        if steps > c.max_steps:
+        if steps is not None and steps > c.max_steps:  # None: the model card's, settled when planned
             raise UsageError(f"{names['steps']} {steps}: over this server's limit of {c.max_steps} (--max-steps)")
         if images > c.max_batch:
             raise UsageError(f"{names['images']} {images}: over this server's limit of {c.max_batch} images a "

@@ -60,6 +60,8 @@ def served(tiny_models, lora_dir):
     from sdcli.serve.config import MB, ServeConfig
 
     log: list[str] = []
+    # One torch thread: the tests compare the server's images with `sdcli generate --threads 1` in this process
+    # (torch's thread count is process-wide, and a float sum's last bit depends on it).
     config = ServeConfig(models=[tiny_models["sd1"], tiny_models["sd2"]], lora_dir=lora_dir, port=0,
                          users={USER: PASSWORD}, api_key=KEY, max_body=2 * MB, max_pixels=64 * 64, max_steps=60,
                          max_batch=4, threads=1)

@@ -35,7 +35,7 @@ def test_txt2img_makes_what_sdcli_generate_makes(served, lora_dir, cli, tmp_path
                    height=24) | fields
     result = served.webui().txt2img(**request)
     flags = [f.format(lora=lora_dir / served.lora) for f in flags]
-    paths = paths_of(cli("generate", "a red circle", "-n", "blue", "--model", served.models["sd1"], "--seed", "7",
+    paths = paths_of(cli("generate", "--threads", "1", "a red circle", "-n", "blue", "--model", served.models["sd1"], "--seed", "7",
                          "--steps", "2", "-g", "5", "-W", "32", "-H", "24", *flags, "--out", tmp_path))
     assert len(result.images) == len(paths)
     for image, path in zip(result.images, paths):
@@ -62,7 +62,7 @@ def test_img2img_with_a_mask_repaints_only_the_mask(served, cli, tmp_path):
     assert not (out[12:20, 12:20] == (200, 30, 30)).all()
     init.save(tmp_path / "init.png")
     mask.save(tmp_path / "mask.png")
-    (path,) = paths_of(cli("generate", "a blue square", "--model", served.models["sd1"], "--init-image",
+    (path,) = paths_of(cli("generate", "--threads", "1", "a blue square", "--model", served.models["sd1"], "--init-image",
                            tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--mask-blur", "0", "--strength",
                            "0.9", "--seed", "3", "--steps", "2", "-g", "7.5", "-W", "32", "-H", "32", "--scheduler",
                            "euler", "--out", tmp_path / "out"))

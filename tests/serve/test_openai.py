@@ -27,7 +27,7 @@ def test_generations_make_what_sdcli_generate_makes(served, cli, tmp_path):
     answer = served.openai().images.generate(
         prompt="a blue square", n=2, size="32x24", response_format="b64_json",
         extra_body={"seed": 11, "steps": 2, "guidance": 6.5, "negative_prompt": "red", "sampler": "dpm++2m"})
-    paths = paths_of(cli("generate", "a blue square", "-n", "red", "--model", served.models["sd1"], "--seed", "11",
+    paths = paths_of(cli("generate", "--threads", "1", "a blue square", "-n", "red", "--model", served.models["sd1"], "--seed", "11",
                          "--num-images", "2", "--batch-size", "2", "--steps", "2", "-g", "6.5", "-W", "32", "-H", "24",
                          "--scheduler", "dpm++2m", "--out", tmp_path))
     assert len(answer.data) == len(paths) == 2

@@ -95,7 +95,7 @@ def test_the_page_generates_with_a_live_preview_and_sweeps(page_url, browser, ti
     assert "guidance 1, 5 × seeds 7, 8: 4 images" in browser.evaluate("$('result-parameters').textContent")
 
     # 3. The same images, and the same contact sheet, as `sdcli generate` with these settings.
-    result = cli("generate", "a red circle", "-n", "blue", "--model", tiny_models["sd1"], "-g", "1,5",
+    result = cli("generate", "--threads", "1", "a red circle", "-n", "blue", "--model", tiny_models["sd1"], "-g", "1,5",
                  "--seed", "7,8", "--steps", "4", "-W", "32", "-H", "32", "--scheduler", "euler", "--json",
                  "--out", tmp_path / "cli")
     assert result.exit_code == 0, result.stderr
