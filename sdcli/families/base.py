@@ -93,6 +93,23 @@ def keep_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
     return latents
 
 
+def unpack_packed(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
+    """Latents packed 2x2 into tokens (B, tokens, 4·C), as Flux's pipelines and their kind keep them, back to the
+    pipeline's own latent layout for an image of ``size`` (width, height), by the pipeline's own `_unpack_latents`."""
+    if latents.ndim != 3:
+        return latents
+    width, height = size
+    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+
+def transformer_as_unet_arch(transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
+    """Memory's figures were measured on SD 1.5's UNet; a transformer is estimated as that UNet until its own are
+    measured (the VAE is its own)."""
+    from sdcli.memory import unet_arch
+
+    return unet_arch({}, dict(vae))
+
+
 def vae_decode(pipe: Any, latents: Any) -> Any:
     """Latents (B, C, h, w) as the denoiser sees them -> pixels (B, 3, H, W) in about [−1, 1]."""
     from sdcli.latents import decode

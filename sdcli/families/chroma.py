@@ -17,26 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob
+from sdcli.families.base import Family, Knob, transformer_as_unet_arch, unpack_packed
 
 KNOB = Knob("guidance_scale", default=3.0)
 STEPS = 40  # diffusers' Chroma1-HD example
-
-
-def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
-    """Packed latents (B, tokens, 4·C) back to (B, C, h, w), for an image of ``size`` (width, height) pixels."""
-    if latents.ndim != 3:
-        return latents
-    width, height = size
-    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-
-
-def arch(transformer: Any, vae: Any) -> Any:
-    """Memory's figures were measured on SD 1.5's UNet; the transformer is estimated as that UNet until its own
-    are measured (the VAE is its own)."""
-    from sdcli.memory import unet_arch
-
-    return unet_arch({}, dict(vae))
 
 
 def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any, Any]:
@@ -80,7 +64,7 @@ FAMILY = Family(
     denoiser="transformer",
     patch=2,
     flow=True,
-    unpack_latents=unpack_latents,
+    unpack_latents=unpack_packed,
     task_classes={"img2img": "ChromaImg2ImgPipeline"},
     guidance="own",
     knob=KNOB,
@@ -88,7 +72,7 @@ FAMILY = Family(
     no_embeddings="Chroma reads prompts with T5 alone, and an embedding has no T5 vectors",
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
              *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),
-    arch=arch,
+    arch=transformer_as_unet_arch,
     text_encoders=("text_encoder",),
     encode=encode,
     conditioning=conditioning,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Rule
+from sdcli.families.base import Family, Rule, transformer_as_unet_arch, unpack_packed
 
 KONTEXT = "FluxKontext"
 
@@ -46,22 +46,6 @@ def call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     if is_kontext(type(pipe).__name__) and kwargs.get("width") and kwargs.get("height"):
         return {**kwargs, "max_area": kwargs["width"] * kwargs["height"]}
     return kwargs
-
-
-def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
-    """Packed latents (B, tokens, 4·C) back to (B, C, h, w), for an image of ``size`` (width, height) pixels."""
-    if latents.ndim != 3:
-        return latents
-    width, height = size
-    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-
-
-def arch(transformer, vae):
-    """Memory's figures were measured on SD 1.5's UNet; a transformer is estimated as that UNet until its own
-    are measured (the VAE is its own)."""
-    from sdcli.memory import unet_arch
-
-    return unet_arch({}, dict(vae))
 
 
 def encode(pipe, pairs, prompts, device):
@@ -107,7 +91,7 @@ FAMILY = Family(
     denoiser="transformer",
     patch=2,
     flow=True,
-    unpack_latents=unpack_latents,
+    unpack_latents=unpack_packed,
     guidance="distilled",
     guidance_of_config=guidance,
     defaults=card_defaults,
@@ -122,7 +106,7 @@ FAMILY = Family(
     ),
     check=check,
     call=call,
-    arch=arch,
+    arch=transformer_as_unet_arch,
     text_encoders=("text_encoder", "text_encoder_2"),
     encode=encode,
     conditioning=conditioning,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob, pipeline_default_size
+from sdcli.families.base import Family, Knob, pipeline_default_size, unpack_packed
 
 KNOB = Knob("true_cfg_scale", default=4.0, null_negative=" ")
 STEPS = 50  # the model card's
@@ -31,14 +31,6 @@ def references(class_name: str | None) -> int:
     if class_name.startswith(EDIT + "Plus"):
         return 3
     return 1 if class_name.startswith(EDIT) else 0
-
-
-def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any:
-    """Packed latents (B, tokens, 4·C) back to the VAE's one-frame video latents (B, C, 1, h, w)."""
-    if latents.ndim != 3:
-        return latents
-    width, height = size
-    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
 
 def decode(pipe: Any, latents: Any) -> Any:
@@ -152,7 +144,7 @@ FAMILY = Family(
     denoiser="transformer",
     patch=2,
     flow=True,
-    unpack_latents=unpack_latents,
+    unpack_latents=unpack_packed,
     decode=decode,
     vae_factor=vae_factor,
     references=references,

@@ -5,15 +5,7 @@ reach it)."""
 from __future__ import annotations
 
 from sdcli.families import rules
-from sdcli.families.base import Family
-
-
-def arch(transformer, vae):
-    """Memory's figures were measured on SD 1.5's UNet; a transformer is estimated as that UNet until its own
-    are measured (the VAE is its own)."""
-    from sdcli.memory import unet_arch
-
-    return unet_arch({}, dict(vae))
+from sdcli.families.base import Family, transformer_as_unet_arch
 
 
 def encode(pipe, pairs, prompts, device):
@@ -51,7 +43,7 @@ FAMILY = Family(
     no_embeddings=("Stable Diffusion 3 reads prompts with three text encoders (two CLIPs and T5) and an embedding "
                    "has vectors for at most the two CLIPs"),
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE),
-    arch=arch,
+    arch=transformer_as_unet_arch,
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
     encode=encode,
     conditioning=conditioning,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob, padded_tokens
+from sdcli.families.base import Family, Knob, padded_tokens, transformer_as_unet_arch
 
 KNOB = Knob("guidance_scale", default=4.0, unguided=0.0)
 STEPS = 50  # the base model's card
@@ -33,14 +33,6 @@ def guidance(scheduler: Mapping[str, Any]) -> str:
 def default_size(pipe: Any) -> tuple[int, int]:
     # ZImagePipeline's own: 1024 a side, whatever its configs say.
     return 1024, 1024
-
-
-def arch(transformer: Any, vae: Any) -> Any:
-    """Memory's figures were measured on SD 1.5's UNet; the transformer is estimated as that UNet until its own
-    are measured (the VAE is its own)."""
-    from sdcli.memory import unet_arch
-
-    return unet_arch({}, dict(vae))
 
 
 def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any, Any]:
@@ -85,7 +77,7 @@ FAMILY = Family(
     no_embeddings="Z-Image reads prompts with Qwen3, and an embedding has vectors for CLIP encoders only",
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
              *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),
-    arch=arch,
+    arch=transformer_as_unet_arch,
     text_encoders=("text_encoder",),
     encode=encode,
     conditioning=conditioning,
