@@ -56,6 +56,11 @@ def unet_conditioning(hidden: Any, pooled: Any, time_ids: Any) -> dict[str, Any]
     return {"encoder_hidden_states": hidden}
 
 
+def masked_conditioning(hidden: Any, mask: Any, time_ids: Any) -> dict[str, Any]:
+    """A family whose ``encode`` gives the token mask beside the hidden states (``text_mask``)."""
+    return {"encoder_hidden_states": hidden, "text_mask": mask}
+
+
 def unet_arch(denoiser: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
     from sdcli.memory import unet_arch as arch
 

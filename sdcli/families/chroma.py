@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob, transformer_as_unet_arch, unpack_packed
+from sdcli.families.base import Family, Knob, masked_conditioning, transformer_as_unet_arch, unpack_packed
 
 KNOB = Knob("guidance_scale", default=3.0)
 STEPS = 40  # diffusers' Chroma1-HD example
@@ -27,10 +27,6 @@ def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any,
     """T5's tokens at the pipeline's 512 and their mask (the prompt and one padding token, as Chroma's own)."""
     hidden, _text_ids, mask, *_ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
     return hidden, mask
-
-
-def conditioning(hidden: Any, mask: Any, time_ids: Any) -> dict[str, Any]:
-    return {"encoder_hidden_states": hidden, "text_mask": mask}
 
 
 def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, Any], guidance: Any) -> Any:
@@ -70,12 +66,11 @@ FAMILY = Family(
     knob=KNOB,
     defaults=lambda config: {"steps": STEPS},
     no_embeddings="Chroma reads prompts with T5 alone, and an embedding has no T5 vectors",
-    ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
-             *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),
+    ignores=rules.OWN_GUIDANCE_FLOW,
     arch=transformer_as_unet_arch,
     text_encoders=("text_encoder",),
     encode=encode,
-    conditioning=conditioning,
+    conditioning=masked_conditioning,
     predict=predict,
     sizes=sizes,
     peft_lora_names=True,

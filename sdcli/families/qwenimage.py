@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob, pipeline_default_size, unpack_packed
+from sdcli.families.base import Family, Knob, masked_conditioning, pipeline_default_size, unpack_packed
 
 KNOB = Knob("true_cfg_scale", default=4.0, null_negative=" ")
 STEPS = 50  # the model card's
@@ -70,10 +70,6 @@ def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any,
     if mask is None:  # every prompt as long as the longest: the pipeline drops the all-true mask
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     return hidden, mask
-
-
-def conditioning(hidden: Any, mask: Any, time_ids: Any) -> dict[str, Any]:
-    return {"encoder_hidden_states": hidden, "text_mask": mask}
 
 
 def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, Any], guidance: Any) -> Any:
@@ -153,14 +149,13 @@ FAMILY = Family(
     knob=KNOB,
     defaults=lambda config: {"steps": STEPS},
     no_embeddings="Qwen-Image reads prompts with Qwen2.5-VL, and an embedding has vectors for CLIP encoders only",
-    ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
-             *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),
+    ignores=rules.OWN_GUIDANCE_FLOW,
     check=check,
     call=call,
     arch=arch,
     text_encoders=("text_encoder",),
     encode=encode,
-    conditioning=conditioning,
+    conditioning=masked_conditioning,
     predict=predict,
     sizes=sizes,
     peft_lora_names=True,

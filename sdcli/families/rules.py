@@ -58,3 +58,6 @@ IMG2IMG_ONLY = (
     Rule("--hires-upscaler latent", lambda s: s.hires_scale is not None and s.hires_upscaler == "latent",
          "sdcli does not enlarge {model}'s latents; use --hires-upscaler lanczos"),
 )
+
+# What a newer flow family with its own guidance argument ignores (Chroma, Z-Image, Qwen-Image): all of the above.
+OWN_GUIDANCE_FLOW = (*DIFFUSERS_ENCODES_PROMPTS, *FLOW_SAMPLER, *NO_GUIDANCE_RESCALE, *OWN_GUIDANCE, *IMG2IMG_ONLY)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sdcli.families import rules
-from sdcli.families.base import Family, Knob, padded_tokens, transformer_as_unet_arch
+from sdcli.families.base import Family, Knob, masked_conditioning, padded_tokens, transformer_as_unet_arch
 
 KNOB = Knob("guidance_scale", default=4.0, unguided=0.0)
 STEPS = 50  # the base model's card
@@ -39,10 +39,6 @@ def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any,
     """Qwen3's tokens of each chat-formatted prompt, as long as that prompt (padded to the longest, masked)."""
     embeds, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
     return padded_tokens(embeds)
-
-
-def conditioning(hidden: Any, mask: Any, time_ids: Any) -> dict[str, Any]:
-    return {"encoder_hidden_states": hidden, "text_mask": mask}
 
 
 def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, Any], guidance: Any) -> Any:
@@ -75,12 +71,11 @@ FAMILY = Family(
     knob=KNOB,
     defaults=lambda config: {"steps": TURBO_STEPS if guidance(config) == "none" else STEPS},
     no_embeddings="Z-Image reads prompts with Qwen3, and an embedding has vectors for CLIP encoders only",
-    ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE,
-             *rules.OWN_GUIDANCE, *rules.IMG2IMG_ONLY),
+    ignores=rules.OWN_GUIDANCE_FLOW,
     arch=transformer_as_unet_arch,
     text_encoders=("text_encoder",),
     encode=encode,
-    conditioning=conditioning,
+    conditioning=masked_conditioning,
     predict=predict,
     sizes=sizes,
     peft_lora_names=True,
