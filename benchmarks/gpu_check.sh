@@ -12,15 +12,21 @@
 #      of diffusers' train_text_to_image_lora.py -> finetune-bench.json/.log;
 #   5. benchmarks/unet_roofline.py: the UNet alone, eager and compiled, against the card's own matmul rate, with
 #      the profiler's kernel time (a cross-check of stage 2's TFLOP/s) -> roofline.json/.log.
+#   6. benchmarks/flux_gpu_bench.py (the GPU issue's items 2, 3, 5): a FLUX.1-size transformer with random weights
+#      at 1024 px, 28 steps: bf16, --storage-dtype float8, torchao fp8, bitsandbytes nf4 and a GGUF Q8_0 file,
+#      with and without --offload model, sdcli against plain diffusers; the step caches; QLoRA (nf4) against bf16
+#      LoRA -> flux-bench.json/.log (FLUX_ARGS picks, e.g. "--stages modes --modes bf16,nf4 --offloads none");
+#   7. benchmarks/serve_bench.py on bench's saved SD 1.5 model on the GPU, 4 clients -> serve-bench.json/.log.
 # STAGES picks and orders them (default: bench,tests,finetune, about 10 min with start-up; roofline on request);
-# finetune needs bench's saved model. MODES defaults to reduce-overhead alone (each batch size compiles anew,
+# finetune and serve need bench's saved model. The FLUX stage needs diffusers, torchao, bitsandbytes and gguf,
+# serve fastapi/uvicorn: benchmarks/gpu_wheels.sh fetches them (slimmed to fit the 64 MiB a call carries). MODES defaults to reduce-overhead alone (each batch size compiles anew,
 # about a minute each; default mode was measured at batch 1 on 2026-11-26). The eager comparison that settled
 # channels-last (2026-11-27): BATCH=4,1 RUNS=12 STAGES=bench BENCH_ARGS="--bisect --no-compile" (4 min).
 # versions.txt holds the card, torch and diffusers. The device tool's command: `bash benchmarks/gpu_check.sh`
 # with `.whl` carried.
 #
 # Preparing the wheels, on a machine with PyPI (see the device tool's README for the platform flags):
-#   pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata zipp
+#   bash benchmarks/gpu_wheels.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
@@ -53,7 +59,13 @@ for stage in $(echo "${STAGES:-bench,tests,finetune}" | tr , ' '); do
     roofline)
       timeout "${ROOFLINE_LIMIT:-150}" python3 benchmarks/unet_roofline.py --batch "${ROOFLINE_BATCH:-4}" \
         --mode "${ROOFLINE_MODE:-reduce-overhead}" --json "$out/roofline.json" 2>&1 | tee "$out/roofline.log" ;;
-    *) echo "unknown stage $stage (bench, tests, finetune, roofline)" >&2; exit 2 ;;
+    flux)
+      timeout "${FLUX_LIMIT:-420}" python3 benchmarks/flux_gpu_bench.py ${FLUX_ARGS:-} --json "$out/flux-bench.json" \
+        2>&1 | tee "$out/flux-bench.log" ;;
+    serve)
+      timeout "${SERVE_LIMIT:-120}" python3 benchmarks/serve_bench.py --model "$model/sd15" --device cuda --clients 4 \
+        --each 3 --json "$out/serve-bench.json" 2>&1 | tee "$out/serve-bench.log" ;;
+    *) echo "unknown stage $stage (bench, tests, finetune, roofline, flux, serve)" >&2; exit 2 ;;
   esac
   code=${PIPESTATUS[0]}
   echo "stage $stage exit $code"
