@@ -83,7 +83,7 @@ class Server:
         p = engine.plan(s)
         s = p.settings
         chunks = [p.jobs[i:i + s.batch_size] for i in range(0, len(p.jobs), s.batch_size)]
-        per_batch = p.task.denoising_steps(s)
+        per_batch = engine.denoising_steps(s)
         job.total = per_batch * len(chunks)
         init = s.init_image
         dw, dh = init.size if hasattr(init, "size") else default_size(engine.pipe)
