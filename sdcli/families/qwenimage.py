@@ -143,9 +143,9 @@ def parts(where: str, index: Mapping[str, Any], revision: str | None) -> dict[st
         return {}
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-    where_ = {"subfolder": "processor", **({"revision": revision} if revision else {})}
-    tokenizer = AutoTokenizer.from_pretrained(where, **where_)
-    images = Qwen2VLImageProcessorPil.from_pretrained(where, **where_)
+    folder = {"subfolder": "processor", **({"revision": revision} if revision else {})}
+    tokenizer = AutoTokenizer.from_pretrained(where, **folder)
+    images = Qwen2VLImageProcessorPil.from_pretrained(where, **folder)
     return {"processor": images_only_processor(images, tokenizer, getattr(tokenizer, "chat_template", None))}
 
 
@@ -176,7 +176,9 @@ def _images_only_class() -> type:
     class ImagesOnlyQwen2VLProcessor(Qwen2VLProcessor):
         # ProcessorMixin takes its parts from __init__'s parameters: no video_processor here, so none is required.
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            # As Qwen2VLProcessor names its tokens: the tokenizer's own where it has them.
+            self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+            self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
             self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids(
                 [self.image_token, self.video_token])
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)

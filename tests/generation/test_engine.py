@@ -96,7 +96,8 @@ def test_a_cancelled_request_stops_within_one_step_and_the_next_is_unaffected(ti
         handle.remove()
     assert made == [] and [s.index for s in steps] == [0, 1]
     assert len(calls) == 2  # two steps of ten ran (one UNet call a step: the guided batch is one call)
-    assert steps[0].total == 10 + 1 and steps[0].images == 1  # the tiny SD's PNDM: one warm-up step more and steps[0].latents is not None
+    # The tiny SD's PNDM runs one warm-up step more than the ten asked.
+    assert steps[0].total == 10 + 1 and steps[0].images == 1 and steps[0].latents is not None
     assert steps[0].sigma is None or steps[0].sigma > steps[1].sigma
     (after,) = engine.generate(_settings(plain))
     assert np.array_equal(_pixels(after), _pixels(before))
@@ -116,7 +117,8 @@ def test_every_step_reaches_the_callback_with_x0_when_asked(tiny_sd):
 # PNDM runs one step more than asked (its PLMS warm-up), Heun 2·steps − 1; an img2img pass skips the first ones by
 # its strength and the scheduler's order; hires fix adds its second pass.
 @pytest.mark.parametrize("sampler,task,steps", [
-    ("pndm", {}, 3 + 1), ("heun", {}, 2 * 3 - 1), ("pndm", {"strength": 0.5}, 4 - 2), ("heun", {"strength": 0.5}, 5 - 2 * 2),
+    ("pndm", {}, 3 + 1), ("heun", {}, 2 * 3 - 1),
+    ("pndm", {"strength": 0.5}, 4 - 2), ("heun", {"strength": 0.5}, 5 - 2 * 2),
     ("pndm", {"hires_scale": 1.5, "hires_strength": 0.5}, (3 + 1) + (4 - 2)),
 ])
 def test_step_total_counts_the_steps_the_sampler_runs(tiny_sd, tmp_path, sampler, task, steps):
