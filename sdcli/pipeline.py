@@ -146,8 +146,10 @@ def load_pipeline(
                 encoders = family.text_encoders if quantize_text_encoder else ()
                 common["quantization_config"] = q.quantization_config(
                     mode, None if denoiser_file else family.denoiser, encoders, torch_dtype)
+            index = _config(model, "model_index.json", revision) or {}
+            if family.parts:  # what the family builds itself (a processor diffusers' loading cannot make here)
+                common.update(family.parts(where, index, revision))
             if denoiser_file:
-                index = _config(model, "model_index.json", revision) or {}
                 class_name = (index.get(family.denoiser) or [None, None])[1]
                 common[family.denoiser] = q.load_gguf_denoiser(denoiser_file, where, family.denoiser, class_name,
                                                                torch_dtype)
@@ -200,6 +202,8 @@ def _load_gguf_model(path: Path, family: Any, mode: Any, quantize_text_encoder: 
         common["quantization_config"] = q.quantization_config(
             mode, None, family.text_encoders if quantize_text_encoder else (), dtype)
     common[family.denoiser] = q.load_gguf_denoiser(checkpoint, repo, family.denoiser, index[family.denoiser][1], dtype)
+    if family.parts:
+        common.update(family.parts(repo, index, None))
     return diffusers.DiffusionPipeline.from_pretrained(repo, use_safetensors=True, trust_remote_code=False, **common)
 
 

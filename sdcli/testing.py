@@ -514,25 +514,15 @@ def _qwen_vl_encoder(tokenizer):
 
 def _qwen_processor(tokenizer):
     """Qwen2-VL's processor over the tiny tokenizer, images in 28-pixel cells, at most 64 of them (the editing
-    pipelines show the text encoder their 1024-pixel input at this size). Without torchvision, transformers
-    cannot build Qwen2-VL's video processor, which an image editor never calls: then the processor is made
-    without one (it runs in memory; a folder saved from it names a class `from_pretrained` cannot find)."""
-    from transformers import ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    pipelines show the text encoder their 1024-pixel input at this size). Made without Qwen2-VL's video
+    processor, which needs torchvision and which an image editor never calls, as sdcli loads an editing model
+    where torchvision does not import (`sdcli.families.qwenimage.parts`); the same with or without it."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from sdcli.families.qwenimage import images_only_processor
 
     images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=64 * 28 * 28)
-    try:
-        return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=_CHATML)
-    except (ImportError, AttributeError):
-        pass
-
-    class ImagesOnlyProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids([self.image_token,
-                                                                                         self.video_token])
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImagesOnlyProcessor(image_processor=images, tokenizer=tokenizer, chat_template=_CHATML)
+    return images_only_processor(images, tokenizer, _CHATML)
 
 
 def build_tiny_new_flow_pipeline(family: str = "chroma", seed: int = 0):
@@ -609,6 +599,14 @@ def save_tiny_new_flow_pipeline(path: str | Path, family: str = "chroma", seed: 
     """Save `build_tiny_new_flow_pipeline` as a diffusers folder; returns its path."""
     path = Path(path)
     build_tiny_new_flow_pipeline(family, seed).save_pretrained(str(path), safe_serialization=True)
+    if family.startswith("qwenimage-edit"):  # name Qwen2-VL's processor, as a real Qwen-Image-Edit folder does
+        for name in ("model_index.json", "processor/processor_config.json", "processor/tokenizer_config.json"):
+            config = json.loads((path / name).read_text())
+            if "processor" in config:
+                config["processor"] = ["transformers", "Qwen2VLProcessor"]
+            if "processor_class" in config:
+                config["processor_class"] = "Qwen2VLProcessor"
+            (path / name).write_text(json.dumps(config, indent=2))
     return path
 
 

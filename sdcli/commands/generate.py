@@ -80,7 +80,7 @@ def run_generate(settings: Settings, *, out: Path | None, overwrite: bool = Fals
 
     # 3. Denoise this process's share, writing each image as soon as it exists.
     t0, done_at = time.perf_counter(), []
-    total = len(p.share()) * p.task.denoising_steps(s)
+    total = len(p.share()) * engine.denoising_steps(s)
     with progress_bar("denoising", total=total, disable=not say.enabled) as advance:
         for item in engine.run(p, on_step=lambda step: advance(step.images), say=say, on_ready=ready):
             writer.write(item)

@@ -160,6 +160,9 @@ class Family:
     single_file_class: str = ""  # the pipeline class such a checkpoint loads as
     variants: tuple[str, ...] = ()  # what records call its models, where not just ``name`` (sd1, sd2)
     variant: Callable[[Any], str] | None = None  # pipe -> which of ``variants`` it is
+    # (folder or Hub id, its model_index.json, revision) -> components the family builds itself and diffusers'
+    # from_pretrained takes as given (Qwen-Image-Edit's processor where torchvision does not import); {}: none
+    parts: Callable[[str, Mapping[str, Any], str | None], dict[str, Any]] | None = None
 
     # 2. Sizes and latents
     denoiser: str = "unet"  # the pipeline attribute that predicts the noise or velocity

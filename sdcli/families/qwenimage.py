@@ -12,10 +12,15 @@ resolution-dependent, applied at sampling), latents normalised by the VAE's per-
 packed 2x2 with their shapes, Qwen2.5-VL's tokens with their mask, the timestep on 0..1. Dropped captions train
 " ", what guidance reads without a negative prompt. ComfyUI's Qwen-Image has diffusers' module names, and its
 LoRA loader reads them under ``diffusion_model.`` (diffusers' own loader converts that layout back).
+
+The editing models' ``processor`` is Qwen2-VL's, whose ``from_pretrained`` also builds a video processor that
+needs torchvision; where torchvision does not import, sdcli builds the processor from the folder's tokenizer and
+image processor (transformers' PIL one) without the video part, which an image editor never calls.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Mapping
 
 from sdcli.families import rules
@@ -126,6 +131,61 @@ def edit_size(pipe: Any, images: list[Any], width: int | None, height: int | Non
     return width or round(wide / 32) * 32, height or round((width or wide) / ratio / 32) * 32
 
 
+PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")  # what an editing model's model_index.json names
+
+
+def parts(where: str, index: Mapping[str, Any], revision: str | None) -> dict[str, Any]:
+    """The processor diffusers cannot build where torchvision does not import (Qwen2-VL's video processor needs it):
+    the same tokenizer and image processor from the model's processor/ folder, with no video processor. Where
+    torchvision works, diffusers loads everything itself."""
+    entry = index.get("processor") or [None, None]
+    if entry[-1] not in PROCESSORS or torchvision_works():
+        return {}
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    folder = {"subfolder": "processor", **({"revision": revision} if revision else {})}
+    tokenizer = AutoTokenizer.from_pretrained(where, **folder)
+    images = Qwen2VLImageProcessorPil.from_pretrained(where, **folder)
+    return {"processor": images_only_processor(images, tokenizer, getattr(tokenizer, "chat_template", None))}
+
+
+@cache
+def torchvision_works() -> bool:
+    """torchvision installed and importable (a wheel built for another torch is installed but fails to import)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import is "not there" for transformers' video processors
+        return False
+    return True
+
+
+def images_only_processor(image_processor: Any, tokenizer: Any, chat_template: str | None = None) -> Any:
+    """Qwen2-VL's processor over ``image_processor`` and ``tokenizer`` without a video processor, which transformers
+    cannot make (nor even type-check) without torchvision: what the editing pipelines call runs as in the full one."""
+    return _images_only_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+@cache
+def _images_only_class() -> type:
+    from transformers import ProcessorMixin, Qwen2VLProcessor
+
+    class ImagesOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        # ProcessorMixin takes its parts from __init__'s parameters: no video_processor here, so none is required.
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # As Qwen2VLProcessor names its tokens: the tokenizer's own where it has them.
+            self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+            self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+            self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids(
+                [self.image_token, self.video_token])
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImagesOnlyQwen2VLProcessor
+
+
 def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
     """An editing model starts from its reference images, not from --init-image (diffusers gives it no strength)."""
     if s.init_image is not None and references(facts.class_name or ""):
@@ -152,6 +212,7 @@ FAMILY = Family(
     ignores=rules.OWN_GUIDANCE_FLOW,
     check=check,
     call=call,
+    parts=parts,
     arch=arch,
     text_encoders=("text_encoder",),
     encode=encode,

@@ -100,7 +100,7 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
     prepared = task.prepare(s, loaded.pipe)
     run_pipe = prepared.pipe
     base = {**base_record(s, task, loaded, run_pipe, prepared.width, prepared.height), **(extra_record or {})}
-    total = task.denoising_steps(s)
+    total = task.denoising_steps(s, run_pipe.scheduler)  # as the loop runs them: PNDM's and Heun's are more
 
     # 2. The prompts' conditioning (a1111 syntax: sdcli's embeddings; plain: the text), batch by batch.
     text = TextConditioning(s, run_pipe, task.passes(s))
@@ -119,7 +119,7 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
             x0 = getattr(pipe.scheduler, "sdcli_x0", None)
             if x0 is not None and s.save_trajectory:
                 frames.append(x0.detach().float().cpu())
-            on_step(Step(index=done[0], total=total, timestep=float(t), sigma=_sigma(pipe.scheduler),
+            on_step(Step(index=done[0], total=max(total, done[0] + 1), timestep=float(t), sigma=_sigma(pipe.scheduler),
                          latents=kwargs.get("latents"), x0=x0, images=n))
             done[0] += 1
             if cancel is not None and cancel.is_set():

@@ -277,7 +277,7 @@ class Engine:
     def request(self, s: Any, *, x0: bool = False) -> Iterator[Any]:
         """The pipeline as request ``s`` needs it (sampler, LoRAs, embeddings), put back as it was afterwards."""
         from sdcli.generation.prompts import prepare_text_encoders
-        from sdcli.schedule.samplers import make_scheduler, takes_eta
+        from sdcli.schedule.samplers import takes_eta
 
         pipe = self.pipe
         loaded_scheduler = pipe.scheduler
@@ -288,10 +288,7 @@ class Engine:
         with self._lock, (_own_text_encoders(pipe) if s.embeddings else contextlib.nullcontext()):
             try:
                 # 1. The sampler: a copy of the loaded one, or the one asked for, built from the loaded config.
-                if s.scheduler is not None or s.timestep_spacing is not None or s.sigmas != "default":
-                    scheduler = make_scheduler(s.scheduler, loaded_scheduler.config, s.timestep_spacing, s.sigmas)
-                else:
-                    scheduler = copy.deepcopy(loaded_scheduler)
+                scheduler = self.sampler(s)
                 pipe.scheduler = _tapped(scheduler) if x0 else scheduler
                 if s.eta and not takes_eta(type(scheduler).__name__):  # a single file's sampler, known only now
                     raise UsageError(f"--eta: this model's {type(scheduler).__name__} has no η (it belongs to DDIM: "
@@ -314,6 +311,22 @@ class Engine:
                     cached.disable_cache()
                 remove_loras(pipe, names, had, active)
                 pipe.scheduler = loaded_scheduler
+
+    def sampler(self, s: Any) -> Any:
+        """Request ``s``'s own scheduler: a copy of the loaded one, or the one it asks for, from the loaded config."""
+        from sdcli.schedule.samplers import make_scheduler
+
+        loaded = self.pipe.scheduler
+        if s.scheduler is not None or s.timestep_spacing is not None or s.sigmas != "default":
+            return make_scheduler(s.scheduler, loaded.config, s.timestep_spacing, s.sigmas)
+        return copy.deepcopy(loaded)
+
+    def denoising_steps(self, s: Any) -> int:
+        """The denoiser steps one batch of planned request ``s`` runs on its sampler (what `Step.total` says): more
+        than --steps on PNDM (its warm-up) and second-order samplers (Heun, DPM2), fewer in an img2img pass."""
+        from sdcli.generation.tasks import task_for
+
+        return task_for(s).denoising_steps(s, self.sampler(s))
 
     def images(self, s: Any, jobs: list[Any], *, on_step: Callable[[Step], None] | None = None,
                cancel: threading.Event | None = None, extra_record: dict[str, Any] | None = None,

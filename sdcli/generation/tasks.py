@@ -69,12 +69,20 @@ class Task:
     def check(self, s: Any) -> None:
         """Cheap checks of this task's inputs, before any weights load."""
 
-    def passes(self, s: Any) -> list[int]:
-        """The denoising steps of each pass through the pipeline (hires fix makes two)."""
-        return [s.steps]
+    def calls(self, s: Any) -> list[tuple[int, float | None]]:
+        """Each pass through the pipeline (hires fix makes two): its num_inference_steps and its strength (None for
+        a pass from pure noise)."""
+        return [(s.steps, None)]
 
-    def denoising_steps(self, s: Any) -> int:
-        return sum(self.passes(s))
+    def passes(self, s: Any) -> list[int]:
+        """The steps asked of each pass: all of a pass from noise, int(steps × strength) of an img2img one."""
+        return [steps if strength is None else max(1, int(steps * strength)) for steps, strength in self.calls(s)]
+
+    def denoising_steps(self, s: Any, scheduler: Any = None) -> int:
+        """The denoiser steps the request's passes run on ``scheduler`` (`loop_steps`); without one, those asked."""
+        if scheduler is None:
+            return sum(self.passes(s))
+        return sum(loop_steps(scheduler, steps, strength) for steps, strength in self.calls(s))
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         raise NotImplementedError
@@ -87,6 +95,25 @@ class Task:
     def finish(self, prepared: Prepared, images: list[Any]) -> list[Any]:
         """The batch's PIL images after denoising; a task that composites (inpainting) overrides this."""
         return images
+
+
+def loop_steps(scheduler: Any, steps: int, strength: float | None = None) -> int:
+    """How many steps diffusers' denoising loop runs for ``steps`` on ``scheduler``: the timesteps set_timesteps gives
+    it (PNDM's PLMS warm-up adds one; Heun's and DPM2's second-order steps make 2·steps − 1), less the first ones an
+    img2img pass of ``strength`` skips, as diffusers' get_timesteps skips them (t_start × the scheduler's order)."""
+    import copy
+
+    asked = steps if strength is None else max(1, int(steps * strength))
+    probe = copy.deepcopy(scheduler)  # the request's own is set by its pipeline; this one only counts
+    try:
+        # A resolution-dependent shift moves the timesteps, not their number: any μ counts them.
+        probe.set_timesteps(steps, **({"mu": 0.0} if probe.config.get("use_dynamic_shifting") else {}))
+        count = len(probe.timesteps)
+    except Exception:  # noqa: BLE001 - a scheduler set only the pipeline's way: the steps asked
+        return asked
+    if strength is not None:
+        count -= max(steps - min(int(steps * strength), steps), 0) * getattr(probe, "order", 1)
+    return max(1, count)
 
 
 def task_pipeline(auto: Any, pipe: Any, **components: Any) -> Any:
@@ -159,8 +186,8 @@ class ImageToImage(Task):
                              "or more --steps", setting="strength")
         check_image_input(s.init_image, "--init-image", "init_image")
 
-    def passes(self, s: Any) -> list[int]:
-        return [max(1, int(s.steps * s.strength))]
+    def calls(self, s: Any) -> list[tuple[int, float | None]]:
+        return [(s.steps, s.strength)]
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
@@ -278,8 +305,8 @@ class HiresFix(Task):
                              f"the {MAX_SIDE}-pixel limit", setting="hires_scale")
         return big
 
-    def passes(self, s: Any) -> list[int]:
-        return [s.steps, max(1, int((s.hires_steps or s.steps) * s.hires_strength))]
+    def calls(self, s: Any) -> list[tuple[int, float | None]]:
+        return [(s.steps, None), (s.hires_steps or s.steps, s.hires_strength)]
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
@@ -408,8 +435,8 @@ class WithControlNet(Task):
         self.inner.check(s)
         check_family(s)
 
-    def passes(self, s: Any) -> list[int]:
-        return self.inner.passes(s)
+    def calls(self, s: Any) -> list[tuple[int, float | None]]:
+        return self.inner.calls(s)
 
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         import dataclasses

@@ -45,6 +45,8 @@ class Txt2Img(BaseModel):
     hr_resize_y: int = 0
     denoising_strength: Optional[float] = None
     override_settings: Optional[dict[str, Any]] = None
+    # A1111 puts back the options override_settings changed (the model too) once the request is done, unless false.
+    override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
 
@@ -171,7 +173,8 @@ def router(server: Any) -> Any:
         notes: list[str] = []
         request.state.notes = notes
         s, model = settings_of(body, server, notes)
-        made = await server.generate(request, model, s, label)
+        made = await server.generate(request, model, s, label,
+                                     restore=model is not None and body.override_settings_restore_afterwards)
         return answer(body, made)
 
     @api.post("/txt2img")

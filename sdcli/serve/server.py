@@ -57,13 +57,14 @@ class Server:
             return  # loading or switching: the worker's plan says what is wrong
         await asyncio.to_thread(engine.plan, copy.deepcopy(s))
 
-    async def generate(self, request: Any, model: Optional[str], s: Any, label: str) -> Made:
-        """Run request ``s`` on model ``model`` (None: the loaded one) in the worker; the images when done.
+    async def generate(self, request: Any, model: Optional[str], s: Any, label: str, restore: bool = False) -> Made:
+        """Run request ``s`` on model ``model`` (None: the loaded one) in the worker; the images when done. With
+        ``restore`` the model loaded before it is loaded again afterwards (A1111's override_settings).
 
         A client that disconnects while its job waits or runs loses that job (it is dropped, or stopped at its
         next step) and nothing else."""
         await self.check(model, s)
-        job = self.worker.submit(lambda job: self._run(job, model, s), label)
+        job = self.worker.submit(lambda job: self._run(job, model, s, restore), label)
         waiting = asyncio.wrap_future(job.future)
         while True:
             done, _ = await asyncio.wait({waiting}, timeout=0.25)
@@ -75,15 +76,28 @@ class Server:
                 job.future.cancel()
                 raise ClientGone("the client disconnected")
 
-    def _run(self, job: Any, model: Optional[str], s: Any) -> Made:
-        """In the worker: the request's jobs batch by batch, so /skip can end one batch and the next still runs."""
+    def _run(self, job: Any, model: Optional[str], s: Any, restore: bool = False) -> Made:
+        """In the worker: the request's jobs batch by batch, so /skip can end one batch and the next still runs;
+        with ``restore``, the model loaded before it loaded again before the answer goes (and before the next job)."""
+        before = self.models.current
+        try:
+            # No reference to the engine outlives the images: the one restored never shares the memory with it.
+            return self._images(job, self.models.use(model), s)
+        finally:
+            if restore and before is not None and self.models.current != before:
+                try:
+                    self.models.use(before)
+                except Exception as exc:  # noqa: BLE001 - the images are made; the server keeps serving this model
+                    self.say(f"could not load {before} again after the request ({exc}); {self.models.current} "
+                             "stays loaded")
+
+    def _images(self, job: Any, engine: Any, s: Any) -> Made:
         from sdcli.generation.tasks import default_size
 
-        engine = self.models.use(model)
         p = engine.plan(s)
         s = p.settings
         chunks = [p.jobs[i:i + s.batch_size] for i in range(0, len(p.jobs), s.batch_size)]
-        per_batch = p.task.denoising_steps(s)
+        per_batch = engine.denoising_steps(s)
         job.total = per_batch * len(chunks)
         init = s.init_image
         dw, dh = init.size if hasattr(init, "size") else default_size(engine.pipe)

@@ -92,16 +92,20 @@ def test_an_editing_model_refuses_more_reference_images_than_it_reads_and_an_ini
     assert "--init-image" in one_error_line(generate(edit, "--init-image", tmp_path / "ref.png"), 2)
 
 
-@pytest.mark.parametrize("model,count", [("qwenimage-edit", 1), ("qwenimage-edit-plus", 2)])
-def test_qwen_image_edit_is_diffusers_edit_with_its_reference_images(model, count, monkeypatch):
-    import torch
+@pytest.fixture
+def small_edit_areas(monkeypatch):
+    """diffusers' editing pipelines size their inputs by pixel areas made for 1024x1024 models (minutes on the CPU
+    for a tiny one); a thousandth of each area (32x32 at least), for sdcli's run and plain diffusers' alike."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit, pipeline_qwenimage_edit_plus as plus
 
-    # diffusers' editing pipelines size their inputs by pixel areas made for 1024x1024 models (minutes on the CPU
-    # for a tiny one); a thousandth of each area (32x32 at least), for sdcli's run and plain diffusers' alike.
     for module in (edit, plus):
         monkeypatch.setattr(module, "calculate_dimensions",
                             lambda area, ratio, full=module.calculate_dimensions: full(max(area // 1024, 32 * 32), ratio))
+
+
+@pytest.mark.parametrize("model,count", [("qwenimage-edit", 1), ("qwenimage-edit-plus", 2)])
+def test_qwen_image_edit_is_diffusers_edit_with_its_reference_images(model, count, small_edit_areas):
+    import torch
 
     from sdcli.generation.engine import Engine
     from sdcli.generation.settings import Settings
@@ -118,3 +122,48 @@ def test_qwen_image_edit_is_diffusers_edit_with_its_reference_images(model, coun
     assert made.image.size == (32, 32)
     assert np.abs(np.asarray(made.image, np.int16) - np.round(theirs * 255)).max() <= 1
     assert made.record["task"] == "edit" and len(made.record["reference_images"]) == count
+
+
+def as_hub_processor(folder):
+    """The processor folder as the Hub's Qwen-Image-Edit repos have it (transformers 4's layout): the image
+    processor's settings flat in preprocessor_config.json, min_pixels/max_pixels, a video processor's config beside."""
+    processor = folder / "processor"
+    nested = json.loads((processor / "processor_config.json").read_text())["image_processor"]
+    size = nested.pop("size")
+    flat = {**nested, "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"],
+            "processor_class": "Qwen2_5_VLProcessor"}
+    (processor / "preprocessor_config.json").write_text(json.dumps(flat))
+    (processor / "video_preprocessor_config.json").write_text(json.dumps(
+        {**flat, "video_processor_type": "Qwen2VLVideoProcessor"}))
+    (processor / "processor_config.json").unlink()
+
+
+# Edit as transformers 5 saves its processor, Edit-Plus as the Hub has it.
+@pytest.mark.parametrize("model,count", [("qwenimage-edit", 1), ("qwenimage-edit-plus", 2)])
+def test_a_qwen_image_edit_folder_edits_from_the_cli_without_torchvision(generate, small_edit_areas, model, count,
+                                                                        monkeypatch, tmp_path):
+    # diffusers' own loading builds Qwen2-VL's video processor, which needs torchvision; sdcli builds the processor
+    # the editor calls without it, as it does wherever torchvision does not import.
+    import torch
+
+    from sdcli.families import qwenimage
+    from sdcli.testing import build_tiny_new_flow_pipeline, save_tiny_new_flow_pipeline
+
+    monkeypatch.setattr(qwenimage, "torchvision_works", lambda: False, raising=False)
+    folder = save_tiny_new_flow_pipeline(tmp_path / model, model)
+    if count > 1:
+        as_hub_processor(folder)
+    refs = []
+    for i, colour in enumerate(("red", "blue")[:count]):
+        refs += ["--reference-image", tmp_path / f"{colour}.png"]
+        Image.new("RGB", (40, 32), colour).save(refs[-1])
+    result = generate(folder, *SIZE, "-g", "1", *refs)
+    assert result.exit_code == 0, result.output
+    assert "warn" not in result.stderr.lower() and "torchvision" not in result.stderr
+    pipe = build_tiny_new_flow_pipeline(model)  # the same pipeline in memory, its processor as built
+    pipe.set_progress_bar_config(disable=True)
+    images = [Image.open(path).convert("RGB") for path in refs[1::2]]
+    theirs = pipe(prompt="a red circle", image=images if count > 1 else images[0], num_inference_steps=2,
+                  true_cfg_scale=1.0, width=32, height=32, output_type="np",
+                  generator=[torch.Generator("cpu").manual_seed(3)]).images[0]
+    assert np.array_equal(pixels(paths_of(result)[0]), np.round(theirs * 255))

@@ -96,7 +96,8 @@ def test_a_cancelled_request_stops_within_one_step_and_the_next_is_unaffected(ti
         handle.remove()
     assert made == [] and [s.index for s in steps] == [0, 1]
     assert len(calls) == 2  # two steps of ten ran (one UNet call a step: the guided batch is one call)
-    assert steps[0].total == 10 and steps[0].images == 1 and steps[0].latents is not None
+    # The tiny SD's PNDM runs one warm-up step more than the ten asked.
+    assert steps[0].total == 10 + 1 and steps[0].images == 1 and steps[0].latents is not None
     assert steps[0].sigma is None or steps[0].sigma > steps[1].sigma
     (after,) = engine.generate(_settings(plain))
     assert np.array_equal(_pixels(after), _pixels(before))
@@ -111,6 +112,27 @@ def test_every_step_reaches_the_callback_with_x0_when_asked(tiny_sd):
     assert [step.index for step in seen] == list(range(len(seen))) and len(seen) == seen[0].total == 3 + 1
     assert all(step.x0 is not None and step.x0.shape == step.latents.shape for step in seen)
     assert made.image.size == (24, 24)  # tiny sd makes 16x16; hires 1.5x
+
+
+# PNDM runs one step more than asked (its PLMS warm-up), Heun 2·steps − 1; an img2img pass skips the first ones by
+# its strength and the scheduler's order; hires fix adds its second pass.
+@pytest.mark.parametrize("sampler,task,steps", [
+    ("pndm", {}, 3 + 1), ("heun", {}, 2 * 3 - 1),
+    ("pndm", {"strength": 0.5}, 4 - 2), ("heun", {"strength": 0.5}, 5 - 2 * 2),
+    ("pndm", {"hires_scale": 1.5, "hires_strength": 0.5}, (3 + 1) + (4 - 2)),
+])
+def test_step_total_counts_the_steps_the_sampler_runs(tiny_sd, tmp_path, sampler, task, steps):
+    from PIL import Image
+
+    if "strength" in task:
+        Image.new("RGB", (16, 16), "red").save(tmp_path / "init.png")
+        task = {**task, "init_image": str(tmp_path / "init.png")}
+    engine = Engine.load(Settings(model=tiny_sd))
+    s = engine.plan(Settings(prompts=["a red circle"], steps=3, seeds=[1], scheduler=sampler, **task)).settings
+    seen: list[Step] = []
+    list(engine.images(s, engine.plan(s).jobs, on_step=seen.append))
+    assert [(step.index, step.total) for step in seen] == [(i, steps) for i in range(steps)]
+    assert engine.denoising_steps(s) == steps  # what the CLI's bar and serve's progress count to
 
 
 @pytest.mark.parametrize("sampler", ["euler-ancestral", "dpm2-ancestral", "ddpm", "dpm++2m-sde-karras"])

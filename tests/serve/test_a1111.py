@@ -86,6 +86,20 @@ def test_models_options_and_switching(on_first_model):
     assert json.loads(image.info["sdcli"])["model"] == served.models["sd2"]
 
 
+@pytest.mark.parametrize("restore", [True, False])
+def test_a_model_named_in_override_settings_is_unloaded_after_the_request_unless_asked_to_stay(on_first_model,
+                                                                                               restore):
+    # AUTOMATIC1111 restores what override_settings changed once the request is done, unless
+    # override_settings_restore_afterwards is false (true by default, as webuiapi sends it).
+    api = on_first_model.webui()
+    assert api.util_get_current_model() == "sd1"
+    (image,) = api.txt2img(prompt="a red circle", seed=1, steps=1, width=32, height=32,
+                           override_settings={"sd_model_checkpoint": "sd2"},
+                           override_settings_restore_afterwards=restore).images
+    assert json.loads(image.info["sdcli"])["model"] == on_first_model.models["sd2"]
+    assert api.util_get_current_model() == ("sd1" if restore else "sd2")
+
+
 def test_listings_name_samplers_schedulers_and_loras(served):
     api = served.webui()
     samplers = [s["name"] for s in api.get_samplers()]
