@@ -197,7 +197,8 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
                    base_model=getattr(cfg, "model", None), cfg=cfg)
     elif family.comfy_lora_prefix and both:
         kohya.save_prefixed(into / kohya.file_name(out), family.comfy_lora_prefix, denoiser, name,
-                            Path(out).resolve().name, base_model=getattr(cfg, "model", None), cfg=cfg)
+                            Path(out).resolve().name, base_model=getattr(cfg, "model", None), cfg=cfg,
+                            alphas=family.comfy_lora_alpha)
     return out / LORA_FILE
 
 
