@@ -187,6 +187,26 @@ def test_the_lora_is_generate_loras_image_in_plain_diffusers_and_in_comfyuis_lay
     assert "ComfyUI: copy style.safetensors into models/loras/" in card and "AUTOMATIC1111" not in card
 
 
+def test_klein_loss_masks_weigh_its_tokens(tiny_flux2_models, tmp_path, make_images):
+    """FLUX.2's denoiser sees one token per 2x2 latent patch: a loss mask is averaged over each token's pixels."""
+    from PIL import Image
+
+    make_images(tmp_path / "data", n=1, size=(32, 32))
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :16] = 255  # the left half
+    name = next((tmp_path / "data").glob("*.png")).stem
+    Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
+    examples = discover(tmp_path / "data", masks=tmp_path / "masks").examples
+    pipe = _pipe(tiny_flux2_models["klein"])
+    inputs = TrainingInputs(pipe, examples, family=FAMILIES["flux2"], resolution=32, center_crop=True, device="cpu",
+                            cache_latents=False, cache_text=False, unmasked_weight=0.25)
+    batch = inputs.batch([Item(0)], torch.Generator().manual_seed(0))
+    side = 32 // (pipe.vae_scale_factor * 2)
+    assert batch.latents.shape[-2:] == batch.weights.shape[-2:] == (side, side)
+    assert batch.weights[..., :side // 2].eq(1).all() and batch.weights[..., side // 2:].eq(0.25).all()
+
+
 @pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
 def test_klein_adapters_give_one_image_from_either_file(cli, tiny_flux2_models, dataset, tmp_path, adapter):
     """DoRA, LoHa and LoKr on FLUX.2 Klein: generate --lora's image from diffusers' file and from ComfyUI's
@@ -233,14 +253,15 @@ def test_zimage_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_qwenimage_fine_tune_is_a_pipeline_folder_with_a_trained_transformer(new_flow_model, dataset, tmp_path,
-                                                                                 make_config):
-    from diffusers import DiffusionPipeline, QwenImagePipeline
+@pytest.mark.parametrize("name,cls", [("qwenimage", "QwenImagePipeline"), ("klein", "Flux2KleinPipeline")])
+def test_full_fine_tune_is_a_pipeline_folder_with_a_trained_transformer(flow_model, dataset, tmp_path, make_config,
+                                                                        name, cls):
+    from diffusers import DiffusionPipeline
 
-    model, out = new_flow_model("qwenimage"), tmp_path / "full"
+    model, out = flow_model(name), tmp_path / "full"
     finetune(make_config(dataset, out, model, resolution=16, lora=False, max_steps=1, learning_rate=1e-2))
     original, trained = DiffusionPipeline.from_pretrained(model), DiffusionPipeline.from_pretrained(str(out))
-    assert isinstance(trained, QwenImagePipeline)
+    assert type(trained).__name__ == cls
     changed = [not torch.equal(a, b) for a, b in zip(trained.transformer.parameters(),
                                                      original.transformer.parameters())]
     assert any(changed)
