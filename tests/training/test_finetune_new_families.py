@@ -1,6 +1,7 @@
 """finetune on Chroma, Z-Image, Qwen-Image and FLUX.2 Klein (tiny random pipelines; FLUX.2-dev where it
-differs: its guidance input): each model's own transformer call and objective, dropped captions to its null prompt, the LoRA plain diffusers loads and `generate --lora` uses, the
-layout ComfyUI loads for each, exact resume, a full fine-tune, and editing models refused."""
+differs: its guidance input): each model's own transformer call and objective, dropped captions to its null
+prompt, the LoRA plain diffusers loads and `generate --lora` uses, the layout ComfyUI loads for each, LyCORIS
+adapters and loss masks on Klein, exact resume, full fine-tunes, and editing models refused."""
 
 from __future__ import annotations
 
