@@ -151,6 +151,9 @@ def load_lycoris(pipe: Any, family: Any, path: str | Path, adapter_name: str) ->
                 found = (module, "alpha")
             elif key.endswith((".lora_down.weight", ".lora_up.weight")):
                 found = (key.rsplit(".", 2)[0], key.rsplit(".", 2)[1])
+            elif key.endswith((".lora_A.weight", ".lora_B.weight")):  # peft's halves: a ComfyUI-layout DoRA's
+                module, half, _ = key.rsplit(".", 2)
+                found = (module, {"lora_A": "lora_down", "lora_B": "lora_up"}[half])
             else:
                 unknown.append(key)
                 continue

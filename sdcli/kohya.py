@@ -339,7 +339,7 @@ def save(path: Path, family: str, models: Mapping[str, Any], unet_config: Mappin
 
 
 def save_prefixed(path: Path, prefix: str, model: Any, family: str, output_name: str, base_model: str | None = None,
-                  cfg: Any = None) -> Path:
+                  cfg: Any = None, alphas: bool = True) -> Path:
     """Write the LoRA of a peft-adapted transformer in the layout ComfyUI loads for a family whose LoRAs it maps
     by diffusers' module paths under ``prefix`` (`sdcli.families.Family.comfy_lora_prefix`)::
 
@@ -350,6 +350,9 @@ def save_prefixed(path: Path, prefix: str, model: Any, family: str, output_name:
     ComfyUI reads peft's ``lora_A``/``lora_B`` names and scales by the ``.alpha`` beside them (diffusers' own file
     keeps alpha in its metadata, which ComfyUI does not read). DoRA, LoHa and LoKr keep LyCORIS's tensor names, as
     `convert` writes them. The ``ss_*`` metadata is kohya's, for the tools that show it.
+
+    ``alphas`` False (`Family.comfy_lora_alpha`): a LoRA's alpha / rank goes into ``lora_B`` and no ``.alpha`` is
+    written, which ComfyUI and diffusers both apply at scale 1 (diffusers' FLUX.2 loader refuses alpha tensors).
     """
     import torch
     from peft.utils import get_peft_model_state_dict
@@ -364,16 +367,22 @@ def save_prefixed(path: Path, prefix: str, model: Any, family: str, output_name:
         module, name = _split(key)
         per_layer.setdefault(module, {})[name] = tensor
     peft_halves = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+    kind = adapter_kind(config)
+    fold = not alphas and kind == "lora"
     tensors: dict[str, Any] = {}
     for module, params in per_layer.items():
         for name, tensor in _lyco_tensors(params, alpha, config.r).items():
+            if fold and name == "lora_up.weight":
+                tensor = (tensor * (alpha / config.r)).contiguous()
             tensors[f"{prefix}{module}.{peft_halves.get(name, name)}"] = tensor
-        tensors[f"{prefix}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if not fold:
+            tensors[f"{prefix}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    if fold:
+        alpha = float(config.r)  # what the file now means: scale 1
     if base_model and Path(base_model).exists():
         base_model = Path(base_model).resolve().name
     from sdcli import __version__
 
-    kind = adapter_kind(config)
     meta: dict[str, Any] = {
         "ss_network_module": NETWORK_MODULES[kind], "ss_network_dim": int(config.r), "ss_network_alpha": alpha,
         "ss_base_model_version": family, "ss_output_name": output_name,

@@ -234,12 +234,18 @@ class Family:
     text_mask: bool = False
     posterior: Callable[[Any, Any], tuple[Any, Any]] = vae_posterior  # (VAE, pixels) -> latent mean, std (raw)
     scale_latents: Callable[[Any, Any], Any] = vae_scale  # (VAE, raw latents) -> the denoiser's latents
+    # Its pipelines that take --reference-image make images from the prompt alone too (FLUX.2), so finetune
+    # trains them text-to-image; else such a pipeline is an editing model, which finetune refuses
+    references_optional: bool = False
 
     # 8. LoRA files: each variant's kohya layout (none: diffusers' format only)
     kohya: Mapping[str, KohyaLayout] = field(default_factory=dict)
     # Where ComfyUI reads LoRAs under diffusers' module paths: the prefix its loader maps them from for this
     # family ("diffusion_model.", "transformer."); finetune writes that file beside diffusers' ("": none)
     comfy_lora_prefix: str = ""
+    # That file keeps kohya's ``.alpha`` per layer; False: a LoRA's alpha / rank folded into its up-projection
+    # instead, for a family whose diffusers loader refuses alpha tensors (FLUX.2), so diffusers reads it too
+    comfy_lora_alpha: bool = True
 
     # 9. Big models on small cards (`sdcli.quantize`): the step caches diffusers has hooks for on its denoiser
     # (--cache: first-block, taylorseer, mag), the name of diffusers' calibrated MagCache ratios for it

@@ -6,6 +6,15 @@ Guidance, as each model has it: FLUX.2-dev has its guidance distilled into an in
 (``guidance_scale`` of Flux2Pipeline: sdcli's --distilled-guidance, no negative prompt); Klein's base models run
 classifier-free guidance against a negative prompt (--guidance); its step-distilled models (``is_distilled``) take
 none. Both take reference images (``image``: --reference-image), diffusers has no img2img for either.
+
+Training follows diffusers' FLUX.2 and Klein LoRA scripts: the VAE's latent patched 2x2 into channels and
+normalised by its batch-norm statistics, flow matching on the unshifted σ's (the shift depends on the image size
+and the steps, applied at sampling), the prompt's stacked hidden states from the pipeline's own encode_prompt (at
+its 512 tokens, padding included, as the pipeline feeds them), position ids for the image and text tokens, the
+timestep on 0..1, and FLUX.2-dev's distilled guidance as an input (Klein has none). Dropped captions train "",
+what Klein's guidance reads. ComfyUI runs FLUX.2 as its Flux model class, whose LoRA loader maps diffusers'
+module paths under ``transformer.``; diffusers' FLUX.2 loader reads no alpha tensors, so that file carries
+each LoRA's scale in its up-projection.
 """
 
 from __future__ import annotations
@@ -61,6 +70,52 @@ def unpack_latents(pipe: Any, latents: Any, size: tuple[int, int] | None) -> Any
     mean = bn.running_mean.view(1, -1, 1, 1).to(grid.device, grid.dtype)
     std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(grid.device, grid.dtype)
     return type(pipe)._unpatchify_latents(grid * std + mean)
+
+
+def posterior(vae: Any, pixels: Any) -> tuple[Any, Any]:
+    """The latent distribution with its 2x2 patches folded into channels (B, 4·C, h/2, w/2), as the pipelines
+    patchify before normalising: a latent pixel of the denoiser is one token, so a loss mask is one per token."""
+    from diffusers import Flux2Pipeline
+
+    dist = vae.encode(pixels).latent_dist
+    return Flux2Pipeline._patchify_latents(dist.mean), Flux2Pipeline._patchify_latents(dist.std)
+
+
+def scale_latents(vae: Any, z: Any) -> Any:
+    """Patchified latents normalised by the VAE's batch-norm running statistics, as the pipelines do."""
+    import torch
+
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
+    return (z - mean) / std
+
+
+def encode(pipe: Any, pairs: Any, prompts: list[str], device: Any) -> tuple[Any, None]:
+    """The text encoder's stacked hidden states at the pipeline's 512 tokens (Mistral Small 3's with its system
+    message on FLUX.2-dev, Qwen3's chat-formatted on Klein); no pooled vector, no mask (the pipeline has none)."""
+    hidden, _text_ids = pipe.encode_prompt(prompts, device=device)
+    return hidden, None
+
+
+def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, Any], guidance: Any) -> Any:
+    """As the FLUX.2 pipelines' loop: the patchified latent as tokens with their (t, h, w, l) positions, the text
+    tokens' positions, the timestep on 0..1, and FLUX.2-dev's guidance input (None on Klein)."""
+    import torch
+
+    cls = type(pipe)
+    b = noisy.shape[0]
+    hidden = cond["encoder_hidden_states"]
+    img_ids = cls._prepare_latent_ids(noisy).to(noisy.device)
+    g = None if guidance is None else torch.full((b,), float(guidance), device=noisy.device, dtype=torch.float32)
+    out = model(hidden_states=cls._pack_latents(noisy), timestep=timesteps.to(noisy.dtype) / 1000, guidance=g,
+                encoder_hidden_states=hidden, txt_ids=cls._prepare_text_ids(hidden).to(noisy.device),
+                img_ids=img_ids, return_dict=False)[0]
+    return cls._unpack_latents_with_ids(out, img_ids)  # FLUX.2-dev's takes no size
+
+
+def sizes(pipe: Any) -> tuple[int, int, int | None]:
+    f = pipe.vae_scale_factor
+    return pipe.default_sample_size * f, f * 2, None  # 2x2 patches
 
 
 def schedule_shift(config: Mapping[str, Any], tokens: int, steps: int) -> tuple[float, list[float]]:
@@ -159,4 +214,13 @@ FAMILY = Family(
     references=references,
     arch=arch,
     text_encoders=("text_encoder",),
+    encode=encode,
+    predict=predict,
+    sizes=sizes,
+    posterior=posterior,
+    scale_latents=scale_latents,
+    peft_lora_names=True,
+    references_optional=True,
+    comfy_lora_prefix="transformer.",
+    comfy_lora_alpha=False,
 )

@@ -166,9 +166,11 @@ def finetune(cfg: FinetuneConfig, callback: Callable[[StepInfo], None] | None = 
             from sdcli.errors import ModelError
 
             raise ModelError(f"--model {cfg.model} is a {facts.class_name}, which sdcli generates with but cannot "
-                             "train; finetune trains Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1, Chroma, Z-Image "
-                             "and Qwen-Image pipelines")
-        if facts.family.references(facts.class_name or ""):  # an editing model learns from (reference, result) pairs
+                             "train; finetune trains Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.1, FLUX.2, Chroma, "
+                             "Z-Image and Qwen-Image pipelines")
+        family = facts.family
+        if family.references(facts.class_name or "") and not family.references_optional:
+            # an editing model learns from (reference, result) pairs
             from sdcli.errors import ModelError
 
             raise ModelError(f"--model {cfg.model} is a {facts.class_name}, an editing model, which learns from "

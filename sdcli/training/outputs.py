@@ -163,7 +163,7 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
     ``transformer_lora_layers`` for SD3 and Flux), so its `load_lora_weights` finds every key. For SD
     1.x/2.x and SDXL, unless ``cfg.lora_format`` is diffusers, the same weights also go to
     OUT/<OUT's name>.safetensors in the kohya layout, with ``cfg``'s settings in its ss_* metadata; for a
-    family with a ``comfy_lora_prefix`` (Chroma, Z-Image, Qwen-Image), in the layout ComfyUI loads for it.
+    family with a ``comfy_lora_prefix`` (Chroma, Z-Image, Qwen-Image, FLUX.2), in the layout ComfyUI loads for it.
     ``into``: the folder written to (`staged`), if not OUT itself.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -197,7 +197,8 @@ def save_lora(pipe: Any, family: Any, denoiser: Any, text_encoders: list[Any], o
                    base_model=getattr(cfg, "model", None), cfg=cfg)
     elif family.comfy_lora_prefix and both:
         kohya.save_prefixed(into / kohya.file_name(out), family.comfy_lora_prefix, denoiser, name,
-                            Path(out).resolve().name, base_model=getattr(cfg, "model", None), cfg=cfg)
+                            Path(out).resolve().name, base_model=getattr(cfg, "model", None), cfg=cfg,
+                            alphas=family.comfy_lora_alpha)
     return out / LORA_FILE
 
 

@@ -37,7 +37,7 @@ def plain_diffusers():
         if lora:
             pipe.load_lora_weights(lora)
         pipe.set_progress_bar_config(disable=True)
-        image = pipe("a red circle", num_inference_steps=2, output_type="np",
+        image = pipe(prompt="a red circle", num_inference_steps=2, output_type="np",
                      generator=[torch.Generator("cpu").manual_seed(3)], **call).images[0]
         return np.round(image * 255).astype(np.int16)
 
