@@ -493,9 +493,9 @@ def check_generation(s: Any, arch: Arch, family: Any = None) -> None:
             if lower < asked.total:
                 helps.append(f"{flag} needs {human(lower)}")
     # 2. Without quantization: the first --quantize (least rounding first) that makes it fit.
-    if not getattr(s, "quantize", None) and not getattr(s, "denoiser_file", None):
-        from sdcli import quantize as q
+    from sdcli import quantize as q
 
+    if not getattr(s, "quantize", None) and not q.model_is_gguf(getattr(s, "denoiser_file", None)):
         for kind in ("int8-weight", "nf4", "int4-weight"):
             mode = q.resolve(kind, device)
             if mode.cuda_only and not device.startswith("cuda"):
@@ -519,13 +519,15 @@ def _weighing(s: Any, device: str, nbytes: int, family: Any) -> Callable[..., in
     spec, file = getattr(s, "quantize", None), getattr(s, "denoiser_file", None)
     own = q.resolve(spec, device) if spec else None
     offload = getattr(s, "offload", None) or ("model" if getattr(s, "cpu_offload", False) else None)
+    # A GGUF denoiser stays quantized (its file's size); a safetensors one loads in --dtype, as the base's would.
+    gguf_bytes = Path(file).stat().st_size if file and q.model_is_gguf(file) and Path(file).is_file() else None
 
     def weighed(mode: Any = None) -> int:
         if not params or family is None:
             return 0
         return weights_bytes(params, nbytes=nbytes, denoiser=family.denoiser, text_encoders=family.text_encoders,
                              quantize=mode or own, quantize_text_encoder=getattr(s, "quantize_text_encoder", False),
-                             denoiser_file_bytes=Path(file).stat().st_size if file and Path(file).is_file() else None,
+                             denoiser_file_bytes=gguf_bytes,
                              storage_float8=bool(getattr(s, "storage_dtype", None)), offload=offload)
 
     return weighed

@@ -159,4 +159,5 @@ FAMILY = Family(
     references=references,
     arch=arch,
     text_encoders=("text_encoder",),
+    gguf_markers=("single_stream_modulation.",),  # in the original names and diffusers'
 )
