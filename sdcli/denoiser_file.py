@@ -119,11 +119,9 @@ def check(path: str, family: Any, model: str, flag: str, identify: Any) -> Any:
     return facts
 
 
-def load(path: str, base: str, subfolder: str, class_name: str, dtype: Any, flag: str,
-         quantization: Any = None) -> Any:
+def load(path: str, base: str, subfolder: str, class_name: str, dtype: Any, flag: str) -> Any:
     """The ``subfolder`` model (a ``class_name``) of the pipeline at ``base`` (folder or Hub id: its config), its
-    weights from the safetensors file ``path`` in ``dtype`` (float8 weights upcast, scaled ones scaled first),
-    quantized with diffusers' ``quantization`` config where one is given."""
+    weights from the safetensors file ``path`` in ``dtype`` (float8 weights upcast, scaled ones scaled first)."""
     import diffusers
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
     from safetensors.torch import load_file
@@ -150,8 +148,7 @@ def load(path: str, base: str, subfolder: str, class_name: str, dtype: Any, flag
             raise ModelError(f"{flag} {path}: the file {what} for --model {base}'s {subfolder}; is it another variant "
                              "of the model?", setting="denoiser_file")
     try:
-        return cls.from_single_file(state, config=base, subfolder=subfolder, torch_dtype=dtype,
-                                    quantization_config=quantization)
+        return cls.from_single_file(state, config=base, subfolder=subfolder, torch_dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - a shape that does not fit the base model's config
         raise ModelError(f"{flag} {path}: does not fit --model {base}'s {subfolder}: "
                          f"{' '.join(str(exc).split())[:200]}", setting="denoiser_file") from exc

@@ -142,13 +142,12 @@ def load_pipeline(
                                      "pass --allow-pickle if you trust it")
             # Another family's pipeline was refused before its weights load (`family_before_load`), not half-run.
             where = str(Path(model).expanduser()) if kind == "folder" else model
-            if mode is not None:
-                encoders = family.text_encoders if quantize_text_encoder else ()
+            encoders = family.text_encoders if quantize_text_encoder else ()
+            if mode is not None:  # with a denoiser file, the text encoders alone (`check_load`)
                 common["quantization_config"] = q.quantization_config(
                     mode, None if denoiser_file else family.denoiser, encoders, torch_dtype)
             if denoiser_file:
-                common[family.denoiser] = _load_denoiser_file(denoiser_file, where, family, revision, mode,
-                                                              torch_dtype)
+                common[family.denoiser] = _load_denoiser_file(denoiser_file, where, family, revision, torch_dtype)
             pipe = diffusers.DiffusionPipeline.from_pretrained(
                 where,
                 revision=revision,
@@ -177,20 +176,16 @@ def load_pipeline(
     return Loaded(pipe=pipe, model=model, family=family_of(pipe), device=device, dtype=torch_dtype)
 
 
-def _load_denoiser_file(file: str, where: str, family: Any, revision: str | None, mode: Any, dtype: Any) -> Any:
+def _load_denoiser_file(file: str, where: str, family: Any, revision: str | None, dtype: Any) -> Any:
     """The denoiser of the pipeline at ``where`` from ``file`` (GGUF, or safetensors in either naming; checked
-    already by `sdcli.denoiser_file.check`), quantized with ``mode`` where it is not GGUF."""
-    import diffusers
-
+    already by `sdcli.denoiser_file.check`)."""
     from sdcli import denoiser_file, quantize as q
 
     index = _config(where, "model_index.json", revision) or {}
     class_name = (index.get(family.denoiser) or [None, None])[1]
     if denoiser_file.is_gguf(file):
         return q.load_gguf_denoiser(file, where, family.denoiser, class_name, dtype)
-    quantization = q.model_quantization(mode, dtype, diffusers) if mode is not None else None
-    return denoiser_file.load(file, where, family.denoiser, class_name, dtype, f"--{family.denoiser}",
-                              quantization)
+    return denoiser_file.load(file, where, family.denoiser, class_name, dtype, f"--{family.denoiser}")
 
 
 def _load_gguf_model(path: Path, family: Any, mode: Any, quantize_text_encoder: bool, dtype: Any) -> Any:

@@ -229,9 +229,12 @@ def check_load(values: Mapping[str, Any], device: str, family: Any = None, model
     storage = values.get("storage_dtype")
     offload = values.get("offload")
     flag = f"--{family.denoiser}" if family is not None else "--transformer"
-    if spec and gguf_file and not values.get("quantize_text_encoder"):
-        raise UsageError(f"--quantize {spec} with {flag} {Path(gguf_file).name}: a GGUF file's weights are quantized "
-                         "already; add --quantize-text-encoder to quantize the text encoders", setting="quantize")
+    if spec and file and not values.get("quantize_text_encoder"):
+        why = ("a GGUF file's weights are quantized already" if gguf_file else "sdcli does not quantize a denoiser read "
+               "from its own file (diffusers' from_single_file leaves it unquantized); --storage-dtype float8 keeps "
+               "its weights in float8, a GGUF file quantized")
+        raise UsageError(f"--quantize {spec} with {flag} {Path(file).name}: {why}; add --quantize-text-encoder to "
+                         "quantize the text encoders", setting="quantize")
     if values.get("quantize_text_encoder") and not spec:
         raise UsageError("--quantize-text-encoder needs --quantize MODE", setting="quantize_text_encoder")
     if storage and (spec or gguf_file):

@@ -150,6 +150,7 @@ def _packed(path, folder):
     ("truncated", 1, "truncated"),
     ("packed", 1, "packed in a quantized format diffusers cannot load"),
     ("missing", None, None),
+    ("quantize", 2, "sdcli does not quantize a denoiser read from its own file"),
 ])
 def test_a_file_that_does_not_fit_is_refused_in_one_line(cli, folders, tmp_path, no_pipeline_loads, which, code,
                                                          words):
@@ -162,6 +163,7 @@ def test_a_file_that_does_not_fit_is_refused_in_one_line(cli, folders, tmp_path,
         "ckpt": lambda p: p.write_bytes(b"not read") and p,
         "truncated": lambda p: p.write_bytes(save_denoiser_file(zimage, p).read_bytes()[:-100]) and p,
         "packed": lambda p: _packed(p, zimage),
+        "quantize": lambda p: save_denoiser_file(zimage, p, original="zimage"),
     }
     if which == "missing":  # a tensor short: named, before the pipeline around it loads
         from safetensors.torch import load_file, save_file
@@ -175,7 +177,9 @@ def test_a_file_that_does_not_fit_is_refused_in_one_line(cli, folders, tmp_path,
         return
     path = tmp_path / ("z.ckpt" if which == "ckpt" else f"{which}.safetensors")
     files[which](path)
-    line = one_error_line(cli("generate", "a", "-m", zimage, *SIZE, "--transformer", path), code)
+    extra = ("--quantize", "int8-weight") if which == "quantize" else ()
+    line = one_error_line(cli("generate", "a", "-m", zimage, *SIZE, "--transformer", path, *extra), code)
+    path = path.name if which == "quantize" else path
     assert f"--transformer {path}" in line and words in line and not no_pipeline_loads
 
 
