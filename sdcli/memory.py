@@ -157,18 +157,19 @@ def model_params(model: str) -> dict[str, Params]:
 
 def weights_bytes(params: dict[str, Params], *, nbytes: int, denoiser: str = "unet",
                   text_encoders: tuple[str, ...] = (), quantize: Any = None, quantize_text_encoder: bool = False,
-                  denoiser_file_bytes: int | None = None, storage_float8: bool = False, offload: str | None = None
-                  ) -> int:
+                  denoiser_file_bytes: int | None = None, storage_float8: bool = False, offload: str | None = None,
+                  denoiser_from_file: bool = False) -> int:
     """The bytes the weights hold on the device: each model's linear weights at ``quantize``'s bytes a weight
-    (`sdcli.quantize.Mode`) where it quantizes them, one byte with float8 storage, ``nbytes`` otherwise; a GGUF
-    denoiser its file's size. Offloaded, only what is on the GPU at once: the largest model (model offload), or
+    (`sdcli.quantize.Mode`) where it quantizes them (not a denoiser ``denoiser_from_file``: a safetensors file
+    loads unquantized), one byte with float8 storage, ``nbytes`` otherwise; a GGUF denoiser its file's size. Offloaded, only what is on the GPU at once: the largest model (model offload), or
     next to nothing (sequential and group offloading move a layer at a time)."""
     sizes = {}
     for name, p in params.items():
         if name == denoiser and denoiser_file_bytes is not None:
             sizes[name] = denoiser_file_bytes
             continue
-        quantized = quantize is not None and (name == denoiser or (quantize_text_encoder and name in text_encoders))
+        quantized = quantize is not None and ((name == denoiser and not denoiser_from_file)
+                                              or (quantize_text_encoder and name in text_encoders))
         if quantized:
             sizes[name] = int(p.linear * quantize.bytes_per_weight + p.other * nbytes)
         elif storage_float8 and name == denoiser:
@@ -527,7 +528,7 @@ def _weighing(s: Any, device: str, nbytes: int, family: Any) -> Callable[..., in
             return 0
         return weights_bytes(params, nbytes=nbytes, denoiser=family.denoiser, text_encoders=family.text_encoders,
                              quantize=mode or own, quantize_text_encoder=getattr(s, "quantize_text_encoder", False),
-                             denoiser_file_bytes=gguf_bytes,
+                             denoiser_file_bytes=gguf_bytes, denoiser_from_file=bool(file),
                              storage_float8=bool(getattr(s, "storage_dtype", None)), offload=offload)
 
     return weighed
