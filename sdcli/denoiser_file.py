@@ -90,15 +90,16 @@ def check(path: str, family: Any, model: str, flag: str, identify: Any) -> Any:
     that takes none, a file neither safetensors nor GGUF, one of no known denoiser or of another family's
     (``identify(facts)`` names the family its tensors are of: `sdcli.families.gguf_family`), weights packed in a
     format diffusers cannot read. Returns the file's facts."""
-    from sdcli.quantize import read_gguf
+    from sdcli.configs import read_gguf
 
     if not family.gguf_markers:
         raise UsageError(f"{flag} {path}: sdcli loads a denoiser file into {FAMILIES_TAKING_FILES} models, and "
                          f"--model {model} is none of them", setting="denoiser_file")
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise UsageError(f"{flag} {path}: give the denoiser as a .safetensors or .gguf file (a pickled {suffix or 'file'} "
-                         "can run code when loaded; convert it to safetensors)", setting="denoiser_file")
+        raise UsageError(f"{flag} {path}: give the denoiser as a .safetensors or .gguf file (a pickled "
+                         f"{suffix or 'file'} can run code when loaded; convert it to safetensors)",
+                         setting="denoiser_file")
     facts = read_gguf(path, flag) if suffix == ".gguf" else read_safetensors(path, flag)
     theirs = identify(facts)
     if theirs is None:

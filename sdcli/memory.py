@@ -161,8 +161,9 @@ def weights_bytes(params: dict[str, Params], *, nbytes: int, denoiser: str = "un
                   denoiser_from_file: bool = False) -> int:
     """The bytes the weights hold on the device: each model's linear weights at ``quantize``'s bytes a weight
     (`sdcli.quantize.Mode`) where it quantizes them (not a denoiser ``denoiser_from_file``: a safetensors file
-    loads unquantized), one byte with float8 storage, ``nbytes`` otherwise; a GGUF denoiser its file's size. Offloaded, only what is on the GPU at once: the largest model (model offload), or
-    next to nothing (sequential and group offloading move a layer at a time)."""
+    loads unquantized), one byte with float8 storage, ``nbytes`` otherwise; a GGUF denoiser its file's size.
+    Offloaded, only what is on the GPU at once: the largest model (model offload), or next to nothing (sequential
+    and group offloading move a layer at a time)."""
     sizes = {}
     for name, p in params.items():
         if name == denoiser and denoiser_file_bytes is not None:

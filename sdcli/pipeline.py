@@ -93,8 +93,8 @@ def load_pipeline(
 
     With ``cpu_offload`` the weights stay in CPU memory and each model moves to the GPU only
     while it runs (diffusers' model offload), so the whole pipeline never has to fit at once.
-    ``quantize``, ``quantize_text_encoder``, ``denoiser_file`` (a denoiser's own file: GGUF or safetensors), ``storage_dtype`` and
-    ``offload`` are the modes of `sdcli.quantize`, each checked before any weights load.
+    ``quantize``, ``quantize_text_encoder``, ``denoiser_file`` (a denoiser's own file: GGUF or safetensors),
+    ``storage_dtype`` and ``offload`` are the modes of `sdcli.quantize`, each checked before any weights load.
     """
     from sdcli import quantize as q
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdcli.configs import GgufFacts, model_is_gguf, read_gguf  # noqa: F401 - callers find them here too
-from sdcli.errors import ModelError, UsageError
+from sdcli.errors import UsageError
 
 # 1. The quantization modes ---------------------------------------------------------------------------------
 
@@ -230,8 +230,8 @@ def check_load(values: Mapping[str, Any], device: str, family: Any = None, model
     offload = values.get("offload")
     flag = f"--{family.denoiser}" if family is not None else "--transformer"
     if spec and file and not values.get("quantize_text_encoder"):
-        why = ("a GGUF file's weights are quantized already" if gguf_file else "sdcli does not quantize a denoiser read "
-               "from its own file (diffusers' from_single_file leaves it unquantized); --storage-dtype float8 keeps "
+        why = ("a GGUF file's weights are quantized already" if gguf_file else "sdcli does not quantize a denoiser "
+               "read from its own file (diffusers' from_single_file leaves it unquantized); --storage-dtype float8 keeps "
                "its weights in float8, a GGUF file quantized")
         raise UsageError(f"--quantize {spec} with {flag} {Path(file).name}: {why}; add --quantize-text-encoder to "
                          "quantize the text encoders", setting="quantize")

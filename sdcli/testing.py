@@ -487,6 +487,11 @@ def _swap_halves(tensor):
     return torch.cat([second, first], dim=0)
 
 
+_ZIMAGE_NAMES = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+                 (".attention.to_out.0.", ".attention.out."), (".attention.norm_k.", ".attention.k_norm."),
+                 (".attention.norm_q.", ".attention.q_norm."))
+
+
 def _zimage_original(state: dict) -> dict:
     out, qkv = {}, {}
     for key, value in state.items():
@@ -495,10 +500,9 @@ def _zimage_original(state: dict) -> dict:
                 qkv.setdefault(key.replace(f".attention.{part}.weight", ".attention.qkv.weight"), {})[part] = value
                 break
         else:
-            new = (key.replace("all_final_layer.2-1.", "final_layer.").replace("all_x_embedder.2-1.", "x_embedder.")
-                   .replace(".attention.to_out.0.", ".attention.out.").replace(".attention.norm_k.", ".attention.k_norm.")
-                   .replace(".attention.norm_q.", ".attention.q_norm."))
-            out[new] = value
+            for ours, theirs in _ZIMAGE_NAMES:
+                key = key.replace(ours, theirs)
+            out[key] = value
     import torch
 
     for key, parts in qkv.items():
@@ -516,10 +520,13 @@ _FLUX2_TOP = {"x_embedder.": "img_in.", "context_embedder.": "txt_in.",
               "double_stream_modulation_img.linear.": "double_stream_modulation_img.lin.",
               "double_stream_modulation_txt.linear.": "double_stream_modulation_txt.lin.",
               "single_stream_modulation.linear.": "single_stream_modulation.lin.", "proj_out.": "final_layer.linear."}
-_FLUX2_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+_FLUX2_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+                 "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
                  "attn.to_out.0.weight": "img_attn.proj.weight", "ff.linear_in.weight": "img_mlp.0.weight",
-                 "ff.linear_out.weight": "img_mlp.2.weight", "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-                 "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "attn.to_add_out.weight": "txt_attn.proj.weight",
+                 "ff.linear_out.weight": "img_mlp.2.weight",
+                 "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+                 "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+                 "attn.to_add_out.weight": "txt_attn.proj.weight",
                  "ff_context.linear_in.weight": "txt_mlp.0.weight", "ff_context.linear_out.weight": "txt_mlp.2.weight"}
 _FLUX2_SINGLE = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
                  "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}

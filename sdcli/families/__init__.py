@@ -134,8 +134,8 @@ def family_before_load(model: str, revision: str | None) -> Family:
 
 
 def gguf_family(facts: Any) -> Family | None:
-    """The family whose denoiser a GGUF file holds: named by its architecture metadata, else recognised by its
-    tensor names (each family's ``gguf_markers``, the most specific family first); None where none is."""
+    """The family whose denoiser a denoiser file holds (GGUF, or safetensors: `sdcli.denoiser_file.FileFacts`):
+    named by a GGUF's architecture metadata, else recognised by its tensor names (each family's ``gguf_markers``, the most specific family first); None where none is."""
     if facts.architecture:
         for family in FAMILIES:
             if facts.architecture in (family.name, *family.variants):
