@@ -157,18 +157,20 @@ def model_params(model: str) -> dict[str, Params]:
 
 def weights_bytes(params: dict[str, Params], *, nbytes: int, denoiser: str = "unet",
                   text_encoders: tuple[str, ...] = (), quantize: Any = None, quantize_text_encoder: bool = False,
-                  denoiser_file_bytes: int | None = None, storage_float8: bool = False, offload: str | None = None
-                  ) -> int:
+                  denoiser_file_bytes: int | None = None, storage_float8: bool = False, offload: str | None = None,
+                  denoiser_from_file: bool = False) -> int:
     """The bytes the weights hold on the device: each model's linear weights at ``quantize``'s bytes a weight
-    (`sdcli.quantize.Mode`) where it quantizes them, one byte with float8 storage, ``nbytes`` otherwise; a GGUF
-    denoiser its file's size. Offloaded, only what is on the GPU at once: the largest model (model offload), or
-    next to nothing (sequential and group offloading move a layer at a time)."""
+    (`sdcli.quantize.Mode`) where it quantizes them (not a denoiser ``denoiser_from_file``: a safetensors file
+    loads unquantized), one byte with float8 storage, ``nbytes`` otherwise; a GGUF denoiser its file's size.
+    Offloaded, only what is on the GPU at once: the largest model (model offload), or next to nothing (sequential
+    and group offloading move a layer at a time)."""
     sizes = {}
     for name, p in params.items():
         if name == denoiser and denoiser_file_bytes is not None:
             sizes[name] = denoiser_file_bytes
             continue
-        quantized = quantize is not None and (name == denoiser or (quantize_text_encoder and name in text_encoders))
+        quantized = quantize is not None and ((name == denoiser and not denoiser_from_file)
+                                              or (quantize_text_encoder and name in text_encoders))
         if quantized:
             sizes[name] = int(p.linear * quantize.bytes_per_weight + p.other * nbytes)
         elif storage_float8 and name == denoiser:
@@ -493,9 +495,9 @@ def check_generation(s: Any, arch: Arch, family: Any = None) -> None:
             if lower < asked.total:
                 helps.append(f"{flag} needs {human(lower)}")
     # 2. Without quantization: the first --quantize (least rounding first) that makes it fit.
-    if not getattr(s, "quantize", None) and not getattr(s, "denoiser_file", None):
-        from sdcli import quantize as q
+    from sdcli import quantize as q
 
+    if not getattr(s, "quantize", None) and not q.model_is_gguf(getattr(s, "denoiser_file", None)):
         for kind in ("int8-weight", "nf4", "int4-weight"):
             mode = q.resolve(kind, device)
             if mode.cuda_only and not device.startswith("cuda"):
@@ -519,13 +521,15 @@ def _weighing(s: Any, device: str, nbytes: int, family: Any) -> Callable[..., in
     spec, file = getattr(s, "quantize", None), getattr(s, "denoiser_file", None)
     own = q.resolve(spec, device) if spec else None
     offload = getattr(s, "offload", None) or ("model" if getattr(s, "cpu_offload", False) else None)
+    # A GGUF denoiser stays quantized (its file's size); a safetensors one loads in --dtype, as the base's would.
+    gguf_bytes = Path(file).stat().st_size if file and q.model_is_gguf(file) and Path(file).is_file() else None
 
     def weighed(mode: Any = None) -> int:
         if not params or family is None:
             return 0
         return weights_bytes(params, nbytes=nbytes, denoiser=family.denoiser, text_encoders=family.text_encoders,
                              quantize=mode or own, quantize_text_encoder=getattr(s, "quantize_text_encoder", False),
-                             denoiser_file_bytes=Path(file).stat().st_size if file and Path(file).is_file() else None,
+                             denoiser_file_bytes=gguf_bytes, denoiser_from_file=bool(file),
                              storage_float8=bool(getattr(s, "storage_dtype", None)), offload=offload)
 
     return weighed

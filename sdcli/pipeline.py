@@ -93,8 +93,8 @@ def load_pipeline(
 
     With ``cpu_offload`` the weights stay in CPU memory and each model moves to the GPU only
     while it runs (diffusers' model offload), so the whole pipeline never has to fit at once.
-    ``quantize``, ``quantize_text_encoder``, ``denoiser_file`` (a GGUF denoiser), ``storage_dtype`` and
-    ``offload`` are the modes of `sdcli.quantize`, each checked before any weights load.
+    ``quantize``, ``quantize_text_encoder``, ``denoiser_file`` (a denoiser's own file: GGUF or safetensors),
+    ``storage_dtype`` and ``offload`` are the modes of `sdcli.quantize`, each checked before any weights load.
     """
     from sdcli import quantize as q
 
@@ -142,17 +142,15 @@ def load_pipeline(
                                      "pass --allow-pickle if you trust it")
             # Another family's pipeline was refused before its weights load (`family_before_load`), not half-run.
             where = str(Path(model).expanduser()) if kind == "folder" else model
-            if mode is not None:
-                encoders = family.text_encoders if quantize_text_encoder else ()
+            encoders = family.text_encoders if quantize_text_encoder else ()
+            if mode is not None:  # with a denoiser file, the text encoders alone (`check_load`)
                 common["quantization_config"] = q.quantization_config(
                     mode, None if denoiser_file else family.denoiser, encoders, torch_dtype)
             index = _config(model, "model_index.json", revision) or {}
             if family.parts:  # what the family builds itself (a processor diffusers' loading cannot make here)
                 common.update(family.parts(where, index, revision))
             if denoiser_file:
-                class_name = (index.get(family.denoiser) or [None, None])[1]
-                common[family.denoiser] = q.load_gguf_denoiser(denoiser_file, where, family.denoiser, class_name,
-                                                               torch_dtype)
+                common[family.denoiser] = _load_denoiser_file(denoiser_file, where, family, revision, torch_dtype)
             pipe = diffusers.DiffusionPipeline.from_pretrained(
                 where,
                 revision=revision,
@@ -179,6 +177,18 @@ def load_pipeline(
     else:
         pipe.to(device)
     return Loaded(pipe=pipe, model=model, family=family_of(pipe), device=device, dtype=torch_dtype)
+
+
+def _load_denoiser_file(file: str, where: str, family: Any, revision: str | None, dtype: Any) -> Any:
+    """The denoiser of the pipeline at ``where`` from ``file`` (GGUF, or safetensors in either naming; checked
+    already by `sdcli.denoiser_file.check`)."""
+    from sdcli import denoiser_file, quantize as q
+
+    index = _config(where, "model_index.json", revision) or {}
+    class_name = (index.get(family.denoiser) or [None, None])[1]
+    if denoiser_file.is_gguf(file):
+        return q.load_gguf_denoiser(file, where, family.denoiser, class_name, dtype)
+    return denoiser_file.load(file, where, family.denoiser, class_name, dtype, f"--{family.denoiser}")
 
 
 def _load_gguf_model(path: Path, family: Any, mode: Any, quantize_text_encoder: bool, dtype: Any) -> Any:

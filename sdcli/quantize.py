@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdcli.configs import GgufFacts, model_is_gguf, read_gguf  # noqa: F401 - callers find them here too
-from sdcli.errors import ModelError, UsageError
+from sdcli.errors import UsageError
 
 # 1. The quantization modes ---------------------------------------------------------------------------------
 
@@ -127,25 +127,27 @@ def check_mode(spec: str, device: str, flag: str = "--quantize", setting: str = 
 
 
 def quantization_config(mode: Mode, denoiser: str | None, text_encoders: tuple[str, ...], dtype: Any) -> Any:
-    """diffusers' `PipelineQuantizationConfig` quantizing the pipeline attribute ``denoiser`` (None: it is a GGUF
-    file, quantized already) and ``text_encoders`` with ``mode``: diffusers' config for diffusers' models,
+    """diffusers' `PipelineQuantizationConfig` quantizing the pipeline attribute ``denoiser`` (None: it comes from
+    its own file, loaded apart) and ``text_encoders`` with ``mode``: diffusers' config for diffusers' models,
     transformers' own for the text encoders (the two libraries' configs are different classes)."""
     import diffusers
     import transformers
 
+    mapping: dict[str, Any] = {name: model_quantization(mode, dtype, transformers) for name in text_encoders}
+    if denoiser:
+        mapping[denoiser] = model_quantization(mode, dtype, diffusers)
+    return diffusers.PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def model_quantization(mode: Mode, dtype: Any, library: Any) -> Any:
+    """``library``'s (diffusers' or transformers': different classes) config quantizing one model with ``mode``."""
     if mode.backend == "torchao":
         import torchao.quantization as ao
 
-        ao_config = getattr(ao, TORCHAO_CONFIGS[mode.kind])()
-        ours, theirs = diffusers.TorchAoConfig(ao_config), (lambda: transformers.TorchAoConfig(ao_config))
-    else:
-        kw: dict[str, Any] = ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
-                              if mode.kind == "nf4" else {"load_in_8bit": True})
-        ours, theirs = diffusers.BitsAndBytesConfig(**kw), (lambda: transformers.BitsAndBytesConfig(**kw))
-    mapping: dict[str, Any] = {name: theirs() for name in text_encoders}
-    if denoiser:
-        mapping[denoiser] = ours
-    return diffusers.PipelineQuantizationConfig(quant_mapping=mapping)
+        return library.TorchAoConfig(getattr(ao, TORCHAO_CONFIGS[mode.kind])())
+    kw: dict[str, Any] = ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+                          if mode.kind == "nf4" else {"load_in_8bit": True})
+    return library.BitsAndBytesConfig(**kw)
 
 
 def is_quantized(model: Any) -> bool:
@@ -172,26 +174,6 @@ def weight_bytes(module: Any) -> int:
 
 
 # 3. GGUF files ------------------------------------------------------------------------------------------------
-
-
-def check_gguf(path: str, family: Any, model: str, flag: str, identify: Any) -> GgufFacts:
-    """Refuse, before loading, a GGUF denoiser that cannot go into ``model`` (of ``family``): a family that takes
-    none, a file that is not a whole GGUF, or one of another family's model (``identify(facts)`` names the family
-    a file's tensors are of: `sdcli.families.gguf_family`)."""
-    if not family.gguf_markers:
-        raise UsageError(f"{flag} {path}: sdcli loads GGUF denoisers for Stable Diffusion, SDXL, SD3 and Flux models, "
-                         f"and --model {model} is none of them", setting="denoiser_file")
-    facts = read_gguf(path, flag)
-    theirs = identify(facts)
-    if theirs is None:
-        raise ModelError(f"{flag} {path}: its tensors are no model sdcli knows"
-                         + (f" (architecture {facts.architecture})" if facts.architecture else ""),
-                         setting="denoiser_file")
-    if theirs is not family:
-        raise ModelError(f"{flag} {path}: the file holds a {theirs.denoiser} of the {theirs.name} family, and --model "
-                         f"{model} is of the {family.name} family; give a GGUF made from a {family.name} model",
-                         setting="denoiser_file")
-    return facts
 
 
 def load_gguf_denoiser(path: Any, base: str, subfolder: str | None, class_name: str, dtype: Any) -> Any:
@@ -242,13 +224,17 @@ def check_load(values: Mapping[str, Any], device: str, family: Any = None, model
     """Refuse in one line, before any weights load, the at-load modes (`Settings`' or finetune's fields in
     ``values``) that cannot run on ``device`` or together; returns the --quantize spec with its backend named."""
     spec = values.get("quantize")
-    gguf_file = values.get("denoiser_file")
+    file = values.get("denoiser_file")
+    gguf_file = file if file and model_is_gguf(file) else None
     storage = values.get("storage_dtype")
     offload = values.get("offload")
     flag = f"--{family.denoiser}" if family is not None else "--transformer"
-    if spec and gguf_file and not values.get("quantize_text_encoder"):
-        raise UsageError(f"--quantize {spec} with {flag} {Path(gguf_file).name}: a GGUF file's weights are quantized "
-                         "already; add --quantize-text-encoder to quantize the text encoders", setting="quantize")
+    if spec and file and not values.get("quantize_text_encoder"):
+        why = ("a GGUF file's weights are quantized already" if gguf_file else "sdcli does not quantize a denoiser "
+               "read from its own file (diffusers' from_single_file leaves it unquantized); --storage-dtype float8 keeps "
+               "its weights in float8, a GGUF file quantized")
+        raise UsageError(f"--quantize {spec} with {flag} {Path(file).name}: {why}; add --quantize-text-encoder to "
+                         "quantize the text encoders", setting="quantize")
     if values.get("quantize_text_encoder") and not spec:
         raise UsageError("--quantize-text-encoder needs --quantize MODE", setting="quantize_text_encoder")
     if storage and (spec or gguf_file):
@@ -260,8 +246,10 @@ def check_load(values: Mapping[str, Any], device: str, family: Any = None, model
                          f"runs on {device}", setting="offload")
     if offload and values.get("cpu_offload") and offload != "model":
         raise UsageError(f"--offload {offload} with --cpu-offload (model offload): give one", setting="offload")
-    if gguf_file and family is not None:
-        check_gguf(gguf_file, family, model, flag, identify)
+    if file and family is not None:
+        from sdcli import denoiser_file
+
+        denoiser_file.check(file, family, model, flag, identify)
     return check_mode(spec, device).spec if spec else None
 
 

@@ -441,10 +441,11 @@ def save_tiny_generic_pipeline(path: str | Path, seed: int = 0) -> Path:
 
 
 def save_tiny_gguf(model_path: str | Path, out: str | Path, qtype: str = "Q8_0", denoiser: str = "transformer",
-                   architecture: str | None = None) -> Path:
+                   architecture: str | None = None, original: str | None = None) -> Path:
     """Write the ``denoiser`` weights of the saved pipeline at ``model_path`` as a GGUF file: every 2-D weight whose
     rows split into ``qtype``'s blocks quantized to it (Q8_0, Q4_0, Q5_1, ... whatever the gguf package can write;
-    it writes no K-quants), the rest float32, in diffusers' tensor names (which diffusers loads unconverted)."""
+    it writes no K-quants), the rest float32, in diffusers' tensor names (which diffusers loads unconverted), or in
+    the ``original`` family's own names (`original_layout`: zimage, flux2), as GGUF files of real models have them."""
     import gguf
     import numpy as np
     from safetensors.torch import load_file
@@ -452,10 +453,13 @@ def save_tiny_gguf(model_path: str | Path, out: str | Path, qtype: str = "Q8_0",
     kind = gguf.GGMLQuantizationType[qtype]
     block, _size = gguf.GGML_QUANT_SIZES[kind]
     weights = load_file(str(Path(model_path) / denoiser / "diffusion_pytorch_model.safetensors"))
+    if original:
+        weights = original_layout(weights, original)
     writer = gguf.GGUFWriter(str(out), arch=architecture or "unknown")
     for name, tensor in weights.items():
         array = tensor.float().numpy()
-        if array.ndim == 2 and array.shape[-1] % block == 0:
+        # Weights only, as real GGUF converters do: a 2-D parameter used as it is (Z-Image's pad tokens) stays float.
+        if array.ndim == 2 and array.shape[-1] % block == 0 and name.endswith(".weight"):
             writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, array.astype(np.float32))
@@ -463,6 +467,130 @@ def save_tiny_gguf(model_path: str | Path, out: str | Path, qtype: str = "Q8_0",
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return Path(out)
+
+
+# Denoiser-only files as people download them (ComfyUI's diffusion_models/ folder): the original code's tensor names,
+# ComfyUI's prefix, float8 weights (plain, or scaled as ComfyUI's "fp8mixed"/"scaled" files store them). The names
+# are written here from diffusers' converters read backwards (diffusers/loaders/single_file_utils.py), so a test of
+# sdcli against diffusers' from_single_file also checks that reading.
+
+ORIGINAL_LAYOUTS = ("zimage", "flux2")  # families whose original names differ and diffusers converts any size of
+COMFY_PREFIX = "model.diffusion_model."
+
+
+def _swap_halves(tensor):
+    """The original code's (shift, scale) as diffusers' (scale, shift), and back: the same swap."""
+    import torch
+
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+_ZIMAGE_NAMES = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+                 (".attention.to_out.0.", ".attention.out."), (".attention.norm_k.", ".attention.k_norm."),
+                 (".attention.norm_q.", ".attention.q_norm."))
+
+
+def _zimage_original(state: dict) -> dict:
+    out, qkv = {}, {}
+    for key, value in state.items():
+        for part in ("to_q", "to_k", "to_v"):
+            if f".attention.{part}.weight" in key:
+                qkv.setdefault(key.replace(f".attention.{part}.weight", ".attention.qkv.weight"), {})[part] = value
+                break
+        else:
+            for ours, theirs in _ZIMAGE_NAMES:
+                key = key.replace(ours, theirs)
+            out[key] = value
+    import torch
+
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["to_q"], parts["to_k"], parts["to_v"]], dim=0)
+    dim = out["x_embedder.weight"].shape[0]
+    out["norm_final.weight"] = torch.ones(dim)  # in the original model, unused: diffusers drops it
+    return out
+
+
+_FLUX2_TOP = {"x_embedder.": "img_in.", "context_embedder.": "txt_in.",
+              "time_guidance_embed.timestep_embedder.linear_1.": "time_in.in_layer.",
+              "time_guidance_embed.timestep_embedder.linear_2.": "time_in.out_layer.",
+              "time_guidance_embed.guidance_embedder.linear_1.": "guidance_in.in_layer.",
+              "time_guidance_embed.guidance_embedder.linear_2.": "guidance_in.out_layer.",
+              "double_stream_modulation_img.linear.": "double_stream_modulation_img.lin.",
+              "double_stream_modulation_txt.linear.": "double_stream_modulation_txt.lin.",
+              "single_stream_modulation.linear.": "single_stream_modulation.lin.", "proj_out.": "final_layer.linear."}
+_FLUX2_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+                 "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+                 "attn.to_out.0.weight": "img_attn.proj.weight", "ff.linear_in.weight": "img_mlp.0.weight",
+                 "ff.linear_out.weight": "img_mlp.2.weight",
+                 "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+                 "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+                 "attn.to_add_out.weight": "txt_attn.proj.weight",
+                 "ff_context.linear_in.weight": "txt_mlp.0.weight", "ff_context.linear_out.weight": "txt_mlp.2.weight"}
+_FLUX2_SINGLE = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
+                 "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+
+
+_FLUX2_QKV = {"img": ("to_q", "to_k", "to_v"), "txt": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def _flux2_original(state: dict) -> dict:
+    import torch
+
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key == "norm_out.linear.weight":
+            out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(value)
+        elif key.startswith("transformer_blocks."):
+            _, index, rest = key.split(".", 2)
+            part = rest.split(".")[1]
+            stream = next((s for s, names in _FLUX2_QKV.items() if part in names), None)
+            if stream and rest.startswith("attn."):
+                qkv.setdefault((index, stream), {})[part] = value
+            else:
+                out[f"double_blocks.{index}.{_FLUX2_DOUBLE[rest]}"] = value
+        elif key.startswith("single_transformer_blocks."):
+            _, index, rest = key.split(".", 2)
+            out[f"single_blocks.{index}.{_FLUX2_SINGLE[rest]}"] = value
+        else:
+            prefix = next(p for p in _FLUX2_TOP if key.startswith(p))
+            out[_FLUX2_TOP[prefix] + key[len(prefix):]] = value
+    for (index, stream), parts in qkv.items():  # fused in the original: q, k and v stacked
+        out[f"double_blocks.{index}.{stream}_attn.qkv.weight"] = torch.cat([parts[n] for n in _FLUX2_QKV[stream]])
+    return out
+
+
+def original_layout(state: dict, family: str) -> dict:
+    """A diffusers transformer's tensors under the names of ``family``'s original code (`ORIGINAL_LAYOUTS`)."""
+    return {"zimage": _zimage_original, "flux2": _flux2_original}[family](dict(state))
+
+
+def save_denoiser_file(model_path: str | Path, out: str | Path, original: str | None = None, prefix: str = "",
+                       float8: str | None = None, denoiser: str = "transformer") -> Path:
+    """Write the ``denoiser`` of the saved pipeline at ``model_path`` as one safetensors file, as people download
+    them: in ``original``'s own names (`ORIGINAL_LAYOUTS`; None: diffusers' names), each name after ``prefix``
+    (`COMFY_PREFIX` as ComfyUI saves them), with ``float8`` None (as saved), "plain" (every 2-D weight stored as
+    float8_e4m3fn) or "scaled" (ComfyUI's scaled fp8: the weight divided by a per-tensor ``weight_scale`` before
+    storing, with the ``input_scale`` and ``comfy_quant`` tensors its own kernels read)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(Path(model_path) / denoiser / "diffusion_pytorch_model.safetensors"))
+    if original:
+        state = original_layout(state, original)
+    if float8:
+        for key in [k for k, v in state.items() if v.dim() == 2 and k.endswith(".weight")]:
+            weight = state[key].float()
+            if float8 == "scaled":
+                scale = weight.abs().max().clamp(min=1e-8) / 448  # e4m3's largest value
+                state[key[: -len("weight")] + "weight_scale"] = scale.reshape(())
+                state[key[: -len("weight")] + "input_scale"] = torch.ones(())
+                state[key[: -len("weight")] + "comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'),
+                                                                            dtype=torch.uint8)
+                weight = weight / scale
+            state[key] = weight.to(torch.float8_e4m3fn)
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(out))
     return Path(out)
 
 

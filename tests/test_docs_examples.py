@@ -56,6 +56,8 @@ SKIP = {
     "--quantize nf4": "bitsandbytes' nf4 needs CUDA",
     "--cpu-offload": "CUDA only (refused elsewhere, as the docs say)",
     "flux1-dev-Q4_K_S.gguf": "a GGUF file of the real FLUX.1-dev (tests/test_quantize.py makes tiny ones)",
+    "z_image_turbo_bf16.safetensors": "a real Z-Image transformer file (tests/test_denoiser_file.py writes tiny ones)",
+    "flux2_dev_fp8mixed.safetensors": "a real FLUX.2 transformer file (tests/test_denoiser_file.py writes tiny ones)",
     "EasyNegative.safetensors": "an embedding file of the user's (tests/generation/test_embeddings.py makes some)",
     "sdcli serve": "serves until stopped (tests/commands/test_serve.py drives it)",
     "Tongyi-MAI/Z-Image-Turbo": "trains at Z-Image's own 1024 px, minutes on the CPU even for a tiny model "

@@ -108,6 +108,10 @@ def test_weights_per_mode():
     assert both == pytest.approx(int8 - 10**8, rel=0.01)
     assert weights_bytes(params, storage_float8=True, **kw) == pytest.approx(int8, rel=0.01)
     assert weights_bytes(params, denoiser_file_bytes=5 * 10**8, **kw) == plain - 2 * (10**9 + 10**7) + 5 * 10**8
+    # A safetensors denoiser file loads in --dtype: --quantize (with --quantize-text-encoder) quantizes T5 alone.
+    encoders_only = weights_bytes(params, quantize=resolve("int8-weight", "cpu"), quantize_text_encoder=True,
+                                  denoiser_from_file=True, **kw)
+    assert encoders_only == pytest.approx(plain - 10**8, rel=0.01)
     assert weights_bytes(params, offload="model", **kw) == 2 * (10**9 + 10**7)  # the largest model at a time
     assert weights_bytes(params, offload="sequential", **kw) == 0
 

@@ -17,8 +17,8 @@ from sdcli.families import chroma, flux, flux2, qwenimage, sd, sd3, sdxl, zimage
 from sdcli.families.base import Family, KohyaLayout
 
 # Most specific first: StableDiffusionXL and StableDiffusion3 before StableDiffusion.
-# FLUX.2 before Flux.1: its single-file checkpoints hold Flux.1's block names too.
-FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux2.FAMILY, flux.FAMILY, chroma.FAMILY, zimage.FAMILY,
+# FLUX.2 and Chroma before Flux.1: their files hold Flux.1's block names too.
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux2.FAMILY, chroma.FAMILY, flux.FAMILY, zimage.FAMILY,
                                 qwenimage.FAMILY, sd.FAMILY)
 # What a model without model_index.json (a single-file checkpoint) is taken for until it loads.
 SINGLE_FILE = sd.FAMILY
@@ -112,9 +112,9 @@ def single_file_class(path: Path):
         for family in FAMILIES:
             if any(marker in k for marker in family.single_file_markers for k in keys):
                 if not family.single_file_class:
-                    raise ModelError(f"--model {path} is a {family.name} single-file checkpoint, which diffusers "
-                                     "loads only as a transformer, not as a pipeline; use the model's diffusers "
-                                     "folder or Hub id")
+                    raise ModelError(f"--model {path} is a {family.name} transformer alone (diffusers loads no "
+                                     "whole pipeline from one file); give the model's diffusers folder or Hub id as "
+                                     f"--model and this file as --{family.denoiser}")
                 return getattr(diffusers, family.single_file_class)
     return getattr(diffusers, SINGLE_FILE.single_file_class)
 
@@ -134,8 +134,8 @@ def family_before_load(model: str, revision: str | None) -> Family:
 
 
 def gguf_family(facts: Any) -> Family | None:
-    """The family whose denoiser a GGUF file holds: named by its architecture metadata, else recognised by its
-    tensor names (each family's ``gguf_markers``, the most specific family first); None where none is."""
+    """The family whose denoiser a denoiser file holds (GGUF, or safetensors: `sdcli.denoiser_file.FileFacts`):
+    named by a GGUF's architecture metadata, else recognised by its tensor names (each family's ``gguf_markers``, the most specific family first); None where none is."""
     if facts.architecture:
         for family in FAMILIES:
             if facts.architecture in (family.name, *family.variants):

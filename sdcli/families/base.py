@@ -249,8 +249,8 @@ class Family:
 
     # 9. Big models on small cards (`sdcli.quantize`): the step caches diffusers has hooks for on its denoiser
     # (--cache: first-block, taylorseer, mag), the name of diffusers' calibrated MagCache ratios for it
-    # (`diffusers.hooks.mag_cache`), and the tensor names that mark its denoiser in a GGUF file, in diffusers'
-    # naming or the original one (none: no GGUF denoiser loads into it)
+    # (`diffusers.hooks.mag_cache`), and the tensor names that mark its denoiser in a file of its own (GGUF or
+    # safetensors: `sdcli.denoiser_file`), in diffusers' naming or the original one (none: no such file loads into it)
     caches: tuple[str, ...] = ()
     mag_ratios: str = ""
     gguf_markers: tuple[str, ...] = ()

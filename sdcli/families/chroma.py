@@ -76,4 +76,5 @@ FAMILY = Family(
     peft_lora_names=True,
     text_mask=True,
     comfy_lora_prefix="transformer.",
+    gguf_markers=("distilled_guidance_layer.",),  # in both namings; Flux.1's blocks too, so before Flux
 )

@@ -223,4 +223,5 @@ FAMILY = Family(
     references_optional=True,
     comfy_lora_prefix="transformer.",
     comfy_lora_alpha=False,
+    gguf_markers=("single_stream_modulation.",),  # in the original names and diffusers'
 )

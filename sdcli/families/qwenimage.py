@@ -224,4 +224,5 @@ FAMILY = Family(
     posterior=posterior,
     scale_latents=scale_latents,
     comfy_lora_prefix="diffusion_model.",
+    gguf_markers=("txt_norm.",),  # its original names are diffusers'; no other family norms the text input
 )

@@ -44,5 +44,6 @@ FAMILY = Family(
     text_encoders=("text_encoder",),
     encode=encode,
     kohya={"sd1": KohyaLayout("sd_v1", _PREFIXES), "sd2": KohyaLayout("sd_v2", _PREFIXES, v2=True)},
-    gguf_markers=("input_blocks.", "down_blocks."),  # after SDXL, whose UNet has them too
+    # After SDXL, whose UNet has them too; a time embedding, which a VAE's down_blocks lack
+    gguf_markers=("input_blocks.", "time_embedding.linear_1."),
 )

@@ -81,4 +81,5 @@ FAMILY = Family(
     peft_lora_names=True,
     text_mask=True,
     comfy_lora_prefix="diffusion_model.",
+    gguf_markers=("layers.0.adaLN_modulation.0.",),  # both namings; Lumina 2's is .1. (original) or norm1
 )

@@ -286,8 +286,9 @@ class Settings:
     quantize: Optional[str] = option(None, options.QUANTIZE, parse=parse_quantize, at_load=True, a1111="Quantization")
     quantize_text_encoder: bool = option(False, options.QUANTIZE_TEXT_ENCODER, at_load=True)
     denoiser_file: Optional[str] = option(
-        None, help="The denoiser from this file instead of --model's: a GGUF file (Q8_0, Q6_K, Q4_K, ... as "
-        "ComfyUI-GGUF users have them); --model is the base pipeline it goes into.", flags=("--transformer", "--unet"),
+        None, help="The denoiser from this file instead of --model's: a transformer/UNet-only .safetensors (ComfyUI's "
+        "diffusion_models files: original or diffusers names, bf16 or fp8) or a GGUF file (Q8_0, Q4_K, ...); --model "
+        "is the base pipeline it goes into.", flags=("--transformer", "--unet"),
         cli_type=Path, parse=lambda p: str(Path(p).expanduser()), to_record=lambda v: v and _absolute_if_local(v),
         a1111="Denoiser file", to_a1111=lambda v: Path(v).name, at_load=True, show_default=False)
     storage_dtype: Optional[str] = option(

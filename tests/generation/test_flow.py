@@ -113,6 +113,8 @@ def test_a_lora_of_another_family_does_not_fit(cli, tiny_flow_models, tiny_sd, t
     ("double_blocks.0.img_attn.qkv.weight", "FluxPipeline"),
     ("conditioner.embedders.1.model.ln_final.weight", "StableDiffusionXLPipeline"),
     ("model.diffusion_model.input_blocks.0.0.weight", "StableDiffusionPipeline"),
+    # Chroma keeps Flux.1's blocks beside its own guidance network: Chroma's, not Flux's
+    (("double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight"), "ChromaPipeline"),
 ])
 def test_a_single_file_checkpoint_loads_as_its_family(tmp_path, key, expected):
     from safetensors.torch import save_file
@@ -120,5 +122,5 @@ def test_a_single_file_checkpoint_loads_as_its_family(tmp_path, key, expected):
     from sdcli.families import single_file_class as _single_file_class
 
     path = tmp_path / "model.safetensors"
-    save_file({key: torch.zeros(1)}, str(path))
+    save_file({k: torch.zeros(1) for k in ((key,) if isinstance(key, str) else key)}, str(path))
     assert _single_file_class(path).__name__ == expected
