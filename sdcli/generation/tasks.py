@@ -88,6 +88,11 @@ class Task:
         """The batch's PIL images after denoising; a task that composites (inpainting) overrides this."""
         return images
 
+    def frame_size(self, prepared: Prepared, pipe: Any) -> tuple[int, int]:
+        """The size (width, height) ``pipe`` renders at, which unpacks a trajectory frame's packed latents: the
+        call's (an outpainted canvas, not the init image inside it)."""
+        return prepared.call.get("width", prepared.width), prepared.call.get("height", prepared.height)
+
 
 def task_pipeline(auto: Any, pipe: Any, **components: Any) -> Any:
     """``pipe``'s weights in the diffusers pipeline class ``auto`` picks for this task (no copy is made),
@@ -317,6 +322,10 @@ class HiresFix(Task):
                       generator=[torch.Generator(g.device).manual_seed(g.initial_seed()) for g in kwargs["generator"]])
         return keep["second"](**second).images
 
+    def frame_size(self, prepared: Prepared, pipe: Any) -> tuple[int, int]:
+        # The second pass renders the enlargement.
+        return prepared.keep["size"] if pipe is prepared.keep["second"] else super().frame_size(prepared, pipe)
+
 
 class Edit(TextToImage):
     """An editing model's text-to-image with reference images (--reference-image) to edit or follow: its
@@ -442,6 +451,9 @@ class WithControlNet(Task):
 
     def finish(self, prepared: Prepared, images: list[Any]) -> list[Any]:
         return self.inner.finish(prepared, images)
+
+    def frame_size(self, prepared: Prepared, pipe: Any) -> tuple[int, int]:
+        return self.inner.frame_size(prepared, pipe)
 
 
 # Most specific first: the first that applies runs.

@@ -76,10 +76,11 @@ EXAMPLES = {
 # family's list fails below: sdcli's prompt encoder and samplers do nothing on the flow-matching families.
 FLOW = {"--clip-skip", "--prompt-syntax a1111", "--embedding", "--scheduler", "--timestep-spacing",
         "--guidance-rescale"}
-# Chroma, Z-Image and Qwen-Image guide through their own argument, and run img2img but not yet inpainting.
-OWN = FLOW | {"--true-cfg", "--distilled-guidance", "--mask", "--outpaint", "--hires-upscaler latent"}
+# Chroma, Z-Image and Qwen-Image guide through their own argument; sdcli does not enlarge their latents.
+OWN = FLOW | {"--true-cfg", "--distilled-guidance", "--hires-upscaler latent"}
+# FLUX.2's --init-image (img2img on both models, inpainting on FLUX.2-dev) depends on the model: its ``check``.
 IGNORED = {"sd": set(), "sdxl": set(), "sd3": FLOW, "flux": FLOW | {"--hires-upscaler latent"},
-           "flux2": FLOW | {"--true-cfg", "--init-image", "--hires-scale"}, "chroma": OWN, "zimage": OWN,
+           "flux2": FLOW | {"--true-cfg", "--hires-scale"}, "chroma": OWN, "zimage": OWN,
            "qwenimage": OWN}
 # A tiny model of each family (flux twice: with a guidance input, and schnell-like without; FLUX.2-dev and Klein).
 MODELS = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flux-schnell": "flux",
@@ -146,3 +147,83 @@ def test_no_module_outside_the_families_tests_a_class_or_family_name(path):
                         if isinstance(c, ast.Constant) and isinstance(c.value, str)]
             named = [c.value for c in compared if c.value in NAMES]
             assert not named, f"line {node.lineno}: compares with {named[0]!r}; ask the family (sdcli.families)"
+
+
+# 4. Inpainting and outpainting through each new family's own diffusers pipeline ----------------------------------
+
+# Each model's inpainting pipeline, and what plain diffusers is given for sdcli's defaults (the model cards' guidance;
+# Qwen-Image guides against the card's " " where no negative prompt is given).
+INPAINTERS = {
+    "chroma": ("ChromaInpaintPipeline", {"guidance_scale": 3.0}),
+    "zimage": ("ZImageInpaintPipeline", {"guidance_scale": 4.0}),
+    "qwenimage": ("QwenImageInpaintPipeline", {"true_cfg_scale": 4.0, "negative_prompt": " "}),
+    "klein": ("Flux2KleinInpaintPipeline", {"guidance_scale": 4.0}),
+}
+
+
+def _tiny(request, model: str) -> str:
+    if model in ("klein", "flux"):
+        return request.getfixturevalue("tiny_flux2_models" if model == "klein" else "tiny_flow_models")[model]
+    return request.getfixturevalue("new_flow_model")(model)
+
+
+@pytest.fixture(scope="module")
+def picture_and_mask(tmp_path_factory):
+    """A 32x32 noise picture, and a mask over its bottom-right quarter."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    folder = tmp_path_factory.mktemp("inpaint")
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / "init.png")
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 31, 31), fill=255)
+    mask.save(folder / "mask.png")
+    return folder / "init.png", folder / "mask.png"
+
+
+@pytest.mark.parametrize("model", INPAINTERS)
+def test_inpainting_a_new_family_is_its_diffusers_inpaint_pipeline_then_the_composite(cli, request, tmp_path,
+                                                                                      picture_and_mask, model):
+    import json
+
+    import diffusers
+    import numpy as np
+    import torch
+
+    from conftest import paths_of, pixels
+    from sdcli.generation.masks import composite, feather
+
+    path, (init, mask) = _tiny(request, model), picture_and_mask
+    (out,) = paths_of(cli("generate", "a red circle", "--model", path, "--steps", "2", "--seed", "3", "--init-image",
+                          init, "--mask", mask, "--mask-blur", "2", "--strength", "0.8", "--out", tmp_path / "x.png"))
+    cls, theirs = INPAINTERS[model]
+    pipe = getattr(diffusers, cls).from_pretrained(path)
+    if model == "chroma":  # as Chroma1-HD's config.json says; a config diffusers writes lacks it
+        pipe.transformer.register_to_config(guidance_embeds=False)
+    pipe.set_progress_bar_config(disable=True)
+    feathered = feather(Image.open(mask).convert("L"), (32, 32), 2)
+    image = pipe("a red circle", image=Image.open(init), mask_image=feathered, strength=0.8, num_inference_steps=2,
+                 width=32, height=32, generator=[torch.Generator("cpu").manual_seed(3)], **theirs).images[0]
+    expected = np.asarray(composite(image, Image.open(init), feathered), np.int16)
+    assert np.abs(pixels(out) - expected).max() <= 1
+    record = json.loads(Image.open(out).info["sdcli"])
+    assert record["task"] == "inpaint" and record["strength"] == 0.8 and record["mask_blur"] == 2
+    if model == "zimage":  # replay, as for every other task
+        (again,) = paths_of(cli("generate", "--from-metadata", out, "--out", tmp_path / "again.png"))
+        assert np.array_equal(pixels(again), pixels(out))
+
+
+@pytest.mark.parametrize("model,task", [(m, "outpaint") for m in ("flux", *INPAINTERS)] + [("flux", "hires")])
+def test_a_packed_trajectory_unpacks_at_the_size_its_pass_renders(request, picture_and_mask, model, task):
+    """Packed latents keep no size: each frame is unpacked at its own pass's (an outpainted canvas, hires fix's
+    enlargement), not at the size the image records."""
+    from sdcli import api as sdcli
+
+    init, _mask = picture_and_mask
+    asked = {"outpaint": dict(init_image=str(init), outpaint=(16, 0, 0, 8), strength=1.0),
+             "hires": dict(width=32, height=32, hires_scale=1.5, hires_strength=0.5)}[task]
+    (made,) = sdcli.load(_tiny(request, model)).generate("a red circle", seeds=[3], steps=2, save_trajectory=True,
+                                                         **asked)
+    sizes = [frame.size for frame in made.trajectory]
+    assert sizes == ([(48, 40)] * 2 if task == "outpaint" else [(32, 32)] * 2 + [(48, 48)])
+    assert made.image.size == sizes[-1]
