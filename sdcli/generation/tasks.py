@@ -111,6 +111,17 @@ def task_pipeline(auto: Any, pipe: Any, **components: Any) -> Any:
     return task_pipe
 
 
+def refuse_past_positions(facts: Any, w: int, h: int, what: str, setting: str, hint: str = "") -> None:
+    """A ``w``x``h`` image past the positions the model's denoiser has (``facts.largest``), refused naming ``what``
+    asked for it; it would fail inside the transformer (`sdcli.generation.settings.check_positions`)."""
+    if facts.largest is None:
+        return
+    widest, tallest = facts.largest
+    if w > widest or h > tallest:
+        raise UsageError(f"{what}: {facts.class_name} takes images up to {widest}x{tallest} pixels (its transformer "
+                         f"has positions for no more){hint}", setting=setting)
+
+
 def refuse_without_init_image(s: Any) -> None:
     for value, flag, setting in ((s.mask, "--mask", "mask"), (s.outpaint, "--outpaint", "outpaint")):
         if value is not None:
@@ -289,11 +300,16 @@ class HiresFix(Task):
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
 
+        from sdcli.families import facts_of
+
         dw, dh = default_size(pipe)
         width, height = s.width or dw, s.height or dh
         factor = max(8, pipe.vae_scale_factor)
         size = (self.upscaled(width, s.hires_scale, factor, "--width"),
                 self.upscaled(height, s.hires_scale, factor, "--height"))
+        # Without -W/-H the first pass's size is the model's own, known only now.
+        refuse_past_positions(facts_of(pipe), *size, f"--hires-scale {s.hires_scale:g} makes {size[0]}x{size[1]}",
+                              "hires_scale")
         keep = {"second": task_pipeline(AutoPipelineForImage2Image, pipe), "size": size, "upscaler": s.hires_upscaler,
                 "strength": s.hires_strength, "steps": s.hires_steps or s.steps}
         return Prepared(pipe, width, height, {"width": width, "height": height}, keep=keep)

@@ -227,3 +227,38 @@ def test_a_packed_trajectory_unpacks_at_the_size_its_pass_renders(request, pictu
     sizes = [frame.size for frame in made.trajectory]
     assert sizes == ([(48, 40)] * 2 if task == "outpaint" else [(32, 32)] * 2 + [(48, 48)])
     assert made.image.size == sizes[-1]
+
+
+# 5. A size past the positions a denoiser has --------------------------------------------------------------------
+
+# The tiny Z-Image's RoPE table has 32 positions a side for its 2x2 patches of a VAE that halves the image: 128
+# pixels; the tiny SD3's position embedding 16 patches of 2 at the VAE's factor 1: 32 pixels.
+@pytest.mark.parametrize("model,args,expected", [
+    ("zimage", ["-W", "4096"], "--width 4096: ZImagePipeline takes images up to 128x128 pixels"),
+    ("zimage", ["-W", "32", "-H", "136"], "--height 136: ZImagePipeline takes images up to 128x128 pixels"),
+    ("zimage", ["--init-image", "WIDE"], "--init-image WIDE is 256x32: ZImagePipeline takes images up to 128x128"),
+    ("zimage", ["--init-image", "SQUARE", "--outpaint", "64,48,0,0"],
+     "--outpaint 64,48,0,0 makes a 144x32 canvas: ZImagePipeline takes images up to 128x128"),
+    ("zimage", ["-W", "96", "-H", "32", "--hires-scale", "2"], "--hires-scale 2 makes 192x64: ZImagePipeline"),
+    ("sd3", ["-W", "40", "-H", "32"], "--width 40: StableDiffusion3Pipeline takes images up to 32x32 pixels"),
+])
+def test_a_size_past_the_denoisers_positions_is_refused_in_one_line_before_loading(
+        cli, request, tmp_path, no_pipeline_loads, model, args, expected):
+    path = request.getfixturevalue("tiny_flow_models")[model] if model == "sd3" else _tiny(request, model)
+    Image.new("RGB", (256, 32)).save(tmp_path / "wide.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "square.png")
+    files = {"WIDE": str(tmp_path / "wide.png"), "SQUARE": str(tmp_path / "square.png")}
+    result = cli("generate", "a red circle", "--model", path, "--steps", "2", "--out", tmp_path / "o.png",
+                 *[files.get(a, a) for a in args])
+    expected = expected.replace("WIDE", files["WIDE"])
+    assert one_error_line(result, 2).startswith(f"error: {expected}")
+    assert "(its transformer has positions for no more)" in result.stderr
+    assert no_pipeline_loads == [] and not (tmp_path / "o.png").exists()
+
+
+def test_the_largest_size_the_positions_cover_still_generates(cli, request, tmp_path):
+    from conftest import paths_of
+
+    (out,) = paths_of(cli("generate", "a red circle", "--model", _tiny(request, "zimage"), "--steps", "1", "-W", "128",
+                          "-H", "32", "--out", tmp_path / "o.png"))
+    assert Image.open(out).size == (128, 32)
