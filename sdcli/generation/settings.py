@@ -434,6 +434,11 @@ def check_size(s: Settings, factor: int) -> None:
                 f"--{name} {size} is not a multiple of {factor} (what this model's VAE and pipeline need); "
                 f"try {lower or upper} or {upper}", setting=name
             )
+    for side in s.outpaint or ():  # the canvas too (parse_outpaint checked the 8 every VAE needs)
+        if side % factor:
+            lower, upper = side - side % factor, side - side % factor + factor
+            raise UsageError(f"--outpaint: {side} is not a multiple of {factor} (what this model's VAE and pipeline "
+                             f"need); try {lower} or {upper}", setting="outpaint")  # 0: no border there
 
 
 def check_positions(s: Settings, facts: Any) -> None:

@@ -52,6 +52,15 @@ class Prepared:
     keep: dict[str, Any] = field(default_factory=dict)
 
 
+def size_multiple(pipe: Any) -> int:
+    """What the sizes the pipeline renders at must be multiples of (the VAE factor times the family's patch): a
+    packed model's pipeline would round another size down, and make an image of another size than the one asked
+    for and recorded (or than the picture an inpainting is laid over)."""
+    from sdcli.families import facts_of
+
+    return facts_of(pipe).size_multiple
+
+
 def default_size(pipe: Any) -> tuple[int, int]:
     """The model's own image size (width, height), as its family says."""
     from sdcli.families import pipe_family
@@ -181,7 +190,7 @@ class ImageToImage(Task):
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
 
-        image = load_init_image(s.init_image, s.width, s.height, max(8, pipe.vae_scale_factor))
+        image = load_init_image(s.init_image, s.width, s.height, size_multiple(pipe))
         task_pipe = task_pipeline(AutoPipelineForImage2Image, pipe)
         call = {"image": image, "strength": s.strength}
         if "width" in inspect.signature(type(task_pipe).__call__).parameters:
@@ -229,7 +238,7 @@ class Inpaint(ImageToImage):
 
         from sdcli.generation.masks import feather
 
-        picture, mask, init = self.canvas(s, max(8, pipe.vae_scale_factor))
+        picture, mask, init = self.canvas(s, size_multiple(pipe))
         # diffusers gets the feathered mask too (it thresholds it at 0.5), as AUTOMATIC1111's sampler does.
         feathered = feather(mask, picture.size, s.mask_blur)
         task_pipe = task_pipeline(AutoPipelineForInpainting, pipe)
@@ -304,7 +313,7 @@ class HiresFix(Task):
 
         dw, dh = default_size(pipe)
         width, height = s.width or dw, s.height or dh
-        factor = max(8, pipe.vae_scale_factor)
+        factor = size_multiple(pipe)
         size = (self.upscaled(width, s.hires_scale, factor, "--width"),
                 self.upscaled(height, s.hires_scale, factor, "--height"))
         # Without -W/-H the first pass's size is the model's own, known only now.
@@ -445,7 +454,7 @@ class WithControlNet(Task):
 
         controlnet = load_controlnets(s, pipe)
         if self.inner.name == "txt2img":
-            width, height = first_image_size(s, max(8, pipe.vae_scale_factor))
+            width, height = first_image_size(s, size_multiple(pipe))
             s = dataclasses.replace(s, width=width, height=height)
         prepared = self.inner.prepare(s, pipe)
         task_pipe = task_pipeline(getattr(diffusers, self.AUTO[self.inner.name]), prepared.pipe, controlnet=controlnet)

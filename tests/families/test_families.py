@@ -262,3 +262,50 @@ def test_the_largest_size_the_positions_cover_still_generates(cli, request, tmp_
     (out,) = paths_of(cli("generate", "a red circle", "--model", _tiny(request, "zimage"), "--steps", "1", "-W", "128",
                           "-H", "32", "--out", tmp_path / "o.png"))
     assert Image.open(out).size == (128, 32)
+
+
+# 6. Sizes a packed model's pipeline would round ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chroma_vae8(tmp_path_factory):
+    """The tiny Chroma with a VAE that divides the image by 8, as the real one's does: sizes are multiples of 16."""
+    import diffusers
+
+    from sdcli.testing import build_tiny_new_flow_pipeline
+
+    pipe = build_tiny_new_flow_pipeline("chroma")
+    pipe.register_modules(vae=diffusers.AutoencoderKL(
+        block_out_channels=(8, 8, 8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=16,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611))
+    folder = tmp_path_factory.mktemp("chroma-vae8") / "chroma"
+    pipe.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("args", [["--mask", "MASK"], []], ids=["inpaint", "img2img"])
+def test_an_init_image_is_cut_to_the_models_multiple_not_rounded_by_its_pipeline(cli, chroma_vae8, tmp_path, args):
+    """A 40x40 picture on a model whose sizes are multiples of 16: cut to 32x32 as the image records (the pipeline
+    would round it down itself, and the composite over the 40x40 picture fail)."""
+    import json
+
+    from conftest import paths_of
+
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "init.png")
+    Image.new("L", (40, 40), 255).save(tmp_path / "mask.png")
+    args = [str(tmp_path / "mask.png") if a == "MASK" else a for a in args]
+    (out,) = paths_of(cli("generate", "a red circle", "--model", chroma_vae8, "--steps", "2", "--init-image",
+                          tmp_path / "init.png", *args, "--out", tmp_path / "o.png"))
+    record = json.loads(Image.open(out).info["sdcli"])
+    assert Image.open(out).size == (record["width"], record["height"]) == (32, 32)
+
+
+def test_an_outpaint_border_off_the_models_multiple_is_refused_before_loading(cli, chroma_vae8, tmp_path,
+                                                                               no_pipeline_loads):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "init.png")
+    result = cli("generate", "a red circle", "--model", chroma_vae8, "--steps", "2", "--init-image",
+                 tmp_path / "init.png", "--outpaint", "8,0,0,16", "--out", tmp_path / "o.png")
+    assert one_error_line(result, 2) == ("error: --outpaint: 8 is not a multiple of 16 (what this model's VAE and "
+                                         "pipeline need); try 0 or 16")
+    assert no_pipeline_loads == [] and not (tmp_path / "o.png").exists()
