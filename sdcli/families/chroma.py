@@ -50,8 +50,7 @@ def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, A
 def call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """ChromaInpaintPipeline reads ``guidance_embeds`` off the transformer's config, which Chroma1-HD's config.json
     carries (false: Chroma has no guidance input) but a config diffusers writes itself lacks; said so, it runs."""
-    config = pipe.transformer.config
-    if "guidance_embeds" not in config:
+    if "mask_image" in kwargs and "guidance_embeds" not in pipe.transformer.config:
         pipe.transformer.register_to_config(guidance_embeds=False)
     return kwargs
 
