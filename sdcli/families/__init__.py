@@ -159,6 +159,7 @@ class ModelFacts:
     guidance: str  # the family's guidance knob, "none" for a distilled family without the input (Flux-schnell)
     scheduler: str | None = None  # the class of the scheduler it comes with (model_index.json), where it says
     defaults: dict[str, float] = field(default_factory=dict)  # the model card's steps/guidance (`Family.defaults`)
+    largest: tuple[int, int] | None = None  # the widest and tallest image its denoiser has positions for (pixels)
 
     @property
     def references(self) -> int:
@@ -193,16 +194,23 @@ def model_facts(model: str, revision: str | None = None) -> ModelFacts:
         name = "scheduler/scheduler_config.json" if where == "scheduler" else f"{where}/config.json"
         config = {**index, **(_config(model, name, revision) or {}), "pipeline_class": index.get("_class_name")}
     scheduler = (index.get("scheduler") or [None, None])[-1]
+    largest = None
+    if family.positions is not None:  # its denoiser's config (a small file), not its weights
+        denoiser = _config(model, f"{family.denoiser}/config.json", revision)
+        largest = family.positions(denoiser, factor) if denoiser else None
     return ModelFacts(index.get("_class_name"), family, factor, family.guidance_for(config),
-                      scheduler if isinstance(scheduler, str) else None, family.defaults_for(config))
+                      scheduler if isinstance(scheduler, str) else None, family.defaults_for(config), largest)
 
 
 def facts_of(pipe: Any) -> ModelFacts:
     """The same facts, of a pipeline already in memory."""
     family = pipe_family(pipe)
     config = family.config_of(pipe) if family.defaults else None
-    return ModelFacts(type(pipe).__name__, family, getattr(pipe, "vae_scale_factor", 8), family.guidance_of(pipe),
-                      type(getattr(pipe, "scheduler", None)).__name__, family.defaults_for(config))
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    part = getattr(pipe, family.denoiser, None)
+    largest = family.positions(part.config, factor) if family.positions and part is not None else None
+    return ModelFacts(type(pipe).__name__, family, factor, family.guidance_of(pipe),
+                      type(getattr(pipe, "scheduler", None)).__name__, family.defaults_for(config), largest)
 
 
 def arch_from_configs(denoiser: dict[str, Any], vae: dict[str, Any], pipeline_class: str = "") -> Any:

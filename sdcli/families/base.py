@@ -180,6 +180,9 @@ class Family:
     # (pipe, reference images, asked width, asked height) -> the size an edit makes where -W/-H leave it open, as the
     # family's pipeline computes it (None: the first reference's, shrunk to the model's default area)
     edit_size: Callable[..., tuple[int, int]] | None = None
+    # (denoiser config, VAE factor) -> the largest (width, height) in pixels the denoiser has positions for, where
+    # they come from a table of fixed length (SD3's position embedding, Z-Image's RoPE table); None: no such limit
+    positions: Callable[[Mapping[str, Any], int], tuple[int, int] | None] | None = None
 
     # 3. Guidance
     # "cfg": classifier-free guidance; "distilled": a guidance input (Flux-dev); "own": the pipeline's ``knob``

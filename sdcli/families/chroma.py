@@ -47,6 +47,14 @@ def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, A
     return cls._unpack_latents(out, h * f, w * f, f)
 
 
+def call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """ChromaInpaintPipeline reads ``guidance_embeds`` off the transformer's config, which Chroma1-HD's config.json
+    carries (false: Chroma has no guidance input) but a config diffusers writes itself lacks; said so, it runs."""
+    if "mask_image" in kwargs and "guidance_embeds" not in pipe.transformer.config:
+        pipe.transformer.register_to_config(guidance_embeds=False)
+    return kwargs
+
+
 def sizes(pipe: Any) -> tuple[int, int, int | None]:
     f = pipe.vae_scale_factor
     return pipe.default_sample_size * f, f * 2, None  # 2x2 packing
@@ -61,12 +69,13 @@ FAMILY = Family(
     patch=2,
     flow=True,
     unpack_latents=unpack_packed,
-    task_classes={"img2img": "ChromaImg2ImgPipeline"},
+    task_classes={"img2img": "ChromaImg2ImgPipeline", "inpaint": "ChromaInpaintPipeline"},
     guidance="own",
     knob=KNOB,
     defaults=lambda config: {"steps": STEPS},
     no_embeddings="Chroma reads prompts with T5 alone, and an embedding has no T5 vectors",
     ignores=rules.OWN_GUIDANCE_FLOW,
+    call=call,
     arch=transformer_as_unet_arch,
     text_encoders=("text_encoder",),
     encode=encode,

@@ -5,7 +5,8 @@ states of a language model that diffusers' pipeline encodes: Mistral Small 3 (FL
 Guidance, as each model has it: FLUX.2-dev has its guidance distilled into an input of the transformer
 (``guidance_scale`` of Flux2Pipeline: sdcli's --distilled-guidance, no negative prompt); Klein's base models run
 classifier-free guidance against a negative prompt (--guidance); its step-distilled models (``is_distilled``) take
-none. Both take reference images (``image``: --reference-image), diffusers has no img2img for either.
+none. Both take reference images (``image``: --reference-image), diffusers has no img2img for either; Klein
+inpaints (Flux2KleinInpaintPipeline: --init-image with --mask or --outpaint).
 
 Training follows diffusers' FLUX.2 and Klein LoRA scripts: the VAE's latent patched 2x2 into channels and
 normalised by its batch-norm statistics, flow matching on the unshifted σ's (the shift depends on the image size
@@ -31,8 +32,12 @@ MAX_REFERENCE_RATIO = 8
 MAX_REFERENCES = 10
 
 
+def is_klein(class_name: str | None) -> bool:
+    return bool(class_name) and str(class_name).startswith(KLEIN)
+
+
 def variant(pipe: Any) -> str:
-    return "flux2-klein" if type(pipe).__name__.startswith(KLEIN) else "flux2"
+    return "flux2-klein" if is_klein(type(pipe).__name__) else "flux2"
 
 
 def guidance(config: Mapping[str, Any]) -> str:
@@ -151,11 +156,20 @@ def references(class_name: str | None) -> int:
 
 
 def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
-    """A negative prompt on FLUX.2-dev, and reference images the pipeline would reject
-    (Flux2ImageProcessor.check_image_input, a DataError), refused by name before loading."""
+    """Inpainting on FLUX.2-dev, an init image without a mask (img2img), a negative prompt on FLUX.2-dev, and
+    reference images the pipeline would reject (Flux2ImageProcessor.check_image_input, a DataError), refused by
+    name before loading."""
     from sdcli.errors import DataError
     from sdcli.images import image_size, named
 
+    klein = is_klein(facts.class_name)
+    for value, flag in ((s.mask, "--mask"), (s.outpaint, "--outpaint")):
+        if value is not None and not klein:
+            return [(flag, "has no inpainting in diffusers (FLUX.2 Klein has: Flux2KleinInpaintPipeline)")]
+    if s.init_image is not None and s.mask is None and s.outpaint is None:
+        return [("--init-image", "has no img2img in diffusers: its input images are references to follow, not a "
+                                 "start to denoise from; pass them with --reference-image"
+                                 + (" (or inpaint: --init-image with --mask or --outpaint)" if klein else ""))]
     if s.negative_prompt and facts.guidance == "distilled":
         return [("--negative-prompt", "has its guidance distilled into the model (--distilled-guidance), which "
                                       "reads no negative prompt")]
@@ -191,6 +205,7 @@ FAMILY = Family(
     patch=2,
     flow=True,
     unpack_latents=unpack_latents,
+    task_classes={"inpaint": "Flux2KleinInpaintPipeline"},  # FLUX.2-dev has none (`check` refuses it)
     guidance="distilled",
     guidance_of_config=guidance,
     defaults=card_defaults,
@@ -202,9 +217,6 @@ FAMILY = Family(
         Rule("--true-cfg", lambda s: s.true_cfg,
              "{model} has no true classifier-free guidance in diffusers; FLUX.2-dev's guidance is distilled "
              "(--distilled-guidance), FLUX.2 Klein base's is --guidance"),
-        Rule("--init-image", lambda s: s.init_image is not None,
-             "{model} has no img2img in diffusers: its input images are references to follow, not a start to "
-             "denoise from; pass them with --reference-image"),
         Rule("--hires-scale", lambda s: s.hires_scale is not None,
              "{model} has no img2img in diffusers, which hires fix's second pass needs"),
     ),

@@ -187,7 +187,13 @@ def _images_only_class() -> type:
 
 
 def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
-    """An editing model starts from its reference images, not from --init-image (diffusers gives it no strength)."""
+    """An editing model starts from its reference images, not from --init-image (diffusers gives it no strength);
+    diffusers' Qwen-Image-Edit inpainting renders at a megapixel of the picture's aspect ratio, whatever its size,
+    so sdcli's composite over the picture would not fit it: not run yet."""
+    for value, flag in ((s.mask, "--mask"), (s.outpaint, "--outpaint")):
+        if value is not None and references(facts.class_name or ""):
+            return [(flag, "is not inpainted by sdcli yet (diffusers' QwenImageEditInpaintPipeline renders at its own "
+                           "megapixel size, not the picture's); inpaint with a Qwen-Image model")]
     if s.init_image is not None and references(facts.class_name or ""):
         return [("--init-image", "edits its --reference-image, and has no img2img (no strength); pass the picture "
                                  "as --reference-image")]

@@ -48,16 +48,12 @@ OWN_GUIDANCE = (
          "{model} has no distilled guidance input; its --guidance is its own classifier-free guidance"),
 )
 
-# The image tasks sdcli runs on the newer flow families: img2img (and hires fix's lanczos pass, which is one),
-# not yet inpainting, outpainting or a latent upscale of their latents.
-IMG2IMG_ONLY = (
-    Rule("--mask", lambda s: s.mask is not None,
-         "sdcli runs text-to-image and img2img on {model}, not yet inpainting"),
-    Rule("--outpaint", lambda s: s.outpaint is not None,
-         "sdcli runs text-to-image and img2img on {model}, not yet outpainting"),
+# The newer flow families' latents are packed or patched in their own ways, which sdcli does not enlarge (hires
+# fix's lanczos pass, an img2img of the decoded enlargement, works on them).
+NO_LATENT_UPSCALE = (
     Rule("--hires-upscaler latent", lambda s: s.hires_scale is not None and s.hires_upscaler == "latent",
          "sdcli does not enlarge {model}'s latents; use --hires-upscaler lanczos"),
 )
 
 # What a newer flow family with its own guidance argument ignores (Chroma, Z-Image, Qwen-Image): all of the above.
-OWN_GUIDANCE_FLOW = (*DIFFUSERS_ENCODES_PROMPTS, *FLOW_SAMPLER, *NO_GUIDANCE_RESCALE, *OWN_GUIDANCE, *IMG2IMG_ONLY)
+OWN_GUIDANCE_FLOW = (*DIFFUSERS_ENCODES_PROMPTS, *FLOW_SAMPLER, *NO_GUIDANCE_RESCALE, *OWN_GUIDANCE, *NO_LATENT_UPSCALE)

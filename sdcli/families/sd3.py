@@ -24,12 +24,19 @@ def predict(pipe, model, noisy, timesteps, cond, guidance):
     return model(hidden_states=noisy, timestep=timesteps, return_dict=False, **cond)[0]
 
 
+def positions(transformer, factor):
+    """The transformer's position embedding covers pos_embed_max_size patches a side, and no more (diffusers'
+    PatchEmbed raises past it)."""
+    most = transformer.get("pos_embed_max_size")
+    side = most * transformer.get("patch_size", 2) * factor if most else None
+    return (side, side) if side else None
+
+
 def sizes(pipe):
     f = pipe.vae_scale_factor
     config = pipe.transformer.config
-    # The transformer's position embedding covers pos_embed_max_size patches a side, and no more.
-    largest = config.pos_embed_max_size * config.patch_size * f if config.pos_embed_max_size else None
-    return pipe.default_sample_size * f, f * config.patch_size, largest
+    largest = positions(config, f)
+    return pipe.default_sample_size * f, f * config.patch_size, largest[0] if largest else None
 
 
 FAMILY = Family(
@@ -40,6 +47,7 @@ FAMILY = Family(
     denoiser="transformer",
     patch=2,
     flow=True,
+    positions=positions,
     no_embeddings=("Stable Diffusion 3 reads prompts with three text encoders (two CLIPs and T5) and an embedding "
                    "has vectors for at most the two CLIPs"),
     ignores=(*rules.DIFFUSERS_ENCODES_PROMPTS, *rules.FLOW_SAMPLER, *rules.NO_GUIDANCE_RESCALE),

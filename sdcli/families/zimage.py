@@ -52,8 +52,17 @@ def predict(pipe: Any, model: Any, noisy: Any, timesteps: Any, cond: dict[str, A
     return -torch.stack([o.float() for o in out], dim=0).squeeze(2).to(noisy.dtype)
 
 
+def positions(transformer: Mapping[str, Any], factor: int) -> tuple[int, int]:
+    """Z-Image's RoPE is a table of ``axes_lens`` positions per axis (caption/frame, height, width), one per patch:
+    an image with more patches a side than its axis has positions fails inside the transformer (an IndexError)."""
+    _frames, rows, columns = transformer.get("axes_lens", (1024, 512, 512))  # diffusers' defaults
+    patch = transformer.get("all_patch_size", (2,))[0] * factor
+    return columns * patch, rows * patch
+
+
 def sizes(pipe: Any) -> tuple[int, int, int | None]:
-    return default_size(pipe)[0], pipe.vae_scale_factor * 2, None  # 2x2 patches
+    largest = min(positions(pipe.transformer.config, pipe.vae_scale_factor))
+    return default_size(pipe)[0], pipe.vae_scale_factor * 2, largest  # 2x2 patches
 
 
 FAMILY = Family(
@@ -65,6 +74,7 @@ FAMILY = Family(
     patch=2,
     flow=True,
     default_size=default_size,
+    positions=positions,
     guidance="own",
     guidance_of_config=guidance,
     guidance_config="scheduler",

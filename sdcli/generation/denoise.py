@@ -117,8 +117,8 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
         # cancellation, and prompt editing's next embeddings (the tensors the pipeline holds, replaced).
         def callback(pipe, i, t, kwargs, n=len(batch), prompts=prompts, guidance=first["guidance"], edited=edited):
             x0 = getattr(pipe.scheduler, "sdcli_x0", None)
-            if x0 is not None and s.save_trajectory:
-                frames.append(x0.detach().float().cpu())
+            if x0 is not None and s.save_trajectory:  # with the size that unpacks it (hires' passes differ)
+                frames.append((x0.detach().float().cpu(), task.frame_size(prepared, pipe)))
             on_step(Step(index=done[0], total=max(total, done[0] + 1), timestep=float(t), sigma=_sigma(pipe.scheduler),
                          latents=kwargs.get("latents"), x0=x0, images=n))
             done[0] += 1
@@ -149,8 +149,8 @@ def denoise_jobs(engine: Any, s: Any, jobs: list[Any], on_step: Callable[[Any], 
             raise SdcliError(f"the model produced NaN values instead of an image{hint}")
         images = task.finish(prepared, run_pipe.numpy_to_pil(arrays))
         frames_per_image: list[list[Any]] = [[] for _ in batch]
-        for x0 in frames:
-            for k, frame in enumerate(decode_latents(run_pipe, x0, (prepared.width, prepared.height))):
+        for x0, size in frames:
+            for k, frame in enumerate(decode_latents(run_pipe, x0, size)):
                 frames_per_image[k].append(frame)
         # An image whose pass read no negative prompt (guidance 1 in a sweep) does not record one.
         unread = {} if negative_applies(s, kind, first["guidance"], knob) else {"negative_prompt": ""}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcli import defaults
-from sdcli.generation.settings import Settings, check_settings, check_size, sweep_axes
+from sdcli.generation.settings import Settings, check_positions, check_settings, check_size, sweep_axes
 from sdcli.generation.guidance import settle_guidance
 from sdcli.generation.tasks import Task, task_for
 
@@ -121,6 +121,7 @@ def plan(s: Settings, *, distributed: bool = True, model_on_disk: bool = True, f
         task.check(s)
     if facts is not None:
         check_size(s, facts.size_multiple)
+        check_positions(s, facts)
     if model_on_disk:
         from sdcli.families import gguf_family, model_arch
         from sdcli.memory import check_generation

@@ -435,6 +435,41 @@ def check_size(s: Settings, factor: int) -> None:
                 f"--{name} {size} is not a multiple of {factor} (what this model's VAE and pipeline need); "
                 f"try {lower or upper} or {upper}", setting=name
             )
+    for side in s.outpaint or ():  # the canvas too (parse_outpaint checked the 8 every VAE needs)
+        if side % factor:
+            lower, upper = side - side % factor, side - side % factor + factor
+            raise UsageError(f"--outpaint: {side} is not a multiple of {factor} (what this model's VAE and pipeline "
+                             f"need); try {lower} or {upper}", setting="outpaint")  # 0: no border there
+
+
+def check_positions(s: Settings, facts: Any) -> None:
+    """Refuse a size past the positions the model's denoiser has (``facts.largest``: SD3's position embedding,
+    Z-Image's RoPE table), which would fail inside the transformer: -W/-H as asked, else the init image's own size,
+    then an outpainted canvas and hires fix's enlargement, each naming the setting that made it. (Hires fix at the
+    model's default size is checked as it prepares, `sdcli.generation.tasks.HiresFix`.)"""
+    if facts.largest is None:
+        return
+    from functools import partial
+
+    from sdcli.generation.tasks import refuse_past_positions
+    from sdcli.images import image_size, named
+
+    refuse = partial(refuse_past_positions, facts)
+
+    refuse(s.width or 0, 0, f"--width {s.width}", "width")
+    refuse(0, s.height or 0, f"--height {s.height}", "height")
+    w, h = s.width, s.height
+    if s.init_image is not None and not (w and h):
+        iw, ih = image_size(s.init_image, what="--init-image", setting="init_image")
+        w, h = w or iw, h or ih
+        refuse(w, h, f"--init-image {named(s.init_image)} is {iw}x{ih}", "init_image", "; pass -W/-H to resize it")
+    if s.outpaint is not None and w and h:
+        left, right, top, bottom = s.outpaint
+        w, h = w + left + right, h + top + bottom
+        refuse(w, h, f"--outpaint {','.join(map(str, s.outpaint))} makes a {w}x{h} canvas", "outpaint")
+    if s.hires_scale is not None and w and h:
+        w, h = int(w * s.hires_scale), int(h * s.hires_scale)
+        refuse(w, h, f"--hires-scale {s.hires_scale:g} makes {w}x{h}", "hires_scale")
 
 
 # 4. Records and replay ---------------------------------------------------------------------------

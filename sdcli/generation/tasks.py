@@ -52,6 +52,15 @@ class Prepared:
     keep: dict[str, Any] = field(default_factory=dict)
 
 
+def size_multiple(pipe: Any) -> int:
+    """What the sizes the pipeline renders at must be multiples of (the VAE factor times the family's patch): a
+    packed model's pipeline would round another size down, and make an image of another size than the one asked
+    for and recorded (or than the picture an inpainting is laid over)."""
+    from sdcli.families import facts_of
+
+    return facts_of(pipe).size_multiple
+
+
 def default_size(pipe: Any) -> tuple[int, int]:
     """The model's own image size (width, height), as its family says."""
     from sdcli.families import pipe_family
@@ -96,6 +105,11 @@ class Task:
         """The batch's PIL images after denoising; a task that composites (inpainting) overrides this."""
         return images
 
+    def frame_size(self, prepared: Prepared, pipe: Any) -> tuple[int, int]:
+        """The size (width, height) ``pipe`` renders at, which unpacks a trajectory frame's packed latents: the
+        call's (an outpainted canvas, not the init image inside it)."""
+        return prepared.call.get("width", prepared.width), prepared.call.get("height", prepared.height)
+
 
 def loop_steps(scheduler: Any, steps: int, strength: float | None = None) -> int:
     """How many steps diffusers' denoising loop runs for ``steps`` on ``scheduler``: the timesteps set_timesteps gives
@@ -131,6 +145,17 @@ def task_pipeline(auto: Any, pipe: Any, **components: Any) -> Any:
     task_pipe.set_progress_bar_config(disable=True)
     use_formula_guidance(task_pipe)
     return task_pipe
+
+
+def refuse_past_positions(facts: Any, w: int, h: int, what: str, setting: str, hint: str = "") -> None:
+    """A ``w``x``h`` image past the positions the model's denoiser has (``facts.largest``), refused naming ``what``
+    asked for it; it would fail inside the transformer (`sdcli.generation.settings.check_positions`)."""
+    if facts.largest is None:
+        return
+    widest, tallest = facts.largest
+    if w > widest or h > tallest:
+        raise UsageError(f"{what}: {facts.class_name} takes images up to {widest}x{tallest} pixels (its transformer "
+                         f"has positions for no more){hint}", setting=setting)
 
 
 def refuse_without_init_image(s: Any) -> None:
@@ -192,7 +217,7 @@ class ImageToImage(Task):
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
 
-        image = load_init_image(s.init_image, s.width, s.height, max(8, pipe.vae_scale_factor))
+        image = load_init_image(s.init_image, s.width, s.height, size_multiple(pipe))
         task_pipe = task_pipeline(AutoPipelineForImage2Image, pipe)
         call = {"image": image, "strength": s.strength}
         if "width" in inspect.signature(type(task_pipe).__call__).parameters:
@@ -240,7 +265,7 @@ class Inpaint(ImageToImage):
 
         from sdcli.generation.masks import feather
 
-        picture, mask, init = self.canvas(s, max(8, pipe.vae_scale_factor))
+        picture, mask, init = self.canvas(s, size_multiple(pipe))
         # diffusers gets the feathered mask too (it thresholds it at 0.5), as AUTOMATIC1111's sampler does.
         feathered = feather(mask, picture.size, s.mask_blur)
         task_pipe = task_pipeline(AutoPipelineForInpainting, pipe)
@@ -311,11 +336,16 @@ class HiresFix(Task):
     def prepare(self, s: Any, pipe: Any) -> Prepared:
         from diffusers import AutoPipelineForImage2Image
 
+        from sdcli.families import facts_of
+
         dw, dh = default_size(pipe)
         width, height = s.width or dw, s.height or dh
-        factor = max(8, pipe.vae_scale_factor)
+        factor = size_multiple(pipe)
         size = (self.upscaled(width, s.hires_scale, factor, "--width"),
                 self.upscaled(height, s.hires_scale, factor, "--height"))
+        # Without -W/-H the first pass's size is the model's own, known only now.
+        refuse_past_positions(facts_of(pipe), *size, f"--hires-scale {s.hires_scale:g} makes {size[0]}x{size[1]}",
+                              "hires_scale")
         keep = {"second": task_pipeline(AutoPipelineForImage2Image, pipe), "size": size, "upscaler": s.hires_upscaler,
                 "strength": s.hires_strength, "steps": s.hires_steps or s.steps}
         return Prepared(pipe, width, height, {"width": width, "height": height}, keep=keep)
@@ -343,6 +373,10 @@ class HiresFix(Task):
         second.update(image=image, strength=keep["strength"], num_inference_steps=keep["steps"],
                       generator=[torch.Generator(g.device).manual_seed(g.initial_seed()) for g in kwargs["generator"]])
         return keep["second"](**second).images
+
+    def frame_size(self, prepared: Prepared, pipe: Any) -> tuple[int, int]:
+        # The second pass renders the enlargement.
+        return prepared.keep["size"] if pipe is prepared.keep["second"] else super().frame_size(prepared, pipe)
 
 
 class Edit(TextToImage):
@@ -447,7 +481,7 @@ class WithControlNet(Task):
 
         controlnet = load_controlnets(s, pipe)
         if self.inner.name == "txt2img":
-            width, height = first_image_size(s, max(8, pipe.vae_scale_factor))
+            width, height = first_image_size(s, size_multiple(pipe))
             s = dataclasses.replace(s, width=width, height=height)
         prepared = self.inner.prepare(s, pipe)
         task_pipe = task_pipeline(getattr(diffusers, self.AUTO[self.inner.name]), prepared.pipe, controlnet=controlnet)
@@ -469,6 +503,9 @@ class WithControlNet(Task):
 
     def finish(self, prepared: Prepared, images: list[Any]) -> list[Any]:
         return self.inner.finish(prepared, images)
+
+    def frame_size(self, prepared: Prepared, pipe: Any) -> tuple[int, int]:
+        return self.inner.frame_size(prepared, pipe)
 
 
 # Most specific first: the first that applies runs.

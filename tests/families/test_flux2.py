@@ -149,6 +149,12 @@ def test_an_edit_replays_from_its_metadata_while_its_references_are_unchanged(cl
     ("klein", ["--reference-image", "REF"] * 11, "--reference-image: Flux2KleinPipeline takes at most 10 reference"),
     ("kontext", ["--init-image", "REF"], "--init-image: FluxKontextPipeline has no img2img"),
     ("flux2", ["--reference-image", "REF", "--init-image", "REF"], "--init-image does not combine with"),
+    ("flux2", ["--init-image", "REF"], "--init-image: Flux2Pipeline has no img2img in diffusers"),
+    ("flux2", ["--init-image", "REF", "--mask", "MASK"], "--mask: Flux2Pipeline has no inpainting in diffusers"),
+    ("flux2", ["--init-image", "REF", "--outpaint", "8,8,0,0"], "--outpaint: Flux2Pipeline has no inpainting"),
+    ("klein", ["--init-image", "REF", "--strength", "0.5"], "--init-image: Flux2KleinPipeline has no img2img"),
+    ("klein", ["--init-image", "REF", "--mask", "MASK", "--reference-image", "REF"],
+     "--init-image does not combine with --reference-image"),
     ("flux2", ["-n", "blurry"], "--negative-prompt: Flux2Pipeline has its guidance distilled"),
     ("flux2", ["-g", "3"], "--guidance 3: Flux2Pipeline's guidance is distilled"),
     ("klein", ["--distilled-guidance", "3"], "--distilled-guidance: Flux2KleinPipeline has no guidance input"),
@@ -159,7 +165,8 @@ def test_what_a_model_lacks_is_refused_in_one_line_before_loading(cli, request, 
                                                                    model, args, expected):
     fixture = {"sd1": "tiny_models", "flux": "tiny_flow_models"}.get(model, "tiny_flux2_models")
     path = request.getfixturevalue(fixture)[model]
-    args = [str(refs[0]) if a == "REF" else a for a in args]
+    Image.new("L", Image.open(refs[0]).size, 255).save(tmp_path / "mask.png")
+    args = [{"REF": str(refs[0]), "MASK": str(tmp_path / "mask.png")}.get(a, a) for a in args]
     result = cli("generate", "a red circle", "--model", path, "--out", tmp_path / "o.png", *args)
     assert one_error_line(result, 2).startswith(f"error: {expected}")
     assert no_pipeline_loads == [] and not (tmp_path / "o.png").exists()

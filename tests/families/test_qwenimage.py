@@ -90,6 +90,9 @@ def test_an_editing_model_refuses_more_reference_images_than_it_reads_and_an_ini
                                   tmp_path / "ref.png"), 2)
     assert two == "error: --reference-image: QwenImageEditPipeline takes 1 reference image, not 2"
     assert "--init-image" in one_error_line(generate(edit, "--init-image", tmp_path / "ref.png"), 2)
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    masked = one_error_line(generate(edit, "--init-image", tmp_path / "ref.png", "--mask", tmp_path / "mask.png"), 2)
+    assert masked.startswith("error: --mask: QwenImageEditPipeline is not inpainted by sdcli yet")
 
 
 @pytest.fixture

@@ -276,3 +276,11 @@ def test_an_editing_model_is_refused_in_one_line_before_loading(cli, new_flow_mo
                  tmp_path / "out", "--max-steps", "1", "--quiet")
     assert "QwenImageEditPipeline, an editing model" in one_error_line(result)
     assert no_pipeline_loads == [] and not (tmp_path / "out").exists()
+
+
+def test_a_resolution_past_zimages_position_table_is_refused_in_one_line(cli, new_flow_model, dataset, tmp_path):
+    # The tiny Z-Image's RoPE table covers 128 pixels a side (`sdcli.families.zimage.positions`).
+    result = cli("finetune", "--data", dataset, "--model", new_flow_model("zimage"), "--out", tmp_path / "out",
+                 "--max-steps", "1", "--quiet", "--resolution", "144")
+    assert "--resolution 144 is larger than this model's position embedding covers (128)" in one_error_line(result, 2)
+    assert not (tmp_path / "out" / "loss.csv").exists()
