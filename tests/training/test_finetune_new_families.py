@@ -1,7 +1,8 @@
 """finetune on Chroma, Z-Image, Qwen-Image and FLUX.2 Klein (tiny random pipelines; FLUX.2-dev where it
 differs: its guidance input): each model's own transformer call and objective, dropped captions to its null
-prompt, the LoRA plain diffusers loads and `generate --lora` uses, the layout ComfyUI loads for each, LyCORIS
-adapters and loss masks on Klein, exact resume, full fine-tunes, and editing models refused."""
+prompt, the LoRA plain diffusers loads and `generate --lora` uses, the layout ComfyUI loads for each, DoRA, LoHa
+and LoKr from either file on each (and on SD 2.x and SDXL), loss masks on Klein, exact resume, full fine-tunes, and
+editing models refused."""
 
 from __future__ import annotations
 
