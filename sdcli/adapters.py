@@ -87,7 +87,9 @@ def weight_file(path: str | Path) -> Path | None:
 
 def _targets(pipe: Any, family: Any) -> dict[str, tuple[str, str]]:
     """Every name a file may give an adaptable layer -> (pipeline attribute, module path): diffusers' paths
-    and kohya's underscore names under each prefix (SGM block names for SDXL's UNet)."""
+    under the model's attribute (diffusers' layout) and, for the denoiser, under the family's ComfyUI prefix
+    (``diffusion_model.``, ``transformer.``: `Family.comfy_lora_prefix`), and kohya's underscore names under each
+    prefix (SGM block names for SDXL's UNet)."""
     import torch
 
     from sdcli import kohya
@@ -103,11 +105,15 @@ def _targets(pipe: Any, family: Any) -> dict[str, tuple[str, str]]:
         else:
             prefixes = {layout.prefixes[attr] for layout in layouts if attr in layout.prefixes}
         sgm = attr == "unet" and any(layout.sgm_unet for layout in layouts)
+        dotted_prefixes = {f"{attr}."}
+        if attr == family.denoiser and family.comfy_lora_prefix:
+            dotted_prefixes.add(family.comfy_lora_prefix)
         for path, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".base_layer" in path:
                 continue
             path = path.replace(".base_layer", "")
-            names[f"{attr}.{path}"] = (attr, path)
+            for dotted in dotted_prefixes:
+                names[f"{dotted}{path}"] = (attr, path)
             spellings = {path}
             if attr == "unet" and sgm:
                 try:

@@ -1,5 +1,5 @@
 """Fixtures of the Chroma, Z-Image and Qwen-Image tests (imported by their modules): their tiny pipelines, and the
-same request made to plain diffusers."""
+same request made to plain diffusers; a LoRA in the layouts people share them in for ComfyUI."""
 
 from __future__ import annotations
 
@@ -54,3 +54,27 @@ def generate(cli, tmp_path):
         return result
 
     return run
+
+
+def comfyui_lora(lora, layout: str, folder):
+    """The diffusers-format LoRA folder ``lora`` (peft's names under ``transformer.``, scale 1) as Z-Image and
+    Qwen-Image LoRAs are shared for ComfyUI: diffusers' module paths under ``diffusion_model.``, peft's
+    ``lora_A``/``lora_B`` (layout "comfyui") or kohya's ``lora_down``/``lora_up`` ("comfyui-kohya"), and an
+    ``.alpha`` per module: 4·rank, with the up half quartered, so only a loader that reads alpha gives the same
+    image."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    names = {"lora_A": "lora_A", "lora_B": "lora_B"} if layout == "comfyui" else {"lora_A": "lora_down",
+                                                                                   "lora_B": "lora_up"}
+    out = {}
+    for key, tensor in load_file(str(lora / "pytorch_lora_weights.safetensors")).items():
+        module, half, _ = key.rsplit(".", 2)
+        stem = "diffusion_model." + module.removeprefix("transformer.")
+        if half == "lora_B":
+            tensor = tensor / 4
+        else:
+            out[f"{stem}.alpha"] = torch.tensor(4.0 * tensor.shape[0])
+        out[f"{stem}.{names[half]}.weight"] = tensor
+    save_file(out, str(folder / f"{layout}.safetensors"))
+    return folder / f"{layout}.safetensors"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import one_error_line, paths_of, pixels
-from newflow import generate, new_flow_model, plain_diffusers  # noqa: F401 - fixtures
+from newflow import comfyui_lora, generate, new_flow_model, plain_diffusers  # noqa: F401 - fixtures
 
 SIZE = ["-W", "32", "-H", "32"]
 
@@ -44,12 +44,14 @@ def test_qwen_image_img2img_is_diffusers_qwen_img2img(generate, qwen, plain_diff
     assert np.abs(pixels(out) - theirs).max() <= 1
 
 
-def test_a_qwen_image_lora_loads_as_diffusers_loads_it(generate, qwen, plain_diffusers, tmp_path):
+@pytest.mark.parametrize("layout", ["diffusers", "comfyui", "comfyui-kohya"])
+def test_a_qwen_image_lora_loads_as_diffusers_loads_it(generate, qwen, plain_diffusers, tmp_path, layout):
     from sdcli.testing import save_random_transformer_lora
 
     lora = save_random_transformer_lora(qwen, tmp_path / "lora", targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
                                                                    "add_k_proj", "add_v_proj", "to_add_out"))
-    (out,) = paths_of(generate(qwen, *SIZE, "-g", "1", "--lora", lora))
+    shared = lora if layout == "diffusers" else comfyui_lora(lora, layout, tmp_path)
+    (out,) = paths_of(generate(qwen, *SIZE, "-g", "1", "--lora", shared))
     theirs = plain_diffusers(qwen, lora=str(lora), true_cfg_scale=1.0, width=32, height=32)
     assert np.abs(pixels(out) - theirs).max() <= 1
     assert np.abs(pixels(out) - plain_diffusers(qwen, true_cfg_scale=1.0, width=32, height=32)).max() > 2

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import one_error_line, paths_of, pixels
-from newflow import generate, new_flow_model, plain_diffusers  # noqa: F401 - fixtures
+from newflow import comfyui_lora, generate, new_flow_model, plain_diffusers  # noqa: F401 - fixtures
 
 SIZE = ["-W", "32", "-H", "32"]
 
@@ -43,12 +43,14 @@ def test_zimage_img2img_is_diffusers_zimage_img2img(generate, new_flow_model, pl
     assert np.abs(pixels(out) - theirs).max() <= 1
 
 
-def test_a_zimage_lora_loads_as_diffusers_loads_it(generate, new_flow_model, plain_diffusers, tmp_path):
+@pytest.mark.parametrize("layout", ["diffusers", "comfyui", "comfyui-kohya"])
+def test_a_zimage_lora_loads_as_diffusers_loads_it(generate, new_flow_model, plain_diffusers, tmp_path, layout):
     from sdcli.testing import save_random_transformer_lora
 
     folder = new_flow_model("zimage")
     lora = save_random_transformer_lora(folder, tmp_path / "lora", targets=("to_q", "to_k", "to_v"))
-    (out,) = paths_of(generate(folder, *SIZE, "--lora", lora))
+    shared = lora if layout == "diffusers" else comfyui_lora(lora, layout, tmp_path)
+    (out,) = paths_of(generate(folder, *SIZE, "--lora", shared))
     theirs = plain_diffusers(folder, lora=str(lora), guidance_scale=4.0, width=32, height=32)
     assert np.abs(pixels(out) - theirs).max() <= 1
     assert np.abs(pixels(out) - plain_diffusers(folder, guidance_scale=4.0, width=32, height=32)).max() > 2

@@ -1,7 +1,8 @@
 """finetune on Chroma, Z-Image, Qwen-Image and FLUX.2 Klein (tiny random pipelines; FLUX.2-dev where it
 differs: its guidance input): each model's own transformer call and objective, dropped captions to its null
-prompt, the LoRA plain diffusers loads and `generate --lora` uses, the layout ComfyUI loads for each, LyCORIS
-adapters and loss masks on Klein, exact resume, full fine-tunes, and editing models refused."""
+prompt, the LoRA plain diffusers loads and `generate --lora` uses, the layout ComfyUI loads for each, DoRA, LoHa
+and LoKr from either file on each (and on SD 2.x and SDXL), loss masks on Klein, exact resume, full fine-tunes, and
+editing models refused."""
 
 from __future__ import annotations
 
@@ -208,29 +209,62 @@ def test_klein_loss_masks_weigh_its_tokens(tiny_flux2_models, tmp_path, make_ima
     assert batch.weights[..., :side // 2].eq(1).all() and batch.weights[..., side // 2:].eq(0.25).all()
 
 
-@pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
-def test_klein_adapters_give_one_image_from_either_file(cli, tiny_flux2_models, dataset, tmp_path, adapter):
-    """DoRA, LoHa and LoKr on FLUX.2 Klein: generate --lora's image from diffusers' file and from ComfyUI's
-    (LyCORIS's tensor names, or peft's halves and dora_scale for DoRA, under transformer.) is one image."""
-    from sdcli.generation.engine import load_loras
+def _image(pipe, name):
+    """The pipeline's image in one pass a step (as floats: a scale slightly off shows)."""
+    return pipe(prompt="a red circle", num_inference_steps=2, width=16, height=16, output_type="np",
+                generator=torch.Generator().manual_seed(0), **UNGUIDED.get(name, {"guidance_scale": 1.0})).images[0]
 
-    model, out = tiny_flux2_models["klein"], tmp_path / "run"
-    trained = cli("finetune", "--data", dataset, "--model", model, "--out", out, "--adapter", adapter,
-                  "--resolution", "16", "--max-steps", "2", "--batch-size", "2", "--lr", "0.1", "--rank", "4",
-                  "--lora-alpha", "2", "--checkpoint-every", "0", "--quiet")
-    assert trained.exit_code == 0, trained.stderr
 
-    def image(lora=None):
-        pipe = _pipe(model)
-        if lora:
-            load_loras(pipe, [(str(lora), 1.0)])
-        made = pipe(prompt="a red circle", num_inference_steps=2, width=16, height=16, guidance_scale=1.0,
-                    output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
-        return np.round(made * 255)
+def _plain_diffusers(model, out, adapter):
+    """Plain diffusers with diffusers' file of ``adapter`` loaded as the README says: DoRA by the pipeline's loader,
+    LoKr by the model's own (diffusers has no LoHa loader)."""
+    from diffusers import DiffusionPipeline
 
-    from_out = image(out)
-    assert np.abs(from_out - image()).max() >= 1
-    assert np.abs(image(out / "run.safetensors") - from_out).max() <= 1
+    plain = DiffusionPipeline.from_pretrained(model)
+    plain.set_progress_bar_config(disable=True)
+    if adapter == "dora":
+        plain.load_lora_weights(str(out))
+    else:
+        denoiser = "unet" if hasattr(plain, "unet") else "transformer"
+        getattr(plain, denoiser).load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors",
+                                                   prefix=denoiser)
+    return plain
+
+
+@pytest.mark.parametrize("name", ["sd2", "sdxl", *NAMES])
+def test_each_adapters_tool_file_gives_the_diffusers_files_image(cli, flow_model, tiny_models, dataset, tmp_path,
+                                                                 name):
+    """DoRA, LoHa and LoKr on every family with a file for other tools (kohya's lora_unet_ names on SD, ComfyUI's
+    transformer. or diffusion_model. prefix on the others; LyCORIS's tensor names, DoRA as peft's halves and
+    dora_scale): generate --lora gives one image from that file and from diffusers', and plain diffusers gives it
+    from diffusers' DoRA and LoKr. (Plain LoRA: the test above and tests/training/test_finetune_kohya.py; every
+    adapter on SD 1.x: tests/test_adapters.py.)"""
+    from sdcli.generation.engine import load_loras, remove_loras
+
+    model = tiny_models[name] if name in tiny_models else flow_model(name)
+    pipe = _pipe(model)
+
+    def image(lora=None):  # as generate --lora applies a request's LoRA, and removes it after
+        names = load_loras(pipe, [(str(lora), 1.0)]) if lora else []
+        made = _image(pipe, name)
+        remove_loras(pipe, names, had=False, active=[])
+        return made
+
+    base = image()
+    for adapter in ("dora", "loha", "lokr"):
+        out = tmp_path / adapter
+        trained = cli("finetune", "--data", dataset, "--model", model, "--out", out, "--adapter", adapter,
+                      "--resolution", "16", "--max-steps", "1", "--batch-size", "2", "--lr", "0.1", "--rank", "4",
+                      "--lora-alpha", "2", "--checkpoint-every", "0", "--quiet")
+        assert trained.exit_code == 0, trained.stderr
+        from_out = image(out)
+        moved = np.abs(from_out - base).max()
+        assert moved > 1e-4, adapter  # the adapter trained and loaded
+        # One image: a scale read another way (alpha / rank against alpha / dim) would differ by a share of moved.
+        assert np.abs(image(out / f"{adapter}.safetensors") - from_out).max() <= moved / 100, adapter
+        if adapter != "loha":
+            assert np.abs(_image(_plain_diffusers(model, out, adapter), name) - from_out).max() <= moved / 100
+    assert np.abs(image() - base).max() == 0  # each request's adapter removed after it
 
 
 def test_zimage_ctrl_c_then_resume_ends_with_the_same_weights_as_never_stopping(new_flow_model, dataset, tmp_path,
