@@ -155,13 +155,18 @@ def quiet() -> None:
 
 
 def init_comm() -> None:
-    """DeepSpeed's collectives over the process group accelerate made (gloo on the CPU); DeepSpeed prints as it
-    builds its shared-memory op there: to stderr."""
+    """DeepSpeed's collectives over the process group accelerate made (gloo on the CPU). Its CPU backend would
+    first compile a shared-memory op with the C++ compiler (a minute, once per machine) that only its inference
+    all-reduce uses: marked unavailable, so training needs no compiler and starts at once."""
     import contextlib
     import sys
 
     import deepspeed.comm
+    import deepspeed.ops
 
+    # DeepSpeed probes which ops compile on first access and keeps the dict it made; one set here is kept instead.
+    ops = vars(deepspeed.ops).setdefault("__compatible_ops__", {})
+    ops["deepspeed_shm_comm"] = False
     with contextlib.redirect_stdout(sys.stderr):
         deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
