@@ -36,7 +36,7 @@ def make_accelerator(cfg: FinetuneConfig):
     from sdcli.training import sharding, zero
 
     deepspeed = None
-    if sharding.requested() == "deepspeed" and world_size() > 1:
+    if sharding.requested() == "deepspeed" and (world_size() > 1 or not cpu):  # on a GPU accelerate runs it alone too
         # DeepSpeed's config with sdcli's values; its precision is autocast over float32 weights (zero.py).
         zero.quiet()
         deepspeed = zero.plugin(cfg, world_size())

@@ -35,8 +35,8 @@ def check(cfg: Any) -> None:
     from sdcli.distributed import world_size
 
     backend = requested()
-    if backend is None or world_size() < 2:  # one process: accelerate shards nothing, whatever its config says
-        return
+    if backend is None or (world_size() < 2 and not (backend == "deepspeed" and _gpu(cfg))):
+        return  # one process: accelerate shards nothing, whatever its config says (DeepSpeed on a GPU aside)
     if backend == "deepspeed":
         from sdcli.training import zero
 
@@ -48,6 +48,13 @@ def check(cfg: Any) -> None:
         raise UsageError(f"accelerate's config asks for FSDP version {version}; sdcli shards with FSDP2: set "
                          "fsdp_version: 2 in the config (or pass --fsdp_version 2 to accelerate launch)")
     _refuse(cfg, "FSDP (accelerate's distributed_type: FSDP)", "accelerate's FSDP2 shards one model per run")
+
+
+def _gpu(cfg: Any) -> bool:
+    """Whether the run will train on a GPU, where accelerate runs DeepSpeed even in one process."""
+    from sdcli.pipeline import resolve_device
+
+    return (cfg.device if cfg.device != "auto" else resolve_device("auto")) != "cpu"
 
 
 def _refuse(cfg: Any, backend: str, one_model: str) -> None:
