@@ -35,10 +35,11 @@ def make_accelerator(cfg: FinetuneConfig):
     extra = dict(log_with=cfg.trackers, project_dir=str(cfg.out / LOGS_DIR)) if cfg.trackers else {}
     from sdcli.training import sharding, zero
 
+    if zero.available():
+        zero.quiet(cpu)
     deepspeed = None
     if sharding.requested() == "deepspeed" and (world_size() > 1 or not cpu):  # on a GPU accelerate runs it alone too
         # DeepSpeed's config with sdcli's values; its precision is autocast over float32 weights (zero.py).
-        zero.quiet()
         deepspeed = zero.plugin(cfg, world_size())
         zero.set_precision(deepspeed, cfg.mixed_precision)
         extra["deepspeed_plugin"] = deepspeed

@@ -140,12 +140,16 @@ def loads_whole(made: Any) -> None:
     made.dschf = None
 
 
-def quiet() -> None:
-    """DeepSpeed logs to stdout, where sdcli writes only its results: to stderr, warnings and worse only."""
+def quiet(cpu: bool) -> None:
+    """DeepSpeed logs to stdout, where sdcli writes only its results: to stderr, warnings and worse only. Installed,
+    it is imported by any training run (accelerate's unwrap_model looks for its engine), so this runs for all of
+    them; on the CPU it is told so, or it warns that it found no GPU."""
     import contextlib
     import logging
     import sys
 
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.utils import logger
     for handler in logger.handlers:
