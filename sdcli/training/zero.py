@@ -57,8 +57,8 @@ def plugin(cfg: Any, world: int) -> Any:
                          "(without sharding, launch plain data parallel: distributed_type: MULTI_GPU)")
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            raise UsageError(f"{where} has a {section} section; sdcli makes its own (--optimizer settings such as "
-                             "--lr and --lr-scheduler): remove it from the config")
+            raise UsageError(f"{where} has {'an' if section == 'optimizer' else 'a'} {section} section; sdcli makes "
+                             "its own (from --lr, --weight-decay, --lr-scheduler): remove it from the config")
     for part in ("offload_optimizer", "offload_param"):
         device = made.get_value(f"zero_optimization.{part}.device", "none")
         if device not in (None, "none"):
@@ -150,8 +150,11 @@ def quiet(cpu: bool) -> None:
 
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.utils import logger
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils import logger
+    except Exception:  # noqa: BLE001 - a broken install fails where DeepSpeed is asked for, not every run
+        return
     for handler in logger.handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
             handler.setStream(sys.stderr)

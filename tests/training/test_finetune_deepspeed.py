@@ -41,7 +41,7 @@ def _ds_file(tmp_path, **config):
      "zero_optimization.offload_optimizer.device cpu"),
     ({**ZERO2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, None, [], "zero_optimization.stage 0"),
     (None, {"train_micro_batch_size_per_gpu": 4}, [], "train_micro_batch_size_per_gpu: 4, but --batch-size is 1"),
-    (None, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, [], "has a optimizer section"),
+    (None, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, [], "has an optimizer section"),
     (None, {"bf16": {"enabled": True}}, [], "enables bf16"),
     (None, {"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, [],
      "zero_optimization.sub_group_size is auto"),
