@@ -39,6 +39,11 @@ accelerate config of distributed_type FSDP (fsdp_version 2: weights, gradients a
 sharded) and with plain data parallel (DDP: every process holds everything). Prints each one's training
 images/s (from loss.csv, steps after the first two), the largest process's peak memory, and FSDP's ratio
 to DDP from the same run. FSDP pays an all-gather per layer per forward and backward for holding half.
+
+    python benchmarks/finetune_bench.py --deepspeed --method full   # DeepSpeed ZeRO-2 against plain data parallel
+
+the same with distributed_type DEEPSPEED (zero_stage 2: gradients and Adam state partitioned, weights whole)
+in place of FSDP, and ZeRO-2's ratio to DDP from the same run.
 """
 
 from __future__ import annotations
@@ -269,7 +274,9 @@ LAUNCH_CONFIGS = {
     "ddp": "distributed_type: MULTI_GPU\n",
     "fsdp": "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
             "  fsdp_reshard_after_forward: true\n",
+    "deepspeed": "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n",
 }
+SHARDED = {"fsdp": "FSDP2", "deepspeed": "DeepSpeed ZeRO-2"}
 
 
 def run_launched(args, which: str, work: Path, run: int) -> dict:
@@ -300,16 +307,16 @@ def run_launched(args, which: str, work: Path, run: int) -> dict:
             "peak_mb": maxrss_kb / 1024, "cpu_s_per_image": cpu / (args.batch_size * 2 * len(elapsed))}
 
 
-def fsdp_summary(args, results: dict[str, list[dict]], med) -> None:
+def sharded_summary(args, results: dict[str, list[dict]], med, sharded: str) -> None:
     summary = {"method": args.method, "batch_size_per_process": args.batch_size, "processes": 2, "steps": args.steps,
-               "runs": args.runs, **{f"{w}_{k}": med(w, k) for w in ("fsdp", "ddp")
+               "runs": args.runs, **{f"{w}_{k}": med(w, k) for w in (sharded, "ddp")
                                      for k in ("images_per_s", "peak_mb", "final_loss")}, "runs_detail": results}
-    summary["speed_ratio"] = summary["fsdp_images_per_s"] / summary["ddp_images_per_s"]
-    print(f"{'':6s} {'images/s':>9s} {'peak MB':>8s} {'final loss':>10s}")
-    for which in ("fsdp", "ddp"):
-        print(f"{which:6s} {summary[which + '_images_per_s']:9.2f} {summary[which + '_peak_mb']:8.0f} "
+    summary["speed_ratio"] = summary[f"{sharded}_images_per_s"] / summary["ddp_images_per_s"]
+    print(f"{'':9s} {'images/s':>9s} {'peak MB':>8s} {'final loss':>10s}")
+    for which in (sharded, "ddp"):
+        print(f"{which:9s} {summary[which + '_images_per_s']:9.2f} {summary[which + '_peak_mb']:8.0f} "
               f"{summary[which + '_final_loss']:10.5f}")
-    print(f"FSDP2 runs at {summary['speed_ratio']:.2f}x plain data parallel's images/s "
+    print(f"{SHARDED[sharded]} runs at {summary['speed_ratio']:.2f}x plain data parallel's images/s "
           f"(2 processes, {args.method}, batch {args.batch_size} each)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -347,6 +354,8 @@ def main() -> None:
                         help="Compare --adapter dora, loha and lokr with lora instead.")
     parser.add_argument("--fsdp", action="store_true",
                         help="Compare FSDP2 with plain data parallel, 2 processes under accelerate launch, instead.")
+    parser.add_argument("--deepspeed", action="store_true",
+                        help="Compare DeepSpeed ZeRO-2 with plain data parallel, as --fsdp does, instead.")
     parser.add_argument("--child", choices=["sdcli", "reference", "buckets", "square", *ADAPTERS],
                         help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -361,15 +370,16 @@ def main() -> None:
         make = make_mixed_data if args.mixed_aspect else make_data
         data = args.data or make(work / "data", args.images, args.resolution or 128)
         pair = (("buckets", "square") if args.mixed_aspect else ADAPTERS if args.adapters
-                else ("fsdp", "ddp") if args.fsdp else ("sdcli", "reference"))
+                else ("fsdp", "ddp") if args.fsdp else ("deepspeed", "ddp") if args.deepspeed
+                else ("sdcli", "reference"))
         results: dict[str, list[dict]] = {which: [] for which in pair}
         for run in range(args.runs):
             for which in pair[::-1] if run % 2 else pair:  # interleaved
-                if args.fsdp:
+                if args.fsdp or args.deepspeed:
                     args.model, args.data = model, data
                     results[which].append(run_launched(args, which, work, run))
                     last = results[which][-1]
-                    print(f"run {run + 1} {which:4s} {last['images_per_s']:7.2f} img/s  peak {last['peak_mb']:6.0f} MB",
+                    print(f"run {run + 1} {which:9s} {last['images_per_s']:7.2f} img/s  peak {last['peak_mb']:6.0f} MB",
                           file=sys.stderr)
                     continue
                 cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", data, "--work", tmp,
@@ -393,8 +403,8 @@ def main() -> None:
     if args.mixed_aspect:
         mixed_summary(args, results, med)
         return
-    if args.fsdp:
-        fsdp_summary(args, results, med)
+    if args.fsdp or args.deepspeed:
+        sharded_summary(args, results, med, "fsdp" if args.fsdp else "deepspeed")
         return
     if args.adapters:
         # CPU time per image is the steadier figure on a shared machine; both are LoRA's speed over this one's.

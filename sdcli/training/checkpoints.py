@@ -221,20 +221,23 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict[str, Any], ke
 def _parts_state(parts: Parts, accelerator) -> dict[str, Any]:
     """What `_write_parts` writes: model files by name, then the optimizer, schedule, scaler and EMA state,
     each whole (gathered from every process's shard under FSDP, so the files are the same either way)."""
-    from sdcli.training import sharding
+    from sdcli.training import sharding, zero
 
     keep = accelerator.is_main_process  # the others take part in gathering and keep nothing
+    deepspeed = zero.is_engine(parts.models[0])  # ZeRO's partitions are gathered its own way (zero.py)
+    raws = [_raw(accelerator, model) for model in parts.models]
     state: dict[str, Any] = {}
-    for i, model in enumerate(parts.models):
-        raw = _raw(accelerator, model)
+    for i, raw in enumerate(raws):
         trainable = {name for name, p in raw.named_parameters() if p.requires_grad} if parts.trainable_only else None
-        state[_model_file(i)] = sharding.model_state(raw, trainable, keep)
-    state["optimizer"] = sharding.gathered(parts.optimizer.state_dict(), keep)
+        state[_model_file(i)] = (zero if deepspeed else sharding).model_state(raw, trainable, keep)
+    state["optimizer"] = (zero.optimizer_state(parts.optimizer, zero.trained(raws), keep) if deepspeed
+                          else sharding.gathered(parts.optimizer.state_dict(), keep))
     state["scheduler"] = parts.lr_scheduler.state_dict()
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
     if parts.ema is not None:
-        state["ema"] = sharding.gathered(parts.ema.state_dict(), keep)
+        state["ema"] = (zero.ema_state(parts.ema, zero.trained(raws), keep) if deepspeed
+                        else sharding.gathered(parts.ema.state_dict(), keep))
     return state
 
 
@@ -435,17 +438,22 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
         return
     name = ""
     try:
-        from sdcli.training import sharding
+        from sdcli.training import sharding, zero
 
-        # Every process reads the whole tensors, one at a time; under FSDP each keeps only its shard of each
-        # (no message is sent), so no process holds a whole file.
-        for i, model in enumerate(parts.models):
+        # Every process reads the whole tensors, one at a time; under FSDP (and ZeRO) each keeps only its shard
+        # of each (no message is sent), so no process holds a whole file.
+        deepspeed = zero.is_engine(parts.models[0])
+        raws = [_raw(accelerator, model) for model in parts.models]
+        for i, raw in enumerate(raws):
             name = _model_file(i)
-            sharding.load_model_state(_raw(accelerator, model), LazyTensors(str(path / name), deferred=False),
-                                      strict=not parts.trainable_only)
+            (zero if deepspeed else sharding).load_model_state(
+                raw, LazyTensors(str(path / name), deferred=False), strict=not parts.trainable_only)
         name = "optimizer.json"
-        parts.optimizer.load_state_dict(taken(sharding.shard_optimizer_state(read_tree(path, "optimizer", lazy=True),
-                                                                             parts.optimizer)))
+        if deepspeed:
+            zero.load_optimizer_state(parts.optimizer, zero.trained(raws), taken(read_tree(path, "optimizer", lazy=True)))
+        else:
+            parts.optimizer.load_state_dict(taken(sharding.shard_optimizer_state(
+                read_tree(path, "optimizer", lazy=True), parts.optimizer)))
         name = "scheduler.json"
         parts.lr_scheduler.load_state_dict(read_tree(path, "scheduler"))
         if accelerator.scaler is not None and (path / "scaler.json").exists():
@@ -453,8 +461,9 @@ def load_checkpoint(accelerator, path: Path, parts: Parts, allow_pickle: bool = 
             accelerator.scaler.load_state_dict(read_tree(path, "scaler"))
         if parts.ema is not None:
             name = "ema.json"
-            parts.ema.load_state_dict(taken(sharding.shard_ema_state(read_tree(path, "ema", lazy=True),
-                                                                     sharding.optimizer_params(parts.optimizer))))
+            ema = read_tree(path, "ema", lazy=True)
+            parts.ema.load_state_dict(taken(zero.shard_ema_state(ema, zero.trained(raws)) if deepspeed else
+                                            sharding.shard_ema_state(ema, sharding.optimizer_params(parts.optimizer))))
             parts.ema.to(accelerator.device)  # loaded on the CPU; the EMA steps where the parameters are
         name = f"{RNG_STEM}_{accelerator.process_index}.json"
         _set_rng_state(accelerator, read_tree(path, f"{RNG_STEM}_{accelerator.process_index}"))

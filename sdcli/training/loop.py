@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from sdcli import threads
 from sdcli.errors import OutputError, SdcliError, UsageError
-from sdcli.training import buckets, checkpoints, data, outputs, prior, setup, sharding, trackers, validation
+from sdcli.training import (buckets, checkpoints, data, outputs, prior, setup, sharding, trackers, validation,
+                            zero)
 from sdcli.training.config import DEFAULT_MAX_STEPS, FinetuneConfig
 from sdcli.progress import Counted, Notes, TrainingProgress, while_slow
 
@@ -213,7 +214,7 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
     say = Notes(accelerator.is_main_process and not cfg.quiet)
     kind = f", {accelerator.distributed_type.value}" if world > 1 else ""
     say(f"finetune: {world} process{'es' * (world > 1)} (world size {world}{kind}), "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+        f"device {accelerator.device}, mixed precision {cfg.mixed_precision}")
 
     # 3. Data: every image opened once; what cannot train is skipped (or stops the run) here.
     report = data.discover(cfg.data_sources, cfg.caption_column, cfg.strict, cfg.allow_empty_captions, warn=say,
@@ -331,8 +332,9 @@ def _setup(cfg: FinetuneConfig, accelerator, resume_dir: Path | None) -> Run:
                                  num_training_steps=max_steps * world)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     models, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
-    # FSDP replaces each parameter by its shard (a new tensor): the loop, EMA and clipping use those.
-    params = [p for model in models for p in model.parameters() if p.requires_grad]
+    # FSDP replaces each parameter by its shard (a new tensor), ZeRO-3 empties it and keeps its partition
+    # aside: the loop, EMA and clipping use what this process holds.
+    params = zero.local_views([p for model in models for p in model.parameters() if p.requires_grad])
     if cfg.train_text_encoder:
         inputs.text.use(models[1:])
         if held_out is not None:

@@ -17,6 +17,7 @@ from sdcli.training.outputs import LOGS_DIR
 def make_accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
 
+    from sdcli.distributed import world_size
     from sdcli.pipeline import default_channels_last, resolve_device
 
     # accelerate only forms a CPU process group (gloo, under torchrun) when told it is on the CPU.
@@ -31,21 +32,33 @@ def make_accelerator(cfg: FinetuneConfig):
         # torch has no float16 autocast on the CPU: half-precision weights would meet float32 inputs.
         raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     # --log-with: accelerate's trackers, writing under OUT/logs (opened by `trackers.start` once set-up passed).
-    logging = dict(log_with=cfg.trackers, project_dir=str(cfg.out / LOGS_DIR)) if cfg.trackers else {}
+    extra = dict(log_with=cfg.trackers, project_dir=str(cfg.out / LOGS_DIR)) if cfg.trackers else {}
+    from sdcli.training import sharding, zero
+
+    if zero.available():
+        zero.quiet(cpu)
+    deepspeed = None
+    if sharding.requested() == "deepspeed" and (world_size() > 1 or not cpu):  # on a GPU accelerate runs it alone too
+        # DeepSpeed's config with sdcli's values; its precision is autocast over float32 weights (zero.py).
+        deepspeed = zero.plugin(cfg, world_size())
+        zero.set_precision(deepspeed, cfg.mixed_precision)
+        extra["deepspeed_plugin"] = deepspeed
     try:
         accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision="no" if deepspeed is not None else cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation,
             cpu=cpu,
             # accelerate compiles what it prepares (the trained models); None keeps `accelerate config`'s choice.
             dynamo_backend="inductor" if cfg.compile else None,
-            **logging,
+            **extra,
         )
     except ValueError as exc:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from None
-    if cpu:
-        from sdcli.training import sharding
-
+    if deepspeed is not None:
+        if cpu:
+            zero.enable_on_cpu(accelerator, deepspeed)  # accelerate applies DeepSpeed on GPUs only
+        zero.loads_whole(deepspeed)
+    elif cpu:
         sharding.enable_on_cpu(accelerator)  # FSDP from accelerate's config, which it applies on GPUs only
     return accelerator
 
@@ -56,6 +69,10 @@ def auto_precision(cfg: FinetuneConfig, device: str) -> str:
     card has it, fp16 (with a gradient scaler) otherwise."""
     if not device.startswith("cuda"):
         return "no"
+    from sdcli.training.sharding import requested
+
+    if requested() == "deepspeed":  # its float16 would need DeepSpeed's loss scaling (zero.plugin refuses it)
+        return "bf16" if _bf16_supported() else "no"
     return "bf16" if _is_flow(cfg) and _bf16_supported() else "fp16"
 
 

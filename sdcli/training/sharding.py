@@ -7,9 +7,9 @@ writes is still one thing, whatever the launch: checkpoints in format 2 (`sdcli.
 the full tensors, gathered here on every process and written by the main one, and the trained weights are
 a plain copy of the denoiser gathered onto the main process and saved in diffusers' layout.
 
-DeepSpeed is accelerate's other sharding backend; its ZeRO optimizer keeps its state in its own partitioned
-layout (and accelerate's `save_state` writes it as pickles), which sdcli's exact, pickle-free checkpoints do
-not save or restore yet: refused here, in one line, before anything loads.
+DeepSpeed ZeRO (``distributed_type: DEEPSPEED``) is accelerate's other sharding backend; what differs
+there (its config, its partitioned optimizer) is in `sdcli.training.zero`; the checkpoints and the saved
+weights are the same files.
 """
 
 from __future__ import annotations
@@ -35,28 +35,40 @@ def check(cfg: Any) -> None:
     from sdcli.distributed import world_size
 
     backend = requested()
-    if backend is None or world_size() < 2:  # one process: accelerate shards nothing, whatever its config says
-        return
+    if backend is None or (world_size() < 2 and not (backend == "deepspeed" and _gpu(cfg))):
+        return  # one process: accelerate shards nothing, whatever its config says (DeepSpeed on a GPU aside)
     if backend == "deepspeed":
-        raise UsageError("accelerate's config asks for DeepSpeed (distributed_type: DEEPSPEED), which sdcli does not "
-                         "train with yet: its ZeRO optimizer keeps its state in its own partitioned layout, which "
-                         "sdcli's checkpoints cannot save and resume exactly; use distributed_type: FSDP with "
-                         "fsdp_version: 2 (see the README's multi-GPU section)")
+        from sdcli.training import zero
+
+        _refuse(cfg, "DeepSpeed (accelerate's distributed_type: DEEPSPEED)", "DeepSpeed trains one model per run")
+        zero.plugin(cfg, world_size())  # its config against sdcli's flags, before anything loads
+        return
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
         raise UsageError(f"accelerate's config asks for FSDP version {version}; sdcli shards with FSDP2: set "
                          "fsdp_version: 2 in the config (or pass --fsdp_version 2 to accelerate launch)")
+    _refuse(cfg, "FSDP (accelerate's distributed_type: FSDP)", "accelerate's FSDP2 shards one model per run")
+
+
+def _gpu(cfg: Any) -> bool:
+    """Whether the run will train on a GPU, where accelerate runs DeepSpeed even in one process."""
+    from sdcli.pipeline import resolve_device
+
+    return (cfg.device if cfg.device != "auto" else resolve_device("auto")) != "cpu"
+
+
+def _refuse(cfg: Any, backend: str, one_model: str) -> None:
     refused = [
         (cfg.train_text_encoder, "--train-text-encoder",
-         "accelerate's FSDP2 shards one model per run, and this trains the text encoder too"),
+         f"{one_model}, and this trains the text encoder too"),
         (bool(cfg.quantize), f"--quantize {cfg.quantize}", "a quantized base cannot be sharded; train it on one GPU"),
         (cfg.use_8bit_adam, "--use-8bit-adam", "bitsandbytes' optimizer cannot step sharded parameters"),
-        (cfg.compile, "--compile", "accelerate compiles the model before sharding it, which sdcli does not "
+        (cfg.compile, "--compile", "accelerate compiles the model as it shards it, which sdcli does not "
                                   "support yet; drop --compile"),
     ]
     for on, flag, why in refused:
         if on:
-            raise UsageError(f"{flag} with FSDP (accelerate's distributed_type: FSDP): {why}")
+            raise UsageError(f"{flag} with {backend}: {why}")
 
 
 def shards() -> int:
@@ -176,17 +188,19 @@ def shard_ema_state(state: dict[str, Any], params: list[Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def plain_copy(accelerator: Any, model: Any, device: Any = "cpu") -> Iterator[Any]:
-    """The model itself when nothing is sharded; under FSDP, on the main process a plain (unsharded) copy of
+    """The model itself when nothing is sharded; under FSDP or ZeRO-3, on the main process a plain copy of
     it on ``device`` with the weights gathered whole, and None on the others. Every process must enter it.
     The copy is built on the meta device and takes the gathered tensors as they are: one set of weights."""
-    if not is_sharded(model):
+    from sdcli.training import zero
+
+    if not is_sharded(model) and not zero.partitioned(model):  # ZeRO 1 and 2 keep whole weights on every process
         yield model
         return
     import torch
     from accelerate import init_empty_weights
     from torch.distributed.fsdp import FSDPModule
 
-    full = model_state(model, None, keep=accelerator.is_main_process)
+    full = (model_state if is_sharded(model) else zero.model_state)(model, None, keep=accelerator.is_main_process)
     if not accelerator.is_main_process:
         del full
         yield None

@@ -1,6 +1,7 @@
-"""accelerate's FSDP/DeepSpeed config as sdcli finetune reads it: what cannot shard is one line, before loading.
+"""accelerate's FSDP config as sdcli finetune reads it: what cannot shard is one line, before loading.
 
-The runs themselves (two CPU processes under FSDP2) are in test_finetune_multiprocess.py."""
+The runs themselves (two CPU processes under FSDP2) are in test_finetune_multiprocess.py; DeepSpeed's
+refusals and runs are in test_finetune_deepspeed.py."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}
 
 @pytest.mark.parametrize("env, flags, named", [
     ({**FSDP2, "FSDP_VERSION": "1"}, [], "FSDP version 1"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, [], "DeepSpeed"),
     (FSDP2, ["--train-text-encoder"], "--train-text-encoder with FSDP"),
     (FSDP2, ["--full", "--train-text-encoder"], "--train-text-encoder with FSDP"),
     (FSDP2, ["--compile"], "--compile with FSDP"),
     (FSDP2, ["--quantize", "int8-weight"], "a quantized base cannot be sharded"),
-], ids=["fsdp1", "deepspeed", "text-encoder-lora", "text-encoder-full", "compile", "quantized-base"])
+], ids=["fsdp1", "text-encoder-lora", "text-encoder-full", "compile", "quantized-base"])
 def test_what_accelerates_config_cannot_shard_is_one_line_before_loading(cli, dataset, tmp_path, monkeypatch, env,
                                                                          flags, named):
     for key, value in env.items():
