@@ -1,5 +1,5 @@
-"""The generic family: a diffusers text-to-image pipeline no family file claims (a tiny PixArt-α here), driven
-through its own __call__: the same image as plain diffusers, a record that replays, and every setting it cannot
+"""The generic family: a diffusers text-to-image pipeline no family file claims (a tiny PixArt-α and a tiny Sana
+here), driven through its own __call__: the same image as plain diffusers, a record that replays, and every setting it cannot
 honour refused in one line before loading."""
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ from conftest import as_other_pipeline, one_error_line, paths_of, pixels, strict
 
 
 @pytest.fixture(scope="module")
-def tiny_generic(tmp_path_factory):
-    from sdcli.testing import save_tiny_generic_pipeline
+def tiny_generics(tmp_path_factory):
+    """Each kind of `sdcli.testing.GENERIC_KINDS` saved as a diffusers folder, by kind."""
+    from sdcli.testing import GENERIC_KINDS, save_tiny_generic_pipeline
 
-    return str(save_tiny_generic_pipeline(tmp_path_factory.mktemp("generic") / "pixart"))
+    root = tmp_path_factory.mktemp("generic")
+    return {kind: str(save_tiny_generic_pipeline(root / kind, kind=kind)) for kind in GENERIC_KINDS}
+
+
+@pytest.fixture(scope="module")
+def tiny_generic(tiny_generics):
+    return tiny_generics["pixart"]
 
 
 def diffusers_image(path, scheduler=None, **kw):
-    """The same request to plain diffusers: PixArt's defaults for what sdcli does not pass."""
+    """The same request to plain diffusers: the pipeline's defaults for what sdcli does not pass."""
     import diffusers
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(path)
@@ -39,21 +46,28 @@ def generate(cli, model, out, *args):
     return cli("generate", "a red circle", "--model", model, "--steps", "2", "--seed", "3", "--out", out, *args)
 
 
-@pytest.mark.parametrize("args,theirs,scheduler", [
-    ([], {"guidance_scale": 4.5}, None),  # the pipeline's own default guidance and size
-    (["-g", "3", "-n", "blurry", "-W", "256", "-H", "256"],
+@pytest.mark.parametrize("kind,args,theirs,scheduler", [
+    ("pixart", [], {"guidance_scale": 4.5}, None),  # the pipeline's own default guidance and size
+    ("pixart", ["-g", "3", "-n", "blurry", "-W", "256", "-H", "256"],
      {"guidance_scale": 3.0, "negative_prompt": "blurry", "width": 256, "height": 256}, None),
-    (["-g", "1"], {"guidance_scale": 1.0}, None),
-    (["-s", "euler"], {"guidance_scale": 4.5}, "EulerDiscreteScheduler"),  # its DPM-Solver is one of sdcli's samplers
+    ("pixart", ["-g", "1"], {"guidance_scale": 1.0}, None),
+    ("pixart", ["-s", "euler"], {"guidance_scale": 4.5}, "EulerDiscreteScheduler"),  # its DPM-Solver is sdcli's
+    # Sana's signature says 1024 for every Sana; sdcli makes the model's own size, its sample size times its VAE's
+    # factor (32 here: 512, as Sana 512's), which Sana's 512-pixel bins also make.
+    ("sana", [], {"guidance_scale": 4.5, "width": 512, "height": 512}, None),
+    ("sana", ["-g", "3", "-n", "blurry", "-W", "256", "-H", "320"],  # made in its 512-pixel bins, then resized
+     {"guidance_scale": 3.0, "negative_prompt": "blurry", "width": 256, "height": 320}, None),
+    ("sana", ["-g", "1", "-W", "256", "-H", "256"], {"guidance_scale": 1.0, "width": 256, "height": 256}, None),
 ])
-def test_an_unknown_pipeline_generates_as_plain_diffusers_and_replays(cli, tiny_generic, tmp_path, args, theirs,
-                                                                     scheduler):
-    (out,) = paths_of(generate(cli, tiny_generic, tmp_path / "x.png", *args))
-    assert np.array_equal(pixels(out), diffusers_image(tiny_generic, scheduler, **theirs))
+def test_an_unknown_pipeline_generates_as_plain_diffusers_and_replays(cli, tiny_generics, tmp_path, kind, args,
+                                                                     theirs, scheduler):
+    model = tiny_generics[kind]
+    (out,) = paths_of(generate(cli, model, tmp_path / "x.png", *args))
+    assert np.array_equal(pixels(out), diffusers_image(model, scheduler, **theirs))
     record = json.loads(Image.open(out).info["sdcli"])
     assert record["model_family"] == "generic" and record["guidance"] == theirs["guidance_scale"]
     assert record["sampler"] == ("Euler" if scheduler else "DPM++ 2M")
-    assert (record["width"], record["height"]) == (256, 256)
+    assert (record["width"], record["height"]) == (theirs.get("width", 256), theirs.get("height", 256))
     assert record["negative_prompt"] == theirs.get("negative_prompt", "")
     (again,) = paths_of(cli("generate", "--from-metadata", out, "--out", tmp_path / "again.png"))
     assert np.array_equal(pixels(again), pixels(out))
