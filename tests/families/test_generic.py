@@ -190,15 +190,29 @@ def test_inspect_schedule_shows_its_schedule_or_refuses_a_shift_only_its_pipelin
     assert result.exit_code == 0, result.stderr
 
 
-def test_a_loaded_generic_pipeline_keeps_its_family_in_memory(tiny_generic):
+@pytest.mark.parametrize("kind,flow,multiple", [
+    ("pixart", False, 16),  # an AutoencoderKL's factor 8 times its 2x2 patches
+    ("sana", True, 32),  # a deep-compression VAE, whose levels its config names encoder_block_out_channels
+])
+def test_its_facts_are_the_same_read_off_its_configs_and_off_the_loaded_pipeline(tiny_generics, kind, flow,
+                                                                                 multiple):
     from diffusers import DiffusionPipeline
 
-    from sdcli.families import facts_of, family_of
+    from sdcli.families import facts_of, family_of, model_facts
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_generic)
-    facts = facts_of(pipe)
-    assert family_of(pipe) == "generic" and facts.family.denoiser == "transformer"
-    assert facts.family.scheduler == "DPMSolverMultistepScheduler" and facts.size_multiple == 16
+    pipe = DiffusionPipeline.from_pretrained(tiny_generics[kind])
+    assert family_of(pipe) == "generic"
+    for facts in (model_facts(tiny_generics[kind]), facts_of(pipe)):
+        assert facts.family.denoiser == "transformer" and facts.family.flow == flow
+        assert facts.family.scheduler == "DPMSolverMultistepScheduler" and facts.size_multiple == multiple
+
+
+@pytest.mark.parametrize("kind,multiple", [("pixart", 16), ("sana", 32)])
+def test_a_size_off_its_vae_s_multiple_is_one_line_before_loading(cli, tiny_generics, tmp_path, no_pipeline_loads,
+                                                                   kind, multiple):
+    line = one_error_line(generate(cli, tiny_generics[kind], tmp_path / "o.png", "-W", str(256 + 8), "-H", "256"), 2)
+    assert line.startswith(f"error: --width 264 is not a multiple of {multiple} "), line
+    assert no_pipeline_loads == []
 
 
 def test_its_trajectory_is_saved_where_its_sampler_is_one_of_sdclis(cli, tiny_generic, tmp_path):
