@@ -29,12 +29,24 @@ def tiny_generic(tiny_generics):
     return tiny_generics["pixart"]
 
 
-def diffusers_image(path, scheduler=None, **kw):
-    """The same request to plain diffusers: the pipeline's defaults for what sdcli does not pass."""
+@pytest.fixture(scope="module")
+def sana_lora(tiny_generics, tmp_path_factory):
+    from sdcli.testing import save_random_transformer_lora
+
+    out = save_random_transformer_lora(tiny_generics["sana"], tmp_path_factory.mktemp("sana-lora"))
+    return str(out / "pytorch_lora_weights.safetensors")
+
+
+def diffusers_image(path, scheduler=None, lora=None, **kw):
+    """The same request to plain diffusers: the pipeline's defaults for what sdcli does not pass; ``lora`` a
+    (file, scale) through the pipeline's own LoRA loader."""
     import diffusers
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_weights(lora[0], adapter_name="lora")
+        pipe.set_adapters("lora", lora[1])
     if scheduler:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
@@ -58,10 +70,16 @@ def generate(cli, model, out, *args):
     ("sana", ["-g", "3", "-n", "blurry", "-W", "256", "-H", "320"],  # made in its 512-pixel bins, then resized
      {"guidance_scale": 3.0, "negative_prompt": "blurry", "width": 256, "height": 320}, None),
     ("sana", ["-g", "1", "-W", "256", "-H", "256"], {"guidance_scale": 1.0, "width": 256, "height": 256}, None),
+    ("sana", ["--lora", "LORA:0.5", "-W", "256", "-H", "256"],  # through Sana's own LoRA loader
+     {"guidance_scale": 4.5, "width": 256, "height": 256, "lora": 0.5}, None),
 ])
-def test_an_unknown_pipeline_generates_as_plain_diffusers_and_replays(cli, tiny_generics, tmp_path, kind, args,
-                                                                     theirs, scheduler):
+def test_an_unknown_pipeline_generates_as_plain_diffusers_and_replays(cli, tiny_generics, request, tmp_path, kind,
+                                                                     args, theirs, scheduler):
     model = tiny_generics[kind]
+    if "lora" in theirs:
+        lora = request.getfixturevalue("sana_lora")
+        args = [a.replace("LORA", lora) for a in args]
+        theirs = {**theirs, "lora": (lora, theirs["lora"])}
     (out,) = paths_of(generate(cli, model, tmp_path / "x.png", *args))
     assert np.array_equal(pixels(out), diffusers_image(model, scheduler, **theirs))
     record = json.loads(Image.open(out).info["sdcli"])
@@ -69,6 +87,7 @@ def test_an_unknown_pipeline_generates_as_plain_diffusers_and_replays(cli, tiny_
     assert record["sampler"] == ("Euler" if scheduler else "DPM++ 2M")
     assert (record["width"], record["height"]) == (theirs.get("width", 256), theirs.get("height", 256))
     assert record["negative_prompt"] == theirs.get("negative_prompt", "")
+    assert [(lora["path"], lora["scale"]) for lora in record["loras"]] == ([theirs["lora"]] if "lora" in theirs else [])
     (again,) = paths_of(cli("generate", "--from-metadata", out, "--out", tmp_path / "again.png"))
     assert np.array_equal(pixels(again), pixels(out))
 
@@ -130,20 +149,23 @@ def test_what_another_class_s_signature_lacks_is_refused_by_its_option(cli, tiny
     assert no_pipeline_loads == []
 
 
-@pytest.mark.parametrize("scheduler,changes", [
-    ("LCMScheduler", {"_class_name": "LCMScheduler"}),  # not one of sdcli's samplers
-    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),  # as Sana's
+@pytest.mark.parametrize("kind,scheduler,changes", [
+    ("pixart", "LCMScheduler", {"_class_name": "LCMScheduler"}),  # not one of sdcli's samplers
+    ("sana", "DPMSolverMultistepScheduler", {}),  # one of them, but on flow σ's, as the real Sana's
 ])
-def test_scheduler_swaps_are_refused_where_its_scheduler_is_not_one_of_sdclis(cli, tiny_generic, tmp_path,
-                                                                             no_pipeline_loads, scheduler, changes):
+def test_scheduler_swaps_are_refused_where_its_scheduler_is_not_one_of_sdclis(cli, tiny_generics, tmp_path,
+                                                                             no_pipeline_loads, kind, scheduler,
+                                                                             changes):
+    from sdcli.testing import GENERIC_KINDS
+
     folder = tmp_path / "other-scheduler"
-    shutil.copytree(tiny_generic, folder)
+    shutil.copytree(tiny_generics[kind], folder)
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
     for args, flag in ((["-s", "euler"], "--scheduler"), (["--timestep-spacing", "trailing"], "--timestep-spacing"),
                        (["--sigmas", "karras"], "--sigmas"), (["--save-trajectory"], "--save-trajectory")):
         line = one_error_line(generate(cli, folder, tmp_path / "o.png", *args), 2)
-        assert line.startswith(f"error: {flag}: PixArtAlphaPipeline samples with") and scheduler in line
+        assert line.startswith(f"error: {flag}: {GENERIC_KINDS[kind]} samples with") and scheduler in line
     assert no_pipeline_loads == []
 
 
