@@ -199,11 +199,14 @@ def test_finetune_refuses_it_in_one_line_before_loading(cli, tiny_generic, datas
     assert no_pipeline_loads == [] and not (tmp_path / "out").exists()
 
 
-def test_inspect_schedule_shows_its_schedule_or_refuses_a_shift_only_its_pipeline_knows(cli, tiny_generic,
+def test_inspect_schedule_shows_its_schedule_or_refuses_a_shift_only_its_pipeline_knows(cli, tiny_generics,
                                                                                      tiny_flow_models, tmp_path):
-    result = cli("inspect-schedule", "--model", tiny_generic, "--format", "json")
+    result = cli("inspect-schedule", "--model", tiny_generics["pixart"], "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert strict_json(result.stdout)["name"] == "pixart"
+    # Sana's DPM-Solver samples flow σ's: the β schedule its class carries is not the noise it adds.
+    line = one_error_line(cli("inspect-schedule", "--model", tiny_generics["sana"], "--format", "json"), 1)
+    assert "sana runs DPMSolverMultistepScheduler on flow-matching σ's (use_flow_sigmas)" in line, line
     # A flow-matching model whose σ's shift with the image size, as its own pipeline computes it.
     folder = as_other_pipeline(tiny_flow_models["flux"], tmp_path / "qwen", "QwenImage21Pipeline")
     line = one_error_line(cli("inspect-schedule", "--model", folder, "--format", "json"), 1)
