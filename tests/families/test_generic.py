@@ -1,6 +1,6 @@
 """The generic family: a diffusers text-to-image pipeline no family file claims (a tiny PixArt-α and a tiny Sana
-here), driven through its own __call__: the same image as plain diffusers, a record that replays, and every setting it cannot
-honour refused in one line before loading."""
+here), driven through its own __call__: the same image as plain diffusers, a record that replays, and every setting
+it cannot honour refused in one line before loading."""
 
 from __future__ import annotations
 
