@@ -392,27 +392,39 @@ def save_tiny_controlnet(path: str | Path, family: str = "sd1", seed: int = 0) -
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A pipeline of a class no sdcli family file claims, for the generic family: PixArt-α (T5, a DiT, a VAE).
+# Pipelines of classes no sdcli family file claims, for the generic family: PixArt-α (T5, a DiT, a VAE) and Sana
+# (Gemma 2, a linear-attention DiT, a deep-compression VAE, DPM-Solver on flow σ's).
 
 GENERIC_CLASS = "PixArtAlphaPipeline"
+GENERIC_KINDS = {"pixart": "PixArtAlphaPipeline", "sana": "SanaPipeline"}
 
 
-def build_tiny_generic_pipeline(seed: int = 0):
-    """A tiny random-weight PixArt-α pipeline: a 2-layer T5, a one-block PixArt transformer, a 4-level VAE.
+def build_tiny_generic_pipeline(seed: int = 0, kind: str = "pixart"):
+    """A tiny random-weight pipeline of a class the generic family drives (`GENERIC_KINDS`).
 
-    PixArt snaps its size to aspect-ratio bins chosen by the transformer's sample_size (32: the 256-pixel
-    bins), so its 256x256 default is also the smallest square it renders; the VAE's factor 8 keeps that a
-    32x32 latent, 16x16 patches.
+    pixart: PixArt-α with a 2-layer T5, a one-block PixArt transformer, a 4-level VAE. PixArt snaps its size to
+    aspect-ratio bins chosen by the transformer's sample_size (32: the 256-pixel bins), so its 256x256 default is
+    also the smallest square it renders; the VAE's factor 8 keeps that a 32x32 latent, 16x16 patches.
+
+    sana: Sana with a one-layer Gemma 2, a one-block Sana transformer and a 6-level deep-compression VAE (factor
+    32, as the real one), sampled as the real Sana is: DPM-Solver++ on flow-matching σ's. Its sample_size 16
+    picks the 512-pixel bins (Sana 512's), so every image is made at 512x512 or its aspect's bin (16x16 latents)
+    and resized to the size asked.
     """
+    if kind not in GENERIC_KINDS:
+        raise ValueError(f"kind must be one of {sorted(GENERIC_KINDS)}, not {kind!r}")
     import tempfile
 
     from sdcli.pipeline import quiet_libraries
 
     quiet_libraries()
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
+    if kind == "sana":
+        return _tiny_sana()
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_t5_tokenizer(Path(tmp) / "t5")
     transformer = PixArtTransformer2DModel(
@@ -429,10 +441,49 @@ def build_tiny_generic_pipeline(seed: int = 0):
                                transformer=transformer, scheduler=scheduler)
 
 
-def save_tiny_generic_pipeline(path: str | Path, seed: int = 0) -> Path:
+def gemma_tokenizer():
+    """A Gemma tokenizer as transformers builds one (BPE with byte fallback, "▁" for spaces, <bos> first): one
+    token a lowercase letter, bytes for anything else, so any text tokenizes. No files: Gemma's class takes its
+    vocabulary directly."""
+    from transformers import GemmaTokenizer
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *(f"<0x{b:02X}>" for b in range(256)), "▁",
+              *"abcdefghijklmnopqrstuvwxyz"]
+    return GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], add_bos_token=True)
+
+
+def _tiny_sana():
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = gemma_tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(
+        hidden_size=8, head_dim=4, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
+        num_hidden_layers=1, vocab_size=len(tokenizer), max_position_embeddings=2048, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2))
+    transformer = SanaTransformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+        attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8,
+        caption_channels=8)
+    # Six levels halve the side five times (factor 32); attention only at the deepest, as the real DC-AE's.
+    levels = 6
+    blocks = ("ResBlock",) * (levels - 1) + ("EfficientViTBlock",)
+    scales = ((),) * (levels - 1) + ((5,),)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=blocks,
+        decoder_block_types=blocks, encoder_block_out_channels=(8,) * levels, decoder_block_out_channels=(8,) * levels,
+        encoder_qkv_multiscales=scales, decoder_qkv_multiscales=scales, encoder_layers_per_block=(1,) * levels,
+        decoder_layers_per_block=(1,) * levels, downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+
+
+def save_tiny_generic_pipeline(path: str | Path, seed: int = 0, kind: str = "pixart") -> Path:
     """Save `build_tiny_generic_pipeline` as a diffusers folder; returns its path."""
     path = Path(path)
-    build_tiny_generic_pipeline(seed).save_pretrained(str(path), safe_serialization=True)
+    build_tiny_generic_pipeline(seed, kind).save_pretrained(str(path), safe_serialization=True)
     return path
 
 

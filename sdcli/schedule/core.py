@@ -409,6 +409,11 @@ def build(
         flag = "--shift" if shift is not None else "--resolution"
         raise UsageError(f"{flag} is an option of flow-matching schedules (sd3, flux); {label} is a DDPM (β) schedule")
     # 1. The forward process: only DDPM-family (β) schedules so far; a flow-matching one would be read here too
+    if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+        # Sana's DPM-Solver: its β's are a leftover of the class, so a β table would not be the noise it samples.
+        raise ModelError(f"{label} runs {config.get('_class_name', 'its scheduler')} on flow-matching σ's "
+                         "(use_flow_sigmas), which inspect-schedule cannot show yet: it covers DDPM-family (β) "
+                         "schedules and FlowMatch* schedulers")
     if "beta_schedule" not in config and not config.get("trained_betas"):
         cls = config.get("_class_name", "this scheduler")
         raise ModelError(f"{label} uses {cls}, which has no β schedule and is not flow matching; "

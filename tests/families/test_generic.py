@@ -1,6 +1,6 @@
-"""The generic family: a diffusers text-to-image pipeline no family file claims (a tiny PixArt-α here), driven
-through its own __call__: the same image as plain diffusers, a record that replays, and every setting it cannot
-honour refused in one line before loading."""
+"""The generic family: a diffusers text-to-image pipeline no family file claims (a tiny PixArt-α and a tiny Sana
+here), driven through its own __call__: the same image as plain diffusers, a record that replays, and every setting
+it cannot honour refused in one line before loading."""
 
 from __future__ import annotations
 
@@ -16,18 +16,37 @@ from conftest import as_other_pipeline, one_error_line, paths_of, pixels, strict
 
 
 @pytest.fixture(scope="module")
-def tiny_generic(tmp_path_factory):
-    from sdcli.testing import save_tiny_generic_pipeline
+def tiny_generics(tmp_path_factory):
+    """Each kind of `sdcli.testing.GENERIC_KINDS` saved as a diffusers folder, by kind."""
+    from sdcli.testing import GENERIC_KINDS, save_tiny_generic_pipeline
 
-    return str(save_tiny_generic_pipeline(tmp_path_factory.mktemp("generic") / "pixart"))
+    root = tmp_path_factory.mktemp("generic")
+    return {kind: str(save_tiny_generic_pipeline(root / kind, kind=kind)) for kind in GENERIC_KINDS}
 
 
-def diffusers_image(path, scheduler=None, **kw):
-    """The same request to plain diffusers: PixArt's defaults for what sdcli does not pass."""
+@pytest.fixture(scope="module")
+def tiny_generic(tiny_generics):
+    return tiny_generics["pixart"]
+
+
+@pytest.fixture(scope="module")
+def sana_lora(tiny_generics, tmp_path_factory):
+    from sdcli.testing import save_random_transformer_lora
+
+    out = save_random_transformer_lora(tiny_generics["sana"], tmp_path_factory.mktemp("sana-lora"))
+    return str(out / "pytorch_lora_weights.safetensors")
+
+
+def diffusers_image(path, scheduler=None, lora=None, **kw):
+    """The same request to plain diffusers: the pipeline's defaults for what sdcli does not pass; ``lora`` a
+    (file, scale) through the pipeline's own LoRA loader."""
     import diffusers
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_weights(lora[0], adapter_name="lora")
+        pipe.set_adapters("lora", lora[1])
     if scheduler:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
@@ -39,22 +58,36 @@ def generate(cli, model, out, *args):
     return cli("generate", "a red circle", "--model", model, "--steps", "2", "--seed", "3", "--out", out, *args)
 
 
-@pytest.mark.parametrize("args,theirs,scheduler", [
-    ([], {"guidance_scale": 4.5}, None),  # the pipeline's own default guidance and size
-    (["-g", "3", "-n", "blurry", "-W", "256", "-H", "256"],
+@pytest.mark.parametrize("kind,args,theirs,scheduler", [
+    ("pixart", [], {"guidance_scale": 4.5}, None),  # the pipeline's own default guidance and size
+    ("pixart", ["-g", "3", "-n", "blurry", "-W", "256", "-H", "256"],
      {"guidance_scale": 3.0, "negative_prompt": "blurry", "width": 256, "height": 256}, None),
-    (["-g", "1"], {"guidance_scale": 1.0}, None),
-    (["-s", "euler"], {"guidance_scale": 4.5}, "EulerDiscreteScheduler"),  # its DPM-Solver is one of sdcli's samplers
+    ("pixart", ["-g", "1"], {"guidance_scale": 1.0}, None),
+    ("pixart", ["-s", "euler"], {"guidance_scale": 4.5}, "EulerDiscreteScheduler"),  # its DPM-Solver is sdcli's
+    # Sana's signature says 1024 for every Sana; sdcli makes the model's own size, its sample size times its VAE's
+    # factor (32 here: 512, as Sana 512's), which Sana's 512-pixel bins also make.
+    ("sana", [], {"guidance_scale": 4.5, "width": 512, "height": 512}, None),
+    ("sana", ["-g", "3", "-n", "blurry", "-W", "256", "-H", "320"],  # made in its 512-pixel bins, then resized
+     {"guidance_scale": 3.0, "negative_prompt": "blurry", "width": 256, "height": 320}, None),
+    ("sana", ["-g", "1", "-W", "256", "-H", "256"], {"guidance_scale": 1.0, "width": 256, "height": 256}, None),
+    ("sana", ["--lora", "LORA:0.5", "-W", "256", "-H", "256"],  # through Sana's own LoRA loader
+     {"guidance_scale": 4.5, "width": 256, "height": 256, "lora": 0.5}, None),
 ])
-def test_an_unknown_pipeline_generates_as_plain_diffusers_and_replays(cli, tiny_generic, tmp_path, args, theirs,
-                                                                     scheduler):
-    (out,) = paths_of(generate(cli, tiny_generic, tmp_path / "x.png", *args))
-    assert np.array_equal(pixels(out), diffusers_image(tiny_generic, scheduler, **theirs))
+def test_an_unknown_pipeline_generates_as_plain_diffusers_and_replays(cli, tiny_generics, request, tmp_path, kind,
+                                                                     args, theirs, scheduler):
+    model = tiny_generics[kind]
+    if "lora" in theirs:
+        lora = request.getfixturevalue("sana_lora")
+        args = [a.replace("LORA", lora) for a in args]
+        theirs = {**theirs, "lora": (lora, theirs["lora"])}
+    (out,) = paths_of(generate(cli, model, tmp_path / "x.png", *args))
+    assert np.array_equal(pixels(out), diffusers_image(model, scheduler, **theirs))
     record = json.loads(Image.open(out).info["sdcli"])
     assert record["model_family"] == "generic" and record["guidance"] == theirs["guidance_scale"]
     assert record["sampler"] == ("Euler" if scheduler else "DPM++ 2M")
-    assert (record["width"], record["height"]) == (256, 256)
+    assert (record["width"], record["height"]) == (theirs.get("width", 256), theirs.get("height", 256))
     assert record["negative_prompt"] == theirs.get("negative_prompt", "")
+    assert [(lora["path"], lora["scale"]) for lora in record["loras"]] == ([theirs["lora"]] if "lora" in theirs else [])
     (again,) = paths_of(cli("generate", "--from-metadata", out, "--out", tmp_path / "again.png"))
     assert np.array_equal(pixels(again), pixels(out))
 
@@ -116,20 +149,23 @@ def test_what_another_class_s_signature_lacks_is_refused_by_its_option(cli, tiny
     assert no_pipeline_loads == []
 
 
-@pytest.mark.parametrize("scheduler,changes", [
-    ("LCMScheduler", {"_class_name": "LCMScheduler"}),  # not one of sdcli's samplers
-    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),  # as Sana's
+@pytest.mark.parametrize("kind,scheduler,changes", [
+    ("pixart", "LCMScheduler", {"_class_name": "LCMScheduler"}),  # not one of sdcli's samplers
+    ("sana", "DPMSolverMultistepScheduler", {}),  # one of them, but on flow σ's, as the real Sana's
 ])
-def test_scheduler_swaps_are_refused_where_its_scheduler_is_not_one_of_sdclis(cli, tiny_generic, tmp_path,
-                                                                             no_pipeline_loads, scheduler, changes):
+def test_scheduler_swaps_are_refused_where_its_scheduler_is_not_one_of_sdclis(cli, tiny_generics, tmp_path,
+                                                                             no_pipeline_loads, kind, scheduler,
+                                                                             changes):
+    from sdcli.testing import GENERIC_KINDS
+
     folder = tmp_path / "other-scheduler"
-    shutil.copytree(tiny_generic, folder)
+    shutil.copytree(tiny_generics[kind], folder)
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
     for args, flag in ((["-s", "euler"], "--scheduler"), (["--timestep-spacing", "trailing"], "--timestep-spacing"),
                        (["--sigmas", "karras"], "--sigmas"), (["--save-trajectory"], "--save-trajectory")):
         line = one_error_line(generate(cli, folder, tmp_path / "o.png", *args), 2)
-        assert line.startswith(f"error: {flag}: PixArtAlphaPipeline samples with") and scheduler in line
+        assert line.startswith(f"error: {flag}: {GENERIC_KINDS[kind]} samples with") and scheduler in line
     assert no_pipeline_loads == []
 
 
@@ -163,11 +199,14 @@ def test_finetune_refuses_it_in_one_line_before_loading(cli, tiny_generic, datas
     assert no_pipeline_loads == [] and not (tmp_path / "out").exists()
 
 
-def test_inspect_schedule_shows_its_schedule_or_refuses_a_shift_only_its_pipeline_knows(cli, tiny_generic,
+def test_inspect_schedule_shows_its_schedule_or_refuses_a_shift_only_its_pipeline_knows(cli, tiny_generics,
                                                                                      tiny_flow_models, tmp_path):
-    result = cli("inspect-schedule", "--model", tiny_generic, "--format", "json")
+    result = cli("inspect-schedule", "--model", tiny_generics["pixart"], "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert strict_json(result.stdout)["name"] == "pixart"
+    # Sana's DPM-Solver samples flow σ's: the β schedule its class carries is not the noise it adds.
+    line = one_error_line(cli("inspect-schedule", "--model", tiny_generics["sana"], "--format", "json"), 1)
+    assert "sana runs DPMSolverMultistepScheduler on flow-matching σ's (use_flow_sigmas)" in line, line
     # A flow-matching model whose σ's shift with the image size, as its own pipeline computes it.
     folder = as_other_pipeline(tiny_flow_models["flux"], tmp_path / "qwen", "QwenImage21Pipeline")
     line = one_error_line(cli("inspect-schedule", "--model", folder, "--format", "json"), 1)
@@ -176,15 +215,29 @@ def test_inspect_schedule_shows_its_schedule_or_refuses_a_shift_only_its_pipelin
     assert result.exit_code == 0, result.stderr
 
 
-def test_a_loaded_generic_pipeline_keeps_its_family_in_memory(tiny_generic):
+@pytest.mark.parametrize("kind,flow,multiple", [
+    ("pixart", False, 16),  # an AutoencoderKL's factor 8 times its 2x2 patches
+    ("sana", True, 32),  # a deep-compression VAE, whose levels its config names encoder_block_out_channels
+])
+def test_its_facts_are_the_same_read_off_its_configs_and_off_the_loaded_pipeline(tiny_generics, kind, flow,
+                                                                                 multiple):
     from diffusers import DiffusionPipeline
 
-    from sdcli.families import facts_of, family_of
+    from sdcli.families import facts_of, family_of, model_facts
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_generic)
-    facts = facts_of(pipe)
-    assert family_of(pipe) == "generic" and facts.family.denoiser == "transformer"
-    assert facts.family.scheduler == "DPMSolverMultistepScheduler" and facts.size_multiple == 16
+    pipe = DiffusionPipeline.from_pretrained(tiny_generics[kind])
+    assert family_of(pipe) == "generic"
+    for facts in (model_facts(tiny_generics[kind]), facts_of(pipe)):
+        assert facts.family.denoiser == "transformer" and facts.family.flow == flow
+        assert facts.family.scheduler == "DPMSolverMultistepScheduler" and facts.size_multiple == multiple
+
+
+@pytest.mark.parametrize("kind,multiple", [("pixart", 16), ("sana", 32)])
+def test_a_size_off_its_vae_s_multiple_is_one_line_before_loading(cli, tiny_generics, tmp_path, no_pipeline_loads,
+                                                                   kind, multiple):
+    line = one_error_line(generate(cli, tiny_generics[kind], tmp_path / "o.png", "-W", str(256 + 8), "-H", "256"), 2)
+    assert line.startswith(f"error: --width 264 is not a multiple of {multiple} "), line
+    assert no_pipeline_loads == []
 
 
 def test_its_trajectory_is_saved_where_its_sampler_is_one_of_sdclis(cli, tiny_generic, tmp_path):
