@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from sdcli.errors import ModelError, UsageError
 
@@ -135,3 +135,16 @@ def read_gguf(path: str | Path, flag: str) -> GgufFacts:
         architecture = None
     return GgufFacts(architecture, tuple(t.name for t in tensors),
                      tuple(dict.fromkeys(t.tensor_type.name for t in tensors)), size)
+
+
+def vae_factor(vae: Mapping[str, Any]) -> int:
+    """A VAE's downsampling factor from its config, as diffusers' pipelines compute their ``vae_scale_factor``
+    from the VAEs they ship: the ratio it states, a halving per temporal-downsampling entry (Wan-style VAEs: Qwen-
+    Image's), or per level but the last (AutoencoderKL's block_out_channels; a deep-compression VAE, Sana's, names
+    its levels encoder_block_out_channels); 8 where the config says nothing."""
+    if vae.get("spatial_compression_ratio"):
+        return int(vae["spatial_compression_ratio"])
+    if vae.get("temperal_downsample") is not None:
+        return 2 ** len(vae["temperal_downsample"])
+    levels = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")
+    return 2 ** (len(levels) - 1) if levels else 8

@@ -78,6 +78,8 @@ def _first(value: Any, default: int) -> int:
 def unet_arch(unet: dict[str, Any], vae: dict[str, Any], upcast: bool = False) -> Arch:
     """`Arch` of a UNet family from the configs' dicts (diffusers' names); a missing key keeps SD 1.5's value.
     ``upcast``: the family's pipelines decode in float32 where the VAE asks (SDXL's force_upcast)."""
+    from sdcli.configs import vae_factor
+
     d = Arch()
     vae_blocks = vae.get("block_out_channels") or [d.vae_channels] * 4
     down = unet.get("down_block_types")
@@ -88,7 +90,7 @@ def unet_arch(unet: dict[str, Any], vae: dict[str, Any], upcast: bool = False) -
     if isinstance(heads, (list, tuple)):
         heads = heads[level or 0] if heads else d.attention_heads
     return Arch(
-        vae_factor=2 ** (len(vae_blocks) - 1),
+        vae_factor=vae_factor(vae) if vae else d.vae_factor,
         latent_channels=_first(vae.get("latent_channels"), d.latent_channels),
         vae_channels=_first(vae_blocks, d.vae_channels),
         vae_tile=_first(vae.get("sample_size"), d.vae_tile),

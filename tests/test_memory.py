@@ -214,6 +214,19 @@ def test_arch_from_sdxl_like_configs():
     assert arch_from_configs({}, {}) == Arch()
 
 
+@pytest.mark.parametrize("vae,factor", [
+    ({"encoder_block_out_channels": [8, 8, 8, 8, 8, 8]}, 32),  # a deep-compression VAE (Sana's)
+    ({"temperal_downsample": [False, True, True]}, 8),  # a Wan-style VAE (Qwen-Image's)
+    ({"spatial_compression_ratio": 16}, 16),
+])
+def test_the_vae_factor_is_read_as_diffusers_reads_it(vae, factor):
+    # The activations and the decode scale with the latent's size: a factor-32 VAE taken for 8 estimates 16x the
+    # latent pixels.
+    from sdcli.memory import unet_arch
+
+    assert unet_arch({}, vae).vae_factor == factor
+
+
 def test_tiny_model_arch_is_read_from_its_folder(tiny_sd):
     from sdcli.families import model_arch
 

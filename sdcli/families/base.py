@@ -123,8 +123,10 @@ def vae_decode(pipe: Any, latents: Any) -> Any:
 
 
 def block_factor(vae: Mapping[str, Any]) -> int:
-    """The VAE's downsampling factor from its config: every level but the last halves the side."""
-    return 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    """The VAE's downsampling factor from its config (`sdcli.configs.vae_factor`)."""
+    from sdcli.configs import vae_factor
+
+    return vae_factor(vae)
 
 
 def no_references(class_name: str | None) -> int:

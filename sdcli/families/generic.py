@@ -109,7 +109,7 @@ def family(class_name: str, what: str = "the pipeline") -> GenericFamily | None:
     denoiser = "transformer" if "transformer" in init else "unet"
     return GenericFamily(NAME, (class_name,), denoiser=denoiser, guidance=NAME, class_name=class_name,
                          default_size=default_size, check=check, call=call_kwargs,
-                         check_schedule=check_flow_schedule, vae_factor=vae_factor)
+                         check_schedule=check_flow_schedule)
 
 
 def with_configs(base: GenericFamily, config: Callable[[str], dict[str, Any] | None]) -> GenericFamily:
@@ -125,20 +125,6 @@ def with_configs(base: GenericFamily, config: Callable[[str], dict[str, Any] | N
     scheduler = scheduler_config.get("_class_name")
     return dataclasses.replace(base, denoiser=denoiser, patch=int(patch[0] if isinstance(patch, list) else patch),
                                flow=is_flow(scheduler, scheduler_config), scheduler=scheduler)
-
-
-def vae_factor(vae: dict[str, Any]) -> int:
-    """The VAE's downsampling factor from its config, as diffusers' pipelines compute their ``vae_scale_factor``
-    from the VAEs they ship: the ratio it states, a halving per temporal-downsampling entry (Wan-style VAEs), or
-    per level but the last (AutoencoderKL's block_out_channels; a deep-compression VAE, Sana's, names its levels
-    encoder_block_out_channels). Read before loading, so a size is checked against the factor the pipeline will
-    use, not against an AutoencoderKL's 8."""
-    if vae.get("spatial_compression_ratio"):
-        return int(vae["spatial_compression_ratio"])
-    if vae.get("temperal_downsample") is not None:
-        return 2 ** len(vae["temperal_downsample"])
-    levels = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")
-    return 2 ** (len(levels) - 1) if levels else 8
 
 
 def is_flow(scheduler: str | None, config: Any) -> bool:

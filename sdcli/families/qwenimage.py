@@ -97,11 +97,6 @@ def sizes(pipe: Any) -> tuple[int, int, int | None]:
     return pipe.default_sample_size * f, f * 2, None  # 2x2 packing
 
 
-def vae_factor(vae: Mapping[str, Any]) -> int:
-    """The Wan-style VAE halves the image once per temporal-downsampling entry (QwenImagePipeline's factor)."""
-    return 2 ** len(vae.get("temperal_downsample", [False, True, True]))
-
-
 def arch(transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> Any:
     """Memory's figures were measured on SD 1.5's UNet; the transformer is estimated as that UNet until its own
     are measured, the VAE by its latent channels and factor."""
@@ -208,7 +203,6 @@ FAMILY = Family(
     flow=True,
     unpack_latents=unpack_packed,
     decode=decode,
-    vae_factor=vae_factor,
     references=references,
     edit_size=edit_size,
     guidance="own",
