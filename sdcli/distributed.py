@@ -16,6 +16,24 @@ def world_size() -> int:
         return 1
 
 
+def requested() -> str | None:
+    """The sharding backend accelerate's launcher asked for ("fsdp", "deepspeed"), from its environment."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return None
+
+
+def shards() -> int:
+    """Into how many shards each trained tensor's memory is cut: the number of processes under FSDP2 and under
+    DeepSpeed's ZeRO (whose stages 1 and 2 keep whole weights: the estimate then errs low, never refusing a run
+    that fits), else 1."""
+    backend = requested()
+    fsdp2 = backend == "fsdp" and os.environ.get("FSDP_VERSION", "1") == "2"
+    return world_size() if fsdp2 or backend == "deepspeed" else 1
+
+
 def state() -> Any | None:
     """accelerate's PartialState when more than one process runs, else None."""
     if world_size() <= 1:

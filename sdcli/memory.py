@@ -658,7 +658,7 @@ def check_training(cfg: Any, pipe: Any, family: Any, device: str) -> None:
     if available is None:
         return
     arch = family.arch(dict(getattr(denoiser, "config", {})), dict(pipe.vae.config))
-    from sdcli.training.sharding import shards
+    from sdcli.distributed import shards
 
     # Under FSDP each process holds its shard of what trains: its weights, gradients and optimizer state.
     n = shards()

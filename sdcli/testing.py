@@ -146,7 +146,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 77
     """
     import tempfile
 
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()  # before diffusers/transformers import, so their warnings stay quiet
     import torch
@@ -308,7 +308,7 @@ def build_tiny_flow_pipeline(family: str = "sd3", seed: int = 0):
     """
     import tempfile
 
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()
     import torch
@@ -365,7 +365,7 @@ def build_tiny_controlnet(family: str = "sd1", seed: int = 0):
     convolutions at zero, which would leave the image untouched; here they are drawn at random under
     ``seed`` so the control image changes the result. The family's own pipeline weights are not touched.
     """
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()
     import torch
@@ -415,7 +415,7 @@ def build_tiny_generic_pipeline(seed: int = 0, kind: str = "pixart"):
         raise ValueError(f"kind must be one of {sorted(GENERIC_KINDS)}, not {kind!r}")
     import tempfile
 
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()
     import torch
@@ -712,7 +712,7 @@ def build_tiny_new_flow_pipeline(family: str = "chroma", seed: int = 0):
     """
     import tempfile
 
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()
     import diffusers
@@ -898,7 +898,7 @@ def build_tiny_flux2_pipeline(kind: str = "flux2", seed: int = 0):
     16x16 images are 4x4 tokens; its batch-norm statistics are random, so unnormalising them matters."""
     import tempfile
 
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()
     import torch
@@ -945,7 +945,7 @@ def build_tiny_kontext_pipeline(seed: int = 0):
     """A tiny random-weight FLUX.1 Kontext pipeline: the tiny Flux-dev's encoders and transformer, with a VAE
     that shrinks 8x (Kontext resizes its reference image to about a megapixel, which a 2x VAE would make 65,536
     tokens)."""
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()
     import torch

@@ -128,7 +128,7 @@ def schedule_shift(config: Mapping[str, Any], tokens: int, steps: int) -> tuple[
     Flux.1's line in the token count), and the σ's they give the sampler: 1 down to 1/steps, evenly."""
     import numpy as np
 
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()  # the pipeline module imports transformers' image processors, which chatter
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu

@@ -236,7 +236,7 @@ def flow_process(scheduler: Any, mu: float | None = None) -> ForwardProcess:
 
 def flow_mu(config: dict[str, Any], resolution: tuple[int, int], factor: int) -> float:
     """μ of Flux's resolution-dependent shift: linear in the image's token count, as diffusers' Flux pipeline computes it."""
-    from sdcli.pipeline import quiet_libraries
+    from sdcli.progress import quiet_libraries
 
     quiet_libraries()  # importing the Flux pipeline module wakes transformers' image processors, which chatter
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -280,7 +280,7 @@ def model_config(model: str, revision: str | None = None) -> dict[str, Any]:
     A local folder is a pipeline folder (``scheduler/scheduler_config.json``)
     or a scheduler folder itself; anything else is a Hub id.
     """
-    from sdcli.pipeline import local_kind
+    from sdcli.configs import local_kind
 
     kind = local_kind(model)
     if kind == "file":

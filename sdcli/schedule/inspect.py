@@ -73,7 +73,7 @@ def inspect(sources: list[tuple[str, str]], *, steps: int, revision: str | None 
     if image is not None:
         vae = None
         if latent_model is not None:
-            from sdcli.pipeline import resolve_device
+            from sdcli.devices import resolve_device
 
             if say is not None:
                 say(f"loading the VAE of {latent_model}")

@@ -295,7 +295,7 @@ def load_vae(model: str, revision: str | None = None, device: str = "cpu"):
     """Only the VAE of ``model`` (no UNet, no text encoders), in float32 on ``device``."""
     from diffusers import AutoencoderKL
 
-    from sdcli.pipeline import local_kind
+    from sdcli.configs import local_kind
     from sdcli.schedule.core import _quiet_diffusers
 
     kind = local_kind(model)

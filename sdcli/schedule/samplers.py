@@ -258,7 +258,7 @@ def make_scheduler(name: str | None, base_config: dict[str, Any], timestep_spaci
         if spaced == "beta":
             # Beta quantiles are spread linearly in σ: from σ_max ≈ 4519 all but the last steps are pure noise.
             raise UsageError(f"--sigmas beta spaces σ linearly up to σ_max, which a zero-terminal-SNR model has at "
-                             f"about 4519 (pure noise), leaving no steps for the image; use --sigmas karras or "
+                             "about 4519 (pure noise), leaving no steps for the image; use --sigmas karras or "
                              "exponential", setting="sigmas")
         overrides.update(finite_terminal_betas(config))
         cls = _from_the_first_step(cls)

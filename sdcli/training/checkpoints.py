@@ -24,12 +24,12 @@ import math
 import re
 import shutil
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdcli.errors import DataError, OutputError, UsageError
+from sdcli.training.lazy import Deferred, LazyTensors, taken  # noqa: F401 - read_tree's; callers find them here too
 
 DIRNAME = "checkpoints"
 STATE_FILE = "sdcli_state.json"
@@ -326,49 +326,6 @@ def read_tree(folder: Path, stem: str, lazy: bool = False) -> Any:
     file = str(Path(folder) / f"{stem}.safetensors")
     tensors = LazyTensors(file) if lazy else load_file(file)
     return _decode(json.loads((Path(folder) / f"{stem}.json").read_text()), tensors)
-
-
-class Deferred:
-    """One tensor of a safetensors file, read by `take`."""
-
-    __slots__ = ("_file", "_key")
-
-    def __init__(self, file: Any, key: str):
-        self._file, self._key = file, key
-
-    def take(self) -> Any:
-        return self._file.get_tensor(self._key)
-
-
-class LazyTensors(Mapping):
-    """A safetensors file's tensors by name, each read when asked for; ``deferred``: as `Deferred`s."""
-
-    def __init__(self, file: str, deferred: bool = True):
-        from safetensors import safe_open
-
-        self._file, self._deferred = safe_open(file, framework="pt"), deferred
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._file.keys():
-            raise KeyError(key)
-        return Deferred(self._file, key) if self._deferred else self._file.get_tensor(key)
-
-    def __iter__(self):
-        return iter(self._file.keys())
-
-    def __len__(self) -> int:
-        return len(self._file.keys())
-
-
-def taken(tree: Any) -> Any:
-    """``tree`` with every `Deferred` read."""
-    if isinstance(tree, Deferred):
-        return tree.take()
-    if isinstance(tree, dict):
-        return {k: taken(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(taken(v) for v in tree)
-    return tree
 
 
 def _encode(value: Any, tensors: dict[str, Any]) -> Any:

@@ -18,16 +18,8 @@ import contextlib
 import os
 from typing import Any, Callable, Iterator
 
+from sdcli.distributed import requested, shards  # noqa: F401 - the backend asked for; callers find them here too
 from sdcli.errors import UsageError
-
-
-def requested() -> str | None:
-    """The sharding backend accelerate's launcher asked for ("fsdp", "deepspeed"), from its environment."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return "deepspeed"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return "fsdp"
-    return None
 
 
 def check(cfg: Any) -> None:
@@ -52,7 +44,7 @@ def check(cfg: Any) -> None:
 
 def _gpu(cfg: Any) -> bool:
     """Whether the run will train on a GPU, where accelerate runs DeepSpeed even in one process."""
-    from sdcli.pipeline import resolve_device
+    from sdcli.devices import resolve_device
 
     return (cfg.device if cfg.device != "auto" else resolve_device("auto")) != "cpu"
 
@@ -69,14 +61,6 @@ def _refuse(cfg: Any, backend: str, one_model: str) -> None:
     for on, flag, why in refused:
         if on:
             raise UsageError(f"{flag} with {backend}: {why}")
-
-
-def shards() -> int:
-    """Into how many shards FSDP will cut each trained tensor: the number of processes, or 1 without FSDP2."""
-    from sdcli.distributed import world_size
-
-    fsdp2 = requested() == "fsdp" and os.environ.get("FSDP_VERSION", "1") == "2"
-    return world_size() if fsdp2 else 1
 
 
 def enable_on_cpu(accelerator: Any) -> None:
@@ -140,8 +124,8 @@ def gathered(tree: Any, keep: bool = True) -> Any:
 def shard_like(full: Any, like: Any) -> Any:
     """``full`` cut the way ``like`` (a sharded parameter) is cut; every process holds ``full``, so no
     message is sent. A plain ``like`` returns ``full`` as it is. ``full`` may be a checkpoint's tensor not
-    read yet (`sdcli.training.checkpoints.Deferred`): read here, so only the shard outlives this call."""
-    from sdcli.training.checkpoints import Deferred
+    read yet (`sdcli.training.lazy.Deferred`): read here, so only the shard outlives this call."""
+    from sdcli.training.lazy import Deferred
 
     if isinstance(full, Deferred):
         full = full.take()

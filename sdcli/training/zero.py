@@ -374,7 +374,7 @@ def shard_ema_state(state: dict[str, Any], params: list[Any]) -> dict[str, Any]:
     shadow = state.get("shadow_params")
     if shadow is None:
         return state
-    from sdcli.training.checkpoints import taken
+    from sdcli.training.lazy import taken
 
     shadow = [taken(s) for s in shadow]
     return {**state, "shadow_params": [_partition(s, p) if _cut(p) else s for s, p in zip(shadow, params)]}
