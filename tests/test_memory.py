@@ -321,8 +321,9 @@ def one_error_line_after_notes(result, code):
     return errors[0]
 
 
-@pytest.mark.parametrize("env, shards", [({}, 1), ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, 2)],
-                         ids=["data-parallel", "fsdp2"])
+@pytest.mark.parametrize("env, shards", [({}, 1), ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, 2),
+                                         ({"ACCELERATE_USE_DEEPSPEED": "true"}, 2)],
+                         ids=["data-parallel", "fsdp2", "deepspeed"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_finetune_memory_counts_one_shard_of_what_trains_under_fsdp(tiny_sd, tmp_path, monkeypatch, env, shards,
                                                                     lora):
