@@ -395,8 +395,9 @@ class Edit(TextToImage):
         for value, flag, setting in ((s.init_image, "--init-image", "init_image"),
                                      (s.hires_scale, "--hires-scale", "hires_scale")):
             if value is not None:
-                raise UsageError(f"{flag} does not combine with --reference-image: an editing model is given the "
-                                 "image to edit as a reference", setting=setting)
+                raise UsageError(f"{flag} does not combine with --reference-image: sdcli either edits after the "
+                                 "reference images (give the image to edit as one) or reworks --init-image (img2img, "
+                                 "inpainting), not both in one image", setting=setting)
         refuse_without_init_image(s)
         for source in s.reference_images:
             check_image_input(source, "--reference-image", "reference_images")
