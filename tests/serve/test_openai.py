@@ -84,7 +84,8 @@ def pictures(tmp_path_factory):
 
 def test_an_editing_model_edits_the_images_as_generate_does_with_reference_images(served_editing, pictures, cli,
                                                                                    tmp_path):
-    # No size: the first image sets it, as without -W/-H.
+    # No size: the first image sets it, as without -W/-H; a preview (the page's) decodes at that size too.
+    served_editing.server.worker.want_preview.set()
     answer = served_editing.openai().images.edit(
         image=[open(p, "rb") for p in pictures[:2]], prompt="make it blue", model="klein-distilled",
         extra_body={"seed": 7, "steps": 2})
@@ -98,18 +99,21 @@ def test_an_editing_model_edits_the_images_as_generate_does_with_reference_image
     assert record["task"] == "edit" and len(record["reference_images"]) == 2
 
 
-@pytest.mark.parametrize("model,count,message", [
-    ("kontext", 2, "image: kontext edits 1 image a request, not 2"),
-    ("klein-distilled", 11, "image: klein-distilled edits at most 10 images a request, not 11"),
+@pytest.mark.parametrize("model,count,extra,message", [
+    ("kontext", 2, {}, "image: kontext edits 1 image a request, not 2"),
+    ("klein-distilled", 11, {}, "image: klein-distilled edits at most 10 images a request, not 11"),
+    ("klein-distilled", 1, {"strength": 0.5},
+     "strength: klein-distilled edits its images as the prompt says, from noise; it takes no strength"),
 ])
-def test_more_images_than_an_editing_model_takes_are_refused(served_editing, pictures, model, count, message):
+def test_an_edit_an_editing_model_cannot_make_is_one_400(served_editing, pictures, model, count, extra, message):
     import openai
 
     with pytest.raises(openai.BadRequestError) as caught:
         served_editing.openai().images.edit(image=[open(pictures[2], "rb") for _ in range(count)], prompt="x",
-                                            model=model, extra_body={"seed": 1, "steps": 1})
-    assert caught.value.status_code == 400
-    assert caught.value.body == {"message": message, "type": "invalid_request_error", "param": "image", "code": None}
+                                            model=model, extra_body={"seed": 1, "steps": 1, **extra})
+    assert caught.value.status_code == 400 and caught.value.body["type"] == "invalid_request_error"
+    assert caught.value.body["message"].startswith(message)
+    assert caught.value.body["param"] == ("strength" if extra else "image")
 
 
 @pytest.mark.parametrize("model", ["klein-distilled", "kontext"])
