@@ -33,9 +33,14 @@ def references(class_name: str | None) -> int:
 
 
 def check(s: Any, facts: Any, task: str, samplers: frozenset[str]) -> list[tuple[str, str]]:
-    """Kontext's image input is its reference image; diffusers has no img2img (nor so a hires pass) for it."""
+    """Kontext's image input is its reference image; diffusers has no img2img (nor so a hires pass) for it, and
+    sdcli runs no inpainting of it (a mask is refused by its own name, not as an img2img)."""
     if not is_kontext(facts.class_name):
         return []
+    for value, flag in ((s.mask, "--mask"), (s.outpaint, "--outpaint")):
+        if value is not None:
+            return [(flag, "is not inpainted by sdcli (diffusers' FluxKontextInpaintPipeline is not run by it); edit "
+                           "the whole picture, given as --reference-image, with the prompt")]
     return [(flag, "has no img2img in diffusers; give it the image to edit with --reference-image")
             for value, flag in ((s.init_image, "--init-image"), (s.hires_scale, "--hires-scale")) if value is not None]
 

@@ -409,6 +409,16 @@ class Edit(TextToImage):
         facts = facts_of(pipe)
         images = [open_image(source, what="--reference-image", setting="reference_images").convert("RGB")
                   for source in s.reference_images]
+        width, height = self.size(s, pipe, images)
+        image = images if facts.references > 1 else images[0]
+        return Prepared(pipe, width, height, {"image": image, "width": width, "height": height})
+
+    @staticmethod
+    def size(s: Any, pipe: Any, images: list[Any]) -> tuple[int, int]:
+        """The size an edit renders at (of its reference ``images``, read as RGB; a server's preview needs it)."""
+        from sdcli.families import facts_of
+
+        facts = facts_of(pipe)
         width, height = s.width, s.height
         if not (width and height) and facts.family.edit_size is not None:  # as the family's own pipeline sizes it
             width, height = facts.family.edit_size(pipe, images, width, height)
@@ -419,8 +429,7 @@ class Edit(TextToImage):
             m = facts.size_multiple
             width = width or max(m, int(w * shrink) // m * m)
             height = height or max(m, int(h * shrink) // m * m)
-        image = images if facts.references > 1 else images[0]
-        return Prepared(pipe, width, height, {"image": image, "width": width, "height": height})
+        return width, height
 
 
 def load_init_image(source: Any, width: int | None, height: int | None, factor: int):

@@ -31,8 +31,8 @@ A1111_NAMES = {
 OPENAI_NAMES = {
     "prompts": "prompt", "negative_prompt": "negative_prompt", "seeds": "seed", "steps": "steps",
     "guidance": "guidance", "width": "size", "height": "size", "scheduler": "sampler", "sigmas": "sampler",
-    "num_images": "n", "batch_size": "n", "init_image": "image", "mask": "mask", "strength": "strength",
-    "model": "model", "loras": "<lora:NAME:WEIGHT>",
+    "num_images": "n", "batch_size": "n", "init_image": "image", "reference_images": "image", "mask": "mask",
+    "strength": "strength", "model": "model", "loras": "<lora:NAME:WEIGHT>",
 }
 
 

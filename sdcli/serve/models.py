@@ -50,10 +50,28 @@ class Models:
         self.say = say
         self.engine: Any = None
         self.current: Optional[str] = None
+        self._facts: dict[str, Any] = {}
 
     @property
     def names(self) -> list[str]:
         return list(self.refs)
+
+    def running(self, name: Optional[str] = None) -> str:
+        """The model a request for ``name`` runs on (None: the one loaded, else the first), as `use` picks it."""
+        return name or self.current or self.names[0]
+
+    def facts(self, name: str) -> Any:
+        """`sdcli.families.ModelFacts` of model ``name``: the loaded engine's own, else read from its configs
+        (no weights; kept, since a server's models do not change), so a request is shaped for the model it runs
+        on before it is queued, without loading that model."""
+        from sdcli.families import model_facts
+
+        engine, current = self.engine, self.current  # the worker may switch them meanwhile: one reading of both
+        if engine is not None and current == name:
+            return engine.facts
+        if name not in self._facts:
+            self._facts[name] = model_facts(self.refs[name])
+        return self._facts[name]
 
     def lookup(self, asked: str, field: str) -> str:
         """The server's model called ``asked`` (A1111 titles may carry a " [hash]" tail); ``field`` names the
@@ -72,7 +90,7 @@ class Models:
         The old engine goes first (and its memory with it): a server never holds two pipelines. If the new
         one fails to load, the old one is loaded again, so the server keeps serving what it served.
         """
-        name = name or self.current or self.names[0]
+        name = self.running(name)
         if name == self.current and self.engine is not None:
             return self.engine
         previous = self.current

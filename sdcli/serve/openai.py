@@ -3,12 +3,15 @@
 ``/v1/images/generations`` takes ``prompt``, ``n``, ``size`` ("WxH"), ``response_format`` (``b64_json``; this
 server keeps no files to give URLs of) and ``model`` (one of the server's), plus sdcli's own ``seed``,
 ``steps``, ``guidance``, ``negative_prompt`` and ``sampler`` as extra fields; ``/v1/images/edits`` the same
-as a multipart form with the ``image`` (and a ``mask``, or the image's transparent part, to repaint). Errors
+as a multipart form with the ``image`` (and a ``mask``, or the image's transparent part, to repaint). On an
+editing model (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit) without a mask the uploads, ``image[]`` in order, are
+what the prompt edits, as ``sdcli generate --reference-image`` takes them (gpt-image-1's meaning). Errors
 come in OpenAI's shape (`sdcli.serve.security.error_body`), so its clients raise them as they would OpenAI's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any, Optional
@@ -48,8 +51,10 @@ def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
     return int(m.group(1)), int(m.group(2))
 
 
-def settings_of(body: Generation, server: Any, notes: list[str], image: Any = None, mask: Any = None
-                ) -> tuple[Any, Optional[str]]:
+def settings_of(body: Generation, server: Any, notes: list[str], image: Any = None, mask: Any = None,
+                references: Optional[list[Any]] = None, model: Optional[str] = None) -> tuple[Any, Optional[str]]:
+    """The request as `Settings`, and the model it names (None: the loaded one). An edit brings ``image`` (and
+    the ``mask`` to repaint) to rework, or, for an editing model, the ``references`` to edit as the prompt says."""
     from sdcli.generation.settings import Settings
     from sdcli.serve.a1111 import sampler_of
     from sdcli.serve.models import take_loras
@@ -61,7 +66,8 @@ def settings_of(body: Generation, server: Any, notes: list[str], image: Any = No
     steps = body.steps if body.steps is not None else Settings().steps
     server.check_limits(width=width, height=height, steps=steps, images=body.n,
                         names={"size": "size", "steps": "steps", "images": "n"})
-    model = server.models.lookup(body.model, "model") if body.model else None
+    if model is None and body.model:
+        model = server.models.lookup(body.model, "model")
     prompt, loras = take_loras(body.prompt, server.models)
     sampler, sigmas = sampler_of(body.sampler, None)
     values: dict[str, Any] = dict(
@@ -77,6 +83,11 @@ def settings_of(body: Generation, server: Any, notes: list[str], image: Any = No
             values["strength"] = body.strength
         if mask is not None:
             values["mask"] = mask
+    if references:
+        if body.strength is not None:  # the Edit task would say "without --init-image", which reads wrongly here
+            raise UsageError(f"strength: {model} edits its images as the prompt says, from noise; it takes no "
+                             "strength (an img2img setting)", setting="strength")
+        values["reference_images"] = references
     return Settings(**values), model
 
 
@@ -127,17 +138,29 @@ def router(server: Any) -> Any:
             body = Generation.model_validate(fields)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        uploads = {k: v for k, v in form.multi_items() if not isinstance(v, str)}
-        image = uploads.get("image") or uploads.get("image[]")
-        if image is None:
+        uploads = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
+        images = [v for k, v in uploads if k in ("image", "image[]")]  # in the order sent
+        if not images:
             raise UsageError("image: an edit needs the image to edit, as a file upload", setting="init_image")
-        if len([k for k in form.keys() if k in ("image", "image[]")]) > 1:
-            notes.append("image: only the first is used")
         limit = server.config.max_pixels
-        picture = image_from_bytes(await image.read(), "image", limit)
-        mask = uploads.get("mask")
+        picture = image_from_bytes(await images[0].read(), "image", limit)
+        mask = next((v for k, v in uploads if k == "mask"), None)
         picture, repaint = edit_inputs(picture, image_from_bytes(await mask.read(), "mask", limit) if mask else None)
-        s, model = settings_of(body, server, notes, image=picture, mask=repaint)
+        # An editing model edits its uploads as the prompt says (`--reference-image`), as gpt-image-1 does; with
+        # a mask, or a transparent part, it is inpainting (or the model's one-line refusal of it), as on any other.
+        name = server.models.running(server.models.lookup(body.model, "model") if body.model else None)
+        most = 0 if repaint is not None else (await asyncio.to_thread(server.models.facts, name)).references
+        if most:
+            if len(images) > most:
+                raise UsageError(f"image: {name} edits {'at most ' if most > 1 else ''}{most} image"
+                                 f"{'s' if most > 1 else ''} a request, not {len(images)}", setting="reference_images")
+            references = [picture] + [image_from_bytes(await f.read(), "image", limit) for f in images[1:]]
+            # The model they were read for, even if another is loaded before this request's turn.
+            s, model = settings_of(body, server, notes, references=references, model=name)
+        else:
+            if len(images) > 1:
+                notes.append("image: only the first is used")
+            s, model = settings_of(body, server, notes, image=picture, mask=repaint)
         return answer(await server.generate(request, model, s, "edits"))
 
     @api.get("/models")

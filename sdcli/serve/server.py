@@ -92,7 +92,8 @@ class Server:
                              "stays loaded")
 
     def _images(self, job: Any, engine: Any, s: Any) -> Made:
-        from sdcli.generation.tasks import default_size
+        from sdcli.generation.tasks import Edit, default_size
+        from sdcli.images import open_image
 
         p = engine.plan(s)
         s = p.settings
@@ -100,8 +101,11 @@ class Server:
         per_batch = engine.denoising_steps(s)
         job.total = per_batch * len(chunks)
         init = s.init_image
-        dw, dh = init.size if hasattr(init, "size") else default_size(engine.pipe)
-        size = (s.width or dw, s.height or dh)
+        if s.reference_images:  # an edit's size follows its images (the previews decode at it)
+            size = Edit.size(s, engine.pipe, [open_image(image) for image in s.reference_images])
+        else:
+            dw, dh = init.size if hasattr(init, "size") else default_size(engine.pipe)
+            size = (s.width or dw, s.height or dh)
         images: list[Any] = []
         for k, chunk in enumerate(chunks):
             if job.stop.is_set():

@@ -148,6 +148,8 @@ def test_an_edit_replays_from_its_metadata_while_its_references_are_unchanged(cl
      "--reference-image: FluxKontextPipeline takes 1 reference image, not 2"),
     ("klein", ["--reference-image", "REF"] * 11, "--reference-image: Flux2KleinPipeline takes at most 10 reference"),
     ("kontext", ["--init-image", "REF"], "--init-image: FluxKontextPipeline has no img2img"),
+    ("kontext", ["--init-image", "REF", "--mask", "MASK"], "--mask: FluxKontextPipeline is not inpainted by sdcli"),
+    ("kontext", ["--init-image", "REF", "--outpaint", "16,16,0,0"], "--outpaint: FluxKontextPipeline is not inpainted"),
     ("flux2", ["--reference-image", "REF", "--init-image", "REF"], "--init-image does not combine with"),
     ("flux2", ["--init-image", "REF"], "--init-image: Flux2Pipeline has no img2img in diffusers"),
     ("flux2", ["--init-image", "REF", "--mask", "MASK"], "--mask: Flux2Pipeline has no inpainting in diffusers"),

@@ -77,3 +77,18 @@ def on_first_model(served):
     yield served
     if served.server.models.current != "sd1":
         served.webui().util_set_model("sd1", find_closest=False)
+
+
+@pytest.fixture(scope="session")
+def served_editing(tiny_flux2_models):
+    """A server of two editing models: FLUX.2 Klein (step-distilled: up to 10 images, and inpaints) and
+    FLUX.1 Kontext (one image, no inpainting), with room for FLUX.2's 64-pixel reference sides."""
+    pytest.importorskip("fastapi", reason="sdcli serve needs the serve extra: pip install 'sdcli[serve]'")
+    from sdcli.serve.app import running
+    from sdcli.serve.config import ServeConfig
+
+    models = {name: tiny_flux2_models[name] for name in ("klein-distilled", "kontext")}
+    config = ServeConfig(models=list(models.values()), port=0, api_key=KEY, max_pixels=128 * 128, threads=1)
+    with running(config, log=lambda text: None) as (url, server):
+        host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+        yield Served(url, host, int(port), server, models, "")
