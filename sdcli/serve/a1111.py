@@ -111,18 +111,32 @@ def settings_of(body: Txt2Img, server: Any, notes: list[str]) -> tuple[Any, Opti
         notes.append("subseed ignored (sdcli has no variation seeds)")
     if body.save_images:
         notes.append("save_images ignored (the server writes no files; the images come back in the answer)")
+    name = server.models.running(model)
+    facts = server.models.facts(name)  # the model it runs on, read without loading it
     values: dict[str, Any] = dict(
         prompts=[prompt], negative_prompt=negative, steps=body.steps, guidance=[body.cfg_scale],
         seeds=None if body.seed == -1 else [body.seed], num_images=images, batch_size=body.batch_size,
         width=body.width, height=body.height, scheduler=sampler, sigmas=sigmas, loras=loras + negative_loras,
         clip_skip=clip_skip,
     )
+    if facts.guidance == "none":
+        # A1111 clients send a cfg_scale with every request (webuiapi 7): a model without a guidance input (FLUX.2
+        # Klein distilled, Flux-schnell) ignores it, as Forge does, rather than refusing every request.
+        del values["guidance"]
+        if body.cfg_scale != 1:
+            notes.append(f"cfg_scale ignored: {name} has no guidance input")
     if isinstance(body, Img2Img):
         if not body.init_images:
             raise UsageError("init_images: img2img needs one image (base64)", setting="init_image")
+        max_pixels = server.config.max_pixels
+        # An editing model edits its init images as the prompt says (`--reference-image`), as Forge runs FLUX.1
+        # Kontext from img2img; with a mask it is inpainting (or the model's one-line refusal), as on any other.
+        most = 0 if body.mask else facts.references
+        if most:
+            values["reference_images"] = edited_images(body, name, most, max_pixels, notes)
+            return Settings(**values), name  # the model they were read for, even if another loads meanwhile
         if len(body.init_images) > 1:
             notes.append("init_images: only the first is used")
-        max_pixels = server.config.max_pixels
         values["init_image"] = image_from_base64(body.init_images[0], "init_images[0]", max_pixels)
         values["strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
         if body.mask:
@@ -141,7 +155,24 @@ def settings_of(body: Txt2Img, server: Any, notes: list[str]) -> tuple[Any, Opti
     return Settings(**values), model
 
 
-def answer(body: Txt2Img, made: Any) -> dict[str, Any]:
+def edited_images(body: Img2Img, name: str, most: int, max_pixels: int, notes: list[str]) -> list[Any]:
+    """An editing model's init images, in order, as the reference images it edits (at most ``most``)."""
+    from sdcli.serve.server import image_from_base64
+
+    count = len(body.init_images)
+    if count > most:
+        raise UsageError(f"init_images: {name} edits {'at most ' if most > 1 else ''}{most} image"
+                         f"{'s' if most > 1 else ''} a request, not {count}", setting="reference_images")
+    # Ignored, not refused: webuiapi, Krita's plugin and A1111's own UI send a denoising_strength with every
+    # img2img (0.75 by default), so refusing it would refuse every request. The edit starts from noise and keeps
+    # the picture through its reference, as Forge's Kontext does at denoising strength 1 (what Forge guides set).
+    if body.denoising_strength is not None and body.denoising_strength != 1:
+        notes.append(f"denoising_strength ignored: {name} edits init_images as the prompt says, from noise "
+                     "(as at denoising strength 1)")
+    return [image_from_base64(image, f"init_images[{i}]", max_pixels) for i, image in enumerate(body.init_images)]
+
+
+def answer(body: Txt2Img, made: Any, notes: list[str] = ()) -> dict[str, Any]:
     """A1111's answer: base64 PNGs (with sdcli's metadata), the request's parameters, and ``info``."""
     from sdcli import __version__
     from sdcli.generation.metadata import a1111_parameters
@@ -158,8 +189,11 @@ def answer(body: Txt2Img, made: Any) -> dict[str, Any]:
         "width": first.get("width", s.width), "height": first.get("height", s.height),
         "sampler_name": first.get("sampler"), "scheduler": first.get("schedule_type"), "cfg_scale": body.cfg_scale,
         "steps": s.steps, "batch_size": s.batch_size, "clip_skip": s.clip_skip, "sd_model_name": made.model,
-        "denoising_strength": body.denoising_strength, "infotexts": [a1111_parameters(r) for r in records],
+        "denoising_strength": None if s.reference_images else body.denoising_strength,  # an edit takes none
+        "infotexts": [a1111_parameters(r) for r in records],
         "interrupted": made.interrupted, "version": f"sdcli {__version__}",
+        # What of the request was ignored, and why (the log line's notes), one a line as A1111's comments.
+        "comments": "".join(f"{note}\n" for note in notes),
     }
     parameters = body.model_dump(exclude={"init_images", "mask"})
     return {"images": [png_base64(m) for m in made.images] if body.send_images else [],
@@ -172,10 +206,12 @@ def router(server: Any) -> Any:
     async def generate(body: Txt2Img, request: Request, label: str) -> dict[str, Any]:
         notes: list[str] = []
         request.state.notes = notes
-        s, model = settings_of(body, server, notes)
+        # Off the event loop: it reads the model's configs (on first use) and decodes an img2img's images.
+        s, model = await asyncio.to_thread(settings_of, body, server, notes)
+        asked = body.override_settings and body.override_settings.get("sd_model_checkpoint")
         made = await server.generate(request, model, s, label,
-                                     restore=model is not None and body.override_settings_restore_afterwards)
-        return answer(body, made)
+                                     restore=bool(asked) and body.override_settings_restore_afterwards)
+        return answer(body, made, notes)
 
     @api.post("/txt2img")
     async def txt2img(body: Txt2Img, request: Request) -> Any:

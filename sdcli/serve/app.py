@@ -25,8 +25,9 @@ A1111_NAMES = {
     "guidance": "cfg_scale", "width": "width", "height": "height", "scheduler": "sampler_name",
     "sigmas": "scheduler", "batch_size": "batch_size", "num_images": "n_iter", "hires_scale": "hr_scale",
     "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength", "strength": "denoising_strength",
-    "hires_upscaler": "hr_upscaler", "init_image": "init_images", "mask": "mask", "mask_blur": "mask_blur",
-    "clip_skip": "CLIP_stop_at_last_layers", "model": "sd_model_checkpoint", "loras": "<lora:NAME:WEIGHT>",
+    "hires_upscaler": "hr_upscaler", "init_image": "init_images", "reference_images": "init_images", "mask": "mask",
+    "mask_blur": "mask_blur", "clip_skip": "CLIP_stop_at_last_layers", "model": "sd_model_checkpoint",
+    "loras": "<lora:NAME:WEIGHT>",
 }
 OPENAI_NAMES = {
     "prompts": "prompt", "negative_prompt": "negative_prompt", "seeds": "seed", "steps": "steps",

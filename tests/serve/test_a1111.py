@@ -137,3 +137,69 @@ def test_progress_shows_the_denoising_live_and_interrupt_stops_it(served):
     assert api.get_progress()["state"]["job"] == ""
     # The next request runs whole.
     assert len(api.txt2img(prompt="a red circle", seed=1, steps=1, width=32, height=32).images) == 1
+
+
+def _editing_webui(served_editing):
+    import webuiapi
+
+    from serve.fixtures import KEY
+
+    # A server with only an API key takes it as the basic-auth password, under any user name.
+    return webuiapi.WebUIApi(host=served_editing.host, port=served_editing.port, username="forge", password=KEY)
+
+
+@pytest.fixture(scope="module")
+def edit_pictures(tmp_path_factory):
+    """Two pictures to edit, of different sizes (FLUX.2 takes reference sides of 64 pixels and more)."""
+    folder = tmp_path_factory.mktemp("img2img-edits")
+    paths = []
+    for i, size in enumerate(((80, 64), (64, 72))):
+        array = np.random.RandomState(10 + i).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(folder / f"picture{i}.png")
+        paths.append(folder / f"picture{i}.png")
+    return paths
+
+
+# Each: the model, how many images it edits, and its fields (Forge users set CFG 1 on FLUX.1; Klein-distilled
+# has no guidance input, so webuiapi's cfg_scale=7, sent unasked, is ignored and said so).
+EDITING = {"klein-distilled": (2, {}), "kontext": (1, {"cfg_scale": 1.0})}
+
+
+@pytest.mark.parametrize("model", EDITING)
+def test_img2img_on_an_editing_model_edits_the_init_images_as_generate_does_with_reference_images(
+        served_editing, edit_pictures, cli, tmp_path, model):
+    # As Forge runs FLUX.1 Kontext from img2img: the init images, in order, are what the prompt edits.
+    # webuiapi sends denoising_strength=0.75 unasked: ignored (the edit starts from noise), and said so.
+    count, fields = EDITING[model]
+    pictures = edit_pictures[:count]
+    result = _editing_webui(served_editing).img2img(
+        images=[Image.open(p) for p in pictures], prompt="make it blue", seed=7, steps=2, width=64, height=48,
+        sampler_name="Automatic", override_settings={"sd_model_checkpoint": model}, **fields)
+    references = [arg for p in pictures for arg in ("--reference-image", p)]
+    (path,) = paths_of(cli("generate", "--threads", "1", "make it blue", "--model", served_editing.models[model],
+                           "--seed", "7", "--steps", "2", "-W", "64", "-H", "48", *references, "--out", tmp_path))
+    (image,) = result.images
+    assert np.array_equal(_rgb(image), pixels(path))
+    record = json.loads(image.info["sdcli"])
+    assert record["task"] == "edit" and len(record["reference_images"]) == count and "strength" not in record
+    assert f"denoising_strength ignored: {model} edits init_images" in result.info["comments"]
+    assert ("cfg_scale ignored" in result.info["comments"]) == (model == "klein-distilled")
+    assert result.info["denoising_strength"] is None
+
+
+@pytest.mark.parametrize("how,message", [
+    ("two images", "init_images: kontext edits 1 image a request, not 2"),
+    ("a mask", "mask: FluxKontextPipeline is not inpainted by sdcli"),
+])
+def test_an_img2img_kontext_cannot_make_is_one_error_in_a1111s_shape(served_editing, edit_pictures, how, message):
+    picture = Image.open(edit_pictures[0])
+    request = dict(images=[picture, picture], prompt="x", seed=1, steps=2, cfg_scale=1.0, width=64, height=64,
+                   override_settings={"sd_model_checkpoint": "kontext"})
+    if how == "a mask":
+        request.update(images=[picture], mask_image=Image.new("L", picture.size, 255))
+    with pytest.raises(RuntimeError) as caught:  # webuiapi raises an error answer so: (status, body)
+        _editing_webui(served_editing).img2img(**request)
+    status, body = caught.value.args
+    detail = json.loads(body)["detail"]
+    assert status == 400 and detail.startswith(message) and "\n" not in detail
+    assert "--" not in detail  # worded in A1111's field names, not sdcli's flags
