@@ -2,7 +2,8 @@
 
 A request's fields become sdcli `Settings` (`settings_of`): ``cfg_scale`` is --guidance, ``sampler_name`` and
 ``scheduler`` A1111's names for sdcli's samplers and σ spacings (`sampler_of`), ``<lora:NAME:W>`` a LoRA of
-the server's --lora-dir, ``batch_size × n_iter`` the images. Fields A1111 has and sdcli does not are ignored,
+the server's --lora-dir, ``batch_size × n_iter`` the images; Forge's ``distilled_cfg_scale`` is
+--distilled-guidance. Fields A1111 has and sdcli does not are ignored,
 as A1111 ignores fields it does not know; the ones a client might expect to matter are named in the log line.
 """
 
@@ -30,6 +31,9 @@ class Txt2Img(BaseModel):
     subseed_strength: float = 0.0
     steps: int = 20
     cfg_scale: float = 7.0
+    # Forge's field for a guidance-distilled model's guidance input (Flux.1-dev, Kontext, FLUX.2-dev), which
+    # cfg_scale is not: absent, the model card's (as `sdcli generate`; Forge's form shows 3.5 for every model).
+    distilled_cfg_scale: Optional[float] = None
     width: Optional[int] = None
     height: Optional[int] = None
     sampler_name: Optional[str] = None
@@ -125,6 +129,16 @@ def settings_of(body: Txt2Img, server: Any, notes: list[str]) -> tuple[Any, Opti
         del values["guidance"]
         if body.cfg_scale != 1:
             notes.append(f"cfg_scale ignored: {name} has no guidance input")
+    if facts.guidance == "distilled":
+        # Checked here, not by the engine: its refusal names CLI flags (--true-cfg, --distilled-guidance) that an
+        # A1111 client cannot send. Forge users set CFG 1 on Flux and its guidance with distilled_cfg_scale.
+        if body.cfg_scale != 1:
+            raise UsageError(f"cfg_scale {body.cfg_scale:g}: {name}'s guidance is distilled; send cfg_scale 1 and "
+                             "set its guidance with distilled_cfg_scale (Forge's field)", setting="guidance")
+        values["distilled_guidance"] = body.distilled_cfg_scale
+    elif body.distilled_cfg_scale is not None:
+        # Forge's clients may send it to any model; one without the input ignores it, as Forge does.
+        notes.append(f"distilled_cfg_scale ignored: {name}'s guidance is not distilled")
     if isinstance(body, Img2Img):
         if not body.init_images:
             raise UsageError("init_images: img2img needs one image (base64)", setting="init_image")
@@ -188,6 +202,7 @@ def answer(body: Txt2Img, made: Any, notes: list[str] = ()) -> dict[str, Any]:
         "subseed": -1, "all_subseeds": [-1 for _ in records], "subseed_strength": 0,
         "width": first.get("width", s.width), "height": first.get("height", s.height),
         "sampler_name": first.get("sampler"), "scheduler": first.get("schedule_type"), "cfg_scale": body.cfg_scale,
+        "distilled_cfg_scale": s.distilled_guidance,  # as the model got it (its card's default when not sent)
         "steps": s.steps, "batch_size": s.batch_size, "clip_skip": s.clip_skip, "sd_model_name": made.model,
         "denoising_strength": None if s.reference_images else body.denoising_strength,  # an edit takes none
         "infotexts": [a1111_parameters(r) for r in records],

@@ -22,7 +22,8 @@ from sdcli.serve.server import ClientGone
 # How each API calls sdcli's settings, for the errors the engine raises (it names --guidance; A1111 cfg_scale).
 A1111_NAMES = {
     "prompts": "prompt", "negative_prompt": "negative_prompt", "seeds": "seed", "steps": "steps",
-    "guidance": "cfg_scale", "width": "width", "height": "height", "scheduler": "sampler_name",
+    "guidance": "cfg_scale", "distilled_guidance": "distilled_cfg_scale", "width": "width", "height": "height",
+    "scheduler": "sampler_name",
     "sigmas": "scheduler", "batch_size": "batch_size", "num_images": "n_iter", "hires_scale": "hr_scale",
     "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength", "strength": "denoising_strength",
     "hires_upscaler": "hr_upscaler", "init_image": "init_images", "reference_images": "init_images", "mask": "mask",

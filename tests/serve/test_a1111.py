@@ -203,3 +203,65 @@ def test_an_img2img_kontext_cannot_make_is_one_error_in_a1111s_shape(served_edit
     detail = json.loads(body)["detail"]
     assert status == 400 and detail.startswith(message) and "\n" not in detail
     assert "--" not in detail  # worded in A1111's field names, not sdcli's flags
+
+
+def _post_editing(served_editing, path, **request):
+    import requests
+
+    from serve.fixtures import KEY
+
+    return requests.post(f"{served_editing.url}/sdapi/v1/{path}", json=request, auth=("forge", KEY), timeout=60)
+
+
+# Each: the A1111 route, the model, and the --distilled-guidance `sdcli generate` gets for distilled_cfg_scale 5
+# (none: the model has no distilled guidance, so the field is ignored and said so).
+DISTILLED = [("img2img", "kontext", "5"), ("txt2img", "kontext", "5"), ("txt2img", "klein-distilled", None)]
+
+
+@pytest.mark.parametrize("path,model,flag", DISTILLED)
+def test_forges_distilled_cfg_scale_is_the_distilled_guidance(served_editing, edit_pictures, cli, tmp_path,
+                                                              path, model, flag):
+    # Forge's field for Flux's guidance input (what its users set; cfg_scale stays 1). 5, not Kontext's 2.5
+    # default, so that a server ignoring the field makes another picture.
+    import base64
+    import io
+
+    request = dict(prompt="make it blue", seed=7, steps=2, cfg_scale=1, distilled_cfg_scale=5, width=64, height=48,
+                   override_settings={"sd_model_checkpoint": model})
+    references = []
+    if path == "img2img":
+        request["init_images"] = [base64.b64encode(edit_pictures[0].read_bytes()).decode()]
+        references = ["--reference-image", edit_pictures[0]]
+    answer = _post_editing(served_editing, path, **request)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    flags = ["--distilled-guidance", flag] if flag else []
+    (out,) = paths_of(cli("generate", "--threads", "1", "make it blue", "--model", served_editing.models[model],
+                          "--seed", "7", "--steps", "2", "-W", "64", "-H", "48", *references, *flags,
+                          "--out", tmp_path))
+    (image,) = result["images"]
+    assert np.array_equal(_rgb(Image.open(io.BytesIO(base64.b64decode(image)))), pixels(out))
+    info = json.loads(result["info"])
+    assert info["distilled_cfg_scale"] == (float(flag) if flag else None)
+    assert ("distilled_cfg_scale ignored" in info["comments"]) == (flag is None)
+
+
+@pytest.mark.parametrize("path,fields,message", [
+    ("txt2img", dict(cfg_scale=7), "cfg_scale 7: kontext's guidance is distilled; send cfg_scale 1 and set its "
+                                   "guidance with distilled_cfg_scale"),
+    ("img2img", dict(cfg_scale=7), "cfg_scale 7: kontext's guidance is distilled"),
+    ("txt2img", dict(cfg_scale=1, distilled_cfg_scale=-1), "distilled_cfg_scale"),
+])
+def test_a_distilled_models_guidance_is_refused_in_a1111s_field_names(served_editing, edit_pictures, path, fields,
+                                                                       message):
+    # webuiapi sends cfg_scale 7 unasked: the refusal says which fields to send instead, not sdcli's CLI flags.
+    import base64
+
+    request = dict(prompt="x", seed=1, steps=2, width=64, height=64, **fields,
+                   override_settings={"sd_model_checkpoint": "kontext"})
+    if path == "img2img":
+        request["init_images"] = [base64.b64encode(edit_pictures[0].read_bytes()).decode()]
+    answer = _post_editing(served_editing, path, **request)
+    detail = answer.json()["detail"]
+    assert answer.status_code in (400, 422) and detail.startswith(message) and "\n" not in detail
+    assert "cfg_scale" in detail and "--" not in detail
